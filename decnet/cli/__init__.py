@@ -1,0 +1,1 @@
+"""``decnet-admin``: the operator's console."""

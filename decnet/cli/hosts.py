@@ -1,0 +1,157 @@
+"""``decnet-admin init / enroll / hosts / decommission``."""
+
+from __future__ import annotations
+
+import argparse
+
+from decnet import config, pki
+from decnet.cli import output
+from decnet.master import enrollment
+from decnet.master.registry import Registry
+
+
+def register(sub, parents) -> None:
+    p = sub.add_parser(
+        "init",
+        parents=parents,
+        help="create the CA and the master identity (idempotent)",
+        description="Create the private CA and the master identity under --home. Running it "
+        "again keeps both and only updates --master-host.",
+    )
+    p.add_argument(
+        "--master-host",
+        default="127.0.0.1",
+        help="address workers use to reach this master's log listener (default: %(default)s)",
+    )
+    p.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="extra DNS name or IP for the master certificate (repeatable)",
+    )
+    p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "enroll",
+        parents=parents,
+        help="issue a worker's certificates and write its bundle",
+        description="Issue the worker certificate (and with --updater the updater certificate), "
+        "record their fingerprints in the registry and write the worker bundle to --out. "
+        "Copy that directory to the worker; the master keeps no private key.",
+    )
+    p.add_argument("name", help="worker host name (a-z, 0-9, '.', '-'; max 63)")
+    p.add_argument("--address", required=True, help="IP or DNS name the master uses to reach it")
+    p.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="extra DNS name or IP for the worker certificate (repeatable)",
+    )
+    p.add_argument("--updater", action="store_true", help="also issue the updater certificate")
+    p.add_argument("--agent-port", type=int, default=config.AGENT_PORT)
+    p.add_argument("--updater-port", type=int, default=config.UPDATER_PORT)
+    p.add_argument(
+        "--syslog-port",
+        type=int,
+        default=None,
+        help="master log listener port "
+        f"(default: ${config.ENV_SYSLOG_PORT} or {config.SYSLOG_PORT})",
+    )
+    p.add_argument("--master-host", default=None, help="override the master address from init")
+    p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory for the bundle")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser(
+        "hosts",
+        parents=parents,
+        help="list enrolled hosts",
+        description="List every enrolled host with its status and certificate fingerprints.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_hosts)
+
+    p = sub.add_parser(
+        "decommission",
+        parents=parents,
+        help="retire a host and revoke its certificates",
+        description="Mark NAME decommissioned and add its worker and updater certificates to "
+        "the revocation list; the listener, agents and updaters refuse them from then on.",
+    )
+    p.add_argument("name")
+    p.set_defaults(func=cmd_decommission)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    state = enrollment.init_master(
+        args.paths, master_host=args.master_host, addresses=args.san, key_type=args.key_type
+    )
+    paths = state.paths
+    print(f"DECNET master initialised in {paths.home}")
+    print(f"  CA certificate      {paths.ca_cert}")
+    print(f"  CA fingerprint      {pki.colon_fingerprint(state.ca.fingerprint)}")
+    print(f"  master certificate  {paths.master_cert}")
+    print(f"  master fingerprint  {pki.colon_fingerprint(state.master_cert_fingerprint)}")
+    print(f"  registry            {paths.registry}")
+    print(f"  master host         {state.master_host}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    master = enrollment.load_master(args.paths)
+    result = enrollment.enroll(
+        master,
+        args.name,
+        args.address,
+        args.out,
+        sans=args.san,
+        updater=args.updater,
+        agent_port=args.agent_port,
+        updater_port=args.updater_port,
+        syslog_port=args.syslog_port,
+        master_host=args.master_host,
+        key_type=args.key_type,
+    )
+    host = result.host
+    print(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")
+    print(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")
+    if host.updater_fingerprint:
+        print(f"  updater fingerprint  {pki.colon_fingerprint(host.updater_fingerprint)}")
+    print("Copy the bundle directory to the worker (it holds private keys: keep it 0700).")
+    return 0
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    hosts = Registry(args.paths.registry).list() if args.paths.registry.exists() else []
+    if args.json:
+        output.print_json([h.as_dict() for h in hosts])
+        return 0
+    if not hosts:
+        print("No hosts enrolled yet (use `decnet-admin enroll`).")
+        return 0
+    rows = [
+        (
+            h.name,
+            h.address,
+            h.status,
+            output.short_fp(h.worker_fingerprint),
+            output.short_fp(h.updater_fingerprint),
+            "yes" if h.has_updater else "no",
+            h.enrolled_at,
+        )
+        for h in hosts
+    ]
+    headers = ("NAME", "ADDRESS", "STATUS", "WORKER FP", "UPDATER FP", "UPDATER", "ENROLLED")
+    print(output.table(headers, rows))
+    return 0
+
+
+def cmd_decommission(args: argparse.Namespace) -> int:
+    master = enrollment.load_master(args.paths)
+    host = enrollment.decommission(master, args.name)
+    print(f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked")
+    print(f"  revocation list  {args.paths.revocations}")
+    return 0

@@ -1,0 +1,126 @@
+"""One source of truth for ports, environment names, file names and paths.
+
+Modules import names from here instead of repeating literals, so the docs in
+``docs/SWARM-Mode.md`` (the master state tree, the bundle layout) can be checked
+against one file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+# Ports (defaults; every daemon takes an override).
+AGENT_PORT = 8765
+UPDATER_PORT = 8766
+SYSLOG_PORT = 6514
+
+# Environment variables.
+ENV_HOME = "DECNET_HOME"
+ENV_MASTER_HOST = "DECNET_SWARM_MASTER_HOST"
+ENV_SYSLOG_PORT = "DECNET_SWARM_SYSLOG_PORT"
+
+DEFAULT_HOME = "~/.decnet"
+
+# Identity roles and the names bound to them.
+ROLE_MASTER = "master"
+ROLE_WORKER = "worker"
+ROLE_UPDATER = "updater"
+ROLES = (ROLE_MASTER, ROLE_WORKER, ROLE_UPDATER)
+MASTER_CN = "decnet-master"
+UPDATER_CN_PREFIX = "updater@"
+
+# Certificate lifetimes (days).  Leaves are short enough that a stolen key
+# expires within a year, long enough that a fleet is not re-enrolled monthly.
+CA_VALIDITY_DAYS = 3650
+LEAF_VALIDITY_DAYS = 397
+
+# Worker bundle file names (written by ``decnet-admin enroll``).
+BUNDLE_CA = "ca.crt"
+BUNDLE_WORKER_CERT = "worker.crt"
+BUNDLE_WORKER_KEY = "worker.key"
+BUNDLE_UPDATER_CERT = "updater.crt"
+BUNDLE_UPDATER_KEY = "updater.key"
+BUNDLE_CONFIG = "bundle.json"
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment, or ``default`` when unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        from decnet.errors import ConfigError
+
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def syslog_port() -> int:
+    return env_int(ENV_SYSLOG_PORT, SYSLOG_PORT)
+
+
+@attrs.frozen
+class MasterPaths:
+    """The master's state tree under ``--home`` / ``$DECNET_HOME``.
+
+    ::
+
+        <home>/                    0700
+          ca/ca.crt ca.key .lock   the private CA (key 0600, dir 0700)
+          master/master.crt .key   the master identity (key 0600, dir 0700)
+          master.json              master host name/addresses given at init
+          registry.sqlite          the host registry
+          revoked.json             the revocation list every daemon loads
+          ingest/                  log listener output (mirror + JSON feed)
+    """
+
+    home: Path
+
+    @classmethod
+    def resolve(cls, home: str | os.PathLike | None = None) -> MasterPaths:
+        chosen = home or os.environ.get(ENV_HOME) or DEFAULT_HOME
+        return cls(Path(chosen).expanduser().absolute())
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.home / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "ca.key"
+
+    @property
+    def master_dir(self) -> Path:
+        return self.home / "master"
+
+    @property
+    def master_cert(self) -> Path:
+        return self.master_dir / "master.crt"
+
+    @property
+    def master_key(self) -> Path:
+        return self.master_dir / "master.key"
+
+    @property
+    def master_config(self) -> Path:
+        return self.home / "master.json"
+
+    @property
+    def registry(self) -> Path:
+        return self.home / "registry.sqlite"
+
+    @property
+    def revocations(self) -> Path:
+        return self.home / "revoked.json"
+
+    @property
+    def ingest_dir(self) -> Path:
+        return self.home / "ingest"

@@ -1,0 +1,65 @@
+"""One exception hierarchy for the swarm plane.
+
+Every refusal the operator or a peer can trigger has its own type, so that the
+CLI can print a message that says what to do and the HTTP layer can map it to a
+status code in one place without echoing internals.
+"""
+
+
+class DecnetError(Exception):
+    """Base class: an expected, explainable failure (never a bug)."""
+
+
+class ConfigError(DecnetError):
+    """Configuration, paths or options are wrong; the message says which."""
+
+
+class MissingFileError(ConfigError):
+    """A file the daemon or command needs does not exist."""
+
+    def __init__(self, path, what="file"):
+        self.path = str(path)
+        self.what = what
+        super().__init__(f"{what} not found: {self.path}")
+
+
+class ValidationError(DecnetError):
+    """Input was refused; ``problems`` lists every reason, not just the first."""
+
+    def __init__(self, problems):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class InvalidName(ValidationError):
+    """A host name does not match the allowed pattern or is reserved."""
+
+
+class PKIError(DecnetError):
+    """The CA or a certificate bundle is unusable."""
+
+
+class RegistryError(DecnetError):
+    """The host registry refused an operation."""
+
+
+class DuplicateHost(RegistryError):
+    """A host with this name is already enrolled."""
+
+
+class UnknownHost(RegistryError):
+    """No host with this name is enrolled."""
+
+
+class HostDecommissioned(RegistryError):
+    """The host was decommissioned; nobody talks to it any more."""
+
+
+class PeerRefused(DecnetError):
+    """A TLS peer failed our certificate policy (role, pin, revocation, CA)."""
+
+
+class FingerprintMismatch(PeerRefused):
+    """The peer's certificate is not the one pinned at enrollment."""

@@ -1,0 +1,1 @@
+"""Master-side state and clients: registry, enrollment, agent/updater clients, rollouts."""

@@ -1,0 +1,214 @@
+"""Operator actions on the master's state: init, enroll, decommission.
+
+Blocking (key generation, file and SQLite I/O); the CLI calls these directly.
+Every action validates all of its input before it writes anything, and an
+enrollment is all-or-nothing: registry row and bundle directory both land, or
+neither does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from decnet import config, pki, revocation
+from decnet.errors import HostDecommissioned, ValidationError
+from decnet.fsutil import atomic_write, ensure_private_dir, locked, write_new_file
+from decnet.master.registry import Host, Registry, utc_now_iso
+
+
+@attrs.frozen
+class MasterState:
+    """The master's CA, identity and settings, as loaded from ``--home``."""
+
+    paths: config.MasterPaths
+    ca: pki.CertificateAuthority
+    master_cert_fingerprint: str
+    settings: dict
+
+    @property
+    def master_host(self) -> str:
+        return self.settings["master_host"]
+
+
+def init_master(
+    paths: config.MasterPaths,
+    *,
+    master_host: str = "127.0.0.1",
+    addresses: Sequence[str] = (),
+    key_type: str = pki.DEFAULT_KEY_TYPE,
+) -> MasterState:
+    """Create (or load) the CA and the master identity.  Idempotent.
+
+    ``master_host`` is the address workers use to reach the listener; it and
+    ``addresses`` become SANs of the master certificate.  On a second run the
+    existing CA and identity are kept; ``master_host`` is updated if given.
+    """
+    problems = []
+    for value in (master_host, *addresses):
+        try:
+            pki.parse_address(value)
+        except ValidationError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ValidationError(problems)
+    ensure_private_dir(paths.home)
+    ca = pki.ensure_ca(paths.ca_dir)
+    ensure_private_dir(paths.master_dir)
+    with locked(paths.master_dir / ".lock"):
+        if not (paths.master_cert.exists() and paths.master_key.exists()):
+            for leftover in (paths.master_cert, paths.master_key):
+                leftover.unlink(missing_ok=True)
+            sans = [master_host, *addresses]
+            leaf = pki.issue_leaf(ca, config.ROLE_MASTER, addresses=sans, key_type=key_type)
+            write_new_file(paths.master_key, pki.key_pem(leaf.key), 0o600)
+            write_new_file(paths.master_cert, pki.cert_pem(leaf.cert))
+        settings = _read_settings(paths)
+        if settings.get("master_host") != master_host:
+            settings["master_host"] = master_host
+            atomic_write(paths.master_config, (json.dumps(settings, indent=2) + "\n").encode())
+    Registry(paths.registry)  # create and migrate
+    return load_master(paths)
+
+
+def _read_settings(paths: config.MasterPaths) -> dict:
+    try:
+        return json.loads(paths.master_config.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def load_master(paths: config.MasterPaths) -> MasterState:
+    """Load what ``init`` created; :class:`MissingFileError` names what is absent."""
+    ca = pki.load_ca(paths.ca_dir)
+    master_cert = pki.load_cert(paths.master_cert, "master certificate (run `decnet-admin init`)")
+    settings = _read_settings(paths)
+    settings.setdefault("master_host", "127.0.0.1")
+    return MasterState(
+        paths=paths,
+        ca=ca,
+        master_cert_fingerprint=pki.fingerprint(master_cert),
+        settings=settings,
+    )
+
+
+@attrs.frozen
+class Enrollment:
+    host: Host
+    bundle_dir: Path
+
+
+def enroll(
+    master: MasterState,
+    name: str,
+    address: str,
+    out_dir: str | Path,
+    *,
+    sans: Sequence[str] = (),
+    updater: bool = False,
+    agent_port: int = config.AGENT_PORT,
+    updater_port: int = config.UPDATER_PORT,
+    syslog_port: int | None = None,
+    master_host: str | None = None,
+    key_type: str = pki.DEFAULT_KEY_TYPE,
+    registry: Registry | None = None,
+) -> Enrollment:
+    """Issue a worker (and optionally updater) identity and write its bundle to ``out_dir``.
+
+    The master keeps the fingerprints, never the private keys.
+    """
+    problems: list[str] = []
+    for check in (
+        lambda: pki.validate_host_name(name),
+        lambda: pki.parse_address(address),
+        *[lambda s=s: pki.parse_address(s) for s in sans],
+    ):
+        try:
+            check()
+        except ValidationError as exc:
+            problems.extend(exc.problems)
+    for label, port in (("agent port", agent_port), ("updater port", updater_port)):
+        if not 1 <= port <= 65535:
+            problems.append(f"{label} {port} is not in 1-65535")
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        problems.append(f"{out_dir} already exists and is not empty; choose a new --out directory")
+    if problems:
+        raise ValidationError(problems)
+    registry = registry or Registry(master.paths.registry)
+
+    addresses = [address, *sans]
+    worker = pki.issue_leaf(
+        master.ca, config.ROLE_WORKER, name, addresses=addresses, key_type=key_type
+    )
+    files = {
+        config.BUNDLE_CA: pki.cert_pem(master.ca.cert),
+        config.BUNDLE_WORKER_CERT: pki.cert_pem(worker.cert),
+        config.BUNDLE_WORKER_KEY: pki.key_pem(worker.key),
+    }
+    updater_fp = None
+    if updater:
+        upd = pki.issue_leaf(
+            master.ca, config.ROLE_UPDATER, name, addresses=addresses, key_type=key_type
+        )
+        files[config.BUNDLE_UPDATER_CERT] = pki.cert_pem(upd.cert)
+        files[config.BUNDLE_UPDATER_KEY] = pki.key_pem(upd.key)
+        updater_fp = upd.fingerprint
+    settings = {
+        "name": name,
+        "address": address,
+        "agent_port": agent_port,
+        "updater_port": updater_port,
+        "master_host": master_host or master.master_host,
+        "syslog_port": syslog_port or config.syslog_port(),
+        "master_fingerprint": master.master_cert_fingerprint,
+        "ca_fingerprint": master.ca.fingerprint,
+    }
+    files[config.BUNDLE_CONFIG] = (json.dumps(settings, indent=2) + "\n").encode()
+
+    host = Host(
+        name=name,
+        address=address,
+        agent_port=agent_port,
+        updater_port=updater_port,
+        worker_fingerprint=worker.fingerprint,
+        updater_fingerprint=updater_fp,
+        enrolled_at=utc_now_iso(),
+    )
+    registry.add(host)  # refuses duplicates before anything is on disk
+    try:
+        pki.write_bundle(
+            out_dir, files, private={config.BUNDLE_WORKER_KEY, config.BUNDLE_UPDATER_KEY}
+        )
+    except BaseException:
+        registry.remove(name)
+        raise
+    return Enrollment(host=host, bundle_dir=out_dir)
+
+
+def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Host:
+    """Mark ``name`` decommissioned and revoke its worker and updater certificates."""
+    registry = registry or Registry(master.paths.registry)
+    host = registry.get(name)
+    if host.decommissioned:
+        raise HostDecommissioned(f"{name!r} was already decommissioned at {host.revoked_at}")
+    when = utc_now_iso()
+    entries = [
+        {"fingerprint": host.worker_fingerprint, "cn": name, "role": "worker", "revoked_at": when}
+    ]
+    if host.updater_fingerprint:
+        entries.append(
+            {
+                "fingerprint": host.updater_fingerprint,
+                "cn": config.UPDATER_CN_PREFIX + name,
+                "role": "updater",
+                "revoked_at": when,
+            }
+        )
+    # Revoke first: if we crash before the registry update, the certificates
+    # are already refused everywhere and a second decommission completes it.
+    revocation.add_entries(master.paths.revocations, entries)
+    return registry.decommission(name, when)

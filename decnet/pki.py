@@ -1,0 +1,505 @@
+"""The private CA, role-bound leaf certificates, bundles and fingerprints.
+
+Pure ``cryptography`` plus file I/O; nothing here touches the reactor.
+
+Roles are not decided by the operator-chosen CN alone.  Every leaf carries a
+role marker in its subject's ``OU`` that only this module writes, and
+:func:`identity_of` accepts a certificate only when the marker and the CN agree
+(``master`` ⇔ ``decnet-master``, ``updater`` ⇔ ``updater@<valid name>``,
+``worker`` ⇔ a valid, non-reserved host name).  Because the operator can only
+choose a *name*, and names are validated, nobody can enroll a worker that
+verifies as a master or as another host's updater.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from decnet import config
+from decnet.errors import InvalidName, MissingFileError, PKIError, ValidationError
+from decnet.fsutil import (
+    PRIVATE_FILE_MODE,
+    ensure_private_dir,
+    fsync_dir,
+    locked,
+    write_new_file,
+)
+
+ORGANIZATION = "DECNET"
+CA_COMMON_NAME = "DECNET swarm root CA"
+
+KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072")
+DEFAULT_KEY_TYPE = "ec-p256"
+
+# Host names: lowercase DNS-style labels, 1-63 characters in all, so they fit a
+# CN, a DNS SAN and a file name without quoting.
+HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+
+# Names that would be confusing or dangerous as a worker CN: the master's CN,
+# the role words themselves, and names that look like infrastructure.
+RESERVED_NAMES = frozenset(
+    {
+        config.MASTER_CN,
+        "master",
+        "worker",
+        "updater",
+        "ca",
+        "decnet",
+        "localhost",
+        "localhost.localdomain",
+    }
+)
+
+
+def validate_host_name(name: str) -> str:
+    """Return ``name`` if it may be enrolled as a worker, else raise :class:`InvalidName`."""
+    if isinstance(name, str) and (
+        name in RESERVED_NAMES or name.startswith(config.UPDATER_CN_PREFIX)
+    ):
+        raise InvalidName(f"host name {name!r} is reserved; choose another name")
+    if not isinstance(name, str) or not HOST_NAME_RE.match(name):
+        raise InvalidName(
+            f"invalid host name {name!r}: use 1-63 characters of a-z, 0-9, '.' and '-', "
+            "starting with a letter or digit"
+        )
+    if ".." in name or name.endswith((".", "-")):
+        raise InvalidName(f"invalid host name {name!r}: empty label or trailing '.'/'-'")
+    return name
+
+
+_DNS_NAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+def parse_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """An IP address object, or a validated lowercase DNS name."""
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    lowered = value.lower() if isinstance(value, str) else ""
+    if not _DNS_NAME_RE.match(lowered):
+        raise ValidationError(f"invalid address {value!r}: expected an IP address or a DNS name")
+    return lowered
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER encoding, lowercase hex."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def colon_fingerprint(fp: str) -> str:
+    """``ab12…`` → ``AB:12:…``, the form ``openssl x509 -fingerprint -sha256`` prints."""
+    fp = fp.upper()
+    return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2))
+
+
+def normalize_fingerprint(fp: str) -> str:
+    """Accept either the hex or the colon form; return lowercase hex."""
+    cleaned = fp.replace(":", "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", cleaned):
+        raise ValidationError(f"not a SHA-256 fingerprint: {fp!r}")
+    return cleaned
+
+
+# ---------------------------------------------------------------------------
+# Identities read off certificates
+
+
+@attrs.frozen
+class CertIdentity:
+    """Who a certificate says it is, once the role marker and CN agree."""
+
+    cn: str
+    role: str | None  # None when marker and CN disagree: never accepted
+    fingerprint: str
+
+    @property
+    def host(self) -> str | None:
+        """The worker host this identity belongs to (``None`` for the master)."""
+        if self.role == config.ROLE_WORKER:
+            return self.cn
+        if self.role == config.ROLE_UPDATER:
+            return self.cn[len(config.UPDATER_CN_PREFIX) :]
+        return None
+
+
+def _subject_value(cert: x509.Certificate, oid) -> str | None:
+    values = cert.subject.get_attributes_for_oid(oid)
+    if len(values) != 1:
+        return None
+    value = values[0].value
+    return value if isinstance(value, str) else None
+
+
+def _role_matches_cn(role: str, cn: str) -> bool:
+    try:
+        if role == config.ROLE_MASTER:
+            return cn == config.MASTER_CN
+        if role == config.ROLE_UPDATER:
+            prefix = config.UPDATER_CN_PREFIX
+            return cn.startswith(prefix) and bool(validate_host_name(cn[len(prefix) :]))
+        if role == config.ROLE_WORKER:
+            return bool(validate_host_name(cn))
+    except InvalidName:
+        return False
+    return False
+
+
+def identity_of(cert: x509.Certificate) -> CertIdentity:
+    """Read CN, role and fingerprint; ``role`` is ``None`` unless they are consistent."""
+    cn = _subject_value(cert, NameOID.COMMON_NAME) or ""
+    marker = _subject_value(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    role = marker if marker in config.ROLES and _role_matches_cn(marker, cn) else None
+    return CertIdentity(cn=cn, role=role, fingerprint=fingerprint(cert))
+
+
+def cn_for(role: str, name: str | None = None) -> str:
+    if role == config.ROLE_MASTER:
+        return config.MASTER_CN
+    validate_host_name(name)
+    if role == config.ROLE_WORKER:
+        return name
+    if role == config.ROLE_UPDATER:
+        return config.UPDATER_CN_PREFIX + name
+    raise ValueError(f"unknown role {role!r}")
+
+
+# ---------------------------------------------------------------------------
+# PEM
+
+
+def key_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certificate:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingFileError(path, what) from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise PKIError(f"{path} is not a PEM certificate") from None
+
+
+def load_key(path: str | os.PathLike, what: str = "private key"):
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingFileError(path, what) from None
+    try:
+        # Our own keys, written 0600 by us: skip the slow RSA consistency
+        # check (it dominates CA load time for a 4096-bit key).
+        return serialization.load_pem_private_key(
+            data, password=None, unsafe_skip_rsa_key_validation=True
+        )
+    except (ValueError, TypeError):
+        raise PKIError(f"{path} is not an unencrypted PEM private key") from None
+
+
+# ---------------------------------------------------------------------------
+# The CA
+
+
+@attrs.frozen
+class CertificateAuthority:
+    cert: x509.Certificate
+    key: rsa.RSAPrivateKey
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert)
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _generate_ca(validity_days: int, key_size: int) -> CertificateAuthority:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME),
+        ]
+    )
+    now = _utcnow()
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=validity_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(cert=cert, key=key)
+
+
+def load_ca(ca_dir: str | os.PathLike) -> CertificateAuthority:
+    ca_dir = Path(ca_dir)
+    cert = load_cert(ca_dir / "ca.crt", "CA certificate")
+    key = load_key(ca_dir / "ca.key", "CA private key")
+    return CertificateAuthority(cert=cert, key=key)
+
+
+def ensure_ca(
+    ca_dir: str | os.PathLike,
+    *,
+    validity_days: int = config.CA_VALIDITY_DAYS,
+    key_size: int = 4096,
+) -> CertificateAuthority:
+    """Load the CA in ``ca_dir``, creating it on first use.
+
+    Idempotent and safe under concurrency: an ``flock`` serialises creators, so
+    two processes racing on an empty directory end up with the same single CA.
+    The key is written 0600 from its first byte and the certificate last, so a
+    crash mid-way leaves a directory that the next call simply completes.
+    """
+    ca_dir = ensure_private_dir(ca_dir)
+    cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
+    with locked(ca_dir / ".lock"):
+        if cert_path.exists() and key_path.exists():
+            return load_ca(ca_dir)
+        for leftover in (cert_path, key_path):
+            if leftover.exists():
+                # A previous creator died between the two writes: the CA was
+                # never complete, so it cannot have signed anything.
+                leftover.unlink()
+        ca = _generate_ca(validity_days, key_size)
+        write_new_file(key_path, key_pem(ca.key), PRIVATE_FILE_MODE)
+        write_new_file(cert_path, cert_pem(ca.cert), 0o644)
+        fsync_dir(ca_dir)
+        return ca
+
+
+# ---------------------------------------------------------------------------
+# Leaves
+
+
+@attrs.frozen
+class Leaf:
+    cert: x509.Certificate
+    key: object
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert)
+
+
+def generate_key(key_type: str = DEFAULT_KEY_TYPE):
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type in ("rsa-2048", "rsa-3072"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    raise ValidationError(f"unknown key type {key_type!r}: choose one of {', '.join(KEY_TYPES)}")
+
+
+def issue_leaf(
+    ca: CertificateAuthority,
+    role: str,
+    name: str | None = None,
+    *,
+    addresses: Iterable[str] = (),
+    key_type: str = DEFAULT_KEY_TYPE,
+    validity_days: int = config.LEAF_VALIDITY_DAYS,
+    not_before: datetime.datetime | None = None,
+) -> Leaf:
+    """Issue a leaf for ``role`` (``name`` is the worker host name, unused for the master).
+
+    Every leaf has serverAuth and clientAuth (each daemon both serves and
+    calls), the role marker in ``OU``, and SANs: the host name (or
+    ``decnet-master``) as a DNS name plus each address as an IP or DNS SAN.
+    """
+    cn = cn_for(role, name)
+    dns_names: list[str] = [name if role != config.ROLE_MASTER else config.MASTER_CN]
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for raw in addresses:
+        parsed = parse_address(raw)
+        if isinstance(parsed, str):
+            if parsed not in dns_names:
+                dns_names.append(parsed)
+        elif parsed not in ips:
+            ips.append(parsed)
+    key = generate_key(key_type)
+    public = key.public_key()
+    start = not_before or (_utcnow() - datetime.timedelta(minutes=5))
+    is_rsa = isinstance(key, rsa.RSAPrivateKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                    x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                ]
+            )
+        )
+        .issuer_name(ca.cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=validity_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=is_rsa,
+                data_encipherment=False,
+                key_agreement=not is_rsa,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(ip) for ip in ips]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    return Leaf(cert=builder.sign(ca.key, hashes.SHA256()), key=key)
+
+
+# ---------------------------------------------------------------------------
+# Bundles: a directory of PEM files plus a small JSON config
+
+
+def write_bundle(
+    target: str | os.PathLike,
+    files: Mapping[str, bytes],
+    private: Iterable[str] = (),
+) -> Path:
+    """Write ``files`` into a new directory ``target`` atomically.
+
+    Everything goes to a sibling temporary directory first (keys 0600 from
+    creation, directory 0700) and is renamed into place at the end, so a
+    refusal or a crash never leaves a half-written bundle.  ``target`` must not
+    exist or must be an empty directory.
+    """
+    target = Path(target).absolute()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValidationError(
+            f"{target} already exists and is not empty; choose a new directory or remove it"
+        )
+    private = set(private)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    ensure_private_dir(staging)
+    try:
+        for name, data in files.items():
+            write_new_file(staging / name, data, PRIVATE_FILE_MODE if name in private else 0o644)
+        fsync_dir(staging)
+        os.rename(staging, target)  # replaces an empty directory atomically
+    except BaseException:
+        for child in staging.glob("*"):
+            child.unlink()
+        if staging.exists():
+            staging.rmdir()
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+@attrs.frozen
+class WorkerBundle:
+    """A worker's enrolled bundle directory, as written by ``decnet-admin enroll``."""
+
+    directory: Path
+    name: str
+    master_fingerprint: str
+    settings: Mapping[str, object]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> WorkerBundle:
+        directory = Path(directory).absolute()
+        cfg_path = directory / config.BUNDLE_CONFIG
+        if not directory.is_dir():
+            raise MissingFileError(directory, "bundle directory")
+        try:
+            settings = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise MissingFileError(cfg_path, "bundle config") from None
+        except ValueError:
+            raise PKIError(f"{cfg_path} is not valid JSON") from None
+        try:
+            return cls(
+                directory=directory,
+                name=validate_host_name(settings["name"]),
+                master_fingerprint=normalize_fingerprint(settings["master_fingerprint"]),
+                settings=settings,
+            )
+        except (KeyError, TypeError, ValidationError) as exc:
+            raise PKIError(f"{cfg_path} is incomplete or invalid: {exc}") from None
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / config.BUNDLE_CA
+
+    def cert_path(self, role: str) -> Path:
+        return self.directory / f"{role}.crt"
+
+    def key_path(self, role: str) -> Path:
+        return self.directory / f"{role}.key"
+
+    @property
+    def has_updater(self) -> bool:
+        return self.cert_path(config.ROLE_UPDATER).exists()

@@ -1,0 +1,181 @@
+"""mTLS contexts: our CA only, role, pinned fingerprint and revocation checked in the handshake."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromCertificates
+from twisted.logger import LogLevel, globalLogPublisher
+
+from decnet import pki
+from decnet.revocation import RevocationSet
+from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls, peer_identity
+from tests.support import RecordingProtocol, expired_kw, tls_pair, tls_pair_with, write_identity
+
+MASTER_ONLY = PeerPolicy([Accept("master")])
+WORKERS_ONLY = PeerPolicy([Accept("worker")])
+
+
+@pytest.fixture(scope="module")
+def ids(ca, foreign_ca, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ids")
+    return {
+        "master": write_identity(d / "m", ca, "master"),
+        "w1": write_identity(d / "w1", ca, "worker", "w1"),
+        "w2": write_identity(d / "w2", ca, "worker", "w2"),
+        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
+        # Same CN, same subject DN layout, but signed by another CA.
+        "impostor-w1": write_identity(d / "imp", foreign_ca, "worker", "w1", trust=ca),
+        "expired-w1": write_identity(d / "exp", ca, "worker", "w1", **expired_kw()),
+    }
+
+
+@pytest.fixture
+def warnings():
+    seen = []
+
+    def observer(event):
+        if event.get("log_level") in (LogLevel.warn, LogLevel.error):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def refusal_reasons(events):
+    return [e.get("reason", "") for e in events if "Refused TLS peer" in e.get("log_format", "")]
+
+
+def assert_connected(client, server):
+    assert client.handshake_done and server.handshake_done
+    assert server.received == b"ping"
+    assert server.lost_reason is None and client.lost_reason is None
+
+
+def assert_refused(client, server):
+    assert server.received == b""
+    assert not server.handshake_done
+    assert client.lost_reason is not None
+
+
+def test_a_correct_pair_connects_and_each_side_sees_the_others_identity(ids):
+    client, server = tls_pair(ids["master"], WORKERS_ONLY, ids["w1"], MASTER_ONLY)[:2]
+    assert_connected(client, server)
+    seen_by_master = peer_identity(server.transport)
+    assert (seen_by_master.cn, seen_by_master.role) == ("w1", "worker")
+    assert seen_by_master.fingerprint == ids["w1"].identity.fingerprint
+    assert peer_identity(client.transport).role == "master"
+
+
+def test_a_client_from_a_foreign_ca_with_the_same_cn_is_refused(ids, warnings):
+    client, server = tls_pair(ids["master"], WORKERS_ONLY, ids["impostor-w1"], MASTER_ONLY)[:2]
+    assert_refused(client, server)
+    assert any("not issued by our CA" in r for r in refusal_reasons(warnings))
+
+
+def test_a_client_without_a_certificate_is_refused(ids, warnings):
+    trust = trustRootFromCertificates([Certificate(ids["master"].ca)])
+    anonymous = CertificateOptions(trustRoot=trust)
+    client, server, _ = tls_pair_with(PolicyOptions(ids["master"], WORKERS_ONLY), anonymous)
+    assert_refused(client, server)
+    failed = [e for e in warnings if "handshake with" in e.get("log_format", "")]
+    assert failed and "certificate" in failed[0]["reason"]
+
+
+def test_a_peer_with_a_role_the_server_does_not_accept_is_refused(ids, warnings):
+    # An updater certificate presented to the log listener (workers only).
+    client, server = tls_pair(ids["master"], WORKERS_ONLY, ids["upd-w1"], MASTER_ONLY)[:2]
+    assert_refused(client, server)
+    assert any("role 'updater'" in r for r in refusal_reasons(warnings))
+
+
+def test_a_worker_cannot_pose_as_the_master_to_another_worker(ids):
+    # The client insists on a master; a worker serves instead.
+    client, server = tls_pair(ids["w2"], WORKERS_ONLY, ids["w1"], MASTER_ONLY)[:2]
+    assert_refused(client, server)
+
+
+def test_a_revoked_certificate_is_refused(ids, warnings):
+    revoked = RevocationSet(fingerprints=[ids["w1"].identity.fingerprint])
+    policy = PeerPolicy([Accept("worker")], revocations=revoked)
+    client, server = tls_pair(ids["master"], policy, ids["w1"], MASTER_ONLY)[:2]
+    assert_refused(client, server)
+    assert any("revoked" in r for r in refusal_reasons(warnings))
+    # Another, unrevoked worker still gets in through the same policy.
+    client, server = tls_pair(ids["master"], policy, ids["w2"], MASTER_ONLY)[:2]
+    assert_connected(client, server)
+
+
+def test_an_expired_certificate_is_refused(ids, warnings):
+    client, server = tls_pair(ids["master"], WORKERS_ONLY, ids["expired-w1"], MASTER_ONLY)[:2]
+    assert_refused(client, server)
+    assert any("expired" in r for r in refusal_reasons(warnings))
+
+
+def test_a_server_whose_fingerprint_differs_from_the_pin_is_refused_in_the_same_handshake(ids):
+    # The master pins w1's enrolled fingerprint but reaches w2 at that address.
+    pin = PeerPolicy([Accept("worker", fingerprint=ids["w1"].identity.fingerprint)])
+    client, server = tls_pair(ids["w2"], MASTER_ONLY, ids["master"], pin)[:2]
+    assert client.lost_reason is not None and not client.handshake_done
+    assert "fingerprint mismatch" in pin.last_refusal
+    # The right host passes the very same pin.
+    client, server = tls_pair(ids["w1"], MASTER_ONLY, ids["master"], pin)[:2]
+    assert_connected(client, server)
+
+
+def test_an_exact_cn_rule_admits_only_that_hosts_updater(ids):
+    # w2's agent accepts the master and w2's own updater; w1's updater knocks.
+    policy = PeerPolicy([Accept("master"), Accept("updater", cn="updater@w2")])
+    agent_w2 = PeerPolicy([Accept("worker", cn="w2")])
+    client, server = tls_pair(ids["w2"], policy, ids["upd-w1"], agent_w2)[:2]
+    assert_refused(client, server)
+    assert "not the expected peer" in policy.last_refusal
+
+
+def test_alpn_is_negotiated_when_both_sides_offer_it(ids):
+    alpn = [b"decnet-syslog/1"]
+    server = tls_pair(ids["master"], WORKERS_ONLY, ids["w1"], MASTER_ONLY, alpn=alpn)[1]
+    assert server.transport.negotiatedProtocol == b"decnet-syslog/1"
+
+
+def test_policy_check_reasons():
+    ident = pki.CertIdentity("w1", "worker", "a" * 64)
+    assert PeerPolicy([Accept("worker")]).check(ident) is None
+    assert "no valid DECNET role" in PeerPolicy([Accept("worker")]).check(
+        pki.CertIdentity("w1", None, "a" * 64)
+    )
+    assert "mismatch" in PeerPolicy([Accept("worker", fingerprint="b" * 64)]).check(ident)
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtls_over_a_real_loopback_socket(ids):
+    server_app = RecordingProtocol()
+    got_data = defer.Deferred()
+
+    class Server(RecordingProtocol):
+        def dataReceived(self, data):
+            super().dataReceived(data)
+            got_data.callback(peer_identity(self.transport))
+
+    from twisted.internet.protocol import Factory
+
+    port = await listen_tls(
+        reactor,
+        "tcp:0:interface=127.0.0.1",
+        PolicyOptions(ids["master"], WORKERS_ONLY),
+        Factory.forProtocol(Server),
+    )
+    try:
+        endpoint = wrapClientTLS(
+            PolicyOptions(ids["w1"], MASTER_ONLY),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        )
+        client = await connectProtocol(endpoint, RecordingProtocol())
+        client.transport.write(b"hello")
+        seen = await got_data
+        assert (seen.cn, seen.role) == ("w1", "worker")
+        client.transport.loseConnection()
+    finally:
+        await port.stopListening()
+    del server_app
