@@ -37,6 +37,11 @@ UPDATER_CN_PREFIX = "updater@"
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 397
 
+# Worker-side defaults (each daemon takes an option to override).
+DEFAULT_LOG_FILE = "/var/log/decnet/decnet.log"
+WORKER_STATE_DIR = "/var/lib/decnet"
+DEFAULT_INSTALL_DIR = "/opt/decnet"
+
 # Worker bundle file names (written by ``decnet-admin enroll``).
 BUNDLE_CA = "ca.crt"
 BUNDLE_WORKER_CERT = "worker.crt"
