@@ -63,3 +63,17 @@ class PeerRefused(DecnetError):
 
 class FingerprintMismatch(PeerRefused):
     """The peer's certificate is not the one pinned at enrollment."""
+
+
+class Unreachable(DecnetError):
+    """A worker daemon could not be reached (refused, timed out, reset)."""
+
+
+class RemoteError(DecnetError):
+    """A worker daemon answered with an HTTP error; ``problems`` are its own words."""
+
+    def __init__(self, status: int, problems, body=None):
+        self.status = status
+        self.problems = list(problems)
+        self.body = body if body is not None else {}
+        super().__init__(f"HTTP {status}: {'; '.join(self.problems) or 'no detail'}")

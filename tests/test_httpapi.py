@@ -1,0 +1,169 @@
+"""Klein-over-mTLS plumbing (decnet.httpapi) and the pinned master client (decnet.master.http)."""
+
+import pytest
+import pytest_twisted
+from klein import Klein
+from twisted.internet import reactor
+
+from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError, Unreachable
+from decnet.httpapi import (
+    HTTPError,
+    authorize,
+    install_error_handlers,
+    make_site,
+    read_json,
+    respond,
+)
+from decnet.master.http import PinnedClient
+from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls
+from tests.support import write_identity
+
+
+@pytest.fixture(scope="module")
+def ids(ca, foreign_ca, tmp_path_factory):
+    d = tmp_path_factory.mktemp("http-ids")
+    return {
+        "master": write_identity(d / "m", ca, "master"),
+        "w1": write_identity(d / "w1", ca, "worker", "w1"),
+        "w2": write_identity(d / "w2", ca, "worker", "w2"),
+        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
+        "foreign-master": write_identity(d / "fm", foreign_ca, "master", trust=ca),
+    }
+
+
+def build_app():
+    app = Klein()
+    install_error_handlers(app)
+
+    @app.route("/hello", methods=["GET"])
+    def hello(request):
+        who = authorize(request, Accept("master"))
+        return respond(request, {"hello": who.cn})
+
+    @app.route("/health", methods=["GET"])
+    def health(request):
+        authorize(request, Accept("master"), Accept("updater", cn="updater@w1"))
+        return respond(request, {"status": "ok"})
+
+    @app.route("/echo", methods=["POST"])
+    def echo(request):
+        authorize(request, Accept("master"))
+        doc = read_json(request)
+        if not isinstance(doc, dict):
+            raise HTTPError(400, ["expected a JSON object"])
+        return respond(request, doc)
+
+    @app.route("/boom", methods=["GET"])
+    def boom(request):
+        raise RuntimeError("secret internal detail /etc/shadow")
+
+    return app
+
+
+@pytest_twisted.async_yield_fixture
+async def server(ids):
+    # The TLS layer admits the master, w1's updater and (for route tests) worker w2.
+    policy = PeerPolicy([Accept("master"), Accept("updater", cn="updater@w1"), Accept("worker")])
+    site = make_site(build_app().resource(), max_body=1000)
+    port = await listen_tls(
+        reactor, "tcp:0:interface=127.0.0.1", PolicyOptions(ids["w1"], policy), site
+    )
+    yield port.getHost().port
+    await port.stopListening()
+
+
+def client(ids, port, who="master", pin_of="w1", **kw):
+    fp = ids[pin_of].identity.fingerprint
+    return PinnedClient(
+        reactor,
+        ids[who],
+        address="127.0.0.1",
+        port=port,
+        accept=Accept("worker", fingerprint=fp),
+        **kw,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_calls_a_pinned_worker(ids, server):
+    port = server
+    assert await client(ids, port).call("GET", "hello") == {"hello": "decnet-master"}
+    assert await client(ids, port).call("POST", "echo", json={"a": [1, 2]}) == {"a": [1, 2]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pin_mismatch_is_refused_before_any_request_is_sent(ids, server):
+    port = server
+    with pytest.raises(FingerprintMismatch, match="fingerprint mismatch"):
+        await client(ids, port, pin_of="w2").call("GET", "hello")
+
+
+@pytest_twisted.ensureDeferred
+async def test_routes_narrow_who_may_call_them(ids, server):
+    port = server
+    updater = client(ids, port, who="upd-w1")
+    assert await updater.call("GET", "health") == {"status": "ok"}
+    with pytest.raises(RemoteError) as info:
+        await updater.call("GET", "hello")
+    assert info.value.status == 403
+    with pytest.raises(RemoteError) as info:
+        await client(ids, port, who="w2").call("GET", "health")
+    assert info.value.status == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_foreign_ca_client_is_refused_at_the_handshake(ids, server):
+    port = server
+    with pytest.raises(PeerRefused):
+        await client(ids, port, who="foreign-master").call("GET", "hello")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_json_gets_a_400_with_the_problem(ids, server):
+    port = server
+    with pytest.raises(RemoteError) as info:
+        await client(ids, port).call("POST", "echo", data=b"{nope")
+    assert info.value.status == 400
+    assert "not valid JSON" in info.value.problems[0]
+    with pytest.raises(RemoteError, match="expected a JSON object"):
+        await client(ids, port).call("POST", "echo", json=[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_body_is_refused_with_413(ids, server):
+    port = server
+    with pytest.raises(RemoteError) as info:
+        await client(ids, port).call("POST", "echo", json={"x": "y" * 5000})
+    assert info.value.status == 413
+    # The daemon keeps serving.
+    assert await client(ids, port).call("GET", "hello") == {"hello": "decnet-master"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_internal_errors_are_never_echoed(ids, server):
+    port = server
+    with pytest.raises(RemoteError) as info:
+        await client(ids, port).call("GET", "boom")
+    assert info.value.status == 500
+    assert "secret" not in str(info.value.body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_daemon_is_a_typed_error(ids, tmp_path):
+    from twisted.internet.protocol import Factory
+
+    port = await listen_tls(
+        reactor,
+        "tcp:0:interface=127.0.0.1",
+        PolicyOptions(ids["w1"], PeerPolicy([Accept("master")])),
+        Factory(),
+    )
+    number = port.getHost().port
+    await port.stopListening()
+    with pytest.raises(Unreachable):
+        await client(ids, number).call("GET", "hello")
+
+
+def test_a_client_without_a_pin_fails_closed(ids):
+    with pytest.raises(PeerRefused, match="unpinned"):
+        PinnedClient(reactor, ids["master"], address="127.0.0.1", port=1, accept=Accept("worker"))
