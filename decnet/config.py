@@ -129,3 +129,48 @@ class MasterPaths:
     @property
     def ingest_dir(self) -> Path:
         return self.home / "ingest"
+
+
+# Remote updates (``twistd decnet-updater``, ``decnet-admin update``).
+# The install directory layout (``docs/Remote-Updates.md``)::
+#
+#   <install-dir>/            agent releases, owned by the updater
+#     releases/<id>/          one immutable release: src/, venv/, install.log, release.json
+#     current -> releases/<id>   the active release (symlink, switched by atomic rename)
+#     journal.json            the release journal (state of the transaction in flight)
+#     .trash/                 releases being deleted (renamed here first, then removed)
+#     updater/                the updater's own releases, same layout (``update-self``)
+RELEASES_DIR = "releases"
+CURRENT_LINK = "current"
+JOURNAL_FILE = "journal.json"
+TRASH_DIR = ".trash"
+UPDATER_SELF_DIR = "updater"
+RELEASE_SRC_DIR = "src"
+RELEASE_VENV_DIR = "venv"
+RELEASE_INSTALL_LOG = "install.log"
+RELEASE_WHEELHOUSE = "wheelhouse"  # inside a release tarball: wheels for an offline install
+RELEASE_BUILD_INFO = "decnet-build.json"  # inside a release tarball: what tar_tree recorded
+# A release id is the first hex digits of the tarball's sha256: content
+# addressed, so the same tree always installs as the same release.
+RELEASE_ID_LENGTH = 16
+
+DEFAULT_AGENT_URL = f"https://127.0.0.1:{AGENT_PORT}"
+DEFAULT_AGENT_UNIT = "decnet-agent.service"
+AGENT_CONTROLS = ("systemd", "spawn")
+DEFAULT_HEALTH_TIMEOUT = 30.0  # seconds for a restarted agent to report the new release
+HEALTH_PROBE_INTERVAL = 0.25  # seconds between two /health probes
+DEFAULT_KEEP_RELEASES = 3
+DEFAULT_INSTALL_TIMEOUT = 900.0  # seconds for venv + pip of one release
+AGENT_STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a spawned agent
+OUTPUT_TAIL_BYTES = 16 * 1024  # captured install/agent output returned to the master
+
+# Upload and archive caps: a release is source plus an optional wheelhouse.
+MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # compressed body of POST /update(-self)
+MAX_RELEASE_BYTES = 1024 * 1024 * 1024  # uncompressed total of all members
+MAX_RELEASE_MEMBERS = 20_000
+MAX_SMALL_BODY = 64 * 1024  # any body from a caller that may not upload, and JSON bodies
+
+# Master side.
+DEFAULT_UPDATE_CONCURRENCY = 4
+DEFAULT_UPDATE_TIMEOUT = 1800.0  # seconds the master waits for one host's POST /update
+DEFAULT_SELF_UPDATE_WAIT = 120.0  # seconds for a re-executed updater to answer /health

@@ -77,3 +77,79 @@ class RemoteError(DecnetError):
         self.problems = list(problems)
         self.body = body if body is not None else {}
         super().__init__(f"HTTP {status}: {'; '.join(self.problems) or 'no detail'}")
+
+
+class UpdateError(DecnetError):
+    """A release could not be installed, switched or rolled back (updater side)."""
+
+    #: HTTP status the updater answers with; mapped in ``decnet.updater.app`` only.
+    status = 500
+    #: The outcome reported to the master: ``failed`` or ``rolled_back``.
+    result = "failed"
+
+    def __init__(self, message: str, **details):
+        self.details = details
+        super().__init__(message)
+
+
+class UpdaterBusy(UpdateError):
+    """Another update, rollback or self-update is in progress on this updater."""
+
+    status = 409
+
+
+class UpdaterStarting(UpdateError):
+    """The updater is still reconciling its release directory after a start."""
+
+    status = 503
+
+
+class DigestMismatch(UpdateError):
+    """The uploaded tarball does not have the sha256 the master announced."""
+
+    status = 400
+
+
+class UnsafeArchive(UpdateError):
+    """The release tarball breaks the extraction allow-list or a size cap."""
+
+    status = 422
+
+
+class InstallFailed(UpdateError):
+    """Creating the release's virtualenv or installing into it failed."""
+
+    status = 422
+
+
+class UnknownRelease(UpdateError):
+    """No complete release with that id is installed."""
+
+    status = 404
+
+
+class NoPreviousRelease(UpdateError):
+    """There is nothing to roll back to."""
+
+    status = 409
+
+
+class RolledBack(UpdateError):
+    """The new release failed its health check; the previous one is active again."""
+
+    status = 409
+    result = "rolled_back"
+
+
+class RollbackFailed(UpdateError):
+    """The new release failed and the previous one did not come back healthy either."""
+
+    status = 500
+
+
+class AgentControlFailed(UpdateError):
+    """Starting, stopping or restarting the agent failed (systemctl, spawn)."""
+
+
+class HealthCheckFailed(UpdateError):
+    """The agent did not report the expected release as healthy in time."""

@@ -1,0 +1,364 @@
+"""``decnet-admin update / rollback / releases``: remote updates through the updaters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import defer, task
+
+from decnet import config
+from decnet.cli import output
+from decnet.errors import DecnetError, RemoteError, ValidationError
+from decnet.master import tar_tree
+from decnet.master.registry import Host, Registry
+from decnet.master.rollout import FAILED, ROLLED_BACK, SKIPPED, Rollout, plan_rollout
+from decnet.tls import TLSIdentity
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return number
+
+
+def register(sub, parents) -> None:
+    p = sub.add_parser(
+        "update",
+        parents=parents,
+        help="push a release of this source tree to workers' updaters",
+        description="Build one release tarball from --root (an allow-list: the package, "
+        "setup.cfg, pyproject.toml, README/LICENSE and an optional wheelhouse; never keys, "
+        ".env, databases, logs, VCS data or caches), push it to each host's updater over "
+        "mutual TLS, and report per host: updated, rolled_back (the new release failed its "
+        "health check and the previous one is running again) or failed.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--host", action="append", metavar="NAME", help="a host to update (repeatable)"
+    )
+    which.add_argument("--all", action="store_true", help="every enrolled host with an updater")
+    p.add_argument(
+        "--include-self",
+        action="store_true",
+        help="also update each updater (only where the agent update succeeded)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the hosts and the tarball's files, size and sha256; contact nothing",
+    )
+    p.add_argument("--root", metavar="DIR", help="source tree to release (default: this one)")
+    p.add_argument(
+        "--wheelhouse",
+        metavar="DIR",
+        help="ship these wheels for offline installs (pip wheel -w DIR . setuptools wheel)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=config.DEFAULT_UPDATE_CONCURRENCY,
+        help="hosts updated at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--canary",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="update N hosts first; stop unless all of them end updated",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=config.DEFAULT_UPDATE_TIMEOUT,
+        help="seconds to wait for one host's answer (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable results")
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser(
+        "rollback",
+        parents=parents,
+        help="switch a host's agent back to a previous release",
+        description="Ask NAME's updater to switch back to the previous release (or --to a "
+        "named installed one), restart the agent and confirm it is healthy.",
+    )
+    p.add_argument("name")
+    p.add_argument("--to", metavar="RELEASE", help="an installed release id (see `releases`)")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser(
+        "releases",
+        parents=parents,
+        help="list the releases installed on a host",
+        description="List the agent releases NAME's updater keeps, and which one is current.",
+    )
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_releases)
+
+
+def default_root() -> Path:
+    """The source tree this ``decnet`` was imported from."""
+    import decnet
+
+    return Path(decnet.__file__).resolve().parent.parent
+
+
+def run_async(fn: Callable) -> int:
+    """Run ``await fn(reactor)`` under ``task.react``; return its int, re-raise its error."""
+    outcome: dict = {}
+
+    def main(reactor):
+        d = defer.ensureDeferred(fn(reactor))
+        d.addCallbacks(
+            lambda code: outcome.__setitem__("code", code),
+            lambda failure: outcome.__setitem__("failure", failure),
+        )
+        return d
+
+    try:
+        task.react(main)
+    except SystemExit:
+        pass
+    if "failure" in outcome:
+        outcome["failure"].raiseException()
+    return int(outcome.get("code") or 0)
+
+
+def _select(registry: Registry, args) -> list[Host]:
+    if args.all:
+        return registry.list()
+    names = list(dict.fromkeys(args.host))
+    problems, hosts = [], []
+    for name in names:
+        try:
+            hosts.append(registry.get(name))
+        except DecnetError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValidationError(problems)
+    return hosts
+
+
+def _registry(args) -> Registry:
+    if not args.paths.registry.exists():
+        raise ValidationError(f"no registry at {args.paths.registry} (run `decnet-admin init`)")
+    return Registry(args.paths.registry)
+
+
+def _progress(host: str, message: str) -> None:
+    print(f"[{host}] {message}", flush=True)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    hosts = _select(_registry(args), args)
+    plan = plan_rollout(hosts, args.canary)
+    root = Path(args.root) if args.root else default_root()
+    archive = tar_tree.build_release(root, wheelhouse=args.wheelhouse)
+    try:
+        if args.dry_run:
+            return _dry_run(args, plan, archive)
+        if not plan.canaries and not plan.rest:
+            for skipped in plan.skipped:
+                output.error(f"{skipped.host}: skipped, {skipped.detail}")
+            output.error("no host to update")
+            return 1
+        identity = TLSIdentity.master(args.paths)
+        print(
+            f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} bytes, "
+            f"sha256 {archive.sha256}"
+            + (f", git {archive.git_sha[:12]}" if archive.git_sha else ""),
+            flush=True,
+        )
+
+        async def go(reactor):
+            from decnet.master.updater_client import UpdaterClient
+
+            rollout = Rollout(
+                reactor,
+                lambda host: UpdaterClient(reactor, identity, host, timeout=args.timeout),
+                archive,
+                concurrency=args.concurrency,
+                include_self=args.include_self,
+                progress=(lambda h, m: None) if args.json else _progress,
+                timeout=args.timeout,
+            )
+            return await rollout.run(plan)
+
+        results = []
+
+        async def collect(reactor):
+            results.extend(await go(reactor))
+            return 0
+
+        run_async(collect)
+    finally:
+        archive.path.unlink(missing_ok=True)
+        try:
+            archive.path.parent.rmdir()
+        except OSError:
+            pass
+    order = {h.name: i for i, h in enumerate(hosts)}
+    results.sort(key=lambda r: order.get(r.host, len(order)))
+    if args.json:
+        output.print_json(
+            {
+                "release": archive.release_id,
+                "sha256": archive.sha256,
+                "results": [r.as_dict() for r in results],
+            }
+        )
+    else:
+        rows = [
+            (
+                r.host,
+                r.result,
+                r.release or "-",
+                "-" if r.seconds is None else f"{r.seconds:.1f}",
+                r.detail,
+            )
+            for r in results
+        ]
+        print()
+        print(output.table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows))
+    explicit = bool(args.host)
+    bad = [
+        r
+        for r in results
+        if r.result in (FAILED, ROLLED_BACK)
+        or (r.result == SKIPPED and (explicit or r.detail.startswith("rollout stopped")))
+    ]
+    return 1 if bad else 0
+
+
+def _dry_run(args, plan, archive: tar_tree.ReleaseArchive) -> int:
+    doc = {
+        "release": archive.release_id,
+        "sha256": archive.sha256,
+        "size": archive.size,
+        "git_sha": archive.git_sha,
+        "git_dirty": archive.git_dirty,
+        "files": list(archive.files),
+        "excluded": [{"path": s.path, "reason": s.reason} for s in archive.skipped],
+        "canaries": [h.name for h in plan.canaries],
+        "hosts": [h.name for h in plan.rest],
+        "skipped": [{"host": s.host, "reason": s.detail} for s in plan.skipped],
+        "include_self": args.include_self,
+    }
+    if args.json:
+        output.print_json(doc)
+        return 0
+    print("Dry run: nothing was contacted.")
+    print(f"Release {archive.release_id}")
+    print(f"  sha256   {archive.sha256}")
+    print(f"  size     {archive.size} bytes, {len(archive.files)} files")
+    if archive.git_sha:
+        print(
+            f"  git      {archive.git_sha}"
+            + (" (uncommitted changes)" if archive.git_dirty else "")
+        )
+    print("Files:")
+    for name in archive.files:
+        print(f"  {name}")
+    if archive.skipped:
+        print("Left out:")
+        for s in archive.skipped:
+            print(f"  {s.path}  ({s.reason})")
+    print("Hosts:")
+    for host in plan.canaries:
+        print(f"  {host.name}  (canary)")
+    for host in plan.rest:
+        print(f"  {host.name}")
+    for s in plan.skipped:
+        print(f"  {s.host}  skipped: {s.detail}")
+    if args.include_self:
+        print("Then /update-self on every host whose agent update succeeded.")
+    return 0
+
+
+def _client_for(args, reactor):
+    from decnet.master.updater_client import UpdaterClient
+
+    host = _registry(args).get(args.name)
+    if host.decommissioned:
+        raise ValidationError(f"{host.name} is decommissioned")
+    identity = TLSIdentity.master(args.paths)
+    return UpdaterClient(reactor, identity, host)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    async def go(reactor):
+        client = _client_for(args, reactor)
+        try:
+            return await client.rollback(args.to)
+        except RemoteError as exc:
+            return {"result": exc.body.get("result", "failed"), **exc.body, "status": exc.status}
+        finally:
+            await client.close()
+
+    doc: dict = {}
+
+    async def collect(reactor):
+        doc.update(await go(reactor))
+        return 0
+
+    run_async(collect)
+    ok = doc.get("result") == "rolled_back" and "problems" not in doc
+    if args.json:
+        output.print_json(doc)
+    elif ok:
+        print(
+            f"{args.name}: back on release {doc.get('release')} (was {doc.get('previous')})"
+            + (f"; {doc['detail']}" if doc.get("detail") else "")
+        )
+    else:
+        for problem in doc.get("problems") or ["rollback failed"]:
+            output.error(f"{args.name}: {problem}")
+    return 0 if ok else 1
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    doc: dict = {}
+
+    async def collect(reactor):
+        client = _client_for(args, reactor)
+        try:
+            doc.update(await client.releases())
+        finally:
+            await client.close()
+        return 0
+
+    run_async(collect)
+    if args.json:
+        output.print_json(doc)
+        return 0
+    releases = doc.get("releases") or []
+    if not releases:
+        print(f"{args.name}: no release installed yet")
+        return 0
+    rows = [
+        (
+            r.get("id"),
+            "*" if r.get("current") else ("<- rollback" if r.get("rollback_target") else ""),
+            r.get("installed_at") or "-",
+            (r.get("git_sha") or "-")[:12],
+        )
+        for r in releases
+    ]
+    print(output.table(("RELEASE", "CURRENT", "INSTALLED", "GIT"), rows))
+    if doc.get("updater_release"):
+        print(f"updater itself: release {doc['updater_release']}")
+    sys.stdout.flush()
+    return 0

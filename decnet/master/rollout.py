@@ -1,0 +1,191 @@
+"""Pushing one release to many hosts: bounded concurrency, canaries, per-host outcomes.
+
+The plan is pure (:func:`plan_rollout`: who is eligible, who is a canary, who is
+skipped and why); :class:`Rollout` runs it with an injected client factory and
+clock, so it is tested without a network.  Every host ends with exactly one
+:class:`HostResult`; a host's failure never stops the others, except that a
+canary that did not end ``updated`` stops the rollout before the rest begins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from decnet import config
+from decnet.errors import DecnetError, RemoteError
+from decnet.master.registry import Host
+from decnet.master.tar_tree import ReleaseArchive
+
+UPDATED = "updated"
+ROLLED_BACK = "rolled_back"
+FAILED = "failed"
+SKIPPED = "skipped"
+
+
+@attrs.frozen
+class HostResult:
+    host: str
+    result: str
+    release: str | None = None
+    seconds: float | None = None
+    detail: str = ""
+    updater_release: str | None = None  # after --include-self
+
+    @property
+    def ok(self) -> bool:
+        return self.result == UPDATED
+
+    def as_dict(self) -> dict:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class RolloutPlan:
+    canaries: tuple[Host, ...]
+    rest: tuple[Host, ...]
+    skipped: tuple[HostResult, ...]
+
+
+def skip_reason(host: Host) -> str | None:
+    if host.decommissioned:
+        return "decommissioned"
+    if not host.has_updater:
+        return "no updater certificate (enroll it with --updater)"
+    return None
+
+
+def plan_rollout(hosts: Sequence[Host], canary: int = 0) -> RolloutPlan:
+    """Split ``hosts`` (in order) into canaries, the rest, and those skipped with a reason."""
+    eligible, skipped = [], []
+    for host in hosts:
+        reason = skip_reason(host)
+        if reason:
+            skipped.append(HostResult(host.name, SKIPPED, detail=reason))
+        else:
+            eligible.append(host)
+    canary = max(0, min(canary, len(eligible)))
+    return RolloutPlan(tuple(eligible[:canary]), tuple(eligible[canary:]), tuple(skipped))
+
+
+def _problems(exc: RemoteError) -> str:
+    return "; ".join(exc.problems) or str(exc)
+
+
+class Rollout:
+    """Run a :class:`RolloutPlan`; ``progress(host, message)`` is called as hosts advance."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock,
+        client_factory: Callable[[Host], object],
+        archive: ReleaseArchive,
+        *,
+        concurrency: int = config.DEFAULT_UPDATE_CONCURRENCY,
+        include_self: bool = False,
+        progress: Callable[[str, str], None] = lambda host, message: None,
+        timeout: float = config.DEFAULT_UPDATE_TIMEOUT,
+        self_wait: float = config.DEFAULT_SELF_UPDATE_WAIT,
+    ):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.clock = clock
+        self.client_factory = client_factory
+        self.archive = archive
+        self.concurrency = concurrency
+        self.include_self = include_self
+        self.progress = progress
+        self.timeout = timeout
+        self.self_wait = self_wait
+
+    async def run(self, plan: RolloutPlan) -> list[HostResult]:
+        results: list[HostResult] = list(plan.skipped)
+        if plan.canaries:
+            names = ", ".join(h.name for h in plan.canaries)
+            self.progress("-", f"canary phase: {names}")
+            canary_results = await self._wave(plan.canaries)
+            results += canary_results
+            bad = [r for r in canary_results if not r.ok]
+            if bad:
+                why = ", ".join(f"{r.host} ended {r.result}" for r in bad)
+                self.progress("-", f"stopping the rollout: canary {why}")
+                results += [
+                    HostResult(h.name, SKIPPED, detail=f"rollout stopped: canary {why}")
+                    for h in plan.rest
+                ]
+                return results
+        results += await self._wave(plan.rest)
+        return results
+
+    async def _wave(self, hosts: Sequence[Host]) -> list[HostResult]:
+        if not hosts:
+            return []
+        semaphore = defer.DeferredSemaphore(self.concurrency)
+        runs = [semaphore.run(lambda h=h: defer.ensureDeferred(self._one(h))) for h in hosts]
+        return list(await defer.gatherResults(runs, consumeErrors=True))
+
+    async def _one(self, host: Host) -> HostResult:
+        started = self.clock.seconds()
+        elapsed = lambda: round(self.clock.seconds() - started, 2)  # noqa: E731
+        release = self.archive.release_id
+        try:
+            client = self.client_factory(host)
+        except DecnetError as exc:
+            return HostResult(host.name, FAILED, seconds=elapsed(), detail=str(exc))
+        try:
+            self.progress(host.name, f"pushing release {release} ({self.archive.size} bytes)")
+            try:
+                body = await client.update(self.archive, timeout=self.timeout)
+            except RemoteError as exc:
+                outcome = exc.body.get("result") if isinstance(exc.body, dict) else None
+                result = ROLLED_BACK if outcome == ROLLED_BACK else FAILED
+                current = exc.body.get("current") if isinstance(exc.body, dict) else None
+                self.progress(host.name, f"{result}: {_problems(exc)}")
+                return HostResult(
+                    host.name, result, current, elapsed(), f"HTTP {exc.status}: {_problems(exc)}"
+                )
+            except DecnetError as exc:
+                self.progress(host.name, f"failed: {exc}")
+                return HostResult(host.name, FAILED, None, elapsed(), str(exc))
+            detail = body.get("detail") or (
+                "installed and healthy" if body.get("installed") else "activated and healthy"
+            )
+            self.progress(host.name, f"updated to {release} ({elapsed():.1f}s)")
+            if not self.include_self:
+                return HostResult(host.name, UPDATED, release, elapsed(), detail)
+            return await self._self_update(client, host, elapsed, detail)
+        except Exception as exc:  # a bug must not take the other hosts down with it
+            self.log.failure("Rollout to {host} crashed", host=host.name)
+            return HostResult(host.name, FAILED, None, elapsed(), f"internal error: {exc!r}")
+        finally:
+            await client.close()
+
+    async def _self_update(self, client, host: Host, elapsed, detail: str) -> HostResult:
+        release = self.archive.release_id
+        self.progress(host.name, "updating the updater itself")
+        try:
+            await client.update_self(self.archive, timeout=self.timeout)
+            self.progress(host.name, "waiting for the new updater to answer")
+            await client.wait_for_release(release, timeout=self.self_wait)
+        except RemoteError as exc:
+            why = f"HTTP {exc.status}: {_problems(exc)}"
+        except DecnetError as exc:
+            why = str(exc)
+        else:
+            self.progress(host.name, f"updater now on {release}")
+            return HostResult(
+                host.name, UPDATED, release, elapsed(), f"{detail}; updater too", release
+            )
+        self.progress(host.name, f"updater self-update failed: {why}")
+        return HostResult(
+            host.name,
+            FAILED,
+            release,
+            elapsed(),
+            f"agent updated to {release}; updater self-update failed: {why}",
+        )

@@ -1,0 +1,110 @@
+"""The master's client for one worker's updater: treq over mTLS, pinned in the handshake.
+
+Built on :class:`~decnet.master.http.PinnedClient`: the peer must be
+``updater@<host>`` (role and CN) with exactly the fingerprint recorded at
+enrollment, checked in the verify callback of the connection that carries the
+request.  A host enrolled without an updater has no pin, and the client refuses
+to exist (fail closed).  Tarballs are streamed from their file, never read into
+memory.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import task
+
+from decnet import config
+from decnet.errors import DecnetError, PeerRefused, Unreachable
+from decnet.master.http import PinnedClient
+from decnet.master.registry import Host
+from decnet.master.tar_tree import ReleaseArchive
+from decnet.tls import Accept, TLSIdentity
+
+HEALTH_TIMEOUT = 10.0
+
+
+class UpdaterClient:
+    """``health``, ``releases``, ``update``, ``rollback``, ``update_self`` for one host."""
+
+    def __init__(
+        self,
+        reactor,
+        identity: TLSIdentity,
+        host: Host,
+        *,
+        timeout: float = config.DEFAULT_UPDATE_TIMEOUT,
+    ):
+        if not host.updater_fingerprint:
+            raise PeerRefused(
+                f"{host.name} was enrolled without an updater certificate; "
+                "refusing to connect unpinned"
+            )
+        self.reactor = reactor
+        self.host = host
+        self.timeout = timeout
+        self.http = PinnedClient(
+            reactor,
+            identity,
+            address=host.address,
+            port=host.updater_port,
+            accept=Accept(
+                config.ROLE_UPDATER,
+                cn=config.UPDATER_CN_PREFIX + host.name,
+                fingerprint=host.updater_fingerprint,
+            ),
+            timeout=timeout,
+        )
+
+    async def health(self, timeout: float = HEALTH_TIMEOUT) -> dict:
+        return await self.http.call("GET", "health", timeout=timeout)
+
+    async def releases(self) -> dict:
+        return await self.http.call("GET", "releases", timeout=HEALTH_TIMEOUT * 3)
+
+    async def _push(self, route: str, archive: ReleaseArchive, timeout: float | None) -> dict:
+        with archive.open() as body:
+            return await self.http.call(
+                "POST",
+                route,
+                data=body,
+                headers={"content-type": ["application/gzip"]},
+                query={"sha256": archive.sha256},
+                timeout=timeout or self.timeout,
+            )
+
+    async def update(self, archive: ReleaseArchive, timeout: float | None = None) -> dict:
+        """Push and activate a release; ``RemoteError`` carries a rolled-back/failed body."""
+        return await self._push("update", archive, timeout)
+
+    async def update_self(self, archive: ReleaseArchive, timeout: float | None = None) -> dict:
+        """Push the updater's own next release; it answers, then restarts onto it."""
+        return await self._push("update-self", archive, timeout)
+
+    async def rollback(self, to: str | None = None, timeout: float | None = None) -> dict:
+        query = {"to": to} if to else None
+        return await self.http.call("POST", "rollback", query=query, timeout=timeout)
+
+    async def wait_for_release(
+        self, release: str, timeout: float = config.DEFAULT_SELF_UPDATE_WAIT, interval=0.5
+    ) -> dict:
+        """Poll the updater's ``/health`` until it reports ``release`` (after update-self)."""
+        deadline = self.reactor.seconds() + timeout
+        last = "no answer yet"
+        while True:
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                raise Unreachable(
+                    f"the updater on {self.host.name} did not come back on release {release} "
+                    f"within {timeout:g}s (last: {last})"
+                )
+            try:
+                doc = await self.health(timeout=max(0.5, min(HEALTH_TIMEOUT, remaining)))
+            except DecnetError as exc:
+                last = str(exc)
+            else:
+                if doc.get("status") == "ok" and doc.get("release") == release:
+                    return doc
+                last = f"status {doc.get('status')!r}, release {doc.get('release')!r}"
+            await task.deferLater(self.reactor, interval, lambda: None)
+
+    async def close(self) -> None:
+        await self.http.close()

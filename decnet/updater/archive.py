@@ -1,0 +1,227 @@
+"""Release tarballs on the worker: hashing and allow-list extraction of hostile input.
+
+The master is trusted to *choose* what to install, not to be free of bugs or of
+an attacker sitting in its place with a broken tarball, so extraction assumes
+the worst:
+
+* only regular files and directories; links (symbolic or hard), devices, FIFOs,
+  sparse and contiguous files are refused;
+* member names must be relative, free of ``..``, backslashes and NUL;
+* modes come from an allow-list (``0644``, or ``0755`` when any execute bit
+  was set): setuid, setgid and sticky bits never reach the disk;
+* the number of members and the total uncompressed size are capped while the
+  archive streams, so a gzip bomb is refused after at most the cap, never
+  inflated to the end;
+* a truncated or corrupt gzip stream is refused.
+
+:func:`inspect` walks the archive without writing anything (the updater runs it
+before it touches the install directory); :func:`extract` writes into a new,
+empty directory with ``O_EXCL | O_NOFOLLOW`` and refuses on the first problem.
+Both block: call them in a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+
+from decnet import config
+from decnet.errors import UnsafeArchive
+
+CHUNK = 256 * 1024
+_BUILD_INFO_MAX = 64 * 1024
+_ALLOWED_TYPES = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "dir"}
+_TYPE_NAMES = {
+    tarfile.SYMTYPE: "symbolic link",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+    tarfile.CONTTYPE: "contiguous file",
+    tarfile.GNUTYPE_SPARSE: "sparse file",
+}
+
+
+@attrs.frozen
+class Limits:
+    max_bytes: int = config.MAX_RELEASE_BYTES
+    max_members: int = config.MAX_RELEASE_MEMBERS
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@attrs.frozen
+class Summary:
+    """What a release tarball holds (after it passed every check)."""
+
+    members: int
+    files: int
+    total_bytes: int
+    build_info: dict
+    has_wheelhouse: bool
+    has_project: bool
+
+
+def sha256_of(fileobj: BinaryIO) -> str:
+    """The sha256 of a whole file object, read from its start in chunks."""
+    fileobj.seek(0)
+    digest = hashlib.sha256()
+    while chunk := fileobj.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_name(member: tarfile.TarInfo) -> str | None:
+    """The member's normalised relative path; ``None`` for the archive root (``.``)."""
+    name = member.name
+    if not name or "\x00" in name or "\\" in name:
+        raise UnsafeArchive(f"member {name!r} has an empty or forbidden name")
+    if name.startswith("/"):
+        raise UnsafeArchive(f"member {name!r} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(f"member {name!r} escapes the release directory ('..')")
+    if not parts:
+        return None
+    return "/".join(parts)
+
+
+def member_kind(member: tarfile.TarInfo) -> str:
+    """``"file"`` or ``"dir"``; anything else is refused."""
+    kind = _ALLOWED_TYPES.get(member.type)
+    if kind is None:
+        what = _TYPE_NAMES.get(member.type, f"type {member.type!r}")
+        target = f" -> {member.linkname!r}" if member.linkname else ""
+        raise UnsafeArchive(f"member {member.name!r} is a {what}{target}: only files and dirs")
+    return kind
+
+
+def safe_mode(member: tarfile.TarInfo) -> int:
+    """An allow-listed mode: setuid/setgid/sticky and group/other write never survive."""
+    if member.isdir() or member.mode & 0o111:
+        return 0o755
+    return 0o644
+
+
+def inspect(fileobj: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> Summary:
+    """Check every member and cap; write nothing.  :class:`UnsafeArchive` on the first problem."""
+    return _walk(fileobj, limits, None)
+
+
+def extract(fileobj: BinaryIO, dest: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> Summary:
+    """Extract into ``dest`` (created; must not exist) under the same checks as :func:`inspect`."""
+    dest = Path(dest)
+    dest.mkdir(mode=0o755)
+    return _walk(fileobj, limits, dest)
+
+
+def _walk(fileobj: BinaryIO, limits: Limits, dest: Path | None) -> Summary:
+    fileobj.seek(0)
+    members = files = total = 0
+    build_info: dict = {}
+    wheelhouse = project = False
+    seen: dict[str, str] = {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|gz") as tar:
+            for member in tar:
+                members += 1
+                if members > limits.max_members:
+                    raise UnsafeArchive(f"more than {limits.max_members} members")
+                kind = member_kind(member)
+                name = safe_name(member)
+                if name is None:
+                    continue
+                if kind == "file":
+                    total += member.size
+                    if member.size < 0 or total > limits.max_bytes:
+                        raise UnsafeArchive(
+                            f"release larger than {limits.max_bytes} bytes uncompressed"
+                        )
+                previous = seen.get(name)
+                if previous is not None and (previous, kind) != ("dir", "dir"):
+                    raise UnsafeArchive(f"member {name!r} appears twice")
+                for i, _ in enumerate(parts := name.split("/")[:-1]):
+                    if seen.get("/".join(parts[: i + 1])) == "file":
+                        raise UnsafeArchive(f"member {name!r} is inside a file")
+                seen[name] = kind
+                if kind == "dir":
+                    if dest is not None:
+                        (dest / name).mkdir(mode=0o755, parents=True, exist_ok=True)
+                    continue
+                files += 1
+                if name in ("setup.cfg", "pyproject.toml", "setup.py"):
+                    project = True
+                if name.startswith(config.RELEASE_WHEELHOUSE + "/") and name.endswith(".whl"):
+                    wheelhouse = True
+                source = tar.extractfile(member)
+                if name == config.RELEASE_BUILD_INFO and member.size <= _BUILD_INFO_MAX:
+                    data = source.read()
+                    build_info = _parse_build_info(data)
+                    if dest is not None:
+                        _write_file(dest, name, [data], safe_mode(member))
+                    continue
+                chunks = iter(lambda src=source: src.read(CHUNK), b"")
+                if dest is None:
+                    for _ in chunks:
+                        pass
+                else:
+                    _write_file(dest, name, chunks, safe_mode(member))
+    except UnsafeArchive:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, FileExistsError | NotADirectoryError | IsADirectoryError):
+            raise UnsafeArchive(f"member collides with another: {exc.filename}") from None
+        if isinstance(exc, OSError) and exc.errno is not None and not _is_gzip_error(exc):
+            raise  # a real disk problem (ENOSPC, EACCES): not the archive's fault
+        raise UnsafeArchive(f"not a valid gzip-compressed tar archive ({_short(exc)})") from None
+    return Summary(
+        members=members,
+        files=files,
+        total_bytes=total,
+        build_info=build_info,
+        has_wheelhouse=wheelhouse,
+        has_project=project,
+    )
+
+
+def _is_gzip_error(exc: OSError) -> bool:
+    return type(exc).__name__ == "BadGzipFile"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _parse_build_info(data: bytes) -> dict:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    # Only short strings travel into release.json.
+    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str | int | bool)}
+
+
+def _write_file(dest: Path, name: str, chunks, mode: int) -> None:
+    path = dest / name
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, mode)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond 0755
+    finally:
+        os.close(fd)

@@ -1,0 +1,394 @@
+"""The updater's domain logic: update, rollback, update-self, start-up reconcile.
+
+Everything that blocks (hashing, tar, fsync, renames, rmtree) runs through
+``to_thread``; venv and pip run as child processes; waiting is on the clock.
+One operation runs at a time: a second one is refused with :class:`UpdaterBusy`
+rather than queued behind a long install.
+
+Outcomes, as the master sees them (``docs/Remote-Updates.md``):
+
+* ``updated``: the new release is ``current`` and the agent reported it healthy;
+* ``rolled_back``: it was switched to, failed its health check, and the
+  previous release is ``current`` again and healthy (:class:`RolledBack`);
+* ``failed``: refused or failed *before* the switch (nothing changed), or the
+  rollback itself did not come back healthy (:class:`RollbackFailed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hmac
+import platform
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+
+from decnet import __version__, config
+from decnet.errors import (
+    AgentControlFailed,
+    DigestMismatch,
+    HealthCheckFailed,
+    InstallFailed,
+    RollbackFailed,
+    RolledBack,
+    UnsafeArchive,
+    UpdateError,
+    UpdaterBusy,
+    UpdaterStarting,
+)
+from decnet.release import release_id as own_release_id
+from decnet.updater import archive
+from decnet.updater.releases import (
+    OP_ROLLBACK,
+    OP_SELF,
+    OP_UPDATE,
+    ReleaseStore,
+    release_id_for,
+)
+
+_HEX = set("0123456789abcdef")
+
+
+def normalize_sha256(value: str | None) -> str:
+    """A lowercase 64-hex digest, or :class:`DigestMismatch` (400) saying what is wrong."""
+    cleaned = (value or "").strip().lower()
+    if len(cleaned) != 64 or not set(cleaned) <= _HEX:
+        raise DigestMismatch("the sha256 of the tarball (64 hex digits) is required")
+    return cleaned
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@attrs.frozen
+class Upload:
+    """A received tarball: a file positioned anywhere, and the sha256 computed as it arrived."""
+
+    file: BinaryIO
+    sha256: str
+    size: int
+
+
+class Updater:
+    """Owns the agent's release directory and the updater's own one."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock,
+        store: ReleaseStore,
+        self_store: ReleaseStore,
+        installer,
+        agent,
+        probe,
+        to_thread: Callable[..., Awaitable],
+        health_timeout: float = config.DEFAULT_HEALTH_TIMEOUT,
+        keep: int = config.DEFAULT_KEEP_RELEASES,
+        limits: archive.Limits = archive.DEFAULT_LIMITS,
+        restart_self: Callable[[Path], object] | None = None,
+        restart_delay: float = 0.5,
+    ):
+        self.clock = clock
+        self.store = store
+        self.self_store = self_store
+        self.installer = installer
+        self.agent = agent
+        self.probe = probe
+        self.to_thread = to_thread
+        self.health_timeout = health_timeout
+        self.keep = keep
+        self.limits = limits
+        self.restart_self = restart_self
+        self.restart_delay = restart_delay
+        self.ready = False
+        self.busy: str | None = None
+        self.restarting_onto: Path | None = None
+        self.started_at = clock.seconds()
+
+    # -- plumbing ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        if not self.ready:
+            raise UpdaterStarting("the updater is still starting; try again shortly")
+        if self.restarting_onto is not None:
+            raise UpdaterBusy("restarting onto a new updater release; try again shortly")
+        if self.busy is not None:
+            raise UpdaterBusy(f"busy with {self.busy}; try again when it has finished")
+        self.busy = what
+        try:
+            yield
+        finally:
+            self.busy = None
+
+    def _thread(self, f, *args, **kwargs):
+        return self.to_thread(f, *args, **kwargs)
+
+    # -- start-up ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Repair both release directories, then make the agent run on ``current``."""
+        for store, what in ((self.store, "agent"), (self.self_store, "updater")):
+            plan = await self._thread(store.reconcile)
+            for note in plan.notes:
+                self.log.warn("Reconciled {what} releases: {note}", what=what, note=note)
+        current = await self._thread(self.store.current_dir)
+        if current is None:
+            self.log.info("No agent release installed yet; waiting for a push")
+            await self.agent.stop()
+        else:
+            await self.agent.start(current)
+        self.ready = True
+        self.log.info(
+            "Updater ready: agent release {release}, updater release {own}",
+            release=current.name if current else None,
+            own=own_release_id(),
+        )
+
+    async def stop(self) -> None:
+        await self.agent.stop()
+
+    # -- queries -------------------------------------------------------------
+
+    def health(self) -> dict:
+        return {
+            "status": "ok" if self.ready else "starting",
+            "version": __version__,
+            "release": own_release_id(),
+            "busy": self.busy,
+            "agent": self.agent.describe(),
+            "uptime": round(self.clock.seconds() - self.started_at, 3),
+        }
+
+    async def releases(self) -> dict:
+        listing = await self._thread(self.store.list_releases)
+        current = next((r["id"] for r in listing if r["current"]), None)
+        return {"current": current, "releases": listing, "updater_release": own_release_id()}
+
+    # -- update --------------------------------------------------------------
+
+    async def _verify(self, upload: Upload, expected: str | None) -> tuple[str, archive.Summary]:
+        """sha256 first (no byte is parsed before it matches), then the allow-list walk."""
+        expected = normalize_sha256(expected)
+        if not hmac.compare_digest(upload.sha256, expected):
+            raise DigestMismatch(
+                f"tarball sha256 is {upload.sha256}, the master announced {expected}; "
+                "refused before reading it"
+            )
+        summary = await self._thread(archive.inspect, upload.file, self.limits)
+        if not summary.has_project:
+            raise UnsafeArchive("not a release: no setup.cfg / pyproject.toml at the top")
+        return release_id_for(expected), summary
+
+    async def _install(
+        self, store: ReleaseStore, release: str, upload: Upload, summary, *, op: str, with_pip
+    ) -> str:
+        """Extract and install into ``releases/<id>``; on failure remove it again."""
+        directory = await self._thread(store.begin_install, release, op)
+        try:
+            await self._thread(
+                archive.extract, upload.file, directory / config.RELEASE_SRC_DIR, self.limits
+            )
+            output = await self.installer.install(directory, with_pip=with_pip)
+            info = {
+                "installed_at": utc_now(),
+                "git_sha": summary.build_info.get("git_sha"),
+                "git_dirty": summary.build_info.get("git_dirty"),
+                "sha256": upload.sha256,
+                "size": upload.size,
+                "files": summary.files,
+                "kind": "updater" if op == OP_SELF else "agent",
+                "python": platform.python_version(),
+                "wheelhouse": summary.has_wheelhouse,
+            }
+            await self._thread(store.finish_install, release, info, output)
+        except BaseException as exc:
+            self.log.warn(
+                "Install of {release} failed, removing it: {error}", release=release, error=exc
+            )
+            await self._thread(store.abort_install, release)
+            raise
+        return output
+
+    async def update(self, upload: Upload, expected_sha256: str | None) -> dict:
+        """Install, switch, restart, confirm; roll back on any failure after the switch."""
+        with self._exclusive("an update"):
+            started = self.clock.seconds()
+            release, summary = await self._verify(upload, expected_sha256)
+            current = await self._thread(self.store.current)
+            if release == current:
+                return {
+                    "result": "updated",
+                    "release": release,
+                    "previous": current,
+                    "installed": False,
+                    "detail": "already the current release",
+                    "seconds": round(self.clock.seconds() - started, 3),
+                }
+            installed = False
+            install_output = ""
+            if not await self._thread(self.store.is_complete, release):
+                self.log.info("Installing release {release}", release=release)
+                install_output = await self._install(
+                    self.store, release, upload, summary, op=OP_UPDATE, with_pip=False
+                )
+                installed = True
+            health = await self._activate(release, OP_UPDATE, install_output)
+            return {
+                "result": "updated",
+                "release": release,
+                "previous": current,
+                "installed": installed,
+                "health": health,
+                "seconds": round(self.clock.seconds() - started, 3),
+            }
+
+    async def rollback(self, to: str | None = None) -> dict:
+        """Go back to the previous release (top of the history) or a named one."""
+        with self._exclusive("a rollback"):
+            started = self.clock.seconds()
+            target = await self._thread(self.store.rollback_target, to)
+            current = await self._thread(self.store.current)
+            if target == current:
+                return {
+                    "result": "rolled_back",
+                    "release": target,
+                    "previous": current,
+                    "detail": "already the current release",
+                    "seconds": round(self.clock.seconds() - started, 3),
+                }
+            health = await self._activate(target, OP_ROLLBACK, "")
+            return {
+                "result": "rolled_back",
+                "release": target,
+                "previous": current,
+                "health": health,
+                "seconds": round(self.clock.seconds() - started, 3),
+            }
+
+    async def _activate(self, release: str, op: str, install_output: str) -> dict:
+        """Switch ``current``, restart the agent, wait for its health; revert on failure."""
+        previous = await self._thread(self.store.switch_to, release, op)
+        try:
+            await self.agent.restart(self.store.release_dir(release))
+            health = await self.probe.wait_for(
+                release, self.health_timeout, self.agent.exited_since_start
+            )
+        except (HealthCheckFailed, AgentControlFailed) as exc:
+            raise await self._revert(release, previous, exc, install_output) from None
+        await self._thread(self.store.commit)
+        pruned = await self._thread(self.store.prune, self.keep)
+        if pruned:
+            self.log.info("Removed old releases {pruned}", pruned=pruned)
+        self.log.info("Release {release} is current and healthy", release=release)
+        return health
+
+    async def _revert(
+        self, release: str, previous: str | None, cause, install_output
+    ) -> UpdateError:
+        """Put ``previous`` back and confirm it; the error that describes the outcome."""
+        agent_output = await self.agent.recent_output()
+        self.log.warn(
+            "Release {release} failed ({cause}); going back to {previous}",
+            release=release,
+            cause=str(cause),
+            previous=previous,
+        )
+        await self._thread(self.store.begin_revert)
+        output = {"install": install_output, "agent": agent_output}
+        try:
+            if previous is None:
+                await self.agent.stop()
+            else:
+                await self.agent.restart(self.store.release_dir(previous))
+                await self.probe.wait_for(
+                    previous, self.health_timeout, self.agent.exited_since_start
+                )
+        except (HealthCheckFailed, AgentControlFailed) as exc:
+            await self._thread(self.store.finish_revert)
+            return RollbackFailed(
+                f"release {release} failed ({cause}) and the previous release {previous} "
+                f"did not come back healthy either ({exc})",
+                release=release,
+                current=previous,
+                rolled_back=True,
+                healthy=False,
+                output={**output, "rollback": await self.agent.recent_output()},
+            )
+        await self._thread(self.store.finish_revert)
+        detail = (
+            f"release {release} failed ({cause}); back on {previous}, healthy"
+            if previous
+            else f"release {release} failed ({cause}); there was no previous release, "
+            "the agent is stopped"
+        )
+        return RolledBack(
+            detail,
+            release=release,
+            current=previous,
+            rolled_back=True,
+            healthy=previous is not None,
+            output=output,
+        )
+
+    # -- update-self ---------------------------------------------------------
+
+    async def update_self(self, upload: Upload, expected_sha256: str | None) -> dict:
+        """Install the updater's next release and switch ``updater/current`` to it.
+
+        No health check and no automatic rollback here: the updater cannot
+        vouch for its successor.  The HTTP layer calls :meth:`restart_after`
+        once the answer is on its way; the master then waits for the new
+        updater to answer ``/health`` with the new release.
+        """
+        if self.restart_self is None:
+            raise InstallFailed("this updater has no way to restart itself")
+        with self._exclusive("a self-update"):
+            started = self.clock.seconds()
+            release, summary = await self._verify(upload, expected_sha256)
+            if not await self._thread(self.self_store.is_complete, release):
+                self.log.info("Installing updater release {release}", release=release)
+                await self._install(
+                    self.self_store, release, upload, summary, op=OP_SELF, with_pip=True
+                )
+            previous = await self._thread(self.self_store.switch_to, release, OP_SELF)
+            await self._thread(self.self_store.commit)
+            await self._thread(self.self_store.prune, self.keep)
+            self.restarting_onto = self.self_store.release_dir(release)
+            return {
+                "result": "restarting",
+                "release": release,
+                "previous": previous,
+                "running": own_release_id(),
+                "seconds": round(self.clock.seconds() - started, 3),
+            }
+
+    def restart_after(self, answered) -> None:
+        """When ``answered`` fires (the response went out), restart onto the new code."""
+        if self.restarting_onto is None:
+            return
+        target = self.restarting_onto
+
+        def later(_):
+            self.clock.callLater(self.restart_delay, self._restart_onto, target)
+
+        answered.addBoth(later)
+
+    def _restart_onto(self, release_dir: Path) -> None:
+        async def go():
+            self.log.info("Restarting the updater onto {release}", release=release_dir.name)
+            await self.agent.stop()  # a spawned agent is our child: the new updater restarts it
+            self.restart_self(release_dir)
+
+        ensureDeferred(go()).addErrback(lambda f: self.log.failure("Self-update restart failed", f))
+
+
+__all__ = ["UpdateError", "Updater", "Upload", "normalize_sha256"]

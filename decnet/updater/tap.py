@@ -1,0 +1,260 @@
+"""``twistd decnet-updater``: options, validation and the service tree.
+
+::
+
+    twistd --nodaemon --pidfile= decnet-updater --bundle DIR --install-dir DIR \\
+        [--listen tcp:8766:interface=0.0.0.0] [--agent-url https://127.0.0.1:8765] \\
+        [--agent-control systemd|spawn] [--health-timeout 30] [--keep 3]
+
+The bundle must hold the updater identity (``decnet-admin enroll --updater``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+from hyperlink import URL
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from decnet import config, pki
+from decnet.errors import DecnetError
+from decnet.httpapi import make_site
+from decnet.master.http import PinnedClient
+from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
+from decnet.updater import archive
+from decnet.updater.agentctl import SpawnedAgent, SystemdAgent, agent_argv
+from decnet.updater.app import UploadRequest, build_app
+from decnet.updater.engine import Updater
+from decnet.updater.health import HealthProbe
+from decnet.updater.installer import Installer
+from decnet.updater.releases import ReleaseStore
+
+SELF_RESTARTS = ("exec", "exit")
+
+
+def _positive(kind):
+    def parse(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return number
+
+    return parse
+
+
+class Options(usage.Options):
+    synopsis = "--bundle DIR --install-dir DIR [options]"
+    longdesc = (
+        "The DECNET updater: owns the agent's release directory, installs releases the "
+        "master pushes over mutual TLS, and rolls back when a new release is not healthy."
+    )
+    optParameters: ClassVar[list] = [
+        ["bundle", None, None, "worker bundle directory (needs updater.crt and updater.key)"],
+        ["listen", None, f"tcp:{config.UPDATER_PORT}:interface=0.0.0.0", "endpoint to listen on"],
+        ["install-dir", None, config.DEFAULT_INSTALL_DIR, "the release directory it owns"],
+        ["agent-url", None, config.DEFAULT_AGENT_URL, "where the local agent answers /health"],
+        ["agent-control", None, "systemd", "how to restart the agent: systemd or spawn"],
+        ["agent-unit", None, config.DEFAULT_AGENT_UNIT, "systemd unit of the agent"],
+        ["agent-state-dir", None, None, "spawn: the agent's --state-dir"],
+        ["agent-log-file", None, None, "spawn: the agent's --log-file"],
+        [
+            "health-timeout",
+            None,
+            config.DEFAULT_HEALTH_TIMEOUT,
+            "seconds for a restarted agent to report the new release",
+            _positive(float),
+        ],
+        ["keep", None, config.DEFAULT_KEEP_RELEASES, "releases to keep", _positive(int)],
+        [
+            "install-timeout",
+            None,
+            config.DEFAULT_INSTALL_TIMEOUT,
+            "seconds for venv + pip of one release",
+            _positive(float),
+        ],
+        [
+            "max-upload",
+            None,
+            config.MAX_UPLOAD_BYTES,
+            "largest tarball accepted, in bytes",
+            _positive(int),
+        ],
+        [
+            "self-restart",
+            None,
+            None,
+            "after update-self: exec (re-execute in place) or exit (let systemd restart us); "
+            "default: exit with --agent-control systemd, exec with spawn",
+        ],
+    ]
+    optFlags: ClassVar[list] = [
+        ["no-compile", None, "do not byte-compile release venvs (faster installs)"]
+    ]
+
+    def postOptions(self):
+        if not self["bundle"]:
+            raise usage.UsageError("--bundle DIR is required (the enrolled worker bundle)")
+        try:
+            bundle = pki.WorkerBundle.load(self["bundle"])
+        except DecnetError as exc:
+            raise usage.UsageError(str(exc)) from None
+        role = config.ROLE_UPDATER
+        missing = [p for p in (bundle.cert_path(role), bundle.key_path(role)) if not p.exists()]
+        if missing:
+            raise usage.UsageError(
+                f"the bundle has no updater identity ({', '.join(p.name for p in missing)} "
+                "missing); enroll the host with `decnet-admin enroll --updater`"
+            )
+        self["bundle_obj"] = bundle
+        if self["agent-control"] not in config.AGENT_CONTROLS:
+            raise usage.UsageError(
+                f"--agent-control must be one of {', '.join(config.AGENT_CONTROLS)}"
+            )
+        if self["self-restart"] is None:
+            self["self-restart"] = "exit" if self["agent-control"] == "systemd" else "exec"
+        if self["self-restart"] not in SELF_RESTARTS:
+            raise usage.UsageError(f"--self-restart must be one of {', '.join(SELF_RESTARTS)}")
+        try:
+            url = URL.from_text(self["agent-url"])
+        except Exception:
+            raise usage.UsageError(f"--agent-url {self['agent-url']!r} is not a URL") from None
+        if url.scheme != "https" or not url.host:
+            raise usage.UsageError("--agent-url must be https://HOST:PORT")
+        self["agent_host"] = url.host
+        self["agent_port"] = url.port or config.AGENT_PORT
+        self["install-dir"] = str(Path(self["install-dir"]).absolute())
+
+
+class UpdaterService(service.Service):
+    """Listens (synchronously, so a failed bind stops twistd), then reconciles and serves."""
+
+    log = Logger()
+
+    def __init__(self, reactor, updater: Updater, listen: str, options: PolicyOptions, site):
+        self.reactor = reactor
+        self.updater = updater
+        self.listen = listen
+        self.tls_options = options
+        self.site = site
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        outcome = []
+        listen_tls(self.reactor, self.listen, self.tls_options, self.site).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        if not outcome:
+            raise RuntimeError(f"listening on {self.listen} did not complete synchronously")
+        self.port = outcome[0]
+        self.log.info("Updater listening on {address}", address=str(self.port.getHost()))
+
+    def startService(self):
+        super().startService()
+        d = defer.ensureDeferred(self.updater.start())
+        d.addErrback(self._start_failed)
+
+    def _start_failed(self, failure):
+        self.log.failure("The updater could not start; stopping", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self):
+        if self.port is not None:
+            await self.port.stopListening()
+        await self.updater.stop()
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+
+def exec_restart(release_dir: Path) -> None:
+    """Replace this process with twistd from ``release_dir``'s venv, same arguments."""
+    twistd = str(Path(release_dir) / config.RELEASE_VENV_DIR / "bin" / "twistd")
+    os.execv(twistd, [twistd, *sys.argv[1:]])  # noqa: S606 - fixed path, our own argv
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    bundle: pki.WorkerBundle = options["bundle_obj"]
+    identity = TLSIdentity.from_bundle(bundle, config.ROLE_UPDATER)
+    master = Accept(config.ROLE_MASTER, cn=config.MASTER_CN, fingerprint=bundle.master_fingerprint)
+    local = (
+        Accept(config.ROLE_WORKER, cn=bundle.name),
+        Accept(config.ROLE_UPDATER, cn=config.UPDATER_CN_PREFIX + bundle.name),
+    )
+    tls_options = PolicyOptions(identity, PeerPolicy([master, *local]))
+
+    worker_fp = pki.fingerprint(pki.load_cert(bundle.cert_path(config.ROLE_WORKER)))
+    host, port = options["agent_host"], options["agent_port"]
+    agent_client = PinnedClient(
+        reactor,
+        identity,
+        address=host,
+        port=port,
+        accept=Accept(config.ROLE_WORKER, cn=bundle.name, fingerprint=worker_fp),
+        timeout=5.0,
+    )
+    if options["agent-control"] == "spawn":
+        interface = host.replace(":", "\\:")
+        agent = SpawnedAgent(
+            reactor,
+            functools.partial(
+                agent_argv,
+                bundle=str(bundle.directory),
+                listen=f"tcp:{port}:interface={interface}",
+                state_dir=options["agent-state-dir"],
+                log_file=options["agent-log-file"],
+            ),
+        )
+    else:
+        agent = SystemdAgent(reactor, options["agent-unit"])
+
+    install_dir = Path(options["install-dir"])
+    pool = reactor.getThreadPool()
+    updater = Updater(
+        clock=reactor,
+        store=ReleaseStore(install_dir),
+        self_store=ReleaseStore(install_dir / config.UPDATER_SELF_DIR),
+        installer=Installer(
+            reactor,
+            timeout=options["install-timeout"],
+            compile_bytecode=not options["no-compile"],
+        ),
+        agent=agent,
+        probe=HealthProbe(reactor, agent_client),
+        to_thread=lambda f, *a, **kw: deferToThreadPool(reactor, pool, f, *a, **kw),
+        health_timeout=options["health-timeout"],
+        keep=options["keep"],
+        limits=archive.Limits(),
+        restart_self=exec_restart if options["self-restart"] == "exec" else _exit_restart(reactor),
+    )
+    request_class = type("UpdaterRequest", (UploadRequest,), {"uploaders": (master,)})
+    site = make_site(
+        build_app(updater, master=master, local=local).resource(),
+        max_body=options["max-upload"],
+        request_class=request_class,
+        reactor=reactor,
+    )
+    return UpdaterService(reactor, updater, options["listen"], tls_options, site)
+
+
+def _exit_restart(reactor):
+    def restart(release_dir: Path) -> None:
+        Logger(namespace="decnet.updater").info(
+            "Exiting so that systemd restarts the updater on {release}", release=release_dir.name
+        )
+        reactor.stop()
+
+    return restart
