@@ -378,11 +378,12 @@ class ReleaseStore:
                     complete.append((self._installed_at(entry.name), entry.name))
                 else:
                     incomplete.add(entry.name)
-        temp_links = tuple(
-            sorted(p.name for p in self.root.glob(_TEMP_LINK_PREFIX + "*"))
-            if self.root.is_dir()
-            else ()
-        )
+        temp_links: tuple[str, ...] = ()
+        if self.root.is_dir():
+            # A new ``current`` link, or atomic_write's temporary journal, that a
+            # crash left before its rename.
+            patterns = (_TEMP_LINK_PREFIX + "*", f".{config.JOURNAL_FILE}.tmp-*")
+            temp_links = tuple(sorted(p.name for pat in patterns for p in self.root.glob(pat)))
         trash = self.trash_dir.is_dir() and any(self.trash_dir.iterdir())
         return DiskState(
             complete=tuple(r for _, r in sorted(complete)),
@@ -456,6 +457,8 @@ class ReleaseStore:
         fsync_dir(self.releases_dir)
         self._step(f"discard-rm:{release}")
         shutil.rmtree(target)
+        with contextlib.suppress(OSError):
+            self.trash_dir.rmdir()  # only when empty
 
     def _empty_trash(self) -> None:
         if self.trash_dir.is_dir():
@@ -464,6 +467,7 @@ class ReleaseStore:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
+            self.trash_dir.rmdir()
 
     # -- transactions (one at a time; the updater serialises them) ---------
 
