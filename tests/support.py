@@ -223,3 +223,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tree_snapshot(root) -> dict:
+    """Everything under ``root``: names, link targets, file bytes and modes."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if os.path.islink(path):
+                out[rel] = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                with open(path, "rb") as fh:
+                    out[rel] = ("file", st.st_mode, fh.read())
+            else:
+                out[rel] = ("dir", st.st_mode)
+    return out
+
+
+def make_tarball(members, *, gz: bool = True) -> bytes:
+    """A tarball from ``(TarInfo or name, bytes | None)`` pairs, hostile ones included."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            if isinstance(info, str):
+                info = tarfile.TarInfo(info)
+                info.mode = 0o644
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    body = raw.getvalue()
+    return gzip.compress(body, mtime=0) if gz else body
+
+
+def minimal_release(extra=(), *, name: str = "demo") -> bytes:
+    """A tiny well-formed release tarball (a project that installs nothing real)."""
+    members = [
+        ("setup.cfg", f"[metadata]\nname = {name}\nversion = 1.0\n".encode()),
+        ("pyproject.toml", b'[build-system]\nrequires = ["setuptools"]\n'),
+        (f"{name}/__init__.py", b"VERSION = 1\n"),
+        *extra,
+    ]
+    return make_tarball(members)

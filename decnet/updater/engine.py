@@ -324,18 +324,22 @@ class Updater:
                 output={**output, "rollback": await self.agent.recent_output()},
             )
         await self._thread(self.store.finish_revert)
-        detail = (
-            f"release {release} failed ({cause}); back on {previous}, healthy"
-            if previous
-            else f"release {release} failed ({cause}); there was no previous release, "
-            "the agent is stopped"
-        )
+        if previous is None:
+            return HealthCheckFailed(
+                f"release {release} failed ({cause}); there was no previous release to go "
+                "back to, so the agent is stopped",
+                release=release,
+                current=None,
+                rolled_back=False,
+                healthy=False,
+                output=output,
+            )
         return RolledBack(
-            detail,
+            f"release {release} failed ({cause}); back on {previous}, healthy",
             release=release,
             current=previous,
             rolled_back=True,
-            healthy=previous is not None,
+            healthy=True,
             output=output,
         )
 

@@ -195,7 +195,7 @@ class Journal:
 class DiskState:
     """What :meth:`ReleaseStore.scan` found on disk."""
 
-    complete: tuple[str, ...] = ()  # oldest first (by installed_at)
+    complete: tuple[str, ...] = ()  # oldest first (by install serial)
     incomplete: frozenset[str] = frozenset()
     current: str | None = None  # the release ``current`` names (may be incomplete)
     temp_links: tuple[str, ...] = ()
@@ -375,7 +375,7 @@ class ReleaseStore:
                 if not (is_release_id(entry.name) and entry.is_dir() and not entry.is_symlink()):
                     continue
                 if (entry / RELEASE_FILE).is_file():
-                    complete.append((self._installed_at(entry.name), entry.name))
+                    complete.append((self._order(entry.name), entry.name))
                 else:
                     incomplete.add(entry.name)
         temp_links: tuple[str, ...] = ()
@@ -393,11 +393,16 @@ class ReleaseStore:
             trash=trash,
         )
 
-    def _installed_at(self, release: str) -> str:
+    def _order(self, release: str) -> tuple[int, str]:
         try:
-            return str(self.release_info(release).get("installed_at") or "")
+            info = self.release_info(release)
         except UnknownRelease:
-            return ""
+            return (0, "")
+        serial = info.get("serial")
+        return (serial if isinstance(serial, int) else 0, str(info.get("installed_at") or ""))
+
+    def _serial(self, release: str) -> int:
+        return self._order(release)[0]
 
     def list_releases(self) -> list[dict]:
         """Every complete release, newest first, with ``current`` marked."""
@@ -508,9 +513,12 @@ class ReleaseStore:
         """Make the release durable, then mark it complete with ``release.json``."""
         directory = self.release_dir(release)
         (directory / config.RELEASE_INSTALL_LOG).write_text(install_log)
+        # ``serial`` orders releases by install, whatever the clock says.
+        serial = 1 + max((self._serial(r) for r in self.scan().complete), default=0)
         self._step("sync")
         os.sync()  # every file pip and the extractor wrote, in one call
-        body = (json.dumps({**info, "id": release}, indent=2, sort_keys=True) + "\n").encode()
+        doc = {**info, "id": release, "serial": serial}
+        body = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
         self._step("release.json")
         atomic_write(directory / RELEASE_FILE, body)
 
