@@ -273,3 +273,158 @@ def minimal_release(extra=(), *, name: str = "demo") -> bytes:
         *extra,
     ]
     return make_tarball(members)
+
+
+def https_get_json(port: int, paths: config.MasterPaths, route: str = "health", timeout=5.0):
+    """``GET /route`` as the master, synchronously (subprocess tests); ``None`` if it fails."""
+    import http.client
+    import json
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(paths.ca_cert)
+    ctx.load_cert_chain(paths.master_cert, paths.master_key)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    try:
+        conn.request("GET", "/" + route)
+        response = conn.getresponse()
+        body = response.read()
+        return json.loads(body) if response.status == 200 else None
+    except (OSError, ssl.SSLError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+class LocalUpdater:
+    """A ``twistd decnet-updater`` subprocess on loopback, supervising its agent (spawn)."""
+
+    def __init__(self, base: Path, paths: config.MasterPaths, name: str, *, health_timeout=8):
+        from decnet.master import enrollment
+
+        self.paths = paths
+        self.name = name
+        self.base = base / name
+        self.base.mkdir(parents=True)
+        self.port = free_port()
+        self.agent_port = free_port()
+        master = enrollment.load_master(paths)
+        enrollment.enroll(
+            master,
+            name,
+            "127.0.0.1",
+            self.base / "bundle",
+            updater=True,
+            agent_port=self.agent_port,
+            updater_port=self.port,
+        )
+        self.install = self.base / "install"
+        self.log = self.base / "updater.log"
+        self.health_timeout = health_timeout
+        self.process = None
+
+    def argv(self) -> list[str]:
+        return [
+            str(BIN / "twistd"),
+            "--nodaemon",
+            "--pidfile=",
+            "--logfile",
+            str(self.log),
+            "decnet-updater",
+            "--bundle",
+            str(self.base / "bundle"),
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--install-dir",
+            str(self.install),
+            "--agent-url",
+            f"https://127.0.0.1:{self.agent_port}",
+            "--agent-control",
+            "spawn",
+            "--agent-state-dir",
+            str(self.base / "agent-state"),
+            "--agent-log-file",
+            str(self.base / "agent.log"),
+            "--health-timeout",
+            str(self.health_timeout),
+            "--no-compile",
+        ]
+
+    def start(self, wait: bool = True):
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "DECNET_RELEASE_ID"}
+        with open(self.base / "updater.out", "ab") as out:
+            self.process = subprocess.Popen(
+                self.argv(), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.base
+            )
+        if wait:
+            wait_for(self.ready, 30, what=f"updater {self.name} to be ready")
+        return self
+
+    def health(self):
+        return https_get_json(self.port, self.paths)
+
+    def ready(self):
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"updater {self.name} exited: {self.tail()}")
+        doc = self.health()
+        return doc if doc and doc.get("status") == "ok" else None
+
+    def agent_health(self):
+        return https_get_json(self.agent_port, self.paths)
+
+    def agent_release(self):
+        doc = self.agent_health()
+        return doc.get("release") if doc else None
+
+    def journal(self) -> dict:
+        import json
+
+        try:
+            return json.loads((self.install / config.JOURNAL_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def current(self) -> str | None:
+        try:
+            return os.readlink(self.install / config.CURRENT_LINK).split("/")[-1]
+        except OSError:
+            return None
+
+    def tail(self, size: int = 4000) -> str:
+        text = ""
+        for path in (self.log, self.base / "updater.out"):
+            if path.exists():
+                text += path.read_text(errors="replace")[-size:]
+        return text
+
+    def kill9(self):
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self):
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except Exception:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def admin(paths: config.MasterPaths, *args: str, timeout: float = 300):
+    """Run ``decnet-admin --home HOME ARGS``; the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [str(BIN / "decnet-admin"), "--home", str(paths.home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

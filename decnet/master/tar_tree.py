@@ -85,7 +85,7 @@ EXCLUDED_SUFFIXES = (
 SECRET_NAMES = ("id_rsa", "id_ed25519", "id_ecdsa", "bundle.json", "revoked.json", "master.json")
 
 FIXED_MTIME = 315532800  # 1980-01-01T00:00:00Z, the SOURCE_DATE_EPOCH floor zip formats use
-GZIP_LEVEL = 9
+GZIP_LEVEL = 6
 
 
 @attrs.frozen

@@ -1,0 +1,213 @@
+"""End to end: real ``twistd decnet-updater`` processes supervising the agent (spawn),
+real per-release venvs installed offline with pip, pushed by the real ``decnet-admin``.
+
+The agent is the repository's own ``twistd decnet-agent`` when the tree has it;
+until it lands, the stand-in from ``tests/support.py`` with the same command line
+and ``/health`` contract (see ``AGENT`` below, printed in the test report).
+"""
+
+import json
+import subprocess
+import uuid
+
+import pytest
+
+from tests.support import LocalUpdater, admin, has_real_agent, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_which_agent_the_end_to_end_tests_run(record_property):
+    record_property("agent", AGENT)
+    print(f"end-to-end updater tests run against the {AGENT}")
+
+
+AGENT = "real agent" if has_real_agent() else "stand-in agent (the real one has not landed)"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def updaters(tmp_path, master_home):
+    started = []
+
+    def make(count=1, **kw):
+        for _ in range(count):
+            started.append(LocalUpdater(tmp_path, master_home, unique("e2e"), **kw).start())
+        return started[-count:]
+
+    yield make
+    for u in started:
+        u.stop()
+
+
+def update(paths, *args, root, wheelhouse, timeout=300):
+    return admin(paths, "update", *args, "--root", str(root), "--wheelhouse", str(wheelhouse))
+
+
+def release_of(result) -> str:
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("Release "), result.stdout + result.stderr
+    return first.split()[1].rstrip(":")
+
+
+def releases(u):
+    result = admin(u.paths, "releases", u.name, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_good_push_bad_pushes_rollback_and_update_self(
+    updaters, master_home, release_trees, wheelhouse
+):
+    """A whole life on one worker: pushes good and bad, rollback, update-self."""
+    (u,) = updaters(1)
+    assert u.health()["release"] is None  # the updater itself runs from a checkout
+    paths = master_home
+
+    # A good release: installed into its own venv, the agent reports its id.
+    r = update(paths, "--host", u.name, root=release_trees["good1"], wheelhouse=wheelhouse)
+    assert r.returncode == 0, r.stdout + r.stderr + u.tail()
+    id1 = release_of(r)
+    assert f"{u.name}  updated  {id1}" in r.stdout
+    assert u.agent_release() == id1
+    venv_python = u.install / "releases" / id1 / "venv" / "bin" / "python"
+    assert venv_python.exists()
+
+    # A second good release.
+    r = update(paths, "--host", u.name, root=release_trees["good2"], wheelhouse=wheelhouse)
+    assert r.returncode == 0, r.stdout + r.stderr + u.tail()
+    id2 = release_of(r)
+    assert u.agent_release() == id2
+
+    # An agent that crashes at start: rolled back, healthy on id2, output captured.
+    r = update(paths, "--host", u.name, root=release_trees["crash"], wheelhouse=wheelhouse)
+    assert r.returncode == 1
+    assert f"{u.name}  rolled_back  {id2}" in r.stdout, r.stdout
+    assert u.agent_release() == id2 and u.current() == id2
+
+    # An agent that never reports its release: rolled back after the health timeout.
+    r = update(paths, "--host", u.name, root=release_trees["wrong"], wheelhouse=wheelhouse)
+    assert r.returncode == 1
+    assert "rolled_back" in r.stdout and "did not report release" in r.stdout, r.stdout
+    assert u.agent_release() == id2
+
+    listing = releases(u)
+    assert listing["current"] == id2
+    assert {r["id"] for r in listing["releases"]} >= {id1, id2}
+    assert next(r for r in listing["releases"] if r["id"] == id1)["rollback_target"]
+
+    # Rollback: the previous release's own venv runs again.
+    r = admin(paths, "rollback", u.name)
+    assert r.returncode == 0, r.stderr
+    assert f"back on release {id1}" in r.stdout
+    assert u.agent_release() == id1
+
+    # update-self: the agent goes to id2 (already installed), then the updater
+    # installs id2 for itself, re-executes, and answers /health with it.
+    r = update(
+        paths,
+        "--host",
+        u.name,
+        "--include-self",
+        root=release_trees["good2"],
+        wheelhouse=wheelhouse,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr + u.tail()
+    assert "updater now on" in r.stdout
+    assert u.health()["release"] == id2
+    wait_for(lambda: u.agent_release() == id2, 30, what="the agent after the updater restart")
+    assert u.process.poll() is None  # same process, new code (exec)
+
+
+def test_kill_9_of_the_updater_mid_update_is_repaired_on_restart(
+    updaters, master_home, release_trees, wheelhouse
+):
+    (u,) = updaters(1, health_timeout=30)
+    paths = master_home
+    r = update(paths, "--host", u.name, root=release_trees["good1"], wheelhouse=wheelhouse)
+    assert r.returncode == 0, r.stdout + r.stderr + u.tail()
+    id1 = release_of(r)
+
+    def push_in_background(tree):
+        return subprocess.Popen(
+            [
+                str(__import__("tests.support").support.BIN / "decnet-admin"),
+                "--home",
+                str(paths.home),
+                "update",
+                "--host",
+                u.name,
+                "--root",
+                str(tree),
+                "--wheelhouse",
+                str(wheelhouse),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    # 1. Killed while pip installs the new release (journal: staging).
+    pusher = push_in_background(release_trees["good2"])
+    wait_for(lambda: u.journal().get("state") == "staging", 60, what="staging")
+    u.kill9()
+    out, _ = pusher.communicate(timeout=60)
+    assert pusher.returncode == 1 and "failed" in out
+    u.start()
+    assert u.current() == id1
+    assert u.journal()["state"] == "idle"
+    assert sorted(p.name for p in (u.install / "releases").iterdir()) == [id1]
+    wait_for(lambda: u.agent_release() == id1, 30, what="the agent back on id1")
+
+    # 2. Killed after the switch, while the new release is being probed
+    #    (journal: switched; this agent never reports healthy).
+    pusher = push_in_background(release_trees["wrong"])
+    wait_for(lambda: u.journal().get("state") == "switched", 120, what="switched")
+    u.kill9()
+    pusher.communicate(timeout=60)
+    u.start()
+    assert u.current() == id1 and u.journal()["state"] == "idle"
+    wait_for(lambda: u.agent_release() == id1, 30, what="the agent back on id1")
+    assert not (u.install / ".trash").exists()
+
+
+def test_update_all_with_a_canary_across_several_updaters(
+    updaters, master_home, release_trees, wheelhouse
+):
+    fleet = updaters(3)
+    paths = master_home
+    names = [u.name for u in fleet]
+    hosts = [arg for n in names for arg in ("--host", n)]
+    r = update(
+        paths,
+        *hosts,
+        "--canary",
+        "1",
+        "--concurrency",
+        "3",
+        root=release_trees["good1"],
+        wheelhouse=wheelhouse,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    id1 = release_of(r)
+    assert "canary phase" in r.stdout
+    for u in fleet:
+        assert u.agent_release() == id1, u.tail()
+
+    # A bad release stops at the canary; the others are never touched.
+    r = update(paths, *hosts, "--canary", "1", root=release_trees["crash"], wheelhouse=wheelhouse)
+    assert r.returncode == 1
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in r.stdout.splitlines()
+        if line.startswith("e2e-")
+    }
+    assert sorted(rows.values()) == ["rolled_back", "skipped", "skipped"], r.stdout
+    for u in fleet:
+        assert u.agent_release() == id1
+    canary = next(n for n, result in rows.items() if result == "rolled_back")
+    others = [u for u in fleet if u.name != canary]
+    assert all(len(list((u.install / "releases").iterdir())) == 1 for u in others)
