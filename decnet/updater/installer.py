@@ -53,8 +53,10 @@ class Installer:
         self.compile_bytecode = compile_bytecode
         self.use_own_pip = has_pip() if use_own_pip is None else use_own_pip
 
-    def commands(self, release_dir: Path, *, with_pip: bool = False) -> list[list[str]]:
-        """The argv lists :meth:`install` runs, in order."""
+    def commands(
+        self, release_dir: Path, *, with_pip: bool = False
+    ) -> list[tuple[str, list[str]]]:
+        """``(step, argv)`` pairs :meth:`install` runs, in order."""
         src = release_dir / config.RELEASE_SRC_DIR
         venv = release_dir / config.RELEASE_VENV_DIR
         venv_python = venv / "bin" / "python"
@@ -74,7 +76,7 @@ class Installer:
         if not self.compile_bytecode:
             install.append("--no-compile")
         install.append(str(src))
-        return [create, install]
+        return [("create the venv", create), ("pip install", install)]
 
     async def install(self, release_dir: Path, *, with_pip: bool = False) -> str:
         """Run every step; the combined output, or :class:`InstallFailed` carrying it."""
@@ -82,7 +84,7 @@ class Installer:
         env = child_env({"PIP_NO_INPUT": "1", "PYTHONDONTWRITEBYTECODE": "1"})
         outputs: list[str] = []
         deadline = self.reactor.seconds() + self.timeout
-        for argv in self.commands(release_dir, with_pip=with_pip):
+        for step, argv in self.commands(release_dir, with_pip=with_pip):
             remaining = max(1.0, deadline - self.reactor.seconds())
             self.log.info("Running {command}", command=" ".join(argv[:4]) + " ...")
             result: ProcessResult = await run_process(
@@ -92,7 +94,7 @@ class Installer:
             if not result.ok:
                 text = "\n".join(outputs)
                 raise InstallFailed(
-                    f"{Path(argv[0]).name} {' '.join(argv[1:3])} failed ({result.describe()})",
+                    f"{step} failed ({result.describe()}); see the install output",
                     output={"install": text},
                 )
         return "\n".join(outputs)
