@@ -53,9 +53,7 @@ class Installer:
         self.compile_bytecode = compile_bytecode
         self.use_own_pip = has_pip() if use_own_pip is None else use_own_pip
 
-    def commands(
-        self, release_dir: Path, *, with_pip: bool = False
-    ) -> list[tuple[str, list[str]]]:
+    def commands(self, release_dir: Path, *, with_pip: bool = False) -> list[tuple[str, list[str]]]:
         """``(step, argv)`` pairs :meth:`install` runs, in order."""
         src = release_dir / config.RELEASE_SRC_DIR
         venv = release_dir / config.RELEASE_VENV_DIR
