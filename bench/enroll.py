@@ -63,9 +63,9 @@ def main() -> None:
                 print(summary(label, timings))
         admin = Path(sys.executable).parent / "decnet-admin"
         start = time.perf_counter()
+        command = [str(admin), "--home", str(home.home), "enroll", "cli-one"]
         subprocess.run(
-            [str(admin), "--home", str(home.home), "enroll", "cli-one", "--address", "10.0.0.2"]
-            + ["--updater", "--out", str(out / "cli-one")],
+            [*command, "--address", "10.0.0.2", "--updater", "--out", str(out / "cli-one")],
             check=True,
             capture_output=True,
         )
