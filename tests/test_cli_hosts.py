@@ -112,6 +112,7 @@ def test_enroll_without_updater_and_the_host_table(home, tmp_path):
         (["okname", "--address", "not an address"], "invalid address"),
         (["okname", "--address", "10.0.0.1", "--san", "a b"], "invalid address"),
         (["okname", "--address", "10.0.0.1", "--agent-port", "70000"], "not in 1-65535"),
+        (["okname", "--address", "10.0.0.1", "--validity-days", "0"], "validity of 0 days"),
     ],
 )
 def test_bad_enroll_input_is_refused_and_nothing_is_written(home, tmp_path, args, message):
