@@ -38,7 +38,7 @@ def test_entries_are_appended_once_and_written_in_the_documented_format(tmp_path
 def test_a_malformed_file_is_an_error_naming_it(tmp_path, body):
     path = tmp_path / "revoked.json"
     path.write_text(body)
-    with pytest.raises(ConfigError, match="revoked.json"):
+    with pytest.raises(ConfigError, match=r"revoked\.json"):
         RevocationSet(path)
 
 
