@@ -55,7 +55,8 @@ class Options(usage.Options):
             "state",
             None,
             None,
-            f"SQLite offsets file [default: {config.WORKER_STATE_DIR}/{config.FORWARDER_STATE_FILE}]",
+            "SQLite offsets file "
+            f"[default: {config.WORKER_STATE_DIR}/{config.FORWARDER_STATE_FILE}]",
         ],
         [
             "mode",
