@@ -375,6 +375,7 @@ class ForwarderFactory(Factory):
     """Builds :class:`ForwarderProtocol`; logs each connection state change once."""
 
     log = Logger()
+    noisy = False
 
     def __init__(self, shipper: Shipper, *, stream: str, mode: str, target: str, policy=None):
         self.shipper = shipper

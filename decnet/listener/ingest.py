@@ -14,6 +14,7 @@ high-water mark is dropped, which is what makes a re-sent batch harmless.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from decnet.syslog.ackproto import ProtocolError
 
 # A connection stops reading while its stream holds this much uncommitted data.
 PENDING_LIMIT = 16 * 1024 * 1024
+
+# The JSON feed yields to ingest: while the listener commits more than
+# FEED_BUSY_RATE bytes/s (more than the feed builder could follow anyway), a
+# stream's feed waits, unless it is FEED_MAX_LAG bytes behind its mirror.
+FEED_BUSY_RATE = 16 * 1024 * 1024
+FEED_MAX_LAG = 512 * 1024 * 1024
+FEED_RECHECK = 0.25
+_RATE_WINDOW = 1.0
 
 
 def thread_runner(reactor):
@@ -70,6 +79,8 @@ class StreamSink:
         self.duplicates = 0
         self.feed: FeedWriter | None = None
         self._feeding = False
+        self._feed_later = None
+        self._last_commit_mirror = recovered.mirror_end
 
     # -- accepting data --------------------------------------------------
 
@@ -169,6 +180,8 @@ class StreamSink:
             drained, self._drain_waiters = self._drain_waiters, []
             for callback in drained:
                 callback()
+        self.ingest.committed(mirror_end - self._last_commit_mirror)
+        self._last_commit_mirror = mirror_end
         self.ingest.feed_kick(self)
         self._kick()
 
@@ -204,6 +217,17 @@ class Ingest:
         self._opening: dict[tuple[str, str], list[defer.Deferred]] = {}
         self._feed_jobs: set[defer.Deferred] = set()
         self._closing = False
+        self._rate = 0.0  # committed bytes/s, exponentially smoothed
+        self._rate_at = clock.seconds()
+
+    def committed(self, nbytes: int) -> None:
+        """Account ``nbytes`` just made durable (drives the feed's yielding)."""
+        self._rate = self.commit_rate() + nbytes / _RATE_WINDOW
+        self._rate_at = self.clock.seconds()
+
+    def commit_rate(self) -> float:
+        elapsed = max(0.0, self.clock.seconds() - self._rate_at)
+        return self._rate * math.exp(-elapsed / _RATE_WINDOW)
 
     def prepare(self) -> None:
         """Create the ingest directory (0700).  Blocking; called once at start-up."""
@@ -268,8 +292,14 @@ class Ingest:
         """Schedule feed building for ``sink`` if it is behind and not already running."""
         if not self.feed_enabled or sink._feeding or sink.failed or self._closing:
             return
-        if sink.feed is not None and sink.feed.position.mirror_pos >= sink.committed_mirror:
-            return
+        if sink.feed is not None:
+            lag = sink.committed_mirror - sink.feed.position.mirror_pos
+            if lag <= 0:
+                return
+            if lag < FEED_MAX_LAG and self.commit_rate() > FEED_BUSY_RATE:
+                if sink._feed_later is None or not sink._feed_later.active():
+                    sink._feed_later = self.clock.callLater(FEED_RECHECK, self.feed_kick, sink)
+                return
         sink._feeding = True
         if sink.feed is None:
             writer = FeedWriter(sink.files, sink.worker)
@@ -318,6 +348,9 @@ class Ingest:
     def close(self):
         """Wait for in-flight commits and feed steps, then close every file."""
         self._closing = True
+        for sink in self._sinks.values():
+            if sink._feed_later is not None and sink._feed_later.active():
+                sink._feed_later.cancel()
         flushes = [s.when_flushed() for s in self._sinks.values() if not s.failed]
         yield defer.DeferredList(flushes + list(self._feed_jobs), consumeErrors=True)
         for sink in list(self._sinks.values()):

@@ -87,6 +87,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             return
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         if alpn == config.ACK_ALPN:
+            # DATA payloads are whole lines: their final LF is data, not a stock sender's extra.
+            self.decoder.strip_lf = False
             self.state = AWAITING_HELLO
             self.log.info(
                 "Worker {worker} connected from {peer} (acknowledged mode)",
@@ -305,6 +307,7 @@ class ListenerFactory(Factory):
     """Builds :class:`SyslogServerProtocol` and enforces the connection caps."""
 
     log = Logger()
+    noisy = False
 
     def __init__(
         self,

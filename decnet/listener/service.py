@@ -8,6 +8,7 @@ from pathlib import Path
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from decnet import config
 from decnet.fsutil import atomic_write
@@ -51,7 +52,7 @@ class TLSPortService(Service):
         d.addBoth(result.append)
         if not result:
             raise RuntimeError(f"listening on {self.description} did not complete synchronously")
-        if isinstance(result[0], defer.failure.Failure):
+        if isinstance(result[0], Failure):
             self.log.critical(
                 "Cannot listen on {endpoint}: {error}",
                 endpoint=self.description,

@@ -69,8 +69,10 @@ class SyslogMessage:
 
 
 # HEADER: PRI VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP
+# Header fields are PRINTUSASCII (%d33-126): the character class checks that.
 _HEADER = re.compile(
-    rb"<(\d{1,3})>([1-9]\d{0,2}) (\S+) (\S{1,255}) (\S{1,48}) (\S{1,128}) (\S{1,32}) "
+    rb"<(\d{1,3})>([1-9]\d{0,2}) ([!-~]+) ([!-~]{1,255}) ([!-~]{1,48}) ([!-~]{1,128}) "
+    rb"([!-~]{1,32}) "
 )
 _TIMESTAMP = re.compile(
     r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
@@ -87,8 +89,7 @@ _ESCAPE = re.compile(r'(["\\\]])')
 
 
 def _text(value: bytes) -> str | None:
-    text = value.decode("ascii")
-    return None if text == NILVALUE else text
+    return None if value == b"-" else value.decode("ascii")
 
 
 def parse(line: bytes) -> SyslogMessage:
@@ -99,10 +100,7 @@ def parse(line: bytes) -> SyslogMessage:
     pri = int(m.group(1))
     if pri > 191 or (len(m.group(1)) > 1 and m.group(1)[0] == 0x30):
         raise ParseError(f"invalid PRI {m.group(1).decode()!r}")
-    fields = [m.group(i) for i in range(3, 8)]
-    for raw in fields:
-        if not _printable(raw):
-            raise ParseError("header field contains non-printable or non-ASCII bytes")
+    fields = m.groups()[2:]
     ts = _text(fields[0])
     if ts is not None and not _TIMESTAMP.match(ts):
         raise ParseError(f"invalid TIMESTAMP {ts[:40]!r}")
@@ -146,8 +144,11 @@ def parse(line: bytes) -> SyslogMessage:
     )
 
 
+_PRINTABLE = re.compile(rb"[!-~]*")
+
+
 def _printable(raw: bytes) -> bool:
-    return all(33 <= b <= 126 for b in raw)
+    return _PRINTABLE.fullmatch(raw) is not None
 
 
 def _unescape(value: bytes) -> bytes:
@@ -156,6 +157,8 @@ def _unescape(value: bytes) -> bytes:
 
 
 def _header_problem(line: bytes) -> str:
+    if re.match(rb"<\d{1,3}>[1-9]\d{0,2} ", line) and re.search(rb"[^!-~ ]", line[:600]):
+        return "header field contains non-printable or non-ASCII bytes"
     if not line.startswith(b"<"):
         return "does not start with a PRI ('<')"
     if not re.match(rb"<\d{1,3}>", line):
