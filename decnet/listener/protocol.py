@@ -51,6 +51,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
     def __init__(self, factory: ListenerFactory, addr):
         self.factory = factory
         self.addr = addr
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = factory.clock.callLater
         self.state = HANDSHAKING
         self.decoder = OctetCountingDecoder(factory.max_frame)
         self.worker: str | None = None
