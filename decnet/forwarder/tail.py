@@ -239,12 +239,12 @@ class Tailer:
             remaining = size - gen.pos
             if remaining <= 0:
                 break
-            self._still_since = None
             data = os.pread(gen.fd, min(self.chunk_size, remaining), gen.pos)
             if not data:
                 break
             pieces = self._lines(gen, data)
             if pieces:
+                self._still_since = None
                 return pieces
             if len(data) >= remaining:
                 break  # only an unfinished line is left
@@ -252,8 +252,12 @@ class Tailer:
         # At the end of this generation (or only an unfinished line is left).
         if self.cur < len(self.gens) - 1:
             # Re-reading after a rewind: the next generation is already known.
-            return self._advance(gen, size, now)
-        return self._check_rotation(gen, size, now)
+            pieces, switched = self._advance(gen, size, now)
+        else:
+            pieces, switched = self._check_rotation(gen, size, now)
+        if not pieces and switched:
+            return self.read(now)  # the new generation may already have lines
+        return pieces
 
     def _lines(self, gen: _Generation, data: bytes) -> list[Piece]:
         start = gen.base + gen.pos
@@ -326,24 +330,26 @@ class Tailer:
         gen.identity = attrs.evolve(gen.identity, fp_len=0, fp_hash="")
         self._long = None
 
-    def _check_rotation(self, gen: _Generation, size: int, now: float) -> list[Piece]:
+    def _check_rotation(
+        self, gen: _Generation, size: int, now: float
+    ) -> tuple[list[Piece], bool]:
         st = _stat(self.path)
         if st is not None and gen.identity.same_file(st):
             self._still_since = None
-            return []
+            return [], False
         if st is None or not stat.S_ISREG(st.st_mode):
-            return []  # renamed or deleted, nothing new yet: keep reading the old file
+            return [], False  # renamed or deleted, nothing new yet: keep reading the old file
         # Another file is at the path now.  Switch once the writer moved
         # there (it has data) or the old file has been still long enough.
         if st.st_size == 0:
             if self._still_since is None:
                 self._still_since = now
-                return []
+                return [], False
             if now - self._still_since < self.rotate_wait:
-                return []
+                return [], False
         return self._advance(gen, size, now)
 
-    def _advance(self, gen: _Generation, size: int, now: float) -> list[Piece]:
+    def _advance(self, gen: _Generation, size: int, now: float) -> tuple[list[Piece], bool]:
         pieces: list[Piece] = []
         if gen.pos < size and self._long is None:
             # The writer left an unfinished last line: ship it with an LF.
@@ -369,9 +375,8 @@ class Tailer:
         self._still_since = None
         if self.cur < len(self.gens) - 1:
             self.cur += 1
-            nxt = self.gens[self.cur]
-            nxt.pos = 0
-            return pieces
+            self.gens[self.cur].pos = 0
+            return pieces, True
         if self._open_path(gen.base + gen.final_size):
             self.rotations += 1
             self.log.info(
@@ -379,7 +384,8 @@ class Tailer:
                 path=str(self.path),
                 offset=gen.base + gen.final_size,
             )
-        return pieces
+            return pieces, True
+        return pieces, False
 
     # -- positions, acknowledgements, rewinds ----------------------------
 
