@@ -127,3 +127,73 @@ class LogCapture:
         from twisted.logger import formatEvent
 
         return "\n".join(formatEvent(e) for e in self.events)
+
+
+# -- subprocesses -------------------------------------------------------------
+
+TWISTD = str(Path(__import__("sys").executable).parent / "twistd")
+
+
+def run_twistd(plugin: str, args, log_path: Path):
+    """Start ``twistd --nodaemon --pidfile= <plugin> args`` with its log in ``log_path``."""
+    import subprocess
+
+    return subprocess.Popen(
+        [TWISTD, "--nodaemon", "--pidfile=", "-l", str(log_path), plugin, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def start_listener(home, ingest: Path, log_path: Path, port: int = 0, extra=()):
+    """A real ``twistd decnet-listener`` on 127.0.0.1; returns (process, port)."""
+    from tests.support import wait_for
+
+    port_file = ingest.parent / f"port-{log_path.stem}"
+    port_file.unlink(missing_ok=True)
+    proc = run_twistd(
+        "decnet-listener",
+        [
+            "--home",
+            home,
+            "--ingest-dir",
+            ingest,
+            "--port-file",
+            port_file,
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            *extra,
+        ],
+        log_path,
+    )
+
+    def bound():
+        if proc.poll() is not None:
+            raise AssertionError(f"listener exited: {proc.stderr.read().decode()[-2000:]}")
+        return port_file.exists() and port_file.read_text().strip()
+
+    return proc, int(wait_for(bound, what="the listener to bind"))
+
+
+def start_forwarder(bundle, log_file: Path, state: Path, port: int, log_path: Path, extra=()):
+    return run_twistd(
+        "decnet-forwarder",
+        [
+            "--bundle",
+            bundle,
+            "--log-file",
+            log_file,
+            "--state",
+            state,
+            "--master-host",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            "--poll-interval",
+            "0.2",
+            "--max-retry-delay",
+            "1",
+            *extra,
+        ],
+        log_path,
+    )
