@@ -185,6 +185,8 @@ class Shipper:
             self._generation += 1
             self.proto = None
             self.mode = None
+            if not proto.lost:
+                proto.transport.unregisterProducer()
 
     def acked_to(self, offset: int) -> None:
         if offset <= self.acked:
@@ -323,7 +325,7 @@ class ForwarderProtocol(Protocol):
             self.factory.failed_attempt(
                 "the receiver does not speak decnet-syslog/1 and --mode is ack"
             )
-            self.transport.loseConnection()
+            self.close()
         else:
             self.mode = "plain"
             self.factory.connected(self, "plain RFC 5425")
@@ -363,6 +365,12 @@ class ForwarderProtocol(Protocol):
 
     def _abandon(self, reason: str) -> None:
         self.log.warn("Closing the connection to the master: {reason}", reason=reason)
+        self.close()
+
+    def close(self) -> None:
+        """Close gracefully.  A TLS transport with a registered producer never
+        sends its close_notify, so the shipper lets go of it first."""
+        self.shipper.detach(self)
         self.transport.loseConnection()
 
     def connectionLost(self, reason):

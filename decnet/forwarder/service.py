@@ -201,6 +201,9 @@ class ForwarderService(MultiService):
         self.reactor.stop()
 
     def stopService(self):
+        current = self.factory.current
+        if current is not None and not current.lost:
+            self.shipper.detach(current)
         d = super().stopService()
 
         def close(result):

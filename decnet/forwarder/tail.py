@@ -330,9 +330,7 @@ class Tailer:
         gen.identity = attrs.evolve(gen.identity, fp_len=0, fp_hash="")
         self._long = None
 
-    def _check_rotation(
-        self, gen: _Generation, size: int, now: float
-    ) -> tuple[list[Piece], bool]:
+    def _check_rotation(self, gen: _Generation, size: int, now: float) -> tuple[list[Piece], bool]:
         st = _stat(self.path)
         if st is not None and gen.identity.same_file(st):
             self._still_since = None
