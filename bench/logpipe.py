@@ -120,7 +120,7 @@ def run_ours(env: Env, data: bytes, mode: str, label: str) -> dict:
     stream = "decnet" if mode == "ack" else "syslog"
     index = d / "ingest" / env.name / f"{stream}.idx"
     try:
-        wait_for(lambda: "Connected" in (d / "forwarder.log").read_text(), timeout=30)
+        wait_for(lambda: _connected(d / "forwarder.log"), timeout=30)
         t0 = time.monotonic()
         append_all(log_file, data)
         wait_until(lambda: durable_mirror_end(index) >= len(data))
@@ -138,6 +138,10 @@ def run_ours(env: Env, data: bytes, mode: str, label: str) -> dict:
         stop(fwd)
         stop(listener)
     return {"elapsed": elapsed, "ok": ok, "feed_elapsed": feed_elapsed, "feed_ok": feed_ok}
+
+
+def _connected(log: Path) -> bool:
+    return log.exists() and "Connected" in log.read_text()
 
 
 def _count_lines(path: Path) -> int:
@@ -233,7 +237,7 @@ def run_ours_rsyslog(env: Env, data: bytes) -> dict:
     log_file.touch()
     fwd = start_forwarder(env.bundle, log_file, d / "f.sqlite", port, d / "forwarder.log")
     try:
-        wait_for(lambda: "Connected" in (d / "forwarder.log").read_text(), timeout=30)
+        wait_for(lambda: _connected(d / "forwarder.log"), timeout=30)
         t0 = time.monotonic()
         append_all(log_file, data)
         wait_until(size_at_least(out, len(data)))
@@ -270,7 +274,7 @@ def run_latency(env: Env, rate: int = 10_000, seconds: float = 5.0) -> dict:
             time.sleep(0.0005)
 
     try:
-        wait_for(lambda: "Connected" in (d / "forwarder.log").read_text(), timeout=30)
+        wait_for(lambda: _connected(d / "forwarder.log"), timeout=30)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND)
