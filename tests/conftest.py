@@ -25,57 +25,15 @@ def master_home(tmp_path_factory) -> config.MasterPaths:
     return paths
 
 
-def _install_requires() -> list[str]:
-    import configparser
-
-    from tests.support import REPO_ROOT
-
-    parser = configparser.ConfigParser()
-    parser.read(REPO_ROOT / "setup.cfg")
-    raw = parser["options"]["install_requires"]
-    return [line.split("#")[0].strip() for line in raw.splitlines() if line.split("#")[0].strip()]
-
-
 @pytest.fixture(scope="session")
 def wheelhouse():
-    """Wheels of every dependency (plus setuptools and wheel, for the build) for offline installs.
+    """Wheels of every dependency (plus setuptools and wheel) for offline release installs."""
+    from tests.support import ensure_wheelhouse
 
-    Built once with ``pip wheel`` and cached across sessions under
-    ``$XDG_CACHE_HOME/decnet-tests`` (keyed by the requirements and the
-    Python version), so release venvs in the tests install with ``--no-index``.
-    """
-    import hashlib
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tests.support import BIN
-
-    requirements = [*_install_requires(), "setuptools>=64", "wheel"]
-    key = hashlib.sha256("\n".join([sys.version, *sorted(requirements)]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decnet-tests"
-    target = cache / f"wheelhouse-{key}"
-    if (target / ".complete").exists():
-        return target
-    partial = cache / f".wheelhouse-{key}.{os.getpid()}"
-    partial.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [str(BIN / "pip"), "wheel", "--quiet", "--wheel-dir", str(partial), *requirements],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"could not build the test wheelhouse:\n{result.stderr[-3000:]}")
-    (partial / ".complete").write_text("")
     try:
-        partial.rename(target)
-    except OSError:  # another session won the race
-        import shutil
-
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+        return ensure_wheelhouse()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -300,7 +300,9 @@ def https_get_json(port: int, paths: config.MasterPaths, route: str = "health", 
 class LocalUpdater:
     """A ``twistd decnet-updater`` subprocess on loopback, supervising its agent (spawn)."""
 
-    def __init__(self, base: Path, paths: config.MasterPaths, name: str, *, health_timeout=8):
+    def __init__(
+        self, base: Path, paths: config.MasterPaths, name: str, *, health_timeout=8, compile=False
+    ):
         from decnet.master import enrollment
 
         self.paths = paths
@@ -322,6 +324,7 @@ class LocalUpdater:
         self.install = self.base / "install"
         self.log = self.base / "updater.log"
         self.health_timeout = health_timeout
+        self.compile = compile
         self.process = None
 
     def argv(self) -> list[str]:
@@ -348,7 +351,7 @@ class LocalUpdater:
             str(self.base / "agent.log"),
             "--health-timeout",
             str(self.health_timeout),
-            "--no-compile",
+            *([] if self.compile else ["--no-compile"]),
         ]
 
     def start(self, wait: bool = True):
@@ -428,3 +431,49 @@ def admin(paths: config.MasterPaths, *args: str, timeout: float = 300):
         text=True,
         timeout=timeout,
     )
+
+
+def install_requires(root: Path = REPO_ROOT) -> list[str]:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(root / "setup.cfg")
+    lines = (
+        line.split("#")[0].strip() for line in parser["options"]["install_requires"].splitlines()
+    )
+    return [line for line in lines if line]
+
+
+def ensure_wheelhouse() -> Path:
+    """A wheelhouse with every dependency plus setuptools and wheel, for offline installs.
+
+    Built once with ``pip wheel`` and cached across sessions under
+    ``$XDG_CACHE_HOME/decnet-tests`` (keyed by the requirements and the Python
+    version), so release venvs in tests and benchmarks install with ``--no-index``.
+    """
+    import hashlib
+    import shutil
+    import subprocess
+
+    requirements = [*install_requires(), "setuptools>=64", "wheel"]
+    key = hashlib.sha256("\n".join([sys.version, *sorted(requirements)]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decnet-tests"
+    target = cache / f"wheelhouse-{key[:16]}"
+    if (target / ".complete").exists():
+        return target
+    partial = cache / f".wheelhouse-{key[:16]}.{os.getpid()}"
+    partial.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [str(BIN / "pip"), "wheel", "--quiet", "--wheel-dir", str(partial), *requirements],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"could not build the test wheelhouse:\n{result.stderr[-3000:]}")
+    (partial / ".complete").write_text("")
+    try:
+        partial.rename(target)
+    except OSError:  # another session won the race
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
