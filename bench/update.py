@@ -52,7 +52,7 @@ def timed_update(paths, *args, root, wheelhouse) -> tuple[float, str]:
 
 
 def results(out: str) -> list[str]:
-    return re.findall(r"^\S+\s+(updated|rolled_back|failed|skipped)\s", out, re.MULTILINE)
+    return re.findall(r"^\S+ {2,}(updated|rolled_back|failed|skipped) {2,}", out, re.MULTILINE)
 
 
 def main() -> int:

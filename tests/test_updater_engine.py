@@ -78,6 +78,8 @@ class FakeAgent:
         self.running = None
         self.stopped += 1
 
+    shutdown = stop
+
     def exited_since_start(self):
         return "exited with code 3" if self.running in self.crashing else None
 
@@ -377,3 +379,10 @@ def test_update_self_installs_with_pip_switches_and_restarts_after_answering(env
     assert env.agent.running is None  # stopped: the new updater starts it again
     # The agent's own release directory was not touched.
     assert env.updater.store.current() == rid(GOOD1)
+
+
+def test_pushing_the_current_release_while_its_agent_is_unhealthy_is_not_updated(env):
+    push(env, GOOD1)
+    env.agent.sick.add(rid(GOOD1))
+    with pytest.raises(HealthCheckFailed):
+        push(env, GOOD1)

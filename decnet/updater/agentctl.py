@@ -108,6 +108,9 @@ class SystemdAgent:
     async def stop(self) -> None:
         await self._systemctl("stop")
 
+    async def shutdown(self) -> None:
+        """The updater is going away: systemd keeps running the agent without us."""
+
     def exited_since_start(self) -> str | None:
         return None  # systemd restarts it; the health probe's deadline decides
 
@@ -268,6 +271,10 @@ class SpawnedAgent:
             transport.signalProcess(sig)
         except error.ProcessExitedAlready:
             pass
+
+    async def shutdown(self) -> None:
+        """The updater is going away: our child must not outlive us."""
+        await self.stop()
 
     def exited_since_start(self) -> str | None:
         """How the agent started by the last ``restart`` died, if it did."""

@@ -143,7 +143,7 @@ class Updater:
         current = await self._thread(self.store.current_dir)
         if current is None:
             self.log.info("No agent release installed yet; waiting for a push")
-            await self.agent.stop()
+            await self.agent.shutdown()
         else:
             await self.agent.start(current)
         self.ready = True
@@ -154,7 +154,7 @@ class Updater:
         )
 
     async def stop(self) -> None:
-        await self.agent.stop()
+        await self.agent.shutdown()
 
     # -- queries -------------------------------------------------------------
 
@@ -225,11 +225,16 @@ class Updater:
             release, summary = await self._verify(upload, expected_sha256)
             current = await self._thread(self.store.current)
             if release == current:
+                # Nothing to install or switch; still only "updated" if it is healthy.
+                health = await self.probe.wait_for(
+                    release, self.health_timeout, self.agent.exited_since_start
+                )
                 return {
                     "result": "updated",
                     "release": release,
                     "previous": current,
                     "installed": False,
+                    "health": health,
                     "detail": "already the current release",
                     "seconds": round(self.clock.seconds() - started, 3),
                 }
@@ -389,7 +394,9 @@ class Updater:
     def _restart_onto(self, release_dir: Path) -> None:
         async def go():
             self.log.info("Restarting the updater onto {release}", release=release_dir.name)
-            await self.agent.stop()  # a spawned agent is our child: the new updater restarts it
+            await (
+                self.agent.shutdown()
+            )  # a spawned agent is our child: the next updater restarts it
             self.restart_self(release_dir)
 
         ensureDeferred(go()).addErrback(lambda f: self.log.failure("Self-update restart failed", f))
