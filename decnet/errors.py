@@ -77,3 +77,7 @@ class RemoteError(DecnetError):
         self.problems = list(problems)
         self.body = body if body is not None else {}
         super().__init__(f"HTTP {status}: {'; '.join(self.problems) or 'no detail'}")
+
+
+class UnknownDecky(DecnetError):
+    """A request named a decky that is not deployed on this worker."""
