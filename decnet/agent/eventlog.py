@@ -70,7 +70,7 @@ TRUNC_PARAM = "trunc"
 _SD_NAME_RE = re.compile(r"^[!#-<>-\\^-~]{1,32}$")
 # RFC 5424 header fields: PRINTUSASCII, bounded lengths.
 _HEADER_MAX = {"hostname": 255, "app_name": 48, "msgid": 32}
-_PLAIN_ASCII_RE = re.compile(r"^[ !#-\[^-~]*$")  # printable ASCII without " \ ]
+_PLAIN_ASCII_RE = re.compile(r"[ !#-\[^-~]*")  # printable ASCII without " \ ]
 
 
 @attrs.frozen
@@ -117,7 +117,7 @@ def _as_text(value: object) -> str:
 def escape_value(value: object, limit: int = DEFAULT_VALUE_MAX) -> tuple[str, bool]:
     """``(wire text, truncated)`` for one PARAM-VALUE, at most ``limit`` UTF-8 bytes."""
     text = _as_text(value)
-    if len(text) <= limit and _PLAIN_ASCII_RE.match(text):
+    if len(text) <= limit and _PLAIN_ASCII_RE.fullmatch(text):
         return text, False
     out: list[str] = []
     size = 0
@@ -347,7 +347,7 @@ class EventLog(Service):
 
     def _open(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             # A crash tore the last line: end it so our first line stands alone.
