@@ -151,14 +151,22 @@ async def test_ftp_captures_user_pass_and_commands_with_hostile_bytes_escaped(h)
     cp = c.local_port()
     assert h.lines() == [
         h.expect("ftp", "connect", "s1", cp, port),
-        h.expect("ftp", "login", "s1", cp, port, ("user", b'a"dmin]\\'), ("password", b"p\x1b[0m\xff")),
+        h.expect(
+            "ftp", "login", "s1", cp, port, ("user", b'a"dmin]\\'), ("password", b"p\x1b[0m\xff")
+        ),
         h.expect("ftp", "command", "s1", cp, port, ("command", "SYST"), ("args", b"")),
         h.expect("ftp", "command", "s1", cp, port, ("command", "QUIT"), ("args", b"")),
         h.expect(
-            "ftp", "disconnect", "s1", cp, port,
-            ("reason", "quit"), ("duration", "0.000"), ("bytes_in", c.sent),
+            "ftp",
+            "disconnect",
+            "s1",
+            cp,
+            port,
+            ("reason", "quit"),
+            ("duration", "0.000"),
+            ("bytes_in", c.sent),
         ),
-    ]  # fmt: skip
+    ]
     # The hostile user name is on the wire with RFC 5424 escapes.
     assert b'user="a\\"dmin\\]\\\\\\\\"' in h.lines()[1]
 
@@ -205,9 +213,15 @@ async def test_smtp_captures_auth_plain_and_login_and_relays_nothing(h):
         "smtp", "command", "s1", cp, port, ("command", "EHLO"), ("args", b"scanner")
     )
     assert lines[2] == h.expect(
-        "smtp", "login", "s1", cp, port,
-        ("mechanism", "PLAIN"), ("user", b"root\r\nX-Injected: 1]"), ("password", b"s3cret"),
-    )  # fmt: skip
+        "smtp",
+        "login",
+        "s1",
+        cp,
+        port,
+        ("mechanism", "PLAIN"),
+        ("user", b"root\r\nX-Injected: 1]"),
+        ("password", b"s3cret"),
+    )
     assert lines[3] == h.expect(
         "smtp",
         "login",
@@ -245,11 +259,19 @@ async def test_redis_captures_auth_and_commands_in_resp_and_inline_form(h):
     assert h.lines()[1:4] == [
         h.expect("redis", "login", "s1", cp, port, ("user", user), ("password", b'pw"')),
         h.expect(
-            "redis", "command", "s1", cp, port,
-            ("command", "CONFIG"), ("argc", 2), ("args", b"GET dir"),
+            "redis",
+            "command",
+            "s1",
+            cp,
+            port,
+            ("command", "CONFIG"),
+            ("argc", 2),
+            ("args", b"GET dir"),
         ),
-        h.expect("redis", "command", "s1", cp, port, ("command", "QUIT"), ("argc", 0), ("args", b"")),
-    ]  # fmt: skip
+        h.expect(
+            "redis", "command", "s1", cp, port, ("command", "QUIT"), ("argc", 0), ("args", b"")
+        ),
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -279,12 +301,26 @@ async def test_tcp_banner_sends_its_banner_and_captures_the_first_bytes(h):
     cp = c.local_port()
     assert h.lines() == [
         h.expect("tcp-banner", "connect", "s1", cp, port),
-        h.expect("tcp-banner", "data", "s1", cp, port, ("data", b"\x16\x03\x01\x02\x00\x01\x00\x01"), ("size", 8)),
         h.expect(
-            "tcp-banner", "disconnect", "s1", cp, port,
-            ("reason", "closed"), ("duration", "0.000"), ("bytes_in", 11),
+            "tcp-banner",
+            "data",
+            "s1",
+            cp,
+            port,
+            ("data", b"\x16\x03\x01\x02\x00\x01\x00\x01"),
+            ("size", 8),
         ),
-    ]  # fmt: skip
+        h.expect(
+            "tcp-banner",
+            "disconnect",
+            "s1",
+            cp,
+            port,
+            ("reason", "closed"),
+            ("duration", "0.000"),
+            ("bytes_in", 11),
+        ),
+    ]
 
 
 # -- http --------------------------------------------------------------------
@@ -319,13 +355,25 @@ async def test_http_serves_a_login_page_and_captures_form_and_basic_credentials(
     assert 'body="username=admin%0D%0A%5D&password=p%40ss"' in request
     src_port = int(re.search(rb'src_port="(\d+)"', lines[2]).group(1))
     assert lines[2] == h.expect(
-        "http", "login", "s1", src_port, port,
-        ("method", "basic"), ("user", "basic-user"), ("password", "basic:pw"),
-    )  # fmt: skip
+        "http",
+        "login",
+        "s1",
+        src_port,
+        port,
+        ("method", "basic"),
+        ("user", "basic-user"),
+        ("password", "basic:pw"),
+    )
     assert lines[3] == h.expect(
-        "http", "login", "s1", src_port, port,
-        ("method", "form"), ("user", b"admin\r\n]"), ("password", b"p@ss"),
-    )  # fmt: skip
+        "http",
+        "login",
+        "s1",
+        src_port,
+        port,
+        ("method", "form"),
+        ("user", b"admin\r\n]"),
+        ("password", b"p@ss"),
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -405,14 +453,27 @@ async def test_ssh_records_key_exchange_public_key_and_password_attempts(h, tmp_
     src_port = int(re.search(rb'src_port="(\d+)"', lines[0]).group(1))
     fp = "SHA256:" + client_key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
     assert lines[2] == h.expect(
-        "ssh", "login", "s1", src_port, port,
-        ("method", "publickey"), ("user", user), ("key_type", b"ssh-ed25519"),
-        ("key_fp", fp), ("signed", False),
-    )  # fmt: skip
+        "ssh",
+        "login",
+        "s1",
+        src_port,
+        port,
+        ("method", "publickey"),
+        ("user", user),
+        ("key_type", b"ssh-ed25519"),
+        ("key_fp", fp),
+        ("signed", False),
+    )
     assert lines[3] == h.expect(
-        "ssh", "login", "s1", src_port, port,
-        ("method", "password"), ("user", user), ("password", b'pa"ss]\\'),
-    )  # fmt: skip
+        "ssh",
+        "login",
+        "s1",
+        src_port,
+        port,
+        ("method", "password"),
+        ("user", user),
+        ("password", b'pa"ss]\\'),
+    )
     # The server presented our configured version and a host key kept in the state dir.
     host_key = tmp_path / "state" / "ssh" / DECKY / "ssh_host_ed25519_key"
     assert host_key.stat().st_mode & 0o777 == 0o600
