@@ -64,6 +64,15 @@ def _text(value) -> str | None:
     return None
 
 
+def _bytes_text(value) -> str | None:
+    """A banner sent as ISO-8859-1: one character per byte, so binary greetings fit."""
+    if not isinstance(value, str) or len(value) > TEXT_MAX:
+        return f"must be a string of at most {TEXT_MAX} characters"
+    if any(ord(c) > 0xFF for c in value):
+        return "must only use characters U+0000 to U+00FF (each is sent as one byte)"
+    return None
+
+
 def _token(value) -> str | None:
     """One line of printable ASCII (it ends up in a protocol header)."""
     if not isinstance(value, str) or not 1 <= len(value) <= 200:
@@ -141,7 +150,7 @@ TYPE_OPTIONS: dict[str, dict[str, Option]] = {
     },
     "redis": {},
     "tcp-banner": {
-        "banner": Option("", _text),
+        "banner": Option("", _bytes_text),
         "capture_bytes": Option(1024, _int_range(1, 64 * 1024)),
     },
 }

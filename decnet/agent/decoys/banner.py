@@ -1,5 +1,8 @@
 """``tcp-banner``: any TCP port; sends a configurable banner, captures the first bytes.
 
+The banner is sent as ISO-8859-1 (one character per byte: ``"\u0000"`` in the
+JSON spec is a NUL byte), so binary greetings such as MySQL's can be mimicked.
+
 Events: ``connect``; ``data`` (``data``: up to ``capture_bytes`` bytes the
 client sent first, ``size``) once the capture is full or the connection ends;
 ``disconnect`` (``bytes_in`` counts everything, captured or not).
@@ -24,7 +27,7 @@ class BannerDecoy(DecoyMixin, _Capture):
         super().connectionMade()
         banner = self.runtime.spec.option("banner")
         if banner:
-            self.transport.write(banner.encode("utf-8"))
+            self.transport.write(banner.encode("latin-1"))
 
     def handle_data(self, data: bytes) -> None:
         if self.reported:
