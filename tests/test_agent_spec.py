@@ -27,7 +27,7 @@ def test_defaults_are_filled_in_and_the_hash_ignores_how_the_spec_was_written():
                     "services": [
                         {
                             "port": 22,
-                            "bind": "0.0.0.0",
+                            "bind": "0.0.0.0",  # noqa: S104
                             "type": "ssh",
                             "name": "ssh",
                             "version": "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3",
@@ -40,7 +40,7 @@ def test_defaults_are_filled_in_and_the_hash_ignores_how_the_spec_was_written():
     )
     assert short.digest == explicit.digest
     service = short.deckies[0].services[0]
-    assert (service.bind, service.port, service.option("max_auth_tries")) == ("0.0.0.0", 22, 6)
+    assert (service.bind, service.port, service.option("max_auth_tries")) == ("0.0.0.0", 22, 6)  # noqa: S104
 
 
 def test_hostname_options_default_to_the_decky_name():
@@ -135,7 +135,10 @@ def test_two_services_of_one_type_need_distinct_names():
             "deckies": [
                 {
                     "name": "d",
-                    "services": [{"type": "http"}, {"type": "http", "name": "http-alt", "port": 81}],
+                    "services": [
+                        {"type": "http"},
+                        {"type": "http", "name": "http-alt", "port": 81},
+                    ],
                 }
             ]
         }

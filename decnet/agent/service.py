@@ -164,4 +164,5 @@ class AgentService(MultiService):
         self.log.critical("Agent cannot run ({reason}); stopping", reason=reason)
         # twistd exits 0 when the reactor stops; a supervisor must see a failure.
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self._reactor.stop()
+        # twistd starts the application before the reactor runs: stop once it does.
+        self._reactor.callWhenRunning(self._reactor.stop)
