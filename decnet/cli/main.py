@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from decnet import __version__, config
-from decnet.cli import hosts, output
+from decnet.cli import agents, hosts, output
 from decnet.errors import DecnetError, ValidationError
 
 # Each module adds its sub-commands with register(subparsers).
-COMMAND_MODULES = [hosts]
+COMMAND_MODULES = [hosts, agents]
 
 
 def build_parser() -> argparse.ArgumentParser:
