@@ -1,7 +1,7 @@
 """End to end: the real ``twistd decnet-agent`` plugin: deploy, SIGKILL, restart, deckies back."""
 
+import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,6 +16,8 @@ from decnet.master import enrollment
 from decnet.master.agent_client import AgentClient
 from decnet.tls import TLSIdentity
 from tests.support import BIN, free_port, wait_for
+
+_NAMES = itertools.count(1)  # host names must be unique in the session's registry
 
 
 class AgentProcess:
@@ -88,7 +90,7 @@ def accepts(port: int) -> bool:
 @pytest.fixture
 def enrolled(master_home, tmp_path):
     master = enrollment.load_master(master_home)
-    name = f"proc-{os.getpid() % 1000}-{len(list(tmp_path.parent.iterdir()))}"
+    name = f"proc-{next(_NAMES)}"
     return enrollment.enroll(master, name, "127.0.0.1", tmp_path / "bundle", updater=True)
 
 

@@ -26,6 +26,7 @@ from decnet.agent.state import DesiredState
 from decnet.fsutil import atomic_write, ensure_private_dir
 from decnet.httpapi import make_site
 from decnet.pki import WorkerBundle
+from decnet.revocation import RevocationSet, RevocationWatcher
 from decnet.tls import PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
 
 
@@ -99,6 +100,7 @@ class AgentService(MultiService):
         on_fatal: Callable[[str], None] | None = None,
         event_clock=None,
         new_session_id=None,
+        revocations: str | os.PathLike | None = None,
     ):
         super().__init__()
         self._reactor = reactor
@@ -120,10 +122,14 @@ class AgentService(MultiService):
             self.controller, host=bundle.name, master_fingerprint=bundle.master_fingerprint
         )
         site = make_site(app.resource(), max_body=config.AGENT_MAX_BODY, reactor=reactor)
+        revoked = None
+        if revocations is not None:
+            revoked = RevocationSet(revocations)
+            RevocationWatcher(revoked, reactor).setServiceParent(self)
         self.api = APIListener(
             reactor,
             listen,
-            PolicyOptions(identity, tls_policy(bundle)),
+            PolicyOptions(identity, tls_policy(bundle, revoked)),
             site,
             on_listening=self._listening,
             on_fatal=self.on_fatal,

@@ -43,6 +43,12 @@ class Options(usage.Options):
         ],
         ["port-file", None, None, "write the bound API port to this file once listening"],
         ["engine", None, "builtin", f"decoy engine ({', '.join(ENGINES)})"],
+        [
+            "revocations",
+            None,
+            None,
+            "revocation list (the master's revoked.json) to honour; reloaded when it changes",
+        ],
     ]
 
     def postOptions(self):
@@ -84,4 +90,5 @@ def makeService(options):
         log_file=options["log-file"],
         port_file=options["port-file"],
         engine=options["engine"],
+        revocations=options["revocations"],
     )
