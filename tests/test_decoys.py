@@ -515,3 +515,33 @@ async def test_stopping_a_service_drops_its_live_connections(h):
     await c.closed
     await h.log.flush()
     assert b'reason="service-stopped"' in h.lines()[-1]
+
+
+GARBAGE = bytes(range(1, 256)).replace(b"\n", b"").replace(b"\r", b"") * 4200  # ~1 MB, no EOL
+
+
+@pytest.mark.parametrize("kind", ["ssh", "telnet", "http", "ftp", "smtp", "redis", "tcp-banner"])
+@pytest_twisted.ensureDeferred
+async def test_a_megabyte_of_garbage_yields_only_bounded_well_formed_lines(h, kind):
+    from decnet import config
+    from tests.test_agent_eventlog import SYSLOG_RE
+
+    service = bind(type=kind, idle_timeout=2)
+    if kind == "tcp-banner":
+        service["port"] = 0
+    await h.deploy(service)
+    c = await raw_connect(h.port(kind))
+    c.send(GARBAGE)
+    if kind == "tcp-banner":
+        c.transport.loseConnection()  # it keeps reading until the client goes
+    await c.closed
+    await h.settle(kind)
+    lines = h.lines()
+    assert lines[0].split(b" ")[5] == b"connect" and lines[-1].split(b" ")[5] == b"disconnect"
+    for line in lines:
+        assert len(line) <= config.EVENT_LINE_MAX
+        assert SYSLOG_RE.match(line.decode("utf-8", "surrogatepass"))
+    # The service still answers the next client.
+    again = await raw_connect(h.port(kind))
+    again.transport.loseConnection()
+    await again.closed
