@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 import decnet
-from decnet.agent.engine import LISTENING, IDeckyEngine
+from decnet.agent.engine import FAILED, LISTENING, IDeckyEngine
 from decnet.agent.spec import EMPTY, DeploymentSpec, parse_spec
 from decnet.agent.state import DesiredState
 from decnet.errors import UnknownDecky
@@ -59,7 +59,7 @@ class Controller:
                 "deckies": len(self.spec.deckies),
                 "services": len(services),
                 "listening": sum(1 for s in services if s["state"] == LISTENING),
-                "failed": sum(1 for s in services if s["state"] != LISTENING),
+                "failed": sum(1 for s in services if s["state"] == FAILED),
             },
         }
 
