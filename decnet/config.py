@@ -145,3 +145,34 @@ AGENT_MAX_SERVICES_PER_DECKY = 32
 EVENT_PEN = 32473
 EVENT_SD_ID = f"decnet@{EVENT_PEN}"
 EVENT_LINE_MAX = 8192  # bytes, newline included; enforced by the formatter
+
+# ---------------------------------------------------------------------------
+# The log pipeline (docs/Logging.md)
+
+# Frames (RFC 5425 octet counting).  RFC 5425 says receivers SHOULD accept
+# 8192 bytes; we take 64 KiB by default.
+DEFAULT_MAX_FRAME = 64 * 1024
+# Room an acknowledged-mode DATA header needs inside a frame ("D start end ").
+ACK_HEADER_ROOM = 64
+# A line longer than this is shipped truncated, with TRUNCATION_MARKER appended.
+DEFAULT_MAX_LINE = DEFAULT_MAX_FRAME - ACK_HEADER_ROOM
+TRUNCATION_MARKER = b"...[decnet: line truncated]"
+
+# TLS ALPN id of the acknowledged protocol; a peer that does not offer it gets
+# plain RFC 5425.
+ACK_ALPN = b"decnet-syslog/1"
+
+# Stream names: ack-mode forwarders name theirs (``--stream``); everything
+# received in plain RFC 5425 lands in PLAIN_STREAM of the sending worker.
+DEFAULT_STREAM = "decnet"
+PLAIN_STREAM = "syslog"
+
+# Listener defaults.
+DEFAULT_LISTEN_INTERFACE = "0.0.0.0"  # noqa: S104 - the listener serves the fleet
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS_PER_WORKER = 16
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+# Forwarder defaults.
+FORWARDER_STATE_FILE = "forwarder.sqlite"
+DEFAULT_POLL_INTERVAL = 1.0

@@ -169,3 +169,18 @@ async def test_a_stalled_disk_drops_and_counts_instead_of_buffering_without_boun
     log._kick()
     await log.stopService()
     assert len(log.path.read_bytes().splitlines()) == 100 - log.dropped
+
+
+@given(st.binary(max_size=40), st.text(max_size=20))  # small enough never to be capped
+def test_lines_parse_with_the_log_pipelines_rfc5424_parser_and_values_round_trip(raw, text):
+    from decnet.agent.eventlog import decode_printable
+    from decnet.syslog.rfc5424 import parse
+
+    got = line(("user", raw), ("password", text))
+    message = parse(got.rstrip(b"\n"))
+    assert (message.hostname, message.app_name, message.msgid) == ("web-01", "ssh", "login")
+    (element,) = message.structured_data
+    params = dict(element.params)
+    assert element.id == config.EVENT_SD_ID
+    assert decode_printable(params["user"]).encode("utf-8", "surrogateescape") == raw
+    assert decode_printable(params["password"]) == text

@@ -154,8 +154,12 @@ def decode_value(wire: str) -> str:
     ``decode_value(v).encode("utf-8", "surrogateescape")`` is the attacker's
     original bytes.
     """
-    rfc = _DECODE_RE.sub(lambda m: m.group(1), wire)
-    return _PRINTABLE_DECODE_RE.sub(_unprintable, rfc)
+    return decode_printable(_DECODE_RE.sub(lambda m: m.group(1), wire))
+
+
+def decode_printable(text: str) -> str:
+    """Invert only the printable layer: for a value an RFC 5424 parser already unescaped."""
+    return _PRINTABLE_DECODE_RE.sub(_unprintable, text)
 
 
 def _header(value: str, field: str) -> str:

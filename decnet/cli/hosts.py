@@ -62,6 +62,12 @@ def register(sub, parents) -> None:
     )
     p.add_argument("--master-host", default=None, help="override the master address from init")
     p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    p.add_argument(
+        "--validity-days",
+        type=int,
+        default=config.LEAF_VALIDITY_DAYS,
+        help="certificate lifetime in days (default: %(default)s)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="new directory for the bundle")
     p.set_defaults(func=cmd_enroll)
 
@@ -114,6 +120,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         syslog_port=args.syslog_port,
         master_host=args.master_host,
         key_type=args.key_type,
+        validity_days=args.validity_days,
     )
     host = result.host
     print(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")

@@ -114,6 +114,7 @@ def enroll(
     syslog_port: int | None = None,
     master_host: str | None = None,
     key_type: str = pki.DEFAULT_KEY_TYPE,
+    validity_days: int = config.LEAF_VALIDITY_DAYS,
     registry: Registry | None = None,
 ) -> Enrollment:
     """Issue a worker (and optionally updater) identity and write its bundle to ``out_dir``.
@@ -133,6 +134,8 @@ def enroll(
     for label, port in (("agent port", agent_port), ("updater port", updater_port)):
         if not 1 <= port <= 65535:
             problems.append(f"{label} {port} is not in 1-65535")
+    if not 1 <= validity_days <= config.CA_VALIDITY_DAYS:
+        problems.append(f"validity of {validity_days} days is not in 1-{config.CA_VALIDITY_DAYS}")
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         problems.append(f"{out_dir} already exists and is not empty; choose a new --out directory")
@@ -141,9 +144,8 @@ def enroll(
     registry = registry or Registry(master.paths.registry)
 
     addresses = [address, *sans]
-    worker = pki.issue_leaf(
-        master.ca, config.ROLE_WORKER, name, addresses=addresses, key_type=key_type
-    )
+    issue = {"addresses": addresses, "key_type": key_type, "validity_days": validity_days}
+    worker = pki.issue_leaf(master.ca, config.ROLE_WORKER, name, **issue)
     files = {
         config.BUNDLE_CA: pki.cert_pem(master.ca.cert),
         config.BUNDLE_WORKER_CERT: pki.cert_pem(worker.cert),
@@ -151,9 +153,7 @@ def enroll(
     }
     updater_fp = None
     if updater:
-        upd = pki.issue_leaf(
-            master.ca, config.ROLE_UPDATER, name, addresses=addresses, key_type=key_type
-        )
+        upd = pki.issue_leaf(master.ca, config.ROLE_UPDATER, name, **issue)
         files[config.BUNDLE_UPDATER_CERT] = pki.cert_pem(upd.cert)
         files[config.BUNDLE_UPDATER_KEY] = pki.key_pem(upd.key)
         updater_fp = upd.fingerprint

@@ -1,0 +1,220 @@
+"""The forwarder service: locate the stream, watch the file, keep a connection up."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from decnet import config
+from decnet.forwarder.client import ForwarderFactory, Shipper, serial_runner
+from decnet.forwarder.offsets import OffsetStore, OffsetWriter
+from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
+from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
+
+_jitter = random.SystemRandom()
+
+
+def forwarder_options(
+    identity: TLSIdentity, master_fingerprint: str | None, mode: str
+) -> tuple[PolicyOptions, PeerPolicy]:
+    """Client TLS options: the master only (pinned when we know its fingerprint)."""
+    policy = PeerPolicy([Accept(config.ROLE_MASTER, fingerprint=master_fingerprint)])
+    alpn = None if mode == "plain" else [config.ACK_ALPN]
+    return PolicyOptions(identity, policy, acceptable_protocols=alpn), policy
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Tells the factory about failed connection attempts (refused, unreachable)."""
+
+    def __init__(self, endpoint, factory: ForwarderFactory):
+        self._endpoint = endpoint
+        self._factory = factory
+
+    def connect(self, protocol_factory):
+        d = self._endpoint.connect(protocol_factory)
+
+        def failed(failure):
+            self._factory.failed_attempt(failure.getErrorMessage())
+            return failure
+
+        return d.addErrback(failed)
+
+
+class TailWatcher(Service):
+    """Wakes the shipper on inotify events for the log directory, and on a poll timer."""
+
+    log = Logger()
+
+    def __init__(self, reactor, path: Path, notify, poll_interval: float):
+        self.reactor = reactor
+        self.path = path
+        self.notify = notify
+        self.poll = LoopingCall(self._tick)
+        self.poll.clock = reactor
+        self.poll_interval = poll_interval
+        self._inotify = None
+        self._watching = False
+
+    def startService(self):
+        super().startService()
+        try:
+            from twisted.internet import inotify
+
+            self._inotify = inotify.INotify(reactor=self.reactor)
+            self._inotify.startReading()
+        except Exception as exc:  # no inotify on this platform / reactor
+            self.log.info(
+                "inotify unavailable ({error}); polling {path} every {interval}s",
+                error=str(exc),
+                path=str(self.path),
+                interval=self.poll_interval,
+            )
+            self._inotify = None
+        self._watch()
+        self.poll.start(self.poll_interval, now=True)
+
+    def _watch(self) -> None:
+        if self._inotify is None or self._watching:
+            return
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        mask = (
+            inotify.IN_MODIFY
+            | inotify.IN_CREATE
+            | inotify.IN_MOVED_TO
+            | inotify.IN_MOVED_FROM
+            | inotify.IN_DELETE
+            | inotify.IN_CLOSE_WRITE
+            | inotify.IN_ATTRIB
+        )
+        try:
+            self._inotify.watch(FilePath(str(self.path.parent)), mask, callbacks=[self._event])
+            self._watching = True
+        except Exception:
+            # The directory does not exist yet; the poll timer retries.
+            self._watching = False
+
+    def _event(self, _watch, _path, _mask):
+        self.notify()
+
+    def _tick(self):
+        self._watch()
+        self.notify()
+
+    def stopService(self):
+        if self.poll.running:
+            self.poll.stop()
+        if self._inotify is not None:
+            self._inotify.loseConnection()
+            self._inotify = None
+        return super().stopService()
+
+
+class ForwarderService(MultiService):
+    """Everything ``twistd decnet-forwarder`` runs."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        identity: TLSIdentity,
+        master_host: str,
+        master_port: int,
+        master_fingerprint: str | None,
+        log_file: Path,
+        state_file: Path,
+        stream: str = config.DEFAULT_STREAM,
+        mode: str = "auto",
+        max_line: int = config.DEFAULT_MAX_LINE,
+        poll_interval: float = config.DEFAULT_POLL_INTERVAL,
+        rotate_wait: float = DEFAULT_ROTATE_WAIT,
+        max_retry_delay: float = 30.0,
+    ):
+        super().__init__()
+        self.reactor = reactor
+        self.stream = stream
+        self.state_file = state_file
+        run = serial_runner(reactor)
+        self.run = run
+        self.tailer = Tailer(log_file, max_line=max_line, rotate_wait=rotate_wait)
+        self.store: OffsetStore | None = None
+        self.offsets = OffsetWriter(None, stream, run)
+        self.shipper = Shipper(
+            self.tailer, self.offsets, reactor, run, max_frame=max_line + config.ACK_HEADER_ROOM
+        )
+        options, policy = forwarder_options(identity, master_fingerprint, mode)
+        target = f"{master_host}:{master_port}"
+        self.factory = ForwarderFactory(
+            self.shipper, stream=stream, mode=mode, target=target, policy=policy
+        )
+        endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
+        self.client = ClientService(
+            _ReportingEndpoint(endpoint, self.factory),
+            self.factory,
+            retryPolicy=backoffPolicy(
+                initialDelay=0.5, maxDelay=max_retry_delay, factor=2.0, jitter=_jitter.random
+            ),
+            clock=reactor,
+        )
+        self.watcher = TailWatcher(reactor, Path(log_file), self.shipper.notify, poll_interval)
+
+    def startService(self):
+        super().startService()
+        d = self.run(self._locate)
+        d.addCallbacks(self._located, self._locate_failed)
+
+    def _locate(self) -> str:
+        self.store = OffsetStore(self.state_file)
+        self.offsets.store = self.store
+        saved = self.store.load(self.stream)
+        what = self.tailer.locate(saved)
+        self.shipper.sent_end = self.tailer.logical
+        return what
+
+    def _located(self, what: str) -> None:
+        self.log.info(
+            "Forwarding {path} as stream {stream}: {what}",
+            path=str(self.tailer.path),
+            stream=self.stream,
+            what=what,
+        )
+        self.shipper.set_ready()
+        self.watcher.setServiceParent(self)
+        self.client.setServiceParent(self)
+
+    def _locate_failed(self, failure) -> None:
+        self.log.failure(
+            "Cannot open the forwarder state {state}", failure, state=str(self.state_file)
+        )
+        self.reactor.stop()
+
+    def stopService(self):
+        current = self.factory.current
+        if current is not None and not current.lost:
+            self.shipper.detach(current)
+        d = super().stopService()
+
+        def close(result):
+            flushed = self.offsets.flush()
+            flushed.addCallback(lambda _: self.run(self._close))
+            return flushed
+
+        d.addBoth(close)
+        return d
+
+    def _close(self) -> None:
+        self.tailer.close()
+        if self.store is not None:
+            self.store.close()

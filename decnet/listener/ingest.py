@@ -1,0 +1,360 @@
+"""Reactor side of ingest: per-(worker, stream) sinks with group commit.
+
+Connections hand accepted bytes to a :class:`StreamSink`; the sink keeps at
+most one commit in flight (in the thread pool) and gathers everything that
+arrives meanwhile into the next one, so the fsync rate adapts to the load
+(one fsync per batch, never per line).  After a commit the sink tells its
+listeners the new durable high-water mark; the acknowledged-mode connection
+turns that into an ``ACK``.  Streams commit independently, so a slow or
+failing stream never delays another worker.
+
+The sink also deduplicates: data that ends at or below the accepted
+high-water mark is dropped, which is what makes a re-sent batch harmless.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from decnet.fsutil import ensure_private_dir
+from decnet.listener import storage
+from decnet.listener.feed import FeedWriter
+from decnet.syslog.ackproto import ProtocolError
+
+# A connection stops reading while its stream holds this much uncommitted data.
+PENDING_LIMIT = 16 * 1024 * 1024
+
+# The JSON feed yields to ingest: while the listener commits more than
+# FEED_BUSY_RATE bytes/s (more than the feed builder could follow anyway), a
+# stream's feed waits, unless it is FEED_MAX_LAG bytes behind its mirror.
+FEED_BUSY_RATE = 16 * 1024 * 1024
+FEED_MAX_LAG = 512 * 1024 * 1024
+FEED_RECHECK = 0.25
+_RATE_WINDOW = 1.0
+
+
+def thread_runner(reactor):
+    """Run blocking callables in the reactor's thread pool (the default runner)."""
+
+    def run(f, *args):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return run
+
+
+def inline_runner(f, *args):
+    """Run blocking callables synchronously (tests with a fake reactor)."""
+    return defer.maybeDeferred(f, *args)
+
+
+class StreamSink:
+    """Accepts bytes for one (worker, stream) and makes them durable in order."""
+
+    log = Logger()
+
+    def __init__(self, ingest: Ingest, worker: str, stream: str, files, recovered):
+        self.ingest = ingest
+        self.worker = worker
+        self.stream = stream
+        self.files = files
+        self.committed_mirror = self.accepted_mirror = recovered.mirror_end
+        self.committed_end = self.accepted_end = recovered.stream_end
+        self._chunks: list[bytes] = []
+        self._records: list[tuple[int, int]] = []  # gap records awaiting commit
+        self.pending_bytes = 0
+        self._committing = False
+        self._flush_waiters: list[tuple[int, defer.Deferred]] = []
+        self._drain_waiters: list[Callable[[], None]] = []
+        self.commit_listeners: list[Callable[[int], None]] = []
+        self.failure_listeners: list[Callable[[str], None]] = []
+        self.failed: str | None = None
+        self.commits = 0
+        self.gaps = 0
+        self.duplicates = 0
+        self.feed: FeedWriter | None = None
+        self._feeding = False
+        self._feed_later = None
+        self._last_commit_mirror = recovered.mirror_end
+
+    # -- accepting data --------------------------------------------------
+
+    def accept(self, start: int, end: int, payload: bytes) -> bool:
+        """Take acknowledged-mode data spanning stream offsets ``[start, end)``.
+
+        Returns ``False`` for a duplicate (already accepted; dropped).  A batch
+        that overlaps the high-water mark only partly is a protocol error.
+        A batch that starts above it is a gap the forwarder declared (its data
+        is gone on the worker): recorded in the index and logged.
+        """
+        if end <= self.accepted_end:
+            self.duplicates += 1
+            return False
+        if start < self.accepted_end:
+            raise ProtocolError(
+                f"DATA [{start}, {end}) overlaps the high-water mark {self.accepted_end}"
+            )
+        if start > self.accepted_end:
+            self.gaps += 1
+            self.log.warn(
+                "Gap in {worker}/{stream}: bytes {start_gap}-{end_gap} never reached us "
+                "(the worker no longer has them)",
+                worker=self.worker,
+                stream=self.stream,
+                start_gap=self.accepted_end,
+                end_gap=start,
+            )
+            self._records.append((self.accepted_mirror, start))
+        self._chunks.append(payload)
+        self.pending_bytes += len(payload)
+        self.accepted_mirror += len(payload)
+        self.accepted_end = end
+        self._kick()
+        return True
+
+    def append_plain(self, data: bytes) -> None:
+        """Take plain RFC 5425 lines (already LF-terminated); offsets are mirror offsets."""
+        self._chunks.append(data)
+        self.pending_bytes += len(data)
+        self.accepted_mirror += len(data)
+        self.accepted_end += len(data)
+        self._kick()
+
+    @property
+    def over_limit(self) -> bool:
+        return self.pending_bytes >= PENDING_LIMIT
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the uncommitted backlog is below the limit again."""
+        self._drain_waiters.append(callback)
+
+    def when_flushed(self) -> defer.Deferred:
+        """Fires with the durable high-water mark once everything accepted so far is durable."""
+        if self.failed:
+            return defer.fail(storage.IngestCorrupt(self.failed))
+        if self.committed_end >= self.accepted_end and not self._chunks and not self._records:
+            return defer.succeed(self.committed_end)
+        d: defer.Deferred = defer.Deferred()
+        self._flush_waiters.append((self.accepted_end, d))
+        return d
+
+    # -- committing ------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._committing or self.failed or not (self._chunks or self._records):
+            return
+        self._committing = True
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        now_us = int(self.ingest.clock.seconds() * 1_000_000)
+        records = [storage.IndexRecord(m, s, now_us) for m, s in self._records]
+        records.append(storage.IndexRecord(self.accepted_mirror, self.accepted_end, now_us))
+        mirror_end, stream_end = self.accepted_mirror, self.accepted_end
+        self._chunks, self._records, self.pending_bytes = [], [], 0
+        d = self.ingest.run(self.files.commit, data, records)
+        d.addCallbacks(self._committed, self._commit_failed, (mirror_end, stream_end))
+        d.addErrback(
+            self.log.failure,
+            "Post-commit bookkeeping failed for {worker}/{stream}",
+            worker=self.worker,
+            stream=self.stream,
+        )
+
+    def _committed(self, _, mirror_end: int, stream_end: int) -> None:
+        self._committing = False
+        self.commits += 1
+        self.committed_mirror, self.committed_end = mirror_end, stream_end
+        for listener in list(self.commit_listeners):
+            listener(stream_end)
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for target, d in waiters:
+            if target <= stream_end:
+                d.callback(stream_end)
+            else:
+                self._flush_waiters.append((target, d))
+        if not self.over_limit:
+            drained, self._drain_waiters = self._drain_waiters, []
+            for callback in drained:
+                callback()
+        self.ingest.committed(mirror_end - self._last_commit_mirror)
+        self._last_commit_mirror = mirror_end
+        self.ingest.feed_kick(self)
+        self._kick()
+
+    def _commit_failed(self, failure) -> None:
+        self._committing = False
+        self.failed = f"commit failed: {failure.getErrorMessage()}"
+        self.log.failure(
+            "Could not make {worker}/{stream} durable; dropping its connections "
+            "(they resume from the last durable mark)",
+            failure,
+            worker=self.worker,
+            stream=self.stream,
+        )
+        for listener in list(self.failure_listeners):
+            listener(self.failed)
+        for _, d in self._flush_waiters:
+            d.errback(storage.IngestCorrupt(self.failed))
+        self._flush_waiters = []
+        self.ingest.forget(self)
+
+
+class Ingest:
+    """All sinks of one ingest directory; opens (and recovers) streams on demand."""
+
+    log = Logger()
+
+    def __init__(self, directory: Path, clock, run=None, *, feed: bool = True):
+        self.directory = Path(directory)
+        self.clock = clock
+        self.run = run or thread_runner(clock)
+        self.feed_enabled = feed
+        self._sinks: dict[tuple[str, str], StreamSink] = {}
+        self._opening: dict[tuple[str, str], list[defer.Deferred]] = {}
+        self._feed_jobs: set[defer.Deferred] = set()
+        self._closing = False
+        self._rate = 0.0  # committed bytes/s, exponentially smoothed
+        self._rate_at = clock.seconds()
+
+    def committed(self, nbytes: int) -> None:
+        """Account ``nbytes`` just made durable (drives the feed's yielding)."""
+        self._rate = self.commit_rate() + nbytes / _RATE_WINDOW
+        self._rate_at = self.clock.seconds()
+
+    def commit_rate(self) -> float:
+        elapsed = max(0.0, self.clock.seconds() - self._rate_at)
+        return self._rate * math.exp(-elapsed / _RATE_WINDOW)
+
+    def prepare(self) -> None:
+        """Create the ingest directory (0700).  Blocking; called once at start-up."""
+        ensure_private_dir(self.directory)
+
+    def sink_for(self, worker: str, stream: str) -> defer.Deferred:
+        """The sink of ``(worker, stream)``, recovering its files on first use."""
+        key = (worker, stream)
+        if key in self._sinks:
+            return defer.succeed(self._sinks[key])
+        d: defer.Deferred = defer.Deferred()
+        waiting = self._opening.setdefault(key, [])
+        waiting.append(d)
+        if len(waiting) == 1:
+            files = storage.StreamFiles(self.directory / worker, stream)
+            opened = self.run(files.open)
+            opened.addCallbacks(self._opened, self._open_failed, (key, files), None, (key,))
+        return d
+
+    def _opened(self, recovered: storage.Recovered, key, files) -> None:
+        worker, stream = key
+        if recovered.cut_mirror_bytes or recovered.cut_index_bytes:
+            self.log.info(
+                "Recovered {worker}/{stream}: cut {mirror} unacknowledged mirror bytes and "
+                "{index} bytes of torn index; high-water mark {offset}",
+                worker=worker,
+                stream=stream,
+                mirror=recovered.cut_mirror_bytes,
+                index=recovered.cut_index_bytes,
+                offset=recovered.stream_end,
+            )
+        sink = StreamSink(self, worker, stream, files, recovered)
+        self._sinks[key] = sink
+        for d in self._opening.pop(key):
+            d.callback(sink)
+        self.feed_kick(sink)
+
+    def _open_failed(self, failure, key) -> None:
+        self.log.error(
+            "Cannot open ingest files for {worker}/{stream}: {error}",
+            worker=key[0],
+            stream=key[1],
+            error=failure.getErrorMessage(),
+        )
+        for d in self._opening.pop(key):
+            d.errback(failure)
+
+    def forget(self, sink: StreamSink) -> None:
+        if self._sinks.get((sink.worker, sink.stream)) is sink:
+            del self._sinks[(sink.worker, sink.stream)]
+        d = self.run(sink.files.close)
+        d.addErrback(
+            self.log.failure, "Closing {worker}/{stream}", worker=sink.worker, stream=sink.stream
+        )
+
+    def sinks(self) -> list[StreamSink]:
+        return list(self._sinks.values())
+
+    # -- the JSON feed ---------------------------------------------------
+
+    def feed_kick(self, sink: StreamSink) -> None:
+        """Schedule feed building for ``sink`` if it is behind and not already running."""
+        if not self.feed_enabled or sink._feeding or sink.failed or self._closing:
+            return
+        if sink.feed is not None:
+            lag = sink.committed_mirror - sink.feed.position.mirror_pos
+            if lag <= 0:
+                return
+            if lag < FEED_MAX_LAG and self.commit_rate() > FEED_BUSY_RATE:
+                if sink._feed_later is None or not sink._feed_later.active():
+                    sink._feed_later = self.clock.callLater(FEED_RECHECK, self.feed_kick, sink)
+                return
+        sink._feeding = True
+        if sink.feed is None:
+            writer = FeedWriter(sink.files, sink.worker)
+
+            def opened(_):
+                sink.feed = writer
+                if writer.reset_reason:
+                    self.log.warn(
+                        "Rebuilding the JSON feed of {worker}/{stream} from the start: {why}",
+                        worker=sink.worker,
+                        stream=sink.stream,
+                        why=writer.reset_reason,
+                    )
+
+            d = self.run(writer.open)
+            d.addCallback(opened)
+        else:
+            d = self.run(sink.feed.step, sink.committed_mirror)
+        self._feed_jobs.add(d)
+
+        def done(result):
+            self._feed_jobs.discard(d)
+            sink._feeding = False
+            self.feed_kick(sink)
+            return result
+
+        def failed(failure):
+            self._feed_jobs.discard(d)
+            # Leave _feeding set: this stream's feed stops until restart, the
+            # mirror (the evidence) keeps going.
+            self.log.failure(
+                "JSON feed of {worker}/{stream} stopped",
+                failure,
+                worker=sink.worker,
+                stream=sink.stream,
+            )
+
+        d.addCallbacks(done, failed)
+
+    def feed_idle(self) -> bool:
+        return not self._feed_jobs
+
+    # -- shutdown --------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def close(self):
+        """Wait for in-flight commits and feed steps, then close every file."""
+        self._closing = True
+        for sink in self._sinks.values():
+            if sink._feed_later is not None and sink._feed_later.active():
+                sink._feed_later.cancel()
+        flushes = [s.when_flushed() for s in self._sinks.values() if not s.failed]
+        yield defer.DeferredList(flushes + list(self._feed_jobs), consumeErrors=True)
+        for sink in list(self._sinks.values()):
+            yield self.run(sink.files.close)
+            if sink.feed is not None:
+                yield self.run(sink.feed.close)
+        self._sinks.clear()

@@ -1,0 +1,387 @@
+"""The listener's per-connection protocol: plain RFC 5425 or ``decnet-syslog/1``.
+
+Who sent the bytes is decided once, after the TLS handshake, from the peer
+certificate (already checked by the handshake: our CA, role ``worker``, not
+revoked).  The syslog HOSTNAME inside the messages is never consulted.  The
+negotiated ALPN protocol picks the mode:
+
+* none (a stock RFC 5425 sender such as rsyslog): every frame is one line,
+  appended to the worker's ``syslog`` stream;
+* ``decnet-syslog/1``: HELLO → RESUME(high-water mark) → DATA… / ACK…, see
+  ``docs/Logging.md``.
+
+Framing and protocol errors are expected refusals: logged as warnings with the
+peer and the reason, then only *this* connection is closed; frames that were
+complete before the error are kept.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from decnet import config
+from decnet.listener.ingest import Ingest, StreamSink
+from decnet.syslog import ackproto
+from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
+from decnet.tls import peer_identity
+
+# A refused or failed connection gets this long to close gracefully.
+CLOSE_GRACE = 5.0
+# What stands for an LF inside a plain-mode frame in the line-oriented mirror
+# (rsyslog's own escape for control characters).
+ESCAPED_LF = b"#012"
+
+HANDSHAKING = "handshaking"
+AWAITING_HELLO = "awaiting-hello"
+RESUMING = "resuming"
+STREAMING = "streaming"
+PLAIN = "plain"
+CLOSING = "closing"
+
+
+@implementer(IHandshakeListener)
+class SyslogServerProtocol(Protocol, TimeoutMixin):
+    log = Logger()
+
+    def __init__(self, factory: ListenerFactory, addr):
+        self.factory = factory
+        self.addr = addr
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = factory.clock.callLater
+        self.state = HANDSHAKING
+        self.decoder = OctetCountingDecoder(factory.max_frame)
+        self.worker: str | None = None
+        self.fingerprint: str | None = None
+        self.stream: str | None = None
+        self.sink: StreamSink | None = None
+        self.frames = 0
+        self.bytes = 0
+        self.escaped_lfs = 0
+        self._queued: list[bytes] = []
+        self._paused = False
+        self._close_call = None
+
+    # -- identity --------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        where = f"{getattr(self.addr, 'host', '?')}:{getattr(self.addr, 'port', '?')}"
+        return f"{self.worker}@{where}" if self.worker else where
+
+    def connectionMade(self):
+        self.setTimeout(self.factory.idle_timeout)
+
+    def handshakeCompleted(self):
+        identity = peer_identity(self.transport)
+        if identity is None or identity.role != config.ROLE_WORKER:
+            # The handshake policy already guarantees this; never trust a gap.
+            self._refuse("peer is not an authenticated worker")
+            return
+        self.worker, self.fingerprint = identity.cn, identity.fingerprint
+        reason = self.factory.admit(self)
+        if reason is not None:
+            self._refuse(reason)
+            return
+        alpn = getattr(self.transport, "negotiatedProtocol", None)
+        if alpn == config.ACK_ALPN:
+            # DATA payloads are whole lines: their final LF is data, not a stock sender's extra.
+            self.decoder.strip_lf = False
+            self.state = AWAITING_HELLO
+            self.log.info(
+                "Worker {worker} connected from {peer} (acknowledged mode)",
+                worker=self.worker,
+                peer=self.peer,
+            )
+        else:
+            self.state = PLAIN
+            self.stream = config.PLAIN_STREAM
+            self.log.info(
+                "Worker {worker} connected from {peer} (plain RFC 5425)",
+                worker=self.worker,
+                peer=self.peer,
+            )
+            self._pause()
+            self._attach(self.factory.ingest.sink_for(self.worker, self.stream))
+
+    # -- bytes in --------------------------------------------------------
+
+    def dataReceived(self, data: bytes):
+        if self.state in (CLOSING, HANDSHAKING):
+            return
+        self.bytes += len(data)
+        try:
+            frames = self.decoder.feed(data)
+        except FramingError as exc:
+            self._handle_frames(exc.frames)
+            self._refuse(f"framing error: {exc}", kept=len(exc.frames))
+            return
+        if frames:
+            self._handle_frames(frames)
+        if self.state in (PLAIN, STREAMING) and not self.decoder.buffered:
+            # At a frame boundary an authenticated peer may stay idle (the
+            # per-worker cap bounds how many); mid-frame it may not.
+            self.setTimeout(None)
+        elif self.state != CLOSING:
+            self.setTimeout(self.factory.idle_timeout)
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        if not frames or self.state == CLOSING:
+            return
+        self.frames += len(frames)
+        if self.state == PLAIN:
+            if self.sink is None:
+                self._queued.extend(frames)
+            else:
+                self._append_plain(frames)
+            return
+        for frame in frames:
+            if self.state == CLOSING:
+                return
+            try:
+                self._ack_message(ackproto.decode(frame))
+            except ackproto.ProtocolError as exc:
+                self._refuse(f"protocol error: {exc}")
+                return
+
+    def _append_plain(self, frames: list[bytes]) -> None:
+        for i, frame in enumerate(frames):
+            if b"\n" in frame:
+                self.escaped_lfs += frame.count(b"\n")
+                frames[i] = frame.replace(b"\n", ESCAPED_LF)
+        frames.append(b"")
+        self.sink.append_plain(b"\n".join(frames))
+        self._backpressure()
+
+    def _ack_message(self, message) -> None:
+        if self.state == STREAMING and isinstance(message, ackproto.Data):
+            self.sink.accept(message.start, message.end, message.payload)
+            self._backpressure()
+        elif self.state == AWAITING_HELLO and isinstance(message, ackproto.Hello):
+            if message.stream == config.PLAIN_STREAM:
+                raise ackproto.ProtocolError(
+                    f"stream name {message.stream!r} is reserved for plain RFC 5425"
+                )
+            self.stream = message.stream
+            self.factory.claim_stream(self)
+            self.state = RESUMING
+            self._pause()
+            self._attach(self.factory.ingest.sink_for(self.worker, self.stream))
+        else:
+            raise ackproto.ProtocolError(
+                f"unexpected {type(message).__name__.upper()} in state {self.state}"
+            )
+
+    # -- the sink --------------------------------------------------------
+
+    def _attach(self, opening: defer.Deferred) -> None:
+        opening.addCallbacks(self._sink_ready, self._sink_failed)
+        opening.addErrback(self.log.failure, "Attaching {peer} to its stream", peer=self.peer)
+
+    def _sink_ready(self, sink: StreamSink) -> None:
+        if self.state == CLOSING:
+            return
+        self.sink = sink
+        sink.failure_listeners.append(self._sink_broke)
+        if self.state == PLAIN:
+            queued, self._queued = self._queued, []
+            if queued:
+                self._append_plain(queued)
+            self._resume()
+            return
+        # Acknowledged mode: everything an earlier connection of this stream
+        # handed over must be durable before we name the resume point.
+        flushed = sink.when_flushed()
+        flushed.addCallbacks(self._send_resume, self._sink_failed)
+
+    def _send_resume(self, offset: int) -> None:
+        if self.state != RESUMING:
+            return
+        self.state = STREAMING
+        self.sink.commit_listeners.append(self._on_commit)
+        self._write(ackproto.encode_resume(offset))
+        self.log.info(
+            "Resuming {worker}/{stream} at offset {offset} for {peer}",
+            worker=self.worker,
+            stream=self.stream,
+            offset=offset,
+            peer=self.peer,
+        )
+        self.setTimeout(None)
+        self._resume()
+
+    def _on_commit(self, offset: int) -> None:
+        if self.state == STREAMING:
+            self._write(ackproto.encode_ack(offset))
+
+    def _sink_failed(self, failure) -> None:
+        self._refuse(f"stream unavailable: {failure.getErrorMessage()}", warn=False)
+
+    def _sink_broke(self, reason: str) -> None:
+        self._refuse(f"stream unavailable: {reason}", warn=False)
+
+    def _backpressure(self) -> None:
+        if self.sink.over_limit and not self._paused:
+            self._pause()
+            self.sink.when_drained(self._resume)
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused and self.state != CLOSING:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- closing ---------------------------------------------------------
+
+    def _write(self, body: bytes) -> None:
+        self.transport.write(encode_frame(body))
+
+    def _refuse(self, reason: str, *, kept: int | None = None, warn: bool = True) -> None:
+        """Close this connection (only this one) and say why, once."""
+        if self.state == CLOSING:
+            return
+        if self.state in (AWAITING_HELLO, RESUMING, STREAMING):
+            self._write(ackproto.encode_error(reason))
+        self.state = CLOSING
+        emit = self.log.warn if warn else self.log.error
+        emit(
+            "Closing connection from {peer}: {reason}"
+            + (" ({kept} frames before it were kept)" if kept is not None else ""),
+            peer=self.peer,
+            reason=reason,
+            kept=kept,
+            worker=self.worker,
+        )
+        self.setTimeout(None)
+        self.transport.loseConnection()
+        self._close_call = self.factory.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._close_call = None
+        self.transport.abortConnection()
+
+    def timeoutConnection(self):
+        if self.state == HANDSHAKING:
+            what = "no TLS handshake"
+        elif self.decoder.buffered:
+            what = f"an incomplete frame ({self.decoder.buffered} bytes buffered)"
+        else:
+            what = "no HELLO"
+        self._refuse(f"idle for {self.factory.idle_timeout:g}s with {what}")
+
+    def cut(self, reason: str) -> None:
+        """Drop this connection at once (revocation)."""
+        self.log.warn("Cutting connection from {peer}: {reason}", peer=self.peer, reason=reason)
+        self.state = CLOSING
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        prev, self.state = self.state, CLOSING
+        if self.sink is not None:
+            for lst, fn in (
+                (self.sink.commit_listeners, self._on_commit),
+                (self.sink.failure_listeners, self._sink_broke),
+            ):
+                if fn in lst:
+                    lst.remove(fn)
+        self.factory.forget(self)
+        if self.worker and prev != CLOSING:
+            self.log.info(
+                "Connection from {peer} closed ({frames} frames, {bytes} bytes)",
+                peer=self.peer,
+                frames=self.frames,
+                bytes=self.bytes,
+            )
+
+
+class ListenerFactory(Factory):
+    """Builds :class:`SyslogServerProtocol` and enforces the connection caps."""
+
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        clock,
+        *,
+        max_frame: int = config.DEFAULT_MAX_FRAME,
+        max_connections: int = config.DEFAULT_MAX_CONNECTIONS,
+        max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
+        idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
+    ):
+        self.ingest = ingest
+        self.clock = clock
+        self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.max_per_worker = max_per_worker
+        self.idle_timeout = idle_timeout
+        self.connections: set[SyslogServerProtocol] = set()
+        self.by_worker: dict[str, set[SyslogServerProtocol]] = {}
+        self.stream_owner: dict[tuple[str, str], SyslogServerProtocol] = {}
+        self.refused = 0
+
+    def buildProtocol(self, addr):
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            self.log.warn(
+                "Refusing connection from {peer}: {count} connections open (--max-connections)",
+                peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
+                count=len(self.connections),
+            )
+            return None
+        proto = SyslogServerProtocol(self, addr)
+        self.connections.add(proto)
+        return proto
+
+    def admit(self, proto: SyslogServerProtocol) -> str | None:
+        """Count ``proto`` against its worker's cap; the refusal reason if over it."""
+        mine = self.by_worker.setdefault(proto.worker, set())
+        if len(mine) >= self.max_per_worker:
+            self.refused += 1
+            return (
+                f"worker {proto.worker!r} already has {len(mine)} connections "
+                "(--max-connections-per-worker)"
+            )
+        mine.add(proto)
+        return None
+
+    def claim_stream(self, proto: SyslogServerProtocol) -> None:
+        """Make ``proto`` the one connection of its (worker, stream); drop an older one.
+
+        A forwarder that was killed leaves a half-open connection behind; the
+        newest HELLO wins so its restart is never locked out.
+        """
+        key = (proto.worker, proto.stream)
+        old = self.stream_owner.get(key)
+        if old is not None and old is not proto:
+            old.cut(f"replaced by a newer connection for stream {proto.stream!r}")
+        self.stream_owner[key] = proto
+
+    def forget(self, proto: SyslogServerProtocol) -> None:
+        self.connections.discard(proto)
+        if proto.worker is not None:
+            mine = self.by_worker.get(proto.worker)
+            if mine is not None:
+                mine.discard(proto)
+                if not mine:
+                    del self.by_worker[proto.worker]
+            key = (proto.worker, proto.stream)
+            if self.stream_owner.get(key) is proto:
+                del self.stream_owner[key]
+
+    def revoked(self, fingerprints: frozenset[str]) -> None:
+        """Cut every live connection whose certificate was just revoked."""
+        for proto in [p for p in self.connections if p.fingerprint in fingerprints]:
+            proto.cut("its certificate was revoked")

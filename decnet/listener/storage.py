@@ -1,0 +1,224 @@
+"""The on-disk ingest of one (worker, stream): mirror, commit index, recovery.
+
+Blocking file I/O only; the reactor side (:mod:`decnet.listener.ingest`) runs
+every method here in the thread pool.  Layout under ``<ingest-dir>/<worker>/``
+(documented in ``docs/Logging.md``)::
+
+    <stream>.log    the byte-exact mirror: the worker's lines, in order
+    <stream>.idx    the commit index: one 32-byte record per durable commit
+    <stream>.jsonl  the JSON lines feed (written by the feed builder)
+    <stream>.feed   the feed builder's durable position (two checksummed slots)
+
+A commit appends the batch to the mirror, fsyncs it, then appends one index
+record ``(mirror_end, stream_end, received_at)`` and fsyncs the index.  Only
+then is the batch acknowledged.  On open, a torn index record is dropped and
+any mirror bytes past the last record (written, never acknowledged) are cut,
+so the mirror and the high-water mark always agree: that is what makes a
+``kill -9`` at any instant safe.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import attrs
+
+from decnet.errors import DecnetError
+from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, fsync_dir
+
+# Index record: magic, crc32 of the three numbers, mirror_end, stream_end,
+# received_at (microseconds since the epoch).  Little-endian.
+INDEX_RECORD = struct.Struct("<4sIQQQ")
+INDEX_MAGIC = b"DXI1"
+_NUMBERS = struct.Struct("<QQQ")
+
+# Feed position slot: magic, crc32, sequence, mirror_pos, feed_len, idx_pos.
+FEED_SLOT = struct.Struct("<4sIQQQQ")
+FEED_MAGIC = b"DXF1"
+_FEED_NUMBERS = struct.Struct("<QQQQ")
+
+
+class IngestCorrupt(DecnetError):
+    """The files of a stream contradict each other (not something a crash can cause)."""
+
+
+@attrs.frozen
+class IndexRecord:
+    mirror_end: int
+    stream_end: int
+    received_at_us: int
+
+
+def pack_record(record: IndexRecord) -> bytes:
+    numbers = _NUMBERS.pack(record.mirror_end, record.stream_end, record.received_at_us)
+    return INDEX_RECORD.pack(INDEX_MAGIC, zlib.crc32(numbers), *_NUMBERS.unpack(numbers))
+
+
+def unpack_record(raw: bytes) -> IndexRecord | None:
+    """The record, or ``None`` when it is torn or not a record at all."""
+    if len(raw) != INDEX_RECORD.size:
+        return None
+    magic, crc, mirror_end, stream_end, at = INDEX_RECORD.unpack(raw)
+    if magic != INDEX_MAGIC or zlib.crc32(_NUMBERS.pack(mirror_end, stream_end, at)) != crc:
+        return None
+    return IndexRecord(mirror_end, stream_end, at)
+
+
+@attrs.frozen
+class FeedPosition:
+    mirror_pos: int = 0
+    feed_len: int = 0
+    idx_pos: int = 0  # index of the first commit record not yet fully used
+    sequence: int = 0
+
+
+def pack_feed_slot(pos: FeedPosition) -> bytes:
+    numbers = _FEED_NUMBERS.pack(pos.sequence, pos.mirror_pos, pos.feed_len, pos.idx_pos)
+    return FEED_SLOT.pack(FEED_MAGIC, zlib.crc32(numbers), *_FEED_NUMBERS.unpack(numbers))
+
+
+def unpack_feed_slot(raw: bytes) -> FeedPosition | None:
+    if len(raw) != FEED_SLOT.size:
+        return None
+    magic, crc, seq, mirror_pos, feed_len, idx_pos = FEED_SLOT.unpack(raw)
+    if (
+        magic != FEED_MAGIC
+        or zlib.crc32(_FEED_NUMBERS.pack(seq, mirror_pos, feed_len, idx_pos)) != crc
+    ):
+        return None
+    return FeedPosition(mirror_pos, feed_len, idx_pos, seq)
+
+
+def _open(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+
+
+@attrs.define
+class Recovered:
+    """What opening a stream found: its durable ends and what was cut."""
+
+    mirror_end: int
+    stream_end: int
+    records: int
+    cut_mirror_bytes: int = 0
+    cut_index_bytes: int = 0
+
+
+class StreamFiles:
+    """The mirror and index of one (worker, stream), opened for appending.
+
+    Not thread-safe: the reactor side guarantees one call at a time.
+    """
+
+    def __init__(self, directory: Path, stream: str):
+        self.directory = directory
+        self.stream = stream
+        self.mirror_path = directory / f"{stream}.log"
+        self.index_path = directory / f"{stream}.idx"
+        self.feed_path = directory / f"{stream}.jsonl"
+        self.feed_pos_path = directory / f"{stream}.feed"
+        self._mirror_fd: int | None = None
+        self._index_fd: int | None = None
+
+    def open(self) -> Recovered:
+        """Create or recover the stream; returns the durable state.  Blocking."""
+        created = not self.directory.exists()
+        ensure_private_dir(self.directory)
+        if created:
+            fsync_dir(self.directory.parent)
+        index_fd = _open(self.index_path, os.O_RDWR | os.O_CREAT)
+        mirror_fd = _open(self.mirror_path, os.O_RDWR | os.O_CREAT)
+        try:
+            state = self._recover(index_fd, mirror_fd)
+        except BaseException:
+            os.close(index_fd)
+            os.close(mirror_fd)
+            raise
+        os.lseek(index_fd, 0, os.SEEK_END)
+        os.lseek(mirror_fd, 0, os.SEEK_END)
+        self._index_fd, self._mirror_fd = index_fd, mirror_fd
+        if created:
+            fsync_dir(self.directory)
+        return state
+
+    def _recover(self, index_fd: int, mirror_fd: int) -> Recovered:
+        size = os.fstat(index_fd).st_size
+        usable = size - size % INDEX_RECORD.size
+        last: IndexRecord | None = None
+        while usable:
+            last = unpack_record(os.pread(index_fd, INDEX_RECORD.size, usable - INDEX_RECORD.size))
+            if last is not None:
+                break
+            usable -= INDEX_RECORD.size
+        cut_index = size - usable
+        if cut_index:
+            os.ftruncate(index_fd, usable)
+            os.fsync(index_fd)
+        mirror_end = last.mirror_end if last else 0
+        stream_end = last.stream_end if last else 0
+        mirror_size = os.fstat(mirror_fd).st_size
+        if mirror_size < mirror_end:
+            raise IngestCorrupt(
+                f"{self.mirror_path} holds {mirror_size} bytes but its index says "
+                f"{mirror_end} were committed; refusing to guess (restore it from backup "
+                "or move the stream's files away)"
+            )
+        cut_mirror = mirror_size - mirror_end
+        if cut_mirror:
+            os.ftruncate(mirror_fd, mirror_end)
+            os.fsync(mirror_fd)
+        return Recovered(
+            mirror_end=mirror_end,
+            stream_end=stream_end,
+            records=usable // INDEX_RECORD.size,
+            cut_mirror_bytes=cut_mirror,
+            cut_index_bytes=cut_index,
+        )
+
+    def commit(self, data: bytes, records: list[IndexRecord]) -> None:
+        """Append ``data`` to the mirror and ``records`` to the index, durably.  Blocking.
+
+        The mirror is made durable before the index record that covers it, so
+        an index record never points past what the mirror holds.
+        """
+        if data:
+            _write_all(self._mirror_fd, data)
+            os.fsync(self._mirror_fd)
+        _write_all(self._index_fd, b"".join(pack_record(r) for r in records))
+        os.fsync(self._index_fd)
+
+    def close(self) -> None:
+        for fd in (self._mirror_fd, self._index_fd):
+            if fd is not None:
+                os.close(fd)
+        self._mirror_fd = self._index_fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def read_records(path: Path, first: int = 0, until_mirror: int | None = None) -> list[IndexRecord]:
+    """Index records from number ``first`` on, up to the first whose ``mirror_end`` reaches
+    ``until_mirror`` (all when ``None``); stops at a torn record.  Blocking."""
+    out: list[IndexRecord] = []
+    size = INDEX_RECORD.size
+    with open(path, "rb") as f:
+        f.seek(first * size)
+        while True:
+            block = f.read(size * 256)
+            for i in range(0, len(block) - size + 1, size):
+                record = unpack_record(block[i : i + size])
+                if record is None:
+                    return out
+                out.append(record)
+                if until_mirror is not None and record.mirror_end >= until_mirror:
+                    return out
+            if len(block) < size * 256:
+                return out

@@ -1,0 +1,142 @@
+"""``twistd decnet-listener``: options and service construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from twisted.python import usage
+
+from decnet import config
+from decnet.errors import ConfigError, DecnetError
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Receive worker logs over mutual TLS (RFC 5425; acknowledged mode via ALPN "
+        f"{config.ACK_ALPN.decode()}) and ingest them: a byte-exact mirror and a JSON "
+        "lines feed per worker and stream.  See docs/Logging.md."
+    )
+    optParameters: ClassVar[list] = [
+        [
+            "listen",
+            None,
+            None,
+            "Endpoint string to listen on "
+            f"[default: tcp:${config.ENV_SYSLOG_PORT} or {config.SYSLOG_PORT}"
+            f":interface={config.DEFAULT_LISTEN_INTERFACE}]",
+        ],
+        [
+            "home",
+            None,
+            None,
+            "Master state directory (CA, master identity, revocations) "
+            f"[default: ${config.ENV_HOME} or {config.DEFAULT_HOME}]",
+        ],
+        ["ingest-dir", None, None, "Where mirrors and feeds go [default: <home>/ingest]"],
+        [
+            "max-frame",
+            None,
+            config.DEFAULT_MAX_FRAME,
+            "Largest frame accepted (bytes)",
+            _positive_int,
+        ],
+        [
+            "max-connections",
+            None,
+            config.DEFAULT_MAX_CONNECTIONS,
+            "Connections open at once, all workers together",
+            _positive_int,
+        ],
+        [
+            "max-connections-per-worker",
+            None,
+            config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
+            "Connections open at once per worker certificate",
+            _positive_int,
+        ],
+        [
+            "idle-timeout",
+            None,
+            config.DEFAULT_IDLE_TIMEOUT,
+            "Seconds a connection may stall before its handshake, HELLO, or mid-frame",
+            _positive_float,
+        ],
+        ["port-file", None, None, "Write the bound port number here once listening"],
+    ]
+    optFlags: ClassVar[list] = [
+        ["no-feed", None, "Do not build the JSON feed (mirror only)"],
+    ]
+
+    def postOptions(self):
+        try:
+            if self["listen"] is None:
+                self["listen"] = (
+                    f"tcp:{config.syslog_port()}:interface={config.DEFAULT_LISTEN_INTERFACE}"
+                )
+            paths = config.MasterPaths.resolve(self["home"])
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+        self["paths"] = paths
+        for path, what in (
+            (paths.master_cert, "master certificate"),
+            (paths.master_key, "master private key"),
+            (paths.ca_cert, "CA certificate"),
+        ):
+            if not path.is_file():
+                raise usage.UsageError(
+                    f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
+                    "the listener needs the master identity)"
+                )
+        self["ingest-dir"] = (
+            Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
+        )
+        if self["port-file"]:
+            self["port-file"] = Path(self["port-file"]).absolute()
+        if self["max-frame"] < 512:
+            raise usage.UsageError("--max-frame must be at least 512 bytes")
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from decnet.listener.service import ListenerService, raise_nofile_limit
+    from decnet.revocation import RevocationSet
+    from decnet.tls import TLSIdentity
+
+    paths = options["paths"]
+    try:
+        identity = TLSIdentity.master(paths)
+        revocations = RevocationSet(paths.revocations)
+    except DecnetError as exc:
+        raise usage.UsageError(str(exc)) from None
+    raise_nofile_limit()
+    return ListenerService(
+        reactor,
+        identity=identity,
+        revocations=revocations,
+        ingest_dir=options["ingest-dir"],
+        listen=options["listen"],
+        port_file=options["port-file"],
+        max_frame=options["max-frame"],
+        max_connections=options["max-connections"],
+        max_per_worker=options["max-connections-per-worker"],
+        idle_timeout=options["idle-timeout"],
+        feed=not options["no-feed"],
+        sighup=True,
+    )

@@ -1,0 +1,145 @@
+"""The acknowledged protocol (``decnet-syslog/1``): messages, sans-IO.
+
+Negotiated with TLS ALPN; a peer that does not offer it speaks plain RFC 5425.
+Every message travels in one octet-counted frame (``framing.encode_frame``) in
+either direction; the first byte names the message.  All numbers are ASCII
+decimal without leading zeros.  ``docs/Logging.md`` has the state machine.
+
+=========  =========  ==================================================
+message    direction  body
+=========  =========  ==================================================
+HELLO      F → L      ``H 1 <stream>``: protocol version, stream name
+RESUME     L → F      ``R <offset>``: the stream's durable high-water mark
+DATA       F → L      ``D <start> <end> <lines>``: whole lines that span
+                      stream offsets ``[start, end)``
+ACK        L → F      ``A <offset>``: everything below is durable
+ERROR      L → F      ``E <reason>``: sent before the listener closes
+=========  =========  ==================================================
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from decnet.errors import DecnetError
+
+VERSION = 1
+MAX_OFFSET = 2**63 - 1
+STREAM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ProtocolError(DecnetError):
+    """A message that is not valid ``decnet-syslog/1``; the connection is closed."""
+
+
+@attrs.frozen
+class Hello:
+    stream: str
+    version: int = VERSION
+
+
+@attrs.frozen
+class Resume:
+    offset: int
+
+
+@attrs.frozen
+class Data:
+    start: int
+    end: int
+    payload: bytes
+
+
+@attrs.frozen
+class Ack:
+    offset: int
+
+
+@attrs.frozen
+class Error:
+    reason: str
+
+
+Message = Hello | Resume | Data | Ack | Error
+
+
+def validate_stream_name(name: str) -> str:
+    """Stream names are file names under the ingest dir: lowercase, no slashes, ≤ 64."""
+    if not isinstance(name, str) or not STREAM_NAME_RE.match(name) or ".." in name:
+        raise ProtocolError(
+            f"invalid stream name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-'"
+        )
+    return name
+
+
+def encode_hello(stream: str) -> bytes:
+    return b"H %d %s" % (VERSION, validate_stream_name(stream).encode("ascii"))
+
+
+def encode_resume(offset: int) -> bytes:
+    return b"R %d" % offset
+
+
+def data_header(start: int, end: int) -> bytes:
+    """``D start end `` — the payload follows directly (saves one copy of it)."""
+    return b"D %d %d " % (start, end)
+
+
+def encode_data(start: int, end: int, payload: bytes) -> bytes:
+    return data_header(start, end) + payload
+
+
+def encode_ack(offset: int) -> bytes:
+    return b"A %d" % offset
+
+
+def encode_error(reason: str) -> bytes:
+    return b"E " + reason.encode("utf-8", "replace")[:512]
+
+
+def _number(raw: bytes, what: str) -> int:
+    if not raw.isdigit() or (len(raw) > 1 and raw[0] == 0x30) or len(raw) > 19:
+        raise ProtocolError(f"{what} is not a decimal offset: {raw[:24]!r}")
+    value = int(raw)
+    if value > MAX_OFFSET:
+        raise ProtocolError(f"{what} out of range")
+    return value
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one frame body; raise :class:`ProtocolError` for anything malformed."""
+    kind = frame[:2]
+    if kind == b"D ":
+        sp1 = frame.find(b" ", 2, 23)
+        sp2 = frame.find(b" ", sp1 + 1, sp1 + 22) if sp1 > 0 else -1
+        if sp2 < 0:
+            raise ProtocolError("DATA header is incomplete")
+        start = _number(frame[2:sp1], "DATA start")
+        end = _number(frame[sp1 + 1 : sp2], "DATA end")
+        payload = frame[sp2 + 1 :]
+        if end <= start:
+            raise ProtocolError(f"DATA end {end} is not after start {start}")
+        if not payload or payload[-1:] != b"\n":
+            raise ProtocolError("DATA payload must be whole lines ending in LF")
+        return Data(start, end, payload)
+    if kind == b"A ":
+        return Ack(_number(frame[2:], "ACK offset"))
+    if kind == b"R ":
+        return Resume(_number(frame[2:], "RESUME offset"))
+    if kind == b"H ":
+        parts = frame[2:].split(b" ")
+        if len(parts) != 2:
+            raise ProtocolError("HELLO must be 'H <version> <stream>'")
+        version = _number(parts[0], "HELLO version")
+        if version != VERSION:
+            raise ProtocolError(f"unsupported protocol version {version}")
+        try:
+            stream = parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolError("stream name is not ASCII") from None
+        return Hello(validate_stream_name(stream), version)
+    if kind == b"E " or frame == b"E":
+        return Error(frame[2:].decode("utf-8", "replace"))
+    raise ProtocolError(f"unknown message type {frame[:1]!r}")

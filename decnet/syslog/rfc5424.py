@@ -1,0 +1,260 @@
+"""RFC 5424 messages: a pure, lenient parser and a strict formatter.
+
+``parse(line)`` returns a :class:`SyslogMessage` or raises :class:`ParseError`
+naming what was wrong; callers that must never lose a line (the listener's
+JSON feed) keep the raw bytes and flag the line instead.  ``format_message``
+builds a valid message from fields, escaping SD-PARAM values (``"``, ``\\``
+and ``]``, RFC 5424 §6.3.3), so other code never hand-assembles syslog text.
+
+Header fields are printable US-ASCII (RFC 5424 §6); the MSG part is bytes,
+UTF-8 when it starts with a BOM (§6.4).  Nothing here trusts HOSTNAME: it is
+whatever the sender wrote.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+from decnet.errors import DecnetError
+
+BOM = b"\xef\xbb\xbf"
+NILVALUE = "-"
+
+# Field limits from RFC 5424 §6 (ABNF).
+MAX_HOSTNAME = 255
+MAX_APP_NAME = 48
+MAX_PROCID = 128
+MAX_MSGID = 32
+MAX_SD_NAME = 32
+
+FACILITY_NAMES = (
+    "kern user mail daemon auth syslog lpr news uucp cron authpriv ftp ntp audit alert clock "
+    "local0 local1 local2 local3 local4 local5 local6 local7"
+).split()
+SEVERITY_NAMES = "emerg alert crit err warning notice info debug".split()
+
+
+class ParseError(DecnetError):
+    """The line is not a valid RFC 5424 message; the message says where."""
+
+
+@attrs.frozen
+class SDElement:
+    """One STRUCTURED-DATA element: an SD-ID and its params in order (names may repeat)."""
+
+    id: str
+    params: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class SyslogMessage:
+    facility: int
+    severity: int
+    version: int = 1
+    timestamp: str | None = None  # RFC 3339 text as sent; None for NILVALUE
+    hostname: str | None = None
+    app_name: str | None = None
+    procid: str | None = None
+    msgid: str | None = None
+    structured_data: tuple[SDElement, ...] = ()
+    msg: bytes | None = None  # without the BOM; None when absent
+    bom: bool = False
+
+    @property
+    def pri(self) -> int:
+        return self.facility * 8 + self.severity
+
+
+# HEADER: PRI VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP
+# Header fields are PRINTUSASCII (%d33-126): the character class checks that.
+_HEADER = re.compile(
+    rb"<(\d{1,3})>([1-9]\d{0,2}) ([!-~]+) ([!-~]{1,255}) ([!-~]{1,48}) ([!-~]{1,128}) "
+    rb"([!-~]{1,32}) "
+)
+_TIMESTAMP = re.compile(
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)\Z"
+)
+# SD-NAME: 1*32 PRINTUSASCII except '=', SP, ']' and '"'.
+_NAME = rb"[!#-<>-\\^-~]{1,32}"
+_SD_ELEMENT = re.compile(
+    rb"\[(" + _NAME + rb")((?: " + _NAME + rb'="(?:[^"\\]|\\.)*")*)\]', re.DOTALL
+)
+_SD_PARAM = re.compile(rb" (" + _NAME + rb')="((?:[^"\\]|\\.)*)"', re.DOTALL)
+_UNESCAPE = re.compile(rb'\\(["\\\]])')
+_ESCAPE = re.compile(r'(["\\\]])')
+
+
+def _text(value: bytes) -> str | None:
+    return None if value == b"-" else value.decode("ascii")
+
+
+def parse(line: bytes) -> SyslogMessage:
+    """Parse one RFC 5424 message (no trailing LF); raise :class:`ParseError` if invalid."""
+    m = _HEADER.match(line)
+    if m is None:
+        raise ParseError(_header_problem(line))
+    pri = int(m.group(1))
+    if pri > 191 or (len(m.group(1)) > 1 and m.group(1)[0] == 0x30):
+        raise ParseError(f"invalid PRI {m.group(1).decode()!r}")
+    fields = m.groups()[2:]
+    ts = _text(fields[0])
+    if ts is not None and not _TIMESTAMP.match(ts):
+        raise ParseError(f"invalid TIMESTAMP {ts[:40]!r}")
+    pos = m.end()
+    sd: list[SDElement] = []
+    if line[pos : pos + 1] == b"-":
+        pos += 1
+    elif line[pos : pos + 1] == b"[":
+        while line[pos : pos + 1] == b"[":
+            em = _SD_ELEMENT.match(line, pos)
+            if em is None:
+                raise ParseError(f"malformed STRUCTURED-DATA at byte {pos}")
+            params = tuple(
+                (name.decode("ascii"), _unescape(value).decode("utf-8", "replace"))
+                for name, value in _SD_PARAM.findall(em.group(2))
+            )
+            sd.append(SDElement(em.group(1).decode("ascii"), params))
+            pos = em.end()
+    else:
+        raise ParseError(f"expected STRUCTURED-DATA ('-' or '[') at byte {pos}")
+    msg: bytes | None = None
+    bom = False
+    if pos < len(line):
+        if line[pos : pos + 1] != b" ":
+            raise ParseError(f"expected SP before MSG at byte {pos}")
+        msg = line[pos + 1 :]
+        if msg.startswith(BOM):
+            bom, msg = True, msg[len(BOM) :]
+    return SyslogMessage(
+        facility=pri >> 3,
+        severity=pri & 7,
+        version=int(m.group(2)),
+        timestamp=ts,
+        hostname=_text(fields[1]),
+        app_name=_text(fields[2]),
+        procid=_text(fields[3]),
+        msgid=_text(fields[4]),
+        structured_data=tuple(sd),
+        msg=msg,
+        bom=bom,
+    )
+
+
+_PRINTABLE = re.compile(rb"[!-~]*")
+
+
+def _printable(raw: bytes) -> bool:
+    return _PRINTABLE.fullmatch(raw) is not None
+
+
+def _unescape(value: bytes) -> bytes:
+    # RFC 5424 §6.3.3: only \" \\ and \] are escapes; any other backslash is data.
+    return _UNESCAPE.sub(rb"\1", value) if b"\\" in value else value
+
+
+def _header_problem(line: bytes) -> str:
+    if re.match(rb"<\d{1,3}>[1-9]\d{0,2} ", line) and re.search(rb"[^!-~ ]", line[:600]):
+        return "header field contains non-printable or non-ASCII bytes"
+    if not line.startswith(b"<"):
+        return "does not start with a PRI ('<')"
+    if not re.match(rb"<\d{1,3}>", line):
+        return "malformed PRI"
+    if not re.match(rb"<\d{1,3}>[1-9]\d{0,2} ", line):
+        return "missing or invalid VERSION"
+    return "malformed HEADER (TIMESTAMP HOSTNAME APP-NAME PROCID MSGID)"
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+
+
+def escape_param_value(value: str) -> str:
+    """Escape an SD-PARAM value: ``"`` → ``\\"``, ``\\`` → ``\\\\``, ``]`` → ``\\]``."""
+    return _ESCAPE.sub(r"\\\1", value)
+
+
+def _header_field(value: str | None, name: str, limit: int) -> bytes:
+    if value is None or value == "":
+        return b"-"
+    raw = value.encode("ascii", "strict") if value.isascii() else None
+    if raw is None or not _printable(raw) or len(raw) > limit:
+        raise ValueError(f"{name} must be 1-{limit} printable US-ASCII characters: {value!r}")
+    return raw
+
+
+def _sd_name(value: str, what: str) -> bytes:
+    raw = value.encode("ascii", "replace") if value.isascii() else b""
+    if not re.fullmatch(_NAME, raw):
+        raise ValueError(f"{what} must be 1-32 printable US-ASCII characters without '= ]\"'")
+    return raw
+
+
+def format_structured_data(elements: Iterable[SDElement | tuple]) -> bytes:
+    """``[id name="value" ...]...`` or ``-`` when there are no elements."""
+    out = []
+    for element in elements:
+        sd_id, params = (element.id, element.params) if isinstance(element, SDElement) else element
+        parts = [b"[", _sd_name(sd_id, "SD-ID")]
+        for name, value in params:
+            parts += [
+                b" ",
+                _sd_name(name, "PARAM-NAME"),
+                b'="',
+                escape_param_value(value).encode("utf-8"),
+                b'"',
+            ]
+        parts.append(b"]")
+        out.append(b"".join(parts))
+    return b"".join(out) or b"-"
+
+
+def format_message(
+    *,
+    facility: int = 1,
+    severity: int = 6,
+    timestamp: str | None = None,
+    hostname: str | None = None,
+    app_name: str | None = None,
+    procid: str | None = None,
+    msgid: str | None = None,
+    structured_data: Sequence[SDElement | tuple] = (),
+    msg: bytes | str | None = None,
+    bom: bool | None = None,
+    version: int = 1,
+) -> bytes:
+    """A valid RFC 5424 message (no trailing LF).
+
+    A ``str`` MSG is encoded as UTF-8 with a BOM (RFC 5424 §6.4); ``bytes`` are
+    sent as given unless ``bom=True``.  Header fields are validated, never
+    silently cleaned: a bad field is a ``ValueError``.
+    """
+    if not (0 <= facility <= 23 and 0 <= severity <= 7):
+        raise ValueError("facility must be 0-23 and severity 0-7")
+    if not 1 <= version <= 999:
+        raise ValueError("VERSION must be 1-999")
+    if timestamp is not None and not _TIMESTAMP.match(timestamp):
+        raise ValueError(f"TIMESTAMP must be RFC 3339: {timestamp!r}")
+    head = b"<%d>%d %s %s %s %s %s %s" % (
+        facility * 8 + severity,
+        version,
+        (timestamp or "-").encode("ascii"),
+        _header_field(hostname, "HOSTNAME", MAX_HOSTNAME),
+        _header_field(app_name, "APP-NAME", MAX_APP_NAME),
+        _header_field(procid, "PROCID", MAX_PROCID),
+        _header_field(msgid, "MSGID", MAX_MSGID),
+        format_structured_data(structured_data),
+    )
+    if msg is None:
+        return head
+    if isinstance(msg, str):
+        body = msg.encode("utf-8")
+        bom = True if bom is None else bom
+    else:
+        body = msg
+    if bom:
+        body = BOM + body
+    return head + b" " + body

@@ -1,0 +1,80 @@
+"""Both services in-process over real loopback sockets with real certificates."""
+
+import os
+import random
+import time
+
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from decnet import pki
+from decnet.forwarder.service import ForwarderService
+from decnet.listener.service import ListenerService
+from decnet.master import enrollment
+from decnet.revocation import RevocationSet
+from decnet.tls import TLSIdentity
+from tests.logpipe_support import syslog_line
+
+
+async def eventually(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener_restart(
+    master_home, tmp_path
+):
+    name = f"rsock-{os.getpid()}-{random.randrange(10**6)}"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
+    bundle = pki.WorkerBundle.load(tmp_path / "b")
+
+    def listener(port=0):
+        return ListenerService(
+            reactor,
+            identity=TLSIdentity.master(master_home),
+            revocations=RevocationSet(master_home.revocations),
+            ingest_dir=tmp_path / "ingest",
+            listen=f"tcp:{port}:interface=127.0.0.1",
+        )
+
+    lst = listener()
+    lst.startService()
+    port = lst.port_service.port.getHost().port
+    log_file = tmp_path / "decnet.log"
+    first = b"".join(syslog_line(i) + b"\n" for i in range(2000))
+    log_file.write_bytes(first)
+    fwd = ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        master_host="127.0.0.1",
+        master_port=port,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=log_file,
+        state_file=tmp_path / "f.sqlite",
+        poll_interval=0.1,
+        max_retry_delay=0.5,
+    )
+    fwd.startService()
+    mirror = tmp_path / "ingest" / name / "decnet.log"
+    try:
+        await eventually(lambda: mirror.exists() and mirror.read_bytes() == first, what="mirror")
+        await lst.stopService()
+        more = b"".join(syslog_line(i) + b"\n" for i in range(2000, 3000))
+        with open(log_file, "ab") as f:
+            f.write(more)
+        lst = listener(port)
+        lst.startService()
+        await eventually(lambda: mirror.read_bytes() == first + more, what="mirror after restart")
+        await eventually(
+            lambda: (
+                fwd.offsets.saved is not None and fwd.offsets.saved.logical == len(first + more)
+            ),
+            what="the acknowledged offset to be persisted",
+        )
+    finally:
+        await fwd.stopService()
+        await lst.stopService()
