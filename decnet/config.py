@@ -131,6 +131,21 @@ class MasterPaths:
         return self.home / "ingest"
 
 
+# Worker agent (``twistd decnet-agent``) and its decoy engine.
+DEFAULT_AGENT_STATE_DIR = WORKER_STATE_DIR + "/agent"
+AGENT_STATE_FILE = "desired.json"  # the persisted desired deployment, atomic
+AGENT_SSH_KEY_DIR = "ssh"  # per-decky SSH host keys under the state dir, 0600
+AGENT_MAX_BODY = 256 * 1024  # a deployment spec is small; anything bigger is refused
+AGENT_MAX_DECKIES = 256
+AGENT_MAX_SERVICES_PER_DECKY = 32
+
+# Decoy event lines (RFC 5424).  The SD-ID needs an IANA Private Enterprise
+# Number; until DECNET has one we use 32473, the PEN RFC 5612 reserves for
+# documentation.  Changing it changes every line, so it lives here only.
+EVENT_PEN = 32473
+EVENT_SD_ID = f"decnet@{EVENT_PEN}"
+EVENT_LINE_MAX = 8192  # bytes, newline included; enforced by the formatter
+
 # ---------------------------------------------------------------------------
 # The log pipeline (docs/Logging.md)
 

@@ -79,6 +79,10 @@ class RemoteError(DecnetError):
         super().__init__(f"HTTP {status}: {'; '.join(self.problems) or 'no detail'}")
 
 
+class UnknownDecky(DecnetError):
+    """A request named a decky that is not deployed on this worker."""
+
+
 class UpdateError(DecnetError):
     """A release could not be installed, switched or rolled back (updater side)."""
 

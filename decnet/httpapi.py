@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from twisted.logger import Logger
 from twisted.web import server
+from werkzeug.exceptions import HTTPException
 
 from decnet.pki import CertIdentity
 from decnet.tls import Accept, PeerPolicy, peer_identity
@@ -84,12 +85,21 @@ def authorize(request, *accept: Accept) -> CertIdentity:
 
 
 def install_error_handlers(app) -> None:
-    """Map :class:`HTTPError` to its status and anything else to an opaque 500, as JSON."""
+    """Map :class:`HTTPError` to its status, a routing miss to 404/405, anything else to 500.
+
+    Handlers an app registered before calling this take precedence (Klein tries
+    them in order), so an app can, say, hide its route table from some callers.
+    """
 
     @app.handle_errors(HTTPError)
     def _refused(request, failure):
         err = failure.value
         return respond(request, {"problems": err.problems, **err.extra}, err.status)
+
+    @app.handle_errors(HTTPException)
+    def _no_route(request, failure):
+        err = failure.value
+        return respond(request, {"problems": [err.name]}, err.code or 404)
 
     @app.handle_errors(Exception)
     def _crashed(request, failure):

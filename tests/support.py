@@ -117,6 +117,97 @@ def master_paths(tmp_path: Path) -> config.MasterPaths:
 
 
 # ---------------------------------------------------------------------------
+# Agent and decoy tests
+
+
+class FrozenClock:
+    """A clock whose ``seconds()`` is fixed (exact event lines) but whose timers are real."""
+
+    def __init__(self, reactor, now: float = 1767323045.25):
+        self._reactor = reactor
+        self.now = now
+
+    def seconds(self) -> float:
+        return self.now
+
+    def callLater(self, delay, fn, *args, **kw):
+        return self._reactor.callLater(delay, fn, *args, **kw)
+
+
+def counter_ids(prefix: str = "s"):
+    """Deterministic decoy session ids: s1, s2, …"""
+    import itertools
+
+    numbers = itertools.count(1)
+    return lambda: f"{prefix}{next(numbers)}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind 0, read, close)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RawClient(Protocol):
+    """A scripted TCP client for decoy tests: send bytes, await expected output, await close."""
+
+    def __init__(self):
+        from twisted.internet import defer
+
+        self._defer = defer
+        self.received = b""
+        self.sent = 0
+        self.closed = defer.Deferred()
+        self._waiting: list = []
+
+    def dataReceived(self, data):
+        self.received += data
+        self._check()
+
+    def connectionLost(self, reason):
+        waiting, self._waiting = self._waiting, []
+        for needle, d in waiting:
+            d.errback(AssertionError(f"closed before {needle!r}; got {self.received!r}"))
+        self.closed.callback(self.received)
+
+    def _check(self):
+        # Firing a waiter may resume the test, which may add waiters: take the
+        # ready ones out first.
+        ready = [(n, d) for n, d in self._waiting if n in self.received]
+        self._waiting = [(n, d) for n, d in self._waiting if n not in self.received]
+        for _needle, d in ready:
+            d.callback(self.received)
+
+    def expect(self, needle: bytes, timeout: float = 10.0):
+        """Fires with everything received once ``needle`` has been received."""
+        from twisted.internet import reactor
+
+        d = self._defer.Deferred()
+        self._waiting.append((needle, d))
+        self._check()
+        return d.addTimeout(timeout, reactor)
+
+    def send(self, data: bytes) -> None:
+        self.sent += len(data)
+        self.transport.write(data)
+
+    def connectionMade(self):
+        self.port = self.transport.getHost().port
+
+    def local_port(self) -> int:
+        return self.port
+
+
+async def raw_connect(port: int, host: str = "127.0.0.1") -> RawClient:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    return await connectProtocol(TCP4ClientEndpoint(reactor, host, port), RawClient())
+
+
 # Remote updates: stand-in agent, release trees, local updaters
 
 # A minimal ``decnet-agent`` with the real agent's command line and its
@@ -215,14 +306,6 @@ def copy_release_tree(dest: Path, root: Path = REPO_ROOT, *, standin_agent: bool
     if standin_agent:
         (dest / "decnet" / "agent" / "tap.py").write_text(STANDIN_AGENT_TAP)
     return dest
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_snapshot(root) -> dict:

@@ -167,3 +167,13 @@ async def test_an_unreachable_daemon_is_a_typed_error(ids, tmp_path):
 def test_a_client_without_a_pin_fails_closed(ids):
     with pytest.raises(PeerRefused, match="unpinned"):
         PinnedClient(reactor, ids["master"], address="127.0.0.1", port=1, accept=Accept("worker"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_routes_and_methods_are_404_and_405_not_500(ids, server):
+    with pytest.raises(RemoteError) as info:
+        await client(ids, server).call("GET", "nowhere")
+    assert info.value.status == 404
+    with pytest.raises(RemoteError) as info:
+        await client(ids, server).call("DELETE", "hello")
+    assert info.value.status == 405

@@ -1,0 +1,1 @@
+"""The built-in engine's decoy services, one module per service type."""

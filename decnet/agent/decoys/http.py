@@ -1,0 +1,210 @@
+"""``http``: a web server with a login page; every request and credential captured.
+
+Every request is answered like Apache would (``Server`` header and error pages
+from the spec's ``server`` string): ``/`` and the usual login paths serve a
+login form, a POST to them re-renders it with "invalid credentials", anything
+else is a 404.  With ``realm`` set, every request gets a ``401`` Basic
+challenge instead.
+
+Events: ``connect``; ``request`` (``method``, ``path``, ``version``, ``host``,
+``user_agent``, ``headers`` as ``Name: value`` lines, ``body`` up to the
+capture cap, ``body_size``) for each request; ``login`` (``method`` =
+``basic``/``form``, ``user``, ``password``) when a request carries credentials;
+``disconnect``.  Bodies are never buffered beyond ``max_body`` bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+import io
+from urllib.parse import parse_qsl
+
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from decnet.agent.decoys.base import DecoyMixin, ServiceRuntime
+
+LOGIN_PATHS = {b"/", b"/login", b"/login.html", b"/index.html", b"/admin", b"/admin/"}
+USER_FIELDS = ("username", "user", "login", "email", "uname", "log", "usr")
+PASSWORD_FIELDS = ("password", "pass", "passwd", "pwd", "secret")
+
+LOGIN_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:sans-serif;background:#f2f2f2}}form{{width:300px;margin:80px auto;
+padding:24px;background:#fff;border:1px solid #ccc}}input{{width:100%;margin:6px 0;padding:6px}}
+.err{{color:#b00}}</style></head>
+<body><form method="post" action="/login"><h2>{title}</h2>{error}
+<label>Username<input name="username" autocomplete="username"></label>
+<label>Password<input name="password" type="password" autocomplete="current-password"></label>
+<input type="submit" value="Sign in"></form></body></html>
+"""
+
+APACHE_ERROR = """<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">
+<html><head>
+<title>{code} {phrase}</title>
+</head><body>
+<h1>{phrase}</h1>
+<p>{text}</p>
+<hr>
+<address>{server} Server at {host} Port {port}</address>
+</body></html>
+"""
+
+
+class DecoyRequest(server.Request):
+    """A request that keeps at most ``max_body`` bytes of its body (and counts the rest)."""
+
+    body_size = 0
+
+    def gotLength(self, length):
+        cap = self.channel.runtime.spec.option("max_body")
+        # Small or unknown declared length: an in-memory buffer, never a temp file.
+        super().gotLength(0 if length is None else min(length, cap))
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data):
+        cap = self.channel.runtime.spec.option("max_body")
+        room = cap - self.body_size
+        if room > 0:
+            self.content.write(data[:room])
+        self.body_size += len(data)
+
+
+def _credentials_from_basic(value: bytes | None) -> tuple[bytes, bytes] | None:
+    if not value or not value[:6].lower() == b"basic ":
+        return None
+    try:
+        decoded = base64.b64decode(value[6:].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return (value[6:].strip(), b"")
+    user, _, password = decoded.partition(b":")
+    return user, password
+
+
+def _credentials_from_form(body: bytes) -> tuple[bytes | None, bytes | None]:
+    fields = {}
+    for key, value in parse_qsl(body, keep_blank_values=True):
+        fields.setdefault(key.decode("utf-8", "replace").lower(), value)
+    user = next((fields[k] for k in USER_FIELDS if k in fields), None)
+    password = next((fields[k] for k in PASSWORD_FIELDS if k in fields), None)
+    return user, password
+
+
+class DecoyResource(Resource):
+    isLeaf = True
+
+    def __init__(self, runtime: ServiceRuntime):
+        super().__init__()
+        self.runtime = runtime
+
+    def render(self, request: DecoyRequest) -> bytes:
+        channel = request.channel
+        session = channel.session
+        spec = self.runtime.spec
+        if not channel.count_command():
+            return b""
+        request.content.seek(0)
+        body = request.content.read()
+        headers = b"\n".join(
+            name + b": " + value
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        )
+        session.event(
+            "request",
+            ("method", request.method),
+            ("path", request.uri),
+            ("version", request.clientproto),
+            ("host", request.getHeader(b"host")),
+            ("user_agent", request.getHeader(b"user-agent")),
+            ("headers", headers),
+            ("body", body or None),
+            ("body_size", request.body_size or None),
+        )
+        basic = _credentials_from_basic(request.getHeader(b"authorization"))
+        if basic is not None:
+            session.login(("method", "basic"), ("user", basic[0]), ("password", basic[1]))
+        form_login = False
+        content_type = (request.getHeader(b"content-type") or b"").lower()
+        if request.method == b"POST" and content_type.startswith(
+            b"application/x-www-form-urlencoded"
+        ):
+            user, password = _credentials_from_form(body)
+            if user is not None or password is not None:
+                form_login = True
+                session.login(("method", "form"), ("user", user), ("password", password))
+
+        request.setHeader(b"server", spec.option("server").encode())
+        realm = spec.option("realm")
+        path = request.path
+        if realm is not None:
+            request.setResponseCode(http.UNAUTHORIZED)
+            request.setHeader(b"www-authenticate", f'Basic realm="{realm}"'.encode())
+            return self._error(request, 401, "Unauthorized", _UNAUTHORIZED_TEXT)
+        if path in LOGIN_PATHS:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            failed = form_login or request.method == b"POST"
+            error = '<p class="err">Invalid username or password.</p>' if failed else ""
+            title = html.escape(spec.option("title"))
+            return LOGIN_PAGE.format(title=title, error=error).encode()
+        request.setResponseCode(http.NOT_FOUND)
+        return self._error(
+            request, 404, "Not Found", "The requested URL was not found on this server."
+        )
+
+    def _error(self, request, code: int, phrase: str, text: str) -> bytes:
+        spec = self.runtime.spec
+        request.setHeader(b"content-type", b"text/html; charset=iso-8859-1")
+        return APACHE_ERROR.format(
+            code=code,
+            phrase=phrase,
+            text=text,
+            server=html.escape(spec.option("server")),
+            host=html.escape(spec.decky),
+            port=request.getHost().port,
+        ).encode()
+
+
+_UNAUTHORIZED_TEXT = (
+    "This server could not verify that you\nare authorized to access the document\n"
+    "requested.  Either you supplied the wrong\ncredentials (e.g., bad password), or your\n"
+    "browser doesn't understand how to supply\nthe credentials required."
+)
+
+
+class DecoyChannel(DecoyMixin, http.HTTPChannel):
+    """One attacker connection: ``connect``/``disconnect`` events around HTTP requests."""
+
+
+class DecoySite(server.Site):
+    protocol = DecoyChannel
+    requestFactory = DecoyRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, runtime: ServiceRuntime, reactor):
+        super().__init__(
+            DecoyResource(runtime),
+            timeout=runtime.spec.option("idle_timeout"),
+            reactor=reactor,
+        )
+        self.runtime = runtime
+
+    def buildProtocol(self, addr):
+        if not self.runtime.admit():
+            return None
+        channel = super().buildProtocol(addr)
+        channel.runtime = self.runtime
+        return channel
+
+    def log(self, request):
+        # The decoy's own ``request`` event is the access log; twistd's log
+        # must not fill with attacker traffic.
+        return None
+
+
+def make_factory(runtime: ServiceRuntime, reactor) -> DecoySite:
+    return DecoySite(runtime, reactor)

@@ -1,0 +1,388 @@
+"""Decoy events as RFC 5424 lines, and the writer that appends them without blocking.
+
+One interaction (a connection, a login attempt, a command, a disconnect) is one
+line::
+
+    <134>1 2026-01-02T03:04:05.000000Z web-01 ssh - connect [decnet@32473 session="…" src_ip="…" …]
+
+* HOSTNAME is the decky, APP-NAME the service type, PROCID ``-``, MSGID the
+  event kind; every datum is an SD-PARAM of one ``decnet@<PEN>`` element and
+  there is no free-text MSG part (nothing to parse twice).
+* Values are attacker-controlled, so they are escaped in two layers, which
+  keeps every line one line *and* keeps the value recoverable byte for byte:
+
+  1. *printable layer*: ``\\`` becomes ``\\\\``, ``\\n`` ``\\r`` ``\\t`` become
+     those two-character escapes, any other non-printable character becomes
+     ``\\xNN`` (C0, DEL) or ``\\uNNNN`` / ``\\UNNNNNNNN``, and a byte that is not
+     valid UTF-8 becomes ``\\xNN`` (NN ≥ 80);
+  2. *RFC 5424 §6.3.3*: ``"``, ``\\`` and ``]`` get a backslash.
+
+  A reader that RFC-unescapes a value gets the printable form;
+  :func:`decode_value` inverts both layers.
+* Each value is capped (in bytes of its escaped form, never cutting an escape
+  in half); capped values are listed in a ``trunc`` parameter.  The whole line
+  never exceeds :data:`decnet.config.EVENT_LINE_MAX` bytes.
+
+:class:`EventLog` appends whole lines from one dedicated thread, in order, with
+``O_APPEND`` and a loop over short writes, so the forwarder never sees half a
+line and the reactor never waits for the disk.
+
+The formatter is self-contained (no Twisted) so it can later be merged with the
+log pipeline's RFC 5424 code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from decnet import config
+
+FACILITY_LOCAL0 = 16
+SEVERITY_NOTICE = 5
+SEVERITY_INFO = 6
+
+DEFAULT_VALUE_MAX = 256
+# Larger caps for the fields that carry most of an attacker's payload.
+VALUE_MAX = {
+    "command": 1024,
+    "args": 1024,
+    "path": 1024,
+    "headers": 2048,
+    "body": 2048,
+    "data": 1024,
+    "user_agent": 512,
+    "kex": 1024,
+}
+TRUNC_PARAM = "trunc"
+
+# PRINTUSASCII minus what SD-NAME forbids ('=', SP, ']', '"').
+_SD_NAME_RE = re.compile(r"^[!#-<>-\\^-~]{1,32}$")
+# RFC 5424 header fields: PRINTUSASCII, bounded lengths.
+_HEADER_MAX = {"hostname": 255, "app_name": 48, "msgid": 32}
+_PLAIN_ASCII_RE = re.compile(r"[ !#-\[^-~]*")  # printable ASCII without " \ ]
+
+
+@attrs.frozen
+class Event:
+    """One decoy interaction, before formatting."""
+
+    decky: str
+    service: str
+    kind: str
+    params: tuple[tuple[str, object], ...]
+    severity: int = SEVERITY_INFO
+
+
+def _printable_layer(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch == "\n":
+        return "\\n"
+    if ch == "\r":
+        return "\\r"
+    if ch == "\t":
+        return "\\t"
+    o = ord(ch)
+    if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte, via surrogateescape
+        return f"\\x{o - 0xDC00:02x}"
+    if o < 0x20 or o == 0x7F:
+        return f"\\x{o:02x}"
+    if ch.isprintable():
+        return ch
+    return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
+
+
+_RFC_ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "]": "\\]"})
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def escape_value(value: object, limit: int = DEFAULT_VALUE_MAX) -> tuple[str, bool]:
+    """``(wire text, truncated)`` for one PARAM-VALUE, at most ``limit`` UTF-8 bytes."""
+    text = _as_text(value)
+    if len(text) <= limit and _PLAIN_ASCII_RE.fullmatch(text):
+        return text, False
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        piece = _printable_layer(ch).translate(_RFC_ESCAPES)
+        n = len(piece.encode("utf-8", "surrogatepass"))
+        if size + n > limit:
+            return "".join(out), True
+        out.append(piece)
+        size += n
+    return "".join(out), False
+
+
+_DECODE_RE = re.compile(
+    r'\\(["\\\]])'  # RFC 5424 layer
+)
+_PRINTABLE_DECODE_RE = re.compile(r"\\(\\|n|r|t|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+
+
+def _unprintable(match: re.Match) -> str:
+    code = match.group(1)
+    simple = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+    if code in simple:
+        return simple[code]
+    number = int(code[1:], 16)
+    if code[0] == "x" and number >= 0x80:
+        return chr(0xDC00 + number)  # back to surrogateescape: the raw byte
+    return chr(number)
+
+
+def decode_value(wire: str) -> str:
+    """Invert :func:`escape_value`; raw bytes come back as surrogate escapes.
+
+    ``decode_value(v).encode("utf-8", "surrogateescape")`` is the attacker's
+    original bytes.
+    """
+    return decode_printable(_DECODE_RE.sub(lambda m: m.group(1), wire))
+
+
+def decode_printable(text: str) -> str:
+    """Invert only the printable layer: for a value an RFC 5424 parser already unescaped."""
+    return _PRINTABLE_DECODE_RE.sub(_unprintable, text)
+
+
+def _header(value: str, field: str) -> str:
+    cleaned = "".join(c if "!" <= c <= "~" else "_" for c in value)[: _HEADER_MAX[field]]
+    return cleaned or "-"
+
+
+def format_timestamp(ts: float) -> str:
+    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_event(
+    event: Event,
+    timestamp: float,
+    *,
+    sd_id: str = config.EVENT_SD_ID,
+    line_max: int = config.EVENT_LINE_MAX,
+    facility: int = FACILITY_LOCAL0,
+) -> bytes:
+    """The RFC 5424 line for ``event`` (newline included), at most ``line_max`` bytes."""
+    head = (
+        f"<{facility * 8 + event.severity}>1 {format_timestamp(timestamp)} "
+        f"{_header(event.decky, 'hostname')} {_header(event.service, 'app_name')} - "
+        f"{_header(event.kind, 'msgid')} [{sd_id}"
+    )
+    names: list[str] = []
+    values: list[str] = []
+    truncated: list[str] = []
+    for name, value in event.params:
+        if value is None:
+            continue
+        if not _SD_NAME_RE.match(name) or name == TRUNC_PARAM:
+            raise ValueError(f"invalid SD-PARAM name {name!r}")
+        wire, cut = escape_value(value, VALUE_MAX.get(name, DEFAULT_VALUE_MAX))
+        names.append(name)
+        values.append(wire)
+        if cut:
+            truncated.append(name)
+
+    def assemble() -> str:
+        params = "".join(f' {n}="{v}"' for n, v in zip(names, values, strict=True))
+        trunc = f' {TRUNC_PARAM}="{",".join(truncated)}"' if truncated else ""
+        return f"{head}{params}{trunc}]\n"
+
+    line = assemble()
+    # The per-field caps keep ordinary events far below the line cap; when an
+    # event has many large fields, shrink the largest until it fits.
+    while len(line.encode("utf-8", "surrogatepass")) > line_max and values:
+        excess = len(line.encode("utf-8", "surrogatepass")) - line_max
+        i = max(range(len(values)), key=lambda k: len(values[k]))
+        if not values[i]:
+            break  # only fixed-size parts left; cannot happen with sane names
+        source = event_value(event, names[i])
+        budget = max(0, len(values[i].encode("utf-8", "surrogatepass")) - excess)
+        values[i], _ = escape_value(source, budget)
+        if names[i] not in truncated:
+            truncated.append(names[i])
+        line = assemble()
+    return line.encode("utf-8", "surrogatepass")
+
+
+def event_value(event: Event, name: str) -> object:
+    for key, value in event.params:
+        if key == name:
+            return value
+    raise KeyError(name)
+
+
+class EventLog(Service):
+    """Appends event lines to ``path`` from a single writer thread, in order.
+
+    :meth:`emit` formats on the reactor thread (cheap, pure) and queues the
+    bytes; one batch at a time goes to the writer thread, so lines are never
+    interleaved and their order is the order of :meth:`emit`.  The file is
+    reopened when it was rotated away (its inode changed or it vanished), and a
+    torn last line left by a crash is terminated before new lines are appended.
+
+    If the disk stalls, at most ``max_pending`` bytes are queued; beyond that,
+    events are dropped and counted (``dropped``), never buffered without bound.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        reactor,
+        *,
+        now: Callable[[], float] | None = None,
+        max_pending: int = 16 * 1024 * 1024,
+        mode: int = 0o640,
+    ):
+        self.path = Path(path)
+        self._reactor = reactor
+        self.now = now or reactor.seconds
+        self.max_pending = max_pending
+        self.mode = mode
+        self.written_lines = 0
+        self.dropped = 0
+        self.write_errors = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._in_flight = False
+        self._waiters: list[defer.Deferred] = []
+        self._fd: int | None = None
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="decnet-eventlog")
+        self._overflowing = False
+
+    # -- reactor side ------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._pool.start()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        yield self.flush()
+        if self._fd is not None:
+            yield self._in_thread(self._close)
+        self._pool.stop()
+
+    def emit(self, event: Event) -> None:
+        """Format ``event`` with the current time and queue its line."""
+        self.write_line(format_event(event, self.now()))
+
+    def write_line(self, line: bytes) -> None:
+        if self._pending_bytes + len(line) > self.max_pending:
+            self.dropped += 1
+            if not self._overflowing:
+                self._overflowing = True
+                self.log.warn(
+                    "Event log {path} is not keeping up; dropping events until it drains",
+                    path=str(self.path),
+                )
+            return
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        self._kick()
+
+    def flush(self) -> defer.Deferred:
+        """A Deferred that fires once every line queued so far is written (or failed)."""
+        if not self._pending and not self._in_flight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _in_thread(self, fn, *args):
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def _kick(self) -> None:
+        if self._in_flight or not self._pending:
+            return
+        if not self._pool.started:
+            return  # startService will not drain; flush() still reports pending
+        batch = b"".join(self._pending)
+        count = len(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        self._in_flight = True
+        d = self._in_thread(self._write_batch, batch)
+        d.addCallbacks(self._written, self._write_failed, callbackArgs=(count,))
+        d.addBoth(self._next)
+
+    def _written(self, _ignored, count: int) -> None:
+        self.written_lines += count
+        if self._overflowing and not self._pending:
+            self._overflowing = False
+            self.log.info(
+                "Event log caught up; {dropped} events dropped so far", dropped=self.dropped
+            )
+
+    def _write_failed(self, failure) -> None:
+        self.write_errors += 1
+        self.log.failure("Cannot append to event log {path}", failure, path=str(self.path))
+
+    def _next(self, _ignored) -> None:
+        self._in_flight = False
+        if self._pending:
+            self._kick()
+            return
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- writer thread -----------------------------------------------------
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            # A crash tore the last line: end it so our first line stands alone.
+            os.write(fd, b"\n")
+        return fd
+
+    def _current_fd(self) -> int:
+        if self._fd is not None:
+            try:
+                on_disk = os.stat(self.path)
+                mine = os.fstat(self._fd)
+                if (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
+                    return self._fd
+            except FileNotFoundError:
+                pass
+            self._close()
+        self._fd = self._open()
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write_batch(self, data: bytes) -> None:
+        fd = self._current_fd()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def lines_of(path: str | os.PathLike) -> list[bytes]:
+    """The complete lines of an event log (tests and tools)."""
+    return Path(path).read_bytes().splitlines(keepends=True)

@@ -1,0 +1,362 @@
+"""The deployment spec: which deckies a worker runs, validated completely before use.
+
+Pure (no I/O).  :func:`parse_spec` either returns a :class:`DeploymentSpec`
+with every default filled in, or raises :class:`ValidationError` listing
+*every* problem, so an operator fixes a spec in one round trip.  The canonical
+form (defaults applied, keys sorted) is what is persisted, reported by
+``/status`` and hashed: two specs that mean the same thing have the same hash.
+
+Format (``docs/Agent.md`` has the reference and an example)::
+
+    {"format": "decnet-spec/1",            # optional
+     "deckies": [
+       {"name": "web-01",
+        "services": [
+          {"type": "ssh", "port": 22, "bind": "0.0.0.0", "version": "SSH-2.0-…"},
+          {"type": "http", "port": 80, "server": "Apache/2.4.62 (Debian)"}]}]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Mapping
+
+import attrs
+
+from decnet import config
+from decnet.errors import ValidationError
+
+FORMAT = "decnet-spec/1"
+DECKY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+TEXT_MAX = 1024
+
+
+# -- option validators: each returns a problem string or None ---------------
+
+
+def _int_range(lo: int, hi: int) -> Callable[[object], str | None]:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            return f"must be an integer from {lo} to {hi}"
+        return None
+
+    return check
+
+
+def _number_range(lo: float, hi: float) -> Callable[[object], str | None]:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            return f"must be a number from {lo:g} to {hi:g}"
+        return None
+
+    return check
+
+
+def _text(value) -> str | None:
+    if not isinstance(value, str) or len(value) > TEXT_MAX:
+        return f"must be a string of at most {TEXT_MAX} characters"
+    if "\x00" in value:
+        return "must not contain NUL"
+    return None
+
+
+def _bytes_text(value) -> str | None:
+    """A banner sent as ISO-8859-1: one character per byte, so binary greetings fit."""
+    if not isinstance(value, str) or len(value) > TEXT_MAX:
+        return f"must be a string of at most {TEXT_MAX} characters"
+    if any(ord(c) > 0xFF for c in value):
+        return "must only use characters U+0000 to U+00FF (each is sent as one byte)"
+    return None
+
+
+def _token(value) -> str | None:
+    """One line of printable ASCII (it ends up in a protocol header)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 200:
+        return "must be a string of 1 to 200 characters"
+    if not all(" " <= c <= "~" for c in value):
+        return "must be printable ASCII on one line"
+    return None
+
+
+def _ssh_version(value) -> str | None:
+    problem = _token(value)
+    if problem:
+        return problem
+    if not value.startswith("SSH-2.0-") or len(value) == len("SSH-2.0-"):
+        return "must look like 'SSH-2.0-<software> [comment]'"
+    return None
+
+
+def _hostname(value) -> str | None:
+    if not isinstance(value, str) or not DECKY_NAME_RE.match(value):
+        return "must be a host name (a-z, 0-9, '.', '-'; at most 63 characters)"
+    return None
+
+
+def _optional(check):
+    return lambda value: None if value is None else check(value)
+
+
+@attrs.frozen
+class Option:
+    default: object
+    check: Callable[[object], str | None]
+
+
+COMMON_OPTIONS: dict[str, Option] = {
+    "idle_timeout": Option(60, _number_range(0.1, 3600)),
+    "max_connections": Option(256, _int_range(1, 10000)),
+}
+
+# Default ports per type; ``None`` means the port must be given.
+DEFAULT_PORTS: dict[str, int | None] = {
+    "ssh": 22,
+    "telnet": 23,
+    "http": 80,
+    "ftp": 21,
+    "smtp": 25,
+    "redis": 6379,
+    "tcp-banner": None,
+}
+
+# Per-type options.  A default of ``None`` for a host name means "the decky's name".
+TYPE_OPTIONS: dict[str, dict[str, Option]] = {
+    "ssh": {
+        "version": Option("SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3", _ssh_version),
+        "max_auth_tries": Option(6, _int_range(1, 20)),
+    },
+    "telnet": {
+        "banner": Option("Debian GNU/Linux 12", _text),
+        "hostname": Option(None, _optional(_hostname)),
+        "max_attempts": Option(3, _int_range(1, 10)),
+    },
+    "http": {
+        "server": Option("Apache/2.4.62 (Debian)", _token),
+        "title": Option("Sign in", _token),
+        "realm": Option(None, _optional(_token)),
+        "max_body": Option(64 * 1024, _int_range(0, 1024 * 1024)),
+    },
+    "ftp": {
+        "banner": Option("(vsFTPd 3.0.3)", _token),
+        "max_attempts": Option(3, _int_range(1, 10)),
+    },
+    "smtp": {
+        "hostname": Option(None, _optional(_hostname)),
+        "banner": Option("ESMTP Postfix (Debian/GNU)", _token),
+    },
+    "redis": {},
+    "tcp-banner": {
+        "banner": Option("", _bytes_text),
+        "capture_bytes": Option(1024, _int_range(1, 64 * 1024)),
+    },
+}
+
+SERVICE_TYPES = tuple(TYPE_OPTIONS)
+_BASE_KEYS = {"type", "name", "bind", "port"}
+
+
+@attrs.frozen
+class ServiceSpec:
+    """One decoy service of a decky, every option filled in."""
+
+    decky: str
+    type: str
+    name: str
+    bind: str
+    port: int
+    options: Mapping[str, object] = attrs.field(converter=lambda m: dict(sorted(m.items())))
+
+    def canonical(self) -> dict:
+        return {"type": self.type, "name": self.name, "bind": self.bind, "port": self.port} | dict(
+            self.options
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.decky, self.name)
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.canonical())
+
+    def option(self, name: str):
+        return self.options[name]
+
+
+@attrs.frozen
+class DeckySpec:
+    name: str
+    services: tuple[ServiceSpec, ...]
+
+    def canonical(self) -> dict:
+        return {"name": self.name, "services": [s.canonical() for s in self.services]}
+
+
+@attrs.frozen
+class DeploymentSpec:
+    deckies: tuple[DeckySpec, ...]
+
+    def canonical(self) -> dict:
+        return {"format": FORMAT, "deckies": [d.canonical() for d in self.deckies]}
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.canonical())
+
+    def services(self) -> list[ServiceSpec]:
+        return [s for d in self.deckies for s in d.services]
+
+    def decky(self, name: str) -> DeckySpec | None:
+        for decky in self.deckies:
+            if decky.name == name:
+                return decky
+        return None
+
+    def without(self, name: str | None) -> DeploymentSpec:
+        """This spec minus decky ``name`` (everything when ``None``)."""
+        if name is None:
+            return DeploymentSpec(deckies=())
+        return DeploymentSpec(deckies=tuple(d for d in self.deckies if d.name != name))
+
+
+EMPTY = DeploymentSpec(deckies=())
+
+
+def digest_of(doc) -> str:
+    return hashlib.sha256(
+        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def _bind_address(value) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceSpec | None:
+    if not isinstance(doc, dict):
+        problems.append(f"{where}: must be an object")
+        return None
+    kind = doc.get("type")
+    if kind not in TYPE_OPTIONS:
+        problems.append(f"{where}.type: must be one of {', '.join(SERVICE_TYPES)} (got {kind!r})")
+        return None
+    name = doc.get("name", kind)
+    if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
+        problems.append(f"{where}.name: must match {SERVICE_NAME_RE.pattern}")
+    where = f"{where} ({kind})"
+    bind = _bind_address(doc.get("bind", "0.0.0.0"))  # noqa: S104 - a decoy listens on every address by default
+    if bind is None:
+        problems.append(f"{where}.bind: must be an IPv4 or IPv6 address literal")
+    port = doc.get("port", DEFAULT_PORTS[kind])
+    if port is None:
+        problems.append(f"{where}.port: is required for {kind}")
+    elif problem := _int_range(0, 65535)(port):
+        problems.append(f"{where}.port: {problem}")
+    allowed = COMMON_OPTIONS | TYPE_OPTIONS[kind]
+    options = {}
+    for key in sorted(set(doc) - _BASE_KEYS):
+        if key not in allowed:
+            known = ", ".join(sorted(_BASE_KEYS | set(allowed)))
+            problems.append(f"{where}: unknown option {key!r} (known: {known})")
+            continue
+        if problem := allowed[key].check(doc[key]):
+            problems.append(f"{where}.{key}: {problem}")
+            continue
+        options[key] = doc[key]
+    for key, option in allowed.items():
+        if key not in options:
+            options[key] = option.default
+    if "hostname" in options and options["hostname"] is None:
+        options["hostname"] = decky
+    if bind is None or not isinstance(port, int) or isinstance(port, bool):
+        return None
+    if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
+        return None
+    return ServiceSpec(decky=decky, type=kind, name=name, bind=bind, port=port, options=options)
+
+
+def _overlaps(a: ServiceSpec, b: ServiceSpec) -> bool:
+    if a.port == 0 or a.port != b.port:
+        return False
+    ia, ib = ipaddress.ip_address(a.bind), ipaddress.ip_address(b.bind)
+    if ia.version != ib.version:
+        return False
+    return ia == ib or ia.is_unspecified or ib.is_unspecified
+
+
+def parse_spec(doc) -> DeploymentSpec:
+    """Validate a spec document; :class:`ValidationError` lists every problem."""
+    problems: list[str] = []
+    if not isinstance(doc, dict):
+        raise ValidationError("the spec must be a JSON object with a 'deckies' list")
+    for key in sorted(set(doc) - {"format", "deckies"}):
+        problems.append(f"unknown top-level key {key!r} (known: deckies, format)")
+    if "format" in doc and doc["format"] != FORMAT:
+        problems.append(f"format: must be {FORMAT!r} (got {doc['format']!r})")
+    raw_deckies = doc.get("deckies")
+    if not isinstance(raw_deckies, list):
+        problems.append("deckies: must be a list (it may be empty)")
+        raise ValidationError(problems)
+    if len(raw_deckies) > config.AGENT_MAX_DECKIES:
+        problems.append(f"deckies: at most {config.AGENT_MAX_DECKIES} per worker")
+    deckies: list[DeckySpec] = []
+    seen_deckies: set[str] = set()
+    for i, raw in enumerate(raw_deckies):
+        where = f"deckies[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be an object with 'name' and 'services'")
+            continue
+        for key in sorted(set(raw) - {"name", "services"}):
+            problems.append(f"{where}: unknown key {key!r} (known: name, services)")
+        name = raw.get("name")
+        if not isinstance(name, str) or not DECKY_NAME_RE.match(name):
+            problems.append(
+                f"{where}.name: must be a host name (a-z, 0-9, '.', '-'; at most 63 characters)"
+            )
+            name = None
+        elif name in seen_deckies:
+            problems.append(f"{where}.name: decky {name!r} appears twice")
+        else:
+            seen_deckies.add(name)
+            where = f"decky {name!r}"
+        raw_services = raw.get("services")
+        if not isinstance(raw_services, list) or not raw_services:
+            problems.append(f"{where}.services: must be a non-empty list")
+            continue
+        if len(raw_services) > config.AGENT_MAX_SERVICES_PER_DECKY:
+            problems.append(
+                f"{where}.services: at most {config.AGENT_MAX_SERVICES_PER_DECKY} per decky"
+            )
+        services: list[ServiceSpec] = []
+        for j, raw_service in enumerate(raw_services):
+            service = _parse_service(name or "-", f"{where}.services[{j}]", raw_service, problems)
+            if service is None:
+                continue
+            if any(s.name == service.name for s in services):
+                problems.append(
+                    f"{where}: two services are named {service.name!r}; give one a 'name'"
+                )
+                continue
+            services.append(service)
+        if name is not None:
+            deckies.append(DeckySpec(name=name, services=tuple(services)))
+    all_services = [s for d in deckies for s in d.services]
+    for i, a in enumerate(all_services):
+        for b in all_services[i + 1 :]:
+            if _overlaps(a, b):
+                problems.append(
+                    f"{a.decky}/{a.name} ({a.bind}:{a.port}) and {b.decky}/{b.name} "
+                    f"({b.bind}:{b.port}) would listen on the same port"
+                )
+    if problems:
+        raise ValidationError(problems)
+    return DeploymentSpec(deckies=tuple(deckies))

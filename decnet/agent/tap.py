@@ -1,0 +1,94 @@
+"""``twistd decnet-agent``: options and service construction.
+
+    twistd decnet-agent --bundle DIR [--listen tcp:8765:interface=0.0.0.0]
+        [--state-dir /var/lib/decnet/agent] [--log-file /var/log/decnet/decnet.log]
+        [--port-file FILE]
+
+An enrolled bundle is mandatory: the agent has no unauthenticated mode.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from twisted.python import usage
+
+from decnet import config
+from decnet.agent.engine import ENGINES
+from decnet.errors import DecnetError
+from decnet.pki import WorkerBundle
+from decnet.tls import TLSIdentity
+
+
+class Options(usage.Options):
+    synopsis = "--bundle DIR [options]"
+    longdesc = (
+        "The DECNET worker agent: runs this worker's deckies and answers the master "
+        "over mutual TLS (GET /health, GET /status, POST /deploy, POST /teardown)."
+    )
+    optParameters: ClassVar[list] = [
+        ["bundle", "b", None, "enrolled worker bundle directory (from `decnet-admin enroll`)"],
+        [
+            "listen",
+            "l",
+            None,
+            "API endpoint (default: tcp:<agent_port from the bundle>:interface=0.0.0.0)",
+        ],
+        ["state-dir", "s", config.DEFAULT_AGENT_STATE_DIR, "desired state and SSH host keys"],
+        [
+            "log-file",
+            None,
+            config.DEFAULT_LOG_FILE,
+            "RFC 5424 decoy event log (the forwarder ships it)",
+        ],
+        ["port-file", None, None, "write the bound API port to this file once listening"],
+        ["engine", None, "builtin", f"decoy engine ({', '.join(ENGINES)})"],
+        [
+            "revocations",
+            None,
+            None,
+            "revocation list (the master's revoked.json) to honour; reloaded when it changes",
+        ],
+    ]
+
+    def postOptions(self):
+        if not self["bundle"]:
+            raise usage.UsageError(
+                "--bundle is required: the agent only runs with an enrolled identity "
+                "(create one with `decnet-admin enroll` on the master)"
+            )
+        if self["engine"] not in ENGINES:
+            raise usage.UsageError(f"--engine must be one of: {', '.join(ENGINES)}")
+        try:
+            bundle = WorkerBundle.load(self["bundle"])
+            identity = TLSIdentity.from_bundle(bundle, config.ROLE_WORKER)
+        except DecnetError as exc:
+            raise usage.UsageError(f"unusable bundle: {exc}") from None
+        if identity.identity.role != config.ROLE_WORKER or identity.identity.cn != bundle.name:
+            raise usage.UsageError(
+                f"{bundle.cert_path(config.ROLE_WORKER)} is not the worker certificate "
+                f"of {bundle.name!r}"
+            )
+        self["bundle_obj"] = bundle
+        self["identity"] = identity
+        if not self["listen"]:
+            port = bundle.settings.get("agent_port", config.AGENT_PORT)
+            self["listen"] = f"tcp:{port}:interface=0.0.0.0"
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    from decnet.agent.service import AgentService
+
+    return AgentService(
+        reactor,
+        bundle=options["bundle_obj"],
+        identity=options["identity"],
+        listen=options["listen"],
+        state_dir=options["state-dir"],
+        log_file=options["log-file"],
+        port_file=options["port-file"],
+        engine=options["engine"],
+        revocations=options["revocations"],
+    )

@@ -1,0 +1,144 @@
+"""The master's client for one worker agent, and the fleet-wide health check.
+
+:class:`AgentClient` sends ``health`` / ``status`` / ``deploy`` / ``teardown``
+over mutual TLS with the master identity.  The worker must present a
+certificate from our CA, with the ``worker`` role, the host's name as CN and
+the fingerprint recorded at enrollment — checked by the verify callback inside
+the handshake of the very connection that carries the request
+(:class:`decnet.master.http.PinnedClient`).  A decommissioned or revoked host
+is refused before any connection is attempted.
+
+Errors are typed (:mod:`decnet.errors`): ``Unreachable``,
+``FingerprintMismatch``, ``PeerRefused``, ``RemoteError`` (with the agent's
+own problem list), ``HostDecommissioned``.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from decnet import config
+from decnet.errors import DecnetError, HostDecommissioned, PeerRefused
+from decnet.master.http import DEFAULT_TIMEOUT, PinnedClient
+from decnet.master.registry import Host, Registry
+from decnet.revocation import RevocationSet
+from decnet.tls import Accept, TLSIdentity
+
+# A deploy waits for every listener to be bound (and SSH host keys to be
+# generated on first use), so it gets a longer deadline than a probe.
+DEPLOY_TIMEOUT = 60.0
+
+
+class AgentClient:
+    """Commands for the agent of one enrolled ``host``."""
+
+    def __init__(
+        self,
+        reactor,
+        identity: TLSIdentity,
+        host: Host,
+        *,
+        revocations: RevocationSet | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        persistent: bool = False,
+    ):
+        if host.decommissioned:
+            raise HostDecommissioned(
+                f"{host.name!r} was decommissioned at {host.revoked_at}; refusing to contact it"
+            )
+        if revocations is not None and host.worker_fingerprint in revocations:
+            raise PeerRefused(f"the worker certificate of {host.name!r} is revoked")
+        self.host = host
+        self._http = PinnedClient(
+            reactor,
+            identity,
+            address=host.address,
+            port=host.agent_port,
+            accept=Accept(config.ROLE_WORKER, cn=host.name, fingerprint=host.worker_fingerprint),
+            timeout=timeout,
+            persistent=persistent,
+        )
+
+    async def health(self) -> dict:
+        """``{"status", "host", "version", "release", "engine", "uptime"}``."""
+        return await self._http.call("GET", "health")
+
+    async def status(self) -> dict:
+        """The deployed spec, its hash, and per decky/service live state and counters."""
+        return await self._http.call("GET", "status")
+
+    async def deploy(self, spec: dict, timeout: float = DEPLOY_TIMEOUT) -> dict:
+        """Send a spec; returns per-service results once listeners are bound."""
+        return await self._http.call("POST", "deploy", json=spec, timeout=timeout)
+
+    async def teardown(self, decky: str | None = None, timeout: float = DEPLOY_TIMEOUT) -> dict:
+        """Stop ``decky`` (everything when ``None``); ``RemoteError`` 404 if it is unknown."""
+        body = {"decky": decky} if decky is not None else {}
+        return await self._http.call("POST", "teardown", json=body, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+@attrs.frozen
+class HealthResult:
+    """One row of ``decnet-admin check``."""
+
+    name: str
+    address: str
+    ok: bool
+    status: str  # the registry status recorded for the host
+    detail: str
+    health: dict = attrs.field(factory=dict)
+
+    def as_dict(self) -> dict:
+        return attrs.asdict(self)
+
+
+log = Logger(namespace="decnet.master.agent_client")
+
+
+async def check_host(reactor, identity, host: Host, revocations=None, timeout=DEFAULT_TIMEOUT):
+    """Probe one host's ``/health``; never raises for an expected failure."""
+    try:
+        client = AgentClient(reactor, identity, host, revocations=revocations, timeout=timeout)
+        try:
+            health = await client.health()
+        finally:
+            await client.close()
+    except DecnetError as exc:  # Unreachable, PeerRefused, RemoteError, HostDecommissioned
+        return HealthResult(host.name, host.address, False, "unreachable", str(exc))
+    ok = health.get("status") == "ok"
+    detail = "ok" if ok else f"agent reports status {health.get('status')!r}"
+    return HealthResult(
+        host.name, host.address, ok, "active" if ok else "unreachable", detail, health
+    )
+
+
+async def check_hosts(
+    reactor,
+    identity: TLSIdentity,
+    registry: Registry,
+    hosts: list[Host],
+    *,
+    revocations: RevocationSet | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[HealthResult]:
+    """Probe every host concurrently and record each one's status in the registry."""
+    probes = [
+        defer.ensureDeferred(check_host(reactor, identity, h, revocations, timeout)) for h in hosts
+    ]
+    outcomes = await defer.DeferredList(probes, consumeErrors=True)
+    results: list[HealthResult] = []
+    for host, (ok, value) in zip(hosts, outcomes, strict=True):
+        if not ok:
+            log.failure("Health check of {host} crashed", value, host=host.name)
+            value = HealthResult(host.name, host.address, False, "unreachable", "internal error")
+        results.append(value)
+    pool = reactor.getThreadPool()
+    for result in results:
+        await deferToThreadPool(reactor, pool, registry.set_status, result.name, result.status)
+    return results

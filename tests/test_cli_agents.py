@@ -1,0 +1,140 @@
+"""``decnet-admin status / check / deploy / teardown`` against a real in-process agent.
+
+The CLI runs as a subprocess (it has its own reactor) started without blocking
+this test's reactor, which serves the agent.
+"""
+
+import json
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+from decnet import config, pki
+from decnet.agent.service import AgentService
+from decnet.master import enrollment
+from decnet.tls import TLSIdentity
+from tests.support import BIN, free_port
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A master of its own, so `check` sees exactly the hosts enrolled here."""
+    paths = config.MasterPaths.resolve(tmp_path_factory.mktemp("cli-master") / "home")
+    enrollment.init_master(paths)
+    master = enrollment.load_master(paths)
+    root = tmp_path_factory.mktemp("cli-bundles")
+    up = enrollment.enroll(master, "cli-up", "127.0.0.1", root / "up", agent_port=free_port())
+    enrollment.enroll(master, "cli-down", "127.0.0.1", root / "down", agent_port=free_port())
+    return paths, up
+
+
+@pytest_twisted.async_yield_fixture
+async def agent(home, tmp_path):
+    _paths, up = home
+    bundle = pki.WorkerBundle.load(up.bundle_dir)
+    service = AgentService(
+        reactor,
+        bundle=bundle,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        listen=f"tcp:{up.host.agent_port}:interface=127.0.0.1",
+        state_dir=tmp_path / "state",
+        log_file=tmp_path / "decnet.log",
+        on_fatal=pytest.fail,
+    )
+    service.startService()
+    await service.api.ready
+    await service.restored
+    yield service
+    await service.stopService()
+
+
+async def admin(home, *args):
+    paths, _ = home
+    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
+    out, err, code = await getProcessOutputAndValue(
+        str(BIN / "decnet-admin"), ["--home", str(paths.home), *args], env=env
+    )
+    return out.decode(), err.decode(), code
+
+
+@pytest_twisted.ensureDeferred
+async def test_deploy_status_and_teardown_through_the_cli(home, agent, tmp_path):
+    port = free_port()
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "deckies": [
+                    {
+                        "name": "web-01",
+                        "services": [{"type": "redis", "bind": "127.0.0.1", "port": port}],
+                    }
+                ]
+            }
+        )
+    )
+    out, err, code = await admin(home, "deploy", "cli-up", "--spec", str(spec))
+    assert code == 0, err
+    assert "web-01  redis    started  listening" in out
+    assert "all services listening" in out
+
+    out, err, code = await admin(home, "deploy", "cli-up", "--spec", str(spec))
+    assert code == 0 and "(unchanged)" in out and "unchanged  listening" in out
+
+    out, err, code = await admin(home, "status", "cli-up")
+    assert code == 0, err
+    assert f"cli-up  web-01  redis    redis  listening  127.0.0.1:{port}" in out
+
+    out, err, code = await admin(home, "status", "cli-up", "--json")
+    doc = json.loads(out)
+    assert doc["hosts"]["cli-up"]["deckies"]["web-01"]["services"]["redis"]["port"] == port
+
+    out, err, code = await admin(home, "teardown", "cli-up", "--decky", "ghost")
+    assert code == 1
+    assert err == "decnet-admin: error: HTTP 404: no decky named 'ghost' is deployed on cli-up\n"
+
+    out, err, code = await admin(home, "teardown", "cli-up", "--decky", "web-01")
+    assert code == 0 and "web-01  redis    removed" in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_deploy_refuses_an_invalid_spec_locally_with_every_problem(home, tmp_path):
+    spec = tmp_path / "bad.json"
+    spec.write_text(json.dumps({"deckies": [{"name": "X", "services": [{"type": "nope"}]}]}))
+    _out, err, code = await admin(home, "deploy", "cli-up", "--spec", str(spec))
+    assert code == 1
+    assert err.count("decnet-admin: error: ") == 2
+    assert "must be one of ssh, telnet" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_reports_every_host_and_fails_when_one_is_down(home, agent):
+    out, _err, code = await admin(home, "check")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "ADDRESS",
+        "HEALTH",
+        "RELEASE",
+        "VERSION",
+        "UPTIME",
+        "DETAIL",
+    ]
+    assert lines[2].startswith("cli-down  127.0.0.1  DOWN")
+    assert "cannot reach" in lines[2]
+    assert lines[3].startswith("cli-up    127.0.0.1  up")
+    out, _err, code = await admin(home, "hosts", "--json")
+    status = {h["name"]: h["status"] for h in json.loads(out)}
+    assert status == {"cli-down": "unreachable", "cli-up": "active"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_of_all_hosts_shows_the_unreachable_ones(home, agent):
+    out, _err, code = await admin(home, "status", "--all")
+    assert code == 1
+    assert "cli-down  -" in out and "UNREACHABLE" in out
+    assert "cli-up" in out and "(nothing deployed)" in out
