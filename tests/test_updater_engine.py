@@ -386,3 +386,20 @@ def test_pushing_the_current_release_while_its_agent_is_unhealthy_is_not_updated
     env.agent.sick.add(rid(GOOD1))
     with pytest.raises(HealthCheckFailed):
         push(env, GOOD1)
+
+
+def test_an_unexpected_error_after_the_switch_still_reverts(env):
+    push(env, GOOD1)
+    real = env.agent.restart
+
+    async def broken(release_dir):
+        if release_dir.name == rid(GOOD2):
+            raise RuntimeError("a bug in the agent control")
+        await real(release_dir)
+
+    env.agent.restart = broken
+    with pytest.raises(RolledBack, match="a bug in the agent control"):
+        push(env, GOOD2)
+    assert env.updater.store.current() == rid(GOOD1)
+    assert env.agent.running == rid(GOOD1)
+    assert env.updater.store.journal.state == "idle"

@@ -287,7 +287,10 @@ class Updater:
             health = await self.probe.wait_for(
                 release, self.health_timeout, self.agent.exited_since_start
             )
-        except (HealthCheckFailed, AgentControlFailed) as exc:
+        except Exception as exc:
+            if not isinstance(exc, HealthCheckFailed | AgentControlFailed):
+                # A bug must not leave an unconfirmed release current.
+                self.log.failure("Activating {release} crashed", release=release)
             raise await self._revert(release, previous, exc, install_output) from None
         await self._thread(self.store.commit)
         pruned = await self._thread(self.store.prune, self.keep)
@@ -317,7 +320,9 @@ class Updater:
                 await self.probe.wait_for(
                     previous, self.health_timeout, self.agent.exited_since_start
                 )
-        except (HealthCheckFailed, AgentControlFailed) as exc:
+        except Exception as exc:
+            if not isinstance(exc, HealthCheckFailed | AgentControlFailed):
+                self.log.failure("Going back to {previous} crashed", previous=previous)
             await self._thread(self.store.finish_revert)
             return RollbackFailed(
                 f"release {release} failed ({cause}) and the previous release {previous} "
