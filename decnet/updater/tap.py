@@ -205,6 +205,9 @@ def makeService(options: Options) -> service.IService:
         port=port,
         accept=Accept(config.ROLE_WORKER, cn=bundle.name, fingerprint=worker_fp),
         timeout=5.0,
+        # One connection per agent process (the pool drops it when the agent
+        # restarts) instead of a handshake, and two log lines, per probe.
+        persistent=True,
     )
     if options["agent-control"] == "spawn":
         interface = host.replace(":", "\\:")
