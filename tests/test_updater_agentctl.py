@@ -51,10 +51,11 @@ async def test_a_failing_systemctl_is_a_typed_error_with_its_output(tmp_path):
 CHILD = """
 import signal, sys, time
 mode = sys.argv[1]
-print("child up", mode, flush=True)
 if mode == "crash":
+    print("child up", mode, flush=True)
     sys.exit(3)
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print("child up", mode, flush=True)
 while True:
     time.sleep(0.05)
 """
@@ -76,7 +77,7 @@ async def until(predicate, timeout=10.0):
 async def test_a_spawned_agent_is_started_restarted_and_stopped_by_its_own_pid(tmp_path):
     (tmp_path / "good").mkdir()
     agent = SpawnedAgent(
-        reactor, lambda d: [sys.executable, "-c", CHILD, d.name], grace=5, min_backoff=0.05
+        reactor, lambda d: [sys.executable, "-c", CHILD, d.name], grace=1, min_backoff=0.05
     )
     await agent.restart(tmp_path / "good")
     first = agent.pid
