@@ -25,6 +25,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="updaters skip byte-compiling")
     parser.add_argument("--health-timeout", type=float, default=10.0)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
 
     print("building the wheelhouse (cached) ...", flush=True)
@@ -139,6 +141,8 @@ def main() -> int:
     finally:
         for node in started:
             node.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     # Every updater has exited and been waited for: their CPU (and their pip's) is ours now.
     fleet_cpu = children_cpu() - cpu_before
 
