@@ -88,6 +88,7 @@ class SystemdService(Service):
 
     def __init__(self, clock, notifier: Notifier | None = None):
         self.notifier = notifier or Notifier()
+        self._clock = clock
         self._ping = LoopingCall(self.notifier.notify, "WATCHDOG=1")
         self._ping.clock = clock
 
@@ -104,4 +105,9 @@ class SystemdService(Service):
         return super().stopService()
 
     def ready(self, status: str | None = None) -> None:
-        self.notifier.ready(status)
+        # Services start in a "before startup" trigger, before the reactor
+        # runs (and before it handles SIGTERM): announce from its first turn.
+        self._clock.callLater(0, self.notifier.ready, status)
+
+    def status(self, status: str) -> None:
+        self.notifier.status(status)

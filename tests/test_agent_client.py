@@ -59,7 +59,6 @@ async def agent(worker, tmp_path):
         state_dir=tmp_path / "state",
         log_file=tmp_path / "decnet.log",
         port_file=tmp_path / "agent.port",
-        on_fatal=pytest.fail,
     )
     service.startService()
     port = await service.api.ready
@@ -229,7 +228,6 @@ async def test_an_agent_with_a_revocation_list_refuses_revoked_certificates(
         state_dir=tmp_path / "state",
         log_file=tmp_path / "decnet.log",
         revocations=listed,
-        on_fatal=pytest.fail,
     )
     service.startService()
     try:

@@ -42,7 +42,6 @@ async def agent(home, tmp_path):
         listen=f"tcp:{up.host.agent_port}:interface=127.0.0.1",
         state_dir=tmp_path / "state",
         log_file=tmp_path / "decnet.log",
-        on_fatal=pytest.fail,
     )
     service.startService()
     await service.api.ready

@@ -72,6 +72,8 @@ def test_the_watchdog_is_fed_at_half_its_interval_and_stopping_is_sent(notify_so
     clock.advance(0.1)
     assert received(sock) == [b"WATCHDOG=1"]
     service.ready()
+    assert received(sock) == []  # not before the reactor's first turn
+    clock.advance(0)
     service.stopService()
     assert received(sock) == [b"READY=1", b"STOPPING=1"]
     clock.advance(10)
@@ -83,3 +85,48 @@ def test_a_watchdog_meant_for_another_process_is_ignored(notify_socket):
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
     assert Notifier(env).watchdog_interval is None
     assert Notifier({"WATCHDOG_USEC": "0"}).watchdog_interval is None
+
+
+def test_a_real_daemon_reports_ready_feeds_the_watchdog_and_says_stopping(
+    notify_socket, master_home, tmp_path
+):
+    import signal
+    import subprocess
+
+    from tests.support import BIN, wait_for
+
+    sock, path = notify_socket
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    env.pop("WATCHDOG_PID", None)
+    twistd = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "decnet-listener"]
+    proc = subprocess.Popen(
+        [
+            *twistd,
+            *("--home", str(master_home.home), "--ingest-dir", str(tmp_path / "ingest")),
+            *("--listen", "tcp:0:interface=127.0.0.1"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    seen: list[bytes] = []
+
+    def saw(predicate):
+        seen.extend(received(sock))
+        return predicate()
+
+    try:
+        wait_for(lambda: saw(lambda: any(m.startswith(b"READY=1") for m in seen)), 30)
+        ready = next(m for m in seen if m.startswith(b"READY=1"))
+        assert b"STATUS=listening for workers" in ready
+        count = seen.count(b"WATCHDOG=1")
+        wait_for(lambda: saw(lambda: seen.count(b"WATCHDOG=1") >= count + 2), 10)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+        # twistd re-raises the signal that stopped it after a clean shutdown.
+        assert proc.returncode == -signal.SIGTERM and "Server Shut Down" in out, out
+        assert b"STOPPING=1" in received(sock)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

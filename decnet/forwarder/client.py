@@ -392,9 +392,16 @@ class ForwarderFactory(Factory):
         self.mode = mode
         self.target = target
         self.state = "connecting"
+        # Told (state, detail) on every change: systemd's STATUS line, for one.
+        self.state_listeners: list = []
         self._last_failure: str | None = None
         self._failures = 0
         self.current: ForwarderProtocol | None = None
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state = state
+        for listener in self.state_listeners:
+            listener(state, detail)
 
     def buildProtocol(self, addr):
         proto = ForwarderProtocol(self)
@@ -409,7 +416,8 @@ class ForwarderFactory(Factory):
             mode=mode,
             after=f" after {self._failures} failed attempts" if self._failures else "",
         )
-        self.state, self._last_failure, self._failures = "connected", None, 0
+        self._last_failure, self._failures = None, 0
+        self._set_state("connected", f"shipping to {self.target} ({mode})")
 
     def disconnected(self, proto: ForwarderProtocol, reason) -> None:
         if proto.mode is None:
@@ -418,12 +426,12 @@ class ForwarderFactory(Factory):
             return
         if self.current is proto:
             self.current = None
-        self.state = "disconnected"
         self.log.warn(
             "Disconnected from {target}: {reason}; reconnecting",
             target=self.target,
             reason=reason.getErrorMessage(),
         )
+        self._set_state("disconnected", f"reconnecting to {self.target}")
 
     def refusal(self) -> str | None:
         """Why our TLS policy refused the receiver, if it did (then forget it)."""
@@ -441,4 +449,4 @@ class ForwarderFactory(Factory):
                 reason=reason,
             )
             self._last_failure = reason
-        self.state = "failing"
+        self._set_state("failing", f"cannot connect to {self.target}: {reason}")

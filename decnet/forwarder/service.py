@@ -17,6 +17,7 @@ from decnet import config
 from decnet.forwarder.client import ForwarderFactory, Shipper, serial_runner
 from decnet.forwarder.offsets import OffsetStore, OffsetWriter
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
+from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 
 _jitter = random.SystemRandom()
@@ -169,6 +170,9 @@ class ForwarderService(MultiService):
             clock=reactor,
         )
         self.watcher = TailWatcher(reactor, Path(log_file), self.shipper.notify, poll_interval)
+        self.systemd = SystemdService(reactor)
+        self.systemd.setServiceParent(self)
+        self.factory.state_listeners.append(lambda _state, detail: self.systemd.status(detail))
 
     def startService(self):
         super().startService()
@@ -193,6 +197,9 @@ class ForwarderService(MultiService):
         self.shipper.set_ready()
         self.watcher.setServiceParent(self)
         self.client.setServiceParent(self)
+        # Ready once the file is being followed; the connection comes and goes
+        # (STATUS says which), and a master that is down must not fail the unit.
+        self.systemd.ready(f"following {self.tailer.path}")
 
     def _locate_failed(self, failure) -> None:
         self.log.failure(

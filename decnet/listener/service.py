@@ -8,78 +8,20 @@ from pathlib import Path
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from decnet import config
-from decnet.fsutil import atomic_write
+from decnet.daemon import TLSPortService
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import ListenerFactory
 from decnet.revocation import RevocationSet, RevocationWatcher
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
+from decnet.systemd import SystemdService
+from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 
 
 def listener_options(identity: TLSIdentity, revocations: RevocationSet | None) -> PolicyOptions:
     """Server TLS options: workers of our CA only, not revoked; offers the ack protocol."""
     policy = PeerPolicy([Accept(config.ROLE_WORKER)], revocations=revocations)
     return PolicyOptions(identity, policy, acceptable_protocols=[config.ACK_ALPN])
-
-
-class TLSPortService(Service):
-    """Listens on an endpoint string with TLS; a failed bind fails start-up.
-
-    The bind happens in ``privilegedStartService`` and an error is raised
-    synchronously (as ``strports.service`` does), so ``twistd`` exits instead
-    of running a daemon that listens nowhere.  The bound port number is written
-    to ``port_file`` when given (tests and sandboxes listen on port 0).
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor, description: str, options, factory, port_file: Path | None):
-        self.reactor = reactor
-        self.description = description
-        self.options = options
-        self.factory = factory
-        self.port_file = port_file
-        self.port = None
-
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        if self.port is not None:
-            return
-        result: list = []
-        d = listen_tls(self.reactor, self.description, self.options, self.factory)
-        d.addBoth(result.append)
-        if not result:
-            raise RuntimeError(f"listening on {self.description} did not complete synchronously")
-        if isinstance(result[0], Failure):
-            self.log.critical(
-                "Cannot listen on {endpoint}: {error}",
-                endpoint=self.description,
-                error=result[0].getErrorMessage(),
-            )
-            result[0].raiseException()
-        self.port = result[0]
-        host = self.port.getHost()
-        self.log.info(
-            "Listening for workers on {endpoint} (port {port})",
-            endpoint=self.description,
-            port=host.port,
-        )
-        if self.port_file is not None:
-            atomic_write(self.port_file, b"%d\n" % host.port)
-
-    def startService(self):
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        return None
 
 
 class IngestService(Service):
@@ -136,15 +78,23 @@ class ListenerService(MultiService):
         IngestService(self.ingest).setServiceParent(self)
         self.watcher.setServiceParent(self)
         self.port_service = TLSPortService(
-            reactor, listen, listener_options(identity, revocations), self.factory, port_file
+            reactor,
+            listen,
+            listener_options(identity, revocations),
+            self.factory,
+            port_file=port_file,
+            label="workers",
         )
         self.port_service.setServiceParent(self)
+        self.systemd = SystemdService(reactor)
+        self.systemd.setServiceParent(self)
         self._old_hup = None
 
     def startService(self):
         super().startService()
         if self.sighup:
             self._old_hup = signal.signal(signal.SIGHUP, self._sighup)
+        self.systemd.ready(f"listening for workers on {self.port_service.description}")
 
     def _sighup(self, signum, frame):
         self.reactor.callFromThread(self._reload)

@@ -23,13 +23,14 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from decnet import config, pki
+from decnet.daemon import TLSPortService
 from decnet.errors import DecnetError
 from decnet.httpapi import make_site
 from decnet.master.http import PinnedClient
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
+from decnet.systemd import SystemdService
+from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 from decnet.updater import archive
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent, agent_argv
 from decnet.updater.app import UploadRequest, build_app
@@ -134,34 +135,31 @@ class Options(usage.Options):
         self["install-dir"] = str(Path(self["install-dir"]).absolute())
 
 
-class UpdaterService(service.Service):
-    """Listens (synchronously, so a failed bind stops twistd), then reconciles and serves."""
+class UpdaterService(service.MultiService):
+    """Listens (a failed bind stops twistd), then reconciles the release store and serves."""
 
     log = Logger()
 
     def __init__(self, reactor, updater: Updater, listen: str, options: PolicyOptions, site):
+        super().__init__()
         self.reactor = reactor
         self.updater = updater
-        self.listen = listen
-        self.tls_options = options
-        self.site = site
-        self.port = None
+        self.port_service = TLSPortService(reactor, listen, options, site, label="the master")
+        self.port_service.setServiceParent(self)
+        self.systemd = SystemdService(reactor)
+        self.systemd.setServiceParent(self)
 
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        outcome = []
-        listen_tls(self.reactor, self.listen, self.tls_options, self.site).addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        if not outcome:
-            raise RuntimeError(f"listening on {self.listen} did not complete synchronously")
-        self.port = outcome[0]
-        self.log.info("Updater listening on {address}", address=str(self.port.getHost()))
+    @property
+    def port(self):
+        return self.port_service.port
 
     def startService(self):
         super().startService()
         d = defer.ensureDeferred(self.updater.start())
-        d.addErrback(self._start_failed)
+        d.addCallbacks(self._started, self._start_failed)
+
+    def _started(self, _):
+        self.systemd.ready(f"serving on {self.port_service.description}")
 
     def _start_failed(self, failure):
         self.log.failure("The updater could not start; stopping", failure)
@@ -169,12 +167,11 @@ class UpdaterService(service.Service):
             self.reactor.stop()
 
     async def _stop(self):
-        if self.port is not None:
-            await self.port.stopListening()
+        await self.port_service.stopService()
         await self.updater.stop()
+        await super().stopService()
 
     def stopService(self):
-        super().stopService()
         return defer.ensureDeferred(self._stop())
 
 
