@@ -170,8 +170,12 @@ SPEC = {
 }
 
 
-def test_health_reports_status_version_release_and_uptime(agent, monkeypatch):
+def test_health_reports_status_version_release_and_uptime(certs, monkeypatch):
     monkeypatch.setenv("DECNET_RELEASE_ID", "r-20260102")
+    agent = Agent(certs)
+    # The release is the one the process started from, even if `current`
+    # (here: the environment) changes before the agent is restarted.
+    monkeypatch.setenv("DECNET_RELEASE_ID", "r-later")
     agent.clock.advance(42.5)
     code, doc = agent.call("master", "GET", "/health")
     assert code == 200

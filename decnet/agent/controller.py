@@ -30,6 +30,10 @@ class Controller:
         self.host = host
         self.spec: DeploymentSpec = EMPTY
         self.started = clock.seconds()
+        # Read once at start: `current` may be switched to another release
+        # before this process is restarted, and /health must name the code
+        # that actually runs (the updater's probe relies on it).
+        self.release = release_id()
         self.applied_at: float | None = None
         self._lock = defer.DeferredLock()
 
@@ -38,7 +42,7 @@ class Controller:
             "status": "ok",
             "host": self.host,
             "version": decnet.__version__,
-            "release": release_id(),
+            "release": self.release,
             "engine": self.engine.name,
             "uptime": round(self.clock.seconds() - self.started, 3),
         }

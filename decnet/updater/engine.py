@@ -112,6 +112,9 @@ class Updater:
         self.busy: str | None = None
         self.restarting_onto: Path | None = None
         self.started_at = clock.seconds()
+        # Read once: after update-self switches `current`, this process still
+        # runs the old code until it restarts, and must say so.
+        self.own_release = own_release_id()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -150,7 +153,7 @@ class Updater:
         self.log.info(
             "Updater ready: agent release {release}, updater release {own}",
             release=current.name if current else None,
-            own=own_release_id(),
+            own=self.own_release,
         )
 
     async def stop(self) -> None:
@@ -162,7 +165,7 @@ class Updater:
         return {
             "status": "ok" if self.ready else "starting",
             "version": __version__,
-            "release": own_release_id(),
+            "release": self.own_release,
             "busy": self.busy,
             "agent": self.agent.describe(),
             "uptime": round(self.clock.seconds() - self.started_at, 3),
@@ -171,7 +174,7 @@ class Updater:
     async def releases(self) -> dict:
         listing = await self._thread(self.store.list_releases)
         current = next((r["id"] for r in listing if r["current"]), None)
-        return {"current": current, "releases": listing, "updater_release": own_release_id()}
+        return {"current": current, "releases": listing, "updater_release": self.own_release}
 
     # -- update --------------------------------------------------------------
 
@@ -381,7 +384,7 @@ class Updater:
                 "result": "restarting",
                 "release": release,
                 "previous": previous,
-                "running": own_release_id(),
+                "running": self.own_release,
                 "seconds": round(self.clock.seconds() - started, 3),
             }
 
