@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 from twisted.internet import defer
-from twisted.internet.task import react
 
 from decnet.agent.spec import parse_spec
 from decnet.cli import output
+from decnet.cli.runtime import run_async
 from decnet.errors import DecnetError, ValidationError
 from decnet.master.agent_client import AgentClient, check_hosts
 from decnet.master.http import DEFAULT_TIMEOUT
@@ -90,27 +90,6 @@ class _Context:
         )
 
 
-def _run(main) -> int:
-    """Run ``main(reactor)`` (a coroutine function returning an exit code) under ``react``."""
-    outcome = {"code": 1}
-
-    async def wrapped(reactor):
-        try:
-            outcome["code"] = await main(reactor)
-        except ValidationError as exc:
-            for problem in exc.problems:
-                output.error(problem)
-        except DecnetError as exc:
-            output.error(str(exc))
-
-    try:
-        react(lambda reactor: defer.ensureDeferred(wrapped(reactor)))
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            return int(exc.code)
-    return outcome["code"]
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     ctx = _Context(args)
     if args.name and args.all:
@@ -146,7 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not hosts:
         print("No hosts enrolled yet (use `decnet-admin enroll`).")
         return 0
-    return _run(main)
+    return run_async(main)
 
 
 def _print_status(docs: dict, errors: dict) -> None:
@@ -210,7 +189,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(output.table(headers, rows))
         return 0 if all(r.ok for r in results) else 1
 
-    return _run(main)
+    return run_async(main)
 
 
 def _uptime(seconds) -> str:
@@ -255,7 +234,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             _print_apply(host.name, result)
         return 0 if result["ok"] else 1
 
-    return _run(main)
+    return run_async(main)
 
 
 def _print_apply(host: str, result: dict) -> None:
@@ -296,4 +275,4 @@ def cmd_teardown(args: argparse.Namespace) -> int:
             _print_apply(host.name, result)
         return 0 if result["ok"] else 1
 
-    return _run(main)
+    return run_async(main)

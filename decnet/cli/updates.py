@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
-
-from twisted.internet import defer, task
 
 from decnet import config
 from decnet.cli import output
+from decnet.cli.runtime import run_async
 from decnet.errors import DecnetError, RemoteError, ValidationError
 from decnet.master import tar_tree
 from decnet.master.registry import Host, Registry
@@ -114,27 +112,6 @@ def default_root() -> Path:
     import decnet
 
     return Path(decnet.__file__).resolve().parent.parent
-
-
-def run_async(fn: Callable) -> int:
-    """Run ``await fn(reactor)`` under ``task.react``; return its int, re-raise its error."""
-    outcome: dict = {}
-
-    def main(reactor):
-        d = defer.ensureDeferred(fn(reactor))
-        d.addCallbacks(
-            lambda code: outcome.__setitem__("code", code),
-            lambda failure: outcome.__setitem__("failure", failure),
-        )
-        return d
-
-    try:
-        task.react(main)
-    except SystemExit:
-        pass
-    if "failure" in outcome:
-        outcome["failure"].raiseException()
-    return int(outcome.get("code") or 0)
 
 
 def _select(registry: Registry, args) -> list[Host]:
