@@ -13,6 +13,7 @@ from decnet.errors import DecnetError, RemoteError, ValidationError
 from decnet.master import tar_tree
 from decnet.master.registry import Host, Registry
 from decnet.master.rollout import FAILED, ROLLED_BACK, SKIPPED, Rollout, plan_rollout
+from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
 
@@ -153,6 +154,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             output.error("no host to update")
             return 1
         identity = TLSIdentity.master(args.paths)
+        revocations = RevocationSet(args.paths.revocations)
         print(
             f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} bytes, "
             f"sha256 {archive.sha256}"
@@ -165,7 +167,9 @@ def cmd_update(args: argparse.Namespace) -> int:
 
             rollout = Rollout(
                 reactor,
-                lambda host: UpdaterClient(reactor, identity, host, timeout=args.timeout),
+                lambda host: UpdaterClient(
+                    reactor, identity, host, timeout=args.timeout, revocations=revocations
+                ),
                 archive,
                 concurrency=args.concurrency,
                 include_self=args.include_self,
@@ -269,10 +273,9 @@ def _client_for(args, reactor):
     from decnet.master.updater_client import UpdaterClient
 
     host = _registry(args).get(args.name)
-    if host.decommissioned:
-        raise ValidationError(f"{host.name} is decommissioned")
     identity = TLSIdentity.master(args.paths)
-    return UpdaterClient(reactor, identity, host)
+    revocations = RevocationSet(args.paths.revocations)
+    return UpdaterClient(reactor, identity, host, revocations=revocations)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

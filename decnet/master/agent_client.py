@@ -21,11 +21,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet import config
-from decnet.errors import DecnetError, HostDecommissioned, PeerRefused
-from decnet.master.http import DEFAULT_TIMEOUT, PinnedClient
+from decnet.errors import DecnetError
+from decnet.master.http import DEFAULT_TIMEOUT, client_for_host
 from decnet.master.registry import Host, Registry
 from decnet.revocation import RevocationSet
-from decnet.tls import Accept, TLSIdentity
+from decnet.tls import TLSIdentity
 
 # A deploy waits for every listener to be bound (and SSH host keys to be
 # generated on first use), so it gets a longer deadline than a probe.
@@ -45,19 +45,13 @@ class AgentClient:
         timeout: float = DEFAULT_TIMEOUT,
         persistent: bool = False,
     ):
-        if host.decommissioned:
-            raise HostDecommissioned(
-                f"{host.name!r} was decommissioned at {host.revoked_at}; refusing to contact it"
-            )
-        if revocations is not None and host.worker_fingerprint in revocations:
-            raise PeerRefused(f"the worker certificate of {host.name!r} is revoked")
         self.host = host
-        self._http = PinnedClient(
+        self._http = client_for_host(
             reactor,
             identity,
-            address=host.address,
-            port=host.agent_port,
-            accept=Accept(config.ROLE_WORKER, cn=host.name, fingerprint=host.worker_fingerprint),
+            host,
+            config.ROLE_WORKER,
+            revocations=revocations,
             timeout=timeout,
             persistent=persistent,
         )

@@ -29,7 +29,14 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
-from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError, Unreachable
+from decnet import config
+from decnet.errors import (
+    FingerprintMismatch,
+    HostDecommissioned,
+    PeerRefused,
+    RemoteError,
+    Unreachable,
+)
 from decnet.tls import Accept, PeerPolicy, PinnedHTTPSPolicy, PolicyOptions, TLSIdentity
 
 DEFAULT_TIMEOUT = 10.0
@@ -172,3 +179,46 @@ async def _collect(response, limit: int) -> bytes:
 
     await treq.collect(response, collect)
     return b"".join(chunks)
+
+
+def client_for_host(
+    reactor,
+    identity: TLSIdentity,
+    host,
+    role: str,
+    *,
+    revocations=None,
+    timeout: float = DEFAULT_TIMEOUT,
+    persistent: bool = False,
+) -> PinnedClient:
+    """A :class:`PinnedClient` for an enrolled host's agent (``worker``) or ``updater``.
+
+    Refuses, before any connection, a decommissioned host, a daemon enrolled
+    without a certificate for ``role``, and a revoked certificate.  The peer
+    must present exactly the role, CN and fingerprint recorded at enrollment.
+    """
+    if host.decommissioned:
+        raise HostDecommissioned(
+            f"{host.name!r} was decommissioned at {host.revoked_at}; refusing to contact it"
+        )
+    if role == config.ROLE_WORKER:
+        port, cn, fingerprint = host.agent_port, host.name, host.worker_fingerprint
+    else:
+        cn = config.UPDATER_CN_PREFIX + host.name
+        port, fingerprint = host.updater_port, host.updater_fingerprint
+        if not fingerprint:
+            raise PeerRefused(
+                f"{host.name} was enrolled without an updater certificate; "
+                "refusing to connect unpinned (re-enroll with --updater)"
+            )
+    if revocations is not None and fingerprint in revocations:
+        raise PeerRefused(f"the {role} certificate of {host.name!r} is revoked")
+    return PinnedClient(
+        reactor,
+        identity,
+        address=host.address,
+        port=port,
+        accept=Accept(role, cn=cn, fingerprint=fingerprint),
+        timeout=timeout,
+        persistent=persistent,
+    )

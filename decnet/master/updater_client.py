@@ -13,11 +13,11 @@ from __future__ import annotations
 from twisted.internet import task
 
 from decnet import config
-from decnet.errors import DecnetError, PeerRefused, Unreachable
-from decnet.master.http import PinnedClient
+from decnet.errors import DecnetError, Unreachable
+from decnet.master.http import client_for_host
 from decnet.master.registry import Host
 from decnet.master.tar_tree import ReleaseArchive
-from decnet.tls import Accept, TLSIdentity
+from decnet.tls import TLSIdentity
 
 HEALTH_TIMEOUT = 10.0
 
@@ -32,25 +32,17 @@ class UpdaterClient:
         host: Host,
         *,
         timeout: float = config.DEFAULT_UPDATE_TIMEOUT,
+        revocations=None,
     ):
-        if not host.updater_fingerprint:
-            raise PeerRefused(
-                f"{host.name} was enrolled without an updater certificate; "
-                "refusing to connect unpinned"
-            )
         self.reactor = reactor
         self.host = host
         self.timeout = timeout
-        self.http = PinnedClient(
+        self.http = client_for_host(
             reactor,
             identity,
-            address=host.address,
-            port=host.updater_port,
-            accept=Accept(
-                config.ROLE_UPDATER,
-                cn=config.UPDATER_CN_PREFIX + host.name,
-                fingerprint=host.updater_fingerprint,
-            ),
+            host,
+            config.ROLE_UPDATER,
+            revocations=revocations,
             timeout=timeout,
         )
 
