@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from decnet import config
 from decnet.fsutil import atomic_write
+from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import ListenerFactory
 from decnet.revocation import RevocationSet, RevocationWatcher
@@ -92,6 +93,10 @@ class IngestService(Service):
         super().privilegedStartService()
         self.ingest.prepare()
 
+    def startService(self):
+        super().startService()
+        self.ingest.start()
+
     def stopService(self):
         super().stopService()
         return self.ingest.close()
@@ -121,7 +126,8 @@ class ListenerService(MultiService):
         super().__init__()
         self.sighup = sighup
         self.reactor = reactor
-        self.ingest = Ingest(ingest_dir, reactor, feed=feed)
+        feeds = FeedProcess(reactor, ingest_dir) if feed else None
+        self.ingest = Ingest(ingest_dir, reactor, feeds=feeds)
         self.factory = ListenerFactory(
             self.ingest,
             reactor,

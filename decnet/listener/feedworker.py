@@ -1,0 +1,93 @@
+"""The feed process: builds the JSON feeds outside the listener's process.
+
+Turning mirror lines into JSON is CPU work.  In a thread of the listener it
+held the GIL against the reactor, which then waited for the GIL after every
+``SSL_read``; in its own process it competes only for a CPU, at a lower
+priority than ingest.  The listener (:mod:`decnet.listener.feedproc`) starts
+``python -m decnet.listener.feedworker INGEST_DIR`` and talks to it over
+stdin/stdout, one JSON object per line:
+
+* listener → feed process: ``{"worker": W, "stream": S, "end": N}``: the
+  mirror of ``W/S`` is durable up to byte ``N``;
+* feed process → listener: what :class:`~decnet.listener.feed.FeedBuilder`
+  reports (``pos``/``lines`` after each durable step, ``warn``, ``error``).
+
+End of input means "stop": the current step finishes (its position is
+durable) and the process exits.  Exactly-once does not depend on this process
+living or dying at any particular moment: each step makes the feed durable
+before its position, and a builder left over from a killed listener holds the
+stream's lock until it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+from pathlib import Path
+
+from decnet.listener.feed import FeedBuilder
+
+# Scheduling priority of the feed process: ingest (the evidence, and what the
+# forwarders wait for before their data is acknowledged) wins a contended CPU.
+FEED_NICENESS = 5
+
+
+def encode_message(message: dict) -> bytes:
+    """One pipe message (both directions)."""
+    return json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def decode_messages(buffer: bytearray) -> list[dict]:
+    """Every complete message at the start of ``buffer`` (removed from it)."""
+    end = buffer.rfind(b"\n") + 1
+    if not end:
+        return []
+    lines = bytes(buffer[:end]).split(b"\n")[:-1]
+    del buffer[:end]
+    return [json.loads(line) for line in lines]
+
+
+def serve(directory: Path, stdin: int = 0, stdout: int = 1) -> None:
+    """Build feeds as targets arrive on ``stdin`` until it closes.  Blocking."""
+
+    def report(message: dict) -> None:
+        os.write(stdout, encode_message(message))
+
+    builder = FeedBuilder(directory, report)
+    pending = bytearray()
+    try:
+        while True:
+            timeout = 0.0 if builder.has_work() else builder.retry_delay()
+            readable, _, _ = select.select([stdin], [], [], timeout)
+            if readable:
+                data = os.read(stdin, 1 << 16)
+                if not data:
+                    return
+                pending += data
+                for message in decode_messages(pending):
+                    builder.target(message["worker"], message["stream"], int(message["end"]))
+            builder.step()
+    finally:
+        builder.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m decnet.listener.feedworker INGEST_DIR", file=sys.stderr)
+        return 2
+    try:
+        os.nice(FEED_NICENESS)
+    except OSError:
+        pass
+    try:
+        serve(Path(argv[0]))
+    except BrokenPipeError:
+        pass  # the listener is gone; every finished step is durable
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
