@@ -91,19 +91,22 @@ def feed_mirror_pos(pos_file: Path) -> int:
     return max(valid, key=lambda s: s.sequence).mirror_pos if valid else 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its reaped children (0 if gone)."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """CPU time of a process (and with ``tree`` all its descendants, live or reaped)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    if not tree:
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children(pid))
 
 
 def children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return []
 
 
@@ -115,15 +118,20 @@ class CPU:
     """
 
     def __init__(self, **pids):
+        # The listener's own time only: its feed process is counted as "feed".
         self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.tree = {name: name != "listener" for name in self.pids}
         self.before: dict[str, float] = {}
         self.used: dict[str, float] = {}
 
     def start(self):
-        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.before = {name: cpu_seconds(pid, self.tree[name]) for name, pid in self.pids.items()}
 
     def stop(self):
-        self.used = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
+        self.used = {
+            name: cpu_seconds(pid, self.tree[name]) - self.before[name]
+            for name, pid in self.pids.items()
+        }
         return self.used
 
 

@@ -247,3 +247,33 @@ async def test_the_feed_process_builds_what_it_is_told_and_is_restarted_if_it_di
     assert [e["structured_data"][0]["params"][0][1] for e in entries] == [
         str(i) for i in range(2000)
     ]
+
+
+def test_a_step_encoded_by_a_pool_in_pieces_equals_one_encoded_whole(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(feed, "PIECE_BYTES", 1000)
+    batches = [[syslog_line(i) for i in range(b * 30, b * 30 + 30)] + HOSTILE for b in range(4)]
+    alone, end = committed_stream(tmp_path / "alone", batches)
+    pooled, _ = committed_stream(tmp_path / "pooled", batches)
+    writer = FeedWriter(alone, "w1")
+    writer.open()
+    with ThreadPoolExecutor(3) as pool:
+        parallel = FeedWriter(pooled, "w1", pool)
+        parallel.open()
+        assert parallel.step(end) == writer.step(end) == 4 * (30 + len(HOSTILE))
+        # Small steps: each next step is encoded while the current one is written.
+        more = [[syslog_line(i) for i in range(500)]]
+        alone2, end2 = committed_stream(tmp_path / "alone2", more)
+        pooled2, _ = committed_stream(tmp_path / "pooled2", more)
+        writer, parallel = FeedWriter(alone2, "w1"), FeedWriter(pooled2, "w1", pool)
+        writer.open()
+        parallel.open()
+        steps = 0
+        while count := parallel.step(end2, limit=5000):
+            assert count == writer.step(end2, limit=5000)
+            assert parallel.position == writer.position
+            steps += 1
+        assert steps > 10
+    assert pooled.feed_path.read_bytes() == alone.feed_path.read_bytes()
+    assert pooled2.feed_path.read_bytes() == alone2.feed_path.read_bytes()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import BrokenExecutor
 from pathlib import Path
 
 from decnet.errors import DecnetError
@@ -232,12 +233,78 @@ class FeedEncoder:
         return rendered.replace("%", "%%").replace('"\\u0000"', '"%s"')
 
 
+# A step is cut into pieces of about this size (at line ends) for the encoder pool.
+PIECE_BYTES = 256 * 1024
+
+
+def _pieces(chunk: bytes, base: int, records) -> list[tuple[int, int, str]]:
+    """``(start, stop, received_at)`` spans of ``chunk`` (mirror offset ``base``).
+
+    A line carries the receive time of the first commit whose end covers the
+    line's end (commits end on line boundaries; the last record covers the
+    rest; no record at all only happens to a hand-edited stream).
+    """
+    spans: list[tuple[int, int, str]] = []
+    done, cut = 0, len(chunk)
+    for i, record in enumerate(records):
+        if i == len(records) - 1:
+            stop = cut
+        else:
+            stop = chunk.rfind(b"\n", done, record.mirror_end - base) + 1
+        if stop > done:
+            spans.append((done, stop, iso_utc(record.received_at_us)))
+            done = stop
+    if done < cut:
+        spans.append((done, cut, iso_utc(0)))
+    pieces = []
+    for start, stop, when in spans:
+        while stop - start > PIECE_BYTES:
+            mid = chunk.rfind(b"\n", start, start + PIECE_BYTES) + 1
+            if mid <= start:
+                break
+            pieces.append((start, mid, when))
+            start = mid
+        pieces.append((start, stop, when))
+    return pieces
+
+
+_encoders: dict[tuple[str, str], FeedEncoder] = {}
+
+
+def encode_piece(
+    worker: str, stream: str, piece: bytes, offset: int, received_at: str
+) -> tuple[bytes, int]:
+    """Feed lines of ``piece`` as UTF-8 with LFs, and their count (for a process pool)."""
+    encoder = _encoders.get((worker, stream))
+    if encoder is None:
+        encoder = _encoders[(worker, stream)] = FeedEncoder(worker, stream)
+    out: list[str] = []
+    count = encoder.encode(piece, offset, received_at, out)
+    out.append("")
+    return "\n".join(out).encode("utf-8"), count
+
+
 class FeedCorrupt(DecnetError):
     pass
 
 
 class FeedBusy(DecnetError):
     """Another process still builds this feed (a listener that was just killed)."""
+
+
+class _Batch:
+    """One step's mirror span and its feed lines, encoded or being encoded."""
+
+    def __init__(self, start: int, end: int, idx_pos: int, *, done=None, futures=()):
+        self.start, self.end, self.idx_pos = start, end, idx_pos
+        self._done = done
+        self._futures = futures
+
+    def result(self) -> tuple[bytes, int]:
+        if self._done is None:
+            results = [f.result() for f in self._futures]
+            self._done = (b"".join(r[0] for r in results), sum(r[1] for r in results))
+        return self._done
 
 
 class FeedWriter:
@@ -247,10 +314,13 @@ class FeedWriter:
     behind by a killed listener finishes its step before a new one may write.
     """
 
-    def __init__(self, files: storage.StreamFiles, worker: str):
+    def __init__(self, files: storage.StreamFiles, worker: str, pool=None):
         self.files = files
         self.worker = worker
         self.encoder = FeedEncoder(worker, files.stream)
+        # An executor (a process pool) to encode the pieces of a step in parallel.
+        self.pool = pool
+        self._next: _Batch | None = None
         self.position = storage.FeedPosition()
         self._feed_fd: int | None = None
         self._pos_fd: int | None = None
@@ -291,66 +361,69 @@ class FeedWriter:
     def step(self, mirror_end: int, limit: int = FEED_STEP_BYTES) -> int:
         """Turn up to ``limit`` committed mirror bytes into feed lines; return lines written.
 
-        One write and one fsync of the feed, then one of the position, per step.
+        One write and one fsync of the feed, then one of the position, per
+        step.  With a pool, the next step's lines are being encoded while this
+        one is written (only encoded: nothing reaches the feed out of order).
         """
         pos = self.position
         if pos.mirror_pos >= mirror_end:
             return 0
-        want = min(mirror_end - pos.mirror_pos, limit)
-        with open(self.files.mirror_path, "rb") as mirror:
-            mirror.seek(pos.mirror_pos)
-            chunk = mirror.read(want)
-        cut = chunk.rfind(b"\n") + 1
-        if cut == 0:
-            if len(chunk) < mirror_end - pos.mirror_pos:
-                # A line longer than one step: read it whole (lines are capped
-                # by the frame size, so this stays bounded).
-                return self.step(mirror_end, limit * 2)
-            raise FeedCorrupt(f"{self.files.mirror_path} ends without LF at {mirror_end}")
-        if cut < len(chunk):
-            chunk = chunk[:cut]
-        new_mirror_pos = pos.mirror_pos + cut
-        records = storage.read_records(self.files.index_path, pos.idx_pos, new_mirror_pos)
-        out: list[str] = []
-        # A line carries the receive time of the first commit that covers its
-        # end (commits end on line boundaries; the last record covers the rest).
-        done = 0
-        for i, record in enumerate(records):
-            if i == len(records) - 1:
-                stop = cut
-            else:
-                # Lines that end at or before this record's end.
-                stop = chunk.rfind(b"\n", done, record.mirror_end - pos.mirror_pos) + 1
-            if stop > done:
-                self.encoder.encode(
-                    chunk[done:stop] if done or stop < cut else chunk,
-                    pos.mirror_pos + done,
-                    iso_utc(record.received_at_us),
-                    out,
-                )
-                done = stop
-        if done < cut:  # no index record at all (only a hand-edited stream)
-            self.encoder.encode(chunk[done:cut], pos.mirror_pos + done, iso_utc(0), out)
-        idx_pos = pos.idx_pos
-        for record in records:
-            if record.mirror_end <= new_mirror_pos:
-                idx_pos += 1
-            else:
-                break
-        out.append("")
-        body = "\n".join(out).encode("utf-8")
+        batch, self._next = self._next, None
+        if batch is None or batch.start != pos.mirror_pos:
+            batch = self._prepare(pos.mirror_pos, pos.idx_pos, mirror_end, limit)
+        if self.pool is not None and batch.end < mirror_end:
+            self._next = self._prepare(batch.end, batch.idx_pos, mirror_end, limit)
+        body, count = batch.result()
         storage._write_all(self._feed_fd, body)
         os.fsync(self._feed_fd)
         new = storage.FeedPosition(
-            mirror_pos=new_mirror_pos,
+            mirror_pos=batch.end,
             feed_len=pos.feed_len + len(body),
-            idx_pos=idx_pos,
+            idx_pos=batch.idx_pos,
             sequence=pos.sequence + 1,
         )
         os.pwrite(self._pos_fd, storage.pack_feed_slot(new), (new.sequence % 2) * 64)
         os.fsync(self._pos_fd)
         self.position = new
-        return len(out) - 1
+        return count
+
+    def _prepare(self, start: int, idx_pos: int, mirror_end: int, limit: int) -> _Batch:
+        """Read the whole lines of ``[start, start + limit)`` and start encoding them."""
+        while True:
+            want = min(mirror_end - start, limit)
+            with open(self.files.mirror_path, "rb") as mirror:
+                mirror.seek(start)
+                chunk = mirror.read(want)
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                break
+            if len(chunk) < mirror_end - start:
+                # A line longer than one step: read it whole (lines are capped
+                # by the frame size, so this stays bounded).
+                limit *= 2
+                continue
+            raise FeedCorrupt(f"{self.files.mirror_path} ends without LF at {mirror_end}")
+        if cut < len(chunk):
+            chunk = chunk[:cut]
+        end = start + cut
+        records = storage.read_records(self.files.index_path, idx_pos, end)
+        next_idx = idx_pos
+        for record in records:
+            if record.mirror_end > end:
+                break
+            next_idx += 1
+        pieces = _pieces(chunk, start, records)
+        if self.pool is None or len(pieces) < 2:
+            out: list[str] = []
+            for a, b, when in pieces:
+                self.encoder.encode(chunk if b - a == cut else chunk[a:b], start + a, when, out)
+            out.append("")
+            return _Batch(start, end, next_idx, done=("\n".join(out).encode("utf-8"), len(out) - 1))
+        futures = [
+            self.pool.submit(encode_piece, self.worker, self.files.stream, chunk[a:b], start + a, w)
+            for a, b, w in pieces
+        ]
+        return _Batch(start, end, next_idx, futures=futures)
 
     def close(self) -> None:
         for fd in (self._feed_fd, self._pos_fd):
@@ -381,8 +454,17 @@ class FeedBuilder:
     ``"error"`` when a stream's feed stops (until the next start).
     """
 
-    def __init__(self, directory: Path, report, *, clock=None, step_bytes: int = FEED_STEP_BYTES):
+    def __init__(
+        self,
+        directory: Path,
+        report,
+        *,
+        clock=None,
+        step_bytes: int = FEED_STEP_BYTES,
+        pool=None,
+    ):
         self.directory = Path(directory)
+        self.pool = pool
         self.report = report
         self.clock = clock or time.monotonic
         self.step_bytes = step_bytes
@@ -430,6 +512,8 @@ class FeedBuilder:
                 if writer is None:
                     return True
             lines = writer.step(self._targets[key], self.step_bytes)
+        except BrokenExecutor:
+            raise  # the encoder pool is gone: not this stream's fault
         except Exception as exc:
             self._stopped.add(key)
             self._close(key)
@@ -444,7 +528,7 @@ class FeedBuilder:
         worker, stream = key
         if "/" in worker or worker in ("", ".", ".."):
             raise FeedCorrupt(f"invalid worker name {worker!r}")
-        writer = FeedWriter(storage.StreamFiles(self.directory / worker, stream), worker)
+        writer = FeedWriter(storage.StreamFiles(self.directory / worker, stream), worker, self.pool)
         try:
             writer.open()
         except FeedBusy:

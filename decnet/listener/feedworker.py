@@ -12,6 +12,10 @@ stdin/stdout, one JSON object per line:
 * feed process → listener: what :class:`~decnet.listener.feed.FeedBuilder`
   reports (``pos``/``lines`` after each durable step, ``warn``, ``error``).
 
+It encodes each step's lines with a pool of processes (one per CPU, up to
+four), so a feed that fell behind during a burst catches up on every idle
+core; the step is still written and recorded by this process alone.
+
 End of input means "stop": the current step finishes (its position is
 durable) and the process exits.  Exactly-once does not depend on this process
 living or dying at any particular moment: each step makes the feed durable
@@ -21,10 +25,12 @@ stream's lock until it exits.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from decnet.listener.feed import FeedBuilder
@@ -32,6 +38,8 @@ from decnet.listener.feed import FeedBuilder
 # Scheduling priority of the feed process: ingest (the evidence, and what the
 # forwarders wait for before their data is acknowledged) wins a contended CPU.
 FEED_NICENESS = 5
+# Parallel encoders per feed process (one step's pieces are spread over them).
+MAX_ENCODERS = 4
 
 
 def encode_message(message: dict) -> bytes:
@@ -49,13 +57,24 @@ def decode_messages(buffer: bytearray) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def serve(directory: Path, stdin: int = 0, stdout: int = 1) -> None:
-    """Build feeds as targets arrive on ``stdin`` until it closes.  Blocking."""
+def default_encoders() -> int:
+    """Encoder processes: one per CPU, at most MAX_ENCODERS."""
+    return max(1, min(MAX_ENCODERS, os.cpu_count() or 1))
+
+
+def serve(directory: Path, stdin: int = 0, stdout: int = 1, encoders: int = 1) -> None:
+    """Build feeds as targets arrive on ``stdin`` until it closes.  Blocking.
+
+    With ``encoders`` > 1 the lines of each step are encoded by that many
+    processes in parallel (the step is still written, fsynced and recorded
+    as one, in order, by this process).
+    """
 
     def report(message: dict) -> None:
         os.write(stdout, encode_message(message))
 
-    builder = FeedBuilder(directory, report)
+    pool = ProcessPoolExecutor(encoders) if encoders > 1 else None
+    builder = FeedBuilder(directory, report, pool=pool)
     pending = bytearray()
     try:
         while True:
@@ -71,19 +90,21 @@ def serve(directory: Path, stdin: int = 0, stdout: int = 1) -> None:
             builder.step()
     finally:
         builder.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m decnet.listener.feedworker INGEST_DIR", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m decnet.listener.feedworker")
+    parser.add_argument("ingest_dir", type=Path)
+    parser.add_argument("--encoders", type=int, default=default_encoders())
+    args = parser.parse_args(argv)
     try:
         os.nice(FEED_NICENESS)
     except OSError:
         pass
     try:
-        serve(Path(argv[0]))
+        serve(args.ingest_dir, encoders=args.encoders)
     except BrokenPipeError:
         pass  # the listener is gone; every finished step is durable
     return 0
