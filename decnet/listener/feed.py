@@ -108,12 +108,19 @@ _FAST_LINE = re.compile(
     re.MULTILINE | re.ASCII,
 )
 _LATIN1_BOM = rfc5424.BOM.decode("latin-1")
-_FAST_TAIL = '%s%d,"length":%d,"parsed":true,%s,"version":%s,%s,"structured_data":%s,"msg":%s}'
+_FAST_HEADER = '"timestamp":"%s","hostname":"%s","app_name":"%s","procid":"%s","msgid":"%s"'
+_FAST_TAIL = (
+    '%s%d,"length":%d,"parsed":true,%s,"version":%s,'
+    + _FAST_HEADER
+    + ',"structured_data":%s,"msg":%s}'
+)
+# The same with the header given whole (when a field is NILVALUE: '"-"' → 'null';
+# '"' never occurs inside a field, so '"-"' can only be a whole one).
+_FAST_TAIL_NIL = '%s%d,"length":%d,"parsed":true,%s,"version":%s,%s,"structured_data":%s,"msg":%s}'
 # '"pri":…,"facility":…,"severity":…' for every PRI text the fast regex accepts.
 _PRI_JSON = {
     str(pri): f'"pri":{pri},"facility":{pri >> 3},"severity":{pri & 7}' for pri in range(192)
 }
-_FAST_HEADER = '"timestamp":"%s","hostname":"%s","app_name":"%s","procid":"%s","msgid":"%s"'
 # Distinct STRUCTURED-DATA shapes (ids and names, values left out) kept as templates.
 _SD_TEMPLATES_MAX = 4096
 
@@ -153,7 +160,8 @@ class FeedEncoder:
             start = m.start()
             if start != pos:
                 self._slow(text, pos, start, offset, received_at, out)
-            pri, version, ts, host, app, procid, msgid, sd, msg = m.groups()
+            groups = m.groups()
+            pri, version, ts, host, app, procid, msgid, sd, msg = groups
             end = m.end()
             pos = end + 1
             if sd == "-":
@@ -166,19 +174,36 @@ class FeedEncoder:
             if msg is None:
                 msg = "null"
             else:
-                if msg[:3] == _LATIN1_BOM:
+                if msg.startswith(_LATIN1_BOM):
                     msg = msg[3:]
                 if not msg.isascii():
                     msg = msg.encode("latin-1").decode("utf-8", "replace")
                 msg = _quote(msg)
-            header = _FAST_HEADER % (ts, host, app, procid, msgid)
-            if '"-"' in header:
-                # A field is exactly NILVALUE ('"' never occurs inside one).
-                header = header.replace('"-"', "null")
-            append(
-                _FAST_TAIL
-                % (prefix, offset + start, end - start, pri_json[pri], version, header, sd, msg)
-            )
+            if "-" in groups[2:7]:
+                # Some header field is NILVALUE: null instead of a string.
+                header = (_FAST_HEADER % groups[2:7]).replace('"-"', "null")
+                append(
+                    _FAST_TAIL_NIL
+                    % (prefix, offset + start, end - start, pri_json[pri], version, header, sd, msg)
+                )
+            else:
+                append(
+                    _FAST_TAIL
+                    % (
+                        prefix,
+                        offset + start,
+                        end - start,
+                        pri_json[pri],
+                        version,
+                        ts,
+                        host,
+                        app,
+                        procid,
+                        msgid,
+                        sd,
+                        msg,
+                    )
+                )
         if pos < len(text):
             self._slow(text, pos, len(text), offset, received_at, out)
         count = len(out) - before
