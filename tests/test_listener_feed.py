@@ -277,3 +277,43 @@ def test_a_step_encoded_by_a_pool_in_pieces_equals_one_encoded_whole(tmp_path, m
         assert steps > 10
     assert pooled.feed_path.read_bytes() == alone.feed_path.read_bytes()
     assert pooled2.feed_path.read_bytes() == alone2.feed_path.read_bytes()
+
+
+def test_a_killed_feed_process_leaves_no_encoder_process_behind(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support import wait_for
+
+    lines = [syslog_line(i, pad=100) for i in range(6000)]  # ~1.5 MB: several pieces
+    _files, end = committed_stream(tmp_path, [lines])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "decnet.listener.feedworker", str(tmp_path), "--encoders", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        proc.stdin.write(encode_message({"worker": "w1", "stream": "decnet", "end": end}))
+        proc.stdin.flush()
+        assert b'"pos"' in proc.stdout.readline()  # a step was encoded by the pool
+
+        def encoders():
+            path = f"/proc/{proc.pid}/task/{proc.pid}/children"
+            return [int(pid) for pid in open(path).read().split()]
+
+        pool = wait_for(encoders, what="the encoder processes")
+        proc.kill()
+        proc.wait()
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        wait_for(lambda: not any(alive(pid) for pid in pool), what="the encoders to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -26,9 +26,11 @@ stream's lock until it exits.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import select
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -40,6 +42,7 @@ from decnet.listener.feed import FeedBuilder
 FEED_NICENESS = 5
 # Parallel encoders per feed process (one step's pieces are spread over them).
 MAX_ENCODERS = 4
+_PR_SET_PDEATHSIG = 1
 
 
 def encode_message(message: dict) -> bytes:
@@ -55,6 +58,21 @@ def decode_messages(buffer: bytearray) -> list[dict]:
     lines = bytes(buffer[:end]).split(b"\n")[:-1]
     del buffer[:end]
     return [json.loads(line) for line in lines]
+
+
+def _encoder_started(parent: int) -> None:
+    """Make a pool process die with the feed process.
+
+    A killed feed process would otherwise leave its encoders blocked on their
+    queue forever (Linux ``PR_SET_PDEATHSIG``; elsewhere they are left to exit
+    on their own).
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
 
 
 def default_encoders() -> int:
@@ -73,7 +91,11 @@ def serve(directory: Path, stdin: int = 0, stdout: int = 1, encoders: int = 1) -
     def report(message: dict) -> None:
         os.write(stdout, encode_message(message))
 
-    pool = ProcessPoolExecutor(encoders) if encoders > 1 else None
+    pool = (
+        ProcessPoolExecutor(encoders, initializer=_encoder_started, initargs=(os.getpid(),))
+        if encoders > 1
+        else None
+    )
     builder = FeedBuilder(directory, report, pool=pool)
     pending = bytearray()
     try:
