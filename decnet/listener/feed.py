@@ -109,13 +109,8 @@ _FAST_LINE = re.compile(
 )
 _LATIN1_BOM = rfc5424.BOM.decode("latin-1")
 _FAST_HEADER = '"timestamp":"%s","hostname":"%s","app_name":"%s","procid":"%s","msgid":"%s"'
-_FAST_TAIL = (
-    '%s%d,"length":%d,"parsed":true,%s,"version":%s,'
-    + _FAST_HEADER
-    + ',"structured_data":%s,"msg":%s}'
-)
-# The same with the header given whole (when a field is NILVALUE: '"-"' → 'null';
-# '"' never occurs inside a field, so '"-"' can only be a whole one).
+# A line whose header has a NILVALUE field: '"-"' → 'null' in the header part
+# ('"' never occurs inside a field, so '"-"' can only be a whole one).
 _FAST_TAIL_NIL = '%s%d,"length":%d,"parsed":true,%s,"version":%s,%s,"structured_data":%s,"msg":%s}'
 # '"pri":…,"facility":…,"severity":…' for every PRI text the fast regex accepts.
 _PRI_JSON = {
@@ -187,22 +182,12 @@ class FeedEncoder:
                     % (prefix, offset + start, end - start, pri_json[pri], version, header, sd, msg)
                 )
             else:
+                # (An f-string: no format parsing per line, unlike %.)
                 append(
-                    _FAST_TAIL
-                    % (
-                        prefix,
-                        offset + start,
-                        end - start,
-                        pri_json[pri],
-                        version,
-                        ts,
-                        host,
-                        app,
-                        procid,
-                        msgid,
-                        sd,
-                        msg,
-                    )
+                    f'{prefix}{offset + start},"length":{end - start},"parsed":true,'
+                    f'{pri_json[pri]},"version":{version},"timestamp":"{ts}",'
+                    f'"hostname":"{host}","app_name":"{app}","procid":"{procid}",'
+                    f'"msgid":"{msgid}","structured_data":{sd},"msg":{msg}}}'
                 )
         if pos < len(text):
             self._slow(text, pos, len(text), offset, received_at, out)

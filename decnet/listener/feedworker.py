@@ -12,9 +12,10 @@ stdin/stdout, one JSON object per line:
 * feed process → listener: what :class:`~decnet.listener.feed.FeedBuilder`
   reports (``pos``/``lines`` after each durable step, ``warn``, ``error``).
 
-It encodes each step's lines with a pool of processes (one per CPU, up to
-four), so a feed that fell behind during a burst catches up on every idle
-core; the step is still written and recorded by this process alone.
+On a machine with four CPUs or more it encodes each step's lines with a pool
+of processes (one per two CPUs, up to four), so a feed that fell behind
+during a burst catches up on idle cores; the step is still written and
+recorded by this process alone.
 
 End of input means "stop": the current step finishes (its position is
 durable) and the process exits.  Exactly-once does not depend on this process
@@ -76,8 +77,12 @@ def _encoder_started(parent: int) -> None:
 
 
 def default_encoders() -> int:
-    """Encoder processes: one per CPU, at most MAX_ENCODERS."""
-    return max(1, min(MAX_ENCODERS, os.cpu_count() or 1))
+    """Encoder processes: one per two CPUs (the rest is ingest's), at most MAX_ENCODERS.
+
+    Below two encoders there is no pool: handing pieces to other processes
+    costs more than it gains when there is no idle core to run them.
+    """
+    return max(1, min(MAX_ENCODERS, (os.cpu_count() or 1) // 2))
 
 
 def serve(directory: Path, stdin: int = 0, stdout: int = 1, encoders: int = 1) -> None:
