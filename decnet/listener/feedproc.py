@@ -93,9 +93,17 @@ class FeedProcess:
 
     log = Logger()
 
-    def __init__(self, reactor, directory: Path, *, executable: str = sys.executable):
+    def __init__(
+        self,
+        reactor,
+        directory: Path,
+        *,
+        encoders: int | None = None,
+        executable: str = sys.executable,
+    ):
         self.reactor = reactor
         self.directory = Path(directory)
+        self.encoders = encoders
         self.executable = executable
         self.targets: dict[tuple[str, str], int] = {}
         self.positions: dict[tuple[str, str], int] = {}
@@ -113,10 +121,13 @@ class FeedProcess:
         self.starts += 1
         child = _FeedChild(self)
         self._child = child
+        argv = [self.executable, "-m", "decnet.listener.feedworker", str(self.directory)]
+        if self.encoders is not None:
+            argv += ["--encoders", str(self.encoders)]
         self.reactor.spawnProcess(
             child,
             self.executable,
-            [self.executable, "-m", "decnet.listener.feedworker", str(self.directory)],
+            argv,
             env=dict(os.environ),
             childFDs={0: "w", 1: "r", 2: "r"},
         )

@@ -121,12 +121,13 @@ class ListenerService(MultiService):
         max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
         idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
         feed: bool = True,
+        feed_encoders: int | None = None,
         sighup: bool = False,
     ):
         super().__init__()
         self.sighup = sighup
         self.reactor = reactor
-        feeds = FeedProcess(reactor, ingest_dir) if feed else None
+        feeds = FeedProcess(reactor, ingest_dir, encoders=feed_encoders) if feed else None
         self.ingest = Ingest(ingest_dir, reactor, feeds=feeds)
         self.factory = ListenerFactory(
             self.ingest,
