@@ -134,7 +134,7 @@ class FeedEncoder:
         self._head = (
             '{"source_worker":' + _quote(worker) + ',"stream":' + _quote(stream) + ',"received_at":'
         )
-        self._sd_templates: dict[str, str | None] = {}
+        self._sd_templates: dict[str, list[str] | None] = {}
         self.fast_lines = 0
         self.slow_lines = 0
 
@@ -152,12 +152,11 @@ class FeedEncoder:
         pri_json = _PRI_JSON
         pos = 0
         for m in _FAST_LINE.finditer(text):
-            start = m.start()
+            start, end = m.span()
             if start != pos:
                 self._slow(text, pos, start, offset, received_at, out)
             groups = m.groups()
             pri, version, ts, host, app, procid, msgid, sd, msg = groups
-            end = m.end()
             pos = end + 1
             if sd == "-":
                 sd = "[]"
@@ -214,24 +213,28 @@ class FeedEncoder:
             self.slow_lines += 1
 
     def _sd_json(self, sd: str) -> str | None:
-        # Values hold no '"' (the regex saw to it), so the quotes split names from values.
+        # Values hold no '"' (the regex saw to it), so splitting at the quotes
+        # alternates the shape's fixed text (even) and the values (odd); the
+        # JSON is the same alternation with the fixed text rendered once.
         parts = sd.split('"')
-        shape = "\0".join(parts[0::2])
-        template = self._sd_templates.get(shape)
-        if template is None:
+        outside = parts[0::2]
+        shape = "\0".join(outside)
+        rendered = self._sd_templates.get(shape)
+        if rendered is None:
             if shape in self._sd_templates:
                 return None
-            template = self._sd_template(parts[0::2])
+            rendered = self._sd_template(outside)
             if len(self._sd_templates) >= _SD_TEMPLATES_MAX:
                 self._sd_templates.clear()
-            self._sd_templates[shape] = template
-            if template is None:
+            self._sd_templates[shape] = rendered
+            if rendered is None:
                 return None
-        return template % tuple(parts[1::2])
+        parts[0::2] = rendered
+        return "".join(parts)
 
     @staticmethod
-    def _sd_template(outside: list[str]) -> str | None:
-        """The JSON of one STRUCTURED-DATA shape with ``%s`` where the values go."""
+    def _sd_template(outside: list[str]) -> list[str] | None:
+        """The JSON of one STRUCTURED-DATA shape, cut where the values go."""
         skeleton = '"\0"'.join(outside).encode("latin-1")
         try:
             elements, end = rfc5424.parse_structured_data(skeleton)
@@ -240,7 +243,8 @@ class FeedEncoder:
         if end != len(skeleton):
             return None
         rendered = _dumps([{"id": e.id, "params": [list(p) for p in e.params]} for e in elements])
-        return rendered.replace("%", "%%").replace('"\\u0000"', '"%s"')
+        pieces = rendered.split("\\u0000")
+        return pieces if len(pieces) == len(outside) else None
 
 
 # A step is cut into pieces of about this size (at line ends) for the encoder pool.
@@ -303,18 +307,19 @@ class FeedBusy(DecnetError):
 
 
 class _Batch:
-    """One step's mirror span and its feed lines, encoded or being encoded."""
+    """One step's mirror span and its feed lines, per piece: encoded, being encoded
+    (pool futures), or to be encoded when asked (``encode``)."""
 
-    def __init__(self, start: int, end: int, idx_pos: int, *, done=None, futures=()):
+    def __init__(self, start: int, end: int, idx_pos: int, *, futures=(), encode=None):
         self.start, self.end, self.idx_pos = start, end, idx_pos
-        self._done = done
         self._futures = futures
+        self._encode = encode
 
-    def result(self) -> tuple[bytes, int]:
-        if self._done is None:
-            results = [f.result() for f in self._futures]
-            self._done = (b"".join(r[0] for r in results), sum(r[1] for r in results))
-        return self._done
+    def bodies(self):
+        """``(feed bytes, line count)`` of each piece, in order."""
+        if self._encode is not None:
+            return self._encode()
+        return (f.result() for f in self._futures)
 
 
 class FeedWriter:
@@ -383,12 +388,17 @@ class FeedWriter:
             batch = self._prepare(pos.mirror_pos, pos.idx_pos, mirror_end, limit)
         if self.pool is not None and batch.end < mirror_end:
             self._next = self._prepare(batch.end, batch.idx_pos, mirror_end, limit)
-        body, count = batch.result()
-        storage._write_all(self._feed_fd, body)
+        # Piece by piece (a small working set); bytes written past the recorded
+        # length by a step that dies half-way are cut off by the next ``open``.
+        written = count = 0
+        for body, lines in batch.bodies():
+            storage._write_all(self._feed_fd, body)
+            written += len(body)
+            count += lines
         os.fsync(self._feed_fd)
         new = storage.FeedPosition(
             mirror_pos=batch.end,
-            feed_len=pos.feed_len + len(body),
+            feed_len=pos.feed_len + written,
             idx_pos=batch.idx_pos,
             sequence=pos.sequence + 1,
         )
@@ -424,11 +434,15 @@ class FeedWriter:
             next_idx += 1
         pieces = _pieces(chunk, start, records)
         if self.pool is None or len(pieces) < 2:
-            out: list[str] = []
-            for a, b, when in pieces:
-                self.encoder.encode(chunk if b - a == cut else chunk[a:b], start + a, when, out)
-            out.append("")
-            return _Batch(start, end, next_idx, done=("\n".join(out).encode("utf-8"), len(out) - 1))
+
+            def encode():
+                for a, b, when in pieces:
+                    out: list[str] = []
+                    self.encoder.encode(chunk if b - a == cut else chunk[a:b], start + a, when, out)
+                    out.append("")
+                    yield "\n".join(out).encode("utf-8"), len(out) - 1
+
+            return _Batch(start, end, next_idx, encode=encode)
         futures = [
             self.pool.submit(encode_piece, self.worker, self.files.stream, chunk[a:b], start + a, w)
             for a, b, w in pieces
