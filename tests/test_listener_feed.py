@@ -317,3 +317,35 @@ def test_a_killed_feed_process_leaves_no_encoder_process_behind(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_step_that_fails_half_way_leaves_the_feed_as_its_position_says(tmp_path, monkeypatch):
+    files, end = committed_stream(tmp_path, [[syslog_line(i) for i in range(40)]])
+    writer = FeedWriter(files, "w1")
+    writer.open()
+    writer.step(end, limit=len(syslog_line(0)) * 10)
+    before = files.feed_path.read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    real = writer.encoder.encode
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise Boom("disk full, say")
+        return real(*args)
+
+    writer.encoder.encode = failing
+    monkeypatch.setattr(feed, "PIECE_BYTES", len(syslog_line(0)) * 3)  # one piece lands, then boom
+    with pytest.raises(Boom):
+        writer.step(end)
+    assert files.feed_path.read_bytes() == before
+    writer.encoder.encode = real
+    while writer.step(end):
+        pass
+    assert [e["mirror_offset"] for e in read_feed(files.feed_path)] == [
+        sum(len(syslog_line(j)) + 1 for j in range(i)) for i in range(40)
+    ]

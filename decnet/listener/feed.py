@@ -391,11 +391,17 @@ class FeedWriter:
         # Piece by piece (a small working set); bytes written past the recorded
         # length by a step that dies half-way are cut off by the next ``open``.
         written = count = 0
-        for body, lines in batch.bodies():
-            storage._write_all(self._feed_fd, body)
-            written += len(body)
-            count += lines
-        os.fsync(self._feed_fd)
+        try:
+            for body, lines in batch.bodies():
+                storage._write_all(self._feed_fd, body)
+                written += len(body)
+                count += lines
+            os.fsync(self._feed_fd)
+        except BaseException:
+            # Leave the feed as its position describes it (never a half step).
+            os.ftruncate(self._feed_fd, pos.feed_len)
+            os.lseek(self._feed_fd, pos.feed_len, os.SEEK_SET)
+            raise
         new = storage.FeedPosition(
             mirror_pos=batch.end,
             feed_len=pos.feed_len + written,

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ingest_dir", type=Path)
     parser.add_argument("--encoders", type=int, default=default_encoders())
     args = parser.parse_args(argv)
+    # Its life is the listener's: it stops when its stdin closes, not on a
+    # Ctrl-C meant for the listener's terminal (which also reaches it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.nice(FEED_NICENESS)
     except OSError:
