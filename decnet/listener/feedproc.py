@@ -32,6 +32,21 @@ STOP_GRACE = 10.0
 
 _log = Logger(namespace="decnet.listener.feed")
 
+# systemd's hand-over variables are the listener's alone (NotifyAccess=main,
+# socket activation): the feed process must never look like the service.
+_SYSTEMD_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+)
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
+
 
 def log_report(message: dict, positions: dict) -> None:
     """Turn one feed builder report into log events and a position update."""
@@ -128,7 +143,7 @@ class FeedProcess:
             child,
             self.executable,
             argv,
-            env=dict(os.environ),
+            env=_child_env(),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
 
