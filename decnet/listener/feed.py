@@ -517,7 +517,8 @@ class FeedBuilder:
             if key in self._stopped or self._retry_at.get(key, 0.0) > now:
                 continue
             writer = self._writers.get(key)
-            if writer is None or writer.position.mirror_pos < end:
+            # (An empty mirror needs no feed file yet: idle streams cost nothing.)
+            if (writer.position.mirror_pos if writer is not None else 0) < end:
                 out.append(key)
         return out
 
