@@ -349,3 +349,12 @@ def test_a_step_that_fails_half_way_leaves_the_feed_as_its_position_says(tmp_pat
     assert [e["mirror_offset"] for e in read_feed(files.feed_path)] == [
         sum(len(syslog_line(j)) + 1 for j in range(i)) for i in range(40)
     ]
+
+
+def test_idle_streams_with_an_empty_mirror_open_no_feed_file(tmp_path):
+    reports = []
+    builder = FeedBuilder(tmp_path, reports.append)
+    for i in range(100):
+        builder.target(f"w{i}", "decnet", 0)
+    assert not builder.has_work() and not builder.step()
+    assert reports == [] and list(tmp_path.iterdir()) == []
