@@ -12,6 +12,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 
 from decnet import config
+from decnet.listener.feedproc import InlineFeeds
 from decnet.listener.ingest import Ingest, inline_runner
 from decnet.listener.protocol import ListenerFactory
 from decnet.listener.service import listener_options
@@ -61,7 +62,7 @@ class ListenerHarness:
 
     def __init__(self, directory: Path, master_identity, revocations=None, **factory_kw):
         self.clock = Clock()
-        self.ingest = Ingest(directory, self.clock, inline_runner)
+        self.ingest = Ingest(directory, self.clock, inline_runner, feeds=InlineFeeds(directory))
         self.ingest.prepare()
         self.factory = ListenerFactory(self.ingest, self.clock, **factory_kw)
         self.server_options = listener_options(master_identity, revocations)

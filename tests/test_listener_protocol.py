@@ -306,3 +306,40 @@ def test_a_revoked_worker_is_cut_and_cannot_reconnect(tmp_path, ids):
     other.transport.write(encode_frame(b"unaffected"))
     other_pump.flush()
     assert other.lost_reason is None and harness.mirror("w2", "syslog") == b"unaffected\n"
+
+
+# -- one pass per reactor turn ------------------------------------------------
+
+
+def test_records_that_arrive_in_one_turn_are_decoded_and_appended_in_one_pass(harness, ids):
+    app, pump = harness.connect(ids["w1"], ack=False)
+    sent = lines(50)
+    for line in sent:  # one TLS record per message, as rsyslog sends them
+        app.transport.write(encode_frame(line))
+    pump.flush()
+    assert harness.mirror("w1", "syslog") == b"".join(m + b"\n" for m in sent)
+    sink = harness.ingest.sinks()[0]
+    assert sink.commits == 1
+    assert app.server.wrappedProtocol.frames == 50
+
+
+def test_bytes_received_just_before_the_connection_drops_are_still_ingested(harness, ids):
+    app, pump = harness.connect(ids["w1"], ack=False)
+    app.transport.write(encode_frame(b"first"))
+    pump.flush()
+    proto = app.server.wrappedProtocol
+    # Delivered in the same reactor turn as the loss: no pass has run for them yet.
+    proto.dataReceived(encode_frame(b"second") + encode_frame(b"last words"))
+    proto.connectionLost(Failure(ConnectionLost()))
+    assert harness.mirror("w1", "syslog") == b"first\nsecond\nlast words\n"
+
+
+def test_a_framing_error_later_in_the_same_turn_keeps_the_frames_before_it(harness, ids):
+    app, pump = harness.connect(ids["w1"], ack=False)
+    for body in (b"one", b"two"):
+        app.transport.write(encode_frame(body))
+    app.transport.write(b"0 bad")
+    with LogCapture() as logs:
+        pump.flush()
+    assert "framing error" in logs.text() and "2 frames before it were kept" in logs.text()
+    assert harness.mirror("w1", "syslog") == b"one\ntwo\n"

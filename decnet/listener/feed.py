@@ -7,15 +7,21 @@ idx_pos)`` is written to two checksummed slots after the feed is fsynced; on
 start-up the feed is cut back to the recorded length, so every mirror line
 becomes exactly one feed line, in order, however often the listener dies.
 
-``feed_record`` (pure) defines one feed line; ``FeedWriter`` (blocking) runs in
-the thread pool.
+``feed_record`` (pure) defines one feed line and ``FeedEncoder`` (pure) produces
+exactly the same lines much faster; ``FeedWriter`` (blocking) builds one
+stream's feed and ``FeedBuilder`` (blocking) schedules many; they run in the
+feed process (:mod:`decnet.listener.feedworker`), never in the listener's.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
+import re
+import time
+from concurrent.futures import BrokenExecutor
 from pathlib import Path
 
 from decnet.errors import DecnetError
@@ -24,7 +30,7 @@ from decnet.listener import storage
 from decnet.syslog import rfc5424
 
 # How much mirror one build step turns into JSON (bounded work per thread job).
-FEED_STEP_BYTES = 1024 * 1024
+FEED_STEP_BYTES = 4 * 1024 * 1024
 
 FEED_FORMAT = "decnet-feed/1"
 
@@ -76,18 +82,262 @@ def feed_record(
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# The C string encoder behind ``_dumps`` (quotes included).
+_quote = json.encoder.encode_basestring
+
+# The fast path: one regex over a whole chunk (decoded as Latin-1, so one
+# character is one byte and offsets stay byte offsets) matches the common,
+# well-formed line whose header and STRUCTURED-DATA need no JSON escaping.
+# Everything else takes ``feed_record``; both give the same bytes (a test
+# compares them on hostile input).  The classes are the RFC 5424 ones minus
+# '"' and '\' (and '[' ']' in SD-NAMEs); TIMESTAMP and PRI are checked here
+# exactly as ``rfc5424.parse`` checks them.
+_H = r"[!#-\[\]-~]"
+_SD_NAME = r"[!#-<>-Z^-~]{1,32}"
+_SD_VALUE = r"[ !#-\[\]-~]*"
+_TS = (
+    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+# Possessive quantifiers: nothing here needs backtracking, and sre is faster without it
+# (three-digit PRIs, the common ones, are tried first for the same reason).
+_FAST_LINE = re.compile(
+    r"^<(1[0-8][0-9]|19[01]|[1-9][0-9]?|0)>([1-9][0-9]{0,2}) "
+    rf"(-|{_TS}) ({_H}{{1,255}}+) ({_H}{{1,48}}+) ({_H}{{1,128}}+) ({_H}{{1,32}}+) "
+    rf'(-|(?>\[{_SD_NAME}+(?> {_SD_NAME}+="{_SD_VALUE}+")*+\])++)(?: (.*+))?$',
+    re.MULTILINE | re.ASCII,
+)
+_LATIN1_BOM = rfc5424.BOM.decode("latin-1")
+_FAST_HEADER = '"timestamp":"%s","hostname":"%s","app_name":"%s","procid":"%s","msgid":"%s"'
+# A line whose header has a NILVALUE field: '"-"' → 'null' in the header part
+# ('"' never occurs inside a field, so '"-"' can only be a whole one).
+_FAST_TAIL_NIL = '%s%d,"length":%d,"parsed":true,%s,"version":%s,%s,"structured_data":%s,"msg":%s}'
+# '"pri":…,"facility":…,"severity":…' for every PRI text the fast regex accepts.
+_PRI_JSON = {
+    str(pri): f'"pri":{pri},"facility":{pri >> 3},"severity":{pri & 7}' for pri in range(192)
+}
+# Distinct STRUCTURED-DATA shapes (ids and names, values left out) kept as templates.
+_SD_TEMPLATES_MAX = 4096
+
+
+class FeedEncoder:
+    """Turns mirror lines into feed lines for one (worker, stream).  Pure.
+
+    ``encode`` gives exactly ``_dumps(feed_record(line, ...))`` for every line,
+    only faster: a compiled regex over the whole chunk takes the common lines,
+    ``feed_record`` (the definition) the rest.
+    """
+
+    def __init__(self, worker: str, stream: str):
+        self.worker = worker
+        self.stream = stream
+        self._head = (
+            '{"source_worker":' + _quote(worker) + ',"stream":' + _quote(stream) + ',"received_at":'
+        )
+        self._sd_templates: dict[str, list[str] | None] = {}
+        self.fast_lines = 0
+        self.slow_lines = 0
+
+    def encode(self, chunk: bytes, offset: int, received_at: str, out: list[str]) -> int:
+        """Append one feed line (``str``, no LF) per line of ``chunk`` to ``out``.
+
+        ``chunk`` is whole mirror lines, each ending in LF, starting at mirror
+        offset ``offset``; every line gets ``received_at``.  Returns the count.
+        """
+        text = chunk.decode("latin-1")
+        prefix = self._head + '"' + received_at + '","mirror_offset":'
+        append = out.append
+        before, slow_before = len(out), self.slow_lines
+        sd_json = self._sd_json
+        pri_json = _PRI_JSON
+        quote = _quote
+        pos = 0
+        for m in _FAST_LINE.finditer(text):
+            start, end = m.span()
+            if start != pos:
+                self._slow(text, pos, start, offset, received_at, out)
+            groups = m.groups()
+            pri, version, ts, host, app, procid, msgid, sd, msg = groups
+            pos = end + 1
+            if sd == "-":
+                sd = "[]"
+            else:
+                sd = sd_json(sd)
+                if sd is None:
+                    self._slow(text, start, pos, offset, received_at, out)
+                    continue
+            if msg is None:
+                msg = "null"
+            else:
+                if msg[:1] == "\xef" and msg.startswith(_LATIN1_BOM):
+                    msg = msg[3:]
+                if not msg.isascii():
+                    msg = msg.encode("latin-1").decode("utf-8", "replace")
+                msg = quote(msg)
+            if "-" in groups[2:7]:
+                # Some header field is NILVALUE: null instead of a string.
+                header = (_FAST_HEADER % groups[2:7]).replace('"-"', "null")
+                append(
+                    _FAST_TAIL_NIL
+                    % (prefix, offset + start, end - start, pri_json[pri], version, header, sd, msg)
+                )
+            else:
+                # (An f-string: no format parsing per line, unlike %.)
+                append(
+                    f'{prefix}{offset + start},"length":{end - start},"parsed":true,'
+                    f'{pri_json[pri]},"version":{version},"timestamp":"{ts}",'
+                    f'"hostname":"{host}","app_name":"{app}","procid":"{procid}",'
+                    f'"msgid":"{msgid}","structured_data":{sd},"msg":{msg}}}'
+                )
+        if pos < len(text):
+            self._slow(text, pos, len(text), offset, received_at, out)
+        count = len(out) - before
+        self.fast_lines += count - (self.slow_lines - slow_before)
+        return count
+
+    def _slow(self, text: str, pos: int, stop: int, offset: int, received_at: str, out) -> None:
+        """Lines ``text[pos:stop]`` (each ending in LF) through ``feed_record``."""
+        for line in text[pos : stop - 1].split("\n"):
+            raw = line.encode("latin-1")
+            out.append(
+                _dumps(
+                    feed_record(
+                        raw,
+                        worker=self.worker,
+                        stream=self.stream,
+                        received_at=received_at,
+                        mirror_offset=offset + pos,
+                    )
+                )
+            )
+            pos += len(raw) + 1
+            self.slow_lines += 1
+
+    def _sd_json(self, sd: str) -> str | None:
+        # Values hold no '"' (the regex saw to it), so splitting at the quotes
+        # alternates the shape's fixed text (even) and the values (odd); the
+        # JSON is the same alternation with the fixed text rendered once.
+        parts = sd.split('"')
+        outside = parts[0::2]
+        shape = "\0".join(outside)
+        rendered = self._sd_templates.get(shape)
+        if rendered is None:
+            if shape in self._sd_templates:
+                return None
+            rendered = self._sd_template(outside)
+            if len(self._sd_templates) >= _SD_TEMPLATES_MAX:
+                self._sd_templates.clear()
+            self._sd_templates[shape] = rendered
+            if rendered is None:
+                return None
+        parts[0::2] = rendered
+        return "".join(parts)
+
+    @staticmethod
+    def _sd_template(outside: list[str]) -> list[str] | None:
+        """The JSON of one STRUCTURED-DATA shape, cut where the values go."""
+        skeleton = '"\0"'.join(outside).encode("latin-1")
+        try:
+            elements, end = rfc5424.parse_structured_data(skeleton)
+        except rfc5424.ParseError:
+            return None
+        if end != len(skeleton):
+            return None
+        rendered = _dumps([{"id": e.id, "params": [list(p) for p in e.params]} for e in elements])
+        pieces = rendered.split("\\u0000")
+        return pieces if len(pieces) == len(outside) else None
+
+
+# A step is cut into pieces of about this size (at line ends) for the encoder pool.
+PIECE_BYTES = 256 * 1024
+
+
+def _pieces(chunk: bytes, base: int, records) -> list[tuple[int, int, str]]:
+    """``(start, stop, received_at)`` spans of ``chunk`` (mirror offset ``base``).
+
+    A line carries the receive time of the first commit whose end covers the
+    line's end (commits end on line boundaries; the last record covers the
+    rest; no record at all only happens to a hand-edited stream).
+    """
+    spans: list[tuple[int, int, str]] = []
+    done, cut = 0, len(chunk)
+    for i, record in enumerate(records):
+        if i == len(records) - 1:
+            stop = cut
+        else:
+            stop = chunk.rfind(b"\n", done, record.mirror_end - base) + 1
+        if stop > done:
+            spans.append((done, stop, iso_utc(record.received_at_us)))
+            done = stop
+    if done < cut:
+        spans.append((done, cut, iso_utc(0)))
+    pieces = []
+    for start, stop, when in spans:
+        while stop - start > PIECE_BYTES:
+            mid = chunk.rfind(b"\n", start, start + PIECE_BYTES) + 1
+            if mid <= start:
+                break
+            pieces.append((start, mid, when))
+            start = mid
+        pieces.append((start, stop, when))
+    return pieces
+
+
+_encoders: dict[tuple[str, str], FeedEncoder] = {}
+
+
+def encode_piece(
+    worker: str, stream: str, piece: bytes, offset: int, received_at: str
+) -> tuple[bytes, int]:
+    """Feed lines of ``piece`` as UTF-8 with LFs, and their count (for a process pool)."""
+    encoder = _encoders.get((worker, stream))
+    if encoder is None:
+        encoder = _encoders[(worker, stream)] = FeedEncoder(worker, stream)
+    out: list[str] = []
+    count = encoder.encode(piece, offset, received_at, out)
+    out.append("")
+    return "\n".join(out).encode("utf-8"), count
 
 
 class FeedCorrupt(DecnetError):
     pass
 
 
-class FeedWriter:
-    """Builds ``<stream>.jsonl`` from ``<stream>.log`` for one (worker, stream).  Blocking."""
+class FeedBusy(DecnetError):
+    """Another process still builds this feed (a listener that was just killed)."""
 
-    def __init__(self, files: storage.StreamFiles, worker: str):
+
+class _Batch:
+    """One step's mirror span and its feed lines, per piece: encoded, being encoded
+    (pool futures), or to be encoded when asked (``encode``)."""
+
+    def __init__(self, start: int, end: int, idx_pos: int, *, futures=(), encode=None):
+        self.start, self.end, self.idx_pos = start, end, idx_pos
+        self._futures = futures
+        self._encode = encode
+
+    def bodies(self):
+        """``(feed bytes, line count)`` of each piece, in order."""
+        if self._encode is not None:
+            return self._encode()
+        return (f.result() for f in self._futures)
+
+
+class FeedWriter:
+    """Builds ``<stream>.jsonl`` from ``<stream>.log`` for one (worker, stream).  Blocking.
+
+    ``open`` takes an exclusive lock on the position file: a feed builder left
+    behind by a killed listener finishes its step before a new one may write.
+    """
+
+    def __init__(self, files: storage.StreamFiles, worker: str, pool=None):
         self.files = files
         self.worker = worker
+        self.encoder = FeedEncoder(worker, files.stream)
+        # An executor (a process pool) to encode the pieces of a step in parallel.
+        self.pool = pool
+        self._next: _Batch | None = None
         self.position = storage.FeedPosition()
         self._feed_fd: int | None = None
         self._pos_fd: int | None = None
@@ -95,7 +345,13 @@ class FeedWriter:
 
     def open(self) -> storage.FeedPosition:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self._pos_fd = os.open(self.files.feed_pos_path, flags, PRIVATE_FILE_MODE)
+        pos_fd = os.open(self.files.feed_pos_path, flags, PRIVATE_FILE_MODE)
+        try:
+            fcntl.flock(pos_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(pos_fd)
+            raise FeedBusy(f"{self.files.feed_pos_path} is locked by another builder") from None
+        self._pos_fd = pos_fd
         self._feed_fd = os.open(self.files.feed_path, flags, PRIVATE_FILE_MODE)
         slots = [
             storage.unpack_feed_slot(os.pread(self._pos_fd, storage.FEED_SLOT.size, i * 64))
@@ -120,69 +376,91 @@ class FeedWriter:
         return position
 
     def step(self, mirror_end: int, limit: int = FEED_STEP_BYTES) -> int:
-        """Turn up to ``limit`` committed mirror bytes into feed lines; return lines written."""
+        """Turn up to ``limit`` committed mirror bytes into feed lines; return lines written.
+
+        One write and one fsync of the feed, then one of the position, per
+        step.  With a pool, the next step's lines are being encoded while this
+        one is written (only encoded: nothing reaches the feed out of order).
+        """
         pos = self.position
         if pos.mirror_pos >= mirror_end:
             return 0
-        want = min(mirror_end - pos.mirror_pos, limit)
-        with open(self.files.mirror_path, "rb") as mirror:
-            mirror.seek(pos.mirror_pos)
-            chunk = mirror.read(want)
-        cut = chunk.rfind(b"\n") + 1
-        if cut == 0:
-            if len(chunk) < mirror_end - pos.mirror_pos:
-                # A line longer than one step: read it whole (lines are capped
-                # by the frame size, so this stays bounded).
-                return self.step(mirror_end, limit * 2)
-            raise FeedCorrupt(f"{self.files.mirror_path} ends without LF at {mirror_end}")
-        chunk = chunk[:cut]
-        new_mirror_pos = pos.mirror_pos + cut
-        records = storage.read_records(self.files.index_path, pos.idx_pos, new_mirror_pos)
-        out = []
-        offset = pos.mirror_pos
-        r = 0
-        when_cache: dict[int, str] = {}
-        for line in chunk.split(b"\n")[:-1]:
-            end = offset + len(line) + 1
-            while r < len(records) - 1 and records[r].mirror_end < end:
-                r += 1
-            at = records[r].received_at_us if records else 0
-            when = when_cache.get(at)
-            if when is None:
-                when = when_cache[at] = iso_utc(at)
-            entry = feed_record(
-                line,
-                worker=self.worker,
-                stream=self.files.stream,
-                received_at=when,
-                mirror_offset=offset,
-            )
-            out.append(_dumps(entry))
-            offset = end
-        idx_pos = pos.idx_pos
-        for record in records:
-            if record.mirror_end <= new_mirror_pos:
-                idx_pos += 1
-            else:
-                break
-        body = ("\n".join(out) + "\n").encode("utf-8") if out else b""
-        storage._write_all(self._feed_fd, body)
-        os.fsync(self._feed_fd)
+        batch, self._next = self._next, None
+        if batch is None or batch.start != pos.mirror_pos:
+            batch = self._prepare(pos.mirror_pos, pos.idx_pos, mirror_end, limit)
+        if self.pool is not None and batch.end < mirror_end:
+            self._next = self._prepare(batch.end, batch.idx_pos, mirror_end, limit)
+        # Piece by piece (a small working set); bytes written past the recorded
+        # length by a step that dies half-way are cut off by the next ``open``.
+        written = count = 0
+        try:
+            for body, lines in batch.bodies():
+                storage._write_all(self._feed_fd, body)
+                written += len(body)
+                count += lines
+            os.fsync(self._feed_fd)
+        except BaseException:
+            # Leave the feed as its position describes it (never a half step).
+            os.ftruncate(self._feed_fd, pos.feed_len)
+            os.lseek(self._feed_fd, pos.feed_len, os.SEEK_SET)
+            raise
         new = storage.FeedPosition(
-            mirror_pos=new_mirror_pos,
-            feed_len=pos.feed_len + len(body),
-            idx_pos=idx_pos,
+            mirror_pos=batch.end,
+            feed_len=pos.feed_len + written,
+            idx_pos=batch.idx_pos,
             sequence=pos.sequence + 1,
         )
         os.pwrite(self._pos_fd, storage.pack_feed_slot(new), (new.sequence % 2) * 64)
         os.fsync(self._pos_fd)
         self.position = new
-        return len(out)
+        return count
+
+    def _prepare(self, start: int, idx_pos: int, mirror_end: int, limit: int) -> _Batch:
+        """Read the whole lines of ``[start, start + limit)`` and start encoding them."""
+        while True:
+            want = min(mirror_end - start, limit)
+            with open(self.files.mirror_path, "rb") as mirror:
+                mirror.seek(start)
+                chunk = mirror.read(want)
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                break
+            if len(chunk) < mirror_end - start:
+                # A line longer than one step: read it whole (lines are capped
+                # by the frame size, so this stays bounded).
+                limit *= 2
+                continue
+            raise FeedCorrupt(f"{self.files.mirror_path} ends without LF at {mirror_end}")
+        if cut < len(chunk):
+            chunk = chunk[:cut]
+        end = start + cut
+        records = storage.read_records(self.files.index_path, idx_pos, end)
+        next_idx = idx_pos
+        for record in records:
+            if record.mirror_end > end:
+                break
+            next_idx += 1
+        pieces = _pieces(chunk, start, records)
+        if self.pool is None or len(pieces) < 2:
+
+            def encode():
+                for a, b, when in pieces:
+                    out: list[str] = []
+                    self.encoder.encode(chunk if b - a == cut else chunk[a:b], start + a, when, out)
+                    out.append("")
+                    yield "\n".join(out).encode("utf-8"), len(out) - 1
+
+            return _Batch(start, end, next_idx, encode=encode)
+        futures = [
+            self.pool.submit(encode_piece, self.worker, self.files.stream, chunk[a:b], start + a, w)
+            for a, b, w in pieces
+        ]
+        return _Batch(start, end, next_idx, futures=futures)
 
     def close(self) -> None:
         for fd in (self._feed_fd, self._pos_fd):
             if fd is not None:
-                os.close(fd)
+                os.close(fd)  # also releases the lock
         self._feed_fd = self._pos_fd = None
 
 
@@ -190,3 +468,116 @@ def read_feed(path: Path) -> list[dict]:
     """Every entry of a feed file (for tests and tools)."""
     with open(path, "rb") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# A stream whose feed is still locked by a builder a killed listener left
+# behind is tried again after this long (that builder exits after one step).
+BUSY_RETRY = 0.25
+
+
+class FeedBuilder:
+    """Keeps the feeds of many streams up to their committed mirror ends.  Blocking.
+
+    ``target`` says how far a stream's mirror is durable; ``step`` does one
+    bounded build step for one stream that is behind (round robin, so a large
+    backlog never starves another worker's feed).  What happens is told to
+    ``report`` as small dicts: ``{"worker", "stream", "pos", "lines"}`` after
+    each durable step, ``"warn"`` when a feed is rebuilt from the start,
+    ``"error"`` when a stream's feed stops (until the next start).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        report,
+        *,
+        clock=None,
+        step_bytes: int = FEED_STEP_BYTES,
+        pool=None,
+    ):
+        self.directory = Path(directory)
+        self.pool = pool
+        self.report = report
+        self.clock = clock or time.monotonic
+        self.step_bytes = step_bytes
+        self._targets: dict[tuple[str, str], int] = {}
+        self._writers: dict[tuple[str, str], FeedWriter] = {}
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self._stopped: set[tuple[str, str]] = set()
+        self._turn = 0
+
+    def target(self, worker: str, stream: str, mirror_end: int) -> None:
+        key = (worker, stream)
+        if mirror_end > self._targets.get(key, -1):
+            self._targets[key] = mirror_end
+
+    def _behind(self, now: float) -> list[tuple[str, str]]:
+        out = []
+        for key, end in self._targets.items():
+            if key in self._stopped or self._retry_at.get(key, 0.0) > now:
+                continue
+            writer = self._writers.get(key)
+            # (An empty mirror needs no feed file yet: idle streams cost nothing.)
+            if (writer.position.mirror_pos if writer is not None else 0) < end:
+                out.append(key)
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self._behind(self.clock()))
+
+    def retry_delay(self) -> float | None:
+        """Seconds until a locked stream should be tried again; ``None`` if none waits."""
+        waiting = [at for key, at in self._retry_at.items() if key not in self._stopped]
+        return max(0.0, min(waiting) - self.clock()) if waiting else None
+
+    def step(self) -> bool:
+        """One build step for one stream that is behind; ``False`` if none is."""
+        behind = self._behind(self.clock())
+        if not behind:
+            return False
+        self._turn = (self._turn + 1) % len(behind)
+        key = behind[self._turn]
+        worker, stream = key
+        try:
+            writer = self._writers.get(key)
+            if writer is None:
+                writer = self._open(key)
+                if writer is None:
+                    return True
+            lines = writer.step(self._targets[key], self.step_bytes)
+        except BrokenExecutor:
+            raise  # the encoder pool is gone: not this stream's fault
+        except Exception as exc:
+            self._stopped.add(key)
+            self._close(key)
+            self.report({"worker": worker, "stream": stream, "error": f"{exc!r}"})
+            return True
+        self.report(
+            {"worker": worker, "stream": stream, "pos": writer.position.mirror_pos, "lines": lines}
+        )
+        return True
+
+    def _open(self, key: tuple[str, str]) -> FeedWriter | None:
+        worker, stream = key
+        if "/" in worker or worker in ("", ".", ".."):
+            raise FeedCorrupt(f"invalid worker name {worker!r}")
+        writer = FeedWriter(storage.StreamFiles(self.directory / worker, stream), worker, self.pool)
+        try:
+            writer.open()
+        except FeedBusy:
+            self._retry_at[key] = self.clock() + BUSY_RETRY
+            return None
+        self._retry_at.pop(key, None)
+        self._writers[key] = writer
+        if writer.reset_reason:
+            self.report({"worker": worker, "stream": stream, "warn": writer.reset_reason})
+        return writer
+
+    def _close(self, key: tuple[str, str]) -> None:
+        writer = self._writers.pop(key, None)
+        if writer is not None:
+            writer.close()
+
+    def close(self) -> None:
+        for key in list(self._writers):
+            self._close(key)

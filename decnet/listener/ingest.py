@@ -10,11 +10,13 @@ failing stream never delays another worker.
 
 The sink also deduplicates: data that ends at or below the accepted
 high-water mark is dropped, which is what makes a re-sent batch harmless.
+
+After each commit the feed builder (a separate process, see
+:mod:`decnet.listener.feedproc`) is told the stream's new durable mirror end.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,19 +26,10 @@ from twisted.logger import Logger
 
 from decnet.fsutil import ensure_private_dir
 from decnet.listener import storage
-from decnet.listener.feed import FeedWriter
 from decnet.syslog.ackproto import ProtocolError
 
 # A connection stops reading while its stream holds this much uncommitted data.
 PENDING_LIMIT = 16 * 1024 * 1024
-
-# The JSON feed yields to ingest: while the listener commits more than
-# FEED_BUSY_RATE bytes/s (more than the feed builder could follow anyway), a
-# stream's feed waits, unless it is FEED_MAX_LAG bytes behind its mirror.
-FEED_BUSY_RATE = 16 * 1024 * 1024
-FEED_MAX_LAG = 512 * 1024 * 1024
-FEED_RECHECK = 0.25
-_RATE_WINDOW = 1.0
 
 
 def thread_runner(reactor):
@@ -77,10 +70,6 @@ class StreamSink:
         self.commits = 0
         self.gaps = 0
         self.duplicates = 0
-        self.feed: FeedWriter | None = None
-        self._feeding = False
-        self._feed_later = None
-        self._last_commit_mirror = recovered.mirror_end
 
     # -- accepting data --------------------------------------------------
 
@@ -180,8 +169,6 @@ class StreamSink:
             drained, self._drain_waiters = self._drain_waiters, []
             for callback in drained:
                 callback()
-        self.ingest.committed(mirror_end - self._last_commit_mirror)
-        self._last_commit_mirror = mirror_end
         self.ingest.feed_kick(self)
         self._kick()
 
@@ -208,30 +195,24 @@ class Ingest:
 
     log = Logger()
 
-    def __init__(self, directory: Path, clock, run=None, *, feed: bool = True):
+    def __init__(self, directory: Path, clock, run=None, *, feeds=None):
         self.directory = Path(directory)
         self.clock = clock
         self.run = run or thread_runner(clock)
-        self.feed_enabled = feed
+        # Who builds the JSON feeds (a FeedProcess, InlineFeeds in tests); None: no feed.
+        self.feeds = feeds
         self._sinks: dict[tuple[str, str], StreamSink] = {}
         self._opening: dict[tuple[str, str], list[defer.Deferred]] = {}
-        self._feed_jobs: set[defer.Deferred] = set()
         self._closing = False
-        self._rate = 0.0  # committed bytes/s, exponentially smoothed
-        self._rate_at = clock.seconds()
-
-    def committed(self, nbytes: int) -> None:
-        """Account ``nbytes`` just made durable (drives the feed's yielding)."""
-        self._rate = self.commit_rate() + nbytes / _RATE_WINDOW
-        self._rate_at = self.clock.seconds()
-
-    def commit_rate(self) -> float:
-        elapsed = max(0.0, self.clock.seconds() - self._rate_at)
-        return self._rate * math.exp(-elapsed / _RATE_WINDOW)
 
     def prepare(self) -> None:
         """Create the ingest directory (0700).  Blocking; called once at start-up."""
         ensure_private_dir(self.directory)
+
+    def start(self) -> None:
+        """Start the feed builder (after privileges are dropped)."""
+        if self.feeds is not None:
+            self.feeds.start()
 
     def sink_for(self, worker: str, stream: str) -> defer.Deferred:
         """The sink of ``(worker, stream)``, recovering its files on first use."""
@@ -289,72 +270,22 @@ class Ingest:
     # -- the JSON feed ---------------------------------------------------
 
     def feed_kick(self, sink: StreamSink) -> None:
-        """Schedule feed building for ``sink`` if it is behind and not already running."""
-        if not self.feed_enabled or sink._feeding or sink.failed or self._closing:
-            return
-        if sink.feed is not None:
-            lag = sink.committed_mirror - sink.feed.position.mirror_pos
-            if lag <= 0:
-                return
-            if lag < FEED_MAX_LAG and self.commit_rate() > FEED_BUSY_RATE:
-                if sink._feed_later is None or not sink._feed_later.active():
-                    sink._feed_later = self.clock.callLater(FEED_RECHECK, self.feed_kick, sink)
-                return
-        sink._feeding = True
-        if sink.feed is None:
-            writer = FeedWriter(sink.files, sink.worker)
-
-            def opened(_):
-                sink.feed = writer
-                if writer.reset_reason:
-                    self.log.warn(
-                        "Rebuilding the JSON feed of {worker}/{stream} from the start: {why}",
-                        worker=sink.worker,
-                        stream=sink.stream,
-                        why=writer.reset_reason,
-                    )
-
-            d = self.run(writer.open)
-            d.addCallback(opened)
-        else:
-            d = self.run(sink.feed.step, sink.committed_mirror)
-        self._feed_jobs.add(d)
-
-        def done(result):
-            self._feed_jobs.discard(d)
-            sink._feeding = False
-            self.feed_kick(sink)
-            return result
-
-        def failed(failure):
-            self._feed_jobs.discard(d)
-            # Leave _feeding set: this stream's feed stops until restart, the
-            # mirror (the evidence) keeps going.
-            self.log.failure(
-                "JSON feed of {worker}/{stream} stopped",
-                failure,
-                worker=sink.worker,
-                stream=sink.stream,
-            )
-
-        d.addCallbacks(done, failed)
-
-    def feed_idle(self) -> bool:
-        return not self._feed_jobs
+        """Tell the feed builder how far ``sink``'s mirror is durable."""
+        if self.feeds is not None and not sink.failed and not self._closing:
+            self.feeds.notify(sink.worker, sink.stream, sink.committed_mirror)
 
     # -- shutdown --------------------------------------------------------
 
     @defer.inlineCallbacks
     def close(self):
-        """Wait for in-flight commits and feed steps, then close every file."""
-        self._closing = True
-        for sink in self._sinks.values():
-            if sink._feed_later is not None and sink._feed_later.active():
-                sink._feed_later.cancel()
+        """Wait for in-flight commits, close every file, stop the feed builder."""
         flushes = [s.when_flushed() for s in self._sinks.values() if not s.failed]
-        yield defer.DeferredList(flushes + list(self._feed_jobs), consumeErrors=True)
+        yield defer.DeferredList(flushes, consumeErrors=True)
+        for sink in self._sinks.values():
+            self.feed_kick(sink)
+        self._closing = True
         for sink in list(self._sinks.values()):
             yield self.run(sink.files.close)
-            if sink.feed is not None:
-                yield self.run(sink.feed.close)
         self._sinks.clear()
+        if self.feeds is not None:
+            yield self.feeds.close()

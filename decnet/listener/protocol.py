@@ -63,6 +63,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self.bytes = 0
         self.escaped_lfs = 0
         self._queued: list[bytes] = []
+        self._inbox: list[bytes] = []
+        self._drain_call = None
         self._paused = False
         self._close_call = None
 
@@ -111,8 +113,29 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
     # -- bytes in --------------------------------------------------------
 
     def dataReceived(self, data: bytes):
+        # TLSMemoryBIOProtocol calls this once per TLS record, and a stock
+        # sender such as rsyslog puts every message in its own record.  So
+        # this only queues; everything that arrived in one reactor turn is
+        # decoded and appended in one pass (``_drain``), with one timeout
+        # update and one backpressure check.
         if self.state in (CLOSING, HANDSHAKING):
             return
+        self._inbox.append(data)
+        if self._drain_call is None:
+            self._drain_call = self.factory.clock.callLater(0, self._drain)
+
+    def _drain(self) -> None:
+        """Process everything received since the last pass (also on close and refusal)."""
+        if self._drain_call is not None:
+            if self._drain_call.active():
+                self._drain_call.cancel()
+            self._drain_call = None
+        inbox = self._inbox
+        if not inbox or self.state == CLOSING:
+            inbox.clear()
+            return
+        data = inbox[0] if len(inbox) == 1 else b"".join(inbox)
+        inbox.clear()
         self.bytes += len(data)
         try:
             frames = self.decoder.feed(data)
@@ -149,12 +172,16 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
                 return
 
     def _append_plain(self, frames: list[bytes]) -> None:
-        for i, frame in enumerate(frames):
-            if b"\n" in frame:
-                self.escaped_lfs += frame.count(b"\n")
-                frames[i] = frame.replace(b"\n", ESCAPED_LF)
-        frames.append(b"")
-        self.sink.append_plain(b"\n".join(frames))
+        frames = [*frames, b""]  # (never the caller's list: it may be counted afterwards)
+        lines = b"\n".join(frames)
+        if lines.count(b"\n") != len(frames) - 1:
+            # Some frame holds an LF of its own (rare): escape it, per frame.
+            for i, frame in enumerate(frames):
+                if b"\n" in frame:
+                    self.escaped_lfs += frame.count(b"\n")
+                    frames[i] = frame.replace(b"\n", ESCAPED_LF)
+            lines = b"\n".join(frames)
+        self.sink.append_plain(lines)
         self._backpressure()
 
     def _ack_message(self, message) -> None:
@@ -248,6 +275,11 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         """Close this connection (only this one) and say why, once."""
         if self.state == CLOSING:
             return
+        if self._inbox:
+            # What arrived before the refusal is kept, as if processed at once.
+            self._drain()
+            if self.state == CLOSING:
+                return
         if self.state in (AWAITING_HELLO, RESUMING, STREAMING):
             self._write(ackproto.encode_error(reason))
         self.state = CLOSING
@@ -269,6 +301,10 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def timeoutConnection(self):
+        if self._inbox:
+            # Bytes arrived in this very turn: not idle (``_drain`` re-arms the timer).
+            self._drain()
+            return
         if self.state == HANDSHAKING:
             what = "no TLS handshake"
         elif self.decoder.buffered:
@@ -279,11 +315,14 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
 
     def cut(self, reason: str) -> None:
         """Drop this connection at once (revocation)."""
+        self._drain()
         self.log.warn("Cutting connection from {peer}: {reason}", peer=self.peer, reason=reason)
         self.state = CLOSING
         self.transport.abortConnection()
 
     def connectionLost(self, reason):
+        # Whatever was received before the connection went away is ingested.
+        self._drain()
         self.setTimeout(None)
         if self._close_call is not None and self._close_call.active():
             self._close_call.cancel()

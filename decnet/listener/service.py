@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from decnet import config
 from decnet.daemon import TLSPortService
+from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import ListenerFactory
 from decnet.revocation import RevocationSet, RevocationWatcher
@@ -33,6 +34,10 @@ class IngestService(Service):
     def privilegedStartService(self):
         super().privilegedStartService()
         self.ingest.prepare()
+
+    def startService(self):
+        super().startService()
+        self.ingest.start()
 
     def stopService(self):
         super().stopService()
@@ -58,12 +63,14 @@ class ListenerService(MultiService):
         max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
         idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
         feed: bool = True,
+        feed_encoders: int | None = None,
         sighup: bool = False,
     ):
         super().__init__()
         self.sighup = sighup
         self.reactor = reactor
-        self.ingest = Ingest(ingest_dir, reactor, feed=feed)
+        feeds = FeedProcess(reactor, ingest_dir, encoders=feed_encoders) if feed else None
+        self.ingest = Ingest(ingest_dir, reactor, feeds=feeds)
         self.factory = ListenerFactory(
             self.ingest,
             reactor,

@@ -78,6 +78,14 @@ class Options(usage.Options):
             _positive_float,
         ],
         ["port-file", None, None, "Write the bound port number here once listening"],
+        [
+            "feed-encoders",
+            None,
+            None,
+            "Processes that encode the JSON feed in parallel "
+            "[default: one per two CPUs, at most 4; 1 = no pool]",
+            _positive_int,
+        ],
     ]
     optFlags: ClassVar[list] = [
         ["no-feed", None, "Do not build the JSON feed (mirror only)"],
@@ -138,5 +146,6 @@ def makeService(options: Options):
         max_per_worker=options["max-connections-per-worker"],
         idle_timeout=options["idle-timeout"],
         feed=not options["no-feed"],
+        feed_encoders=options["feed-encoders"],
         sighup=True,
     )

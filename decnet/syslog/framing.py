@@ -68,7 +68,7 @@ class OctetCountingDecoder:
         # A valid prefix has at most this many digits; more is refused at once
         # (a 20-digit "length" never makes us wait for more bytes).
         self.max_digits = len(str(max_frame))
-        self._buf = bytearray()
+        self._buf = b""
         self._consumed = 0  # stream offset of _buf[0]
         self.error: FramingError | None = None
 
@@ -81,50 +81,56 @@ class OctetCountingDecoder:
         """Add ``data``; return the frames it completed (possibly none)."""
         if self.error is not None:
             raise type(self.error)(str(self.error), [], self.error.offset)
-        buf = self._buf
-        buf += data
+        # The remainder is at most one partial frame; ``buf`` stays immutable
+        # bytes so a frame is one slice (one copy), not a bytearray slice plus
+        # a conversion.
+        buf = self._buf + data if self._buf else bytes(data)
         frames: list[bytes] = []
+        append = frames.append
+        find = buf.find
         pos = 0
         end = len(buf)
         max_digits = self.max_digits
+        max_frame = self.max_frame
         strip = self.strip_lf
         try:
             while pos < end:
-                sp = buf.find(b" ", pos, pos + max_digits + 1)
+                sp = find(b" ", pos, pos + max_digits + 1)
                 if sp < 0:
                     # No space yet: fine only while what we have is a valid
                     # prefix that may still be completed.
                     self._check_partial_prefix(buf, pos, end)
                     break
                 digits = buf[pos:sp]
-                if not digits or not digits.isdigit() or digits[0] == 0x30:
+                if not digits.isdigit() or buf[pos] == 0x30:
                     raise self._malformed(digits, pos)
                 length = int(digits)
-                if length > self.max_frame:
+                if length > max_frame:
                     raise FrameTooLarge(
-                        f"frame of {length} bytes exceeds the {self.max_frame}-byte cap",
+                        f"frame of {length} bytes exceeds the {max_frame}-byte cap",
                         offset=self._consumed + pos,
                     )
-                start = sp + 1
-                stop = start + length
+                stop = sp + 1 + length
                 if stop > end:
                     break
                 if strip and buf[stop - 1] == 0x0A:
-                    frames.append(bytes(buf[start : stop - 1]))
+                    append(buf[sp + 1 : stop - 1])
                 else:
-                    frames.append(bytes(buf[start:stop]))
+                    append(buf[sp + 1 : stop])
                 pos = stop
         except FramingError as exc:
             exc.frames = frames
             self.error = exc
-            self._buf = bytearray()
+            self._buf = b""
             raise
         if pos:
-            del buf[:pos]
             self._consumed += pos
+            self._buf = buf[pos:] if pos < end else b""
+        else:
+            self._buf = buf
         return frames
 
-    def _check_partial_prefix(self, buf: bytearray, pos: int, end: int) -> None:
+    def _check_partial_prefix(self, buf: bytes, pos: int, end: int) -> None:
         head = bytes(buf[pos:end])
         if len(head) > self.max_digits or not all(b in _DIGITS for b in head):
             raise self._malformed(head, pos)

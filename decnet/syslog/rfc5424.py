@@ -104,23 +104,7 @@ def parse(line: bytes) -> SyslogMessage:
     ts = _text(fields[0])
     if ts is not None and not _TIMESTAMP.match(ts):
         raise ParseError(f"invalid TIMESTAMP {ts[:40]!r}")
-    pos = m.end()
-    sd: list[SDElement] = []
-    if line[pos : pos + 1] == b"-":
-        pos += 1
-    elif line[pos : pos + 1] == b"[":
-        while line[pos : pos + 1] == b"[":
-            em = _SD_ELEMENT.match(line, pos)
-            if em is None:
-                raise ParseError(f"malformed STRUCTURED-DATA at byte {pos}")
-            params = tuple(
-                (name.decode("ascii"), _unescape(value).decode("utf-8", "replace"))
-                for name, value in _SD_PARAM.findall(em.group(2))
-            )
-            sd.append(SDElement(em.group(1).decode("ascii"), params))
-            pos = em.end()
-    else:
-        raise ParseError(f"expected STRUCTURED-DATA ('-' or '[') at byte {pos}")
+    sd, pos = parse_structured_data(line, m.end())
     msg: bytes | None = None
     bom = False
     if pos < len(line):
@@ -138,10 +122,30 @@ def parse(line: bytes) -> SyslogMessage:
         app_name=_text(fields[2]),
         procid=_text(fields[3]),
         msgid=_text(fields[4]),
-        structured_data=tuple(sd),
+        structured_data=sd,
         msg=msg,
         bom=bom,
     )
+
+
+def parse_structured_data(line: bytes, pos: int = 0) -> tuple[tuple[SDElement, ...], int]:
+    """STRUCTURED-DATA (``-`` or ``[...]...``) starting at ``pos``; the elements and the end."""
+    if line[pos : pos + 1] == b"-":
+        return (), pos + 1
+    if line[pos : pos + 1] != b"[":
+        raise ParseError(f"expected STRUCTURED-DATA ('-' or '[') at byte {pos}")
+    sd: list[SDElement] = []
+    while line[pos : pos + 1] == b"[":
+        em = _SD_ELEMENT.match(line, pos)
+        if em is None:
+            raise ParseError(f"malformed STRUCTURED-DATA at byte {pos}")
+        params = tuple(
+            (name.decode("ascii"), _unescape(value).decode("utf-8", "replace"))
+            for name, value in _SD_PARAM.findall(em.group(2))
+        )
+        sd.append(SDElement(em.group(1).decode("ascii"), params))
+        pos = em.end()
+    return tuple(sd), pos
 
 
 _PRINTABLE = re.compile(rb"[!-~]*")
