@@ -13,22 +13,9 @@ from decnet.errors import DecnetError, RemoteError, ValidationError
 from decnet.master import tar_tree
 from decnet.master.registry import Host, Registry
 from decnet.master.rollout import FAILED, ROLLED_BACK, SKIPPED, Rollout, plan_rollout
+from decnet.options import non_negative_int, positive_int
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return number
 
 
 def register(sub, parents) -> None:
@@ -65,13 +52,13 @@ def register(sub, parents) -> None:
     )
     p.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=config.DEFAULT_UPDATE_CONCURRENCY,
         help="hosts updated at once (default: %(default)s)",
     )
     p.add_argument(
         "--canary",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="update N hosts first; stop unless all of them end updated",

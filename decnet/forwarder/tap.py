@@ -10,21 +10,8 @@ from twisted.python import usage
 
 from decnet import config
 from decnet.errors import ConfigError, DecnetError
+from decnet.options import port_number, positive_float
 from decnet.syslog.ackproto import ProtocolError, validate_stream_name
-
-
-def _port(value: str) -> int:
-    number = int(value)
-    if not 1 <= number <= 65535:
-        raise ValueError("must be 1-65535")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number")
-    return number
 
 
 class Options(usage.Options):
@@ -49,7 +36,7 @@ class Options(usage.Options):
             None,
             None,
             f"Listener port [default: ${config.ENV_SYSLOG_PORT}, else {config.SYSLOG_PORT}]",
-            _port,
+            port_number,
         ],
         [
             "state",
@@ -77,21 +64,21 @@ class Options(usage.Options):
             None,
             config.DEFAULT_POLL_INTERVAL,
             "Seconds between checks of the file (besides inotify)",
-            _positive_float,
+            positive_float,
         ],
         [
             "rotate-wait",
             None,
             5.0,
             "Seconds the old file must stay unchanged before an empty new file replaces it",
-            _positive_float,
+            positive_float,
         ],
         [
             "max-retry-delay",
             None,
             30.0,
             "Longest pause between reconnection attempts (s)",
-            _positive_float,
+            positive_float,
         ],
     ]
 

@@ -9,20 +9,7 @@ from twisted.python import usage
 
 from decnet import config
 from decnet.errors import ConfigError, DecnetError
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be a positive integer")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number")
-    return number
+from decnet.options import positive_float, positive_int
 
 
 class Options(usage.Options):
@@ -54,28 +41,28 @@ class Options(usage.Options):
             None,
             config.DEFAULT_MAX_FRAME,
             "Largest frame accepted (bytes)",
-            _positive_int,
+            positive_int,
         ],
         [
             "max-connections",
             None,
             config.DEFAULT_MAX_CONNECTIONS,
             "Connections open at once, all workers together",
-            _positive_int,
+            positive_int,
         ],
         [
             "max-connections-per-worker",
             None,
             config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             "Connections open at once per worker certificate",
-            _positive_int,
+            positive_int,
         ],
         [
             "idle-timeout",
             None,
             config.DEFAULT_IDLE_TIMEOUT,
             "Seconds a connection may stall before its handshake, HELLO, or mid-frame",
-            _positive_float,
+            positive_float,
         ],
         ["port-file", None, None, "Write the bound port number here once listening"],
         [
@@ -84,7 +71,7 @@ class Options(usage.Options):
             None,
             "Processes that encode the JSON feed in parallel "
             "[default: one per two CPUs, at most 4; 1 = no pool]",
-            _positive_int,
+            positive_int,
         ],
     ]
     optFlags: ClassVar[list] = [

@@ -29,6 +29,7 @@ from decnet.daemon import TLSPortService
 from decnet.errors import DecnetError
 from decnet.httpapi import make_site
 from decnet.master.http import PinnedClient
+from decnet.options import positive_float, positive_int
 from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 from decnet.updater import archive
@@ -40,16 +41,6 @@ from decnet.updater.installer import Installer
 from decnet.updater.releases import ReleaseStore
 
 SELF_RESTARTS = ("exec", "exit")
-
-
-def _positive(kind):
-    def parse(value):
-        number = kind(value)
-        if number <= 0:
-            raise ValueError(f"must be positive, got {value}")
-        return number
-
-    return parse
 
 
 class Options(usage.Options):
@@ -72,22 +63,22 @@ class Options(usage.Options):
             None,
             config.DEFAULT_HEALTH_TIMEOUT,
             "seconds for a restarted agent to report the new release",
-            _positive(float),
+            positive_float,
         ],
-        ["keep", None, config.DEFAULT_KEEP_RELEASES, "releases to keep", _positive(int)],
+        ["keep", None, config.DEFAULT_KEEP_RELEASES, "releases to keep", positive_int],
         [
             "install-timeout",
             None,
             config.DEFAULT_INSTALL_TIMEOUT,
             "seconds for venv + pip of one release",
-            _positive(float),
+            positive_float,
         ],
         [
             "max-upload",
             None,
             config.MAX_UPLOAD_BYTES,
             "largest tarball accepted, in bytes",
-            _positive(int),
+            positive_int,
         ],
         [
             "self-restart",
