@@ -1,0 +1,185 @@
+"""``sandbox status`` and ``sandbox down``: from another terminal, by recorded PID only.
+
+Both read ``sandbox.json`` (:mod:`decnet.sandbox.state`).  A recorded PID is
+only believed, signalled or waited for while its start time still matches the
+record, so a PID the kernel gave to some other process since is never touched.
+
+``down`` asks ``up`` to stop (SIGTERM: it stops its children in order) and
+waits for it; when ``up`` is gone but children survive (``up`` was ``kill
+-9``-ed), it stops those itself: SIGTERM, a grace period on the clock, SIGKILL,
+then SIGKILL to whatever is left in each child's process group (a spawned
+agent, a pip the updater was running).  Running it again finds nothing and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import task
+from twisted.internet.threads import deferToThreadPool
+
+from decnet import config
+from decnet.cli import output
+from decnet.sandbox import state, view
+from decnet.sandbox.layout import SandboxLayout
+
+UP_STOP_TIMEOUT = 2 * config.SANDBOX_STOP_GRACE + 15.0  # `up` stops its children in two waves
+
+
+def process_rows(doc: dict) -> list[tuple[str, state.ProcessRecord, bool]]:
+    rows = []
+    up = state.up_record(doc)
+    if up is not None:
+        rows.append(("up", up, state.is_running(up)))
+    for name, record in sorted(state.processes(doc).items(), key=lambda kv: _order(kv[0])):
+        rows.append((name, record, state.is_running(record)))
+    return rows
+
+
+def _order(name: str) -> tuple:
+    if name == "listener":
+        return (0, 0, name)
+    worker, _, role = name.partition("-")
+    number = int(worker[1:]) if worker[1:].isdigit() else 0
+    return (1, number, role)
+
+
+async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) -> int:
+    """Print what runs; 0 only when ``up``, every child and every active agent are up."""
+    pool = reactor.getThreadPool()
+    doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
+    if doc is None:
+        if as_json:
+            output.print_json({"dir": str(layout.root), "running": False, "processes": []})
+        else:
+            say(f"No sandbox in {layout.root} (start one with `decnet-admin sandbox up`).")
+        return 1
+    rows = process_rows(doc)
+    up_alive = any(name == "up" and alive for name, _, alive in rows)
+    any_alive = any(alive for _, _, alive in rows)
+    hosts: list[view.HostRow] = []
+    if any_alive and layout.master.master_cert.exists():
+        from decnet.sandbox.live import host_rows
+        from decnet.tls import TLSIdentity
+
+        identity = await deferToThreadPool(reactor, pool, TLSIdentity.master, layout.master)
+        clients: dict = {}
+        try:
+            hosts = await host_rows(
+                reactor, identity, layout, doc.get("workers") or {}, clients, pool
+            )
+        finally:
+            for client in clients.values():
+                await client.close()
+    agents_ok = all(h.agent in ("up", "decommissioned") for h in hosts)
+    healthy = up_alive and all(alive for _, _, alive in rows) and bool(hosts) and agents_ok
+    if as_json:
+        output.print_json(
+            {
+                "dir": str(layout.root),
+                "phase": doc.get("phase"),
+                "healthy": healthy,
+                "listener": doc.get("listener"),
+                "release": doc.get("release"),
+                "processes": [{"name": n, **r.as_dict(), "running": alive} for n, r, alive in rows],
+                "hosts": [
+                    h.__dict__ if not hasattr(h, "__attrs_attrs__") else _row(h) for h in hosts
+                ],
+            }
+        )
+        return 0 if healthy else 1
+    listener = doc.get("listener") or {}
+    say(f"Sandbox in {layout.root}: {doc.get('phase', '?')}")
+    if not rows:
+        say("  nothing runs (start it with `decnet-admin sandbox up`).")
+        return 1
+    table = []
+    for name, record, alive in rows:
+        where = ""
+        if name == "listener" and listener:
+            where = f"{listener.get('host')}:{listener.get('port')}"
+        elif name.endswith("-updater"):
+            info = (doc.get("workers") or {}).get(name.rsplit("-", 1)[0], {})
+            where = f"{info.get('address')}:{info.get('updater_port')}"
+        table.append((name, record.pid, "running" if alive else "GONE", where, record.log or ""))
+    say(output.table(("PROCESS", "PID", "STATE", "ADDRESS", "LOG"), table))
+    if hosts:
+        say("")
+        say(view.host_table(hosts))
+    if not up_alive and any_alive:
+        say("")
+        say(
+            "`sandbox up` is gone but some of its processes still run: `decnet-admin sandbox down`."
+        )
+    return 0 if healthy else 1
+
+
+def _row(row: view.HostRow) -> dict:
+    import attrs
+
+    return attrs.asdict(row)
+
+
+async def _wait_gone(reactor, records, timeout: float) -> bool:
+    deadline = reactor.seconds() + timeout
+    while any(state.is_running(r) for r in records):
+        if reactor.seconds() > deadline:
+            return False
+        await task.deferLater(reactor, 0.1, lambda: None)
+    return True
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def down(reactor, layout: SandboxLayout, say) -> int:
+    """Stop the sandbox in ``layout`` whatever state it is in; 0 once nothing is left."""
+    pool = reactor.getThreadPool()
+    doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
+    if doc is None:
+        say(f"No sandbox in {layout.root}; nothing to stop.")
+        return 0
+    up = state.up_record(doc)
+    if up is not None and state.signal_if_running(up, signal.SIGTERM):
+        say(f"Asked `sandbox up` (pid {up.pid}) to stop its processes; waiting ...")
+        if not await _wait_gone(reactor, [up], UP_STOP_TIMEOUT):
+            say(f"`sandbox up` (pid {up.pid}) did not stop in {UP_STOP_TIMEOUT:g}s; killing it")
+            state.signal_if_running(up, signal.SIGKILL)
+            await _wait_gone(reactor, [up], 10.0)
+        doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file) or doc
+    children = state.processes(doc)
+    alive = {n: r for n, r in children.items() if state.is_running(r)}
+    if alive:
+        say(f"Stopping {len(alive)} leftover processes: {', '.join(sorted(alive))}")
+        for record in alive.values():
+            state.signal_if_running(record, signal.SIGTERM)
+        if not await _wait_gone(reactor, alive.values(), config.SANDBOX_STOP_GRACE):
+            for name, record in alive.items():
+                if state.signal_if_running(record, signal.SIGKILL):
+                    say(f"  {name} (pid {record.pid}) ignored SIGTERM; killed")
+            await _wait_gone(reactor, alive.values(), 10.0)
+        # Each child leads its own process group (see decnet.sandbox.children); what
+        # it started (an agent, a pip) may outlive it.  The group id cannot be reused
+        # while any member lives, and we saw the leader alive, so it is still ours.
+        for record in alive.values():
+            _killpg(record.pid)
+    left = [n for n, r in children.items() if state.is_running(r)]
+    if up is not None and state.is_running(up):
+        left.append("up")
+    doc.update(
+        phase="stopped" if not left else doc.get("phase"), up=None if not left else doc.get("up")
+    )
+    if not left:
+        doc["processes"] = {}
+    await deferToThreadPool(reactor, pool, state.save, layout.state_file, doc)
+    if left:
+        say(f"Still running: {', '.join(left)}")
+        return 1
+    say("Nothing of the sandbox runs any more.")
+    return 0
