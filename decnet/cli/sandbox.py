@@ -241,14 +241,29 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -> int:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        PredicateResult,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     from decnet.sandbox.live import LiveView
     from decnet.sandbox.up import Console, Sandbox
 
     ensure_private_dir(layout.logs_dir)
     log_file = open(layout.log("sandbox"), "a")  # open for the life of the run
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+
+    def quiet(event) -> PredicateResult:
+        # Every short-lived HTTP connection logs "Starting/Stopping factory".
+        chatty = event.get("log_namespace", "").startswith("twisted.web.client")
+        if chatty and event.get("log_level") == LogLevel.info:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+    observer = FilteringLogObserver(textFileLogObserver(log_file), [quiet])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     console = Console(sys.stdout)
 
     async def main(reactor):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import os
 import signal
 
-from twisted.internet import task
+import attrs
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 
 from decnet import config
 from decnet.cli import output
+from decnet.errors import DecnetError
 from decnet.sandbox import state, view
 from decnet.sandbox.layout import SandboxLayout
 
@@ -29,21 +31,67 @@ UP_STOP_TIMEOUT = 2 * config.SANDBOX_STOP_GRACE + 15.0  # `up` stops its childre
 
 
 def process_rows(doc: dict) -> list[tuple[str, state.ProcessRecord, bool]]:
+    """``(name, record, still running)`` for ``up`` and every recorded child."""
     rows = []
     up = state.up_record(doc)
     if up is not None:
         rows.append(("up", up, state.is_running(up)))
-    for name, record in sorted(state.processes(doc).items(), key=lambda kv: _order(kv[0])):
+    for name, record in sorted(state.processes(doc).items(), key=lambda kv: process_order(kv[0])):
         rows.append((name, record, state.is_running(record)))
     return rows
 
 
-def _order(name: str) -> tuple:
+ROLE_ORDER = {"updater": 0, "agent": 1, "forwarder": 2}
+
+
+def process_order(name: str) -> tuple:
+    """The listener first, then per worker (numerically) its updater, agent, forwarder."""
     if name == "listener":
-        return (0, 0, name)
-    worker, _, role = name.partition("-")
+        return (0, 0, 0, name)
+    worker, _, role = name.rpartition("-")
     number = int(worker[1:]) if worker[1:].isdigit() else 0
-    return (1, number, role)
+    return (1, number, ROLE_ORDER.get(role, 9), name)
+
+
+async def agent_processes(reactor, identity, layout: SandboxLayout, workers) -> dict[str, dict]:
+    """What each worker's updater says about the agent it supervises (pid, running)."""
+    from decnet.master.registry import Registry
+    from decnet.master.updater_client import UpdaterClient
+
+    registry = Registry(layout.master.registry)
+    hosts = await deferToThreadPool(reactor, reactor.getThreadPool(), registry.list)
+    by_name = {h.name: h for h in hosts}
+
+    async def one(name: str) -> dict:
+        host = by_name.get(name)
+        if host is None or host.decommissioned or not host.has_updater:
+            return {}
+        client = UpdaterClient(reactor, identity, host, timeout=5.0)
+        try:
+            return (await client.health(timeout=5.0)).get("agent") or {}
+        except DecnetError:
+            return {}
+        finally:
+            await client.close()
+
+    names = sorted(workers)
+    found = await defer.gatherResults([defer.ensureDeferred(one(n)) for n in names])
+    return dict(zip(names, found, strict=True))
+
+
+def _address(name: str, doc: dict) -> str:
+    listener = doc.get("listener") or {}
+    if name == "listener":
+        return f"{listener.get('host')}:{listener.get('port')}" if listener else ""
+    worker, _, role = name.rpartition("-")
+    info = (doc.get("workers") or {}).get(worker) or {}
+    if role == "updater":
+        return f"{info.get('address')}:{info.get('updater_port')}"
+    if role == "agent":
+        return f"{info.get('address')}:{info.get('agent_port')}"
+    if role == "forwarder" and listener:
+        return f"-> {listener.get('host')}:{listener.get('port')}"
+    return ""
 
 
 async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) -> int:
@@ -52,13 +100,14 @@ async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) 
     doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
     if doc is None:
         if as_json:
-            output.print_json({"dir": str(layout.root), "running": False, "processes": []})
+            output.print_json({"dir": str(layout.root), "healthy": False, "processes": []})
         else:
             say(f"No sandbox in {layout.root} (start one with `decnet-admin sandbox up`).")
         return 1
-    rows = process_rows(doc)
-    up_alive = any(name == "up" and alive for name, _, alive in rows)
-    any_alive = any(alive for _, _, alive in rows)
+    rows = [(n, r.pid, alive, r.log) for n, r, alive in process_rows(doc)]
+    up_alive = any(name == "up" and alive for name, _, alive, _ in rows)
+    any_alive = any(alive for _, _, alive, _ in rows)
+    workers = doc.get("workers") or {}
     hosts: list[view.HostRow] = []
     if any_alive and layout.master.master_cert.exists():
         from decnet.sandbox.live import host_rows
@@ -67,14 +116,18 @@ async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) 
         identity = await deferToThreadPool(reactor, pool, TLSIdentity.master, layout.master)
         clients: dict = {}
         try:
-            hosts = await host_rows(
-                reactor, identity, layout, doc.get("workers") or {}, clients, pool
-            )
+            hosts = await host_rows(reactor, identity, layout, workers, clients, pool)
         finally:
             for client in clients.values():
                 await client.close()
+        agents = await agent_processes(reactor, identity, layout, workers)
+        for worker, agent in agents.items():
+            if agent.get("pid"):
+                log = str(layout.log(f"{worker}-agent"))
+                rows.append((f"{worker}-agent", agent["pid"], bool(agent.get("running")), log))
+        rows.sort(key=lambda row: (-1,) if row[0] == "up" else process_order(row[0]))
     agents_ok = all(h.agent in ("up", "decommissioned") for h in hosts)
-    healthy = up_alive and all(alive for _, _, alive in rows) and bool(hosts) and agents_ok
+    healthy = up_alive and all(alive for _, _, alive, _ in rows) and bool(hosts) and agents_ok
     if as_json:
         output.print_json(
             {
@@ -83,27 +136,22 @@ async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) 
                 "healthy": healthy,
                 "listener": doc.get("listener"),
                 "release": doc.get("release"),
-                "processes": [{"name": n, **r.as_dict(), "running": alive} for n, r, alive in rows],
-                "hosts": [
-                    h.__dict__ if not hasattr(h, "__attrs_attrs__") else _row(h) for h in hosts
+                "processes": [
+                    {"name": n, "pid": pid, "running": alive, "log": log}
+                    for n, pid, alive, log in rows
                 ],
+                "hosts": [attrs.asdict(h) for h in hosts],
             }
         )
         return 0 if healthy else 1
-    listener = doc.get("listener") or {}
     say(f"Sandbox in {layout.root}: {doc.get('phase', '?')}")
     if not rows:
         say("  nothing runs (start it with `decnet-admin sandbox up`).")
         return 1
-    table = []
-    for name, record, alive in rows:
-        where = ""
-        if name == "listener" and listener:
-            where = f"{listener.get('host')}:{listener.get('port')}"
-        elif name.endswith("-updater"):
-            info = (doc.get("workers") or {}).get(name.rsplit("-", 1)[0], {})
-            where = f"{info.get('address')}:{info.get('updater_port')}"
-        table.append((name, record.pid, "running" if alive else "GONE", where, record.log or ""))
+    table = [
+        (n, pid, "running" if alive else "GONE", _address(n, doc), log or "")
+        for n, pid, alive, log in rows
+    ]
     say(output.table(("PROCESS", "PID", "STATE", "ADDRESS", "LOG"), table))
     if hosts:
         say("")
@@ -114,12 +162,6 @@ async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) 
             "`sandbox up` is gone but some of its processes still run: `decnet-admin sandbox down`."
         )
     return 0 if healthy else 1
-
-
-def _row(row: view.HostRow) -> dict:
-    import attrs
-
-    return attrs.asdict(row)
 
 
 async def _wait_gone(reactor, records, timeout: float) -> bool:

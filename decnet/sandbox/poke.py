@@ -285,7 +285,7 @@ async def _http(reactor, target: Target, user: str, password: str) -> Outcome:
     response = await client.post(
         url,
         data={"username": user, "password": password},
-        headers={"User-Agent": ["Mozilla/5.0 (X11; Linux x86_64) decnet-sandbox-poke"]},
+        headers={"User-Agent": ["Mozilla/5.0 (compatible; decnet-poke)"]},
         timeout=STEP_TIMEOUT,
     )
     body = await response.content()

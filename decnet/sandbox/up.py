@@ -46,14 +46,24 @@ PROGRESS_EVERY = 10.0  # seconds between "still installing" lines during a relea
 
 
 class Console:
-    """Where ``up`` talks to its operator: whole lines, flushed at once."""
+    """Where ``up`` talks to its operator: whole lines, flushed at once.
+
+    A terminal that went away (a closed pipe, a hung-up tty) must not keep
+    ``up`` from stopping its children: output errors switch the console off.
+    """
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
+        self.broken = False
 
     def line(self, text: str = "") -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        if self.broken:
+            return
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.broken = True
 
 
 def listener_name() -> str:
@@ -168,11 +178,10 @@ class Sandbox:
 
     async def run(self) -> None:
         """Everything up to the live view; raises :class:`SandboxError` on failure."""
-        self.doc["up"] = {
-            "pid": os.getpid(),
-            "start": state.start_time(os.getpid()),
-            "argv": sys.argv,
-        }
+        me = os.getpid()
+        self.doc["up"] = state.ProcessRecord(
+            me, state.start_time(me), tuple(sys.argv), str(self.layout.log("sandbox"))
+        ).as_dict()
         self.doc["phase"] = "starting"
         await self.save()
         await self.prepare()
@@ -257,10 +266,8 @@ class Sandbox:
 
         self.listener_port = await self.poll(port, what="the listener's port", child=child)
         self.doc["listener"] = {"host": config.SANDBOX_MASTER_HOST, "port": self.listener_port}
-        self.say(
-            f"  {'listener':<20} {config.SANDBOX_MASTER_HOST}:{self.listener_port:<10} "
-            f"pid {child.record.pid}"
-        )
+        where = f"{config.SANDBOX_MASTER_HOST}:{self.listener_port}"
+        self.say(f"  {name:<14} {where:<24} pid {child.record.pid}")
 
     async def start_workers(self) -> None:
         spawned = []
@@ -310,11 +317,10 @@ class Sandbox:
             )
             forwarder = self.children.spawn(fwd, argv, self.layout.log(fwd), cwd=w.root)
             spawned.append((plan, updater, forwarder))
-            self.say(f"  {upd:<20} {w.address}:{w.updater_port:<8} pid {updater.record.pid}")
-            self.say(
-                f"  {fwd:<20} -> {config.SANDBOX_MASTER_HOST}:{self.listener_port:<5} "
-                f"pid {forwarder.record.pid}"
-            )
+            where = f"{w.address}:{w.updater_port} (agent :{w.agent_port})"
+            self.say(f"  {upd:<14} {where:<24} pid {updater.record.pid}")
+            where = f"-> {config.SANDBOX_MASTER_HOST}:{self.listener_port}"
+            self.say(f"  {fwd:<14} {where:<24} pid {forwarder.record.pid}")
         await self.save()
         waits = [
             defer.ensureDeferred(self._updater_ready(plan, updater)) for plan, updater, _ in spawned

@@ -177,15 +177,13 @@ def host_table(rows: list[HostRow]) -> str:
     return output.table(HOST_HEADERS, cells)
 
 
-def log_lag(local_size: int | None, mirror_size: int | None) -> int | None:
+def log_lag(local_size: int | None, mirror_size: int | None) -> int:
     """Bytes of the worker's decoy log the master does not have yet.
 
     The mirror is the worker's file byte for byte (``docs/Logging.md``); the
     sandbox never rotates the decoy log, so the difference of the sizes is the lag.
     """
-    if local_size is None:
-        return None
-    return max(0, local_size - (mirror_size or 0))
+    return max(0, (local_size or 0) - (mirror_size or 0))
 
 
 def row_from_status(
