@@ -267,7 +267,7 @@ class Sandbox:
         self.listener_port = await self.poll(port, what="the listener's port", child=child)
         self.doc["listener"] = {"host": config.SANDBOX_MASTER_HOST, "port": self.listener_port}
         where = f"{config.SANDBOX_MASTER_HOST}:{self.listener_port}"
-        self.say(f"  {name:<14} {where:<24} pid {child.record.pid}")
+        self.say(f"  {name:<14} {where:<30} pid {child.record.pid}")
 
     async def start_workers(self) -> None:
         spawned = []
@@ -318,9 +318,9 @@ class Sandbox:
             forwarder = self.children.spawn(fwd, argv, self.layout.log(fwd), cwd=w.root)
             spawned.append((plan, updater, forwarder))
             where = f"{w.address}:{w.updater_port} (agent :{w.agent_port})"
-            self.say(f"  {upd:<14} {where:<24} pid {updater.record.pid}")
+            self.say(f"  {upd:<14} {where:<30} pid {updater.record.pid}")
             where = f"-> {config.SANDBOX_MASTER_HOST}:{self.listener_port}"
-            self.say(f"  {fwd:<14} {where:<24} pid {forwarder.record.pid}")
+            self.say(f"  {fwd:<14} {where:<30} pid {forwarder.record.pid}")
         await self.save()
         waits = [
             defer.ensureDeferred(self._updater_ready(plan, updater)) for plan, updater, _ in spawned
