@@ -127,20 +127,25 @@ class LiveView:
         except Exception:
             self.log.failure("Cannot poll the workers")
             return
-        keys = tuple(r.key() for r in rows)
-        lags = tuple(r.lag for r in rows)
-        now = self.reactor.seconds()
-        stale = now - self.last_table_at >= config.SANDBOX_TABLE_EVERY and (
-            self.events_since_table or lags != self.last_lags
-        )
-        if keys != self.last_keys or stale:
+        if self.table_due(rows, self.reactor.seconds()):
             self.say("")
             self.say(view.host_table(rows))
             self.say("")
-            self.last_keys, self.last_lags = keys, lags
-            self.last_table_at = now
-            self.events_since_table = 0
             self.header_printed = False
+
+    def table_due(self, rows: list[view.HostRow], now: float) -> bool:
+        """Print the table when it changed, or when events scrolled it away a while ago."""
+        keys = tuple(r.key() for r in rows)
+        lags = tuple(r.lag for r in rows)
+        stale = now - self.last_table_at >= config.SANDBOX_TABLE_EVERY and bool(
+            self.events_since_table or lags != self.last_lags
+        )
+        if keys == self.last_keys and not stale:
+            return False
+        self.last_keys, self.last_lags = keys, lags
+        self.last_table_at = now
+        self.events_since_table = 0
+        return True
 
     async def poll_feeds(self) -> None:
         entries = await deferToThreadPool(self.reactor, self.pool, self.tail.read_new)

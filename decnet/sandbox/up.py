@@ -82,7 +82,7 @@ def agent_log_name(worker: str) -> str:
     return f"{worker}-agent"
 
 
-def short(path: Path, base: Path) -> str:
+def short(path: Path) -> str:
     """``path`` relative to the current directory when it is below it (shorter lines)."""
     try:
         return str(Path(path).relative_to(Path.cwd()))
@@ -135,7 +135,7 @@ class Sandbox:
         return view.elapsed(self.reactor.seconds() - self.started_at)
 
     def path(self, p: Path) -> str:
-        return short(p, self.layout.root)
+        return short(p)
 
     @property
     def active(self) -> list[WorkerPlan]:
