@@ -240,6 +240,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         os.close(lock)
 
 
+def _stop(reactor) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (a second signal)
+
+
 def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -> int:
     from twisted.logger import (
         FilteringLogObserver,
@@ -280,7 +289,7 @@ def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -
             "before", "shutdown", lambda: defer.ensureDeferred(sandbox.shutdown())
         )
         # SIGINT and SIGTERM already stop the reactor; a closed terminal (SIGHUP) too.
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reactor.stop))
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_stop, reactor))
         try:
             await sandbox.run()
         except DecnetError as exc:

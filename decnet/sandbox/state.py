@@ -81,8 +81,18 @@ def load(path: Path) -> dict | None:
     return doc
 
 
+def dump(doc: dict) -> bytes:
+    """The file's bytes (made where ``doc`` lives, so a thread never reads a changing dict)."""
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write(path: Path, data: bytes) -> None:
+    """Replace the state file atomically (blocking: the thread pool's job in ``up``)."""
+    atomic_write(path, data, 0o600)
+
+
 def save(path: Path, doc: dict) -> None:
-    atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+    write(path, dump(doc))
 
 
 def processes(doc: dict) -> dict[str, ProcessRecord]:

@@ -122,6 +122,7 @@ class Sandbox:
         self.live = None
         self.doc = state.empty_state(net)
         self._pool = reactor.getThreadPool()
+        self._save_lock = defer.DeferredLock()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -142,8 +143,10 @@ class Sandbox:
         return [w for w in self.prepared.workers if w.active] if self.prepared else []
 
     async def save(self) -> None:
+        """Record what runs now in ``sandbox.json`` (one write at a time, in the thread pool)."""
         self.doc["processes"] = {n: r.as_dict() for n, r in self.children.records().items()}
-        await self._thread(state.save, self.layout.state_file, self.doc)
+        data = state.dump(self.doc)
+        await self._save_lock.run(self._thread, state.write, self.layout.state_file, data)
 
     async def sleep(self, seconds: float) -> None:
         await task.deferLater(self.reactor, seconds, lambda: None)
@@ -536,9 +539,9 @@ class Sandbox:
             for n in (forwarder_name(plan.layout.name), updater_name(plan.layout.name))
         ]
         await self.children.stop_all([workers, [listener_name()]])
-        self.doc.update(phase="stopped", up=None, processes={})
+        self.doc.update(phase="stopped", up=None)
         try:
-            await self._thread(state.save, self.layout.state_file, self.doc)
+            await self.save()
         except Exception:
             self.log.failure("Cannot record that the sandbox stopped")
         self.say(
