@@ -248,4 +248,5 @@ SANDBOX_START_TIMEOUT = 60.0  # seconds for a daemon to answer after it was star
 SANDBOX_FEED_POLL = 0.25  # seconds between two reads of the master's JSON feeds
 SANDBOX_HOSTS_POLL = 3.0  # seconds between two health/status rounds of the live view
 SANDBOX_TABLE_EVERY = 15.0  # the host table is reprinted at most this often without a change
+SANDBOX_TABLE_QUIET = 2.0  # ... and only once no event arrived for this long (not mid-burst)
 SANDBOX_FORWARDER_RETRY = 5.0  # forwarders' --max-retry-delay: reconnect quickly on loopback

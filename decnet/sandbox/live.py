@@ -89,6 +89,7 @@ class LiveView:
         self.last_keys: tuple | None = None
         self.last_table_at = -1e9
         self.events_since_table = 0
+        self.last_event_at = -1e9
         self.last_lags: tuple = ()
         self._loops: list[task.LoopingCall] = []
         self.header_printed = False
@@ -137,8 +138,10 @@ class LiveView:
         """Print the table when it changed, or when events scrolled it away a while ago."""
         keys = tuple(r.key() for r in rows)
         lags = tuple(r.lag for r in rows)
-        stale = now - self.last_table_at >= config.SANDBOX_TABLE_EVERY and bool(
-            self.events_since_table or lags != self.last_lags
+        stale = (
+            now - self.last_table_at >= config.SANDBOX_TABLE_EVERY
+            and now - self.last_event_at >= config.SANDBOX_TABLE_QUIET
+            and bool(self.events_since_table or lags != self.last_lags)
         )
         if keys == self.last_keys and not stale:
             return False
@@ -157,3 +160,4 @@ class LiveView:
         for entry in sorted(entries, key=view.sort_key):
             self.say(view.event_line(entry))
         self.events_since_table += len(entries)
+        self.last_event_at = self.reactor.seconds()

@@ -256,7 +256,9 @@ class Sandbox:
             "--port-file",
             str(port_file),
         )
-        self.say("Starting the daemons (real twistd processes; their logs are in logs/):")
+        self.say(
+            f"Starting the daemons (real twistd processes, logs in {self.path(layout.logs_dir)}/):"
+        )
         child = self.children.spawn(name, argv, layout.log(name), cwd=layout.master.home)
         await self.save()
 
