@@ -296,6 +296,7 @@ def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -
             if sandbox.stopping:
                 return
             output.error(str(exc))
+            sys.stderr.flush()
             raise SystemExit(1) from None
         except Exception:
             if sandbox.stopping:

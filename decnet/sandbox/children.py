@@ -12,6 +12,7 @@ stop them from another terminal even when ``up`` itself was ``kill -9``-ed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -23,6 +24,9 @@ from twisted.logger import Logger
 from decnet import config
 from decnet.sandbox.state import ProcessRecord, start_time
 from decnet.updater.process import OutputTail
+
+# "2026-01-02T03:04:05+0000 [namespace#level] " in front of each twistd log line.
+LOG_PREFIX = re.compile(r"^\S+ \[[^\]]*\] ")
 
 # setpgrp, then become the daemon: same PID, so the recorded PID is twistd's.
 LAUNCHER = "import os, sys; os.setpgrp(); os.execv(sys.argv[1], sys.argv[1:])"
@@ -79,6 +83,14 @@ class Child(protocol.ProcessProtocol):
             self.transport.signalProcess(sig)
         except (error.ProcessExitedAlready, OSError):
             pass
+
+    def last_words(self) -> str:
+        """The last line of its log (usually the error that ended it), without the prefix."""
+        for line in reversed(self.tail(4000).splitlines()):
+            text = LOG_PREFIX.sub("", line).strip()
+            if text:
+                return text
+        return "(nothing in its log)"
 
     def tail(self, size: int = 2000) -> str:
         """The last lines of its log file and output, to explain why it died."""

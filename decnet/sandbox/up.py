@@ -123,6 +123,7 @@ class Sandbox:
         self.doc = state.empty_state(net)
         self._pool = reactor.getThreadPool()
         self._save_lock = defer.DeferredLock()
+        self._watched: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -155,13 +156,22 @@ class Sandbox:
         """Call ``await probe()`` until it returns something truthy; fail fast if ``child`` dies."""
         timeout = timeout or config.SANDBOX_START_TIMEOUT
         deadline = self.reactor.seconds() + timeout
+        if child is not None:
+            self._watched.add(child.name)  # its death is reported by the error below
+        try:
+            return await self._poll(probe, what, child, timeout, deadline)
+        finally:
+            if child is not None:
+                self._watched.discard(child.name)
+
+    async def _poll(self, probe, what, child, timeout, deadline):
         while True:
             if self.stopping:
                 raise SandboxError("stopped")
             if child is not None and not child.running:
                 raise SandboxError(
-                    f"{child.name} {child.how} while waiting for {what}; "
-                    f"its log ({self.path(child.log)}) ends with:\n{child.tail()}"
+                    f"{child.name} {child.how} while waiting for {what}: "
+                    f"{child.last_words()} (see {self.path(child.log)})"
                 )
             value = await probe()
             if value:
@@ -171,9 +181,10 @@ class Sandbox:
             await self.sleep(0.1)
 
     def _child_exited(self, child: Child) -> None:
-        self.say(f"!! {child.name} {child.how}; its log ({self.path(child.log)}) ends with:")
-        for line in child.tail(1200).splitlines()[-12:]:
-            self.say(f"!!   {line}")
+        if child.name in self._watched:
+            return
+        self.say(f"!! {child.name} {child.how}: {child.last_words()}")
+        self.say(f"!! (its log: {self.path(child.log)})")
         d = defer.ensureDeferred(self.save())
         d.addErrback(lambda f: self.log.failure("Cannot record the exit of {n}", f, n=child.name))
 
