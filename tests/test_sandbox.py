@@ -320,3 +320,40 @@ def test_conversations_are_matched_to_their_disconnect_event_and_worker():
     arrival = poke.match_feed([o1, o2], [disconnect("w1", "127.1.2.1", 40002)], found)
     assert arrival.missing == ()
     assert arrival.misattributed([o1, o2]) == [(o2, "w1")]
+
+
+# -- the daemons' command lines ------------------------------------------------------------
+
+
+def test_every_daemon_is_the_real_twistd_plugin_with_explicit_addresses(tmp_path):
+    from decnet.sandbox import daemons
+
+    sb = layout.SandboxLayout.at(tmp_path)
+    w = sb.worker(2, 1)
+    listener = daemons.listener_argv(sb)
+    assert listener[0].endswith("/twistd") and listener[1:5] == [
+        "--nodaemon",
+        "--pidfile=",
+        "--logfile",
+        str(tmp_path / "logs" / "listener.log"),
+    ]
+    assert listener[5] == "decnet-listener" and "tcp:0:interface=127.0.0.1" in listener
+    updater = daemons.updater_argv(sb, w)
+    assert updater[5] == "decnet-updater"
+    for pair in (
+        ("--listen", "tcp:8766:interface=127.0.1.2"),
+        ("--agent-url", "https://127.0.1.2:8765"),
+        ("--agent-control", "spawn"),
+        ("--agent-twistd-log", str(tmp_path / "logs" / "w2-agent.log")),
+        ("--agent-log-file", str(w.decoy_log)),
+    ):
+        assert updater[updater.index(pair[0]) + 1] == pair[1]
+    forwarder = daemons.forwarder_argv(sb, w, 40123)
+    assert forwarder[5] == "decnet-forwarder"
+    for pair in (
+        ("--master-host", "127.0.0.1"),
+        ("--master-port", "40123"),
+        ("--log-file", str(w.decoy_log)),
+        ("--mode", "ack"),
+    ):
+        assert forwarder[forwarder.index(pair[0]) + 1] == pair[1]

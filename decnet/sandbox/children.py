@@ -32,15 +32,6 @@ LOG_PREFIX = re.compile(r"^\S+ \[[^\]]*\] ")
 LAUNCHER = "import os, sys; os.setpgrp(); os.execv(sys.argv[1], sys.argv[1:])"
 
 
-def twistd_path() -> str:
-    """The ``twistd`` next to this interpreter (the environment decnet runs from)."""
-    return str(Path(sys.executable).parent / "twistd")
-
-
-def twistd_argv(log: Path, plugin: str, *args: str) -> list[str]:
-    return [twistd_path(), "--nodaemon", "--pidfile=", "--logfile", str(log), plugin, *args]
-
-
 def describe_end(reason) -> str:
     value = reason.value
     if isinstance(value, error.ProcessDone):

@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from decnet import config
 from decnet.cli import output
 from decnet.errors import DecnetError
-from decnet.sandbox import state, view
+from decnet.sandbox import daemons, state, view
 from decnet.sandbox.layout import SandboxLayout
 
 UP_STOP_TIMEOUT = 2 * config.SANDBOX_STOP_GRACE + 15.0  # `up` stops its children in two waves
@@ -123,8 +123,10 @@ async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) 
         agents = await agent_processes(reactor, identity, layout, workers)
         for worker, agent in agents.items():
             if agent.get("pid"):
-                log = str(layout.log(f"{worker}-agent"))
-                rows.append((f"{worker}-agent", agent["pid"], bool(agent.get("running")), log))
+                log = str(layout.log(daemons.agent_name(worker)))
+                rows.append(
+                    (daemons.agent_name(worker), agent["pid"], bool(agent.get("running")), log)
+                )
         rows.sort(key=lambda row: (-1,) if row[0] == "up" else process_order(row[0]))
     agents_ok = all(h.agent in ("up", "decommissioned") for h in hosts)
     healthy = up_alive and all(alive for _, _, alive, _ in rows) and bool(hosts) and agents_ok

@@ -31,14 +31,14 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from decnet import config
+from decnet import config, pki
 from decnet.errors import DecnetError, SandboxError
 from decnet.master import tar_tree
 from decnet.master.agent_client import AgentClient
 from decnet.master.rollout import UPDATED, Rollout, plan_rollout
 from decnet.master.updater_client import UpdaterClient
-from decnet.sandbox import state, view, wheelhouse
-from decnet.sandbox.children import Child, Children, twistd_argv
+from decnet.sandbox import daemons, state, view, wheelhouse
+from decnet.sandbox.children import Child, Children
 from decnet.sandbox.layout import SandboxLayout, spec_targets
 from decnet.sandbox.prepare import Prepared, WorkerPlan, prepare
 
@@ -64,22 +64,6 @@ class Console:
             self.stream.flush()
         except (OSError, ValueError):
             self.broken = True
-
-
-def listener_name() -> str:
-    return "listener"
-
-
-def updater_name(worker: str) -> str:
-    return f"{worker}-updater"
-
-
-def forwarder_name(worker: str) -> str:
-    return f"{worker}-forwarder"
-
-
-def agent_log_name(worker: str) -> str:
-    return f"{worker}-agent"
 
 
 def short(path: Path) -> str:
@@ -169,9 +153,10 @@ class Sandbox:
             if self.stopping:
                 raise SandboxError("stopped")
             if child is not None and not child.running:
+                words = await self._thread(child.last_words)
                 raise SandboxError(
                     f"{child.name} {child.how} while waiting for {what}: "
-                    f"{child.last_words()} (see {self.path(child.log)})"
+                    f"{words} (see {self.path(child.log)})"
                 )
             value = await probe()
             if value:
@@ -183,10 +168,14 @@ class Sandbox:
     def _child_exited(self, child: Child) -> None:
         if child.name in self._watched:
             return
-        self.say(f"!! {child.name} {child.how}: {child.last_words()}")
+        d = defer.ensureDeferred(self._report_exit(child))
+        d.addErrback(lambda f: self.log.failure("Cannot report the exit of {n}", f, n=child.name))
+
+    async def _report_exit(self, child: Child) -> None:
+        words = await self._thread(child.last_words)
+        self.say(f"!! {child.name} {child.how}: {words}")
         self.say(f"!! (its log: {self.path(child.log)})")
-        d = defer.ensureDeferred(self.save())
-        d.addErrback(lambda f: self.log.failure("Cannot record the exit of {n}", f, n=child.name))
+        await self.save()
 
     # -- the run ---------------------------------------------------------------
 
@@ -222,7 +211,6 @@ class Sandbox:
         self.say(f"DECNET sandbox in {self.path(self.layout.root)}")
         prepared = await self._thread(prepare, self.layout, self.workers_wanted, self.net)
         self.prepared = prepared
-        from decnet import pki
 
         how = "created" if prepared.created else "reused"
         self.say(
@@ -256,17 +244,8 @@ class Sandbox:
         layout = self.layout
         port_file = layout.listener_port_file
         await self._thread(port_file.unlink, missing_ok=True)
-        name = listener_name()
-        argv = twistd_argv(
-            layout.log(name),
-            "decnet-listener",
-            "--home",
-            str(layout.master.home),
-            "--listen",
-            f"tcp:0:interface={config.SANDBOX_MASTER_HOST}",
-            "--port-file",
-            str(port_file),
-        )
+        name = daemons.LISTENER
+        argv = daemons.listener_argv(layout)
         self.say(
             f"Starting the daemons (real twistd processes, logs in {self.path(layout.logs_dir)}/):"
         )
@@ -289,48 +268,11 @@ class Sandbox:
         spawned = []
         for plan in self.active:
             w = plan.layout
-            upd = updater_name(w.name)
-            argv = twistd_argv(
-                self.layout.log(upd),
-                "decnet-updater",
-                "--bundle",
-                str(w.bundle),
-                "--listen",
-                f"tcp:{w.updater_port}:interface={w.address}",
-                "--install-dir",
-                str(w.install_dir),
-                "--agent-url",
-                f"https://{w.address}:{w.agent_port}",
-                "--agent-control",
-                "spawn",
-                "--agent-state-dir",
-                str(w.agent_state),
-                "--agent-log-file",
-                str(w.decoy_log),
-                "--agent-twistd-log",
-                str(self.layout.log(agent_log_name(w.name))),
-                "--no-compile",
-            )
+            upd = daemons.updater_name(w.name)
+            argv = daemons.updater_argv(self.layout, w)
             updater = self.children.spawn(upd, argv, self.layout.log(upd), cwd=w.root)
-            fwd = forwarder_name(w.name)
-            argv = twistd_argv(
-                self.layout.log(fwd),
-                "decnet-forwarder",
-                "--bundle",
-                str(w.bundle),
-                "--log-file",
-                str(w.decoy_log),
-                "--master-host",
-                config.SANDBOX_MASTER_HOST,
-                "--master-port",
-                str(self.listener_port),
-                "--state",
-                str(w.forwarder_state),
-                "--mode",
-                "ack",
-                "--max-retry-delay",
-                str(config.SANDBOX_FORWARDER_RETRY),
-            )
+            fwd = daemons.forwarder_name(w.name)
+            argv = daemons.forwarder_argv(self.layout, w, self.listener_port)
             forwarder = self.children.spawn(fwd, argv, self.layout.log(fwd), cwd=w.root)
             spawned.append((plan, updater, forwarder))
             where = f"{w.address}:{w.updater_port} (agent :{w.agent_port})"
@@ -493,7 +435,7 @@ class Sandbox:
                 await self.poll(
                     healthy,
                     what=f"the agent of {plan.layout.name} on release {self.release}",
-                    child=self.children.children.get(updater_name(plan.layout.name)),
+                    child=self.children.children.get(daemons.updater_name(plan.layout.name)),
                 )
             finally:
                 await client.close()
@@ -549,9 +491,12 @@ class Sandbox:
         workers = [
             n
             for plan in (self.active or [])
-            for n in (forwarder_name(plan.layout.name), updater_name(plan.layout.name))
+            for n in (
+                daemons.forwarder_name(plan.layout.name),
+                daemons.updater_name(plan.layout.name),
+            )
         ]
-        await self.children.stop_all([workers, [listener_name()]])
+        await self.children.stop_all([workers, [daemons.LISTENER]])
         self.doc.update(phase="stopped", up=None)
         try:
             await self.save()
