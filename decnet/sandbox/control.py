@@ -208,22 +208,18 @@ async def down(reactor, layout: SandboxLayout, say) -> int:
                 if state.signal_if_running(record, signal.SIGKILL):
                     say(f"  {name} (pid {record.pid}) ignored SIGTERM; killed")
             await _wait_gone(reactor, alive.values(), 10.0)
-        # Each child leads its own process group (see decnet.sandbox.children); what
-        # it started (an agent, a pip) may outlive it.  The group id cannot be reused
-        # while any member lives, and we saw the leader alive, so it is still ours.
+        # Each child leads its own process group (decnet.sandbox.children); what it
+        # started (an agent, a pip) may outlive it.  We saw each leader alive, and a
+        # group id is not given to anyone else while the group has a member left.
         for record in alive.values():
             _killpg(record.pid)
     left = [n for n, r in children.items() if state.is_running(r)]
     if up is not None and state.is_running(up):
         left.append("up")
-    doc.update(
-        phase="stopped" if not left else doc.get("phase"), up=None if not left else doc.get("up")
-    )
-    if not left:
-        doc["processes"] = {}
-    await deferToThreadPool(reactor, pool, state.save, layout.state_file, doc)
     if left:
         say(f"Still running: {', '.join(left)}")
         return 1
+    doc.update(phase="stopped", up=None, processes={})
+    await deferToThreadPool(reactor, pool, state.save, layout.state_file, doc)
     say("Nothing of the sandbox runs any more.")
     return 0

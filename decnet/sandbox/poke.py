@@ -434,6 +434,11 @@ async def poke(
         raise SandboxError(
             f"no sandbox in {layout.root} (start one with `decnet-admin sandbox up`)"
         )
+    records = [state.up_record(doc), *state.processes(doc).values()]
+    if not any(r is not None and state.is_running(r) for r in records):
+        raise SandboxError(
+            f"the sandbox in {layout.root} is not running (start it with `decnet-admin sandbox up`)"
+        )
     unknown = sorted(set(only or ()) - set(doc["workers"]))
     if unknown:
         raise SandboxError(f"no worker named {', '.join(unknown)} in this sandbox")
