@@ -151,7 +151,11 @@ class LiveView:
         return True
 
     async def poll_feeds(self) -> None:
-        entries = await deferToThreadPool(self.reactor, self.pool, self.tail.read_new)
+        try:
+            entries = await deferToThreadPool(self.reactor, self.pool, self.tail.read_new)
+        except Exception:  # an unreadable feed must not end the live view
+            self.log.failure("Cannot read the master's feeds")
+            return
         if not entries:
             return
         if not self.header_printed:
