@@ -184,7 +184,12 @@ def test_attacker_text_cannot_drive_the_terminal():
 
 def test_long_values_are_cut():
     line = view.event_line(entry("login", ("user", "A" * 500)))
-    assert "A" * 45 + "..." in line and "A" * 49 not in line
+    assert "A" * 37 + "..." in line and "A" * 41 not in line
+    assert len(line) <= 120
+    many = view.event_line(
+        entry("kex", ("client_version", "SSH-2.0-" + "x" * 30), ("hassh", "f" * 32))
+    )
+    assert len(many) <= 120 and many.endswith("...")
 
 
 def test_the_host_table_shows_health_release_deckies_and_lag():

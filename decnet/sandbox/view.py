@@ -27,7 +27,8 @@ INTERESTING: dict[str, tuple[str, ...]] = {
     "data": ("size", "data"),
     "disconnect": ("reason", "duration", "bytes_in"),
 }
-VALUE_WIDTH = 48
+VALUE_WIDTH = 40  # one value (a password, a path) at most
+DETAILS_WIDTH = 62  # the DETAILS column at most: a line fits 120 columns (the feed has it all)
 EVENT_HEADERS = ("TIME (UTC)", "WORKER", "DECKY", "SERVICE", "EVENT", "DETAILS")
 EVENT_WIDTHS = (12, 6, 10, 10, 10)
 HOST_HEADERS = ("WORKER", "ADDRESS", "AGENT", "RELEASE", "DECKIES", "LISTENING", "LOG LAG")
@@ -116,7 +117,7 @@ def event_line(entry: dict) -> str:
             entry.get("hostname") or "-",
             entry.get("app_name") or "-",
             entry.get("msgid") or "-",
-            event_details(entry),
+            printable(event_details(entry), DETAILS_WIDTH),
         )
     )
 
