@@ -161,7 +161,7 @@ def test_a_login_event_is_one_line_with_worker_decky_service_and_credentials():
         )
     )
     assert line.split()[:5] == ["03:04:05.250", "w1", "web-01", "ssh", "login"]
-    assert line.endswith('method=password user=root password="hunter 2" -> refused')
+    assert line.endswith('password: user=root password="hunter 2" -> refused')
 
 
 def test_event_details_per_type():

@@ -72,15 +72,19 @@ def event_details(entry: dict) -> str:
     params = event_params(entry)
     if kind == "connect":
         return f"from {params.get('src_ip', '?')}:{params.get('src_port', '?')}"
-    words = [
-        f"{name}={_value(params[name])}" for name in INTERESTING.get(kind, ()) if name in params
-    ]
-    if kind == "login" and params.get("result"):
-        words.append(f"-> {printable(params['result'])}")
     if kind not in INTERESTING:  # an event type this view does not know: show everything
         skip = {"session", "src_ip", "src_port", "dst_ip", "dst_port"}
-        words = [f"{k}={_value(v)}" for k, v in params.items() if k not in skip]
-    return " ".join(words)
+        return " ".join(f"{k}={_value(v)}" for k, v in params.items() if k not in skip)
+    names = INTERESTING[kind]
+    prefix = ""
+    if kind == "login":  # "form: user=admin password=admin -> refused"
+        how = params.get("method") or params.get("mechanism")
+        prefix = f"{printable(how)}: " if how else ""
+        names = tuple(n for n in names if n not in ("method", "mechanism"))
+    words = [f"{name}={_value(params[name])}" for name in names if name in params]
+    if kind == "login" and params.get("result"):
+        words.append(f"-> {printable(params['result'])}")
+    return prefix + " ".join(words)
 
 
 def clock_time(timestamp: str | None) -> str:
