@@ -303,6 +303,7 @@ async def _ssh(reactor, target: Target, user: str, password: str) -> Outcome:
 
     done: defer.Deferred = defer.Deferred()
     tried: list[str] = []
+    accepted: list[bool] = []
 
     class OnePasswordAuth(userauth.SSHUserAuthClient):
         """Offers no key and exactly one password, then runs out of methods."""
@@ -315,6 +316,10 @@ async def _ssh(reactor, target: Target, user: str, password: str) -> Outcome:
 
         def getPublicKey(self):
             return None
+
+        def ssh_USERAUTH_SUCCESS(self, packet):  # a decoy never lets anyone in; say so if one did
+            accepted.append(True)
+            self.transport.loseConnection()
 
     class Client(transport.SSHClientTransport):
         def verifyHostKey(self, pubKey, fingerprint):  # the attacker accepts any host key
@@ -340,8 +345,9 @@ async def _ssh(reactor, target: Target, user: str, password: str) -> Outcome:
     server = (client.otherVersionString or b"?").decode("latin-1")
     if not tried:
         return Outcome(target, False, f"{server}: no password prompt", src_port)
+    verdict = "ACCEPTED" if accepted else "refused"
     return Outcome(
-        target, True, f"{server}: password login {user} / {password} -> refused", src_port
+        target, not accepted, f"{server}: password login {user} / {password} -> {verdict}", src_port
     )
 
 
