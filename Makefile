@@ -18,11 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 run: venv
-	$(BIN)/decnet-admin --home $(STATE)/master init
-	test -d $(STATE)/workers/demo-worker || \
-		$(BIN)/decnet-admin --home $(STATE)/master enroll demo-worker \
-			--address 127.0.0.1 --updater --out $(STATE)/workers/demo-worker
-	$(BIN)/decnet-admin --home $(STATE)/master hosts
+	$(BIN)/decnet-admin sandbox up --dir $(STATE)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -221,3 +221,32 @@ MAX_SMALL_BODY = 64 * 1024  # any body from a caller that may not upload, and JS
 DEFAULT_UPDATE_CONCURRENCY = 4
 DEFAULT_UPDATE_TIMEOUT = 1800.0  # seconds the master waits for one host's POST /update
 DEFAULT_SELF_UPDATE_WAIT = 120.0  # seconds for a re-executed updater to answer /health
+
+
+# ---------------------------------------------------------------------------
+# The local sandbox (``decnet-admin sandbox``, docs/Sandbox.md): a master and
+# N workers on loopback, every daemon a real twistd child process.
+#
+#   <dir>/                    0700
+#     master/                 the master home (CA, registry, ingest/)
+#     workers/<name>/         bundle/, install/, agent-state/, decnet.log, forwarder.sqlite
+#     logs/<process>.log      the twistd log of every child (and sandbox.log: `up` itself)
+#     cache/                  the offline wheelhouse and release tarballs
+#     sandbox.json            who runs: the `up` process, every child (PID, start time, argv)
+SANDBOX_DEFAULT_DIR = "state"
+SANDBOX_DEFAULT_WORKERS = 2
+SANDBOX_MAX_WORKERS = 32
+# Loopback network number NET: worker i answers on 127.0.NET.i (agent and
+# updater on their standard ports), its decky j binds 127.NET.i.j.
+SANDBOX_DEFAULT_NET = 1
+SANDBOX_STATE_FILE = "sandbox.json"
+SANDBOX_MASTER_HOST = "127.0.0.1"
+# A child gets this long between SIGTERM and SIGKILL; an updater needs up to
+# AGENT_STOP_GRACE of it to stop the agent it supervises.
+SANDBOX_STOP_GRACE = AGENT_STOP_GRACE + 5.0
+SANDBOX_START_TIMEOUT = 60.0  # seconds for a daemon to answer after it was started
+SANDBOX_FEED_POLL = 0.25  # seconds between two reads of the master's JSON feeds
+SANDBOX_HOSTS_POLL = 3.0  # seconds between two health/status rounds of the live view
+SANDBOX_TABLE_EVERY = 15.0  # the host table is reprinted at most this often without a change
+SANDBOX_TABLE_QUIET = 2.0  # ... and only once no event arrived for this long (not mid-burst)
+SANDBOX_FORWARDER_RETRY = 5.0  # forwarders' --max-retry-delay: reconnect quickly on loopback

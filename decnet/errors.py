@@ -157,3 +157,7 @@ class AgentControlFailed(UpdateError):
 
 class HealthCheckFailed(UpdateError):
     """The agent did not report the expected release as healthy in time."""
+
+
+class SandboxError(DecnetError):
+    """The local sandbox (``decnet-admin sandbox``) could not start, be inspected or stop."""

@@ -86,6 +86,17 @@ def test_the_spawned_agent_runs_from_the_release_by_its_real_path(tmp_path):
     ]
 
 
+def test_the_spawned_agent_can_have_its_own_twistd_log(tmp_path):
+    argv = agent_argv(
+        tmp_path / "r",
+        bundle="/b",
+        listen="tcp:1",
+        twistd_log="/logs/agent.log",
+        parent_pid=42,
+    )
+    assert argv[4:9] == ["--nodaemon", "--pidfile=", "--logfile", "/logs/agent.log", "decnet-agent"]
+
+
 def test_a_port_in_use_stops_the_daemon(bundles, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

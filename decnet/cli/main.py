@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from decnet import __version__, config
-from decnet.cli import agents, hosts, output, updates
+from decnet.cli import agents, hosts, output, sandbox, updates
 from decnet.errors import DecnetError, ValidationError
 
 # Each module adds its sub-commands with register(subparsers).
-COMMAND_MODULES = [hosts, agents, updates]
+COMMAND_MODULES = [hosts, agents, updates, sandbox]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,12 +54,20 @@ def agent_argv(
     listen: str,
     state_dir: str | None = None,
     log_file: str | None = None,
+    twistd_log: str | None = None,
     parent_pid: int | None = None,
 ) -> list[str]:
-    """The command that runs ``twistd decnet-agent`` from ``release_dir``'s venv."""
+    """The command that runs ``twistd decnet-agent`` from ``release_dir``'s venv.
+
+    ``twistd_log``: the agent's own twistd log file (``--logfile``); without it
+    the agent logs to its output, which the updater keeps (the tail of it).
+    """
     python = str(Path(release_dir) / config.RELEASE_VENV_DIR / "bin" / "python")
     argv = [python, "-c", LAUNCHER, str(parent_pid or os.getpid())]
-    argv += ["--nodaemon", "--pidfile=", "decnet-agent", "--bundle", bundle, "--listen", listen]
+    argv += ["--nodaemon", "--pidfile="]
+    if twistd_log:
+        argv += ["--logfile", twistd_log]
+    argv += ["decnet-agent", "--bundle", bundle, "--listen", listen]
     if state_dir:
         argv += ["--state-dir", state_dir]
     if log_file:

@@ -59,6 +59,12 @@ class Options(usage.Options):
         ["agent-state-dir", None, None, "spawn: the agent's --state-dir"],
         ["agent-log-file", None, None, "spawn: the agent's --log-file"],
         [
+            "agent-twistd-log",
+            None,
+            None,
+            "spawn: the agent's own twistd log file (default: its output, kept by the updater)",
+        ],
+        [
             "health-timeout",
             None,
             config.DEFAULT_HEALTH_TIMEOUT,
@@ -207,6 +213,7 @@ def makeService(options: Options) -> service.IService:
                 listen=f"tcp:{port}:interface={interface}",
                 state_dir=options["agent-state-dir"],
                 log_file=options["agent-log-file"],
+                twistd_log=options["agent-twistd-log"],
             ),
         )
     else:

@@ -1,0 +1,320 @@
+"""``decnet-admin sandbox up / status / down / poke``: a whole swarm on this machine.
+
+The logic lives in :mod:`decnet.sandbox`; this module parses arguments, checks
+what can be checked before the reactor runs (the directory lock, leftovers of
+an earlier run), and runs the async part under ``task.react``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, task
+
+from decnet import config
+from decnet.cli import output
+from decnet.errors import DecnetError, SandboxError, ValidationError
+from decnet.fsutil import ensure_private_dir
+from decnet.sandbox import layout as sandbox_layout
+from decnet.sandbox import state
+from decnet.sandbox.layout import SandboxLayout
+
+DIR_HELP = f"the sandbox directory (default: ./{config.SANDBOX_DEFAULT_DIR})"
+
+
+def _workers(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= config.SANDBOX_MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be 1-{config.SANDBOX_MAX_WORKERS}, got {value}")
+    return number
+
+
+def _net(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 254:
+        raise argparse.ArgumentTypeError(f"must be 1-254, got {value}")
+    return number
+
+
+def register(sub, parents) -> None:
+    p = sub.add_parser(
+        "sandbox",
+        help="run a complete local swarm on loopback (up, status, down, poke)",
+        description="A master and N workers on this machine, every daemon a real twistd "
+        "process on loopback: the fastest way to see DECNET work. See docs/Sandbox.md.",
+    )
+    sandbox = p.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
+
+    up = sandbox.add_parser(
+        "up",
+        help="start the sandbox and watch events arrive (Ctrl-C stops it)",
+        description="Initialise a CA (or reuse DIR's), enroll workers w1..wN with updater "
+        "certificates, start the master's log listener and, per worker, the updater (which "
+        "runs the agent from its installed release) and the log forwarder, push a release of "
+        "this checkout to every worker (offline, from a wheelhouse cached in DIR), deploy "
+        "the default deckies, then print a host table and every event reaching the master. "
+        "Worker i answers on 127.0.NET.i, its deckies on 127.NET.i.j. Ctrl-C (or SIGTERM, "
+        "SIGHUP) stops every process it started and exits 0. Running it again on the same "
+        "DIR reuses the CA, the registry, the bundles and the installed release.",
+    )
+    up.add_argument(
+        "--workers",
+        type=_workers,
+        default=config.SANDBOX_DEFAULT_WORKERS,
+        metavar="N",
+        help="number of workers (default: %(default)s)",
+    )
+    up.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    up.add_argument(
+        "--net",
+        type=_net,
+        default=None,
+        help="loopback network number NET (default: the one DIR was made with, else "
+        f"{config.SANDBOX_DEFAULT_NET}); change it to run two sandboxes at once",
+    )
+    up.add_argument(
+        "--wheelhouse",
+        metavar="DIR",
+        default=None,
+        help="use these wheels for the release instead of building a wheelhouse in DIR/cache",
+    )
+    up.set_defaults(func=cmd_up)
+
+    st = sandbox.add_parser(
+        "status",
+        help="show whether the sandbox and each of its processes and agents are up",
+        description="Read DIR/sandbox.json, check that `sandbox up` and every process it "
+        "started are still alive (by recorded PID and start time), and ask each agent for "
+        "its health and deckies. Exits 1 if anything is down.",
+    )
+    st.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    dn = sandbox.add_parser(
+        "down",
+        help="stop a running sandbox (from another terminal)",
+        description="Ask `sandbox up` to stop and wait for it; if it is gone but processes it "
+        "started survive (it was killed), stop those by their recorded PIDs. Safe to run "
+        "again; exits 0 once nothing of the sandbox runs.",
+    )
+    dn.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    dn.set_defaults(func=cmd_down)
+
+    pk = sandbox.add_parser(
+        "poke",
+        help="play the attacker against every decky service",
+        description="Connect to every service of every decky with a real client (an SSH "
+        "password login, an HTTP login form POST, telnet, FTP, SMTP AUTH, Redis AUTH and a "
+        "command, raw bytes to the TCP banner), print what was done, then wait until each "
+        "conversation has reached the master's feed under the right worker. Exits 1 if a "
+        "conversation failed, did not arrive within --wait, or arrived as another worker.",
+    )
+    pk.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    pk.add_argument(
+        "--worker",
+        action="append",
+        metavar="NAME",
+        help="poke only this worker's deckies (repeatable)",
+    )
+    pk.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the events at the master (0: do not check; "
+        "default: %(default)s)",
+    )
+    pk.add_argument("--json", action="store_true", help="machine-readable output")
+    pk.set_defaults(func=cmd_poke)
+
+
+def _say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _react(fn) -> int:
+    """Run ``await fn(reactor)`` (returning an exit code) under ``task.react``."""
+    codes: list[int] = []
+
+    async def main(reactor):
+        try:
+            codes.append(int(await fn(reactor)))
+        except ValidationError as exc:
+            for problem in exc.problems:
+                output.error(problem)
+            codes.append(1)
+        except DecnetError as exc:
+            output.error(str(exc))
+            codes.append(1)
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            return int(exc.code)
+    return codes[0] if codes else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from decnet.sandbox.control import status
+
+    layout = SandboxLayout.at(args.dir)
+    return _react(lambda reactor: status(reactor, layout, _say, as_json=args.json))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from decnet.sandbox.control import down
+
+    layout = SandboxLayout.at(args.dir)
+    return _react(lambda reactor: down(reactor, layout, _say))
+
+
+def cmd_poke(args: argparse.Namespace) -> int:
+    from decnet.sandbox.poke import poke
+
+    layout = SandboxLayout.at(args.dir)
+    return _react(
+        lambda reactor: poke(
+            reactor, layout, _say, only=args.worker, wait=args.wait, as_json=args.json
+        )
+    )
+
+
+def _lock(layout: SandboxLayout, doc: dict | None) -> int:
+    """Hold DIR's lock for the life of this process; refuse when another ``up`` holds it."""
+    fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        up = state.up_record(doc) if doc else None
+        who = f" (pid {up.pid})" if up else ""
+        raise SandboxError(
+            f"a `sandbox up` already runs in {layout.root}{who}; "
+            "see `decnet-admin sandbox status` or stop it with `decnet-admin sandbox down`"
+        ) from None
+    return fd
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from decnet.cli.updates import default_root
+
+    layout = SandboxLayout.at(args.dir)
+    ensure_private_dir(layout.root)
+    doc = state.load(layout.state_file)
+    recorded = doc.get("net") if doc else None
+    if recorded is not None and args.net is not None and args.net != recorded:
+        raise ValidationError(
+            f"{layout.root} was set up with --net {recorded}; use it again or a new --dir"
+        )
+    net = args.net or recorded or config.SANDBOX_DEFAULT_NET
+    sandbox_layout.validate(args.workers, net)
+    root = default_root()
+    if not (root / "setup.cfg").is_file():
+        raise SandboxError(
+            f"sandbox up releases the source tree DECNET runs from, but {root} is not one "
+            "(install DECNET from a checkout: pip install -e .)"
+        )
+    wheels = Path(args.wheelhouse).absolute() if args.wheelhouse else None
+    if wheels is not None and not wheels.is_dir():
+        raise ValidationError(f"--wheelhouse {args.wheelhouse} is not a directory")
+    lock = _lock(layout, doc)
+    if doc:
+        leftovers = [n for n, r in state.processes(doc).items() if state.is_running(r)]
+        if leftovers:
+            os.close(lock)
+            raise SandboxError(
+                f"processes of an earlier `sandbox up` still run ({', '.join(sorted(leftovers))}); "
+                f"stop them with `decnet-admin sandbox down --dir {args.dir}` first"
+            )
+    try:
+        return _run_up(layout, args.workers, net, root, wheels)
+    finally:
+        os.close(lock)
+
+
+def _stop(reactor) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (a second signal)
+
+
+def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -> int:
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        PredicateResult,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    from decnet.sandbox.live import LiveView
+    from decnet.sandbox.up import Console, Sandbox
+
+    ensure_private_dir(layout.logs_dir)
+    log_file = open(layout.log("sandbox"), "a")  # open for the life of the run
+
+    def quiet(event) -> PredicateResult:
+        # Every short-lived HTTP connection logs "Starting/Stopping factory".
+        chatty = event.get("log_namespace", "").startswith("twisted.web.client")
+        if chatty and event.get("log_level") == LogLevel.info:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+    observer = FilteringLogObserver(textFileLogObserver(log_file), [quiet])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    console = Console(sys.stdout)
+
+    async def main(reactor):
+        sandbox = Sandbox(
+            reactor,
+            layout,
+            workers=workers,
+            net=net,
+            root=root,
+            wheelhouse_dir=wheels,
+            console=console,
+        )
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: defer.ensureDeferred(sandbox.shutdown())
+        )
+        # SIGINT and SIGTERM already stop the reactor; a closed terminal (SIGHUP) too.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_stop, reactor))
+        try:
+            await sandbox.run()
+        except DecnetError as exc:
+            if sandbox.stopping:
+                return
+            output.error(str(exc))
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+        except Exception:
+            if sandbox.stopping:
+                return
+            sandbox.log.failure("sandbox up failed")
+            output.error(f"internal error; see {layout.log('sandbox')}")
+            raise SystemExit(1) from None
+        live = LiveView(
+            reactor, console.line, layout, sandbox.prepared.identity, sandbox.doc["workers"]
+        )
+        sandbox.live = live
+        await live.start()
+        await defer.Deferred()  # until SIGINT / SIGTERM / SIGHUP stops the reactor
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        log_file.close()
+    return 0

@@ -1,0 +1,167 @@
+"""The live view of ``sandbox up``: the host table, then every event as it reaches the master.
+
+Two timers on the injected clock:
+
+* every :data:`~decnet.config.SANDBOX_FEED_POLL` seconds the new lines of the
+  master's JSON feeds (``<master>/ingest/<worker>/decnet.jsonl``) are read in
+  the thread pool and printed, one line each (:func:`decnet.sandbox.view.event_line`);
+* every :data:`~decnet.config.SANDBOX_HOSTS_POLL` seconds each agent is asked
+  for ``/health`` and ``/status`` (AgentClient, persistent mTLS connections),
+  and the log lag is measured (the worker's decoy log against the master's
+  mirror).  The table is printed again when something in it changes, or after
+  :data:`~decnet.config.SANDBOX_TABLE_EVERY` seconds if events scrolled it away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from decnet import config
+from decnet.errors import DecnetError
+from decnet.master.agent_client import AgentClient
+from decnet.master.registry import Registry
+from decnet.sandbox import feeds, view
+
+
+async def host_rows(reactor, identity, layout, workers: dict, clients: dict, pool):
+    """One :class:`~decnet.sandbox.view.HostRow` per worker of ``sandbox.json``.
+
+    ``clients`` caches one AgentClient per worker between calls (the caller closes them).
+    """
+    registry = Registry(layout.master.registry)
+
+    def read():
+        hosts = {h.name: h for h in registry.list()}
+        sizes = feeds.sizes(
+            {name: (Path(info["decoy_log"]), layout.mirror(name)) for name, info in workers.items()}
+        )
+        return hosts, sizes
+
+    hosts, sizes = await deferToThreadPool(reactor, pool, read)
+
+    async def one(name: str, info: dict) -> view.HostRow:
+        lag = view.log_lag(*sizes[name])
+        host = hosts.get(name)
+        if host is None:
+            return view.HostRow(name, info["address"], "DOWN", lag=lag, detail="not enrolled")
+        if host.decommissioned:
+            old = clients.pop(name, None)
+            if old is not None:
+                await old.close()
+            return view.HostRow(name, host.address, "decommissioned", lag=lag)
+        client = clients.get(name)
+        if client is None:
+            client = clients[name] = AgentClient(
+                reactor, identity, host, timeout=5.0, persistent=True
+            )
+        try:
+            health = await client.health()
+            status = await client.status()
+        except DecnetError as exc:
+            return view.row_from_status(name, host.address, None, None, lag, str(exc))
+        return view.row_from_status(name, host.address, health, status, lag)
+
+    rows = await defer.gatherResults(
+        [defer.ensureDeferred(one(n, i)) for n, i in sorted(workers.items())],
+        consumeErrors=True,
+    )
+    return list(rows)
+
+
+class LiveView:
+    """Prints the host table and the event stream until :meth:`stop`."""
+
+    log = Logger()
+
+    def __init__(self, reactor, say, layout, identity, workers: dict):
+        self.reactor = reactor
+        self.say = say
+        self.layout = layout
+        self.identity = identity
+        self.workers = workers
+        self.tail = feeds.FeedTail({name: layout.feed(name) for name in workers})
+        self.clients: dict[str, AgentClient] = {}
+        self.pool = reactor.getThreadPool()
+        self.last_keys: tuple | None = None
+        self.last_table_at = -1e9
+        self.events_since_table = 0
+        self.last_event_at = -1e9
+        self.last_lags: tuple = ()
+        self._loops: list[task.LoopingCall] = []
+        self.header_printed = False
+
+    def start(self) -> defer.Deferred:
+        d = deferToThreadPool(self.reactor, self.pool, self.tail.skip_to_end)
+        d.addCallback(lambda _: self._start_loops())
+        return d
+
+    def _start_loops(self) -> None:
+        for interval, fn in (
+            (config.SANDBOX_HOSTS_POLL, self.poll_hosts),
+            (config.SANDBOX_FEED_POLL, self.poll_feeds),
+        ):
+            loop = task.LoopingCall(lambda fn=fn: defer.ensureDeferred(fn()))
+            loop.clock = self.reactor
+            loop.start(interval, now=True).addErrback(
+                lambda f: self.log.failure("The live view stopped", f)
+            )
+            self._loops.append(loop)
+
+    def stop(self) -> None:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        for client in self.clients.values():
+            defer.ensureDeferred(client.close()).addErrback(lambda f: None)
+        self.clients = {}
+
+    async def poll_hosts(self) -> None:
+        try:
+            rows = await host_rows(
+                self.reactor, self.identity, self.layout, self.workers, self.clients, self.pool
+            )
+        except Exception:
+            self.log.failure("Cannot poll the workers")
+            return
+        if self.table_due(rows, self.reactor.seconds()):
+            self.say("")
+            self.say(view.host_table(rows))
+            self.say("")
+            self.header_printed = False
+
+    def table_due(self, rows: list[view.HostRow], now: float) -> bool:
+        """Print the table when it changed, or when events scrolled it away a while ago."""
+        keys = tuple(r.key() for r in rows)
+        lags = tuple(r.lag for r in rows)
+        stale = (
+            now - self.last_table_at >= config.SANDBOX_TABLE_EVERY
+            and now - self.last_event_at >= config.SANDBOX_TABLE_QUIET
+            and bool(self.events_since_table or lags != self.last_lags)
+        )
+        if keys == self.last_keys and not stale:
+            return False
+        self.last_keys, self.last_lags = keys, lags
+        self.last_table_at = now
+        self.events_since_table = 0
+        return True
+
+    async def poll_feeds(self) -> None:
+        try:
+            entries = await deferToThreadPool(self.reactor, self.pool, self.tail.read_new)
+        except Exception:  # an unreadable feed must not end the live view
+            self.log.failure("Cannot read the master's feeds")
+            return
+        if not entries:
+            return
+        if not self.header_printed:
+            self.say(view.event_header())
+            self.header_printed = True
+        for entry in sorted(entries, key=view.sort_key):
+            self.say(view.event_line(entry))
+        self.events_since_table += len(entries)
+        self.last_event_at = self.reactor.seconds()

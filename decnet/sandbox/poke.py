@@ -1,0 +1,524 @@
+"""``sandbox poke``: play the attacker against every decky service, with real clients.
+
+Each service gets one short, plausible conversation (:func:`converse`):
+
+* ssh: a Twisted Conch client that completes the key exchange and tries one
+  password, then gives up;
+* http: a form POST to ``/login`` with treq;
+* telnet, ftp, smtp (EHLO + AUTH PLAIN), redis (AUTH + a command) and
+  tcp-banner: scripted raw TCP dialogues (:class:`Dialogue`).
+
+Every conversation is identified by ``(decky address, port, our source port)``,
+which the decoy writes into each event line (``dst_ip``, ``dst_port``,
+``src_port``).  :func:`match_feed` finds each conversation's ``disconnect``
+event in the master's feed, which proves the whole conversation arrived, and
+checks the worker it was attributed to (the certificate, ``source_worker``).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Callable
+
+import attrs
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from decnet.sandbox.view import event_params
+
+STEP_TIMEOUT = 10.0  # seconds for one expected answer (the ssh decoy waits 1 s per failure)
+
+# What a brute-forcer tries first (all refused, always).
+CREDENTIALS = (
+    ("root", "123456"),
+    ("admin", "admin"),
+    ("ubuntu", "ubuntu"),
+    ("pi", "raspberry"),
+    ("oracle", "oracle123"),
+    ("support", "support"),
+    ("user", "Password1"),
+    ("test", "test"),
+)
+TLS_CLIENT_HELLO_START = bytes.fromhex("16030100f4010000f00303")  # what a TLS scanner sends first
+
+
+@attrs.frozen
+class Target:
+    worker: str
+    decky: str
+    service: str
+    type: str
+    address: str
+    port: int
+    banner: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.worker} {self.decky} {self.service}"
+
+
+@attrs.define
+class Outcome:
+    target: Target
+    ok: bool
+    did: str
+    src_port: int | None = None
+
+    def key(self) -> tuple[str, int, int] | None:
+        if self.src_port is None:
+            return None
+        return (self.target.address, self.target.port, self.src_port)
+
+    def as_dict(self) -> dict:
+        return {
+            **attrs.asdict(self.target),
+            "ok": self.ok,
+            "did": self.did,
+            "src_port": self.src_port,
+        }
+
+
+def targets_from_state(doc: dict, only: list[str] | None = None) -> list[Target]:
+    """Every service of every worker recorded in ``sandbox.json`` (or of ``only`` those)."""
+    out = []
+    for worker, info in sorted((doc.get("workers") or {}).items()):
+        if only and worker not in only:
+            continue
+        for decky in info.get("spec", {}).get("deckies", ()):
+            for s in decky["services"]:
+                out.append(
+                    Target(
+                        worker,
+                        decky["name"],
+                        s.get("name", s["type"]),
+                        s["type"],
+                        s["bind"],
+                        int(s["port"]),
+                        bool(s.get("banner")),
+                    )
+                )
+    return out
+
+
+def pick_credentials(choice: Callable = secrets.choice) -> tuple[str, str]:
+    return choice(CREDENTIALS)
+
+
+# -- raw TCP dialogues -----------------------------------------------------------
+
+
+class Dialogue(protocol.Protocol):
+    """A scripted client: send bytes, wait (with a deadline) for expected bytes, close."""
+
+    def __init__(self, clock, timeout: float = STEP_TIMEOUT):
+        self.clock = clock
+        self.timeout = timeout
+        self.received = b""
+        self.closed: defer.Deferred = defer.Deferred()
+        self._waiting: list[tuple[bytes, defer.Deferred]] = []
+        self.src_port: int | None = None
+
+    def connectionMade(self):
+        self.src_port = self.transport.getHost().port
+
+    def _arrived(self, needle: bytes) -> bool:
+        # An empty needle means "anything at all".
+        return needle in self.received if needle else bool(self.received)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        ready = [(n, d) for n, d in self._waiting if self._arrived(n)]
+        self._waiting = [(n, d) for n, d in self._waiting if not self._arrived(n)]
+        for _needle, d in ready:
+            d.callback(self.received)
+
+    def connectionLost(self, reason) -> None:
+        waiting, self._waiting = self._waiting, []
+        for needle, d in waiting:
+            d.errback(ConnectionError(f"closed before {needle or b'any data'!r} arrived"))
+        self.closed.callback(None)
+
+    def expect(self, needle: bytes) -> defer.Deferred:
+        """Fires once ``needle`` (``b""``: any byte) has been received; times out on the clock."""
+        if self._arrived(needle):
+            return defer.succeed(self.received)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((needle, d))
+        return d.addTimeout(self.timeout, self.clock)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def hang_up(self) -> None:
+        if not self.closed.called:
+            self.transport.loseConnection()
+        await self.closed.addTimeout(self.timeout, self.clock)
+
+
+async def _telnet(d: Dialogue, user: str, password: str) -> str:
+    await d.expect(b"login: ")
+    d.send(user.encode() + b"\r\n")
+    await d.expect(b"Password: ")
+    d.send(password.encode() + b"\r\n")
+    await d.expect(b"Login incorrect")
+    await d.hang_up()
+    return f"login {user} / {password} -> Login incorrect"
+
+
+async def _ftp(d: Dialogue, user: str, password: str) -> str:
+    await d.expect(b"220 ")
+    d.send(f"USER {user}\r\n".encode())
+    await d.expect(b"331 ")
+    d.send(f"PASS {password}\r\n".encode())
+    await d.expect(b"530 ")
+    d.send(b"SYST\r\n")
+    await d.expect(b"530 Please")
+    d.send(b"QUIT\r\n")
+    await d.expect(b"221 ")
+    await d.hang_up()
+    return f"USER {user} / PASS {password} -> 530 Login incorrect; SYST; QUIT"
+
+
+async def _smtp(d: Dialogue, user: str, password: str) -> str:
+    await d.expect(b"220 ")
+    d.send(b"EHLO scanner.example\r\n")
+    await d.expect(b"250 ")
+    mailbox = f"{user}@corp.example"
+    token = base64.b64encode(b"\0" + mailbox.encode() + b"\0" + password.encode())
+    d.send(b"AUTH PLAIN " + token + b"\r\n")
+    await d.expect(b"535 ")
+    d.send(b"QUIT\r\n")
+    await d.expect(b"221 ")
+    await d.hang_up()
+    return f"EHLO, AUTH PLAIN {mailbox} / {password} -> 535 refused; QUIT"
+
+
+def _resp(*words: str) -> bytes:
+    out = [f"*{len(words)}\r\n".encode()]
+    for w in words:
+        data = w.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+async def _redis(d: Dialogue, user: str, password: str) -> str:
+    d.send(f"AUTH {password}\r\n".encode())
+    await d.expect(b"-WRONGPASS")
+    d.send(_resp("CONFIG", "SET", "dir", "/var/spool/cron"))
+    await d.expect(b"-NOAUTH")
+    d.send(b"QUIT\r\n")
+    await d.expect(b"+OK")
+    await d.hang_up()
+    return f"AUTH {password} -> WRONGPASS; CONFIG SET dir /var/spool/cron -> NOAUTH; QUIT"
+
+
+async def _banner(d: Dialogue, target: Target) -> str:
+    got = ""
+    if target.banner:
+        await d.expect(b"")
+        got = f"got a {len(d.received)}-byte banner, "
+    d.send(TLS_CLIENT_HELLO_START)
+    await d.hang_up()
+    return f"{got}sent {len(TLS_CLIENT_HELLO_START)} bytes of a TLS ClientHello, hung up"
+
+
+DIALOGUES = {"telnet": _telnet, "ftp": _ftp, "smtp": _smtp, "redis": _redis}
+
+
+async def _raw(reactor, target: Target, user: str, password: str) -> Outcome:
+    endpoint = TCP4ClientEndpoint(reactor, target.address, target.port, timeout=STEP_TIMEOUT)
+    d = await connectProtocol(endpoint, Dialogue(reactor))
+    try:
+        if target.type == "tcp-banner":
+            did = await _banner(d, target)
+        else:
+            did = await DIALOGUES[target.type](d, user, password)
+    except BaseException:
+        if not d.closed.called:
+            d.transport.abortConnection()
+        raise
+    return Outcome(target, True, did, d.src_port)
+
+
+# -- http (treq) -------------------------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    def __init__(self, inner, ports: list[int]):
+        self.inner = inner
+        self.ports = ports
+
+    def connect(self, factory):
+        def connected(proto):
+            self.ports.append(proto.transport.getHost().port)
+            return proto
+
+        return self.inner.connect(factory).addCallback(connected)
+
+
+@implementer(IAgentEndpointFactory)
+class _RecordingEndpoints:
+    """Plain TCP endpoints that note the local port of each connection (to find its events)."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.ports: list[int] = []
+
+    def endpointForURI(self, uri):
+        inner = TCP4ClientEndpoint(self.reactor, uri.host, uri.port, timeout=STEP_TIMEOUT)
+        return _RecordingEndpoint(inner, self.ports)
+
+
+async def _http(reactor, target: Target, user: str, password: str) -> Outcome:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    endpoints = _RecordingEndpoints(reactor)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+    url = f"http://{target.address}:{target.port}/login"
+    response = await client.post(
+        url,
+        data={"username": user, "password": password},
+        headers={"User-Agent": ["Mozilla/5.0 (compatible; decnet-poke)"]},
+        timeout=STEP_TIMEOUT,
+    )
+    body = await response.content()
+    await pool.closeCachedConnections()
+    verdict = "invalid credentials" if b"Invalid username" in body else f"{len(body)} bytes"
+    did = f"POST /login username={user} password={password} -> {response.code} ({verdict})"
+    return Outcome(target, True, did, endpoints.ports[-1] if endpoints.ports else None)
+
+
+# -- ssh (Twisted Conch) -------------------------------------------------------------
+
+
+async def _ssh(reactor, target: Target, user: str, password: str) -> Outcome:
+    from twisted.conch.ssh import connection, transport, userauth
+
+    done: defer.Deferred = defer.Deferred()
+    tried: list[str] = []
+    accepted: list[bool] = []
+
+    class OnePasswordAuth(userauth.SSHUserAuthClient):
+        """Offers no key and exactly one password, then runs out of methods."""
+
+        def getPassword(self, prompt=None):
+            if tried:
+                return None
+            tried.append(password)
+            return defer.succeed(password.encode())
+
+        def getPublicKey(self):
+            return None
+
+        def ssh_USERAUTH_SUCCESS(self, packet):  # a decoy never lets anyone in; say so if one did
+            accepted.append(True)
+            self.transport.loseConnection()
+
+    class Client(transport.SSHClientTransport):
+        def verifyHostKey(self, pubKey, fingerprint):  # the attacker accepts any host key
+            self.host_key = fingerprint
+            return defer.succeed(True)
+
+        def connectionSecure(self):
+            self.requestService(OnePasswordAuth(user.encode(), connection.SSHConnection()))
+
+        def connectionLost(self, reason):
+            super().connectionLost(reason)
+            if not done.called:
+                done.callback(None)
+
+    endpoint = TCP4ClientEndpoint(reactor, target.address, target.port, timeout=STEP_TIMEOUT)
+    client = await connectProtocol(endpoint, Client())
+    src_port = client.transport.getHost().port
+    try:
+        await done.addTimeout(STEP_TIMEOUT * 2, reactor)
+    except defer.TimeoutError:
+        client.transport.abortConnection()
+        raise
+    server = (client.otherVersionString or b"?").decode("latin-1")
+    if not tried:
+        return Outcome(target, False, f"{server}: no password prompt", src_port)
+    verdict = "ACCEPTED" if accepted else "refused"
+    return Outcome(
+        target, not accepted, f"{server}: password login {user} / {password} -> {verdict}", src_port
+    )
+
+
+# -- one conversation ------------------------------------------------------------------
+
+
+async def converse(reactor, target: Target, choice: Callable = secrets.choice) -> Outcome:
+    """One attacker conversation with ``target``; failures are outcomes, not exceptions."""
+    user, password = pick_credentials(choice)
+    try:
+        if target.type == "ssh":
+            return await _ssh(reactor, target, user, password)
+        if target.type == "http":
+            return await _http(reactor, target, user, password)
+        if target.type in DIALOGUES or target.type == "tcp-banner":
+            return await _raw(reactor, target, user, password)
+    except (OSError, ConnectionError, defer.TimeoutError, defer.CancelledError) as exc:
+        return Outcome(target, False, f"failed: {exc.__class__.__name__}: {exc}")
+    except Exception as exc:  # a client library error (e.g. treq's): still one outcome
+        return Outcome(target, False, f"failed: {exc.__class__.__name__}: {exc}")
+    return Outcome(target, False, f"no attacker script for service type {target.type!r}")
+
+
+# -- did it arrive? ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Arrival:
+    """Where each conversation's ``disconnect`` event was found in the master's feeds."""
+
+    found: dict  # key -> source_worker it arrived as
+    missing: tuple  # outcomes not found
+
+    def misattributed(self, outcomes: list[Outcome]) -> list[tuple[Outcome, str]]:
+        wrong = []
+        for o in outcomes:
+            got = self.found.get(o.key())
+            if got is not None and got != o.target.worker:
+                wrong.append((o, got))
+        return wrong
+
+
+def conversation_key(entry: dict) -> tuple[str, int, int] | None:
+    """``(dst_ip, dst_port, src_port)`` of a feed entry's ``disconnect`` event, else ``None``."""
+    if entry.get("msgid") != "disconnect":
+        return None
+    p = event_params(entry)
+    try:
+        return (p["dst_ip"], int(p["dst_port"]), int(p["src_port"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def match_feed(outcomes: list[Outcome], entries: list[dict], found: dict | None = None) -> Arrival:
+    """Record in ``found`` which conversations the feed ``entries`` complete."""
+    found = {} if found is None else found
+    wanted = {o.key() for o in outcomes if o.key() is not None}
+    for entry in entries:
+        key = conversation_key(entry)
+        if key in wanted and key not in found:
+            found[key] = entry.get("source_worker")
+    missing = tuple(o for o in outcomes if o.key() is not None and o.key() not in found)
+    return Arrival(found, missing)
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+async def poke(
+    reactor,
+    layout,
+    say,
+    *,
+    only: list[str] | None = None,
+    wait: float = 10.0,
+    as_json: bool = False,
+    choice: Callable = secrets.choice,
+) -> int:
+    """Poke every service of the sandbox in ``layout``; 0 when every conversation arrived."""
+    from twisted.internet import task
+    from twisted.internet.threads import deferToThreadPool
+
+    from decnet.cli import output
+    from decnet.errors import SandboxError
+    from decnet.sandbox import feeds, state
+
+    pool = reactor.getThreadPool()
+    doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
+    if doc is None or not doc.get("workers"):
+        raise SandboxError(
+            f"no sandbox in {layout.root} (start one with `decnet-admin sandbox up`)"
+        )
+    records = [state.up_record(doc), *state.processes(doc).values()]
+    if not any(r is not None and state.is_running(r) for r in records):
+        raise SandboxError(
+            f"the sandbox in {layout.root} is not running (start it with `decnet-admin sandbox up`)"
+        )
+    unknown = sorted(set(only or ()) - set(doc["workers"]))
+    if unknown:
+        raise SandboxError(f"no worker named {', '.join(unknown)} in this sandbox")
+    targets = targets_from_state(doc, only)
+    tail = feeds.FeedTail({name: layout.feed(name) for name in doc["workers"]})
+    await deferToThreadPool(reactor, pool, tail.skip_to_end)
+    deckies = {(t.worker, t.decky) for t in targets}
+    workers = sorted({t.worker for t in targets})
+    if not as_json:
+        say(
+            f"Poking {len(targets)} services on {len(deckies)} deckies of "
+            f"{len(workers)} workers ({', '.join(workers)}) ..."
+        )
+
+    def report(outcome: Outcome) -> Outcome:
+        if not as_json:
+            t = outcome.target
+            where = f"{t.address}:{t.port}"
+            mark = "" if outcome.ok else "FAILED "
+            say(f"  {t.worker:<4} {t.decky:<9} {t.service:<10} {where:<16} {mark}{outcome.did}")
+        return outcome
+
+    started = reactor.seconds()
+    outcomes = list(
+        await defer.gatherResults(
+            [
+                defer.ensureDeferred(converse(reactor, t, choice)).addCallback(report)
+                for t in targets
+            ],
+            consumeErrors=True,
+        )
+    )
+    finished = reactor.seconds()
+    found: dict = {}
+    arrival = match_feed(outcomes, [], found)
+    arrived_at = None
+    deadline = finished + wait
+    while wait > 0:
+        entries = await deferToThreadPool(reactor, pool, tail.read_new)
+        arrival = match_feed(outcomes, entries, found)
+        if not arrival.missing:
+            arrived_at = reactor.seconds()
+            break
+        if reactor.seconds() > deadline:
+            break
+        await task.deferLater(reactor, 0.05, lambda: None)
+    wrong = arrival.misattributed(outcomes)
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        output.print_json(
+            {
+                "conversations": [
+                    {**o.as_dict(), "arrived_as": found.get(o.key())} for o in outcomes
+                ],
+                "seconds": round(finished - started, 3),
+                "seconds_to_master": None
+                if arrived_at is None
+                else round(arrived_at - finished, 3),
+                "missing": [o.target.label for o in arrival.missing] if wait > 0 else [],
+                "misattributed": [[o.target.label, got] for o, got in wrong],
+            }
+        )
+    else:
+        ok = len(outcomes) - len(failed)
+        say(f"{ok} of {len(outcomes)} conversations done in {finished - started:.1f}s.")
+        if wait > 0 and not arrival.missing and not wrong:
+            say(
+                f"All {len(found)} reached the master "
+                f"{arrived_at - finished:.2f}s after the last one ended, each recorded under "
+                "the worker it was sent to (source_worker, from its certificate)."
+            )
+        for o in arrival.missing if wait > 0 else ():
+            say(f"  not at the master after {wait:g}s: {o.target.label} (src port {o.src_port})")
+        for o, got in wrong:
+            say(f"  WRONG WORKER: {o.target.label} arrived as {got}")
+    bad = failed or wrong or (wait > 0 and arrival.missing)
+    return 1 if bad else 0

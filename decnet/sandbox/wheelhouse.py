@@ -1,0 +1,95 @@
+"""The sandbox's offline wheelhouse: every dependency as a wheel, built once, cached in DIR.
+
+A release tarball carries a wheelhouse so that the updater installs it with
+``pip install --no-index`` (``docs/Remote-Updates.md``).  The sandbox builds
+it from the running environment: the requirements of the source tree
+(``install_requires`` in ``setup.cfg``, plus ``setuptools`` and ``wheel`` for
+building the release), with every distribution this environment already has
+pinned to the version it runs (a pip constraints file).  pip needs its index
+(or its cache) the first time only; afterwards the wheelhouse under
+``<dir>/cache/`` is reused as long as the requirements and the interpreter are
+the same.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import importlib.metadata
+import shutil
+import sys
+from pathlib import Path
+
+from decnet.errors import ConfigError
+
+BUILD_REQUIREMENTS = ("setuptools>=64", "wheel")
+COMPLETE_MARKER = ".complete"
+OWN_DISTRIBUTION = "decnet-swarm"
+
+
+def install_requires(root: Path) -> list[str]:
+    """``[options] install_requires`` of the tree at ``root`` (comments dropped)."""
+    parser = configparser.ConfigParser()
+    if not parser.read(Path(root) / "setup.cfg"):
+        raise ConfigError(f"{root} has no setup.cfg (sandbox up needs a DECNET source tree)")
+    try:
+        raw = parser["options"]["install_requires"]
+    except KeyError:
+        raise ConfigError(f"{root}/setup.cfg has no [options] install_requires") from None
+    lines = (line.split("#")[0].strip() for line in raw.splitlines())
+    return [line for line in lines if line]
+
+
+def installed_pins() -> list[str]:
+    """``name==version`` of every distribution in this environment but DECNET itself."""
+    pins = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").strip()
+        if name and _normal(name) != _normal(OWN_DISTRIBUTION):
+            pins[_normal(name)] = f"{name}=={dist.version}"
+    return [pins[k] for k in sorted(pins)]
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def cache_key(requirements: list[str], constraints: list[str]) -> str:
+    """Changes whenever what the wheelhouse must hold could change."""
+    text = "\n".join([sys.version, sys.platform, *requirements, "--", *constraints])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def wheel_command(target: Path, requirements: list[str], constraints_file: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--quiet",
+        "--wheel-dir",
+        str(target),
+        "--constraint",
+        str(constraints_file),
+        *requirements,
+    ]
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE_MARKER).exists()
+
+
+def wheels(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).iterdir() if p.name.endswith(".whl"))
+
+
+def finish(partial: Path, target: Path) -> Path:
+    """Mark ``partial`` complete and move it into place (blocking)."""
+    (partial / COMPLETE_MARKER).write_text("")
+    if target.exists():  # built meanwhile by someone else: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.rename(target)
+    return target
