@@ -200,8 +200,11 @@ class Sandbox:
             f"listener on 127.0.0.1:{self.listener_port}, "
             f"logs in {self.path(self.layout.logs_dir)}/"
         )
+        # The script as this shell can run it (``.venv/bin/decnet-admin`` under make).
+        script = Path(sys.argv[0])
+        admin = self.path(script.absolute()) if script.name == "decnet-admin" else "decnet-admin"
         self.say(
-            f"Play the attacker from another terminal:  decnet-admin sandbox poke --dir "
+            f"Play the attacker from another terminal:  {admin} sandbox poke --dir "
             f"{self.path(self.layout.root)}"
         )
         self.say("Ctrl-C stops every process this command started.")
