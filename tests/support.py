@@ -516,47 +516,12 @@ def admin(paths: config.MasterPaths, *args: str, timeout: float = 300):
     )
 
 
-def install_requires(root: Path = REPO_ROOT) -> list[str]:
-    import configparser
-
-    parser = configparser.ConfigParser()
-    parser.read(root / "setup.cfg")
-    lines = (
-        line.split("#")[0].strip() for line in parser["options"]["install_requires"].splitlines()
-    )
-    return [line for line in lines if line]
-
-
 def ensure_wheelhouse() -> Path:
-    """A wheelhouse with every dependency plus setuptools and wheel, for offline installs.
-
-    Built once with ``pip wheel`` and cached across sessions under
-    ``$XDG_CACHE_HOME/decnet-tests`` (keyed by the requirements and the Python
-    version), so release venvs in tests and benchmarks install with ``--no-index``.
+    """The offline wheelhouse for this tree (``decnet.master.wheelhouse``), cached across
+    sessions under ``$XDG_CACHE_HOME/decnet-tests`` so release venvs install with ``--no-index``.
     """
-    import hashlib
-    import shutil
-    import subprocess
+    from decnet.master import wheelhouse
 
-    requirements = [*install_requires(), "setuptools>=64", "wheel"]
-    key = hashlib.sha256("\n".join([sys.version, *sorted(requirements)]).encode()).hexdigest()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decnet-tests"
-    target = cache / f"wheelhouse-{key[:16]}"
-    if (target / ".complete").exists():
-        return target
-    partial = cache / f".wheelhouse-{key[:16]}.{os.getpid()}"
-    partial.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [str(BIN / "pip"), "wheel", "--quiet", "--wheel-dir", str(partial), *requirements],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"could not build the test wheelhouse:\n{result.stderr[-3000:]}")
-    (partial / ".complete").write_text("")
-    try:
-        partial.rename(target)
-    except OSError:  # another session won the race
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    cache.mkdir(parents=True, exist_ok=True)
+    return wheelhouse.build(REPO_ROOT, cache)

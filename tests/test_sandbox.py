@@ -10,7 +10,8 @@ import pytest
 from decnet import config
 from decnet.agent.spec import parse_spec
 from decnet.errors import ConfigError, ValidationError
-from decnet.sandbox import feeds, layout, poke, state, view, wheelhouse
+from decnet.master import wheelhouse
+from decnet.sandbox import feeds, layout, poke, state, view
 from decnet.sandbox.control import process_order
 
 # -- layout ------------------------------------------------------------------------

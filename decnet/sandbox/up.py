@@ -33,11 +33,11 @@ from twisted.logger import Logger
 
 from decnet import config, pki
 from decnet.errors import DecnetError, SandboxError
-from decnet.master import tar_tree
+from decnet.master import tar_tree, wheelhouse
 from decnet.master.agent_client import AgentClient
 from decnet.master.rollout import UPDATED, Rollout, plan_rollout
 from decnet.master.updater_client import UpdaterClient
-from decnet.sandbox import daemons, state, view, wheelhouse
+from decnet.sandbox import daemons, state, view
 from decnet.sandbox.children import Child, Children
 from decnet.sandbox.layout import SandboxLayout, spec_targets
 from decnet.sandbox.prepare import Prepared, WorkerPlan, prepare
@@ -310,13 +310,9 @@ class Sandbox:
                 raise SandboxError(f"--wheelhouse {self.wheelhouse_dir} holds no wheels")
             self.say(f"  wheelhouse {self.path(self.wheelhouse_dir)} ({len(found)} wheels, given)")
             return self.wheelhouse_dir
-        requirements = [
-            *await self._thread(wheelhouse.install_requires, self.root),
-            *wheelhouse.BUILD_REQUIREMENTS,
-        ]
-        pins = await self._thread(wheelhouse.installed_pins)
-        key = wheelhouse.cache_key(requirements, pins)
-        target = self.layout.cache_dir / f"wheelhouse-{key}"
+        wanted = await self._thread(wheelhouse.plan, self.root)
+        key = wanted.key
+        target = wanted.target(self.layout.cache_dir)
         if await self._thread(wheelhouse.is_complete, target):
             found = await self._thread(wheelhouse.wheels, target)
             self.say(f"  wheelhouse {self.path(target)} ({len(found)} wheels, cached)")
@@ -326,7 +322,7 @@ class Sandbox:
         partial = self.layout.cache_dir / f".wheelhouse-{key}.{os.getpid()}"
         constraints = self.layout.cache_dir / f".constraints-{key}.txt"
         await self._thread(partial.mkdir, parents=True, exist_ok=True)
-        await self._thread(constraints.write_text, "\n".join(pins) + "\n")
+        await self._thread(constraints.write_text, "\n".join(wanted.pins) + "\n")
         self.say(
             "  building the offline wheelhouse from this environment with pip "
             "(first run only; pip may use its index or cache) ..."
@@ -334,7 +330,7 @@ class Sandbox:
         started = self.reactor.seconds()
         result = await run_process(
             self.reactor,
-            wheelhouse.wheel_command(partial, requirements, constraints),
+            wheelhouse.wheel_command(partial, wanted.requirements, constraints),
             timeout=config.DEFAULT_INSTALL_TIMEOUT,
         )
         if not result.ok:

@@ -1,14 +1,16 @@
-"""The sandbox's offline wheelhouse: every dependency as a wheel, built once, cached in DIR.
+"""An offline wheelhouse for releases: every dependency as a wheel, built once, cached.
 
 A release tarball carries a wheelhouse so that the updater installs it with
-``pip install --no-index`` (``docs/Remote-Updates.md``).  The sandbox builds
-it from the running environment: the requirements of the source tree
-(``install_requires`` in ``setup.cfg``, plus ``setuptools`` and ``wheel`` for
-building the release), with every distribution this environment already has
-pinned to the version it runs (a pip constraints file).  pip needs its index
-(or its cache) the first time only; afterwards the wheelhouse under
-``<dir>/cache/`` is reused as long as the requirements and the interpreter are
-the same.
+``pip install --no-index`` (``docs/Remote-Updates.md``).  It is built from the
+running environment: the requirements of the source tree (``install_requires``
+in ``setup.cfg``, plus ``setuptools`` and ``wheel`` for building the release),
+with every distribution this environment already has pinned to the version it
+runs (a pip constraints file).  pip needs its index (or its cache) the first
+time only; afterwards the cached wheelhouse is reused as long as the
+requirements, the pins and the interpreter are the same.
+
+The sandbox builds it asynchronously from :func:`plan` and :func:`wheel_command`;
+tests and benchmarks call the blocking :func:`build`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from __future__ import annotations
 import configparser
 import hashlib
 import importlib.metadata
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import attrs
 
 from decnet.errors import ConfigError
 
@@ -93,3 +99,41 @@ def finish(partial: Path, target: Path) -> Path:
     else:
         partial.rename(target)
     return target
+
+
+@attrs.frozen
+class Plan:
+    """What a wheelhouse for the tree must hold, and the cache key naming it."""
+
+    requirements: list[str]
+    pins: list[str]
+    key: str
+
+    def target(self, cache_dir: Path) -> Path:
+        return Path(cache_dir) / f"wheelhouse-{self.key}"
+
+
+def plan(root: Path) -> Plan:
+    """The wheelhouse the tree at ``root`` needs (blocking: reads setup.cfg and metadata)."""
+    requirements = [*install_requires(root), *BUILD_REQUIREMENTS]
+    pins = installed_pins()
+    return Plan(requirements, pins, cache_key(requirements, pins))
+
+
+def build(root: Path, cache_dir: Path, timeout: float = 900) -> Path:
+    """Build (or reuse) the wheelhouse for ``root`` under ``cache_dir``; blocking."""
+    wanted = plan(root)
+    target = wanted.target(cache_dir)
+    if is_complete(target):
+        return target
+    partial = Path(cache_dir) / f".wheelhouse-{wanted.key}.{os.getpid()}"
+    partial.mkdir(parents=True, exist_ok=True)
+    constraints = Path(cache_dir) / f".constraints-{wanted.key}.{os.getpid()}.txt"
+    constraints.write_text("\n".join(wanted.pins) + "\n")
+    command = wheel_command(partial, wanted.requirements, constraints)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    constraints.unlink()
+    if result.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConfigError(f"pip could not build the wheelhouse:\n{result.stderr[-3000:]}")
+    return finish(partial, target)
