@@ -37,6 +37,9 @@ UPDATER_CN_PREFIX = "updater@"
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 397
 
+# Seconds the master waits for one call to a worker daemon.
+HTTP_TIMEOUT = 10.0
+
 # Worker-side defaults (each daemon takes an option to override).
 DEFAULT_LOG_FILE = "/var/log/decnet/decnet.log"
 WORKER_STATE_DIR = "/var/lib/decnet"

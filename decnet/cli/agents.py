@@ -14,12 +14,11 @@ from pathlib import Path
 
 from twisted.internet import defer
 
+from decnet import config
 from decnet.agent.spec import parse_spec
 from decnet.cli import output
 from decnet.cli.runtime import run_async
 from decnet.errors import DecnetError, ValidationError
-from decnet.master.agent_client import AgentClient, check_hosts
-from decnet.master.http import DEFAULT_TIMEOUT
 from decnet.master.registry import Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
@@ -36,7 +35,7 @@ def register(sub, parents) -> None:
     p.add_argument("name", nargs="?", help="host name (default: every host)")
     p.add_argument("--all", action="store_true", help="every enrolled host (the default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per host")
+    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help="seconds per host")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -48,7 +47,7 @@ def register(sub, parents) -> None:
         "if any host is down.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per host")
+    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help="seconds per host")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
@@ -84,7 +83,10 @@ class _Context:
         self.registry = Registry(args.paths.registry)
         self.revocations = RevocationSet(args.paths.revocations)
 
-    def client(self, reactor, host, timeout: float = DEFAULT_TIMEOUT) -> AgentClient:
+    def client(self, reactor, host, timeout: float = config.HTTP_TIMEOUT):
+        # treq and the HTTP client stack load only for commands that talk to agents.
+        from decnet.master.agent_client import AgentClient
+
         return AgentClient(
             reactor, self.identity, host, revocations=self.revocations, timeout=timeout
         )
@@ -162,6 +164,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
 
     async def main(reactor):
+        from decnet.master.agent_client import check_hosts
+
         results = await check_hosts(
             reactor,
             ctx.identity,

@@ -39,7 +39,7 @@ from decnet.errors import (
 )
 from decnet.tls import Accept, PeerPolicy, PinnedHTTPSPolicy, PolicyOptions, TLSIdentity
 
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = config.HTTP_TIMEOUT
 MAX_RESPONSE = 8 * 1024 * 1024
 
 _UNREACHABLE = (
