@@ -106,6 +106,30 @@ class StreamSink:
         self._kick()
         return True
 
+    def accept_gap(self, start: int, end: int) -> bool:
+        """The forwarder declares stream offsets ``[start, end)`` gone on the worker.
+
+        Recorded in the index (a record that moves ``stream_end`` but not
+        ``mirror_end``) and acknowledged like data; the part at or below the
+        high-water mark is already here and changes nothing.
+        """
+        if end <= self.accepted_end:
+            self.duplicates += 1
+            return False
+        self.gaps += 1
+        self.log.warn(
+            "Gap in {worker}/{stream}: bytes {start_gap}-{end_gap} are gone on the worker "
+            "(its forwarder declares them lost)",
+            worker=self.worker,
+            stream=self.stream,
+            start_gap=max(start, self.accepted_end),
+            end_gap=end,
+        )
+        self.accepted_end = end
+        self._records.append((self.accepted_mirror, end))
+        self._kick()
+        return True
+
     def append_plain(self, data: bytes) -> None:
         """Take plain RFC 5425 lines (already LF-terminated); offsets are mirror offsets."""
         self._chunks.append(data)
@@ -138,10 +162,11 @@ class StreamSink:
         if self._committing or self.failed or not (self._chunks or self._records):
             return
         self._committing = True
-        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         now_us = int(self.ingest.clock.seconds() * 1_000_000)
         records = [storage.IndexRecord(m, s, now_us) for m, s in self._records]
-        records.append(storage.IndexRecord(self.accepted_mirror, self.accepted_end, now_us))
+        if self._records[-1:] != [(self.accepted_mirror, self.accepted_end)]:
+            records.append(storage.IndexRecord(self.accepted_mirror, self.accepted_end, now_us))
         mirror_end, stream_end = self.accepted_mirror, self.accepted_end
         self._chunks, self._records, self.pending_bytes = [], [], 0
         d = self.ingest.run(self.files.commit, data, records)

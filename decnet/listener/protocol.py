@@ -188,6 +188,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if self.state == STREAMING and isinstance(message, ackproto.Data):
             self.sink.accept(message.start, message.end, message.payload)
             self._backpressure()
+        elif self.state == STREAMING and isinstance(message, ackproto.Gap):
+            self.sink.accept_gap(message.start, message.end)
         elif self.state == AWAITING_HELLO and isinstance(message, ackproto.Hello):
             if message.stream == config.PLAIN_STREAM:
                 raise ackproto.ProtocolError(
