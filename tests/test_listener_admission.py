@@ -23,8 +23,8 @@ from decnet import config
 from decnet.listener.admission import (
     Admit,
     PreTLSBudget,
-    Refuse,
     RefusalLog,
+    Refuse,
     address_key,
 )
 from decnet.syslog import ackproto
@@ -272,13 +272,11 @@ def test_a_connection_over_the_per_address_cap_is_closed_before_tls_with_one_lin
 
 
 def test_a_worker_gets_resume_while_the_unauthenticated_budget_is_held_full(tmp_path, ids):
-    gated = Gated(
-        tmp_path, ids["master"], max_unauthenticated=4, max_unauthenticated_per_address=4
-    )
+    gated = Gated(tmp_path, ids["master"], max_unauthenticated=4, max_unauthenticated_per_address=4)
     hostile = [gated.raw(f"203.0.113.{i}") for i in range(1, 41)]  # 10× the budget
     held = [(p, t) for p, t in hostile if not t.disconnected]
     assert len(held) == 4 and len(gated.factory.unauthenticated) == 4
-    app, pump = gated.worker(ids["w1"], "192.0.2.10")
+    app, _pump = gated.worker(ids["w1"], "192.0.2.10")
     assert app.messages == [Resume(0)]
     # It took the oldest hostile slot; the three others are still held.
     assert sum(not t.disconnected for _, t in held) == 3
@@ -287,9 +285,7 @@ def test_a_worker_gets_resume_while_the_unauthenticated_budget_is_held_full(tmp_
 
 
 def test_a_pending_connection_from_a_workers_address_outlives_strangers(tmp_path, ids):
-    gated = Gated(
-        tmp_path, ids["master"], max_unauthenticated=3, max_unauthenticated_per_address=3
-    )
+    gated = Gated(tmp_path, ids["master"], max_unauthenticated=3, max_unauthenticated_per_address=3)
     app, _pump = gated.worker(ids["w1"], "192.0.2.10")
     assert app.messages == [Resume(0)]
     worker_pending, worker_transport = gated.raw("192.0.2.10")  # e.g. its second stream
