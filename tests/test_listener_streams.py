@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from decnet.listener import storage
 from decnet.listener.feed import FeedBuilder, read_feed
 from decnet.listener.feedproc import FeedProcess
-from decnet.listener.ingest import StreamSink, TooManyStreams
+from decnet.listener import ingest
 from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Ack, Error, Resume
 from tests.logpipe_support import ListenerHarness, LogCapture, syslog_line
@@ -116,8 +116,8 @@ def test_two_hellos_racing_for_the_last_stream_place_cannot_both_get_it(tmp_path
     a.addBoth(got.append)
     b.addBoth(got.append)
     assert len(got) == 2
-    assert isinstance(got[0], StreamSink) and got[0].stream == "a"
-    assert isinstance(got[1], Failure) and got[1].check(TooManyStreams)
+    assert isinstance(got[0], ingest.StreamSink) and got[0].stream == "a"
+    assert isinstance(got[1], Failure) and got[1].check(ingest.TooManyStreams)
 
 
 # -- bounded descriptors: the listener ---------------------------------------------
