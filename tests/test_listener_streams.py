@@ -136,9 +136,9 @@ def test_idle_stream_files_are_closed_least_recently_used_first_and_reopened_on_
         conns[n] = (app, pump)
         ends[n] = send(app, pump, 0, body(f"s{n}", 0, 4))
         assert app.messages[-1] == Ack(ends[n])
-        assert harness.ingest.open_streams() <= 3
         # Listener files (mirror, index) and feed files (feed, position), 3 streams each.
         assert open_fds_under(ingest_dir) - before <= 2 * 3 + 2 * 3
+        assert harness.ingest.open_streams() <= 3
     assert sum(s.files.is_open for s in harness.ingest.sinks()) == 3
     # s0 was closed long ago: its next batch reopens it, in place, exactly once.
     app, pump = conns[0]
@@ -192,7 +192,8 @@ def test_the_feed_builder_keeps_at_most_max_open_feeds_open_and_reopens_them_whe
     ingest_dir = tmp_path / "ingest"
     ends = _write_streams(ingest_dir, "w1", 10, 5)
     reports = []
-    builder = FeedBuilder(ingest_dir, reports.append, max_open=3)
+    builder = FeedBuilder(ingest_dir, reports.append)
+    builder.max_open = 3
     for stream, end in ends.items():
         builder.target("w1", stream, end)
     while builder.step():
@@ -225,7 +226,8 @@ async def test_the_feed_process_holds_at_most_max_open_feeds_whatever_the_stream
     """The real child process (``--max-open`` on its command line), 12 streams, 2 open."""
     ingest_dir = tmp_path / "ingest"
     ends = _write_streams(ingest_dir, "w1", 12, 4)
-    feeds = FeedProcess(reactor, ingest_dir, encoders=1, max_open=2, executable=sys.executable)
+    feeds = FeedProcess(reactor, ingest_dir, encoders=1, executable=sys.executable)
+    feeds.max_open = 2
     feeds.start()
     peak = 0
     try:
