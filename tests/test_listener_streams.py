@@ -138,7 +138,7 @@ def test_idle_stream_files_are_closed_least_recently_used_first_and_reopened_on_
         assert app.messages[-1] == Ack(ends[n])
         # Listener files (mirror, index) and feed files (feed, position), 3 streams each.
         assert open_fds_under(ingest_dir) - before <= 2 * 3 + 2 * 3
-        assert harness.ingest.open_streams() <= 3
+    assert harness.ingest.open_streams() == 3
     assert sum(s.files.is_open for s in harness.ingest.sinks()) == 3
     # s0 was closed long ago: its next batch reopens it, in place, exactly once.
     app, pump = conns[0]
@@ -197,8 +197,8 @@ def test_the_feed_builder_keeps_at_most_max_open_feeds_open_and_reopens_them_whe
     for stream, end in ends.items():
         builder.target("w1", stream, end)
     while builder.step():
-        assert builder.open_feeds() <= 3
         assert open_fds_under(ingest_dir) <= 2 * 3
+        assert builder.open_feeds() <= 3
     assert builder.closed_idle == 7
     assert not builder.has_work(), "a caught-up feed is not reopened"
     for stream in ends:
