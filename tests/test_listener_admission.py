@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
@@ -30,6 +30,7 @@ from decnet.listener.admission import (
 from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Resume
 from decnet.tls import PolicyOptions
+from tests.listener_support import client_hello
 from tests.logpipe_support import MASTER_ONLY, ClientApp, ListenerHarness, LogCapture
 
 # -- the budget, pure ---------------------------------------------------------
@@ -209,17 +210,6 @@ class Gated:
         app.send(ackproto.encode_hello(stream))
         pump.flush()
         return app, pump
-
-
-def client_hello(identity) -> bytes:
-    """The first flight of a real worker's handshake (a ClientHello)."""
-    options = PolicyOptions(identity, MASTER_ONLY, acceptable_protocols=[config.ACK_ALPN])
-    proto = TLSMemoryBIOFactory(
-        options, True, Factory.forProtocol(Protocol), clock=Clock()
-    ).buildProtocol(None)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return transport.value()
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python.failure import Failure
 
-from decnet.listener import storage
+from decnet.listener import ingest, storage
 from decnet.listener.feed import FeedBuilder, read_feed
 from decnet.listener.feedproc import FeedProcess
-from decnet.listener import ingest
 from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Ack, Error, Resume
 from tests.logpipe_support import ListenerHarness, LogCapture, syslog_line
