@@ -145,7 +145,13 @@ class PreTLSBudget:
         return True
 
     def worker_seen(self, address: str) -> None:
-        """A worker completed a handshake from ``address``: its next ones are not evicted."""
+        """A worker completed a handshake from ``address``: its connections are not evicted."""
+        if address not in self._worker_addresses and self._by_address[address]:
+            # Its connections still pending are a worker's too, from now on.
+            for handle, where in list(self._strangers.items()):
+                if where == address:
+                    del self._strangers[handle]
+                    self._known[handle] = address
         self._worker_addresses.pop(address, None)
         self._worker_addresses[address] = None
         while len(self._worker_addresses) > self.remembered:
