@@ -7,20 +7,27 @@ closed and reopened transparently by their next use.
 """
 
 import os
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.python.failure import Failure
 
+from decnet import config, pki
 from decnet.listener import ingest, storage
 from decnet.listener.feed import FeedBuilder, read_feed
 from decnet.listener.feedproc import FeedProcess
+from decnet.listener.service import ListenerService
+from decnet.master import enrollment
+from decnet.revocation import RevocationSet
 from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Ack, Error, Resume
-from tests.logpipe_support import ListenerHarness, LogCapture, syslog_line
+from decnet.tls import PolicyOptions, TLSIdentity
+from tests.logpipe_support import MASTER_ONLY, ClientApp, ListenerHarness, LogCapture, syslog_line
 from tests.support import write_identity
 
 
@@ -240,7 +247,8 @@ async def test_the_feed_process_holds_at_most_max_open_feeds_whatever_the_stream
             return all(feeds.positions.get(("w1", s)) == e for s, e in ends.items())
 
         await _poll(done, "every feed to catch up")
-        assert peak <= 2 * 2
+        # Two open feeds (feed, position), plus the mirror and index a step reads.
+        assert peak <= 2 * 2 + 2
         for stream in ends:
             assert len(read_feed(ingest_dir / "w1" / f"{stream}.jsonl")) == 4
     finally:
@@ -258,3 +266,60 @@ async def _poll(predicate, what: str, timeout: float = 30.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await task.deferLater(reactor, 0.02, lambda: None)
+
+
+class _HelloClient(ClientApp):
+    def __init__(self):
+        super().__init__()
+        self.answered: defer.Deferred = defer.Deferred()
+        self.gone: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        if self.messages and not self.answered.called:
+            self.answered.callback(self.messages[0])
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if not self.answered.called:
+            self.answered.callback(None)
+        self.gone.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_hellos_connection_is_released_when_the_worker_closes_not_after_a_grace(
+    master_home, tmp_path
+):
+    """Over real sockets: a paused connection would not see the worker's close for 5 s,
+    and 16 refused HELLOs would then lock the worker out of its own connection cap."""
+    name = f"streams-{os.getpid()}-{random.randrange(10**6)}"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
+    identity = TLSIdentity.from_bundle(pki.WorkerBundle.load(tmp_path / "b"), "worker")
+    listener = ListenerService(
+        reactor,
+        identity=TLSIdentity.master(master_home),
+        revocations=RevocationSet(master_home.revocations),
+        ingest_dir=tmp_path / "ingest",
+        listen="tcp:0:interface=127.0.0.1",
+        max_streams_per_worker=1,
+        feed=False,
+    )
+    listener.startService()
+    port = listener.port_service.port.getHost().port
+    options = PolicyOptions(identity, MASTER_ONLY, acceptable_protocols=[config.ACK_ALPN])
+    answers = []
+    try:
+        for n in range(40):  # far more than --max-connections-per-worker (16)
+            app = _HelloClient()
+            endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+            await connectProtocol(endpoint, app)
+            app.send(ackproto.encode_hello(f"s{n}"))
+            answers.append(await app.answered.addTimeout(30, reactor))
+            app.transport.loseConnection()
+            await app.gone.addTimeout(30, reactor)
+    finally:
+        await listener.stopService()
+    assert answers[0] == Resume(0)
+    refusals = answers[1:]
+    assert all(isinstance(a, Error) for a in refusals), refusals
+    assert all("--max-streams-per-worker" in a.reason for a in refusals)

@@ -338,6 +338,12 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             worker=self.worker,
         )
         self.setTimeout(None)
+        if self._paused:
+            # A paused transport never reads the peer's close: without this a
+            # refused connection (a HELLO over --max-streams-per-worker, waiting
+            # for its sink) would count against its worker's cap for CLOSE_GRACE.
+            self._paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
         self._close_call = self.factory.clock.callLater(CLOSE_GRACE, self._abort)
 
