@@ -33,3 +33,8 @@ positive_int = positive(int)
 positive_float = positive(float)
 non_negative_int = non_negative(int)
 port_number = _bounded(int, lambda n: 1 <= n <= 65535, "port (1-65535)")
+
+
+def between(kind: type, low, high):
+    """A parser for a ``kind`` from ``low`` to ``high`` inclusive ("must be 1 to 300, got 0")."""
+    return _bounded(kind, lambda n: low <= n <= high, f"{low:g} to {high:g}")
