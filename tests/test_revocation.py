@@ -1,11 +1,14 @@
 """The revocation list file and its live reload."""
 
+import fcntl
 import json
+import os
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from decnet import revocation
 from decnet.errors import ConfigError
 from decnet.revocation import FORMAT, RevocationSet, RevocationWatcher, add_entries, read_entries
 
@@ -20,10 +23,38 @@ def test_a_missing_file_is_an_empty_list(tmp_path):
 def test_entries_are_appended_once_and_written_in_the_documented_format(tmp_path):
     path = tmp_path / "revoked.json"
     add_entries(path, [{"fingerprint": FP1, "cn": "w1", "role": "worker", "revoked_at": "t"}])
-    add_entries(path, [{"fingerprint": FP1.upper(), "cn": "w1"}, {"fingerprint": FP2}])
+    added = add_entries(path, [{"fingerprint": FP1.upper(), "cn": "w1"}, {"fingerprint": FP2}])
+    assert added == [{"fingerprint": FP2}]
     doc = json.loads(path.read_text())
     assert doc["format"] == FORMAT
     assert [e["fingerprint"] for e in doc["revoked"]] == [FP1, FP2]
+    stamp = path.stat().st_ino
+    assert add_entries(path, [{"fingerprint": FP2}]) == []
+    assert path.stat().st_ino == stamp  # nothing new: not rewritten
+
+
+def test_the_rewrite_happens_while_the_revocation_lock_is_held(tmp_path, monkeypatch):
+    """add_entries holds .revoked.json.lock across its read-modify-write."""
+    path = tmp_path / "revoked.json"
+    held = []
+    real_write = revocation.atomic_write
+
+    def write_and_probe(target, data):
+        fd = os.open(tmp_path / ".revoked.json.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real_write(target, data)
+
+    monkeypatch.setattr(revocation, "atomic_write", write_and_probe)
+    add_entries(path, [{"fingerprint": FP1}])
+    add_entries(path, [{"fingerprint": FP2}])
+    assert held == [True, True]
+    assert FP1 in RevocationSet(path) and FP2 in RevocationSet(path)
 
 
 @pytest.mark.parametrize(
