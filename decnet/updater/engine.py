@@ -56,7 +56,7 @@ _HEX = set("0123456789abcdef")
 
 def normalize_sha256(value: str | None) -> str:
     """A lowercase 64-hex digest, or :class:`DigestMismatch` (400) saying what is wrong."""
-    cleaned = (value or "").strip().lower()
+    cleaned = (value or "").lower()
     if len(cleaned) != 64 or not set(cleaned) <= _HEX:
         raise DigestMismatch("the sha256 of the tarball (64 hex digits) is required")
     return cleaned

@@ -74,7 +74,7 @@ OP_ROLLBACK = "rollback"  # an operator's rollback to an installed release
 OP_SELF = "self"  # the updater's own release: no health check, no rollback
 OPS = (OP_UPDATE, OP_ROLLBACK, OP_SELF)
 
-RELEASE_ID_RE = re.compile(rf"^[0-9a-f]{{{config.RELEASE_ID_LENGTH}}}$")
+RELEASE_ID_RE = re.compile(rf"[0-9a-f]{{{config.RELEASE_ID_LENGTH}}}")
 _TEMP_LINK_PREFIX = f".{config.CURRENT_LINK}.tmp-"
 
 
@@ -84,7 +84,7 @@ def release_id_for(sha256_hex: str) -> str:
 
 
 def is_release_id(value: object) -> bool:
-    return isinstance(value, str) and bool(RELEASE_ID_RE.match(value))
+    return isinstance(value, str) and bool(RELEASE_ID_RE.fullmatch(value))
 
 
 class IllegalTransition(RuntimeError):

@@ -127,6 +127,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--agent-url {self['agent-url']!r} is not a URL") from None
         if url.scheme != "https" or not url.host:
             raise usage.UsageError("--agent-url must be https://HOST:PORT")
+        try:
+            pki.parse_address(url.host)  # hyperlink keeps a CR or LF inside the host
+        except DecnetError as exc:
+            raise usage.UsageError(f"--agent-url: {exc}") from None
         self["agent_host"] = url.host
         self["agent_port"] = url.port or config.AGENT_PORT
         self["install-dir"] = str(Path(self["install-dir"]).absolute())
