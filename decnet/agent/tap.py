@@ -80,7 +80,9 @@ def makeService(options):
     from twisted.internet import reactor
 
     from decnet.agent.service import AgentService
+    from decnet.release import pin_running_release
 
+    pin_running_release()  # the updater never prunes the release we run from
     return AgentService(
         reactor,
         bundle=options["bundle_obj"],

@@ -30,6 +30,7 @@ from decnet.errors import DecnetError
 from decnet.httpapi import make_site
 from decnet.master.http import PinnedClient
 from decnet.options import positive_float, positive_int
+from decnet.release import pin_running_release
 from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 from decnet.updater import archive
@@ -185,6 +186,7 @@ def exec_restart(release_dir: Path) -> None:
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    pin_running_release()  # our own release: update-self's prune keeps it while we run
     bundle: pki.WorkerBundle = options["bundle_obj"]
     identity = TLSIdentity.from_bundle(bundle, config.ROLE_UPDATER)
     master = Accept(config.ROLE_MASTER, cn=config.MASTER_CN, fingerprint=bundle.master_fingerprint)
