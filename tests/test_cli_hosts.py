@@ -11,6 +11,7 @@ import pytest
 from decnet import config, pki, revocation
 from decnet.cli import output
 from decnet.master import enrollment
+from decnet.tls import Accept, PeerPolicy
 from tests.support import BIN
 
 ADMIN = str(BIN / "decnet-admin")
@@ -228,6 +229,13 @@ def test_twelve_parallel_decommissions_leave_twelve_revocation_entries(home, tmp
     entries = revocation.read_entries(paths.revocations)
     assert len(entries) == 12
     assert {e["fingerprint"] for e in entries} == fps
+    # What the listener checks in every handshake: all twelve certificates are refused.
+    listener = PeerPolicy(
+        [Accept(config.ROLE_WORKER)], revocations=revocation.RevocationSet(paths.revocations)
+    )
+    for n in names:
+        identity = pki.identity_of(pki.load_cert(tmp_path / n / config.BUNDLE_WORKER_CERT))
+        assert listener.check(identity) == f"certificate of {n!r} is revoked"
     hosts = json.loads(admin(paths.home, "hosts", "--json", check=0).stdout)
     assert {h["name"] for h in hosts if h["status"] == "decommissioned"} == set(names)
 

@@ -3,10 +3,12 @@
 import fcntl
 import json
 import os
+import subprocess
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.python import usage
 
 from decnet import revocation
 from decnet.errors import ConfigError
@@ -96,3 +98,44 @@ async def test_the_watcher_reloads_off_the_reactor_and_survives_a_bad_file(tmp_p
     path.write_text("not json")
     await watcher.check()  # logs an error, keeps the previous list
     assert FP1 in rs
+
+
+# -- who enforces the list (docs/Security.md#revocation) ------------------------
+
+
+def _help(options: usage.Options) -> str:
+    return " ".join(str(options).split())
+
+
+def test_the_agent_has_no_revocations_option_and_its_help_says_what_it_trusts_instead():
+    """Its --revocations flag was unused: no unit or sandbox passed a list; none reaches workers."""
+    from decnet.agent import tap
+
+    with pytest.raises(usage.UsageError, match="revocations"):
+        tap.Options().parseOptions(["--revocations", "revoked.json"])
+    text = _help(tap.Options())
+    assert "fingerprint is pinned in the bundle" in text
+    assert "keeps no revocation list" in text
+
+
+def test_the_updater_help_says_it_keeps_no_revocation_list_and_pins_the_master():
+    from decnet.updater import tap
+
+    text = _help(tap.Options())
+    assert "fingerprint is pinned in the bundle" in text
+    assert "keeps no revocation list" in text
+
+
+def test_decommission_help_names_the_parties_that_enforce_the_list():
+    from tests.support import BIN
+
+    out = subprocess.run(
+        [str(BIN / "decnet-admin"), "decommission", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    text = " ".join(out.split())
+    assert "log listener refuses them" in text and "never contacts the host again" in text
+    assert "agents" not in text and "updaters" not in text

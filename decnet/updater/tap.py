@@ -48,7 +48,11 @@ class Options(usage.Options):
     synopsis = "--bundle DIR --install-dir DIR [options]"
     longdesc = (
         "The DECNET updater: owns the agent's release directory, installs releases the "
-        "master pushes over mutual TLS, and rolls back when a new release is not healthy."
+        "master pushes over mutual TLS, and rolls back when a new release is not healthy. "
+        "It accepts only the master certificate whose fingerprint is pinned in the bundle "
+        "(every route), and this host's own worker and updater certificates (GET /health). "
+        "It keeps no revocation list: the master's revoked.json never reaches workers, and "
+        "for the master the pin is stricter. See docs/Security.md."
     )
     optParameters: ClassVar[list] = [
         ["bundle", None, None, "worker bundle directory (needs updater.crt and updater.key)"],
