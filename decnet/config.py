@@ -218,6 +218,9 @@ OUTPUT_TAIL_BYTES = 16 * 1024  # captured install/agent output returned to the m
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # compressed body of POST /update(-self)
 MAX_RELEASE_BYTES = 1024 * 1024 * 1024  # uncompressed total of all members
 MAX_RELEASE_MEMBERS = 20_000
+# One pax or GNU long-name header: a 4 KiB path and link name fit many times over.  tarfile
+# reads such a header whole, so the raw scan (decnet/updater/tarscan.py) refuses a larger one.
+MAX_RELEASE_HEADER_BYTES = 64 * 1024
 MAX_SMALL_BODY = 64 * 1024  # any body from a caller that may not upload, and JSON bodies
 
 # Master side.

@@ -120,6 +120,13 @@ class UnsafeArchive(UpdateError):
     status = 422
 
 
+class MalformedArchive(UnsafeArchive):
+    """The raw tar stream is malformed or hostile in its structure (an oversized or chained
+    extended header, a corrupt header): refused while it streams, before it is parsed."""
+
+    status = 400
+
+
 class InstallFailed(UpdateError):
     """Creating the release's virtualenv or installing into it failed."""
 

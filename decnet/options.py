@@ -12,6 +12,12 @@ from collections.abc import Callable
 
 def _bounded(kind: type, check: Callable[[float], bool], wanted: str):
     def parse(value):
+        # int()/float() would skip surrounding whitespace and read non-ASCII
+        # digits; an option value is plain ASCII text or it is refused.
+        if isinstance(value, str) and not (
+            value.isascii() and value.isprintable() and value == value.strip()
+        ):
+            raise ValueError(f"must be {wanted}, got {value!r}")
         number = kind(value)
         if not check(number):
             raise ValueError(f"must be {wanted}, got {value}")

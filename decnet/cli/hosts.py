@@ -85,7 +85,9 @@ def register(sub, parents) -> None:
         parents=parents,
         help="retire a host and revoke its certificates",
         description="Mark NAME decommissioned and add its worker and updater certificates to "
-        "the revocation list; the listener, agents and updaters refuse them from then on.",
+        "the revocation list (the log listener refuses them from then on, and decnet-admin "
+        "never contacts the host again). Running it again for a decommissioned host "
+        "re-asserts its revocation entries and restores any that are missing.",
     )
     p.add_argument("name")
     p.set_defaults(func=cmd_decommission)
@@ -158,7 +160,23 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
 def cmd_decommission(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
-    host = enrollment.decommission(master, args.name)
-    print(f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked")
+    done = enrollment.decommission(master, args.name)
+    host = done.host
+    if not done.already:
+        print(f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked")
+    elif done.restored:
+        print(
+            f"{host.name} was already decommissioned at {host.revoked_at}; "
+            f"restored {len(done.restored)} missing revocation "
+            f"{'entry' if len(done.restored) == 1 else 'entries'}:"
+        )
+        for entry in done.restored:
+            print(f"  {entry['role']:<8} {entry['cn']}  {output.short_fp(entry['fingerprint'])}")
+    else:
+        print(
+            f"{host.name} was already decommissioned at {host.revoked_at}; "
+            f"its {len(done.entries)} revocation "
+            f"{'entry is' if len(done.entries) == 1 else 'entries are'} in place"
+        )
     print(f"  revocation list  {args.paths.revocations}")
     return 0

@@ -88,7 +88,9 @@ def register(sub, parents) -> None:
         "releases",
         parents=parents,
         help="list the releases installed on a host",
-        description="List the agent releases NAME's updater keeps, and which one is current.",
+        description="List the agent releases NAME's updater keeps: which one is current, the "
+        "rollback target, releases that failed their health check (pruned first) and releases "
+        "a running process uses (never pruned).",
     )
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -319,12 +321,13 @@ def cmd_releases(args: argparse.Namespace) -> int:
         (
             r.get("id"),
             "*" if r.get("current") else ("<- rollback" if r.get("rollback_target") else ""),
+            ", ".join(s for s in ("failed", "in use") if r.get(s.replace(" ", "_"))) or "-",
             r.get("installed_at") or "-",
             (r.get("git_sha") or "-")[:12],
         )
         for r in releases
     ]
-    print(output.table(("RELEASE", "CURRENT", "INSTALLED", "GIT"), rows))
+    print(output.table(("RELEASE", "CURRENT", "STATE", "INSTALLED", "GIT"), rows))
     if doc.get("updater_release"):
         print(f"updater itself: release {doc['updater_release']}")
     sys.stdout.flush()

@@ -131,6 +131,9 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from decnet.forwarder.service import ForwarderService
+    from decnet.release import pin_running_release
+
+    pin_running_release()  # the updater never prunes the release we run from
     from decnet.tls import TLSIdentity
 
     bundle = options["bundle-obj"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 
 from decnet import config, pki, revocation
-from decnet.errors import HostDecommissioned, ValidationError
+from decnet.errors import ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir, locked, write_new_file
 from decnet.master.registry import Host, Registry, utc_now_iso
 
@@ -178,37 +178,74 @@ def enroll(
         updater_fingerprint=updater_fp,
         enrolled_at=utc_now_iso(),
     )
-    registry.add(host)  # refuses duplicates before anything is on disk
-    try:
-        pki.write_bundle(
-            out_dir, files, private={config.BUNDLE_WORKER_KEY, config.BUNDLE_UPDATER_KEY}
-        )
-    except BaseException:
-        registry.remove(name)
-        raise
+    # Under the registry lock, so that undoing a failed bundle write can never
+    # delete a row another process has changed (decommissioned) meanwhile.
+    with registry.lock():
+        registry.add(host)  # refuses duplicates before anything is on disk
+        try:
+            pki.write_bundle(
+                out_dir, files, private={config.BUNDLE_WORKER_KEY, config.BUNDLE_UPDATER_KEY}
+            )
+        except BaseException:
+            registry.remove(name)
+            raise
     return Enrollment(host=host, bundle_dir=out_dir)
 
 
-def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Host:
-    """Mark ``name`` decommissioned and revoke its worker and updater certificates."""
-    registry = registry or Registry(master.paths.registry)
-    host = registry.get(name)
-    if host.decommissioned:
-        raise HostDecommissioned(f"{name!r} was already decommissioned at {host.revoked_at}")
-    when = utc_now_iso()
+@attrs.frozen
+class Decommission:
+    """What ``decommission`` did: ``already`` when the host was decommissioned before,
+    ``restored`` the revocation entries that were missing and have been written again."""
+
+    host: Host
+    already: bool
+    entries: tuple[dict, ...]
+    restored: tuple[dict, ...]
+
+
+def revocation_entries(host: Host, when: str) -> list[dict]:
+    """The revocation entries of ``host``'s worker and (if any) updater certificates."""
     entries = [
-        {"fingerprint": host.worker_fingerprint, "cn": name, "role": "worker", "revoked_at": when}
+        {
+            "fingerprint": host.worker_fingerprint,
+            "cn": host.name,
+            "role": "worker",
+            "revoked_at": when,
+        }
     ]
     if host.updater_fingerprint:
         entries.append(
             {
                 "fingerprint": host.updater_fingerprint,
-                "cn": config.UPDATER_CN_PREFIX + name,
+                "cn": config.UPDATER_CN_PREFIX + host.name,
                 "role": "updater",
                 "revoked_at": when,
             }
         )
-    # Revoke first: if we crash before the registry update, the certificates
-    # are already refused everywhere and a second decommission completes it.
-    revocation.add_entries(master.paths.revocations, entries)
-    return registry.decommission(name, when)
+    return entries
+
+
+def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Decommission:
+    """Mark ``name`` decommissioned and revoke its worker and updater certificates.
+
+    Idempotent: for a host that is already decommissioned it re-asserts the
+    revocation entries, which repairs one that an interrupted or racing run
+    lost (``restored`` says which).  The whole read-decide-write runs under the
+    registry's lock; ``revoked.json`` has its own lock inside it.
+    """
+    registry = registry or Registry(master.paths.registry)
+    with registry.lock():
+        host = registry.get(name)
+        already = host.decommissioned
+        entries = revocation_entries(host, host.revoked_at or utc_now_iso())
+        # Revoke first: if we crash before the registry update, the certificates
+        # are already refused everywhere and a second decommission completes it.
+        added = revocation.add_entries(master.paths.revocations, entries)
+        if not already:
+            host = registry.decommission(name, entries[0]["revoked_at"])
+    return Decommission(
+        host=host,
+        already=already,
+        entries=tuple(entries),
+        restored=tuple(added) if already else (),
+    )

@@ -30,7 +30,7 @@ from decnet.errors import DecnetError
 
 VERSION = 1
 MAX_OFFSET = 2**63 - 1
-STREAM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+STREAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 class ProtocolError(DecnetError):
@@ -76,7 +76,7 @@ Message = Hello | Resume | Data | Gap | Ack | Error
 
 def validate_stream_name(name: str) -> str:
     """Stream names are file names under the ingest dir: lowercase, no slashes, ≤ 64."""
-    if not isinstance(name, str) or not STREAM_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not STREAM_NAME_RE.fullmatch(name) or ".." in name:
         raise ProtocolError(
             f"invalid stream name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-'"
         )
