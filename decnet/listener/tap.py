@@ -32,7 +32,8 @@ class Options(usage.Options):
             "home",
             None,
             None,
-            "Master state directory (CA, master identity, revocations) "
+            "Master state directory (the listener reads <home>/listener: CA certificate, "
+            "its identity, revocations) "
             f"[default: ${config.ENV_HOME} or {config.DEFAULT_HOME}]",
         ],
         ["ingest-dir", None, None, "Where mirrors and feeds go [default: <home>/ingest]"],
@@ -89,14 +90,14 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
         self["paths"] = paths
         for path, what in (
-            (paths.master_cert, "master certificate"),
-            (paths.master_key, "master private key"),
-            (paths.ca_cert, "CA certificate"),
+            (paths.listener_cert, "listener certificate"),
+            (paths.listener_key, "listener private key"),
+            (paths.listener_ca_cert, "CA certificate"),
         ):
             if not path.is_file():
                 raise usage.UsageError(
                     f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
-                    "the listener needs the master identity)"
+                    "the listener needs its identity in <home>/listener)"
                 )
         self["ingest-dir"] = (
             Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
@@ -116,7 +117,8 @@ def makeService(options: Options):
 
     paths = options["paths"]
     try:
-        identity = TLSIdentity.master(paths)
+        # Its own key, never the master's: agents and updaters would obey that one.
+        identity = TLSIdentity.load(paths.listener_cert, paths.listener_key, paths.listener_ca_cert)
         revocations = RevocationSet(paths.revocations)
     except DecnetError as exc:
         raise usage.UsageError(str(exc)) from None
