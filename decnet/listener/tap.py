@@ -99,6 +99,16 @@ class Options(usage.Options):
                     f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
                     "the listener needs its identity in <home>/listener)"
                 )
+        from decnet.tls import TLSIdentity
+
+        try:
+            # Its own key, never the master's: agents and updaters would obey that one.
+            # Loaded here so that an unreadable file is one line, not a traceback.
+            self["identity"] = TLSIdentity.load(
+                paths.listener_cert, paths.listener_key, paths.listener_ca_cert
+            )
+        except DecnetError as exc:
+            raise usage.UsageError(str(exc)) from None
         self["ingest-dir"] = (
             Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
         )
@@ -113,12 +123,10 @@ def makeService(options: Options):
 
     from decnet.listener.service import ListenerService, raise_nofile_limit
     from decnet.revocation import RevocationSet
-    from decnet.tls import TLSIdentity
 
     paths = options["paths"]
+    identity = options["identity"]
     try:
-        # Its own key, never the master's: agents and updaters would obey that one.
-        identity = TLSIdentity.load(paths.listener_cert, paths.listener_key, paths.listener_ca_cert)
         revocations = RevocationSet(paths.revocations)
     except DecnetError as exc:
         raise usage.UsageError(str(exc)) from None

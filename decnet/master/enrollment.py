@@ -84,17 +84,16 @@ def init_master(
 
 
 def _ensure_home(home: Path) -> None:
-    """``home`` is 0700 when new; an existing one keeps at most group search (0710).
+    """``home`` is 0700, or 0710 where the operator made it exactly that.
 
     On a real master the operator creates it 0710 with group ``decnet-listener``,
     so the listener reaches ``listener/`` and ``ingest/`` by name and can list or
-    read nothing else (docs/Operations.md).
+    read nothing else (docs/Operations.md).  Any other mode is tightened to 0700.
     """
     home.mkdir(mode=stat.S_IRWXU, parents=True, exist_ok=True)
     mode = stat.S_IMODE(home.stat().st_mode)
-    wanted = stat.S_IRWXU | (mode & stat.S_IXGRP)
-    if mode != wanted:
-        os.chmod(home, wanted)
+    if mode not in (stat.S_IRWXU, stat.S_IRWXU | stat.S_IXGRP):
+        os.chmod(home, stat.S_IRWXU)
 
 
 def _ensure_listener(
@@ -133,6 +132,7 @@ def _ensure_listener(
             # Group-readable only once complete; the group is decnet-listener's.
             os.chmod(paths.listener_key, LISTENER_KEY_MODE)
             write_new_file(paths.listener_cert, pki.cert_pem(leaf.cert))
+            os.chmod(paths.listener_cert, 0o644)
             fsync_dir(directory)
 
 
