@@ -172,7 +172,8 @@ def test_decommission_revokes_both_certificates(home, tmp_path):
     )
     result = admin(home, "decommission", "gone-01", check=0)
     assert "Decommissioned gone-01" in result.stdout
-    revoked = {e["fingerprint"]: e for e in revocation.read_entries(home / "listener" / "revoked.json")}
+    listed = revocation.read_entries(home / "listener" / "revoked.json")
+    revoked = {e["fingerprint"]: e for e in listed}
     worker_fp = pki.fingerprint(pki.load_cert(tmp_path / "g" / "worker.crt"))
     updater_fp = pki.fingerprint(pki.load_cert(tmp_path / "g" / "updater.crt"))
     assert revoked[worker_fp]["cn"] == "gone-01"

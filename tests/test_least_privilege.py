@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -219,7 +218,11 @@ def documented_layout() -> list[Row]:
 
 def systemd_directories() -> dict[str, tuple[str, str, int]]:
     """What systemd creates for the units' State/Logs/CacheDirectory=, as it would."""
-    bases = {"StateDirectory": "/var/lib", "LogsDirectory": "/var/log", "CacheDirectory": "/var/cache"}
+    bases = {
+        "StateDirectory": "/var/lib",
+        "LogsDirectory": "/var/log",
+        "CacheDirectory": "/var/cache",
+    }
     made = {}
     for unit in sorted(UNITS.glob("*.service")):
         d = directives(unit)
@@ -250,8 +253,10 @@ def actual(accounts: Accounts, path: Path) -> tuple[str, str, int]:
     st = os.stat(path)
     names = {uid: name for name, (uid, _) in accounts.users.items()} | {0: "root"}
     groups = {gid: name for name, gid in accounts.groups.items()} | {0: "root"}
-    return names.get(st.st_uid, str(st.st_uid)), groups.get(st.st_gid, str(st.st_gid)), (
-        st.st_mode & 0o7777
+    return (
+        names.get(st.st_uid, str(st.st_uid)),
+        groups.get(st.st_gid, str(st.st_gid)),
+        (st.st_mode & 0o7777),
     )
 
 
@@ -260,7 +265,9 @@ def assert_matches_the_table(accounts, root: Path, rows: list[Row]) -> None:
     for row in rows:
         got = actual(accounts, place(root, row.path))
         if got != (row.owner, row.group, row.mode):
-            wrong[row.path] = f"documented {row.owner}:{row.group} {row.mode:o}, is {got[0]}:{got[1]} {got[2]:o}"
+            wrong[row.path] = (
+                f"documented {row.owner}:{row.group} {row.mode:o}, is {got[0]}:{got[1]} {got[2]:o}"
+            )
     assert not wrong, wrong
 
 
@@ -285,7 +292,8 @@ def master(scratch, accounts):
         ["enroll", "gone", "--address", "127.0.0.1", "--out", out / "gone"],
         ["decommission", "gone"],
     ):
-        run_as(admin, [BIN / "decnet-admin", "--home", home, *args], scratch, python=True, check=True)
+        argv = [BIN / "decnet-admin", "--home", home, *args]
+        run_as(admin, argv, scratch, python=True, check=True)
     for path, (user, group, mode) in systemd_directories().items():
         if path.startswith(HOME):
             make(accounts, place(root, path), user, group, mode)
@@ -311,7 +319,9 @@ def worker(scratch, accounts, master):
             make(accounts, place(root, path), user, group, mode)
     agent, updater = accounts.unit("decnet-agent.service"), accounts.unit("decnet-updater.service")
     log = place(root, "/var/log/decnet/decnet.log")
-    lines = "".join(f"<133>1 2026-01-02T03:04:05Z w1 decnet - login - line {i}\n" for i in range(50))
+    lines = "".join(
+        f"<133>1 2026-01-02T03:04:05Z w1 decnet - login - line {i}\n" for i in range(50)
+    )
     run_as(agent, ["sh", "-c", 'printf %s "$1" >> "$0"', log, lines], scratch, check=True)
     release = place(root, "/opt/decnet/releases/<id>/")
     run_as(updater, ["mkdir", "-p", release], scratch, check=True)

@@ -21,7 +21,6 @@ from decnet.errors import HostDecommissioned, ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, write_new_file
 from decnet.master.registry import Host, Registry, utc_now_iso
 
-
 LISTENER_DIR_MODE = 0o750
 LISTENER_KEY_MODE = 0o640
 
