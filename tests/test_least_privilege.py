@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import attrs
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 
-from tests.support import REPO_ROOT, wait_for
+from tests.support import REPO_ROOT, make_tarball, wait_for
 from tests.test_systemd_units import SYSUSERS, directives
 
 pytestmark = [
@@ -38,6 +41,7 @@ pytestmark = [
 ]
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
+SECCOMP_EXEC = Path(__file__).with_name("seccomp_exec.py")
 OPERATIONS = REPO_ROOT / "docs" / "Operations.md"
 BIN = Path(sys.executable).parent
 HOME = "/var/lib/decnet-master"
@@ -53,15 +57,20 @@ class Creds:
     gid: int
     groups: tuple[int, ...]
     umask: str
+    caps: tuple[str, ...] = ()  # the unit's AmbientCapabilities=, e.g. net_bind_service
 
     def setpriv(self) -> list[str]:
         groups = ["--groups", ",".join(map(str, self.groups))] if self.groups else []
+        caps = "".join(f",+{c}" for c in self.caps)
+        ambient = [f"--ambient-caps={caps[1:]}"] if caps else []
         return [
             "setpriv",
             f"--reuid={self.uid}",
             f"--regid={self.gid}",
             *(groups or ["--clear-groups"]),
-            "--inh-caps=-all",
+            f"--inh-caps=-all{caps}",
+            *ambient,
+            f"--bounding-set=-all{caps}",
             "--",
             "sh",
             "-c",
@@ -91,7 +100,12 @@ class Accounts:
         extra = " ".join(d.get("SupplementaryGroups", [])).split()
         groups = {self.groups[g] for g in extra if g in self.groups}
         groups |= {self.groups[g] for g, who in self.members.items() if user in who}
-        return Creds(user, uid, gid, tuple(sorted(groups - {gid})), d.get("UMask", ["0022"])[0])
+        caps = tuple(
+            c.lower().removeprefix("cap_")
+            for c in " ".join(d.get("AmbientCapabilities", [])).split()
+        )
+        umask = d.get("UMask", ["0022"])[0]
+        return Creds(user, uid, gid, tuple(sorted(groups - {gid})), umask, caps)
 
     def admin(self) -> Creds:
         """decnet-admin as the documented wrapper runs it (umask 027)."""
@@ -142,19 +156,72 @@ def _interpreter_detour() -> tuple[str, str] | None:
     return None
 
 
-def command(creds: Creds, argv, scratch: Path, *, python: bool = False) -> list[str]:
-    argv = [*creds.setpriv(), *map(str, argv)]
-    detour = _interpreter_detour() if python else None
-    if detour is None:
+def command(
+    creds: Creds, argv, scratch: Path, *, python: bool = False, unit: str | None = None
+) -> list[str]:
+    """``argv`` as ``creds``; with ``unit``, also under that unit's system-call filter and
+    with /proc mounted as its ``ProtectProc=`` / ``ProcSubset=`` say."""
+    argv = list(map(str, argv))
+    steps = []
+    detour = _interpreter_detour() if python or unit else None
+    blocked, child, stash = "-", "-", "-"
+    if detour is not None:
+        blocked, child = detour
+        stash = tempfile.mkdtemp(dir=scratch)
+        steps += ['mount --bind "$1" "$2"', 'mount -t tmpfs -o mode=0755 tmpfs "$3"',
+                  'mkdir -p "$1"', 'mount --bind "$2" "$1"']  # fmt: skip
+    if unit is not None:
+        d = directives(UNITS / unit)
+        hidepid, subset = d["ProtectProc"][0], d["ProcSubset"][0]
+        steps.append(f"mount -t proc -o hidepid={hidepid},subset={subset} proc /proc")
+        allowed = Path(tempfile.mkstemp(dir=scratch, suffix=".syscalls")[1])
+        allowed.write_text("\n".join(sorted(unit_syscalls(unit))) + "\n")
+        allowed.chmod(0o644)
+        argv = [sys.executable, str(SECCOMP_EXEC), str(allowed), "--", *argv]
+    argv = [*creds.setpriv(), *argv]
+    if not steps:
         return argv
-    blocked, child = detour
-    stash = Path(tempfile.mkdtemp(dir=scratch))
-    script = (
-        'mount --bind "$1" "$2" && mount -t tmpfs -o mode=0755 tmpfs "$3" && mkdir -p "$1" '
-        '&& mount --bind "$2" "$1" && shift 3 && exec "$@"'
-    )
+    script = " && ".join([*steps, 'shift 3 && exec "$@"'])
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
-            child, str(stash), blocked, *argv]  # fmt: skip
+            child, stash, blocked, *argv]  # fmt: skip
+
+
+def syscall_sets() -> dict[str, set[str]]:
+    """``systemd-analyze syscall-filter``: every @set, expanded to system-call names."""
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    raw: dict[str, list[str]] = {}
+    current = None
+    for line in listing.splitlines():
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if not line[0].isspace():
+            current = raw.setdefault(item, [])
+        elif current is not None:
+            current.append(item)
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        return set().union(*(expand(m) for m in raw[name]))
+
+    return {name: expand(name) for name in raw}
+
+
+def unit_syscalls(unit: str) -> set[str]:
+    """The allow list a unit's ``SystemCallFilter=`` lines build, in order."""
+    sets = syscall_sets()
+    allowed: set[str] = set()
+    for value in directives(UNITS / unit)["SystemCallFilter"]:
+        names = value.removeprefix("~").split()
+        chosen = set().union(*(sets.get(n, {n}) for n in names))
+        allowed = allowed - chosen if value.startswith("~") else allowed | chosen
+    return allowed
 
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"}
@@ -413,7 +480,7 @@ def start_as(creds, scratch, plugin, args, log: Path):
             creds,
             [BIN / "twistd", "--nodaemon", "--pidfile=", "-l", log, plugin, *args],
             scratch,
-            python=True,
+            unit=f"{plugin}.service",
         ),
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -426,7 +493,8 @@ def test_the_listener_and_the_forwarder_ship_the_agents_log_each_as_its_own_user
 ):
     """The real twistd daemons on the documented layout: the listener as decnet-listener
     (its identity, revocations and ingest), the forwarder as decnet-forwarder (the bundle,
-    the agent's log through decnet-log, its own state)."""
+    the agent's log through decnet-log, its own state), each under its unit's system-call
+    filter and /proc options."""
     mroot, _ = master
     wroot, _ = worker
     listener, forwarder = (
@@ -506,3 +574,165 @@ def test_a_listener_key_its_user_cannot_read_stops_it_with_one_line_naming_the_f
     assert result.returncode != 0
     assert f"cannot read the private key {key}: permission denied for uid {listener.uid}" in out
     assert "Traceback" not in out
+
+
+def test_the_harness_really_applies_each_units_system_call_filter_and_proc_options(
+    scratch, accounts
+):
+    """So that the daemon tests above and below are not vacuous: under the forwarder's
+    filter, lowering one's priority fails (``~@resources``), under the listener's it works
+    (it allows ``setpriority`` for its feed process), and /proc shows neither other users'
+    processes (``ProtectProc=invisible``) nor system files (``ProcSubset=pid``)."""
+    forwarder = accounts.unit("decnet-forwarder.service")
+    listener = accounts.unit("decnet-listener.service")
+
+    def run(creds, unit, argv):
+        return subprocess.run(
+            command(creds, argv, scratch, unit=unit), capture_output=True, text=True, env=ENV
+        )
+
+    niced = run(forwarder, "decnet-forwarder.service", ["nice", "-n", "1", "true"])
+    assert "Operation not permitted" in niced.stderr
+    niced = run(listener, "decnet-listener.service", ["nice", "-n", "1", "true"])
+    assert niced.returncode == 0 and not niced.stderr
+    proc = run(forwarder, "decnet-forwarder.service", ["ls", "/proc/1", "/proc/meminfo"])
+    assert proc.returncode != 0 and proc.stderr.count("No such file or directory") == 2
+    assert run(forwarder, "decnet-forwarder.service", ["ls", "/proc/self/fd"]).returncode == 0
+
+
+def free_low_port() -> int:
+    for port in range(1023, 900, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024 on 127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agent_runs_its_deckies_as_its_own_user_with_one_capability(
+    scratch, accounts, master, worker
+):
+    """The real agent as decnet-agent, under its unit's filter and /proc options, with only
+    CAP_NET_BIND_SERVICE: the master deploys a telnet decky on a port below 1024 and an SSH
+    decky (host key in its state), a connection becomes a line in the shared log, and the
+    log stays readable by the forwarder."""
+    from decnet import config
+    from decnet.master.agent_client import AgentClient
+    from decnet.master.registry import Registry
+    from decnet.tls import TLSIdentity
+
+    mroot, _ = master
+    wroot, _ = worker
+    agent = accounts.unit("decnet-agent.service")
+    assert agent.caps == ("net_bind_service",)
+    run = scratch / "run-agent"
+    make(accounts, run, "decnet-agent", "decnet-agent", 0o700)
+    log = place(wroot, "/var/log/decnet/decnet.log")
+    state = place(wroot, "/var/lib/decnet/agent/")
+    proc = start_as(
+        agent,
+        scratch,
+        "decnet-agent",
+        ["--bundle", place(wroot, "/etc/decnet/bundle"), "--listen", "tcp:0:interface=127.0.0.1",
+         "--state-dir", state, "--log-file", log, "--port-file", run / "port"],
+        run / "agent.log",
+    )  # fmt: skip
+    try:
+
+        def bound():
+            if proc.poll() is not None:
+                raise AssertionError((run / "agent.log").read_text()[-3000:])
+            return (run / "port").exists() and (run / "port").read_text().strip()
+
+        api_port = int(wait_for(bound, timeout=60, what="the agent's API"))
+        home = config.MasterPaths.resolve(place(mroot, HOME))
+        host = attrs.evolve(Registry(home.registry).get("w1"), agent_port=api_port)
+        low = free_low_port()
+        spec = {
+            "deckies": [
+                {
+                    "name": "box-1",
+                    "services": [
+                        {"type": "telnet", "bind": "127.0.0.1", "port": low},
+                        {"type": "ssh", "bind": "127.0.0.1", "port": 0},
+                    ],
+                }
+            ]
+        }
+        client = AgentClient(reactor, TLSIdentity.master(home), host)
+        result = await client.deploy(spec)
+        assert result["ok"], result
+        with socket.create_connection(("127.0.0.1", low), timeout=5) as conn:
+            conn.recv(1)
+        wait_for(
+            lambda: b" box-1 telnet - disconnect " in log.read_bytes(),
+            timeout=30,
+            what="the telnet decky's line in the log",
+        )
+        assert actual(accounts, log) == ("decnet-agent", "decnet-log", 0o640)
+        assert can(accounts.unit("decnet-forwarder.service"), scratch, "read", log)
+        assert any(p.is_file() for p in (state / "ssh").rglob("*")), "no SSH host key"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_the_updaters_install_commands_work_as_its_user_under_its_sandbox(
+    scratch, accounts, worker, wheelhouse
+):
+    """venv, pip and the plugin cache, exactly as the Installer runs them, as decnet-updater
+    under the updater unit's filter and /proc options, into a release in /opt/decnet."""
+    from decnet import config
+    from decnet.updater import archive
+    from decnet.updater.installer import Installer
+    from tests.test_updater_install import (
+        PLUGIN,
+        PLUGIN_SETUP_CFG,
+        PYPROJECT,
+        TWISTED_AND_ITS_DEPENDENCIES,
+    )
+
+    wroot, _ = worker
+    updater = accounts.unit("decnet-updater.service")
+    release = place(wroot, "/opt/decnet/releases/<id>/") / "tiny"
+    wheels = [
+        (f"wheelhouse/{w.name}", w.read_bytes())
+        for w in sorted(wheelhouse.glob("*.whl"))
+        if w.name.startswith(TWISTED_AND_ITS_DEPENDENCIES)
+    ]
+    tarball = make_tarball(
+        [
+            ("setup.cfg", PLUGIN_SETUP_CFG),
+            ("pyproject.toml", PYPROJECT),
+            ("tinyplugin/__init__.py", b""),
+            ("twisted/plugins/tinyplugin_plugins.py", PLUGIN),
+            *wheels,
+        ]
+    )
+    run_as(updater, ["mkdir", release], scratch, check=True)
+    source = scratch / "tiny.tar.gz"
+    source.write_bytes(tarball)
+    source.chmod(0o644)
+    archive.extract(source.open("rb"), release / config.RELEASE_SRC_DIR)
+    for path in [release / config.RELEASE_SRC_DIR, *(release / config.RELEASE_SRC_DIR).rglob("*")]:
+        os.chown(path, updater.uid, updater.gid)
+    installer = Installer(reactor, compile_bytecode=False, use_own_pip=False)
+    for step, argv in installer.commands(release):
+        result = subprocess.run(
+            command(updater, argv, scratch, unit="decnet-updater.service"),
+            capture_output=True,
+            text=True,
+            env={**ENV, "PIP_NO_INPUT": "1", "PIP_NO_CACHE_DIR": "1"},
+            timeout=600,
+            cwd="/",
+        )
+        assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
+    venv = release / config.RELEASE_VENV_DIR
+    [cache] = venv.glob("lib/python*/site-packages/twisted/plugins/dropin.cache")
+    assert actual(accounts, cache)[0] == "decnet-updater"
+    agent = accounts.unit("decnet-agent.service")
+    assert can(agent, scratch, "read", cache)
+    assert not can(agent, scratch, "create", cache.parent)
