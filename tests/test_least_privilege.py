@@ -28,7 +28,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import REPO_ROOT, make_tarball, wait_for
+from tests.support import REPO_ROOT, wait_for
 from tests.test_systemd_units import SYSUSERS, directives
 
 pytestmark = [
@@ -683,40 +683,22 @@ async def test_the_agent_runs_its_deckies_as_its_own_user_with_one_capability(
 def test_the_updaters_install_commands_work_as_its_user_under_its_sandbox(
     scratch, accounts, worker, wheelhouse
 ):
-    """venv, pip and the plugin cache, exactly as the Installer runs them, as decnet-updater
-    under the updater unit's filter and /proc options, into a release in /opt/decnet."""
+    """venv, pip and the plugin-cache step, exactly as the Installer runs them, as
+    decnet-updater under the updater unit's filter and /proc options, into a release in
+    /opt/decnet that the agent can then read but not change."""
     from decnet import config
     from decnet.updater import archive
     from decnet.updater.installer import Installer
-    from tests.test_updater_install import (
-        PLUGIN,
-        PLUGIN_SETUP_CFG,
-        PYPROJECT,
-        TWISTED_AND_ITS_DEPENDENCIES,
-    )
+    from tests.test_updater_install import tiny_release
 
     wroot, _ = worker
     updater = accounts.unit("decnet-updater.service")
     release = place(wroot, "/opt/decnet/releases/<id>/") / "tiny"
-    wheels = [
-        (f"wheelhouse/{w.name}", w.read_bytes())
-        for w in sorted(wheelhouse.glob("*.whl"))
-        if w.name.startswith(TWISTED_AND_ITS_DEPENDENCIES)
-    ]
-    tarball = make_tarball(
-        [
-            ("setup.cfg", PLUGIN_SETUP_CFG),
-            ("pyproject.toml", PYPROJECT),
-            ("tinyplugin/__init__.py", b""),
-            ("twisted/plugins/tinyplugin_plugins.py", PLUGIN),
-            *wheels,
-        ]
-    )
     run_as(updater, ["mkdir", release], scratch, check=True)
     source = scratch / "tiny.tar.gz"
-    source.write_bytes(tarball)
-    source.chmod(0o644)
-    archive.extract(source.open("rb"), release / config.RELEASE_SRC_DIR)
+    source.write_bytes(tiny_release(wheelhouse))
+    with source.open("rb") as fh:
+        archive.extract(fh, release / config.RELEASE_SRC_DIR)
     for path in [release / config.RELEASE_SRC_DIR, *(release / config.RELEASE_SRC_DIR).rglob("*")]:
         os.chown(path, updater.uid, updater.gid)
     installer = Installer(reactor, compile_bytecode=False, use_own_pip=False)
@@ -730,9 +712,9 @@ def test_the_updaters_install_commands_work_as_its_user_under_its_sandbox(
             cwd="/",
         )
         assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
-    venv = release / config.RELEASE_VENV_DIR
-    [cache] = venv.glob("lib/python*/site-packages/twisted/plugins/dropin.cache")
-    assert actual(accounts, cache)[0] == "decnet-updater"
+    tool = release / config.RELEASE_VENV_DIR / "bin" / "tinyrelease"
+    assert actual(accounts, tool)[0] == "decnet-updater"
     agent = accounts.unit("decnet-agent.service")
-    assert can(agent, scratch, "read", cache)
-    assert not can(agent, scratch, "create", cache.parent)
+    assert run_as(agent, [tool], scratch, python=True).stdout.strip() == "tiny release says hi"
+    assert not can(agent, scratch, "append", tool)
+    assert not can(agent, scratch, "create", tool.parent)

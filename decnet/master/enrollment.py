@@ -107,8 +107,11 @@ def _ensure_listener(
     what makes the files below readable by ``decnet-listener``.
     """
     directory = paths.listener_dir
-    if not directory.exists():
+    try:
         directory.mkdir(mode=LISTENER_DIR_MODE)
+    except FileExistsError:
+        pass
+    else:
         os.chmod(directory, LISTENER_DIR_MODE)  # whatever the umask
     with locked(directory / ".lock"):
         # The revocation list moves first: a listener that finds its identity
