@@ -77,13 +77,19 @@ class MasterPaths:
 
     ::
 
-        <home>/                    0700
-          ca/ca.crt ca.key .lock   the private CA (key 0600, dir 0700)
-          master/master.crt .key   the master identity (key 0600, dir 0700)
+        <home>/                    0700 (0710, group decnet-listener, on a real master)
+          ca/ca.crt ca.key .lock   the private CA (key 0600, dir 0700): decnet-admin only
+          master/master.crt .key   decnet-admin's identity towards agents and updaters (0700)
+          listener/                0750: all the log listener reads
+            ca.crt                 a copy of ca/ca.crt
+            listener.crt .key      the listener's own identity (key 0640)
+            revoked.json           the revocation list
           master.json              master host name/addresses given at init
           registry.sqlite          the host registry
-          revoked.json             the revocation list every daemon loads
           ingest/                  log listener output (mirror + JSON feed)
+
+    The listener's key is not the master's: workers pin each one separately, so
+    whoever takes over the listener cannot act as ``decnet-admin`` towards them.
     """
 
     home: Path
@@ -126,7 +132,28 @@ class MasterPaths:
         return self.home / "registry.sqlite"
 
     @property
+    def listener_dir(self) -> Path:
+        return self.home / "listener"
+
+    @property
+    def listener_ca_cert(self) -> Path:
+        return self.listener_dir / "ca.crt"
+
+    @property
+    def listener_cert(self) -> Path:
+        return self.listener_dir / "listener.crt"
+
+    @property
+    def listener_key(self) -> Path:
+        return self.listener_dir / "listener.key"
+
+    @property
     def revocations(self) -> Path:
+        return self.listener_dir / "revoked.json"
+
+    @property
+    def legacy_revocations(self) -> Path:
+        """Where homes made before ``listener/`` kept the list; ``init`` moves it."""
         return self.home / "revoked.json"
 
     @property

@@ -207,11 +207,20 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certificate:
+def _read_pem(path: str | os.PathLike, what: str) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise MissingFileError(path, what) from None
+    except PermissionError:
+        # Each daemon runs as its own user (docs/Operations.md): say which file.
+        raise PKIError(
+            f"cannot read the {what} {path}: permission denied for uid {os.getuid()}"
+        ) from None
+
+
+def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certificate:
+    data = _read_pem(path, what)
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -219,10 +228,7 @@ def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certif
 
 
 def load_key(path: str | os.PathLike, what: str = "private key"):
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MissingFileError(path, what) from None
+    data = _read_pem(path, what)
     try:
         # Our own keys, written 0600 by us: skip the slow RSA consistency
         # check (it dominates CA load time for a 4096-bit key).
@@ -479,6 +485,9 @@ class WorkerBundle:
     name: str
     master_fingerprint: str
     settings: Mapping[str, object]
+    # The log listener's own leaf (``decnet-admin init`` gives it a key of its
+    # own); a bundle enrolled before that pins the master's for both.
+    listener_fingerprint: str
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> WorkerBundle:
@@ -493,11 +502,16 @@ class WorkerBundle:
         except ValueError:
             raise PKIError(f"{cfg_path} is not valid JSON") from None
         try:
+            master_fp = normalize_fingerprint(settings["master_fingerprint"])
+            listener_fp = settings.get("listener_fingerprint")
             return cls(
                 directory=directory,
                 name=validate_host_name(settings["name"]),
-                master_fingerprint=normalize_fingerprint(settings["master_fingerprint"]),
+                master_fingerprint=master_fp,
                 settings=settings,
+                listener_fingerprint=(
+                    master_fp if listener_fp is None else normalize_fingerprint(listener_fp)
+                ),
             )
         except (KeyError, TypeError, ValidationError) as exc:
             raise PKIError(f"{cfg_path} is incomplete or invalid: {exc}") from None

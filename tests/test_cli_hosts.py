@@ -88,7 +88,7 @@ def test_enroll_with_updater_writes_a_complete_bundle(home, tmp_path):
     assert (updater.cn, updater.role) == ("updater@web-01", "updater")
     # The master keeps fingerprints only: no private key anywhere under --home but its own.
     keys = sorted(p.name for p in home.rglob("*.key"))
-    assert keys == ["ca.key", "master.key"]
+    assert keys == ["ca.key", "listener.key", "master.key"]
     hosts = json.loads(admin(home, "hosts", "--json", check=0).stdout)
     row = next(h for h in hosts if h["name"] == "web-01")
     assert row["worker_fingerprint"] == worker.fingerprint
@@ -176,7 +176,8 @@ def test_decommission_revokes_both_certificates(home, tmp_path):
     )
     result = admin(home, "decommission", "gone-01", check=0)
     assert "Decommissioned gone-01" in result.stdout
-    revoked = {e["fingerprint"]: e for e in revocation.read_entries(home / "revoked.json")}
+    listed = revocation.read_entries(home / "listener" / "revoked.json")
+    revoked = {e["fingerprint"]: e for e in listed}
     worker_fp = pki.fingerprint(pki.load_cert(tmp_path / "g" / "worker.crt"))
     updater_fp = pki.fingerprint(pki.load_cert(tmp_path / "g" / "updater.crt"))
     assert revoked[worker_fp]["cn"] == "gone-01"

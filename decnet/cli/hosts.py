@@ -103,6 +103,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  CA fingerprint      {pki.colon_fingerprint(state.ca.fingerprint)}")
     print(f"  master certificate  {paths.master_cert}")
     print(f"  master fingerprint  {pki.colon_fingerprint(state.master_cert_fingerprint)}")
+    print(f"  listener identity   {paths.listener_dir}  (all the log listener reads)")
+    print(f"  listener fingerprint {pki.colon_fingerprint(state.listener_cert_fingerprint)}")
     print(f"  registry            {paths.registry}")
     print(f"  master host         {state.master_host}")
     return 0

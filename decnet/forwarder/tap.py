@@ -146,7 +146,7 @@ def makeService(options: Options):
         identity=identity,
         master_host=options["master-host"],
         master_port=options["master-port"],
-        master_fingerprint=bundle.master_fingerprint,
+        master_fingerprint=bundle.listener_fingerprint,
         log_file=options["log-file"],
         state_file=options["state"],
         stream=options["stream"],

@@ -36,7 +36,8 @@ class Options(usage.Options):
             "home",
             None,
             None,
-            "Master state directory (CA, master identity, revocations) "
+            "Master state directory (the listener reads <home>/listener: CA certificate, "
+            "its identity, revocations) "
             f"[default: ${config.ENV_HOME} or {config.DEFAULT_HOME}]",
         ],
         ["ingest-dir", None, None, "Where mirrors and feeds go [default: <home>/ingest]"],
@@ -134,15 +135,25 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
         self["paths"] = paths
         for path, what in (
-            (paths.master_cert, "master certificate"),
-            (paths.master_key, "master private key"),
-            (paths.ca_cert, "CA certificate"),
+            (paths.listener_cert, "listener certificate"),
+            (paths.listener_key, "listener private key"),
+            (paths.listener_ca_cert, "CA certificate"),
         ):
             if not path.is_file():
                 raise usage.UsageError(
                     f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
-                    "the listener needs the master identity)"
+                    "the listener needs its identity in <home>/listener)"
                 )
+        from decnet.tls import TLSIdentity
+
+        try:
+            # Its own key, never the master's: agents and updaters would obey that one.
+            # Loaded here so that an unreadable file is one line, not a traceback.
+            self["identity"] = TLSIdentity.load(
+                paths.listener_cert, paths.listener_key, paths.listener_ca_cert
+            )
+        except DecnetError as exc:
+            raise usage.UsageError(str(exc)) from None
         self["ingest-dir"] = (
             Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
         )
@@ -162,11 +173,10 @@ def makeService(options: Options):
 
     from decnet.listener.service import ListenerService, raise_nofile_limit
     from decnet.revocation import RevocationSet
-    from decnet.tls import TLSIdentity
 
     paths = options["paths"]
+    identity = options["identity"]
     try:
-        identity = TLSIdentity.master(paths)
         revocations = RevocationSet(paths.revocations)
     except DecnetError as exc:
         raise usage.UsageError(str(exc)) from None
