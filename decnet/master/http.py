@@ -186,6 +186,8 @@ class PinnedClient:
         return response.code, await reader.done
 
     def _read(self, code: int, body: bytes, reply) -> dict:
+        if not 200 <= code < 600:
+            raise BadReply(self.where, f"unexpected HTTP status {code}")
         try:
             doc = jsonlib.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
@@ -195,8 +197,6 @@ class PinnedClient:
             if found:
                 raise BadReply(self.where, [f"HTTP {code}: {p}" for p in found])
             raise RemoteError(code, doc["problems"] or [f"HTTP {code}"], doc)
-        if not 200 <= code < 300:
-            raise BadReply(self.where, f"unexpected HTTP status {code}")
         found = replies.problems_of(reply, doc)
         if found:
             raise BadReply(self.where, found)

@@ -105,6 +105,7 @@ class LiveView:
         self.rows: dict[str, view.HostRow] = {}
         self.probing: set[str] = set()
         self.pending_table = None
+        self.stopped = False
 
     def start(self) -> defer.Deferred:
         d = deferToThreadPool(self.reactor, self.pool, self.tail.skip_to_end)
@@ -124,6 +125,7 @@ class LiveView:
             self._loops.append(loop)
 
     def stop(self) -> None:
+        self.stopped = True
         if self.pending_table is not None and self.pending_table.active():
             self.pending_table.cancel()
         for loop in self._loops:
@@ -165,6 +167,8 @@ class LiveView:
 
     def arrived(self, row: view.HostRow) -> None:
         """A worker answered (or failed): show the table soon if it changed."""
+        if self.stopped:
+            return
         self.rows[row.worker] = row
         if self.pending_table is None or not self.pending_table.active():
             # Rows that arrive together (the usual case) make one table, not one each.
