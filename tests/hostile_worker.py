@@ -143,11 +143,18 @@ def fresh_master(master_home, target) -> enrollment.MasterState:
     return enrollment.init_master(paths)
 
 
-def no_control_characters(text: str) -> list[str]:
-    """Every character of ``text`` that may drive a terminal (a newline between lines is fine)."""
-    from decnet.cli.output import UNSAFE
+# What may drive a terminal: C0 (but the newline between lines), DEL, C1, and the Unicode
+# bidi marks, embeddings, overrides and isolates.  Written out here, independently of
+# the code under test.
+TERMINAL_CONTROLS = frozenset(
+    [*range(0x00, 0x0A), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]
+    + [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+)
 
-    return sorted({repr(c) for c in text if ord(c) in UNSAFE and c != "\n"})
+
+def no_control_characters(text: str) -> list[str]:
+    """Every character of ``text`` that could drive a terminal, as ``repr`` strings."""
+    return sorted({repr(c) for c in text if ord(c) in TERMINAL_CONTROLS})
 
 
 # -- what a healthy agent and updater say (the shapes of docs/Agent.md, docs/Remote-Updates.md)

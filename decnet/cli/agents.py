@@ -17,14 +17,16 @@ from twisted.internet import defer
 from decnet import config
 from decnet.agent.spec import parse_spec
 from decnet.cli import output
-from decnet.cli.runtime import run_async
+from decnet.cli.runtime import budget, run_async
 from decnet.errors import BadReply, DecnetError, ValidationError
 from decnet.master.registry import Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
 TIMEOUT_HELP = (
-    "seconds one host gets for the whole request: connect, handshake, answer (default: %(default)s)"
+    "seconds, from the command's start, by which every host must have answered in full "
+    "(connect, TLS handshake, headers and body); a host that has not is reported as such "
+    "(default: %(default)s)"
 )
 
 
@@ -147,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             table = output.StreamTable(STATUS_HEADERS, (width, *STATUS_WIDTHS))
 
         async def one(host):
-            client = ctx.client(reactor, host, args.timeout)
+            client = ctx.client(reactor, host, budget(args.timeout))
             try:
                 doc = await client.status()
             except DecnetError as exc:
@@ -217,7 +219,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             ctx.registry,
             hosts,
             revocations=ctx.revocations,
-            timeout=args.timeout,
+            timeout=budget(args.timeout),
             arrived=arrived,
         )
         if args.json:
@@ -273,7 +275,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     async def main(reactor):
         client = ctx.client(reactor, host)
         try:
-            result = await client.deploy(doc, timeout=args.timeout)
+            result = await client.deploy(doc, timeout=budget(args.timeout))
         finally:
             await client.close()
         _show_apply(args, host.name, result)
@@ -315,7 +317,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     async def main(reactor):
         client = ctx.client(reactor, host)
         try:
-            result = await client.teardown(args.decky, timeout=args.timeout)
+            result = await client.teardown(args.decky, timeout=budget(args.timeout))
         finally:
             await client.close()
         _show_apply(args, host.name, result)

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from twisted.internet import defer, task
+
+from decnet import cli
+
+MIN_BUDGET = 0.1  # seconds a request gets even when start-up used up the whole --timeout
+
+
+def budget(timeout: float) -> float:
+    """What is left of ``timeout`` seconds counted from the command's start (``--timeout``).
+
+    Every request of the command gets this as its one deadline, so the command
+    ends within ``timeout`` of being started, whatever the hosts do.
+    """
+    return max(MIN_BUDGET, timeout - (time.monotonic() - cli.STARTED))
 
 
 def run_async(fn: Callable) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from decnet import config
 from decnet.cli import output
-from decnet.cli.runtime import run_async
+from decnet.cli.runtime import budget, run_async
 from decnet.errors import DecnetError, RemoteError, ValidationError
 from decnet.master import tar_tree
 from decnet.master.registry import Host, Registry
@@ -85,7 +85,8 @@ def register(sub, parents) -> None:
         "--timeout",
         type=float,
         default=config.DEFAULT_UPDATE_TIMEOUT,
-        help="seconds to wait for the host's whole answer (default: %(default)s)",
+        help="seconds, from the command's start, by which the host must have answered in "
+        "full (default: %(default)s)",
     )
     p.set_defaults(func=cmd_rollback)
 
@@ -101,7 +102,8 @@ def register(sub, parents) -> None:
         "--timeout",
         type=float,
         default=config.RELEASES_TIMEOUT,
-        help="seconds to wait for the host's whole answer (default: %(default)s)",
+        help="seconds, from the command's start, by which the host must have answered in "
+        "full (default: %(default)s)",
     )
     p.set_defaults(func=cmd_releases)
 
@@ -154,10 +156,11 @@ def cmd_update(args: argparse.Namespace) -> int:
         identity = TLSIdentity.master(args.paths)
         revocations = RevocationSet(args.paths.revocations)
         git = f", git {archive.git_sha[:12]}" if archive.git_sha else ""
-        output.line(
-            f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} bytes, "
-            f"sha256 {archive.sha256}{git}"
-        )
+        if not args.json:  # --json prints one document, at the end
+            output.line(
+                f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} "
+                f"bytes, sha256 {archive.sha256}{git}"
+            )
 
         async def go(reactor):
             from decnet.master.updater_client import UpdaterClient
@@ -279,7 +282,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     async def go(reactor):
         client = _client_for(args, reactor)
         try:
-            return await client.rollback(args.to, timeout=args.timeout)
+            return await client.rollback(args.to, timeout=budget(args.timeout))
         except RemoteError as exc:
             return {"result": exc.body.get("result", "failed"), **exc.body, "status": exc.status}
         finally:
@@ -312,7 +315,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     async def collect(reactor):
         client = _client_for(args, reactor)
         try:
-            doc.update(await client.releases(timeout=args.timeout))
+            doc.update(await client.releases(timeout=budget(args.timeout)))
         finally:
             await client.close()
         return 0

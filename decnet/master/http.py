@@ -209,7 +209,7 @@ class PinnedClient:
             kind = FingerprintMismatch if "fingerprint mismatch" in refusal else PeerRefused
             return kind(f"refused {where}: {refusal}")
         if expired:
-            return Unreachable(f"{where} did not answer within {timeout:g}s")
+            return Unreachable(f"{where} did not answer within {_seconds(timeout)}s")
         reasons = _reasons(exc)
         ssl_errors = [r for r in reasons if isinstance(r, SSL.Error)]
         if ssl_errors:
@@ -270,6 +270,10 @@ def _quote(raw: bytes) -> str:
     """A short, ASCII-only quotation of bytes a worker sent (for an error message)."""
     text = raw[: PREVIEW * 4].decode("utf-8", "replace")
     return jsonlib.dumps(text[:PREVIEW] + ("..." if len(text) > PREVIEW else ""))
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
 
 
 def _refuse_constant(name: str):
