@@ -147,8 +147,15 @@ def fresh_master(master_home, target) -> enrollment.MasterState:
 # bidi marks, embeddings, overrides and isolates.  Written out here, independently of
 # the code under test.
 TERMINAL_CONTROLS = frozenset(
-    [*range(0x00, 0x0A), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]
-    + [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    [
+        *range(0x00, 0x0A),
+        *range(0x0B, 0x20),
+        0x7F,
+        *range(0x80, 0xA0),
+        *(0x061C, 0x200E, 0x200F),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    ]
 )
 
 
