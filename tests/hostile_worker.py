@@ -190,3 +190,24 @@ def status(decky="web-01", **service) -> dict:
         "deckies": {decky: {"services": {"redis": svc}}},
         "summary": {"deckies": 1, "services": 1, "listening": 1, "failed": 0},
     }
+
+
+class _Deaf(Protocol):
+    """Completes the TLS handshake, then never reads another byte (TCP windows fill up)."""
+
+    def connectionMade(self):
+        self.factory.connected.append(self)
+        self.transport.pauseProducing()
+
+
+async def listen_deaf(reactor, bundle_dir, role: str):
+    """A TLS listener with ``role``'s certificate of the bundle that stops reading at once."""
+    from decnet.tls import listen_tls as listen
+
+    bundle = pki.WorkerBundle.load(bundle_dir)
+    factory = Factory.forProtocol(_Deaf)
+    factory.connected = []
+    master = Accept(config.ROLE_MASTER, fingerprint=bundle.master_fingerprint)
+    options = PolicyOptions(TLSIdentity.from_bundle(bundle, role), PeerPolicy([master]))
+    port = await listen(reactor, "tcp:0:interface=127.0.0.1", options, factory)
+    return port, factory

@@ -20,7 +20,15 @@ from decnet.master.registry import Registry
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
 from decnet.tls import TLSIdentity
-from tests.hostile_worker import FakeWorker, Reply, fresh_master, health, silent_factory, status
+from tests.hostile_worker import (
+    FakeWorker,
+    Reply,
+    fresh_master,
+    health,
+    listen_deaf,
+    silent_factory,
+    status,
+)
 
 GUARD = 20.0  # a test that would hang on main fails after this instead
 
@@ -185,6 +193,24 @@ async def test_a_stalled_upload_answer_is_cut_off_at_the_deadline(fleet, worker,
     archive = ReleaseArchive(tarball, "ab" * 32, tarball.stat().st_size, (), (), None, None)
     with pytest.raises(Unreachable, match=r"updater@evil at .* did not answer within 0\.5s"):
         await guarded(updater(fleet, worker).update(archive, timeout=0.5))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_updater_that_stops_reading_the_upload_is_cut_off_at_the_deadline(
+    fleet, worker, tmp_path
+):
+    port, deaf = await listen_deaf(reactor, worker.bundle.directory, "updater")
+    try:
+        host = attrs.evolve(worker.host, updater_port=port.getHost().port)
+        client = UpdaterClient(reactor, identity(fleet), host)
+        tarball = tmp_path / "big.tar.gz"
+        tarball.write_bytes(b"x" * (16 * 1024 * 1024))  # far more than the socket buffers
+        archive = ReleaseArchive(tarball, "ab" * 32, tarball.stat().st_size, (), (), None, None)
+        with pytest.raises(Unreachable, match=r"did not answer within 1s"):
+            await guarded(client.update(archive, timeout=1.0))
+        assert len(deaf.connected) == 1
+    finally:
+        await port.stopListening()
 
 
 # -- replies are validated ----------------------------------------------------------------
