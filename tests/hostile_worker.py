@@ -56,7 +56,7 @@ class _Daemon(resource.Resource):
             {"problems": ["no such route"]}, 404
         )
         if reply.hang:
-            self.owner.stalled.append(request)
+            self.owner.stall(request)
             return server.NOT_DONE_YET
         body = reply.encoded()
         request.setResponseCode(reply.code)
@@ -66,7 +66,7 @@ class _Daemon(resource.Resource):
         if reply.stall:
             request.setHeader(b"content-length", str(len(body)).encode())
             request.write(body[:1])
-            self.owner.stalled.append(request)
+            self.owner.stall(request)
             return server.NOT_DONE_YET
         return body
 
@@ -83,6 +83,19 @@ class FakeWorker:
         self.requests: list[tuple[str, str, str]] = []
         self.stalled: list = []
         self.ports: list = []
+        self._stall_waiters: list[defer.Deferred] = []
+
+    def stall(self, request) -> None:
+        self.stalled.append(request)
+        waiters, self._stall_waiters = self._stall_waiters, []
+        for d in waiters:
+            d.callback(request)
+
+    def next_stall(self) -> defer.Deferred:
+        """Fires with the next request this worker leaves hanging."""
+        d: defer.Deferred = defer.Deferred()
+        self._stall_waiters.append(d)
+        return d
 
     async def start(self, reactor, agent_port: int = 0, updater_port: int = 0) -> FakeWorker:
         master = Accept(config.ROLE_MASTER, fingerprint=self.bundle.master_fingerprint)

@@ -303,25 +303,25 @@ def _evil_routes(fail: bool) -> dict:
 
 
 @pytest.fixture(scope="module")
-def evil_fleet(master_home, tmp_path_factory):
-    return enroll_all(master_home, tmp_path_factory, "cli-evil", ["evil", "evil2"])
+def rogue_fleet(master_home, tmp_path_factory):
+    return enroll_all(master_home, tmp_path_factory, "cli-rogue", ["rogue", "rogue2"])
 
 
 def _commands(spec) -> list[tuple[str, ...]]:
-    fleet = [("check",), ("status",), ("update", "--host", "evil", "--host", "evil2")]
+    fleet = [("check",), ("status",), ("update", "--host", "rogue", "--host", "rogue2")]
     single = [
         ("rollback",),
         ("releases",),
         ("deploy", "--spec", str(spec)),
         ("teardown", "--decky", "web-01"),
     ]
-    return fleet + [(cmd[0], host, *cmd[1:]) for cmd in single for host in ("evil", "evil2")]
+    return fleet + [(cmd[0], host, *cmd[1:]) for cmd in single for host in ("rogue", "rogue2")]
 
 
 @pytest_twisted.ensureDeferred
-async def test_escape_sequences_from_a_worker_never_reach_the_terminal(evil_fleet, tmp_path):
-    home, bundles = evil_fleet
-    fakes = await start(bundles, {"evil": _evil_routes(False), "evil2": _evil_routes(True)})
+async def test_escape_sequences_from_a_worker_never_reach_the_terminal(rogue_fleet, tmp_path):
+    home, bundles = rogue_fleet
+    fakes = await start(bundles, {"rogue": _evil_routes(False), "rogue2": _evil_routes(True)})
     spec = tmp_path / "spec.json"
     spec.write_text('{"deckies": []}')
     commands = _commands(spec)

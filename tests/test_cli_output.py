@@ -186,3 +186,19 @@ def test_replies_of_the_documented_shapes_pass():
     assert replies.problems_of(replies.AGENT_STATUS, status) == []
     health = json.loads(doc.split("### `GET /health`\n\n```json\n")[1].split("```")[0])
     assert replies.problems_of(replies.AGENT_HEALTH, health) == []
+
+
+# -- a command's --timeout counts from its start ------------------------------------------
+
+
+def test_a_commands_budget_counts_from_the_start_of_its_process():
+    import time
+
+    from decnet import cli
+    from decnet.cli import runtime
+
+    since_import = time.monotonic() - cli.STARTED
+    age = runtime.age()
+    assert age >= since_import - 0.02  # the process started before it imported decnet.cli
+    assert runtime.budget(age + 1000) <= 1000 + 0.02
+    assert runtime.budget(0) == runtime.MIN_BUDGET

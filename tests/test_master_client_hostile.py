@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
 from twisted.web import resource, server
 
 from decnet.errors import BadReply, RedirectRefused, RemoteError, ReplyTooLarge, Unreachable
@@ -39,7 +40,7 @@ def fleet(master_home, tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile-client")
     master = fresh_master(master_home, base / "home")
     hosts = {}
-    for name in ("evil", "good"):
+    for name in ("rogue", "good"):
         hosts[name] = enrollment_of(master, name, base / name)
     return master, hosts
 
@@ -52,11 +53,11 @@ def enrollment_of(master, name, out):
 
 @pytest_twisted.async_yield_fixture
 async def worker(fleet):
-    """The 'evil' host's fake agent and updater; tests script ``worker.routes``."""
+    """The 'rogue' host's fake agent and updater; tests script ``worker.routes``."""
     _, hosts = fleet
-    fake = await FakeWorker(hosts["evil"].bundle_dir).start(reactor)
+    fake = await FakeWorker(hosts["rogue"].bundle_dir).start(reactor)
     fake.host = attrs.evolve(
-        hosts["evil"].host, agent_port=fake.agent_port, updater_port=fake.updater_port
+        hosts["rogue"].host, agent_port=fake.agent_port, updater_port=fake.updater_port
     )
     yield fake
     await fake.stop()
@@ -106,7 +107,7 @@ class _Lure(resource.Resource):
 
     def render(self, request):
         self.hits.append(request.path)
-        return json.dumps({"status": "ok", "host": "evil", "release": "unauthenticated"}).encode()
+        return json.dumps({"status": "ok", "host": "rogue", "release": "unauthenticated"}).encode()
 
 
 @pytest_twisted.async_yield_fixture
@@ -127,7 +128,7 @@ async def test_a_redirect_is_refused_naming_the_host_and_its_target_is_never_fet
     with pytest.raises(RedirectRefused) as info:
         await guarded(agent(fleet, worker).health())
     message = str(info.value)
-    assert "bad reply from evil at 127.0.0.1:" in message
+    assert "bad reply from rogue at 127.0.0.1:" in message
     assert f"HTTP {code} redirect to {json.dumps(lure.url)}" in message
     assert lure.hits == []
 
@@ -138,12 +139,12 @@ async def test_a_redirect_answering_a_deploy_or_an_update_is_a_typed_error_not_a
 ):
     worker.routes[("agent", "deploy")] = Reply({}, 307, {"location": lure.url})
     worker.routes[("updater", "update")] = Reply({}, 308, {"location": lure.url})
-    with pytest.raises(RedirectRefused, match="evil"):
+    with pytest.raises(RedirectRefused, match="rogue"):
         await guarded(agent(fleet, worker).deploy({"deckies": []}))
     tarball = tmp_path / "r.tar.gz"
     tarball.write_bytes(b"not really a release")
     archive = ReleaseArchive(tarball, "ab" * 32, tarball.stat().st_size, (), (), None, None)
-    with pytest.raises(RedirectRefused, match="updater@evil"):
+    with pytest.raises(RedirectRefused, match="updater@rogue"):
         await guarded(updater(fleet, worker).update(archive))
     assert lure.hits == []
 
@@ -154,7 +155,7 @@ async def test_a_redirect_answering_a_deploy_or_an_update_is_a_typed_error_not_a
 @pytest_twisted.ensureDeferred
 async def test_a_worker_that_stalls_in_the_body_is_cut_off_at_the_deadline(fleet, worker):
     worker.routes[("agent", "health")] = Reply(health(), stall=True)
-    with pytest.raises(Unreachable, match=r"evil at 127\.0\.0\.1:\d+ did not answer within 0\.5s"):
+    with pytest.raises(Unreachable, match=r"rogue at 127\.0\.0\.1:\d+ did not answer within 0\.5s"):
         await guarded(agent(fleet, worker, timeout=0.5).health())
     assert len(worker.stalled) == 1
     # The master aborts the connection (it does not wait for a TLS close the peer never
@@ -168,6 +169,20 @@ async def test_a_worker_that_never_sends_its_headers_is_cut_off_at_the_deadline(
     worker.routes[("agent", "status")] = Reply(status(), hang=True)
     with pytest.raises(Unreachable, match=r"did not answer within 0\.5s"):
         await guarded(agent(fleet, worker, timeout=0.5).status())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_deadline_runs_on_the_injected_clock(fleet, worker):
+    worker.routes[("agent", "health")] = Reply(health(), hang=True)
+    clock = Clock()
+    stalled = worker.next_stall()
+    call = defer.ensureDeferred(agent(fleet, worker, timeout=5, clock=clock).health())
+    await guarded(stalled)  # the request is at the worker, which will never answer
+    clock.advance(4.9)
+    assert not call.called
+    clock.advance(0.1)
+    with pytest.raises(Unreachable, match="did not answer within 5s"):
+        await guarded(call)
 
 
 @pytest_twisted.ensureDeferred
@@ -191,7 +206,7 @@ async def test_a_stalled_upload_answer_is_cut_off_at_the_deadline(fleet, worker,
     tarball = tmp_path / "r.tar.gz"
     tarball.write_bytes(b"x" * 100_000)
     archive = ReleaseArchive(tarball, "ab" * 32, tarball.stat().st_size, (), (), None, None)
-    with pytest.raises(Unreachable, match=r"updater@evil at .* did not answer within 0\.5s"):
+    with pytest.raises(Unreachable, match=r"updater@rogue at .* did not answer within 0\.5s"):
         await guarded(updater(fleet, worker).update(archive, timeout=0.5))
 
 
@@ -220,7 +235,7 @@ BAD_AGENT_REPLIES = [
     ("deploy", Reply({"problems": [1, 2]}, 400), "HTTP 400: problems[0]: must be a string"),
     ("deploy", Reply({"oops": "no problems list"}, 500), "HTTP 500: problems: is required"),
     ("deploy", Reply(b"<html>502 Bad Gateway</html>", 502), "HTTP 502, and the body is not JSON"),
-    ("status", Reply({"host": "evil", "summary": {}}), "deckies: is required"),
+    ("status", Reply({"host": "rogue", "summary": {}}), "deckies: is required"),
     ("status", Reply(status(port="22")), "deckies.web-01.services.redis.port: must be an integer"),
     ("status", Reply(status(decky="\x1b[2J")), '"\\u001b[2J" (key): must be a decky name'),
     ("health", Reply(b"", 200), "the body is not JSON"),
@@ -248,7 +263,7 @@ async def test_a_reply_that_breaks_its_schema_is_a_bad_reply_naming_the_host(
     }[route]
     with pytest.raises(BadReply) as info:
         await guarded(call())
-    assert str(info.value).startswith("bad reply from evil at 127.0.0.1:")
+    assert str(info.value).startswith("bad reply from rogue at 127.0.0.1:")
     assert why in str(info.value)
     assert str(info.value).isascii()
 
@@ -289,7 +304,7 @@ async def test_an_updater_reply_that_breaks_its_schema_is_a_bad_reply(
     }[route]
     with pytest.raises(BadReply) as info:
         await guarded(call())
-    assert str(info.value).startswith("bad reply from updater@evil at 127.0.0.1:")
+    assert str(info.value).startswith("bad reply from updater@rogue at 127.0.0.1:")
     assert why in str(info.value)
 
 
@@ -312,23 +327,23 @@ async def test_check_hosts_reports_a_bad_reply_as_that_hosts_row_and_the_others_
     try:
         worker.routes[("agent", "health")] = Reply({"status": "ok", "release": ["r", 1]})
         arrived = []
-        evil_host = worker.host
+        rogue_host = worker.host
         good_host = attrs.evolve(hosts["good"].host, agent_port=good.agent_port)
         results = await guarded(
             check_hosts(
                 reactor,
                 identity(fleet),
                 Registry(master.paths.registry),
-                [evil_host, good_host],
+                [rogue_host, good_host],
                 arrived=arrived.append,
             )
         )
     finally:
         await good.stop()
     assert [(r.name, r.ok, r.bad_reply) for r in results] == [
-        ("evil", False, True),
+        ("rogue", False, True),
         ("good", True, False),
     ]
     assert "release: must be a string" in results[0].detail
-    assert sorted(r.name for r in arrived) == ["evil", "good"]
-    assert Registry(master.paths.registry).get("evil").status == "unreachable"
+    assert sorted(r.name for r in arrived) == ["rogue", "good"]
+    assert Registry(master.paths.registry).get("rogue").status == "unreachable"

@@ -2,6 +2,6 @@
 
 import time
 
-# When this command started (before its imports): a command's --timeout counts from here,
-# so `check --timeout 3` ends about 3 s after it was typed, however slow the start-up.
+# When this package was imported: where a command's --timeout counts from when /proc
+# cannot tell when the process itself started (decnet.cli.runtime.age).
 STARTED = time.monotonic()

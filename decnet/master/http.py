@@ -15,10 +15,12 @@ nothing else about it:
   connection, possibly for plain HTTP).  This is why the plain ``Agent`` is used and
   not treq's ``HTTPClient``, which wraps it in a redirect-following agent (and a gzip
   decoder that would let a small body inflate in memory before any cap).
-* **One deadline per request** covers connecting, the TLS handshake, the headers and
-  the whole body; when it passes the connection is aborted and the call fails with
-  :class:`~decnet.errors.Unreachable`.  A worker that sends headers and then trickles
-  or stalls cannot hold a fleet command.
+* **One deadline per request** covers connecting, the TLS handshake, sending the
+  request, the headers and the whole body; when it passes the call fails with
+  :class:`~decnet.errors.Unreachable` and the connection is dropped (aborted, once
+  the answer has begun: no TLS close handshake that a stalled peer would never
+  complete).  A worker that sends headers and then trickles or stalls cannot hold
+  a fleet command.
 * **Every reply is validated** (:mod:`decnet.master.replies`): a 2xx against the
   route's schema, a 4xx/5xx against the common error schema, bodies capped at
   :data:`MAX_RESPONSE`.  Anything else is :class:`~decnet.errors.BadReply`.
