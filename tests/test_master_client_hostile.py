@@ -345,5 +345,5 @@ async def test_check_hosts_reports_a_bad_reply_as_that_hosts_row_and_the_others_
         ("good", True, False),
     ]
     assert "release: must be a string" in results[0].detail
-    assert sorted(r.name for r in arrived) == ["rogue", "good"]
+    assert sorted(r.name for r in arrived) == ["good", "rogue"]
     assert Registry(master.paths.registry).get("rogue").status == "unreachable"

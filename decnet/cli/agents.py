@@ -149,16 +149,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             table = output.StreamTable(STATUS_HEADERS, (width, *STATUS_WIDTHS))
 
         async def one(host):
-            client = ctx.client(reactor, host, budget(args.timeout))
             try:
-                doc = await client.status()
-            except DecnetError as exc:
+                client = ctx.client(reactor, host, budget(args.timeout))
+                try:
+                    doc = await client.status()
+                finally:
+                    await client.close()
+            except DecnetError as exc:  # refused before connecting, unreachable, bad reply
                 errors[host.name] = str(exc)
                 if table is not None:
                     table.row((host.name, "-", "-", "-", _failure_state(exc), "", "", "", exc))
                 return
-            finally:
-                await client.close()
             docs[host.name] = doc
             if table is not None:
                 for row in _status_rows(host.name, doc):
