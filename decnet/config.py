@@ -37,8 +37,12 @@ UPDATER_CN_PREFIX = "updater@"
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 397
 
-# Seconds the master waits for one call to a worker daemon.
+# Seconds the master waits for one call to a worker daemon: one deadline for connecting,
+# the TLS handshake, the headers and the whole body.
 HTTP_TIMEOUT = 10.0
+# A deploy waits for every listener to be bound (and SSH host keys to be generated on
+# first use), so it gets a longer deadline than a probe.
+AGENT_DEPLOY_TIMEOUT = 60.0
 
 # Worker-side defaults (each daemon takes an option to override).
 DEFAULT_LOG_FILE = "/var/log/decnet/decnet.log"
@@ -254,6 +258,7 @@ MAX_SMALL_BODY = 64 * 1024  # any body from a caller that may not upload, and JS
 DEFAULT_UPDATE_CONCURRENCY = 4
 DEFAULT_UPDATE_TIMEOUT = 1800.0  # seconds the master waits for one host's POST /update
 DEFAULT_SELF_UPDATE_WAIT = 120.0  # seconds for a re-executed updater to answer /health
+RELEASES_TIMEOUT = 30.0  # seconds for GET /releases (it reads every release's metadata)
 
 
 # ---------------------------------------------------------------------------
@@ -282,4 +287,6 @@ SANDBOX_FEED_POLL = 0.25  # seconds between two reads of the master's JSON feeds
 SANDBOX_HOSTS_POLL = 3.0  # seconds between two health/status rounds of the live view
 SANDBOX_TABLE_EVERY = 15.0  # the host table is reprinted at most this often without a change
 SANDBOX_TABLE_QUIET = 2.0  # ... and only once no event arrived for this long (not mid-burst)
+SANDBOX_TABLE_SETTLE = 0.2  # rows arriving within this long of each other make one table
+SANDBOX_AGENT_TIMEOUT = 5.0  # the live view's deadline for one request to an agent
 SANDBOX_FORWARDER_RETRY = 5.0  # forwarders' --max-retry-delay: reconnect quickly on loopback
