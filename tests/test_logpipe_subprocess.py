@@ -177,3 +177,151 @@ def test_kill_9_of_either_side_at_random_moments_loses_and_duplicates_nothing(
         writer.stop.set()
         stop(forwarder)
         stop(listener)
+
+
+def lines(first: int, count: int) -> bytes:
+    return b"".join(syslog_line(i) + b"\n" for i in range(first, first + count))
+
+
+def append(path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def forwarder_up(log_path):
+    """The forwarder has read its journal and follows the file (it records every file it opens)."""
+    wait_for(
+        lambda: log_path.exists() and "Forwarding" in log_path.read_text(errors="replace"),
+        what="the forwarder to start",
+    )
+
+
+def a_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mirror_of(ingest, name, expected: bytes) -> bytes:
+    mirror = ingest / name / "decnet.log"
+    wait_for(
+        lambda: mirror.exists() and mirror.stat().st_size >= len(expected),
+        timeout=60,
+        what="the mirror to catch up",
+    )
+    return mirror.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_rotation_before_the_first_ack_survives_kill_9_of_the_forwarder(
+    master_home, worker, tmp_path
+):
+    """Issue #9 A, the repro: the listener is down when the forwarder starts."""
+    name, bundle = worker
+    log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
+    log_file.touch()
+    port = a_free_port()
+    forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f0.log")
+    listener = None
+    try:
+        forwarder_up(tmp_path / "f0.log")
+        append(log_file, lines(0, 100))
+        os.rename(log_file, str(log_file) + ".1")
+        append(log_file, lines(100, 100))
+        forwarder.kill()
+        forwarder.wait()
+        forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f1.log")
+        forwarder_up(tmp_path / "f1.log")
+        listener, _ = start_listener(master_home.home, ingest, tmp_path / "l.log", port)
+        assert mirror_of(ingest, name, lines(0, 200)) == lines(0, 200)
+    finally:
+        stop(forwarder)
+        if listener is not None:
+            stop(listener)
+
+
+@pytest.mark.slow
+def test_rotations_of_every_style_before_the_first_connection_lose_nothing(
+    master_home, worker, tmp_path
+):
+    name, bundle = worker
+    log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
+    port = a_free_port()
+    append(log_file, lines(0, 50))
+    forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f0.log")
+    listener = None
+    try:
+        forwarder_up(tmp_path / "f0.log")
+        os.rename(log_file, str(log_file) + ".1")  # rename and create
+        append(log_file, lines(50, 50))
+        wait_for(
+            lambda: "rotated" in (tmp_path / "f0.log").read_text(errors="replace"),
+            what="the forwarder to notice the rotation",
+        )
+        os.unlink(str(log_file) + ".1")  # deleted: still readable through its descriptor
+        copy = log_file.read_bytes()  # copytruncate
+        (tmp_path / "decnet.log.1").write_bytes(copy)
+        os.truncate(log_file, 0)
+        append(log_file, lines(100, 50))
+        listener, _ = start_listener(master_home.home, ingest, tmp_path / "l.log", port)
+        assert mirror_of(ingest, name, lines(0, 150)) == lines(0, 150)
+    finally:
+        stop(forwarder)
+        if listener is not None:
+            stop(listener)
+
+
+@pytest.mark.slow
+def test_two_rotations_while_the_forwarder_is_down_are_drained_in_order(
+    master_home, worker, tmp_path
+):
+    name, bundle = worker
+    log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
+    listener, port = start_listener(master_home.home, ingest, tmp_path / "l.log")
+    append(log_file, lines(0, 40))
+    forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f0.log")
+    try:
+        assert mirror_of(ingest, name, lines(0, 40)) == lines(0, 40)
+        forwarder.kill()
+        forwarder.wait()
+        append(log_file, lines(40, 40))
+        os.rename(log_file, str(log_file) + ".1")
+        append(log_file, lines(80, 40))
+        os.rename(str(log_file) + ".1", str(log_file) + ".2")
+        os.rename(log_file, str(log_file) + ".1")
+        append(log_file, lines(120, 40))
+        forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f1.log")
+        assert mirror_of(ingest, name, lines(0, 160)) == lines(0, 160)
+    finally:
+        stop(forwarder)
+        stop(listener)
+
+
+@pytest.mark.slow
+def test_a_rotated_file_deleted_while_the_forwarder_is_down_is_a_recorded_gap(
+    master_home, worker, tmp_path
+):
+    name, bundle = worker
+    log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
+    listener, port = start_listener(master_home.home, ingest, tmp_path / "l.log")
+    append(log_file, lines(0, 10))
+    forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f0.log")
+    try:
+        assert mirror_of(ingest, name, lines(0, 10)) == lines(0, 10)
+        forwarder.kill()
+        forwarder.wait()
+        append(log_file, lines(10, 10))  # never shipped...
+        os.rename(log_file, str(log_file) + ".1")
+        os.unlink(str(log_file) + ".1")  # ... and deleted while the forwarder is down
+        append(log_file, lines(20, 10))
+        forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f1.log")
+        mirror = mirror_of(ingest, name, lines(0, 10) + lines(20, 10))
+        assert mirror == lines(0, 10) + lines(20, 10)
+        wait_for(
+            lambda: "Gap in" in (tmp_path / "l.log").read_text(errors="replace"),
+            what="the listener to log the gap",
+        )
+        assert "gap" in (tmp_path / "f1.log").read_text(errors="replace")
+    finally:
+        stop(forwarder)
+        stop(listener)
