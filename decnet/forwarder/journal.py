@@ -250,130 +250,206 @@ def plan_start(journal: Journal, basename: str, candidates: list[Candidate]) -> 
     """Which file is which generation after a (re)start; see the module docstring.
 
     * Every active generation is looked for by identity (renamed or not), then
-      by content (copytruncate's copy).  One that is not found is gone: it
-      stays in the plan with no file, and the tailer declares the gap.
+      by content (copytruncate's copy, a compressed copy).  One that is not
+      found is gone: it stays in the plan with no file, and the tailer
+      declares the gap.
     * A file in the directory that the journal does not know, named like a
       rotation of the log, appeared while the forwarder was down: it is a
       generation rotated meanwhile, drained in rotation order before the file
       now at the path.  On the very first start (empty journal) such files
       predate the forwarder and are only remembered, not shipped.
     """
-    records: dict[int, GenerationRecord] = {}
-    notes: list[str] = []
-    used: set[str] = set()
-    active = sorted(
-        (g for g in journal.generations if g.state in (ACTIVE, GONE)), key=lambda g: g.seq
-    )
-    planned: list[Planned] = []
-    for rec in active:
-        if rec.base is None and not planned:
+    return _Planner(journal, basename, candidates).plan()
+
+
+class _Planner:
+    """The state of one :func:`plan_start` run."""
+
+    def __init__(self, journal: Journal, basename: str, candidates: list[Candidate]):
+        self.journal = journal
+        self.basename = basename
+        self.candidates = candidates
+        self.records: dict[int, GenerationRecord] = {}
+        self.notes: list[str] = []
+        self.used: set[str] = set()
+        self.planned: list[Planned] = []
+        self.forget: list[int] = []
+        self.seq = journal.next_seq
+
+    def plan(self) -> Plan:
+        followed = sorted(
+            (g for g in self.journal.generations if g.state in (ACTIVE, GONE)), key=lambda g: g.seq
+        )
+        for i, rec in enumerate(followed):
+            self._follow(rec, last=i == len(followed) - 1)
+        self._recognize_done()
+        at_path = self._named(self.basename)
+        current = at_path if at_path is not None and at_path.name not in self.used else None
+        if current is not None and not current.readable:
+            current = None
+        slots, rest = self._slot(_unknown(self.candidates, self.used, self.basename))
+        current = self._emptied(slots, current, at_path)
+        if self.journal.generations and (current is not None or self.basename not in self.used):
+            if rest:
+                names = ", ".join(c.name for c in rest)
+                self.notes.append(f"rotated while the forwarder was down: {names}")
+            slots += rest
+        else:
+            self._not_ours(rest)
+        if current is not None:
+            slots.append(current)
+        self._number(slots)
+        if self.planned and self.planned[0].record.base is None:
+            first = self._record(attrs.evolve(self.planned[0].record, base=self.journal.acked))
+            self.planned[0] = attrs.evolve(self.planned[0], record=first)
+        return Plan(
+            tuple(self.planned),
+            tuple(self.records.values()),
+            tuple(self.forget),
+            tuple(self.notes),
+        )
+
+    def _record(self, rec: GenerationRecord) -> GenerationRecord:
+        self.records[rec.seq] = rec
+        return rec
+
+    def _named(self, name: str | None) -> Candidate | None:
+        return next((c for c in self.candidates if c.name == name), None)
+
+    def _follow(self, rec: GenerationRecord, *, last: bool) -> None:
+        """Find the file of an active (or gone) generation of the journal."""
+        acked = self.journal.acked
+        if rec.base is None and not self.planned:
             # Its predecessor was acknowledged to its end and released.
-            rec = records[rec.seq] = attrs.evolve(rec, base=journal.acked)
-        found = None if rec.state == GONE else _find(rec.identity, candidates, used)
+            rec = self._record(attrs.evolve(rec, base=acked))
+        found = None if rec.state == GONE else _find(rec.identity, self.candidates, self.used)
         if found is not None:
-            used.add(found.name)
-        if rec.end is not None and rec.base is not None and rec.end <= journal.acked:
-            records[rec.seq] = attrs.evolve(rec, state=DONE)
-            continue
-        start = max(0, journal.acked - rec.base) if not planned and rec.base is not None else 0
+            self.used.add(found.name)
+        if rec.end is not None and rec.base is not None and rec.end <= acked:
+            self._record(attrs.evolve(rec, state=DONE))
+            return
+        start = max(0, acked - rec.base) if not self.planned and rec.base is not None else 0
         if found is None or not found.readable:
-            size = None if found is None else found.size
             if rec.state != GONE:
-                notes.append(_gone_note(rec, journal.acked, found))
-            planned.append(Planned(rec, None, start, size))
-            continue
-        if not rec.identity.holds(found):
-            # Found by content only (copytruncate's copy): follow it there from now on.
-            moved = attrs.evolve(
-                rec.identity, dev=found.stat.dev, ino=found.stat.ino, version=found.version
+                self.notes.append(_gone_note(rec, acked, found))
+            self.planned.append(Planned(rec, None, start, found.size if found else None))
+            return
+        if rec.identity.holds(found):
+            if found.name != self.basename:
+                self.notes.append(f"generation {rec.seq} is now {found.name}")
+            self.planned.append(Planned(rec, found.name, start))
+            return
+        # Found by content only (copytruncate's copy): follow it there from now on.
+        original = rec.identity
+        moved = attrs.evolve(
+            original, dev=found.stat.dev, ino=found.stat.ino, version=found.version
+        )
+        rec = self._record(attrs.evolve(rec, identity=moved))
+        self.notes.append(f"generation {rec.seq} continues in {found.name} (a copy of it)")
+        self.planned.append(Planned(rec, found.name, start))
+        if last and not any(_same_file(original, c) for c in self.candidates):
+            # Its file went on as the next generation, and that file is gone too.
+            lost = GenerationRecord(self.seq, original, None, None, GONE)
+            self.seq += 1
+            self.planned.append(Planned(self._record(lost), None))
+            self.notes.append(
+                f"the file generation {rec.seq} was truncated in is gone: what was written to it "
+                "afterwards is lost (a gap is declared)"
             )
-            rec = records[rec.seq] = attrs.evolve(rec, identity=moved)
-            notes.append(f"generation {rec.seq} continues in {found.name} (a copy of it)")
-        elif found.name != basename:
-            notes.append(f"generation {rec.seq} is now {found.name}")
-        planned.append(Planned(rec, found.name, start))
 
-    forget = []
-    for rec in journal.generations:
-        if rec.state == DONE:
-            found = _find(rec.identity, candidates, used)
-            if found is None:
-                forget.append(rec.seq)
-            else:
-                used.add(found.name)
+    def _recognize_done(self) -> None:
+        """Shipped generations whose file is still here are remembered; the rest forgotten."""
+        for rec in self.journal.generations:
+            if rec.state == DONE:
+                found = _find(rec.identity, self.candidates, self.used)
+                if found is None:
+                    self.forget.append(rec.seq)
+                else:
+                    self.used.add(found.name)
 
-    seq = journal.next_seq
-    current = next((c for c in candidates if c.name == basename), None)
-    if current is not None and (current.name in used or not current.readable):
-        current = None
-    unknown = _unknown(candidates, used, basename)
-    reuse: list[int] = []  # seqs handed to the new generations first
-    after: list[Candidate] = []
-    moved: Candidate | GenerationRecord | None = None
-    last = planned[-1] if planned else None
-    at_path = next((c for c in candidates if c.name == basename), None)
-    if last is not None and last.record.identity.fp_len == 0 and journal.generations:
-        # The last generation was empty when it was opened and nothing of it
-        # was read, so what it holds now was all written later.  Rotated files
-        # we do not know that were last modified before that (copytruncate's
-        # copies of it) come first: it gives its place (its seq) to the first
-        # of them and follows them, with its content, or, gone, with the gap
-        # that says what it held may be lost.
-        found = next((c for c in candidates if c.name == last.name), None)
-        when = found.stat.mtime_ns if found is not None else last.record.identity.mtime_ns
-        before = [c for c in unknown if c.stat.mtime_ns <= when]
-        if before:
-            planned.pop()
-            reuse = [last.record.seq]
-            unknown = [*before, *(c for c in unknown if c not in before)]
-            if found is None:
-                moved = attrs.evolve(last.record, base=None, state=GONE)
-            elif found.name == basename:
-                current = found
-            else:
-                moved = found
-            unknown, after = before, unknown[len(before) :]
-        elif found is not None and found.name == basename and last.record.identity.emptied(found):
-            # Written to and emptied again while we were down, with no copy left.
-            planned[-1] = attrs.evolve(last, name=None)
-            records[last.record.seq] = attrs.evolve(last.record, state=GONE)
-            notes.append(f"{basename} was written to and truncated while the forwarder was down")
-            current = at_path
-    if not journal.generations or (current is None and basename in used):
-        # First start, or the log itself was not rotated: not ours to ship.
+    def _slot(self, unknown: list[Candidate]) -> tuple[list, list[Candidate]]:
+        """The journal's generations with the unknown rotated files slotted in, and
+        the unknown files that come after all of them.
+
+        A generation's file was last written before the next generation began,
+        so an unknown file goes before the first generation not shipped from
+        yet (no base, or nothing of it ever read) that was last modified after
+        it (a lost one: after it was last seen).  Those that come after every
+        one are rotations newer than anything the journal knows.
+        """
+        slots: list = []
+        for p in self.planned:
+            if p.record.base is None or p.record.identity.fp_len == 0:
+                found = self._named(p.name)
+                when = found.stat.mtime_ns if found else p.record.identity.mtime_ns
+                slots += [c for c in unknown if c.stat.mtime_ns <= when]
+                unknown = [c for c in unknown if c.stat.mtime_ns > when]
+            slots.append(p)
+        return slots, unknown
+
+    def _emptied(self, slots: list, current: Candidate | None, at_path) -> Candidate | None:
+        """The last generation was empty when recorded, is still empty at the path,
+        yet was modified since: what was written to it was truncated away again
+        while we were down, with no copy left.  It is gone; the file is new."""
+        last = slots[-1] if slots else None
+        if (
+            isinstance(last, Planned)
+            and last.name == self.basename
+            and (len(slots) < 2 or isinstance(slots[-2], Planned))
+            and last.record.identity.emptied(at_path)
+        ):
+            index = self.planned.index(last)
+            self.planned[index] = slots[-1] = attrs.evolve(last, name=None)
+            self._record(attrs.evolve(last.record, state=GONE))
+            self.notes.append(
+                f"{self.basename} was written to and truncated while the forwarder was down"
+            )
+            return at_path
+        return current
+
+    def _not_ours(self, unknown: list[Candidate]) -> None:
+        """First start, or the log itself was not rotated: remembered, not shipped."""
         for c in unknown:
-            records[seq] = GenerationRecord(seq, c.identity, None, None, DONE)
-            seq += 1
+            self._record(GenerationRecord(self.seq, c.identity, None, None, DONE))
+            self.seq += 1
         if unknown:
             why = "the log file itself was not rotated"
-            if not journal.generations:
+            if not self.journal.generations:
                 why = "rotated before the forwarder's first start"
-            notes.append("not shipping " + ", ".join(c.name for c in unknown) + ": " + why)
-        unknown = []
-    if unknown:
-        notes.append("rotated while the forwarder was down: " + ", ".join(c.name for c in unknown))
-    for c in [*unknown, moved, *after, current]:
-        if c is None:
-            continue
-        if reuse:
-            number = reuse.pop()
-        else:
-            number, seq = seq, seq + 1
-        if isinstance(c, GenerationRecord):
-            rec = records[number] = attrs.evolve(c, seq=number)
-            planned.append(Planned(rec, None))
-            continue
-        rec = records[number] = GenerationRecord(number, c.identity, None)
-        if c.readable:
-            planned.append(Planned(rec, c.name))
-        else:
-            notes.append(f"{c.name} was rotated and compressed before it was shipped")
-            planned.append(Planned(rec, None, 0, c.size))
-    if planned and planned[0].record.base is None:
-        first = attrs.evolve(planned[0].record, base=journal.acked)
-        records[first.seq] = first
-        planned[0] = attrs.evolve(planned[0], record=first)
-    return Plan(tuple(planned), tuple(records.values()), tuple(forget), tuple(notes))
+            self.notes.append("not shipping " + ", ".join(c.name for c in unknown) + ": " + why)
+
+    def _number(self, slots: list) -> None:
+        """The final order.  Generations are numbered in stream order: from the first
+        new file on, every generation takes a fresh number (its old row is dropped)."""
+        self.planned = []
+        renumber = False
+        for item in slots:
+            if isinstance(item, Candidate):
+                renumber = True
+                rec = self._record(GenerationRecord(self.seq, item.identity, None))
+                self.seq += 1
+                if item.readable:
+                    self.planned.append(Planned(rec, item.name))
+                else:
+                    self.notes.append(
+                        f"{item.name} was rotated and compressed before it was shipped"
+                    )
+                    self.planned.append(Planned(rec, None, 0, item.size))
+                continue
+            if renumber:
+                self.forget.append(item.record.seq)
+                self.records.pop(item.record.seq, None)
+                item = attrs.evolve(item, record=attrs.evolve(item.record, seq=self.seq, base=None))
+                self._record(item.record)
+                self.seq += 1
+            self.planned.append(item)
+
+
+def _same_file(identity: FileIdentity, c: Candidate) -> bool:
+    """``c`` is the inode ``identity`` names (whatever it holds now)."""
+    if not identity.same_inode(c.stat):
+        return False
+    return not (identity.version and c.version and identity.version != c.version)
 
 
 def _gone_note(rec: GenerationRecord, acked: int, found: Candidate | None) -> str:

@@ -54,6 +54,7 @@ from decnet.forwarder.journal import (
     GenerationRecord,
     Journal,
     Plan,
+    fingerprint,
     identity_of,
     plan_start,
     probe,
@@ -321,15 +322,23 @@ class Tailer:
             # Switched, or the old file's final size is now known: look again.
 
     def _size(self, gen: _Generation) -> int:
+        """How far ``gen`` may be read; checks the file at the path for truncation."""
+        if gen.final_size is None and gen is self.gens[-1]:
+            self._check_content(gen, self.files.fstat(gen.handle))
         if gen.final_size is not None:
+            self._fingerprint(gen, gen.final_size)
             return gen.final_size
-        st = self.files.fstat(gen.handle)
-        if gen is self.gens[-1]:
-            self._check_content(gen, st)
-        if gen.final_size is not None:
-            return gen.final_size
-        gen.seen = max(gen.seen, st.size)
-        return st.size
+        size = self.files.fstat(gen.handle).size
+        self._fingerprint(gen, size)
+        gen.seen = max(gen.seen, size)
+        return size
+
+    def _fingerprint(self, gen: _Generation, size: int) -> None:
+        """Fingerprint more of a file we hold, so its copies (compressed) are recognized."""
+        if gen.handle is not None and gen.identity.fp_len < min(size, FINGERPRINT_BYTES):
+            head = self._head(gen.handle, size)
+            gen.identity = attrs.evolve(gen.identity, fp_len=len(head), fp_hash=fingerprint(head))
+            self._mark(gen)
 
     def _read_lines(self, gen: _Generation, size: int) -> list[Piece]:
         while True:
@@ -496,6 +505,10 @@ class Tailer:
     def _unknown_files(self, exclude: _Generation | None = None) -> list[Candidate]:
         """Rotated files in the directory that hold no generation we know, oldest first."""
         others = [g for g in self.gens if g is not exclude and not g.vanished]
+        for gen in others:
+            if gen.handle is not None:
+                # Up to date, so that a compressed copy of it is recognized as such.
+                self._fingerprint(gen, gen.final_size or self.files.fstat(gen.handle).size)
         known = [g.identity for g in others] + self.done
         held = {(g.identity.dev, g.identity.ino) for g in others if not g.lost}
         return unknown_rotations(known, self.path.name, self._candidates(), held)
@@ -561,29 +574,37 @@ class Tailer:
 
     def _truncated(self, gen: _Generation, st: Stat) -> None:
         """``gen``'s file was truncated in place: finish ``gen`` from its copy, if
-        logrotate made one, and start a new generation at byte 0 of the file."""
+        logrotate made one, and start a new generation at byte 0 of the file.
+        Copies of content written after our last look (truncated more than once
+        between two looks) are generations in between."""
         self.truncations += 1
+        unknown = self._unknown_files(exclude=gen)
         copy = None
         if gen.identity.fp_len:
             copy = next(
-                (
-                    c
-                    for c in self._unknown_files(exclude=gen)
-                    if gen.identity.copied_in(c) and (c.size or 0) >= gen.pos
-                ),
+                (c for c in unknown if gen.identity.copied_in(c) and (c.size or 0) >= gen.pos),
                 None,
             )
+        after_copy = unknown.index(copy) + 1 if copy is not None else 0
+        between = [
+            c
+            for c in unknown[after_copy:]
+            if c.stat.mtime_ns <= st.mtime_ns and not gen.identity.same_inode(c.stat)
+        ]
         handle = gen.handle
         new = self._new_generation(
             identity_of(st, self._head(handle, st.size), gen.identity.version), handle, st.size, st
         )
         index = self.gens.index(gen)
-        self.gens.insert(index + 1, new)
+        inserted = [g for g in map(self._generation_for, between) if g is not None]
+        self.gens[index + 1 : index + 1] = [*inserted, new]
         gen.handle = None
         if copy is not None and copy.readable:
             gen.handle = self.files.open(str(self.path.parent / copy.name))
         if gen.handle is not None:
-            gen.identity = attrs.evolve(gen.identity, dev=copy.stat.dev, ino=copy.stat.ino)
+            gen.identity = attrs.evolve(
+                gen.identity, dev=copy.stat.dev, ino=copy.stat.ino, version=copy.version
+            )
             gen.final_size = copy.size
             how = f"finishing its old content from {copy.name}"
         elif copy is not None:
