@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from decnet import config
 from decnet.agent.app import make_app, master_accept, updater_accept
 from decnet.agent.controller import Controller
+from decnet.agent.decoys.budget import ConnectionBudget, default_connection_budget, nofile_limit
 from decnet.agent.engine import ENGINES
 from decnet.agent.eventlog import EventLog
 from decnet.agent.state import DesiredState
@@ -57,6 +58,7 @@ class AgentService(MultiService):
         event_clock=None,
         new_session_id=None,
         revocations: str | os.PathLike | None = None,
+        max_decoy_connections: int | None = None,
     ):
         super().__init__()
         self._reactor = reactor
@@ -67,6 +69,10 @@ class AgentService(MultiService):
         )
         self.eventlog.setServiceParent(self)
         engine_kw = {"clock": event_clock} if event_clock else {}
+        if max_decoy_connections is None:
+            max_decoy_connections = default_connection_budget(nofile_limit())
+        self.decoy_budget = ConnectionBudget(max_decoy_connections, reactor)
+        engine_kw["connection_budget"] = self.decoy_budget
         if new_session_id is not None:
             engine_kw["new_session_id"] = new_session_id
         self.engine = ENGINES[engine](reactor, self.eventlog.emit, self.state_dir, **engine_kw)
@@ -95,6 +101,11 @@ class AgentService(MultiService):
 
     def startService(self):
         ensure_private_dir(self.state_dir)
+        self.log.info(
+            "Decoys may hold {budget} sockets in all (RLIMIT_NOFILE {nofile})",
+            budget=self.decoy_budget.limit,
+            nofile=nofile_limit(),
+        )
         super().startService()
         d = defer.ensureDeferred(self.controller.restore())
         d.addErrback(self._restore_failed)

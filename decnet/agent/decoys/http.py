@@ -25,6 +25,9 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from decnet.agent.decoys.base import DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.inbox import TOO_LONG
+
+RAW_SLICE = 4096
 
 LOGIN_PATHS = {b"/", b"/login", b"/login.html", b"/index.html", b"/admin", b"/admin/"}
 USER_FIELDS = ("username", "user", "login", "email", "uname", "log", "usr")
@@ -58,14 +61,20 @@ class DecoyRequest(server.Request):
     """A request that keeps at most ``max_body`` bytes of its body (and counts the rest)."""
 
     body_size = 0
+    chunked = False
 
     def gotLength(self, length):
         cap = self.channel.runtime.spec.option("max_body")
+        self.chunked = length is None
         # Small or unknown declared length: an in-memory buffer, never a temp file.
         super().gotLength(0 if length is None else min(length, cap))
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data):
+        # Each chunk of a chunked body is an item like a header line: a flood
+        # of one-byte chunks meets the connection's command cap.
+        if self.chunked and not self.channel.count_command():
+            return
         cap = self.channel.runtime.spec.option("max_body")
         room = cap - self.body_size
         if room > 0:
@@ -104,8 +113,6 @@ class DecoyResource(Resource):
         channel = request.channel
         session = channel.session
         spec = self.runtime.spec
-        if not channel.count_command():
-            return b""
         request.content.seek(0)
         body = request.content.read()
         headers = b"\n".join(
@@ -176,7 +183,49 @@ _UNAUTHORIZED_TEXT = (
 
 
 class DecoyChannel(DecoyMixin, http.HTTPChannel):
-    """One attacker connection: ``connect``/``disconnect`` events around HTTP requests."""
+    """One attacker connection: ``connect``/``disconnect`` events around HTTP requests.
+
+    twisted.web parses each line and body; the splitting into lines is ours
+    (:meth:`next_item`, on the connection's inbox): ``LineReceiver`` copies the
+    rest of its buffer for every line.  Every request line, header line and
+    body chunk of a chunked request counts toward the command cap; raw body
+    bytes are handed over :data:`RAW_SLICE` at a time.  Like Apache
+    (``LimitRequestFields``), more than 100 header fields are a 400.
+    """
+
+    maxHeaders = 100
+
+    def next_item(self) -> bool:
+        if self.line_mode:
+            line = self.inbox.next_line(self.delimiter, self.MAX_LENGTH)
+            if line is None:
+                return False
+            if line is TOO_LONG:
+                self.close("line-too-long")
+            elif self.count_command():
+                self.lineReceived(line)
+            return True
+        if not len(self.inbox):
+            return False
+        self.rawDataReceived(self.inbox.take(RAW_SLICE))
+        return True
+
+    def setLineMode(self, extra=b""):
+        # twisted.web hands back what it buffered while a request was being
+        # handled: it came from our inbox, so it goes back to the front.
+        self.line_mode = 1
+        if extra:
+            self.inbox.unread(extra)
+            self.pump()
+
+    def _respondToBadRequestAndDisconnect(self):
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.close("protocol-error")
+
+    def loseConnection(self):
+        # A response to a non-persistent request is done: hang up like close()
+        # does, with the grace period for a peer that does not read.
+        self.close(self.close_reason or "closed")
 
 
 class DecoySite(server.Site):
@@ -186,11 +235,9 @@ class DecoySite(server.Site):
     noisy = False
 
     def __init__(self, runtime: ServiceRuntime, reactor):
-        super().__init__(
-            DecoyResource(runtime),
-            timeout=runtime.spec.option("idle_timeout"),
-            reactor=reactor,
-        )
+        # No twisted.web idle timer: DecoyMixin's idle_timeout (reset on every
+        # read) and max_lifetime apply, as for every decoy.
+        super().__init__(DecoyResource(runtime), timeout=None, reactor=reactor)
         self.runtime = runtime
 
     def buildProtocol(self, addr):

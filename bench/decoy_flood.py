@@ -1,0 +1,376 @@
+"""Decoy flood: the agent's /health latency and CPU per MiB while every decoy type is flooded.
+
+    .venv/bin/python bench/decoy_flood.py [--seconds 4] [--connections 8] [--types redis,ftp]
+
+A real ``twistd decnet-agent`` (subprocess, enrolled bundle) runs one decky with
+every decoy type on loopback.  For each decoy type and each of its hostile
+inputs (below), a flooder child process keeps ``--connections`` connections
+sending that input at full speed (it reads and discards the replies, and
+reconnects whenever the decoy hangs up), while this process probes
+``GET /health`` through :class:`AgentClient` (real mTLS, pinned, a fresh TLS
+connection per probe).
+
+Reported per input and, as the worst input, per decoy type:
+
+* ``p50_ms`` / ``p99_ms`` / ``max_ms`` of ``/health`` during the flood
+  (goal: p99 < 100 ms), and failed probes;
+* ``cpu_s_per_mib``: the agent process's CPU time (user + system, threads
+  included, from ``/proc``) over the phase, divided by the MiB the decoy
+  *read* (the ``bytes_in`` of the phase's ``disconnect`` events) (goal:
+  at most 0.05);
+* connections made, and why the decoy closed them.
+
+Numbers, not assertions: tests never depend on timing.  The machine's other
+load shows up in the latency figures; run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHUNK = 256 * 1024  # what a flooder hands to sendall() at a time
+
+
+def _ssh_packet(payload: bytes) -> bytes:
+    """An unencrypted SSH binary packet (RFC 4253 section 6), block size 8, no MAC."""
+    pad = 8 - (5 + len(payload)) % 8
+    pad += 8 if pad < 4 else 0
+    return struct.pack("!LB", 1 + len(payload) + pad, pad) + payload + b"\x00" * pad
+
+
+# type -> {input name: (sent once per connection, then repeated forever)}
+INPUTS: dict[str, dict[str, tuple[bytes, bytes]]] = {
+    "ssh": {
+        "ignore-packets": (b"SSH-2.0-flood\r\n", _ssh_packet(b"\x02")),
+        "unknown-packets": (b"SSH-2.0-flood\r\n", _ssh_packet(b"\xc8")),
+        "version-garbage": (b"", b"x" * 1024),
+    },
+    "telnet": {
+        "lf": (b"", b"\n"),
+        "iac-nop": (b"", b"\xff\xf1"),
+        "iac-will": (b"", b"\xff\xfb\x05"),
+        "garbage": (b"", bytes(range(1, 255)).replace(b"\n", b"").replace(b"\r", b"")),
+    },
+    "http": {
+        "pipelined-get": (b"", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        "header-lines": (b"GET / HTTP/1.1\r\n", b"a:b\r\n"),
+        "lf": (b"", b"\n"),
+    },
+    "ftp": {
+        "lf": (b"", b"\n"),
+        "noop": (b"", b"NOOP\r\n"),
+        "garbage": (b"", b"x" * 1024),
+    },
+    "smtp": {
+        "lf": (b"", b"\n"),
+        "noop": (b"", b"NOOP\r\n"),
+        "garbage": (b"", b"x" * 1024),
+    },
+    "redis": {
+        "lf": (b"", b"\n"),
+        "empty-multibulk": (b"", b"*0\r\n"),
+        "null-multibulk": (b"", b"*-1\r\n"),
+        "ping": (b"", b"PING\r\n"),
+    },
+    "tcp-banner": {
+        "garbage": (b"", bytes(range(256))),
+    },
+}
+
+
+# -- the flooder (child process) -------------------------------------------------
+
+
+def flood(port: int, kind: str, name: str, seconds: float, connections: int) -> None:
+    """Child process: ``connections`` threads flood ``127.0.0.1:port``; prints JSON stats."""
+    prefix, unit = INPUTS[kind][name]
+    body = unit * max(1, CHUNK // len(unit))
+    deadline = time.monotonic() + seconds
+    stats = {"connections": 0, "sent": 0, "connect_errors": 0}
+    lock = threading.Lock()
+
+    def drain(sock: socket.socket) -> None:
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def worker() -> None:
+        while time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+            except OSError:
+                with lock:
+                    stats["connect_errors"] += 1
+                continue
+            sock.settimeout(1)
+            reader = threading.Thread(target=drain, args=(sock,), daemon=True)
+            reader.start()
+            sent = 0
+            try:
+                if prefix:
+                    sock.sendall(prefix)
+                    sent += len(prefix)
+                while time.monotonic() < deadline:
+                    sock.sendall(body)
+                    sent += len(body)
+            except OSError:
+                pass  # the decoy hung up (or a send timed out): reconnect
+            finally:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+                with lock:
+                    stats["connections"] += 1
+                    stats["sent"] += sent
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(stats), flush=True)
+
+
+# -- the agent ------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_DISCONNECT = re.compile(
+    rb" (\S+) - disconnect \[[^\n]*? session=\"([^\"]+)\"[^\n]*?"
+    rb" reason=\"([^\"]+)\"[^\n]*? bytes_in=\"(\d+)\""
+)
+
+
+def disconnects(log_file: Path, kind: str) -> dict[bytes, tuple[str, int]]:
+    """``{session: (reason, bytes_in)}`` of every disconnect event of ``kind`` so far."""
+    out = {}
+    data = log_file.read_bytes() if log_file.exists() else b""
+    for m in _DISCONNECT.finditer(data):
+        if m.group(1).decode() == kind:
+            out[m.group(2)] = (m.group(3).decode(), int(m.group(4)))
+    return out
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def run(args) -> dict:
+    import attrs
+    from twisted.internet import defer
+    from twisted.internet.task import deferLater, react
+
+    from decnet import config
+    from decnet.master import enrollment
+    from decnet.master.agent_client import AgentClient
+    from decnet.tls import TLSIdentity
+
+    results: dict = {"phases": []}
+
+    async def main(reactor):
+        tmp = Path(tempfile.mkdtemp(prefix="decoy-flood-"))
+        paths = config.MasterPaths.resolve(tmp / "home")
+        enrollment.init_master(paths)
+        master = enrollment.load_master(paths)
+        enrolled = enrollment.enroll(master, "flood-w1", "127.0.0.1", tmp / "bundle")
+        log_file, port_file = tmp / "decnet.log", tmp / "agent.port"
+        agent = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "twistd"),
+                "--nodaemon",
+                "--pidfile=",
+                f"--logfile={tmp / 'twistd.log'}",
+                "decnet-agent",
+                "--bundle",
+                str(enrolled.bundle_dir),
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--state-dir",
+                str(tmp / "state"),
+                "--log-file",
+                str(log_file),
+                "--port-file",
+                str(port_file),
+                *args.agent_arg,
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(600):
+                if port_file.exists() and port_file.read_text().strip():
+                    break
+                if agent.poll() is not None:
+                    raise SystemExit(f"the agent exited {agent.returncode}")
+                await deferLater(reactor, 0.05, lambda: None)
+            api_port = int(port_file.read_text())
+            host = attrs.evolve(enrolled.host, agent_port=api_port)
+            identity = TLSIdentity.master(paths)
+            client = AgentClient(reactor, identity, host, timeout=30)
+            spec = {
+                "deckies": [
+                    {
+                        "name": "flood",
+                        "services": [
+                            {"type": kind, "bind": "127.0.0.1", "port": 0} for kind in args.types
+                        ],
+                    }
+                ]
+            }
+            deployed = await client.deploy(spec)
+            assert deployed["ok"], deployed["failed"]
+            ports = {
+                kind: int(s["address"].rsplit(":", 1)[1])
+                for kind, s in deployed["deckies"]["flood"].items()
+            }
+
+            async def probe_until(done) -> tuple[list[float], int]:
+                samples, failures = [], 0
+                while not done():
+                    t0 = time.perf_counter()
+                    try:
+                        await client.health()
+                        samples.append((time.perf_counter() - t0) * 1000)
+                    except Exception:  # a failed probe is a figure here
+                        failures += 1
+                    await deferLater(reactor, 0.01, lambda: None)
+                return samples, failures
+
+            t_end = time.monotonic() + 2
+            idle, _ = await probe_until(lambda: time.monotonic() > t_end)
+            results["idle_health_ms"] = {
+                "p50": round(statistics.median(idle), 2),
+                "p99": round(percentile(idle, 0.99), 2),
+            }
+
+            for kind in args.types:
+                for name in INPUTS[kind]:
+                    before = disconnects(log_file, kind)
+                    cpu0 = cpu_seconds(agent.pid)
+                    flooder = subprocess.Popen(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--flood",
+                            f"{ports[kind]}:{kind}:{name}",
+                            "--seconds",
+                            str(args.seconds),
+                            "--connections",
+                            str(args.connections),
+                        ],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    samples, failures = await probe_until(lambda f=flooder: f.poll() is not None)
+                    sent = json.loads(flooder.stdout.read())
+                    # Let the agent finish with every connection of the phase.
+                    for _ in range(600):
+                        status = await client.status()
+                        if status["deckies"]["flood"]["services"][kind]["active"] == 0:
+                            break
+                        await deferLater(reactor, 0.05, lambda: None)
+                    await deferLater(reactor, 0.3, lambda: None)  # the log writer
+                    cpu = cpu_seconds(agent.pid) - cpu0
+                    after = disconnects(log_file, kind)
+                    new = {s: v for s, v in after.items() if s not in before}
+                    read = sum(b for _, b in new.values())
+                    phase = {
+                        "type": kind,
+                        "input": name,
+                        "probes": len(samples),
+                        "failed_probes": failures,
+                        "p50_ms": round(statistics.median(samples), 1) if samples else None,
+                        "p99_ms": round(percentile(samples, 0.99), 1) if samples else None,
+                        "max_ms": round(max(samples), 1) if samples else None,
+                        "connections": len(new),
+                        "mib_read": round(read / 2**20, 2),
+                        "mib_sent": round(sent["sent"] / 2**20, 1),
+                        "cpu_s": round(cpu, 2),
+                        "cpu_s_per_mib": round(cpu / (read / 2**20), 4) if read else None,
+                        "reasons": dict(Counter(r for r, _ in new.values()).most_common(3)),
+                    }
+                    results["phases"].append(phase)
+                    print(json.dumps(phase), flush=True)
+            await client.close()
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
+
+    def go(reactor):
+        return defer.ensureDeferred(main(reactor))
+
+    try:
+        react(go)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    return results
+
+
+def summary(results: dict) -> dict:
+    worst: dict[str, dict] = {}
+    for p in results["phases"]:
+        w = worst.setdefault(
+            p["type"], {"p50_ms": 0.0, "p99_ms": 0.0, "cpu_s_per_mib": 0.0, "failed_probes": 0}
+        )
+        w["p50_ms"] = max(w["p50_ms"], p["p50_ms"] or 0.0)
+        if (p["p99_ms"] or 0.0) >= w["p99_ms"]:
+            w["p99_ms"], w["p99_input"] = p["p99_ms"] or 0.0, p["input"]
+        if (p["cpu_s_per_mib"] or 0.0) >= w["cpu_s_per_mib"]:
+            w["cpu_s_per_mib"], w["cpu_input"] = p["cpu_s_per_mib"] or 0.0, p["input"]
+        w["failed_probes"] += p["failed_probes"]
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="flood time per input")
+    parser.add_argument("--connections", type=int, default=8, help="flooding connections")
+    parser.add_argument("--types", default=",".join(INPUTS), help="decoy types, comma-separated")
+    parser.add_argument(
+        "--agent-arg", action="append", default=[], help="extra twistd decnet-agent argument"
+    )
+    parser.add_argument("--flood", metavar="PORT:TYPE:INPUT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.flood:
+        port, kind, name = args.flood.split(":", 2)
+        flood(int(port), kind, name, args.seconds, args.connections)
+        return
+    args.types = [t for t in args.types.split(",") if t]
+    unknown = set(args.types) - set(INPUTS)
+    if unknown:
+        parser.error(f"unknown decoy types: {', '.join(sorted(unknown))}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    results = run(args)
+    print("idle /health:", json.dumps(results["idle_health_ms"]))
+    print("worst input per decoy type (goals: p99 < 100 ms, cpu_s_per_mib <= 0.05):")
+    for kind, w in summary(results).items():
+        print(f"  {kind:10s} {json.dumps(w)}")
+
+
+if __name__ == "__main__":
+    main()
