@@ -18,7 +18,11 @@ Reported per input and, as the worst input, per decoy type:
   included, from ``/proc``) over the phase, divided by the MiB the decoy
   *read* (the ``bytes_in`` of the phase's ``disconnect`` events) (goal:
   at most 0.05);
-* connections made, and why the decoy closed them.
+* connections made, and why the decoy closed them; the event lines written
+  and the CPU per event line.  For inputs made of real commands (``ping``,
+  ``noop``, ``pipelined-get``) every command is an event line by design, so
+  their cost follows the events (bounded per connection by the command cap),
+  not the bytes.
 
 Numbers, not assertions: tests never depend on timing.  The machine's other
 load shows up in the latency figures; run it on a quiet machine.
@@ -175,6 +179,17 @@ def disconnects(log_file: Path, kind: str) -> dict[bytes, tuple[str, int]]:
     return out
 
 
+def event_lines(log_file: Path, kind: str) -> int:
+    """How many event lines of ``kind`` (its APP-NAME) the log holds so far."""
+    if not log_file.exists():
+        return 0
+    return len(
+        re.findall(
+            rb"^<\d+>1 \S+ \S+ " + re.escape(kind.encode()) + rb" ", log_file.read_bytes(), re.M
+        )
+    )
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
@@ -270,6 +285,7 @@ def run(args) -> dict:
             for kind in args.types:
                 for name in INPUTS[kind]:
                     before = disconnects(log_file, kind)
+                    lines0 = event_lines(log_file, kind)
                     cpu0 = cpu_seconds(agent.pid)
                     flooder = subprocess.Popen(
                         [
@@ -298,6 +314,7 @@ def run(args) -> dict:
                     after = disconnects(log_file, kind)
                     new = {s: v for s, v in after.items() if s not in before}
                     read = sum(b for _, b in new.values())
+                    events = event_lines(log_file, kind) - lines0
                     phase = {
                         "type": kind,
                         "input": name,
@@ -311,6 +328,8 @@ def run(args) -> dict:
                         "mib_sent": round(sent["sent"] / 2**20, 1),
                         "cpu_s": round(cpu, 2),
                         "cpu_s_per_mib": round(cpu / (read / 2**20), 4) if read else None,
+                        "events": events,
+                        "cpu_us_per_event": round(cpu / events * 1e6) if events else None,
                         "reasons": dict(Counter(r for r, _ in new.values()).most_common(3)),
                     }
                     results["phases"].append(phase)
