@@ -157,10 +157,27 @@ def flood(port: int, kind: str, name: str, seconds: float, connections: int) -> 
 
 # -- the agent ------------------------------------------------------------------
 
+PROFILED_TWISTD = """
+import cProfile, sys
+from twisted.internet import reactor
+from twisted.scripts.twistd import run
+out = sys.argv.pop(1)
+profile = cProfile.Profile()
+def dump():
+    profile.disable()
+    profile.dump_stats(out)
+reactor.addSystemEventTrigger("after", "shutdown", dump)
+sys.argv = sys.argv[1:]
+profile.enable()
+run()
+"""
 
-def cpu_seconds(pid: int) -> float:
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid``, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 _DISCONNECT = re.compile(
@@ -214,8 +231,12 @@ def run(args) -> dict:
         master = enrollment.load_master(paths)
         enrolled = enrollment.enroll(master, "flood-w1", "127.0.0.1", tmp / "bundle")
         log_file, port_file = tmp / "decnet.log", tmp / "agent.port"
+        # twistd re-raises the signal that stopped it, so a profile is dumped
+        # from a shutdown trigger rather than at exit.
+        profile = [sys.executable, "-c", PROFILED_TWISTD, args.profile] if args.profile else []
         agent = subprocess.Popen(
             [
+                *profile,
                 str(Path(sys.executable).parent / "twistd"),
                 "--nodaemon",
                 "--pidfile=",
@@ -284,6 +305,8 @@ def run(args) -> dict:
 
             for kind in args.types:
                 for name in INPUTS[kind]:
+                    if args.inputs and name not in args.inputs.split(","):
+                        continue
                     before = disconnects(log_file, kind)
                     lines0 = event_lines(log_file, kind)
                     cpu0 = cpu_seconds(agent.pid)
@@ -310,7 +333,9 @@ def run(args) -> dict:
                             break
                         await deferLater(reactor, 0.05, lambda: None)
                     await deferLater(reactor, 0.3, lambda: None)  # the log writer
-                    cpu = cpu_seconds(agent.pid) - cpu0
+                    cpu1 = cpu_seconds(agent.pid)
+                    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                    cpu = user + system
                     after = disconnects(log_file, kind)
                     new = {s: v for s, v in after.items() if s not in before}
                     read = sum(b for _, b in new.values())
@@ -327,6 +352,7 @@ def run(args) -> dict:
                         "mib_read": round(read / 2**20, 2),
                         "mib_sent": round(sent["sent"] / 2**20, 1),
                         "cpu_s": round(cpu, 2),
+                        "cpu_user_s": round(user, 2),
                         "cpu_s_per_mib": round(cpu / (read / 2**20), 4) if read else None,
                         "events": events,
                         "cpu_us_per_event": round(cpu / events * 1e6) if events else None,
@@ -372,6 +398,12 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(INPUTS), help="decoy types, comma-separated")
     parser.add_argument(
         "--agent-arg", action="append", default=[], help="extra twistd decnet-agent argument"
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE", help="run the agent under cProfile, write its stats to FILE"
+    )
+    parser.add_argument(
+        "--inputs", default="", help="only these inputs (names from the table), comma-separated"
     )
     parser.add_argument("--flood", metavar="PORT:TYPE:INPUT", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -337,8 +337,17 @@ class DecoyMixin:
             self._abort_call = self.runtime.clock.callLater(CLOSE_GRACE, transport.abortConnection)
 
 
-# A run of lines with nothing but white space: one regex call for all of them.
-_BLANK_LINES = re.compile(rb"(?:[ \t\r\x0b\x0c]{0,1024}\n)+")
+def run_of(item: bytes) -> re.Pattern:
+    """A pattern for a run of degenerate items like ``item``, matched and counted in one go.
+
+    A run stops at :data:`MAX_COMMANDS` + 1 items: the connection closes there
+    anyway, and a longer match would only cost time.
+    """
+    return re.compile(b"(?:%s){1,%d}" % (item, MAX_COMMANDS + 1))
+
+
+# Lines with nothing but white space.
+_BLANK_LINES = run_of(rb"[ \t\r\x0b\x0c]{0,1024}\n")
 
 
 class LineDecoy(DecoyMixin, Protocol):

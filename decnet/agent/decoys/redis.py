@@ -9,11 +9,9 @@ protocol error answers like Redis (``-ERR Protocol error: …``) and closes.
 
 from __future__ import annotations
 
-import re
-
 from twisted.internet.protocol import Protocol
 
-from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime, run_of
 from decnet.agent.decoys.inbox import Inbox
 
 MAX_INLINE = 64 * 1024
@@ -36,7 +34,7 @@ class RespError(Exception):
 _STAR, _DOLLAR = ord("*"), ord("$")
 # Complete commands with no arguments, one per LF: blank inline lines and
 # multibulks of zero or a negative number of arguments.
-_DEGENERATE = re.compile(rb"(?:[ \t\r\x0b\x0c]{0,1024}\n|\*(?:-?0{1,18}|-[0-9]{1,18})\r\n)+")
+_DEGENERATE = run_of(rb"[ \t\r\x0b\x0c]{0,1024}\n|\*(?:-?0{1,18}|-[0-9]{1,18})\r\n")
 
 
 class RespParser:

@@ -29,7 +29,7 @@ from twisted.conch.telnet import (
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime, run_of
 
 MAX_FIELD = 1024
 MAX_SUBNEGOTIATION = Telnet._MAX_SUBNEGOTIATION_LENGTH
@@ -42,8 +42,8 @@ _SIMPLE = frozenset((0xEF, 0xF1, 0xF2, 0xF3, 0xF4, 0xF5, 0xF6, 0xF7, 0xF8, 0xF9)
 _SPECIAL = re.compile(rb"[\xff\r\n]")
 # Runs handled in one go: empty lines at the login prompt (each answered with
 # the prompt again) and two-byte IAC commands with no effect (NOP, AYT, ...).
-_EMPTY_LINES = re.compile(rb"(?:\r[\n\x00]|\n)+")
-_NOOP_COMMANDS = re.compile(rb"(?:\xff[\xef\xf1-\xf9])+")
+_EMPTY_LINES = run_of(rb"\r[\n\x00]|\n")
+_NOOP_COMMANDS = run_of(rb"\xff[\xef\xf1-\xf9]")
 
 
 def _negotiation_ended(failure: Failure) -> None:
