@@ -165,7 +165,7 @@ HOSTILE = [
 def bounded(conn: Conn) -> None:
     """Work within a constant factor of the input; the connection still parses or closed."""
     inbox = conn.proto.inbox
-    assert inbox.work <= 4 * inbox.received + 64, (inbox.work, inbox.received)
+    assert inbox.work <= 8 * inbox.received + 64, (inbox.work, inbox.received)
 
 
 @pytest.mark.parametrize(("kind", "name", "data"), HOSTILE, ids=[f"{k}-{n}" for k, n, _ in HOSTILE])
@@ -382,3 +382,23 @@ def test_next_line_reports_a_line_over_the_limit_without_scanning_past_it():
     inbox.extend(b"x" * 100_000)
     assert inbox.next_line(b"\n", 10) is TOO_LONG
     assert inbox.scanned <= 11
+
+
+def test_a_repeated_telnet_option_request_is_answered_once_and_counted_each_time():
+    conn = Conn("telnet")
+    conn.transport.clear()
+    conn.feed(b"\xff\xfb\x05" * 10 + b"\xff\xfd\x03")
+    # WILL STATUS refused once (DONT STATUS); DO SGA refused (WONT SGA).
+    assert conn.transport.value() == b"\xff\xfe\x05\xff\xfc\x03"
+    assert conn.commands == 11
+
+
+def test_meaningless_plaintext_ssh_packets_are_counted_in_one_pass(host_keys):
+    conn = Conn("ssh", host_keys)
+    conn.feed(SSH_HELLO + ssh_packet(b"\x02") * 5 + ssh_packet(b"\x04\x00" + b"\x00" * 8))
+    assert conn.commands == 1 + 6  # the version line, then the packets
+    assert conn.proto.incomingPacketSequence == 6
+    conn.transport.clear()
+    conn.feed(ssh_packet(b"\xc8"))  # an unknown message type: answered with UNIMPLEMENTED
+    assert conn.commands == 8
+    assert conn.transport.value()[5:10] == b"\x03\x00\x00\x00\x07"

@@ -18,6 +18,7 @@ does not.
 from __future__ import annotations
 
 import re
+import struct
 
 TOO_LONG = object()
 """Returned by :meth:`Inbox.next_line` when no line end comes within the limit."""
@@ -82,6 +83,11 @@ class Inbox:
         """Occurrences of ``sub`` in the next ``end`` bytes."""
         self.scanned += end
         return self._buf.count(sub, self._pos, self._pos + end)
+
+    def unpack_from(self, layout: struct.Struct, start: int = 0) -> tuple:
+        """``layout.unpack_from`` at relative position ``start`` (enough bytes must be there)."""
+        self.scanned += layout.size
+        return layout.unpack_from(self._buf, self._pos + start)
 
     def take(self, n: int) -> bytes:
         """Copy out and consume the next ``n`` bytes (fewer if fewer are buffered)."""

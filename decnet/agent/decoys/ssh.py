@@ -33,12 +33,14 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
 from zope.interface import implementer
 
-from decnet.agent.decoys.base import DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.base import MAX_COMMANDS, DecoyMixin, ServiceRuntime
 from decnet.agent.decoys.inbox import TOO_LONG
 from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, write_new_file
 
 MAX_PREAMBLE = 4096  # bytes before and including the version line, as Conch allows
 MAX_PACKET = 1024 * 1024  # Conch's limit on packet_length
+_PLAIN_HEADER = struct.Struct("!LBB")  # packet_length, padding_length, message number
+_NOOP_MESSAGES = frozenset((transport.MSG_IGNORE, transport.MSG_UNIMPLEMENTED, transport.MSG_DEBUG))
 
 HOST_KEYS = (
     ("ssh_host_ed25519_key", ed25519.Ed25519PrivateKey.generate),
@@ -135,6 +137,11 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
     def next_item(self) -> bool:
         if not self.gotVersion:
             return self._version_line()
+        if self._first is None and self.currentEncryptions.inCipType == b"none":
+            n = self._plaintext_run()
+            if n:
+                self.count_commands(n)
+                return True
         try:
             payload = self._read_packet()
             if payload is None:
@@ -169,6 +176,39 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
             if remote_version not in self.supportedVersions:
                 self._unsupportedVersionReceived(remote_version)
         return True
+
+    def _plaintext_run(self) -> int:
+        """Handle a run of unencrypted packets that mean nothing; how many there were.
+
+        Before the first key exchange completes, packets are plain text.  IGNORE,
+        DEBUG and UNIMPLEMENTED change nothing and an unknown message type only
+        earns an UNIMPLEMENTED answer, so a run of them is walked in one loop
+        (stopping at the command cap) instead of one pump step each.
+        """
+        inbox, n = self.inbox, 0
+        while n <= MAX_COMMANDS and len(inbox) >= _PLAIN_HEADER.size:
+            packet_len, padding_len, message = inbox.unpack_from(_PLAIN_HEADER)
+            if (
+                packet_len > MAX_PACKET
+                or (packet_len + 4) % 8
+                or packet_len < padding_len + 2
+                or len(inbox) < packet_len + 4
+            ):
+                break
+            if message in _NOOP_MESSAGES:
+                answer = False
+            elif message < 50 and message in transport.messages:
+                break  # a message with a meaning: the normal path
+            else:
+                answer = not self.service
+                if not answer:
+                    break
+            inbox.skip(packet_len + 4)
+            self.incomingPacketSequence += 1
+            n += 1
+            if answer:
+                self.sendUnimplemented()
+        return n
 
     def _read_packet(self) -> bytes | None:
         """The next packet's payload (decrypted, verified), or ``None`` until it is complete."""

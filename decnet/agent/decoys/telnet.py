@@ -29,7 +29,13 @@ from twisted.conch.telnet import (
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime, run_of
+from decnet.agent.decoys.base import (
+    MAX_COMMANDS,
+    DecoyFactory,
+    DecoyMixin,
+    ServiceRuntime,
+    run_of,
+)
 
 MAX_FIELD = 1024
 MAX_SUBNEGOTIATION = Telnet._MAX_SUBNEGOTIATION_LENGTH
@@ -44,6 +50,9 @@ _SPECIAL = re.compile(rb"[\xff\r\n]")
 # the prompt again) and two-byte IAC commands with no effect (NOP, AYT, ...).
 _EMPTY_LINES = run_of(rb"\r[\n\x00]|\n")
 _NOOP_COMMANDS = run_of(rb"\xff[\xef\xf1-\xf9]")
+# The same option request (IAC WILL/WONT/DO/DONT x) repeated: RFC 1143 peers
+# never repeat one; it is answered once and counted as many times as it came.
+_REPEATED_NEGOTIATION = re.compile(rb"(\xff[\xfb-\xfe][\x00-\xff])\1{1,%d}" % MAX_COMMANDS)
 
 
 def _negotiation_ended(failure: Failure) -> None:
@@ -127,8 +136,10 @@ class TelnetDecoy(DecoyMixin, Telnet):
         if command in _NEGOTIATION:
             if len(inbox) < 3:
                 return False
+            run = inbox.match(_REPEATED_NEGOTIATION) or 3
             option = inbox.take(3)[2:]
-            if self.count_command():
+            inbox.skip(run - 3)
+            if self.count_commands(run // 3) == run // 3:
                 self.commandReceived(bytes((command,)), option)
             return True
         if command in _SIMPLE:
