@@ -632,3 +632,21 @@ async def test_a_flood_in_one_read_is_parsed_over_several_reactor_turns(h):
     await c.closed
     await h.settle("redis")
     assert b'reason="command-limit"' in h.lines()[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_decoy_connections_get_small_kernel_buffers(h):
+    import socket
+
+    from decnet.agent.engine import DECOY_SOCKET_BUFFER
+
+    await h.deploy(bind(type="tcp-banner", banner="hi\n"))
+    c = await raw_connect(h.port("tcp-banner"))
+    await c.expect(b"hi\n")
+    (proto,) = h.runtime("tcp-banner").active
+    sock = proto.transport.socket
+    # Linux reports twice what was set; autotuning would grow it to megabytes.
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * DECOY_SOCKET_BUFFER
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * DECOY_SOCKET_BUFFER
+    c.transport.loseConnection()
+    await h.settle("tcp-banner")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from decnet.agent.decoys.budget import (
 )
 from decnet.agent.eventlog import Event
 from decnet.agent.spec import DeploymentSpec, ServiceSpec
+
+# Kernel send and receive buffer of each decoy connection (Linux doubles it).
+DECOY_SOCKET_BUFFER = 32 * 1024
 
 STARTING = "starting"
 LISTENING = "listening"
@@ -211,6 +215,7 @@ class BuiltinEngine:
             factory = await self._factory_for(runtime)
             running.port = await self._endpoint(spec).listen(factory)
             self.connection_budget.add_listener()
+            limit_socket_buffers(running.port)
         except CannotListenError as exc:
             running.state, running.reason = FAILED, describe_bind_error(spec, exc)
             self.log.warn(
@@ -269,6 +274,20 @@ class BuiltinEngine:
             "tcp-banner": banner,
         }[kind]
         return module.make_factory(runtime)
+
+
+def limit_socket_buffers(port, size: int = DECOY_SOCKET_BUFFER) -> None:
+    """Cap the kernel buffers of the connections ``port`` accepts (they inherit them).
+
+    A decoy needs no throughput.  Without a cap, Linux grows each socket's
+    receive buffer to megabytes: an attacker's connections would pin that much
+    kernel memory each, and closing one would free it on the reactor thread.
+    """
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 async def _gather(coroutines) -> None:
