@@ -90,6 +90,15 @@ def test_a_decoy_budget_the_descriptors_cannot_hold_is_refused(bundle_dir, value
         parse("--bundle", str(bundle_dir), "--max-decoy-connections", value)
 
 
+def test_an_rlimit_too_low_for_the_reserve_stops_the_agent_with_a_usage_error():
+    with pytest.raises(usage.UsageError, match="RLIMIT_NOFILE is 32: too low"):
+        tap.decoy_budget(None, 32)
+    assert tap.decoy_budget(None, 33) == 1
+    assert tap.decoy_budget("1", 33) == 1
+    with pytest.raises(usage.UsageError, match="from 1 to 1"):
+        tap.decoy_budget("2", 33)
+
+
 def test_the_decoy_budget_option_explains_its_default():
     text = str(tap.Options())
     assert "--max-decoy-connections" in text and "RLIMIT_NOFILE" in text

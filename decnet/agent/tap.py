@@ -84,34 +84,35 @@ class Options(usage.Options):
                 f"{bundle.cert_path(config.ROLE_WORKER)} is not the worker certificate "
                 f"of {bundle.name!r}"
             )
-        self["max_decoy_connections"] = self._decoy_budget(nofile_limit())
+        self["max_decoy_connections"] = decoy_budget(self["max-decoy-connections"], nofile_limit())
         self["bundle_obj"] = bundle
         self["identity"] = identity
         if not self["listen"]:
             port = bundle.settings.get("agent_port", config.AGENT_PORT)
             self["listen"] = f"tcp:{port}:interface=0.0.0.0"
 
-    def _decoy_budget(self, nofile: int) -> int:
-        value = self["max-decoy-connections"]
-        if value is None:
-            if nofile <= FD_RESERVE_MIN:
-                raise usage.UsageError(
-                    f"RLIMIT_NOFILE is {nofile}: too low to run decoys and keep "
-                    f"{fd_reserve(nofile)} descriptors for the API (raise LimitNOFILE=)"
-                )
-            return default_connection_budget(nofile)
-        top = nofile - FD_RESERVE_MIN
-        try:
-            budget = int(value)
-        except ValueError:
-            budget = 0
-        if not 1 <= budget <= top:
+
+def decoy_budget(value: str | None, nofile: int) -> int:
+    """``--max-decoy-connections`` checked against a soft ``RLIMIT_NOFILE`` of ``nofile``."""
+    if value is None:
+        if nofile <= FD_RESERVE_MIN:
             raise usage.UsageError(
-                f"--max-decoy-connections must be an integer from 1 to {max(1, top)}: "
-                f"RLIMIT_NOFILE is {nofile} and {FD_RESERVE_MIN} descriptors stay for "
-                f"the API and the log (got {value!r})"
+                f"RLIMIT_NOFILE is {nofile}: too low to run decoys and keep "
+                f"{fd_reserve(nofile)} descriptors for the API (raise LimitNOFILE=)"
             )
-        return budget
+        return default_connection_budget(nofile)
+    top = nofile - FD_RESERVE_MIN
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    if not 1 <= budget <= top:
+        raise usage.UsageError(
+            f"--max-decoy-connections must be an integer from 1 to {max(1, top)}: "
+            f"RLIMIT_NOFILE is {nofile} and {FD_RESERVE_MIN} descriptors stay for "
+            f"the API and the log (got {value!r})"
+        )
+    return budget
 
 
 def makeService(options):

@@ -34,6 +34,7 @@ from twisted.internet import defer, protocol
 from zope.interface import implementer
 
 from decnet.agent.decoys.base import MAX_COMMANDS, DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.budget import TURN_ITEMS
 from decnet.agent.decoys.inbox import TOO_LONG
 from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, write_new_file
 
@@ -183,10 +184,12 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
         Before the first key exchange completes, packets are plain text.  IGNORE,
         DEBUG and UNIMPLEMENTED change nothing and an unknown message type only
         earns an UNIMPLEMENTED answer, so a run of them is walked in one loop
-        (stopping at the command cap) instead of one pump step each.
+        (stopping at the command cap, or after a turn's worth of answers, since
+        building each answer costs as much as a pump step) instead of one pump
+        step each.
         """
-        inbox, n = self.inbox, 0
-        while n <= MAX_COMMANDS and len(inbox) >= _PLAIN_HEADER.size:
+        inbox, n, answered = self.inbox, 0, 0
+        while n <= MAX_COMMANDS and answered < TURN_ITEMS and len(inbox) >= _PLAIN_HEADER.size:
             packet_len, padding_len, message = inbox.unpack_from(_PLAIN_HEADER)
             if (
                 packet_len > MAX_PACKET
@@ -207,6 +210,7 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
             self.incomingPacketSequence += 1
             n += 1
             if answer:
+                answered += 1
                 self.sendUnimplemented()
         return n
 
