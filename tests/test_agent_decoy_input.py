@@ -384,13 +384,18 @@ def test_next_line_reports_a_line_over_the_limit_without_scanning_past_it():
     assert inbox.scanned <= 11
 
 
-def test_a_repeated_telnet_option_request_is_answered_once_and_counted_each_time():
+def test_telnet_option_requests_are_refused_in_one_write_and_each_counted():
     conn = Conn("telnet")
     conn.transport.clear()
-    conn.feed(b"\xff\xfb\x05" * 10 + b"\xff\xfd\x03")
-    # WILL STATUS refused once (DONT STATUS); DO SGA refused (WONT SGA).
-    assert conn.transport.value() == b"\xff\xfe\x05\xff\xfc\x03"
-    assert conn.commands == 11
+    conn.feed(b"\xff\xfb\x05" * 3 + b"\xff\xfd\x03\xff\xfc\x07\xff\xfe\x08")
+    # WILL STATUS gets DONT STATUS each time, DO SGA gets WONT SGA; WONT and
+    # DONT of an option that is off need no answer (as Conch's RFC 1143 says).
+    assert conn.transport.value() == b"\xff\xfe\x05" * 3 + b"\xff\xfc\x03"
+    assert conn.commands == 6
+    # ECHO is negotiated for real (the password prompt turns it on).
+    conn.transport.clear()
+    conn.feed(b"\xff\xfd\x01")
+    assert conn.transport.value() == b"\xff\xfb\x01"
 
 
 def test_meaningless_plaintext_ssh_packets_are_counted_in_one_pass(host_keys):

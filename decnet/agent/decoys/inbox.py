@@ -89,6 +89,12 @@ class Inbox:
         self.scanned += layout.size
         return layout.unpack_from(self._buf, self._pos + start)
 
+    def peek(self, n: int) -> bytes:
+        """Copy out the next ``n`` bytes (fewer if fewer are buffered) without consuming them."""
+        data = bytes(self._buf[self._pos : self._pos + n])
+        self.copied += len(data)
+        return data
+
     def take(self, n: int) -> bytes:
         """Copy out and consume the next ``n`` bytes (fewer if fewer are buffered)."""
         n = min(n, len(self))

@@ -30,7 +30,6 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from decnet.agent.decoys.base import (
-    MAX_COMMANDS,
     DecoyFactory,
     DecoyMixin,
     ServiceRuntime,
@@ -50,9 +49,9 @@ _SPECIAL = re.compile(rb"[\xff\r\n]")
 # the prompt again) and two-byte IAC commands with no effect (NOP, AYT, ...).
 _EMPTY_LINES = run_of(rb"\r[\n\x00]|\n")
 _NOOP_COMMANDS = run_of(rb"\xff[\xef\xf1-\xf9]")
-# The same option request (IAC WILL/WONT/DO/DONT x) repeated: RFC 1143 peers
-# never repeat one; it is answered once and counted as many times as it came.
-_REPEATED_NEGOTIATION = re.compile(rb"(\xff[\xfb-\xfe][\x00-\xff])\1{1,%d}" % MAX_COMMANDS)
+_NEGOTIATIONS = run_of(rb"\xff[\xfb-\xfe][\x00-\xff]")
+_ECHO = ord(ECHO)
+_REFUSALS = {0xFB: 0xFE, 0xFD: 0xFC}  # WILL -> DONT, DO -> WONT
 
 
 def _negotiation_ended(failure: Failure) -> None:
@@ -134,14 +133,7 @@ class TelnetDecoy(DecoyMixin, Telnet):
             inbox.skip(2)
             return self._text(b"\xff")
         if command in _NEGOTIATION:
-            if len(inbox) < 3:
-                return False
-            run = inbox.match(_REPEATED_NEGOTIATION) or 3
-            option = inbox.take(3)[2:]
-            inbox.skip(run - 3)
-            if self.count_commands(run // 3) == run // 3:
-                self.commandReceived(bytes((command,)), option)
-            return True
+            return self._negotiations()
         if command in _SIMPLE:
             inbox.skip(2)
             if self.count_command():
@@ -150,6 +142,39 @@ class TelnetDecoy(DecoyMixin, Telnet):
         if command == _SB:
             return self._subnegotiation()
         self.close("protocol-error")
+        return True
+
+    def _negotiations(self) -> bool:
+        """A run of IAC WILL/WONT/DO/DONT requests.
+
+        Requests about options this decoy never negotiated are answered
+        directly, as Conch's RFC 1143 state machine would (WILL gets DONT, DO
+        gets WONT, WONT and DONT need no answer), all answers in one write; the
+        first request about an option in use (ECHO, or one already seen by
+        Conch) goes to Conch, one item at a time.
+        """
+        inbox = self.inbox
+        run = inbox.match(_NEGOTIATIONS)
+        if not run:
+            return False  # the option byte has not arrived
+        data = inbox.peek(run)
+        answers = bytearray()
+        done = 0
+        for i in range(0, run, 3):
+            verb, option = data[i + 1], data[i + 2]
+            if option == _ECHO or bytes((option,)) in self.options:
+                break
+            if verb in _REFUSALS:
+                answers += bytes((_IAC, _REFUSALS[verb], option))
+            done += 1
+        if done:
+            inbox.skip(3 * done)
+            if self.count_commands(done) == done and answers:
+                self.transport.write(bytes(answers))
+            return True
+        inbox.skip(3)
+        if self.count_command():
+            self.commandReceived(bytes((verb,)), bytes((option,)))
         return True
 
     def _subnegotiation(self) -> bool:
