@@ -406,4 +406,7 @@ def test_meaningless_plaintext_ssh_packets_are_counted_in_one_pass(host_keys):
     conn.transport.clear()
     conn.feed(ssh_packet(b"\xc8"))  # an unknown message type: answered with UNIMPLEMENTED
     assert conn.commands == 8
-    assert conn.transport.value()[5:10] == b"\x03\x00\x00\x00\x07"
+    # One 16-byte packet: length 12, 6 bytes of padding, UNIMPLEMENTED, sequence number 7.
+    answer = conn.transport.value()
+    assert len(answer) == 16 and answer[:10] == b"\x00\x00\x00\x0c\x06\x03\x00\x00\x00\x07"
+    assert conn.proto.outgoingPacketSequence == 2  # KEXINIT, then this

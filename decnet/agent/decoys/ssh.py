@@ -41,6 +41,7 @@ from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, write_new_file
 MAX_PREAMBLE = 4096  # bytes before and including the version line, as Conch allows
 MAX_PACKET = 1024 * 1024  # Conch's limit on packet_length
 _PLAIN_HEADER = struct.Struct("!LBB")  # packet_length, padding_length, message number
+_UNIMPLEMENTED = struct.Struct("!LBBL")  # ... and the rejected packet's sequence number
 _NOOP_MESSAGES = frozenset((transport.MSG_IGNORE, transport.MSG_UNIMPLEMENTED, transport.MSG_DEBUG))
 
 HOST_KEYS = (
@@ -139,9 +140,10 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
         if not self.gotVersion:
             return self._version_line()
         if self._first is None and self.currentEncryptions.inCipType == b"none":
-            n = self._plaintext_run()
+            n, unanswered, plain_out = self._plaintext_run()
             if n:
-                self.count_commands(n)
+                if self.count_commands(n) == n and unanswered:
+                    self._unimplemented(unanswered, plain_out)
                 return True
         try:
             payload = self._read_packet()
@@ -178,18 +180,30 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
                 self._unsupportedVersionReceived(remote_version)
         return True
 
-    def _plaintext_run(self) -> int:
-        """Handle a run of unencrypted packets that mean nothing; how many there were.
+    def _plaintext_run(self) -> tuple[int, list[int], bool]:
+        """Skip a run of unencrypted packets that mean nothing.
+
+        Returns how many, the sequence numbers to answer with UNIMPLEMENTED,
+        and whether our side still sends in plain text.
 
         Before the first key exchange completes, packets are plain text.  IGNORE,
         DEBUG and UNIMPLEMENTED change nothing and an unknown message type only
-        earns an UNIMPLEMENTED answer, so a run of them is walked in one loop
-        (stopping at the command cap, or after a turn's worth of answers, since
-        building each answer costs as much as a pump step) instead of one pump
-        step each.
+        earns an UNIMPLEMENTED answer (RFC 4253 section 11.4), so a run of them
+        is walked in one loop, up to the command cap, instead of one pump step
+        each.  While our side still sends in plain text too, the answers are
+        built here and written at once; otherwise Conch encrypts each one, and
+        the run stops after a turn's worth of them.
         """
-        inbox, n, answered = self.inbox, 0, 0
-        while n <= MAX_COMMANDS and answered < TURN_ITEMS and len(inbox) >= _PLAIN_HEADER.size:
+        ciphers = self.currentEncryptions
+        plain_out = (
+            ciphers.outCipType == b"none"
+            and ciphers.outMACType == b"none"
+            and not self.outgoingCompression
+        )
+        inbox, n, unanswered = self.inbox, 0, []
+        while n <= MAX_COMMANDS and len(inbox) >= _PLAIN_HEADER.size:
+            if not plain_out and len(unanswered) >= TURN_ITEMS:
+                break
             packet_len, padding_len, message = inbox.unpack_from(_PLAIN_HEADER)
             if (
                 packet_len > MAX_PACKET
@@ -198,21 +212,34 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
                 or len(inbox) < packet_len + 4
             ):
                 break
-            if message in _NOOP_MESSAGES:
-                answer = False
-            elif message < 50 and message in transport.messages:
+            if message not in _NOOP_MESSAGES and (
+                (message < 50 and message in transport.messages) or self.service
+            ):
                 break  # a message with a meaning: the normal path
-            else:
-                answer = not self.service
-                if not answer:
-                    break
             inbox.skip(packet_len + 4)
             self.incomingPacketSequence += 1
             n += 1
-            if answer:
-                answered += 1
-                self.sendUnimplemented()
-        return n
+            if message not in _NOOP_MESSAGES:
+                # Conch's sendUnimplemented() reports the sequence number so far.
+                unanswered.append(self.incomingPacketSequence)
+        return n, unanswered, plain_out
+
+    def _unimplemented(self, sequence_numbers: list[int], plain_out: bool) -> None:
+        if not plain_out:
+            for seq in sequence_numbers:
+                self.sendPacket(transport.MSG_UNIMPLEMENTED, struct.pack("!L", seq))
+            return
+        # What sendPacket() builds with the "none" cipher and MAC: 4+1+5 bytes
+        # and 6 of padding make one 16-byte block.
+        padding = os.urandom(6 * len(sequence_numbers))
+        self.transport.write(
+            b"".join(
+                _UNIMPLEMENTED.pack(12, 6, transport.MSG_UNIMPLEMENTED, seq)
+                + padding[6 * i : 6 * i + 6]
+                for i, seq in enumerate(sequence_numbers)
+            )
+        )
+        self.outgoingPacketSequence += len(sequence_numbers)
 
     def _read_packet(self) -> bytes | None:
         """The next packet's payload (decrypted, verified), or ``None`` until it is complete."""
