@@ -410,3 +410,62 @@ def test_meaningless_plaintext_ssh_packets_are_counted_in_one_pass(host_keys):
     answer = conn.transport.value()
     assert len(answer) == 16 and answer[:10] == b"\x00\x00\x00\x0c\x06\x03\x00\x00\x00\x07"
     assert conn.proto.outgoingPacketSequence == 2  # KEXINIT, then this
+
+
+# -- the HTTP decoy's chunked decoder ------------------------------------------
+
+
+def decode_chunked(decoder_class, body: bytes, cuts) -> tuple[list[bytes], bytes | None]:
+    chunks, done = [], []
+    decoder = decoder_class(chunks.append, done.append)
+    at = 0
+    for cut in [*sorted(set(cuts)), len(body)]:
+        if done:
+            break
+        decoder.dataReceived(body[at:cut])
+        at = max(at, cut)
+    return chunks, (done[0] if done else None)
+
+
+chunk_bodies = st.lists(st.binary(min_size=1, max_size=40), max_size=12).map(
+    lambda parts: (
+        b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+        + b"0\r\nX-Trailer: 1\r\n\r\nGET /next HTTP/1.1\r\n"
+    )
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=chunk_bodies, cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=20))
+def test_the_chunked_decoder_agrees_with_twisted_web_however_the_body_is_cut(body, cuts):
+    from twisted.web.http import _ChunkedTransferDecoder
+
+    ours = decode_chunked(http.ChunkedBody, body, cuts)
+    theirs = decode_chunked(_ChunkedTransferDecoder, body, cuts)
+    assert b"".join(ours[0]) == b"".join(theirs[0])
+    # What followed the body in the read that ended it is handed back.
+    assert ours[1] == theirs[1] and b"GET /next HTTP/1.1\r\n".startswith(ours[1])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"z\r\n", b"1\r\nab\r\n", b"1;ext=\x00\r\na\r\n", b"1" * 1100, b"0\r\n" + b"a" * 20000],
+    ids=["not hex", "no CRLF after data", "control in extension", "long size line", "trailers"],
+)
+def test_a_malformed_chunked_body_is_a_400_that_closes(body):
+    conn = Conn("http")
+    conn.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    assert conn.transport.value().startswith(b"HTTP/1.1 400 Bad Request")
+    assert conn.reason() == "protocol-error"
+
+
+def test_a_chunked_post_is_captured_and_the_next_request_served():
+    conn = Conn("http")
+    conn.feed(
+        b"POST /login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n9\r\nusername=\r\nf\r\nadmin&password=\r\n"
+        b"2\r\npw\r\n0\r\n\r\nGET /x HTTP/1.1\r\n\r\n"
+    )
+    login = next(e for e in conn.events if e.kind == "login")
+    assert dict(login.params)["user"] == b"admin" and dict(login.params)["password"] == b"pw"
+    assert conn.transport.value().count(b"HTTP/1.1 ") == 2
