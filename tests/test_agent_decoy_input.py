@@ -469,3 +469,27 @@ def test_a_chunked_post_is_captured_and_the_next_request_served():
     login = next(e for e in conn.events if e.kind == "login")
     assert dict(login.params)["user"] == b"admin" and dict(login.params)["password"] == b"pw"
     assert conn.transport.value().count(b"HTTP/1.1 ") == 2
+
+
+# -- event lines stay exact while they got cheaper --------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(ts=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_event_timestamps_are_the_strftime_text_whatever_the_cache_holds(ts):
+    import datetime
+
+    from decnet.agent.eventlog import format_timestamp
+
+    expected = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    assert format_timestamp(ts) == expected.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert format_timestamp(ts + 0.5) == (
+        datetime.datetime.fromtimestamp(ts + 0.5, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    )
+
+
+def test_a_header_field_with_characters_outside_printusascii_is_still_replaced():
+    from decnet.agent.eventlog import Event, format_event
+
+    line = format_event(Event("web 01", "ssh", "kex\x00", (("a", "b"),)), 0.0)
+    assert line == b'<134>1 1970-01-01T00:00:00.000000Z web_01 ssh - kex_ [decnet@32473 a="b"]\n'
