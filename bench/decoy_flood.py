@@ -300,6 +300,8 @@ def run(args) -> dict:
         # twistd re-raises the signal that stopped it, so a profile is dumped
         # from a shutdown trigger rather than at exit.
         profile = [sys.executable, "-c", PROFILED_TWISTD, args.profile] if args.profile else []
+        if os.environ.get("LAG_WRAPPER"):
+            profile = [sys.executable, os.environ["LAG_WRAPPER"], os.environ["LAG_OUT"]]
         agent = subprocess.Popen(
             [
                 *profile,

@@ -54,6 +54,9 @@ from decnet.agent.spec import ServiceSpec
 
 MAX_INPUT = 4 * 1024 * 1024
 MAX_COMMANDS = 1000
+# Degenerate items walked in a Python loop within one pump step: at most this
+# many, so one step stays well inside a turn's slice.
+RUN_STEP = 128
 MAX_LINE = 8192
 CLOSE_GRACE = 10.0
 
@@ -337,13 +340,13 @@ class DecoyMixin:
             self._abort_call = self.runtime.clock.callLater(CLOSE_GRACE, transport.abortConnection)
 
 
-def run_of(item: bytes) -> re.Pattern:
+def run_of(item: bytes, most: int = MAX_COMMANDS + 1) -> re.Pattern:
     """A pattern for a run of degenerate items like ``item``, matched and counted in one go.
 
-    A run stops at :data:`MAX_COMMANDS` + 1 items: the connection closes there
-    anyway, and a longer match would only cost time.
+    A run stops at :data:`MAX_COMMANDS` + 1 items by default: the connection
+    closes there anyway, and a longer match would only cost time.
     """
-    return re.compile(b"(?:%s){1,%d}" % (item, MAX_COMMANDS + 1))
+    return re.compile(b"(?:%s){1,%d}" % (item, most))
 
 
 # Lines with nothing but white space.

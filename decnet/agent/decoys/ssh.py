@@ -33,7 +33,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
 from zope.interface import implementer
 
-from decnet.agent.decoys.base import MAX_COMMANDS, DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.base import RUN_STEP, DecoyMixin, ServiceRuntime
 from decnet.agent.decoys.budget import TURN_ITEMS
 from decnet.agent.decoys.inbox import TOO_LONG
 from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, write_new_file
@@ -189,8 +189,8 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
         Before the first key exchange completes, packets are plain text.  IGNORE,
         DEBUG and UNIMPLEMENTED change nothing and an unknown message type only
         earns an UNIMPLEMENTED answer (RFC 4253 section 11.4), so a run of them
-        is walked in one loop, up to the command cap, instead of one pump step
-        each.  While our side still sends in plain text too, the answers are
+        is walked in one loop, :data:`RUN_STEP` at most, instead of one pump
+        step each.  While our side still sends in plain text too, the answers are
         built here and written at once; otherwise Conch encrypts each one, and
         the run stops after a turn's worth of them.
         """
@@ -201,7 +201,7 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
             and not self.outgoingCompression
         )
         inbox, n, unanswered = self.inbox, 0, []
-        while n <= MAX_COMMANDS and len(inbox) >= _PLAIN_HEADER.size:
+        while n < RUN_STEP and len(inbox) >= _PLAIN_HEADER.size:
             if not plain_out and len(unanswered) >= TURN_ITEMS:
                 break
             packet_len, padding_len, message = inbox.unpack_from(_PLAIN_HEADER)

@@ -30,6 +30,7 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from decnet.agent.decoys.base import (
+    RUN_STEP,
     DecoyFactory,
     DecoyMixin,
     ServiceRuntime,
@@ -49,7 +50,7 @@ _SPECIAL = re.compile(rb"[\xff\r\n]")
 # the prompt again) and two-byte IAC commands with no effect (NOP, AYT, ...).
 _EMPTY_LINES = run_of(rb"\r[\n\x00]|\n")
 _NOOP_COMMANDS = run_of(rb"\xff[\xef\xf1-\xf9]")
-_NEGOTIATIONS = run_of(rb"\xff[\xfb-\xfe][\x00-\xff]")
+_NEGOTIATIONS = run_of(rb"\xff[\xfb-\xfe][\x00-\xff]", RUN_STEP)
 _ECHO = ord(ECHO)
 _REFUSALS = {0xFB: 0xFE, 0xFD: 0xFC}  # WILL -> DONT, DO -> WONT
 
