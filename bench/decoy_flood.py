@@ -365,10 +365,15 @@ def run(args) -> dict:
                 return samples, failures
 
             t_end = time.monotonic() + 2
+            cpu0 = cpu_seconds(agent.pid)
             idle, _ = await probe_until(lambda: time.monotonic() > t_end)
+            cpu1 = cpu_seconds(agent.pid)
             results["idle_health_ms"] = {
                 "p50": round(statistics.median(idle), 2),
                 "p99": round(percentile(idle, 0.99), 2),
+                "agent_cpu_ms_per_probe": round(
+                    (sum(cpu1) - sum(cpu0)) / len(idle) * 1000, 2
+                ),
             }
 
             for kind in args.types:

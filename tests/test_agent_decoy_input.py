@@ -417,7 +417,10 @@ def test_meaningless_plaintext_ssh_packets_are_counted_in_one_pass(host_keys):
 
 def decode_chunked(decoder_class, body: bytes, cuts) -> tuple[list[bytes], bytes | None]:
     chunks, done = [], []
-    decoder = decoder_class(chunks.append, done.append)
+    if decoder_class is http.ChunkedBody:
+        decoder = decoder_class(lambda data, count: chunks.append(data), done.append)
+    else:
+        decoder = decoder_class(chunks.append, done.append)
     at = 0
     for cut in [*sorted(set(cuts)), len(body)]:
         if done:
@@ -493,3 +496,10 @@ def test_a_header_field_with_characters_outside_printusascii_is_still_replaced()
 
     line = format_event(Event("web 01", "ssh", "kex\x00", (("a", "b"),)), 0.0)
     assert line == b'<134>1 1970-01-01T00:00:00.000000Z web_01 ssh - kex_ [decnet@32473 a="b"]\n'
+
+
+def test_every_chunk_of_a_chunked_body_counts_toward_the_command_cap():
+    conn = Conn("http")
+    conn.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nz\r\n" * 1200)
+    assert conn.reason() == "command-limit"
+    assert conn.kinds() == ["connect", "disconnect"]  # the request never completed

@@ -18,7 +18,13 @@ from twisted.logger import Logger
 from decnet import config
 from decnet.agent.app import make_app, master_accept, updater_accept
 from decnet.agent.controller import Controller
-from decnet.agent.decoys.budget import ConnectionBudget, default_connection_budget, nofile_limit
+from decnet.agent.decoys.budget import (
+    APIPriority,
+    ConnectionBudget,
+    TurnBudget,
+    default_connection_budget,
+    nofile_limit,
+)
 from decnet.agent.engine import ENGINES
 from decnet.agent.eventlog import EventLog
 from decnet.agent.state import DesiredState
@@ -72,7 +78,9 @@ class AgentService(MultiService):
         if max_decoy_connections is None:
             max_decoy_connections = default_connection_budget(nofile_limit())
         self.decoy_budget = ConnectionBudget(max_decoy_connections, reactor)
+        self.decoy_turns = TurnBudget(event_clock or reactor)
         engine_kw["connection_budget"] = self.decoy_budget
+        engine_kw["turn_budget"] = self.decoy_turns
         if new_session_id is not None:
             engine_kw["new_session_id"] = new_session_id
         self.engine = ENGINES[engine](reactor, self.eventlog.emit, self.state_dir, **engine_kw)
@@ -90,7 +98,9 @@ class AgentService(MultiService):
             reactor,
             listen,
             PolicyOptions(identity, tls_policy(bundle, revoked)),
-            site,
+            # While the master (or the updater) is being served, decoys get
+            # less of each reactor turn.
+            APIPriority(site, self.decoy_turns),
             port_file=port_file,
             label="the agent API",
         )

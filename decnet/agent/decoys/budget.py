@@ -21,6 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 
 # File descriptors kept for everything that is not a decoy socket: the API's
 # listener and connections, the event log, the state and key files, stdio,
@@ -32,8 +33,10 @@ FD_RESERVE_FRACTION = 8
 
 # Decoy parsing per reactor turn: at most this much time in total, and at most
 # this many items per connection before it yields to the others.
-TURN_SLICE = 0.005
+TURN_SLICE = 0.002
 TURN_ITEMS = 32
+# ... and while the API has a connection open (a request on its way).
+API_TURN_SLICE = 0.0005
 
 REFUSAL_SUMMARY_INTERVAL = 10.0
 
@@ -148,15 +151,34 @@ class ConnectionBudget:
         self.connections = max(0, self.connections - 1)
 
 
+class APIPriority(WrappingFactory):
+    """Wraps the API's factory: tells the :class:`TurnBudget` while API connections are open."""
+
+    def __init__(self, wrapped, turns: TurnBudget):
+        super().__init__(wrapped)
+        self.turns = turns
+
+    def registerProtocol(self, p):
+        super().registerProtocol(p)
+        self.turns.api_opened()
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        self.turns.api_closed()
+
+
 class TurnBudget:
     """The share of each reactor turn that decoy connections may spend parsing.
 
-    A connection asks :meth:`allows` before each item it parses and charges
-    the time the item took; once the turn's ``slice`` is spent, or the
-    connection has parsed ``items`` items in this turn, it pauses its
-    transport and :meth:`wait`\\ s.  Each new turn (a ``callLater(0)`` on the
-    injected clock) resets the slice and resumes waiting connections in FIFO
-    order.  ``timer`` measures work, not scheduling; tests inject a fake one.
+    A connection asks before each item it parses and charges the time the
+    item took; once the turn's ``slice`` is spent, or the connection has
+    parsed ``items`` items in this turn, it pauses its transport and waits
+    (:meth:`wait`).  Each new turn (a ``callLater(0)`` on the injected clock)
+    resets the slice and resumes waiting connections in FIFO order.  While an
+    API connection is open (:class:`APIPriority`) the slice shrinks to
+    ``api_slice``: a TLS handshake and a request take a few turns, and each
+    of them then waits behind less decoy work.  ``timer`` measures work, not
+    scheduling; tests inject a fake one.
     """
 
     def __init__(
@@ -164,11 +186,14 @@ class TurnBudget:
         clock,
         *,
         slice: float = TURN_SLICE,
+        api_slice: float = API_TURN_SLICE,
         items: int = TURN_ITEMS,
         timer: Callable[[], float] = time.perf_counter,
     ):
         self.clock = clock
-        self.slice = slice
+        self.normal_slice = slice
+        self.api_slice = api_slice
+        self.api_connections = 0
         self.items = items
         self.timer = timer
         self.spent = 0.0
@@ -176,6 +201,17 @@ class TurnBudget:
         self.waits = 0
         self._waiting: deque = deque()
         self._call = None
+
+    @property
+    def slice(self) -> float:
+        """This turn's time for decoys: less while the API is serving someone."""
+        return self.api_slice if self.api_connections else self.normal_slice
+
+    def api_opened(self) -> None:
+        self.api_connections += 1
+
+    def api_closed(self) -> None:
+        self.api_connections = max(0, self.api_connections - 1)
 
     def allows(self, done: int) -> bool:
         """May a connection that parsed ``done`` items in this turn parse one more?"""

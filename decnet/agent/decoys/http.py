@@ -70,15 +70,16 @@ class ChunkedBody:
     """The chunked transfer coding (RFC 9112 section 7.1), decoded for a decoy.
 
     Used instead of twisted.web's decoder, which costs several times as much
-    per chunk: a body of one-byte chunks is a cheap flood.  Same contract:
-    ``on_data(chunk)`` for each chunk, ``on_done(rest)`` with what follows the
-    body; malformed input raises twisted.web's ``_MalformedChunkedDataError``
-    (a 400 and the connection closed).  Linear: one buffer and an offset, one
-    loop, and the search for a line end resumes where it stopped.
+    per chunk: a body of one-byte chunks is a cheap flood.  ``on_chunks(data,
+    count)`` gets the data of the chunks decoded from one read, and how many
+    they were; ``on_done(rest)`` what follows the body.  Malformed input raises
+    twisted.web's ``_MalformedChunkedDataError`` (a 400 and the connection
+    closed).  Linear: one buffer and an offset, one loop, and the search for a
+    line end resumes where it stopped.
     """
 
-    def __init__(self, on_data, on_done):
-        self.on_data = on_data
+    def __init__(self, on_chunks, on_done):
+        self.on_chunks = on_chunks
         self.on_done = on_done
         self._buf = bytearray()
         self._pos = 0
@@ -90,19 +91,20 @@ class ChunkedBody:
     def dataReceived(self, data: bytes) -> None:
         buf = self._buf
         buf += data
-        pos, state, remaining, on_data = self._pos, self._state, self._remaining, self.on_data
+        pos, state, remaining = self._pos, self._state, self._remaining
+        parts: list[bytes] = []
+        count = 0
         try:
             while True:
                 if state == _DATA:
                     n = min(remaining, len(buf) - pos)
                     if not n:
                         break
-                    chunk = bytes(buf[pos : pos + n])
+                    parts.append(bytes(buf[pos : pos + n]))
                     pos += n
                     remaining -= n
                     if not remaining:
                         state = _CRLF
-                    on_data(chunk)
                 elif state == _CRLF:
                     if len(buf) - pos < 2:
                         break
@@ -120,6 +122,7 @@ class ChunkedBody:
                     remaining = int(m.group(1), 16)
                     pos = end + 2
                     state = _DATA if remaining else _TRAILER
+                    count += 1 if remaining else 0
                 elif state == _TRAILER:
                     end = self._line_end(pos, MAX_TRAILERS)
                     if end < 0:
@@ -132,10 +135,15 @@ class ChunkedBody:
                     if empty:
                         rest = bytes(buf[pos:])
                         self._buf, pos, state = bytearray(), 0, _DONE
+                        if parts:
+                            self.on_chunks(b"".join(parts), count)
+                            parts = []
                         self.on_done(rest)
                         return
                 else:
                     raise http._MalformedChunkedDataError("data after the last chunk")
+            if parts:
+                self.on_chunks(b"".join(parts), count)
         finally:
             if state != _DONE and pos:
                 del buf[:pos]
@@ -158,24 +166,27 @@ class DecoyRequest(server.Request):
     """A request that keeps at most ``max_body`` bytes of its body (and counts the rest)."""
 
     body_size = 0
-    chunked = False
+    max_body = 0
 
     def gotLength(self, length):
-        cap = self.channel.runtime.spec.option("max_body")
-        self.chunked = length is None
+        self.max_body = self.channel.runtime.spec.option("max_body")
         # Small or unknown declared length: an in-memory buffer, never a temp file.
-        super().gotLength(0 if length is None else min(length, cap))
+        super().gotLength(0 if length is None else min(length, self.max_body))
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data):
-        # Each chunk of a chunked body is an item like a header line: a flood
-        # of one-byte chunks meets the connection's command cap.
-        if self.channel.close_reason is not None or (
-            self.chunked and not self.channel.count_command()
-        ):
-            return
-        cap = self.channel.runtime.spec.option("max_body")
-        room = cap - self.body_size
+        if self.channel.close_reason is None:
+            self._keep(data)
+
+    def handle_chunks(self, data: bytes, count: int) -> None:
+        """Data of ``count`` chunks of a chunked body (see :class:`ChunkedBody`)."""
+        # Each chunk is an item like a header line: a flood of one-byte
+        # chunks meets the connection's command cap.
+        if self.channel.close_reason is None and self.channel.count_commands(count) == count:
+            self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        room = self.max_body - self.body_size
         if room > 0:
             self.content.write(data[:room])
         self.body_size += len(data)
@@ -313,7 +324,7 @@ class DecoyChannel(DecoyMixin, http.HTTPChannel):
         ok = super()._maybeChooseTransferDecoder(header, data)
         if ok and isinstance(self._transferDecoder, http._ChunkedTransferDecoder):
             self._transferDecoder = ChunkedBody(
-                self.requests[-1].handleContentChunk, self._finishRequestBody
+                self.requests[-1].handle_chunks, self._finishRequestBody
             )
         return ok
 
