@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
@@ -102,3 +103,26 @@ def test_an_rlimit_too_low_for_the_reserve_stops_the_agent_with_a_usage_error():
 def test_the_decoy_budget_option_explains_its_default():
     text = str(tap.Options())
     assert "--max-decoy-connections" in text and "RLIMIT_NOFILE" in text
+
+
+def test_decoys_get_a_smaller_slice_of_each_turn_while_the_api_has_a_connection():
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from decnet.agent.decoys.budget import APIPriority, TurnBudget
+
+    turns = TurnBudget(Clock(), slice=0.004, api_slice=0.001)
+    api = APIPriority(Factory.forProtocol(Protocol), turns)
+    first, second = api.buildProtocol(None), api.buildProtocol(None)
+    first.makeConnection(StringTransport())
+    second.makeConnection(StringTransport())
+    assert turns.slice == 0.001
+    first.connectionLost(Failure(ConnectionDone()))
+    assert turns.slice == 0.001
+    second.connectionLost(Failure(ConnectionDone()))
+    assert turns.slice == 0.004
+    turns.spent = 0.002
+    assert turns.allows(0)
+    turns.api_opened()
+    assert not turns.allows(0)
