@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from decnet.agent.decoys.base import DecoyMixin, ServiceRuntime
 from decnet.agent.decoys.inbox import TOO_LONG
 
-RAW_SLICE = 1024
+RAW_SLICE = 2048
 
 LOGIN_PATHS = {b"/", b"/login", b"/login.html", b"/index.html", b"/admin", b"/admin/"}
 USER_FIELDS = ("username", "user", "login", "email", "uname", "log", "usr")
@@ -113,8 +113,8 @@ class ChunkedBody:
                     pos += 2
                     state = _SIZE
                 elif state == _SIZE:
-                    end = self._line_end(pos, MAX_CHUNK_SIZE_LINE)
-                    if end < 0:
+                    end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
+                    if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
                         break
                     m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
                     if m is None:

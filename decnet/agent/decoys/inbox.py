@@ -84,6 +84,18 @@ class Inbox:
         self.scanned += end
         return self._buf.count(sub, self._pos, self._pos + end)
 
+    def view(self) -> tuple[bytearray, int, int]:
+        """``(buffer, read offset, end)`` for a parser's own tight loop; read only.
+
+        The parser reports what it consumed and looked at with :meth:`advance`.
+        """
+        return self._buf, self._pos, len(self._buf)
+
+    def advance(self, n: int, scanned: int) -> None:
+        """Consume ``n`` bytes after a loop over :meth:`view` that looked at ``scanned``."""
+        self.scanned += scanned
+        self.skip(n)
+
     def unpack_from(self, layout: struct.Struct, start: int = 0) -> tuple:
         """``layout.unpack_from`` at relative position ``start`` (enough bytes must be there)."""
         self.scanned += layout.size

@@ -200,28 +200,32 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
             and ciphers.outMACType == b"none"
             and not self.outgoingCompression
         )
-        inbox, n, unanswered = self.inbox, 0, []
-        while n < RUN_STEP and len(inbox) >= _PLAIN_HEADER.size:
+        buf, start, end = self.inbox.view()
+        pos, n, unanswered, sequence = start, 0, [], self.incomingPacketSequence
+        header, header_size = _PLAIN_HEADER.unpack_from, _PLAIN_HEADER.size
+        known, service = transport.messages, self.service
+        while n < RUN_STEP and end - pos >= header_size:
             if not plain_out and len(unanswered) >= TURN_ITEMS:
                 break
-            packet_len, padding_len, message = inbox.unpack_from(_PLAIN_HEADER)
+            packet_len, padding_len, message = header(buf, pos)
             if (
                 packet_len > MAX_PACKET
                 or (packet_len + 4) % 8
                 or packet_len < padding_len + 2
-                or len(inbox) < packet_len + 4
+                or end - pos < packet_len + 4
             ):
                 break
-            if message not in _NOOP_MESSAGES and (
-                (message < 50 and message in transport.messages) or self.service
-            ):
+            noop = message in _NOOP_MESSAGES
+            if not noop and ((message < 50 and message in known) or service):
                 break  # a message with a meaning: the normal path
-            inbox.skip(packet_len + 4)
-            self.incomingPacketSequence += 1
+            pos += packet_len + 4
+            sequence += 1
             n += 1
-            if message not in _NOOP_MESSAGES:
+            if not noop:
                 # Conch's sendUnimplemented() reports the sequence number so far.
-                unanswered.append(self.incomingPacketSequence)
+                unanswered.append(sequence)
+        self.incomingPacketSequence = sequence
+        self.inbox.advance(pos - start, header_size * (n + 1))
         return n, unanswered, plain_out
 
     def _unimplemented(self, sequence_numbers: list[int], plain_out: bool) -> None:
