@@ -96,7 +96,28 @@ class ChunkedBody:
         count = 0
         try:
             while True:
-                if state == _DATA:
+                if state == _SIZE:
+                    end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
+                    if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
+                        break
+                    m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
+                    if m is None:
+                        raise http._MalformedChunkedDataError("bad chunk size line")
+                    size = int(m.group(1), 16)
+                    pos = end + 2
+                    if not size:
+                        state = _TRAILER
+                        continue
+                    count += 1
+                    after = pos + size
+                    if len(buf) >= after + 2:  # the whole chunk is here: one step
+                        if buf[after] != 13 or buf[after + 1] != 10:
+                            raise http._MalformedChunkedDataError("chunk not followed by CRLF")
+                        parts.append(bytes(buf[pos:after]))
+                        pos = after + 2
+                    else:
+                        remaining, state = size, _DATA
+                elif state == _DATA:
                     n = min(remaining, len(buf) - pos)
                     if not n:
                         break
@@ -112,17 +133,6 @@ class ChunkedBody:
                         raise http._MalformedChunkedDataError("chunk not followed by CRLF")
                     pos += 2
                     state = _SIZE
-                elif state == _SIZE:
-                    end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
-                    if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
-                        break
-                    m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
-                    if m is None:
-                        raise http._MalformedChunkedDataError("bad chunk size line")
-                    remaining = int(m.group(1), 16)
-                    pos = end + 2
-                    state = _DATA if remaining else _TRAILER
-                    count += 1 if remaining else 0
                 elif state == _TRAILER:
                     end = self._line_end(pos, MAX_TRAILERS)
                     if end < 0:
