@@ -89,7 +89,6 @@ class ServiceRuntime:
         self.connections = 0
         self.refused = 0
         self.events = 0
-        self.bytes_in = 0
         self.active: set = set()
 
     def event(self, kind: str, params, severity: int = SEVERITY_INFO) -> None:
@@ -194,7 +193,6 @@ class DecoyMixin:
         if self.close_reason is not None:
             return
         self.session.bytes_in += len(data)
-        self.runtime.bytes_in += len(data)
         if self.session.bytes_in > MAX_INPUT:
             self.close("input-limit")
             return
