@@ -503,3 +503,21 @@ def test_every_chunk_of_a_chunked_body_counts_toward_the_command_cap():
     conn.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nz\r\n" * 1200)
     assert conn.reason() == "command-limit"
     assert conn.kinds() == ["connect", "disconnect"]  # the request never completed
+
+
+def test_an_unknown_message_for_the_ssh_auth_service_is_answered_without_a_log_line(host_keys):
+    from twisted.logger import globalLogPublisher
+
+    conn = Conn("ssh", host_keys)
+    service = ssh.DecoyUserAuth()
+    service.transport = conn.proto
+    conn.proto.service = service
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        conn.transport.clear()
+        conn.proto.dispatchMessage(200, b"junk")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert conn.transport.value()[5:6] == b"\x03"  # UNIMPLEMENTED
+    assert logged == []

@@ -281,14 +281,15 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
         return payload
 
     def dispatchMessage(self, messageNum, payload):
-        # Conch's, without its debug log line for every unknown message: an
-        # attacker's flood of them must cost no more than answering them.
+        # Conch's, without the log line (debug here, info in the service) it
+        # writes for every unknown message: an attacker's flood of them must
+        # cost no more than answering them, and never fill the agent's log.
         if messageNum < 50 and messageNum in transport.messages:
             handler = getattr(self, "ssh_" + transport.messages[messageNum][4:], None)
             if handler is not None:
                 handler(payload)
                 return
-        elif self.service:
+        elif self.service and messageNum in self.service.protocolMessages:
             self.service.packetReceived(messageNum, payload)
             return
         self.sendUnimplemented()
