@@ -436,7 +436,15 @@ def run_rss(env: Env, connections: int = 1000) -> dict:
         env.paths.home,
         d / "ingest",
         d / "listener.log",
-        extra=["--max-connections-per-worker", str(connections + 10)],
+        # One worker, one stream per connection, 50 handshakes at a time from one address.
+        extra=[
+            "--max-connections-per-worker",
+            str(connections + 10),
+            "--max-streams-per-worker",
+            str(connections + 10),
+            "--max-unauthenticated-per-address",
+            "64",
+        ],
     )
     try:
         before = _rss(listener.pid)

@@ -37,8 +37,12 @@ UPDATER_CN_PREFIX = "updater@"
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 397
 
-# Seconds the master waits for one call to a worker daemon.
+# Seconds the master waits for one call to a worker daemon: one deadline for connecting,
+# the TLS handshake, the headers and the whole body.
 HTTP_TIMEOUT = 10.0
+# A deploy waits for every listener to be bound (and SSH host keys to be generated on
+# first use), so it gets a longer deadline than a probe.
+AGENT_DEPLOY_TIMEOUT = 60.0
 
 # Worker-side defaults (each daemon takes an option to override).
 DEFAULT_LOG_FILE = "/var/log/decnet/decnet.log"
@@ -77,13 +81,19 @@ class MasterPaths:
 
     ::
 
-        <home>/                    0700
-          ca/ca.crt ca.key .lock   the private CA (key 0600, dir 0700)
-          master/master.crt .key   the master identity (key 0600, dir 0700)
+        <home>/                    0700 (0710, group decnet-listener, on a real master)
+          ca/ca.crt ca.key .lock   the private CA (key 0600, dir 0700): decnet-admin only
+          master/master.crt .key   decnet-admin's identity towards agents and updaters (0700)
+          listener/                0750: all the log listener reads
+            ca.crt                 a copy of ca/ca.crt
+            listener.crt .key      the listener's own identity (key 0640)
+            revoked.json           the revocation list
           master.json              master host name/addresses given at init
           registry.sqlite          the host registry
-          revoked.json             the revocation list every daemon loads
           ingest/                  log listener output (mirror + JSON feed)
+
+    The listener's key is not the master's: workers pin each one separately, so
+    whoever takes over the listener cannot act as ``decnet-admin`` towards them.
     """
 
     home: Path
@@ -126,7 +136,28 @@ class MasterPaths:
         return self.home / "registry.sqlite"
 
     @property
+    def listener_dir(self) -> Path:
+        return self.home / "listener"
+
+    @property
+    def listener_ca_cert(self) -> Path:
+        return self.listener_dir / "ca.crt"
+
+    @property
+    def listener_cert(self) -> Path:
+        return self.listener_dir / "listener.crt"
+
+    @property
+    def listener_key(self) -> Path:
+        return self.listener_dir / "listener.key"
+
+    @property
     def revocations(self) -> Path:
+        return self.listener_dir / "revoked.json"
+
+    @property
+    def legacy_revocations(self) -> Path:
+        """Where homes made before ``listener/`` kept the list; ``init`` moves it."""
         return self.home / "revoked.json"
 
     @property
@@ -218,12 +249,16 @@ OUTPUT_TAIL_BYTES = 16 * 1024  # captured install/agent output returned to the m
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # compressed body of POST /update(-self)
 MAX_RELEASE_BYTES = 1024 * 1024 * 1024  # uncompressed total of all members
 MAX_RELEASE_MEMBERS = 20_000
+# One pax or GNU long-name header: a 4 KiB path and link name fit many times over.  tarfile
+# reads such a header whole, so the raw scan (decnet/updater/tarscan.py) refuses a larger one.
+MAX_RELEASE_HEADER_BYTES = 64 * 1024
 MAX_SMALL_BODY = 64 * 1024  # any body from a caller that may not upload, and JSON bodies
 
 # Master side.
 DEFAULT_UPDATE_CONCURRENCY = 4
 DEFAULT_UPDATE_TIMEOUT = 1800.0  # seconds the master waits for one host's POST /update
 DEFAULT_SELF_UPDATE_WAIT = 120.0  # seconds for a re-executed updater to answer /health
+RELEASES_TIMEOUT = 30.0  # seconds for GET /releases (it reads every release's metadata)
 
 
 # ---------------------------------------------------------------------------
@@ -252,4 +287,6 @@ SANDBOX_FEED_POLL = 0.25  # seconds between two reads of the master's JSON feeds
 SANDBOX_HOSTS_POLL = 3.0  # seconds between two health/status rounds of the live view
 SANDBOX_TABLE_EVERY = 15.0  # the host table is reprinted at most this often without a change
 SANDBOX_TABLE_QUIET = 2.0  # ... and only once no event arrived for this long (not mid-burst)
+SANDBOX_TABLE_SETTLE = 0.2  # rows arriving within this long of each other make one table
+SANDBOX_AGENT_TIMEOUT = 5.0  # the live view's deadline for one request to an agent
 SANDBOX_FORWARDER_RETRY = 5.0  # forwarders' --max-retry-delay: reconnect quickly on loopback

@@ -40,6 +40,7 @@ class TLSPortService(Service):
         *,
         port_file: str | Path | None = None,
         label: str = "connections",
+        gate=None,
     ):
         self.reactor = reactor
         self.description = description
@@ -47,6 +48,8 @@ class TLSPortService(Service):
         self.factory = factory
         self.port_file = Path(port_file) if port_file else None
         self.label = label
+        # Wraps the TLS factory (see ``listen_tls``): the listener's pre-TLS budget.
+        self.gate = gate
         self.port = None
         self.ready: defer.Deferred = defer.Deferred()
 
@@ -55,9 +58,9 @@ class TLSPortService(Service):
         if self.port is not None:
             return
         outcome: list = []
-        listen_tls(self.reactor, self.description, self.options, self.factory).addBoth(
-            outcome.append
-        )
+        listen_tls(
+            self.reactor, self.description, self.options, self.factory, gate=self.gate
+        ).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"listening on {self.description} did not complete synchronously")
         if isinstance(outcome[0], Failure):

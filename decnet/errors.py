@@ -79,6 +79,30 @@ class RemoteError(DecnetError):
         super().__init__(f"HTTP {status}: {'; '.join(self.problems) or 'no detail'}")
 
 
+class BadReply(DecnetError):
+    """A worker daemon answered, but not what its API promises; the answer is not used.
+
+    Not JSON, a field missing or of the wrong type (``decnet.master.replies``), a
+    redirect, a body over the size cap.  ``where`` names the host; ``problems``
+    say what was wrong (worker-supplied text: escape it before showing it).
+    """
+
+    def __init__(self, where: str, problems):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.where = where
+        self.problems = list(problems)
+        super().__init__(f"bad reply from {where}: {'; '.join(self.problems)}")
+
+
+class RedirectRefused(BadReply):
+    """The daemon answered with a redirect (3xx); the master never follows one."""
+
+
+class ReplyTooLarge(BadReply):
+    """The daemon sent a longer body than the master is willing to read."""
+
+
 class UnknownDecky(DecnetError):
     """A request named a decky that is not deployed on this worker."""
 
@@ -118,6 +142,13 @@ class UnsafeArchive(UpdateError):
     """The release tarball breaks the extraction allow-list or a size cap."""
 
     status = 422
+
+
+class MalformedArchive(UnsafeArchive):
+    """The raw tar stream is malformed or hostile in its structure (an oversized or chained
+    extended header, a corrupt header): refused while it streams, before it is parsed."""
+
+    status = 400
 
 
 class InstallFailed(UpdateError):

@@ -68,11 +68,26 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Non
     fsync_dir(path.parent)
 
 
+def lock_path_for(path: str | os.PathLike) -> Path:
+    """The lock file that guards read-modify-write of ``path``: ``.<name>.lock`` beside it.
+
+    A separate file, because ``path`` itself is replaced by :func:`atomic_write`
+    (a lock on the old inode would not exclude a writer that opened the new one).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def locked(lock_path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (created 0600) for the block.
 
-    Used where two processes may race on first-time creation (``ensure_ca``).
+    The one lock helper of the project: first-time creation (``ensure_ca``,
+    the master identity) and every read-modify-write of a file several
+    processes may change at once (``revoked.json``, the host registry; see
+    :func:`lock_path_for`).  The lock goes with the open file description, so
+    a process killed inside the block releases it.  Not reentrant: a block
+    must not take the same lock again.
     """
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:

@@ -12,6 +12,12 @@ from collections.abc import Callable
 
 def _bounded(kind: type, check: Callable[[float], bool], wanted: str):
     def parse(value):
+        # int()/float() would skip surrounding whitespace and read non-ASCII
+        # digits; an option value is plain ASCII text or it is refused.
+        if isinstance(value, str) and not (
+            value.isascii() and value.isprintable() and value == value.strip()
+        ):
+            raise ValueError(f"must be {wanted}, got {value!r}")
         number = kind(value)
         if not check(number):
             raise ValueError(f"must be {wanted}, got {value}")
@@ -33,3 +39,8 @@ positive_int = positive(int)
 positive_float = positive(float)
 non_negative_int = non_negative(int)
 port_number = _bounded(int, lambda n: 1 <= n <= 65535, "port (1-65535)")
+
+
+def between(kind: type, low, high):
+    """A parser for a ``kind`` from ``low`` to ``high`` inclusive ("must be 1 to 300, got 0")."""
+    return _bounded(kind, lambda n: low <= n <= high, f"{low:g} to {high:g}")

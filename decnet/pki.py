@@ -45,8 +45,9 @@ KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072")
 DEFAULT_KEY_TYPE = "ec-p256"
 
 # Host names: lowercase DNS-style labels, 1-63 characters in all, so they fit a
-# CN, a DNS SAN and a file name without quoting.
-HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+# CN, a DNS SAN and a file name without quoting.  Always ``fullmatch``: ``$``
+# with ``match`` also accepts a trailing newline ("web-01\n").
+HOST_NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 
 # Names that would be confusing or dangerous as a worker CN: the master's CN,
 # the role words themselves, and names that look like infrastructure.
@@ -70,7 +71,7 @@ def validate_host_name(name: str) -> str:
         name in RESERVED_NAMES or name.startswith(config.UPDATER_CN_PREFIX)
     ):
         raise InvalidName(f"host name {name!r} is reserved; choose another name")
-    if not isinstance(name, str) or not HOST_NAME_RE.match(name):
+    if not isinstance(name, str) or not HOST_NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid host name {name!r}: use 1-63 characters of a-z, 0-9, '.' and '-', "
             "starting with a letter or digit"
@@ -81,18 +82,26 @@ def validate_host_name(name: str) -> str:
 
 
 _DNS_NAME_RE = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+    r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
 )
 
 
 def parse_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
-    """An IP address object, or a validated lowercase DNS name."""
+    """An IP address object, or a validated lowercase DNS name.
+
+    A scoped IPv6 address (``fe80::1%eth0``) is refused: a certificate SAN
+    cannot carry the scope, and ``ipaddress`` accepts any text after the ``%``.
+    """
     try:
-        return ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         pass
+    else:
+        if getattr(address, "scope_id", None) is None:
+            return address
+        raise ValidationError(f"invalid address {value!r}: a scoped IPv6 address cannot be a SAN")
     lowered = value.lower() if isinstance(value, str) else ""
-    if not _DNS_NAME_RE.match(lowered):
+    if not _DNS_NAME_RE.fullmatch(lowered):
         raise ValidationError(f"invalid address {value!r}: expected an IP address or a DNS name")
     return lowered
 
@@ -109,8 +118,11 @@ def colon_fingerprint(fp: str) -> str:
 
 
 def normalize_fingerprint(fp: str) -> str:
-    """Accept either the hex or the colon form; return lowercase hex."""
-    cleaned = fp.replace(":", "").strip().lower()
+    """Accept either the hex or the colon form; return lowercase hex.
+
+    Nothing else is cleaned away: surrounding whitespace or a newline is refused.
+    """
+    cleaned = fp.replace(":", "").lower() if isinstance(fp, str) else ""
     if not re.fullmatch(r"[0-9a-f]{64}", cleaned):
         raise ValidationError(f"not a SHA-256 fingerprint: {fp!r}")
     return cleaned
@@ -195,11 +207,20 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certificate:
+def _read_pem(path: str | os.PathLike, what: str) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise MissingFileError(path, what) from None
+    except PermissionError:
+        # Each daemon runs as its own user (docs/Operations.md): say which file.
+        raise PKIError(
+            f"cannot read the {what} {path}: permission denied for uid {os.getuid()}"
+        ) from None
+
+
+def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certificate:
+    data = _read_pem(path, what)
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -207,10 +228,7 @@ def load_cert(path: str | os.PathLike, what: str = "certificate") -> x509.Certif
 
 
 def load_key(path: str | os.PathLike, what: str = "private key"):
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MissingFileError(path, what) from None
+    data = _read_pem(path, what)
     try:
         # Our own keys, written 0600 by us: skip the slow RSA consistency
         # check (it dominates CA load time for a 4096-bit key).
@@ -467,6 +485,9 @@ class WorkerBundle:
     name: str
     master_fingerprint: str
     settings: Mapping[str, object]
+    # The log listener's own leaf (``decnet-admin init`` gives it a key of its
+    # own); a bundle enrolled before that pins the master's for both.
+    listener_fingerprint: str
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> WorkerBundle:
@@ -481,11 +502,16 @@ class WorkerBundle:
         except ValueError:
             raise PKIError(f"{cfg_path} is not valid JSON") from None
         try:
+            master_fp = normalize_fingerprint(settings["master_fingerprint"])
+            listener_fp = settings.get("listener_fingerprint")
             return cls(
                 directory=directory,
                 name=validate_host_name(settings["name"]),
-                master_fingerprint=normalize_fingerprint(settings["master_fingerprint"]),
+                master_fingerprint=master_fp,
                 settings=settings,
+                listener_fingerprint=(
+                    master_fp if listener_fp is None else normalize_fingerprint(listener_fp)
+                ),
             )
         except (KeyError, TypeError, ValidationError) as exc:
             raise PKIError(f"{cfg_path} is incomplete or invalid: {exc}") from None

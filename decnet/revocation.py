@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet.errors import ConfigError, ValidationError
-from decnet.fsutil import atomic_write
+from decnet.fsutil import atomic_write, lock_path_for, locked
 from decnet.pki import normalize_fingerprint
 
 FORMAT = "decnet-revocations/1"
@@ -52,17 +52,27 @@ def read_entries(path: str | os.PathLike) -> list[dict]:
 
 
 def add_entries(path: str | os.PathLike, new: Iterable[dict]) -> list[dict]:
-    """Append entries (deduplicated by fingerprint) and rewrite the file atomically."""
-    entries = read_entries(path)
-    known = {e["fingerprint"] for e in entries}
-    for entry in new:
-        fp = normalize_fingerprint(entry["fingerprint"])
-        if fp not in known:
-            entries.append({**entry, "fingerprint": fp})
-            known.add(fp)
-    body = json.dumps({"format": FORMAT, "revoked": entries}, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, body.encode())
-    return entries
+    """Add entries (deduplicated by fingerprint); return the ones that were not there yet.
+
+    The read, the merge and the atomic rewrite happen under an ``flock`` on
+    ``.revoked.json.lock``, so two ``decommission`` runs at once both land
+    (without it, the later rename silently dropped the other's entries).  The
+    file is rewritten only when something was added.
+    """
+    with locked(lock_path_for(path)):
+        entries = read_entries(path)
+        known = {e["fingerprint"] for e in entries}
+        added = []
+        for entry in new:
+            fp = normalize_fingerprint(entry["fingerprint"])
+            if fp not in known:
+                added.append({**entry, "fingerprint": fp})
+                known.add(fp)
+        if added:
+            doc = {"format": FORMAT, "revoked": entries + added}
+            body = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+            atomic_write(path, body.encode())
+    return added
 
 
 class RevocationSet:

@@ -10,6 +10,9 @@ The trust rules (``docs/Security.md``):
   value when one is given, and that it is not revoked;
 * server certificates are pinned by CA + chain + fingerprint, never by DNS name,
   because workers are reached at whatever address the operator typed.
+* TLS 1.2 offers only ECDHE key exchange with an AEAD cipher (AES-GCM,
+  ChaCha20-Poly1305): no CBC, no SHA-1 MAC, no static RSA.  TLS 1.3 suites
+  are all AEAD already (OpenSSL's defaults).
 
 Every refusal is logged once, as a warning without traceback, with the peer
 address and the reason.
@@ -53,6 +56,15 @@ _X509_ERRORS = {
     24: "invalid CA certificate",
     26: "unsupported certificate purpose",
 }
+
+
+# TLS 1.2 suites every daemon and client accepts ("ECDHE+AESGCM" and
+# "ECDHE+CHACHA20" expand to both ECDSA and RSA authentication).  Only the TLS
+# 1.2 list is set here: OpenSSL configures TLS 1.3 suites separately, and all of
+# them are AEAD.
+AEAD_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+)
 
 
 def describe_x509_error(errno: int) -> str:
@@ -175,6 +187,7 @@ class PolicyOptions(ssl.CertificateOptions):
             certificate=identity.cert,
             trustRoot=ssl.trustRootFromCertificates([ssl.Certificate(identity.ca)]),
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=AEAD_CIPHERS,
             acceptableProtocols=acceptable_protocols,
         )
         self.identity = identity
@@ -283,10 +296,15 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         super().__init__(options, False, wrapped_factory, clock=clock)
 
 
-def listen_tls(reactor, description: str, options: PolicyOptions, factory):
-    """Listen on an endpoint string (``tcp:…``, ``systemd:…``) with TLS; a Deferred port."""
+def listen_tls(reactor, description: str, options: PolicyOptions, factory, *, gate=None):
+    """Listen on an endpoint string (``tcp:…``, ``systemd:…``) with TLS; a Deferred port.
+
+    ``gate``, when given, wraps the TLS factory: it sees each connection
+    before any TLS state exists (the listener's pre-TLS budget).
+    """
     endpoint = serverFromString(reactor, description)
-    return endpoint.listen(TLSServerFactory(options, factory, clock=reactor))
+    tls = TLSServerFactory(options, factory, clock=reactor)
+    return endpoint.listen(gate(tls) if gate is not None else tls)
 
 
 @implementer(IPolicyForHTTPS)

@@ -208,34 +208,3 @@ async def test_check_hosts_probes_concurrently_and_records_status(
     assert results[0].health["host"] == "client-w1"
     assert registry.get("client-w1").status == "active"
     assert registry.get("client-down").status == "unreachable"
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_agent_with_a_revocation_list_refuses_revoked_certificates(
-    worker, identities, tmp_path
-):
-    from decnet import revocation
-
-    listed = tmp_path / "revoked.json"
-    updater_fp = identities["updater"].identity.fingerprint
-    revocation.add_entries(listed, [{"fingerprint": updater_fp, "cn": "updater@client-w1"}])
-    bundle = pki.WorkerBundle.load(worker.bundle_dir)
-    service = AgentService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listen="tcp:0:interface=127.0.0.1",
-        state_dir=tmp_path / "state",
-        log_file=tmp_path / "decnet.log",
-        revocations=listed,
-    )
-    service.startService()
-    try:
-        port = await service.api.ready
-        host = attrs.evolve(worker.host, agent_port=port.getHost().port)
-        with pytest.raises(PeerRefused):
-            await AgentClient(reactor, identities["updater"], host).health()
-        assert (await AgentClient(reactor, identities["master"], host).health())["status"] == "ok"
-    finally:
-        await service.restored
-        await service.stopService()

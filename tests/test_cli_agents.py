@@ -85,7 +85,8 @@ async def test_deploy_status_and_teardown_through_the_cli(home, agent, tmp_path)
 
     out, err, code = await admin(home, "status", "cli-up")
     assert code == 0, err
-    assert f"cli-up  web-01  redis    redis  listening  127.0.0.1:{port}" in out
+    row = ["cli-up", "web-01", "redis", "redis", "listening", f"127.0.0.1:{port}", "0", "0"]
+    assert row in [line.split() for line in out.splitlines()]
 
     out, err, code = await admin(home, "status", "cli-up", "--json")
     doc = json.loads(out)
@@ -123,9 +124,11 @@ async def test_check_reports_every_host_and_fails_when_one_is_down(home, agent):
         "UPTIME",
         "DETAIL",
     ]
-    assert lines[2].startswith("cli-down  127.0.0.1  DOWN")
-    assert "cannot reach" in lines[2]
-    assert lines[3].startswith("cli-up    127.0.0.1  up")
+    rows = {line.split()[0]: line for line in lines[2:]}  # in the order they answered
+    assert sorted(rows) == ["cli-down", "cli-up"]
+    assert rows["cli-down"].startswith("cli-down  127.0.0.1  DOWN")
+    assert "cannot reach" in rows["cli-down"]
+    assert rows["cli-up"].startswith("cli-up    127.0.0.1  up")
     out, _err, code = await admin(home, "hosts", "--json")
     status = {h["name"]: h["status"] for h in json.loads(out)}
     assert status == {"cli-down": "unreachable", "cli-up": "active"}

@@ -2,12 +2,16 @@
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 
 import pytest
 
 from decnet import config, pki, revocation
+from decnet.cli import output
+from decnet.master import enrollment
+from decnet.tls import Accept, PeerPolicy
 from tests.support import BIN
 
 ADMIN = str(BIN / "decnet-admin")
@@ -84,7 +88,7 @@ def test_enroll_with_updater_writes_a_complete_bundle(home, tmp_path):
     assert (updater.cn, updater.role) == ("updater@web-01", "updater")
     # The master keeps fingerprints only: no private key anywhere under --home but its own.
     keys = sorted(p.name for p in home.rglob("*.key"))
-    assert keys == ["ca.key", "master.key"]
+    assert keys == ["ca.key", "listener.key", "master.key"]
     hosts = json.loads(admin(home, "hosts", "--json", check=0).stdout)
     row = next(h for h in hosts if h["name"] == "web-01")
     assert row["worker_fingerprint"] == worker.fingerprint
@@ -172,7 +176,8 @@ def test_decommission_revokes_both_certificates(home, tmp_path):
     )
     result = admin(home, "decommission", "gone-01", check=0)
     assert "Decommissioned gone-01" in result.stdout
-    revoked = {e["fingerprint"]: e for e in revocation.read_entries(home / "revoked.json")}
+    listed = revocation.read_entries(home / "listener" / "revoked.json")
+    revoked = {e["fingerprint"]: e for e in listed}
     worker_fp = pki.fingerprint(pki.load_cert(tmp_path / "g" / "worker.crt"))
     updater_fp = pki.fingerprint(pki.load_cert(tmp_path / "g" / "updater.crt"))
     assert revoked[worker_fp]["cn"] == "gone-01"
@@ -181,8 +186,79 @@ def test_decommission_revokes_both_certificates(home, tmp_path):
         ln for ln in admin(home, "hosts", check=0).stdout.splitlines() if ln.startswith("gone-01")
     )
     assert "decommissioned" in line
-    again = admin(home, "decommission", "gone-01", check=1)
-    assert "already decommissioned" in again.stderr
+    again = admin(home, "decommission", "gone-01", check=0)
+    assert "already decommissioned" in again.stdout and "2 revocation entries are in place" in (
+        again.stdout
+    )
+
+
+def _fresh_home(home, tmp_path):
+    """A new master state directory with the module's CA and master identity (no RSA keygen)."""
+    new = tmp_path / "home"
+    new.mkdir(mode=0o700)
+    for sub in ("ca", "master"):
+        shutil.copytree(home / sub, new / sub)
+    paths = config.MasterPaths.resolve(new)
+    enrollment.init_master(paths)
+    return paths
+
+
+def test_twelve_parallel_decommissions_leave_twelve_revocation_entries(home, tmp_path):
+    """Each run reads, extends and rewrites revoked.json: without the lock, later renames lost
+    the entries of runs in between while every host was still marked decommissioned."""
+    paths = _fresh_home(home, tmp_path)
+    master = enrollment.load_master(paths)
+    names = [f"race-{i:02d}" for i in range(12)]
+    fps = {
+        enrollment.enroll(master, n, "10.0.0.1", tmp_path / n).host.worker_fingerprint
+        for n in names
+    }
+    procs = [
+        subprocess.Popen(
+            [ADMIN, "--home", str(paths.home), "decommission", n],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in names
+    ]
+    outcomes = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert [rc for rc, _, _ in outcomes] == [0] * 12, outcomes
+    entries = revocation.read_entries(paths.revocations)
+    assert len(entries) == 12
+    assert {e["fingerprint"] for e in entries} == fps
+    # What the listener checks in every handshake: all twelve certificates are refused.
+    listener = PeerPolicy(
+        [Accept(config.ROLE_WORKER)], revocations=revocation.RevocationSet(paths.revocations)
+    )
+    for n in names:
+        identity = pki.identity_of(pki.load_cert(tmp_path / n / config.BUNDLE_WORKER_CERT))
+        assert listener.check(identity) == f"certificate of {n!r} is revoked"
+    hosts = json.loads(admin(paths.home, "hosts", "--json", check=0).stdout)
+    assert {h["name"] for h in hosts if h["status"] == "decommissioned"} == set(names)
+
+
+def test_decommissioning_again_restores_a_lost_revocation_entry_and_says_so(home, tmp_path):
+    paths = _fresh_home(home, tmp_path)
+    master = enrollment.load_master(paths)
+    host = enrollment.enroll(master, "lost-01", "10.0.0.1", tmp_path / "b", updater=True).host
+    admin(paths.home, "decommission", "lost-01", check=0)
+    first = revocation.read_entries(paths.revocations)
+    # What the unlocked race left behind: the host is decommissioned, one entry is gone.
+    doc = json.loads(paths.revocations.read_text())
+    doc["revoked"] = [e for e in doc["revoked"] if e["fingerprint"] != host.worker_fingerprint]
+    paths.revocations.write_text(json.dumps(doc))
+    assert host.worker_fingerprint not in revocation.RevocationSet(paths.revocations)
+
+    again = admin(paths.home, "decommission", "lost-01", check=0)
+    assert "already decommissioned" in again.stdout
+    assert "restored 1 missing revocation entry" in again.stdout
+    assert "worker" in again.stdout and output.short_fp(host.worker_fingerprint) in again.stdout
+    restored = {e["fingerprint"]: e for e in revocation.read_entries(paths.revocations)}
+    assert restored == {e["fingerprint"]: e for e in first}  # same cn, role and revoked_at
 
 
 def test_decommission_of_an_unknown_host_is_an_error(home):

@@ -7,6 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from decnet import config
+from decnet.listener.admission import DEFAULT_HANDSHAKE_TIMEOUT
 from decnet.listener.feed import read_feed
 from decnet.revocation import RevocationSet
 from decnet.syslog import ackproto
@@ -204,13 +205,16 @@ def test_an_idle_connection_at_a_frame_boundary_is_kept(harness, ids):
     assert app.lost_reason is None
 
 
-def test_a_connection_that_never_handshakes_times_out(harness):
+def test_a_connection_that_never_handshakes_is_aborted_at_the_handshake_deadline(harness):
     proto = harness.tls_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport()
     proto.makeConnection(transport)
     with LogCapture() as logs:
-        harness.clock.advance(config.DEFAULT_IDLE_TIMEOUT + 1)
-    assert "no TLS handshake" in logs.text()
+        harness.clock.advance(DEFAULT_HANDSHAKE_TIMEOUT - 0.5)
+        assert not transport.disconnecting
+        harness.clock.advance(0.5)
+    assert transport.disconnected
+    assert "no TLS handshake within 10s" in logs.text()
 
 
 def test_plaintext_on_the_tls_port_is_refused_and_logged(harness):
@@ -276,15 +280,6 @@ def test_thousands_of_connections_from_one_worker_hit_its_cap_and_others_still_g
     other.transport.write(encode_frame(b"w2 line"))
     pump.flush()
     assert harness.mirror("w2", "syslog") == b"w2 line\n"
-
-
-def test_the_global_cap_refuses_before_tls(tmp_path, ids):
-    harness = ListenerHarness(tmp_path / "ingest", ids["master"], max_connections=2)
-    harness.connect(ids["w1"], ack=False)
-    harness.connect(ids["w2"], ack=False)
-    with LogCapture() as logs:
-        assert harness.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9)) is None
-    assert "max-connections" in logs.text()
 
 
 def test_a_revoked_worker_is_cut_and_cannot_reconnect(tmp_path, ids):

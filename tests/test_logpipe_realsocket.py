@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from decnet import pki
+from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.service import ForwarderService
 from decnet.listener.service import ListenerService
 from decnet.master import enrollment
@@ -70,11 +71,10 @@ async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener
         lst.startService()
         await eventually(lambda: mirror.read_bytes() == first + more, what="mirror after restart")
         await eventually(
-            lambda: (
-                fwd.offsets.saved is not None and fwd.offsets.saved.logical == len(first + more)
-            ),
+            lambda: fwd.shipper.core.durable_acked == len(first + more),
             what="the acknowledged offset to be persisted",
         )
     finally:
         await fwd.stopService()
         await lst.stopService()
+    assert JournalStore(tmp_path / "f.sqlite").load("decnet").acked == len(first + more)

@@ -82,8 +82,8 @@ def test_our_forwarder_ships_to_a_stock_rsyslog_receiver(master_home, worker, tm
             port,
             out,
             master_home.ca_cert,
-            master_home.master_cert,
-            master_home.master_key,
+            master_home.listener_cert,
+            master_home.listener_key,
             [name],
         ),
     )
@@ -122,8 +122,8 @@ def test_rsyslog_refuses_a_worker_it_does_not_permit(master_home, worker, tmp_pa
             port,
             out,
             master_home.ca_cert,
-            master_home.master_cert,
-            master_home.master_key,
+            master_home.listener_cert,
+            master_home.listener_key,
             ["someone-else"],
         ),
     )

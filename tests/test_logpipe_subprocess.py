@@ -39,7 +39,7 @@ def stop(proc):
             proc.wait()
 
 
-def test_the_listener_refuses_to_start_without_the_master_identity(tmp_path):
+def test_the_listener_refuses_to_start_without_its_identity(tmp_path):
     home = tmp_path / "empty-home"
     result = subprocess.run(
         [TWISTD, "--nodaemon", "--pidfile=", "decnet-listener", "--home", str(home)],
@@ -48,7 +48,7 @@ def test_the_listener_refuses_to_start_without_the_master_identity(tmp_path):
     )
     assert result.returncode != 0
     out = (result.stdout + result.stderr).decode()
-    assert str(home / "master" / "master.crt") in out and "decnet-admin init" in out
+    assert str(home / "listener" / "listener.crt") in out and "decnet-admin init" in out
 
 
 def test_a_failed_bind_stops_the_listener(master_home, tmp_path):

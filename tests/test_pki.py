@@ -183,7 +183,7 @@ def test_fingerprint_matches_what_openssl_prints(ca, tmp_path):
         text=True,
     ).stdout.strip()
     assert out.split("=", 1)[1] == pki.colon_fingerprint(pki.fingerprint(leaf.cert))
-    assert pki.normalize_fingerprint(out.split("=", 1)[1]) == leaf.fingerprint
+    assert pki.normalize_fingerprint(out.split("=", 1)[1].strip()) == leaf.fingerprint
     assert leaf.fingerprint == leaf.fingerprint.lower() and len(leaf.fingerprint) == 64
 
 

@@ -1,5 +1,7 @@
 """The master's SQLite host registry."""
 
+import fcntl
+import os
 import sqlite3
 import threading
 
@@ -90,3 +92,22 @@ def test_concurrent_writers_from_threads_all_land(tmp_path):
         t.join()
     assert errors == []
     assert len(reg.list()) == 10
+
+
+def test_the_registry_lock_excludes_every_other_holder_until_released(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    lock_file = tmp_path / ".r.sqlite.lock"
+
+    def try_lock() -> bool:
+        fd = os.open(lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with reg.lock():
+        assert not try_lock()
+    assert try_lock()

@@ -1,11 +1,16 @@
 """The revocation list file and its live reload."""
 
+import fcntl
 import json
+import os
+import subprocess
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.python import usage
 
+from decnet import revocation
 from decnet.errors import ConfigError
 from decnet.revocation import FORMAT, RevocationSet, RevocationWatcher, add_entries, read_entries
 
@@ -20,10 +25,38 @@ def test_a_missing_file_is_an_empty_list(tmp_path):
 def test_entries_are_appended_once_and_written_in_the_documented_format(tmp_path):
     path = tmp_path / "revoked.json"
     add_entries(path, [{"fingerprint": FP1, "cn": "w1", "role": "worker", "revoked_at": "t"}])
-    add_entries(path, [{"fingerprint": FP1.upper(), "cn": "w1"}, {"fingerprint": FP2}])
+    added = add_entries(path, [{"fingerprint": FP1.upper(), "cn": "w1"}, {"fingerprint": FP2}])
+    assert added == [{"fingerprint": FP2}]
     doc = json.loads(path.read_text())
     assert doc["format"] == FORMAT
     assert [e["fingerprint"] for e in doc["revoked"]] == [FP1, FP2]
+    stamp = path.stat().st_ino
+    assert add_entries(path, [{"fingerprint": FP2}]) == []
+    assert path.stat().st_ino == stamp  # nothing new: not rewritten
+
+
+def test_the_rewrite_happens_while_the_revocation_lock_is_held(tmp_path, monkeypatch):
+    """add_entries holds .revoked.json.lock across its read-modify-write."""
+    path = tmp_path / "revoked.json"
+    held = []
+    real_write = revocation.atomic_write
+
+    def write_and_probe(target, data):
+        fd = os.open(tmp_path / ".revoked.json.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real_write(target, data)
+
+    monkeypatch.setattr(revocation, "atomic_write", write_and_probe)
+    add_entries(path, [{"fingerprint": FP1}])
+    add_entries(path, [{"fingerprint": FP2}])
+    assert held == [True, True]
+    assert FP1 in RevocationSet(path) and FP2 in RevocationSet(path)
 
 
 @pytest.mark.parametrize(
@@ -65,3 +98,44 @@ async def test_the_watcher_reloads_off_the_reactor_and_survives_a_bad_file(tmp_p
     path.write_text("not json")
     await watcher.check()  # logs an error, keeps the previous list
     assert FP1 in rs
+
+
+# -- who enforces the list (docs/Security.md#revocation) ------------------------
+
+
+def _help(options: usage.Options) -> str:
+    return " ".join(str(options).split())
+
+
+def test_the_agent_has_no_revocations_option_and_its_help_says_what_it_trusts_instead():
+    """Its --revocations flag was unused: no unit or sandbox passed a list; none reaches workers."""
+    from decnet.agent import tap
+
+    with pytest.raises(usage.UsageError, match="revocations"):
+        tap.Options().parseOptions(["--revocations", "revoked.json"])
+    text = _help(tap.Options())
+    assert "fingerprint is pinned in the bundle" in text
+    assert "keeps no revocation list" in text
+
+
+def test_the_updater_help_says_it_keeps_no_revocation_list_and_pins_the_master():
+    from decnet.updater import tap
+
+    text = _help(tap.Options())
+    assert "fingerprint is pinned in the bundle" in text
+    assert "keeps no revocation list" in text
+
+
+def test_decommission_help_names_the_parties_that_enforce_the_list():
+    from tests.support import BIN
+
+    out = subprocess.run(
+        [str(BIN / "decnet-admin"), "decommission", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    text = " ".join(out.split())
+    assert "log listener refuses them" in text and "never contacts the host again" in text
+    assert "agents" not in text and "updaters" not in text

@@ -1,9 +1,13 @@
 """The production units in contrib/systemd: systemd accepts them, and they say what we mean."""
 
 import importlib
+import json
+import re
 import shlex
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 UNITS = sorted((REPO / "contrib" / "systemd").glob("decnet-*.*"))
 SERVICES = [u for u in UNITS if u.suffix == ".service"]
+SYSUSERS = REPO / "contrib" / "sysusers.d" / "decnet.conf"
+POLKIT_RULE = REPO / "contrib" / "polkit" / "50-decnet-updater.rules"
+# systemd-analyze security exposure goals (issue 9, F): lower is better, 10 is unprotected.
+EXPOSURE_GOALS = {
+    "decnet-agent.service": 4.0,
+    "decnet-forwarder.service": 2.5,
+    "decnet-listener.service": 2.5,
+    "decnet-updater.service": 2.5,
+}
 TAPS = {
     "decnet-agent": "decnet.agent.tap",
     "decnet-updater": "decnet.updater.tap",
@@ -81,7 +94,10 @@ def test_units_are_notify_watchdogged_hardened_and_run_twistd_in_the_foreground(
     d = directives(unit)
     assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
     assert d["WatchdogSec"] and d["Restart"][0] in ("on-failure", "always")
-    assert d["User"] == ["decnet"]
+    # One system user per daemon (contrib/sysusers.d/decnet.conf): no two units share one.
+    assert d["User"] == [unit.stem]
+    for key in ("ProtectProc", "ProcSubset"):
+        assert d[key] == [{"ProtectProc": "invisible", "ProcSubset": "pid"}[key]], key
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
         assert d[key] == ["yes"], key
     assert d["ProtectSystem"] == ["strict"]
@@ -115,3 +131,166 @@ def test_the_agent_and_the_forwarder_agree_on_the_log_file():
     assert option("decnet-agent.service", "--log-file") == option(
         "decnet-forwarder.service", "--log-file"
     )
+
+
+def test_no_two_units_share_a_user_and_every_user_and_group_they_name_is_declared():
+    declared = sysusers_entries()
+    users = [directives(u)["User"][0] for u in SERVICES]
+    assert len(set(users)) == len(users) == 4
+    for unit in SERVICES:
+        d = directives(unit)
+        assert d["User"][0] in declared["u"], unit.name
+        for group in [*d.get("Group", []), *" ".join(d.get("SupplementaryGroups", [])).split()]:
+            # systemd-journal is the system's own group (the updater reads the agent's journal).
+            assert group in declared["u"] | declared["g"] | {"systemd-journal"}, (unit, group)
+
+
+def sysusers_entries() -> dict[str, set[str]]:
+    kinds: dict[str, set[str]] = {"u": set(), "g": set(), "m": set()}
+    for line in SYSUSERS.read_text().splitlines():
+        fields = shlex.split(line, comments=True)
+        if fields:
+            kinds[fields[0]].add(fields[1] if fields[0] != "m" else f"{fields[1]}:{fields[2]}")
+    return kinds
+
+
+def test_the_agent_log_is_shared_through_a_group_the_agent_writes_and_the_forwarder_reads():
+    agent = directives(REPO / "contrib/systemd/decnet-agent.service")
+    forwarder = directives(REPO / "contrib/systemd/decnet-forwarder.service")
+    (log_group,) = agent["Group"]
+    assert agent["LogsDirectory"] == ["decnet"] and agent["LogsDirectoryMode"] == ["0750"]
+    assert agent["UMask"] == ["0027"]  # the log is created 0640: group-readable, no more
+    assert log_group in forwarder["SupplementaryGroups"][0].split()
+    assert "/var/log/decnet" in forwarder["ReadOnlyPaths"][0].split()
+    assert f"decnet-forwarder:{log_group}" in sysusers_entries()["m"]
+
+
+def test_only_the_updater_unit_can_write_the_install_directory():
+    for unit in SERVICES:
+        d = directives(unit)
+        writable = " ".join(d.get("ReadWritePaths", [])).split()
+        assert d["ProtectSystem"] == ["strict"]
+        assert ("/opt/decnet" in writable) == (unit.stem == "decnet-updater"), unit.name
+
+
+def test_the_agent_has_a_generous_file_descriptor_limit_for_its_decoy_connection_budget():
+    (limit,) = directives(REPO / "contrib/systemd/decnet-agent.service")["LimitNOFILE"]
+    assert int(limit) >= 65536
+
+
+def test_the_listener_unit_writes_only_ingest_and_cannot_see_the_ca_or_the_master_key():
+    d = directives(REPO / "contrib/systemd/decnet-listener.service")
+    assert d["StateDirectory"] == ["decnet-master/ingest"]
+    hidden = d["InaccessiblePaths"][0].split()
+    assert {"-/var/lib/decnet-master/ca", "-/var/lib/decnet-master/master"} <= set(hidden)
+
+
+def test_systemd_analyze_security_rates_every_unit_within_its_goal(root):
+    """Prints the scores (run with -s); the same figures are in docs/Operations.md."""
+    scores = {}
+    for unit in SERVICES:
+        installed = root / "etc/systemd/system" / unit.name
+        result = subprocess.run(
+            ["systemd-analyze", "security", "--offline=true", "--no-pager", str(installed)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+        assert found, result.stdout + result.stderr
+        scores[unit.name] = float(found.group(1))
+    version = subprocess.run(
+        ["systemd-analyze", "--version"], capture_output=True, text=True
+    ).stdout.split("\n")[0]
+    report = "\n".join(
+        f"  {name:<26} {score:>4.1f}   goal <= {EXPOSURE_GOALS[name]}"
+        for name, score in sorted(scores.items())
+    )
+    print(f"\nsystemd-analyze security --offline=true ({version}):\n{report}")
+    assert set(scores) == set(EXPOSURE_GOALS)
+    over = {n: s for n, s in scores.items() if s > EXPOSURE_GOALS[n]}
+    assert not over, report
+
+
+MDWE_PROBE = textwrap.dedent(
+    """
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        sys.exit(77)  # kernel older than 6.3: no MDWE prctl to try it with
+    from OpenSSL import SSL
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    try:
+        ctx.set_verify(SSL.VERIFY_PEER, lambda *args: True)
+    except MemoryError as exc:
+        print("MemoryError:", exc)
+        sys.exit(3)
+    print("set_verify works without writable+executable memory")
+    """
+)
+
+
+def test_memory_deny_write_execute_would_break_the_tls_verify_callback_so_no_unit_sets_it():
+    """What MemoryDenyWriteExecute= enforces (no W+X mapping), applied with the kernel's MDWE
+    prctl: pyOpenSSL's set_verify (a cffi callback) then fails, and every daemon uses it.
+    Should this ever pass, the units can gain MemoryDenyWriteExecute=yes."""
+    result = subprocess.run(
+        [sys.executable, "-c", MDWE_PROBE], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    assert result.returncode == 3, result.stdout + result.stderr
+    for unit in SERVICES:
+        assert "MemoryDenyWriteExecute" not in directives(unit), unit.name
+
+
+POLKIT_HARNESS = textwrap.dedent(
+    """
+    const fs = require("fs");
+    const rules = [];
+    const polkit = {Result: {YES: "yes", NO: "no"}, addRule: (f) => rules.push(f)};
+    eval(fs.readFileSync(process.argv[1], "utf8"));
+    const cases = JSON.parse(process.argv[2]);
+    const out = cases.map(([id, user, unit, verb]) => {
+        const details = {unit: unit, verb: verb};
+        const action = {id: id, lookup: (k) => details[k]};
+        for (const rule of rules) {
+            const r = rule(action, {user: user});
+            if (r !== undefined) return r;
+        }
+        return "unhandled";
+    });
+    console.log(JSON.stringify(out));
+    """
+)
+
+
+def test_the_polkit_rule_lets_only_the_updaters_user_start_stop_or_restart_only_the_agent():
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is needed to evaluate the polkit rule (JavaScript)")
+    manage = "org.freedesktop.systemd1.manage-units"
+    updater_user = directives(REPO / "contrib/systemd/decnet-updater.service")["User"][0]
+    agent_unit = "decnet-agent.service"
+    cases = {
+        (manage, updater_user, agent_unit, "restart"): "yes",
+        (manage, updater_user, agent_unit, "start"): "yes",
+        (manage, updater_user, agent_unit, "stop"): "yes",
+        (manage, updater_user, agent_unit, "reload-or-restart"): "unhandled",
+        (manage, updater_user, "decnet-updater.service", "restart"): "unhandled",
+        (manage, updater_user, "sshd.service", "stop"): "unhandled",
+        (manage, "decnet-agent", agent_unit, "restart"): "unhandled",
+        (manage, "decnet", agent_unit, "restart"): "unhandled",
+        ("org.freedesktop.systemd1.manage-unit-files", updater_user, agent_unit, "restart"): (
+            "unhandled"
+        ),
+    }
+    result = subprocess.run(
+        [node, "-e", POLKIT_HARNESS, "--", str(POLKIT_RULE), json.dumps(list(cases))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert dict(zip(cases, json.loads(result.stdout), strict=True)) == cases

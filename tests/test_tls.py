@@ -1,9 +1,14 @@
 """mTLS contexts: our CA only, role, pinned fingerprint and revocation checked in the handshake."""
 
+import os
+import shutil
+
 import pytest
 import pytest_twisted
+from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromCertificates
 from twisted.logger import LogLevel, globalLogPublisher
 
@@ -179,3 +184,96 @@ async def test_mtls_over_a_real_loopback_socket(ids):
     finally:
         await port.stopListening()
     del server_app
+
+
+# -- cipher suites ------------------------------------------------------------
+
+
+def test_every_context_offers_only_ecdhe_with_aead_in_tls_1_2(ids):
+    """Servers and clients alike (every daemon builds its contexts from PolicyOptions)."""
+    for options in (
+        PolicyOptions(ids["master"], WORKERS_ONLY),
+        PolicyOptions(ids["w1"], MASTER_ONLY, acceptable_protocols=[b"decnet-syslog/1"]),
+    ):
+        offered = SSL.Connection(options.getContext(), None).get_cipher_list()
+        tls12 = [name for name in offered if not name.startswith("TLS_")]
+        assert tls12, offered
+        for name in tls12:
+            assert name.startswith("ECDHE-"), name
+            assert "-GCM-" in name or "CHACHA20-POLY1305" in name, name
+
+
+class _SClient(ProcessProtocol):
+    """``openssl s_client`` with stdin closed at once (it then ends after the handshake)."""
+
+    def __init__(self):
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.closeStdin()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback((reason.value.exitCode, self.output.decode(errors="replace")))
+
+
+async def s_client(port: int, worker_dir, *args: str) -> tuple[int, str]:
+    proto = _SClient()
+    argv = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-cert",
+        str(worker_dir / "w9.crt"),
+        "-key",
+        str(worker_dir / "w9.key"),
+        "-CAfile",
+        str(worker_dir / "ca.crt"),
+        "-brief",
+        *args,
+    ]
+    reactor.spawnProcess(proto, shutil.which("openssl"), argv, env={"PATH": os.environ["PATH"]})
+    return await proto.ended.addTimeout(30, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_listener_socket_refuses_cbc_and_non_ecdhe_suites_and_accepts_aead(
+    ca, ids, tmp_path
+):
+    from decnet.listener.service import ListenerService
+
+    write_identity(tmp_path / "w", ca, "worker", "w9")
+    listener = ListenerService(
+        reactor,
+        identity=ids["master"],
+        revocations=RevocationSet(),
+        ingest_dir=tmp_path / "ingest",
+        listen="tcp:0:interface=127.0.0.1",
+        feed=False,
+    )
+    listener.startService()
+    port = listener.port_service.port.getHost().port
+    try:
+        for refused in (
+            "ECDHE-ECDSA-AES128-SHA",  # CBC, SHA-1 MAC: what TLS 1.2 offered before
+            "ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA256",  # CBC
+            "AES128-GCM-SHA256:AES256-GCM-SHA384",  # AEAD, but no forward secrecy
+        ):
+            code, out = await s_client(port, tmp_path / "w", "-tls1_2", "-cipher", refused)
+            assert code != 0, out
+            assert "handshake failure" in out, out
+        for accepted in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+            code, out = await s_client(port, tmp_path / "w", "-tls1_2", "-cipher", accepted)
+            assert code == 0, out
+            assert "Protocol version: TLSv1.2" in out and f"Ciphersuite: {accepted}" in out, out
+        code, out = await s_client(port, tmp_path / "w", "-tls1_3")
+        assert code == 0, out
+        assert "Protocol version: TLSv1.3" in out, out
+    finally:
+        await listener.stopService()

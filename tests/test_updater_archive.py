@@ -3,19 +3,24 @@
 import gzip
 import hashlib
 import io
+import json
 import stat
+import subprocess
+import sys
 import tarfile
+import zlib
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from decnet import config
-from decnet.errors import DigestMismatch, UnsafeArchive
+from decnet.errors import DigestMismatch, MalformedArchive, UnsafeArchive
 from decnet.updater import archive
 from decnet.updater.engine import Updater, Upload
 from decnet.updater.releases import ReleaseStore
 from tests.support import make_tarball, minimal_release, tree_snapshot
+from tests.test_updater_tarscan import END, extended, header, member, pax
 
 SMALL = archive.Limits(max_bytes=1024 * 1024, max_members=50)
 
@@ -52,6 +57,7 @@ HOSTILE = {
     "nested traversal": lambda: release_with(("demo/../../evil.py", b"x")),
     "absolute path": lambda: release_with(("/etc/cron.d/evil", b"x")),
     "backslash": lambda: release_with(("..\\evil.py", b"x")),
+    "component longer than NAME_MAX": lambda: release_with(("demo/" + "n" * 256, b"x")),
     "symlink escape": lambda: release_with(
         (info("demo/link", tarfile.SYMTYPE, linkname="/etc"), None)
     ),
@@ -181,3 +187,106 @@ def test_the_bomb_is_refused_without_inflating_it(tmp_path):
     raw.write(b"\0" * 1024)
     with pytest.raises(UnsafeArchive, match="larger than"):
         archive.inspect(io.BytesIO(gzip.compress(raw.getvalue())), SMALL)
+
+
+def _release_then(raw_tail: bytes) -> bytes:
+    """A good release's members, then hand-made raw tar blocks, gzip-compressed."""
+    good = gzip.decompress(minimal_release())
+    # Drop tarfile's end-of-archive blocks (and record padding) from the good part.
+    with tarfile.open(fileobj=io.BytesIO(good), mode="r:") as tar:
+        last = tar.getmembers()[-1]
+        end = last.offset_data + -(-last.size // 512) * 512
+    body = good[:end]
+    return gzip.compress(body + raw_tail + END, mtime=0)
+
+
+HOSTILE_HEADERS = {
+    "1 MiB GNU long name": lambda: _release_then(extended(b"L", b"n" * 2**20) + member(b"x")),
+    "1 MiB pax path": lambda: _release_then(pax((b"path", b"p" * 2**20)) + member(b"x")),
+    "1 MiB pax comment": lambda: _release_then(pax((b"comment", b"c" * 2**20)) + member(b"x")),
+    "chained long names": lambda: _release_then(extended(b"L", b"n\0") * 3000 + member(b"x")),
+    "chained pax headers": lambda: _release_then(pax((b"path", b"a")) * 3000 + member(b"x")),
+    "pax sparse map": lambda: _release_then(pax((b"GNU.sparse.map", b"0,1")) + member(b"x")),
+    "old GNU sparse": lambda: _release_then(header(b"holes", b"S", 0)),
+    "corrupt header": lambda: _release_then(header(b"x", b"0", 0, chksum_delta=7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_HEADERS))
+@pytest.mark.parametrize("route", ["update", "update_self"])
+def test_a_hostile_tar_header_is_refused_with_400_and_nothing_changes(updater, name, route):
+    data = HOSTILE_HEADERS[name]()
+    before = tree_snapshot(updater.store.root)
+    d = defer.ensureDeferred(
+        getattr(updater, route)(upload(data), hashlib.sha256(data).hexdigest())
+    )
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert isinstance(failure.value, MalformedArchive), (name, failure)
+    assert failure.value.status == 400
+    assert tree_snapshot(updater.store.root) == before
+    assert updater.busy is None
+
+
+def test_a_good_release_followed_by_hand_made_blocks_is_accepted(tmp_path):
+    """The helper above builds valid archives: without a hostile header, all is well."""
+    data = _release_then(extended(b"L", b"demo/" + b"n" * 200 + b"\0") + member(b"x"))
+    summary = archive.extract(io.BytesIO(data), tmp_path / "dest")
+    assert summary.files == 4 and (tmp_path / "dest" / "demo" / ("n" * 200)).exists()
+
+
+RSS_PROBE = """
+import json, resource, sys
+from decnet.errors import UnsafeArchive
+from decnet.updater import archive
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open(sys.argv[1], "rb") as f:
+    try:
+        archive.inspect(f)
+        outcome = "accepted"
+    except UnsafeArchive as exc:
+        outcome = "%s %s %s" % (type(exc).__name__, exc.status, exc)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_kib": after - before, "outcome": outcome}))
+"""
+
+
+def _write_name_bomb(path, kind: bytes, size: int) -> None:
+    """A .tar.gz whose one extended header carries ``size`` bytes of 'a', written in chunks."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = b"a" * (1 << 20)
+    with open(path, "wb") as out:
+        if kind == b"x":
+            tail = b" path="
+            record = size - 1  # the length prefix plus the tail plus the value plus LF
+            prefix = b"%d%s" % (size, tail)
+            out.write(deflate.compress(header(b"././@PaxHeader", b"x", size) + prefix))
+            left = record - len(prefix)
+        else:
+            out.write(deflate.compress(header(b"././@LongLink", b"L", size)))
+            left = size - 1
+        while left > 0:
+            out.write(deflate.compress(chunk[: min(left, len(chunk))]))
+            left -= min(left, len(chunk))
+        pad = -(-size // 512) * 512 - size
+        out.write(deflate.compress((b"\n" if kind == b"x" else b"\0") + bytes(pad)))
+        out.write(deflate.compress(member(b"x") + END))
+        out.write(deflate.flush())
+
+
+@pytest.mark.parametrize("kind", [b"L", b"x"], ids=["GNU long name", "pax path"])
+def test_a_200_mb_name_in_a_small_tarball_grows_peak_memory_by_less_than_32_mib(tmp_path, kind):
+    """A 200 MB name compresses to ~200 KB; tarfile would read it whole (572 MiB on main)."""
+    path = tmp_path / "bomb.tar.gz"
+    _write_name_bomb(path, kind, 200 * 1000 * 1000)
+    assert path.stat().st_size < 300 * 1024
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["outcome"].startswith("MalformedArchive 400"), report
+    assert report["growth_kib"] < 32 * 1024, report

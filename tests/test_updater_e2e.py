@@ -87,17 +87,26 @@ def test_good_push_bad_pushes_rollback_and_update_self(
     assert r.returncode == 1
     assert f"{u.name}  rolled_back  {id2}" in r.stdout, r.stdout
     assert u.agent_release() == id2 and u.current() == id2
+    crash = release_of(r)
 
     # An agent that never reports its release: rolled back after the health timeout.
     r = update(paths, "--host", u.name, root=release_trees["wrong"], wheelhouse=wheelhouse)
     assert r.returncode == 1
     assert "rolled_back" in r.stdout and "did not report release" in r.stdout, r.stdout
     assert u.agent_release() == id2
+    wrong = release_of(r)
 
+    # --keep 3: of four releases, the older failed one went first; the other is marked.
     listing = releases(u)
     assert listing["current"] == id2
-    assert {r["id"] for r in listing["releases"]} >= {id1, id2}
-    assert next(r for r in listing["releases"] if r["id"] == id1)["rollback_target"]
+    rows = {r["id"]: r for r in listing["releases"]}
+    assert set(rows) == {id1, id2, wrong} and crash not in rows
+    assert rows[id1]["rollback_target"] and rows[wrong]["failed"] and not rows[id2]["failed"]
+    # The agent runs from id2's venv and pins it; nothing runs from the others.
+    assert rows[id2]["in_use"] and not rows[id1]["in_use"] and not rows[wrong]["in_use"]
+    table = admin(paths, "releases", u.name).stdout
+    assert "in use" in next(line for line in table.splitlines() if line.startswith(id2))
+    assert "failed" in next(line for line in table.splitlines() if line.startswith(wrong))
 
     # Rollback: the previous release's own venv runs again.
     r = admin(paths, "rollback", u.name)

@@ -27,6 +27,7 @@ from decnet.updater.engine import Updater
 from decnet.updater.health import HealthProbe
 from decnet.updater.releases import ReleaseStore, release_id_for
 from tests.support import minimal_release, write_identity
+from tests.test_updater_archive import HOSTILE_HEADERS
 from tests.test_updater_engine import FakeAgent, FakeAgentHealth, FakeInstaller
 
 _names = itertools.count()
@@ -147,7 +148,9 @@ async def test_the_master_pushes_a_release_and_lists_it(world, served, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_wrong_sha256_is_a_400_and_a_hostile_tarball_a_422(world, served, tmp_path):
+async def test_a_wrong_sha256_or_a_hostile_header_is_a_400_and_a_hostile_member_a_422(
+    world, served, tmp_path
+):
     client = client_for(world, served)
     good = archive_of(tmp_path, minimal_release())
     import attrs
@@ -159,6 +162,13 @@ async def test_a_wrong_sha256_is_a_400_and_a_hostile_tarball_a_422(world, served
     with pytest.raises(RemoteError) as info:
         await client.update(hostile)
     assert info.value.status == 422 and "escapes" in info.value.problems[0]
+    long_name = archive_of(tmp_path, HOSTILE_HEADERS["1 MiB GNU long name"]())
+    with pytest.raises(RemoteError) as info:
+        await client.update(long_name)
+    assert (
+        info.value.status == 400
+        and "GNU long name header of 1048576 bytes" in (info.value.problems[0])
+    )
 
 
 @pytest_twisted.ensureDeferred

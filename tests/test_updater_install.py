@@ -62,7 +62,11 @@ async def test_a_release_installs_offline_into_its_own_venv(tmp_path, wheelhouse
     release_dir = extract_release(tmp_path, tiny_release(wheelhouse))
     installer = Installer(reactor, compile_bytecode=False)
     commands = installer.commands(release_dir)
-    assert [label for label, _ in commands] == ["create the venv", "pip install"]
+    assert [label for label, _ in commands] == [
+        "create the venv",
+        "pip install",
+        "build the plugin cache",
+    ]
     assert "--no-index" in commands[1][1] and "--find-links" in commands[1][1]
     output = await installer.install(release_dir)
     assert "Successfully installed tinyrelease-1.2.3" in output
@@ -88,6 +92,69 @@ async def test_a_release_installs_offline_into_its_own_venv(tmp_path, wheelhouse
     from decnet.release import release_info
 
     assert release_info(venv)["id"] == release_dir.name
+
+
+PLUGIN_SETUP_CFG = b"""\
+[metadata]
+name = tinyplugin
+version = 1.0
+
+[options]
+packages =
+    tinyplugin
+    twisted.plugins
+install_requires = twisted
+"""
+PLUGIN = b"""\
+from twisted.application.service import ServiceMaker
+
+tiny = ServiceMaker("tiny", "tinyplugin", "a plugin of a tiny release", "tiny-daemon")
+"""
+TWISTED_AND_ITS_DEPENDENCIES = (
+    "setuptools-", "wheel-", "packaging-", "twisted-", "attrs-", "automat-", "constantly-",
+    "hyperlink-", "idna-", "incremental-", "typing_extensions-", "zope_interface-",
+)  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_release_venv_holds_a_fresh_plugin_cache_its_daemons_need_not_write(
+    tmp_path, wheelhouse
+):
+    """The agent and the forwarder run from a release as users that cannot write it, so
+    the updater (the venv's owner) builds Twisted's dropin.cache at install time: a later
+    ``twistd`` finds the release's plugin in it and has nothing to rewrite."""
+    wheels = [
+        (f"wheelhouse/{p.name}", p.read_bytes())
+        for p in sorted(wheelhouse.glob("*.whl"))
+        if p.name.startswith(TWISTED_AND_ITS_DEPENDENCIES)
+    ]
+    data = make_tarball(
+        [
+            ("setup.cfg", PLUGIN_SETUP_CFG),
+            ("pyproject.toml", PYPROJECT),
+            ("tinyplugin/__init__.py", b""),
+            ("twisted/plugins/tinyplugin_plugins.py", PLUGIN),
+            *wheels,
+        ]
+    )
+    release_dir = extract_release(tmp_path, data)
+    await Installer(reactor, compile_bytecode=False).install(release_dir)
+    venv = release_dir / config.RELEASE_VENV_DIR
+    [cache] = venv.glob("lib/python*/site-packages/twisted/plugins/dropin.cache")
+    built = cache.stat().st_mtime_ns
+    listed = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "from twisted.plugin import IPlugin, getPlugins; "
+            "print(sorted(getattr(p, 'tapname', '') for p in getPlugins(IPlugin)))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert "'tiny-daemon'" in listed.stdout, listed.stderr
+    assert cache.stat().st_mtime_ns == built  # up to date: a reader never needs to write it
 
 
 @pytest_twisted.ensureDeferred

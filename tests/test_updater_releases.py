@@ -41,10 +41,19 @@ def test_an_update_goes_staging_switched_idle_and_pushes_the_previous_release():
     assert j == Journal(history=(A,))
 
 
-def test_a_failed_update_reverts_and_keeps_the_history():
+def test_a_failed_update_reverts_keeps_the_history_and_marks_the_release_failed():
     j = Journal(history=(C,)).begin_switch(B, A, OP_UPDATE).begin_revert()
     assert j.state == ROLLING_BACK
-    assert j.abort() == Journal(history=(C,))
+    assert j.abort() == Journal(history=(C,), failed=(B,))
+
+
+def test_a_failed_release_that_later_activates_fine_is_no_longer_failed():
+    j = Journal(history=(C,), failed=(B, D)).begin_switch(B, A, OP_UPDATE).commit()
+    assert j == Journal(history=(C, A), failed=(D,))
+
+
+def test_an_install_that_fails_before_the_switch_marks_nothing():
+    assert Journal().begin_install(B, A).abort() == Journal()
 
 
 def test_a_rollback_pops_the_stack_down_to_its_target():
@@ -117,10 +126,22 @@ def test_a_crash_after_the_switch_goes_back_to_the_previous_release():
         assert plan.moved_current == (current == B)
 
 
-def test_a_crash_while_rolling_back_finishes_the_rollback():
+def test_a_crash_while_rolling_back_finishes_the_rollback_and_marks_the_release_failed():
     j = Journal().begin_switch(B, A, OP_UPDATE).begin_revert()
     plan = plan_reconcile(j, disk(complete=(A, B), current=B))
     assert PointCurrent(A) in plan.actions
+    assert plan.journal.failed == (B,)
+
+
+def test_a_crash_after_the_switch_does_not_call_the_release_failed():
+    """The updater died, not necessarily the release: it was only unconfirmed."""
+    j = Journal().begin_switch(B, A, OP_UPDATE)
+    assert plan_reconcile(j, disk(complete=(A, B), current=B)).journal.failed == ()
+
+
+def test_failed_marks_of_releases_no_longer_installed_are_dropped():
+    plan = plan_reconcile(Journal(failed=(B, C)), disk(complete=(A, B)))
+    assert plan.journal.failed == (B,)
 
 
 def test_a_crash_after_a_self_switch_rolls_forward():
@@ -149,8 +170,39 @@ def test_temporary_links_and_trash_are_cleared():
 
 def test_prune_keeps_the_newest_the_current_and_the_rollback_target():
     assert plan_prune([A, B, C, D], D, [A, C], keep=2) == [A, B]
-    assert plan_prune([A, B, C, D], A, [B], keep=1) == [C]
+    assert plan_prune([A, B, C, D], D, [A], keep=3) == [B]
     assert plan_prune([A, B], B, [], keep=5) == []
+
+
+def test_what_must_stay_stays_even_beyond_keep():
+    # After a rollback to A: current A, rollback target B; C and D go with keep=1.
+    assert plan_prune([A, B, C, D], A, [B], keep=1) == [C, D]
+    assert plan_prune([A, B, C, D], D, [B, C], keep=1, in_use=[A]) == [B]
+
+
+def test_the_repro_the_forwarders_known_good_release_stays_and_the_broken_one_goes():
+    """--keep 3: A (the forwarder's), B, C rolled back (failed), D current.
+
+    Before: the oldest, A, was deleted and the broken C kept."""
+    assert plan_prune([A, B, C, D], D, [A, B], keep=3, failed=[C], in_use=[A]) == [C]
+    assert plan_prune([A, B, C, D], D, [A, B], keep=3, failed=[C]) == [C]
+
+
+def test_failed_releases_go_first_oldest_first_then_the_oldest_good_ones():
+    E, F = "e" * 16, "f" * 16
+    assert plan_prune([A, B, C, D, E, F], F, [], keep=3, failed=[B, D]) == [B, D, A]
+    assert plan_prune([A, B, C, D, E, F], F, [], keep=4, failed=[B, D]) == [B, D]
+    assert plan_prune([A, B, C, D, E, F], F, [], keep=2, failed=[B, D]) == [B, D, A, C]
+    assert plan_prune([A, B, C, D, E, F], F, [], keep=5, failed=[B, D]) == [B]
+
+
+def test_the_previous_good_release_is_kept_even_when_the_rollback_target_failed():
+    # History A then B; a later rollback to B failed: B is failed, A is the previous good.
+    assert plan_prune([A, B, C, D], D, [A, B], keep=1, failed=[B, C]) == [C]
+
+
+def test_a_release_in_use_is_never_pruned_whatever_else_is_true():
+    assert plan_prune([A, B, C], C, [], keep=1, failed=[A], in_use=[A]) == [B]
 
 
 # -- the store on disk ----------------------------------------------------------

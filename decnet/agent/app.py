@@ -72,7 +72,7 @@ def make_app(controller: Controller, *, host: str, master_fingerprint: str) -> K
         if not isinstance(doc, dict) or set(doc) - {"decky"}:
             raise HTTPError(400, 'expected an empty body or {"decky": NAME}')
         decky = doc.get("decky")
-        if decky is not None and (not isinstance(decky, str) or not DECKY_NAME_RE.match(decky)):
+        if decky is not None and (not isinstance(decky, str) or not DECKY_NAME_RE.fullmatch(decky)):
             raise HTTPError(400, "decky: must be a decky name")
         return respond(request, await controller.teardown(decky))
 

@@ -67,7 +67,7 @@ VALUE_MAX = {
 TRUNC_PARAM = "trunc"
 
 # PRINTUSASCII minus what SD-NAME forbids ('=', SP, ']', '"').
-_SD_NAME_RE = re.compile(r"^[!#-<>-\\^-~]{1,32}$")
+_SD_NAME_RE = re.compile(r"[!#-<>-\\^-~]{1,32}")
 # RFC 5424 header fields: PRINTUSASCII, bounded lengths.
 _HEADER_MAX = {"hostname": 255, "app_name": 48, "msgid": 32}
 _PLAIN_ASCII_RE = re.compile(r"[ !#-\[^-~]*")  # printable ASCII without " \ ]
@@ -211,7 +211,7 @@ def format_event(
         if value is None:
             continue
         if name not in _CHECKED_NAMES:
-            if not _SD_NAME_RE.match(name) or name == TRUNC_PARAM:
+            if not _SD_NAME_RE.fullmatch(name) or name == TRUNC_PARAM:
                 raise ValueError(f"invalid SD-PARAM name {name!r}")
             _CHECKED_NAMES.add(name)
         wire, cut = escape_value(value, VALUE_MAX.get(name, DEFAULT_VALUE_MAX))

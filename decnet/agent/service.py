@@ -32,17 +32,16 @@ from decnet.daemon import TLSPortService
 from decnet.fsutil import ensure_private_dir
 from decnet.httpapi import make_site
 from decnet.pki import WorkerBundle
-from decnet.revocation import RevocationSet, RevocationWatcher
 from decnet.systemd import SystemdService
 from decnet.tls import PeerPolicy, PolicyOptions, TLSIdentity
 
 
-def tls_policy(bundle: WorkerBundle, revocations=None) -> PeerPolicy:
-    """Who may complete a handshake with the agent: the pinned master, this host's updater."""
-    return PeerPolicy(
-        [master_accept(bundle.master_fingerprint), updater_accept(bundle.name)],
-        revocations=revocations,
-    )
+def tls_policy(bundle: WorkerBundle) -> PeerPolicy:
+    """Who may complete a handshake with the agent: the pinned master, this host's updater.
+
+    No revocation list (docs/Security.md): the master is pinned by fingerprint.
+    """
+    return PeerPolicy([master_accept(bundle.master_fingerprint), updater_accept(bundle.name)])
 
 
 class AgentService(MultiService):
@@ -63,7 +62,6 @@ class AgentService(MultiService):
         engine: str = "builtin",
         event_clock=None,
         new_session_id=None,
-        revocations: str | os.PathLike | None = None,
         max_decoy_connections: int | None = None,
     ):
         super().__init__()
@@ -90,14 +88,10 @@ class AgentService(MultiService):
             self.controller, host=bundle.name, master_fingerprint=bundle.master_fingerprint
         )
         site = make_site(app.resource(), max_body=config.AGENT_MAX_BODY, reactor=reactor)
-        revoked = None
-        if revocations is not None:
-            revoked = RevocationSet(revocations)
-            RevocationWatcher(revoked, reactor).setServiceParent(self)
         self.api = TLSPortService(
             reactor,
             listen,
-            PolicyOptions(identity, tls_policy(bundle, revoked)),
+            PolicyOptions(identity, tls_policy(bundle)),
             # While the master (or the updater) is being served, decoys get
             # less of each reactor turn.
             APIPriority(site, self.decoy_turns),

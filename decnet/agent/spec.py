@@ -30,8 +30,10 @@ from decnet import config
 from decnet.errors import ValidationError
 
 FORMAT = "decnet-spec/1"
-DECKY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
-SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+# Used with ``fullmatch`` only (``match`` + ``$`` would accept a trailing newline).
+DECKY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+SERVICE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an interface name after '%' in IPv6
 TEXT_MAX = 1024
 
 
@@ -92,7 +94,7 @@ def _ssh_version(value) -> str | None:
 
 
 def _hostname(value) -> str | None:
-    if not isinstance(value, str) or not DECKY_NAME_RE.match(value):
+    if not isinstance(value, str) or not DECKY_NAME_RE.fullmatch(value):
         return "must be a host name (a-z, 0-9, '.', '-'; at most 63 characters)"
     return None
 
@@ -237,9 +239,14 @@ def _bind_address(value) -> str | None:
     if not isinstance(value, str):
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    # ``ipaddress`` takes any text after '%' as the IPv6 scope ("fe80::1%x\n").
+    scope = getattr(address, "scope_id", None)
+    if scope is not None and not _SCOPE_RE.fullmatch(scope):
+        return None
+    return str(address)
 
 
 def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceSpec | None:
@@ -251,7 +258,7 @@ def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceS
         problems.append(f"{where}.type: must be one of {', '.join(SERVICE_TYPES)} (got {kind!r})")
         return None
     name = doc.get("name", kind)
-    if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
+    if not isinstance(name, str) or not SERVICE_NAME_RE.fullmatch(name):
         problems.append(f"{where}.name: must match {SERVICE_NAME_RE.pattern}")
     where = f"{where} ({kind})"
     bind = _bind_address(doc.get("bind", "0.0.0.0"))  # noqa: S104 - a decoy listens on every address by default
@@ -280,7 +287,7 @@ def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceS
         options["hostname"] = decky
     if bind is None or not isinstance(port, int) or isinstance(port, bool):
         return None
-    if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
+    if not isinstance(name, str) or not SERVICE_NAME_RE.fullmatch(name):
         return None
     return ServiceSpec(decky=decky, type=kind, name=name, bind=bind, port=port, options=options)
 
@@ -319,7 +326,7 @@ def parse_spec(doc) -> DeploymentSpec:
         for key in sorted(set(raw) - {"name", "services"}):
             problems.append(f"{where}: unknown key {key!r} (known: name, services)")
         name = raw.get("name")
-        if not isinstance(name, str) or not DECKY_NAME_RE.match(name):
+        if not isinstance(name, str) or not DECKY_NAME_RE.fullmatch(name):
             problems.append(
                 f"{where}.name: must be a host name (a-z, 0-9, '.', '-'; at most 63 characters)"
             )

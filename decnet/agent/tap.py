@@ -30,7 +30,12 @@ class Options(usage.Options):
     synopsis = "--bundle DIR [options]"
     longdesc = (
         "The DECNET worker agent: runs this worker's deckies and answers the master "
-        "over mutual TLS (GET /health, GET /status, POST /deploy, POST /teardown)."
+        "over mutual TLS (GET /health, GET /status, POST /deploy, POST /teardown). "
+        "It accepts only the master certificate whose fingerprint is pinned in the bundle, "
+        "and this host's own updater (GET /health). It keeps no revocation list: the "
+        "master's revoked.json never reaches workers, and for the master the pin is "
+        "stricter (a different master certificate is refused even if valid and unrevoked). "
+        "See docs/Security.md."
     )
     optParameters: ClassVar[list] = [
         ["bundle", "b", None, "enrolled worker bundle directory (from `decnet-admin enroll`)"],
@@ -49,12 +54,6 @@ class Options(usage.Options):
         ],
         ["port-file", None, None, "write the bound API port to this file once listening"],
         ["engine", None, "builtin", f"decoy engine ({', '.join(ENGINES)})"],
-        [
-            "revocations",
-            None,
-            None,
-            "revocation list (the master's revoked.json) to honour; reloaded when it changes",
-        ],
         [
             "max-decoy-connections",
             None,
@@ -119,7 +118,9 @@ def makeService(options):
     from twisted.internet import reactor
 
     from decnet.agent.service import AgentService
+    from decnet.release import pin_running_release
 
+    pin_running_release()  # the updater never prunes the release we run from
     return AgentService(
         reactor,
         bundle=options["bundle_obj"],
@@ -129,6 +130,5 @@ def makeService(options):
         log_file=options["log-file"],
         port_file=options["port-file"],
         engine=options["engine"],
-        revocations=options["revocations"],
         max_decoy_connections=options["max_decoy_connections"],
     )

@@ -17,11 +17,17 @@ from twisted.internet import defer
 from decnet import config
 from decnet.agent.spec import parse_spec
 from decnet.cli import output
-from decnet.cli.runtime import run_async
-from decnet.errors import DecnetError, ValidationError
+from decnet.cli.runtime import budget, run_async
+from decnet.errors import BadReply, DecnetError, ValidationError
 from decnet.master.registry import Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
+
+TIMEOUT_HELP = (
+    "seconds, from the command's start, by which every host must have answered in full "
+    "(connect, TLS handshake, headers and body); a host that has not is reported as such "
+    "(default: %(default)s)"
+)
 
 
 def register(sub, parents) -> None:
@@ -35,7 +41,7 @@ def register(sub, parents) -> None:
     p.add_argument("name", nargs="?", help="host name (default: every host)")
     p.add_argument("--all", action="store_true", help="every enrolled host (the default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help="seconds per host")
+    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help=TIMEOUT_HELP)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -47,7 +53,7 @@ def register(sub, parents) -> None:
         "if any host is down.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help="seconds per host")
+    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help=TIMEOUT_HELP)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
@@ -61,6 +67,7 @@ def register(sub, parents) -> None:
     p.add_argument("name", help="host name")
     p.add_argument("--spec", required=True, metavar="FILE", help="deployment spec (JSON)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=config.AGENT_DEPLOY_TIMEOUT, help=TIMEOUT_HELP)
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser(
@@ -72,6 +79,7 @@ def register(sub, parents) -> None:
     p.add_argument("name", help="host name")
     p.add_argument("--decky", default=None, help="the decky to stop (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=config.AGENT_DEPLOY_TIMEOUT, help=TIMEOUT_HELP)
     p.set_defaults(func=cmd_teardown)
 
 
@@ -92,6 +100,36 @@ class _Context:
         )
 
 
+def _failure_state(exc: DecnetError) -> str:
+    """What a host's row says when its agent could not be used."""
+    return "BAD REPLY" if isinstance(exc, BadReply) else "UNREACHABLE"
+
+
+async def _each(hosts, fn) -> None:
+    """Run ``fn(host)`` for every host at once; re-raise a bug once all have ended."""
+    outcomes = await defer.DeferredList(
+        [defer.ensureDeferred(fn(h)) for h in hosts], consumeErrors=True
+    )
+    for ok, value in outcomes:
+        if not ok:
+            value.raiseException()
+
+
+STATUS_HEADERS = (
+    "HOST",
+    "DECKY",
+    "SERVICE",
+    "TYPE",
+    "STATE",
+    "ADDRESS",
+    "CONNS",
+    "EVENTS",
+    "REASON",
+)
+# Typical widths of what the agents will say (a longer value widens its own row only).
+STATUS_WIDTHS = (10, 10, 10, 9, 21, 5, 6)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     ctx = _Context(args)
     if args.name and args.all:
@@ -99,101 +137,110 @@ def cmd_status(args: argparse.Namespace) -> int:
     hosts = [ctx.registry.get(args.name)] if args.name else ctx.registry.list()
     if not args.name:
         hosts = [h for h in hosts if not h.decommissioned]
-
-    async def one(reactor, host):
-        client = ctx.client(reactor, host, args.timeout)
-        try:
-            return await client.status()
-        finally:
-            await client.close()
+    if not hosts:
+        output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
+        return 0
 
     async def main(reactor):
-        calls = [defer.ensureDeferred(one(reactor, h)) for h in hosts]
-        outcomes = await defer.DeferredList(calls, consumeErrors=True)
         docs, errors = {}, {}
-        for host, (ok, value) in zip(hosts, outcomes, strict=True):
-            if ok:
-                docs[host.name] = value
-            elif value.check(DecnetError):
-                errors[host.name] = str(value.value)
-            else:
-                value.raiseException()
+        table = None
+        if not args.json:
+            width = max(len(h.name) for h in hosts)
+            table = output.StreamTable(STATUS_HEADERS, (width, *STATUS_WIDTHS))
+
+        async def one(host):
+            try:
+                client = ctx.client(reactor, host, budget(args.timeout))
+                try:
+                    doc = await client.status()
+                finally:
+                    await client.close()
+            except DecnetError as exc:  # refused before connecting, unreachable, bad reply
+                errors[host.name] = str(exc)
+                if table is not None:
+                    table.row((host.name, "-", "-", "-", _failure_state(exc), "", "", "", exc))
+                return
+            docs[host.name] = doc
+            if table is not None:
+                for row in _status_rows(host.name, doc):
+                    table.row(row)
+
+        await _each(hosts, one)
         if args.json:
             output.print_json({"hosts": docs, "errors": errors})
-        else:
-            _print_status(docs, errors)
         return 1 if errors else 0
 
-    if not hosts:
-        print("No hosts enrolled yet (use `decnet-admin enroll`).")
-        return 0
     return run_async(main)
 
 
-def _print_status(docs: dict, errors: dict) -> None:
+def _status_rows(host: str, doc: dict) -> list[tuple]:
+    """One row per service of a validated ``GET /status`` reply."""
     rows = []
-    for host, doc in sorted(docs.items()):
-        if not doc["deckies"]:
-            rows.append((host, "-", "-", "-", "(nothing deployed)", "", "", "", ""))
-        for decky, info in sorted(doc["deckies"].items()):
-            for name, s in sorted(info["services"].items()):
-                rows.append(
-                    (
-                        host,
-                        decky,
-                        name,
-                        s["type"],
-                        s["state"],
-                        s.get("address") or f"{s['bind']}:{s['port']}",
-                        s["connections"],
-                        s["events"],
-                        s.get("reason") or "",
-                    )
+    if not doc["deckies"]:
+        rows.append((host, "-", "-", "-", "(nothing deployed)", "", "", "", ""))
+    for decky, info in sorted(doc["deckies"].items()):
+        for name, s in sorted(info["services"].items()):
+            rows.append(
+                (
+                    host,
+                    decky,
+                    name,
+                    s["type"],
+                    s["state"],
+                    s.get("address") or f"{s['bind']}:{s['port']}",
+                    s["connections"],
+                    s["events"],
+                    s.get("reason") or "",
                 )
-    for host, problem in sorted(errors.items()):
-        rows.append((host, "-", "-", "-", "UNREACHABLE", "", "", "", problem))
-    headers = ("HOST", "DECKY", "SERVICE", "TYPE", "STATE", "ADDRESS", "CONNS", "EVENTS", "REASON")
-    print(output.table(headers, rows))
+            )
+    return rows
+
+
+CHECK_HEADERS = ("NAME", "ADDRESS", "HEALTH", "RELEASE", "VERSION", "UPTIME", "DETAIL")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     ctx = _Context(args)
     hosts = [h for h in ctx.registry.list() if not h.decommissioned]
     if not hosts:
-        print("No hosts enrolled yet (use `decnet-admin enroll`).")
+        output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
         return 0
 
     async def main(reactor):
         from decnet.master.agent_client import check_hosts
 
+        arrived = lambda result: None  # noqa: E731
+        if not args.json:
+            widths = (max(len(h.name) for h in hosts), max(len(h.address) for h in hosts))
+            table = output.StreamTable(CHECK_HEADERS, (*widths, 9, 16, 8, 8))
+            arrived = lambda result: table.row(_check_row(result))  # noqa: E731
         results = await check_hosts(
             reactor,
             ctx.identity,
             ctx.registry,
             hosts,
             revocations=ctx.revocations,
-            timeout=args.timeout,
+            timeout=budget(args.timeout),
+            arrived=arrived,
         )
         if args.json:
             output.print_json([r.as_dict() for r in results])
-        else:
-            rows = [
-                (
-                    r.name,
-                    r.address,
-                    "up" if r.ok else "DOWN",
-                    r.health.get("release") or "-",
-                    r.health.get("version") or "-",
-                    _uptime(r.health.get("uptime")),
-                    r.detail,
-                )
-                for r in results
-            ]
-            headers = ("NAME", "ADDRESS", "HEALTH", "RELEASE", "VERSION", "UPTIME", "DETAIL")
-            print(output.table(headers, rows))
         return 0 if all(r.ok for r in results) else 1
 
     return run_async(main)
+
+
+def _check_row(r) -> tuple:
+    health = "up" if r.ok else ("BAD REPLY" if r.bad_reply else "DOWN")
+    return (
+        r.name,
+        r.address,
+        health,
+        r.health.get("release") or "-",
+        r.health.get("version") or "-",
+        _uptime(r.health.get("uptime")),
+        r.detail,
+    )
 
 
 def _uptime(seconds) -> str:
@@ -229,19 +276,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     async def main(reactor):
         client = ctx.client(reactor, host)
         try:
-            result = await client.deploy(doc)
+            result = await client.deploy(doc, timeout=budget(args.timeout))
         finally:
             await client.close()
-        if args.json:
-            output.print_json(result)
-        else:
-            _print_apply(host.name, result)
+        _show_apply(args, host.name, result)
         return 0 if result["ok"] else 1
 
     return run_async(main)
 
 
-def _print_apply(host: str, result: dict) -> None:
+def _show_apply(args, host: str, result: dict) -> None:
+    """The validated answer of a deploy or a teardown, as JSON or a table and a verdict."""
+    if args.json:
+        output.print_json(result)
+        return
     rows = [
         (
             decky,
@@ -257,10 +305,10 @@ def _print_apply(host: str, result: dict) -> None:
     rows += [(r["decky"], r["service"], "removed", "stopped", "-", "") for r in result["removed"]]
     if rows:
         headers = ("DECKY", "SERVICE", "ACTION", "STATE", "ADDRESS", "REASON")
-        print(output.table(headers, rows))
+        output.print_table(headers, rows)
     changed = "changed" if result["changed"] else "unchanged"
     verdict = "all services listening" if result["ok"] else f"{len(result['failed'])} failed"
-    print(f"{host}: spec {result['spec_hash'][:12]} ({changed}); {verdict}")
+    output.line(f"{host}: spec {result['spec_hash'][:12]} ({changed}); {verdict}")
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
@@ -270,13 +318,10 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     async def main(reactor):
         client = ctx.client(reactor, host)
         try:
-            result = await client.teardown(args.decky)
+            result = await client.teardown(args.decky, timeout=budget(args.timeout))
         finally:
             await client.close()
-        if args.json:
-            output.print_json(result)
-        else:
-            _print_apply(host.name, result)
+        _show_apply(args, host.name, result)
         return 0 if result["ok"] else 1
 
     return run_async(main)

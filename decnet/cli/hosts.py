@@ -85,7 +85,9 @@ def register(sub, parents) -> None:
         parents=parents,
         help="retire a host and revoke its certificates",
         description="Mark NAME decommissioned and add its worker and updater certificates to "
-        "the revocation list; the listener, agents and updaters refuse them from then on.",
+        "the revocation list (the log listener refuses them from then on, and decnet-admin "
+        "never contacts the host again). Running it again for a decommissioned host "
+        "re-asserts its revocation entries and restores any that are missing.",
     )
     p.add_argument("name")
     p.set_defaults(func=cmd_decommission)
@@ -96,13 +98,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         args.paths, master_host=args.master_host, addresses=args.san, key_type=args.key_type
     )
     paths = state.paths
-    print(f"DECNET master initialised in {paths.home}")
-    print(f"  CA certificate      {paths.ca_cert}")
-    print(f"  CA fingerprint      {pki.colon_fingerprint(state.ca.fingerprint)}")
-    print(f"  master certificate  {paths.master_cert}")
-    print(f"  master fingerprint  {pki.colon_fingerprint(state.master_cert_fingerprint)}")
-    print(f"  registry            {paths.registry}")
-    print(f"  master host         {state.master_host}")
+    output.line(f"DECNET master initialised in {paths.home}")
+    output.line(f"  CA certificate      {paths.ca_cert}")
+    output.line(f"  CA fingerprint      {pki.colon_fingerprint(state.ca.fingerprint)}")
+    output.line(f"  master certificate  {paths.master_cert}")
+    output.line(f"  master fingerprint  {pki.colon_fingerprint(state.master_cert_fingerprint)}")
+    output.line(f"  listener identity   {paths.listener_dir}  (all the log listener reads)")
+    output.line(f"  listener fingerprint {pki.colon_fingerprint(state.listener_cert_fingerprint)}")
+    output.line(f"  registry            {paths.registry}")
+    output.line(f"  master host         {state.master_host}")
     return 0
 
 
@@ -123,11 +127,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         validity_days=args.validity_days,
     )
     host = result.host
-    print(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")
-    print(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")
+    output.line(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")
+    output.line(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")
     if host.updater_fingerprint:
-        print(f"  updater fingerprint  {pki.colon_fingerprint(host.updater_fingerprint)}")
-    print("Copy the bundle directory to the worker (it holds private keys: keep it 0700).")
+        output.line(f"  updater fingerprint  {pki.colon_fingerprint(host.updater_fingerprint)}")
+    output.line("Copy the bundle directory to the worker (it holds private keys: keep it 0700).")
     return 0
 
 
@@ -137,7 +141,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         output.print_json([h.as_dict() for h in hosts])
         return 0
     if not hosts:
-        print("No hosts enrolled yet (use `decnet-admin enroll`).")
+        output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
         return 0
     rows = [
         (
@@ -152,13 +156,33 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         for h in hosts
     ]
     headers = ("NAME", "ADDRESS", "STATUS", "WORKER FP", "UPDATER FP", "UPDATER", "ENROLLED")
-    print(output.table(headers, rows))
+    output.print_table(headers, rows)
     return 0
 
 
 def cmd_decommission(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
-    host = enrollment.decommission(master, args.name)
-    print(f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked")
-    print(f"  revocation list  {args.paths.revocations}")
+    done = enrollment.decommission(master, args.name)
+    host = done.host
+    if not done.already:
+        output.line(
+            f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked"
+        )
+    elif done.restored:
+        output.line(
+            f"{host.name} was already decommissioned at {host.revoked_at}; "
+            f"restored {len(done.restored)} missing revocation "
+            f"{'entry' if len(done.restored) == 1 else 'entries'}:"
+        )
+        for entry in done.restored:
+            output.line(
+                f"  {entry['role']:<8} {entry['cn']}  {output.short_fp(entry['fingerprint'])}"
+            )
+    else:
+        output.line(
+            f"{host.name} was already decommissioned at {host.revoked_at}; "
+            f"its {len(done.entries)} revocation "
+            f"{'entry is' if len(done.entries) == 1 else 'entries are'} in place"
+        )
+    output.line(f"  revocation list  {args.paths.revocations}")
     return 0

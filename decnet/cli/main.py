@@ -38,14 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValidationError as exc:
-        for problem in exc.problems:
-            output.error(problem)
-        return 1
+        return _failed(args, exc.problems)
     except DecnetError as exc:
-        output.error(str(exc))
-        return 1
+        return _failed(args, [str(exc)])
     except KeyboardInterrupt:
         return 130
+
+
+def _failed(args: argparse.Namespace, problems: list[str]) -> int:
+    """One escaped line per problem on stderr; with ``--json``, stdout is still JSON."""
+    for problem in problems:
+        output.error(problem)
+    if getattr(args, "json", False):
+        output.print_json({"problems": problems})
+    return 1
 
 
 if __name__ == "__main__":

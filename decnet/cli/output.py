@@ -1,30 +1,132 @@
-"""Small helpers for what ``decnet-admin`` prints: tables, JSON, errors."""
+"""Everything ``decnet-admin`` (and the sandbox's live view) shows a person goes through here.
+
+Workers are not trusted: a compromised one answers with whatever text it likes,
+and decoys log what attackers type.  A string from either must never drive the
+operator's terminal (``ESC ] 0;title BEL``, ``ESC [2J``, a C1 ``CSI``, a
+right-to-left override that makes ``txt.exe`` read ``exe.txt``).  So:
+
+* :func:`printable` is the one escaping function: C0 and C1 controls, ESC, DEL,
+  the Unicode bidi overrides, isolates and marks, and anything else Python does
+  not call printable (line separators, format characters, unpaired surrogates)
+  become ``\\xNN`` / ``\\uNNNN`` / ``\\UNNNNNNNN``;
+* :func:`table`, :class:`StreamTable`, :func:`line`, :func:`text` and :func:`error`
+  escape every cell and line on the way out; a newline only ever separates lines
+  this layer made itself;
+* :func:`print_json` writes ASCII-only JSON (``ensure_ascii``), in which every control
+  character is a ``\\u`` escape.
+
+Domain code returns data; only this module decides what reaches the terminal.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+# Escaped even where Python calls them printable (it does not, today: belt and braces,
+# and the list the operator can check against docs/Security.md).
+_C0 = frozenset(range(0x00, 0x20))
+_C1 = frozenset(range(0x80, 0xA0))
+_BIDI = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+UNSAFE = _C0 | {0x7F} | _C1 | _BIDI
+
+#: A table cell shows at most this many characters (``--json`` has the whole value).
+CELL_MAX = 200
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` with every control, bidi or otherwise unprintable character escaped.
+
+    With ``limit``, the result is cut to at most that many characters, ending in
+    ``...``; a cut never splits an escape.
+    """
+    pieces: list[str] = []
+    size = 0
+    for ch in text:
+        piece = ch if ch.isprintable() and ord(ch) not in UNSAFE else _escape(ch)
+        if limit is not None and size + len(piece) > limit:
+            while pieces and size > limit - 3:
+                size -= len(pieces.pop())
+            return "".join(pieces) + "..."
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces)
+
+
+def cell(value: object, limit: int = CELL_MAX) -> str:
+    """One table cell: ``None`` is empty, anything else escaped and cut to ``limit``."""
+    return "" if value is None else printable(str(value), limit)
+
+
+def _join(cells: Sequence[str], widths: Sequence[int]) -> str:
+    padded = [c.ljust(w) for c, w in zip(cells, widths, strict=False)]
+    return "  ".join([*padded, *cells[len(widths) :]]).rstrip()
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A plain, aligned text table (no colour codes: it must read well in a log too)."""
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    cells = [[cell(h) for h in headers]] + [[cell(v) for v in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
+    lines = [_join(row, widths) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+class StreamTable:
+    """A table whose rows are printed as they arrive (fleet commands).
+
+    Column widths are fixed up front, from the headers and ``widths`` (what is
+    known before anyone answers: host names, addresses, typical lengths), so
+    that a slow host never holds back the line of another.  A longer cell makes
+    its row wider instead of being cut further than :data:`CELL_MAX`.
+    """
+
+    def __init__(self, headers: Sequence[str], widths: Sequence[int] = (), write=None):
+        self.write = write or line
+        self.widths = [
+            max(len(h), widths[i] if i < len(widths) else 0) for i, h in enumerate(headers[:-1])
+        ]
+        self.write(_join([cell(h) for h in headers], self.widths))
+        self.write("  ".join("-" * w for w in [*self.widths, len(headers[-1])]))
+
+    def row(self, values: Sequence[object]) -> None:
+        self.write(_join([cell(v) for v in values], self.widths))
+
+
+def line(message: object = "", stream=None) -> None:
+    """Print one line: a newline or tab in ``message`` is escaped, never obeyed."""
+    stream = stream or sys.stdout
+    stream.write(printable(str(message)) + "\n")
+    stream.flush()
+
+
+def text(block: str, stream=None) -> None:
+    """Print several lines (a table this module built): each line is escaped on its own."""
+    stream = stream or sys.stdout
+    stream.write("".join(printable(part) + "\n" for part in block.split("\n")))
+    stream.flush()
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    text(table(headers, rows))
+
+
 def print_json(doc) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+    """``doc`` as indented JSON: ASCII only, so no control character leaves unescaped."""
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
+    sys.stdout.flush()
 
 
-def error(message: str) -> None:
-    sys.stderr.write(f"decnet-admin: error: {message}\n")
+def error(message: object) -> None:
+    line(f"decnet-admin: error: {message}", sys.stderr)
 
 
 def short_fp(fp: str | None) -> str:

@@ -135,8 +135,7 @@ def register(sub, parents) -> None:
 
 
 def _say(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    output.text(text)
 
 
 def _react(fn) -> int:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from decnet import config
 from decnet.cli import output
-from decnet.cli.runtime import run_async
+from decnet.cli.runtime import budget, run_async
 from decnet.errors import DecnetError, RemoteError, ValidationError
 from decnet.master import tar_tree
 from decnet.master.registry import Host, Registry
@@ -67,7 +66,7 @@ def register(sub, parents) -> None:
         "--timeout",
         type=float,
         default=config.DEFAULT_UPDATE_TIMEOUT,
-        help="seconds to wait for one host's answer (default: %(default)s)",
+        help="seconds one host gets for the whole push and its answer (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable results")
     p.set_defaults(func=cmd_update)
@@ -82,16 +81,32 @@ def register(sub, parents) -> None:
     p.add_argument("name")
     p.add_argument("--to", metavar="RELEASE", help="an installed release id (see `releases`)")
     p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=config.DEFAULT_UPDATE_TIMEOUT,
+        help="seconds, from the command's start, by which the host must have answered in "
+        "full (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser(
         "releases",
         parents=parents,
         help="list the releases installed on a host",
-        description="List the agent releases NAME's updater keeps, and which one is current.",
+        description="List the agent releases NAME's updater keeps: which one is current, the "
+        "rollback target, releases that failed their health check (pruned first) and releases "
+        "a running process uses (never pruned).",
     )
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=config.RELEASES_TIMEOUT,
+        help="seconds, from the command's start, by which the host must have answered in "
+        "full (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_releases)
 
 
@@ -124,7 +139,7 @@ def _registry(args) -> Registry:
 
 
 def _progress(host: str, message: str) -> None:
-    print(f"[{host}] {message}", flush=True)
+    output.line(f"[{host}] {message}")
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -142,12 +157,12 @@ def cmd_update(args: argparse.Namespace) -> int:
             return 1
         identity = TLSIdentity.master(args.paths)
         revocations = RevocationSet(args.paths.revocations)
-        print(
-            f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} bytes, "
-            f"sha256 {archive.sha256}"
-            + (f", git {archive.git_sha[:12]}" if archive.git_sha else ""),
-            flush=True,
-        )
+        git = f", git {archive.git_sha[:12]}" if archive.git_sha else ""
+        if not args.json:  # --json prints one document, at the end
+            output.line(
+                f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} "
+                f"bytes, sha256 {archive.sha256}{git}"
+            )
 
         async def go(reactor):
             from decnet.master.updater_client import UpdaterClient
@@ -199,8 +214,8 @@ def cmd_update(args: argparse.Namespace) -> int:
             )
             for r in results
         ]
-        print()
-        print(output.table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows))
+        output.line()
+        output.print_table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows)
     explicit = bool(args.host)
     bad = [
         r
@@ -228,31 +243,31 @@ def _dry_run(args, plan, archive: tar_tree.ReleaseArchive) -> int:
     if args.json:
         output.print_json(doc)
         return 0
-    print("Dry run: nothing was contacted.")
-    print(f"Release {archive.release_id}")
-    print(f"  sha256   {archive.sha256}")
-    print(f"  size     {archive.size} bytes, {len(archive.files)} files")
+    output.line("Dry run: nothing was contacted.")
+    output.line(f"Release {archive.release_id}")
+    output.line(f"  sha256   {archive.sha256}")
+    output.line(f"  size     {archive.size} bytes, {len(archive.files)} files")
     if archive.git_sha:
-        print(
+        output.line(
             f"  git      {archive.git_sha}"
             + (" (uncommitted changes)" if archive.git_dirty else "")
         )
-    print("Files:")
+    output.line("Files:")
     for name in archive.files:
-        print(f"  {name}")
+        output.line(f"  {name}")
     if archive.skipped:
-        print("Left out:")
+        output.line("Left out:")
         for s in archive.skipped:
-            print(f"  {s.path}  ({s.reason})")
-    print("Hosts:")
+            output.line(f"  {s.path}  ({s.reason})")
+    output.line("Hosts:")
     for host in plan.canaries:
-        print(f"  {host.name}  (canary)")
+        output.line(f"  {host.name}  (canary)")
     for host in plan.rest:
-        print(f"  {host.name}")
+        output.line(f"  {host.name}")
     for s in plan.skipped:
-        print(f"  {s.host}  skipped: {s.detail}")
+        output.line(f"  {s.host}  skipped: {s.detail}")
     if args.include_self:
-        print("Then /update-self on every host whose agent update succeeded.")
+        output.line("Then /update-self on every host whose agent update succeeded.")
     return 0
 
 
@@ -269,7 +284,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     async def go(reactor):
         client = _client_for(args, reactor)
         try:
-            return await client.rollback(args.to)
+            return await client.rollback(args.to, timeout=budget(args.timeout))
         except RemoteError as exc:
             return {"result": exc.body.get("result", "failed"), **exc.body, "status": exc.status}
         finally:
@@ -286,7 +301,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json(doc)
     elif ok:
-        print(
+        output.line(
             f"{args.name}: back on release {doc.get('release')} (was {doc.get('previous')})"
             + (f"; {doc['detail']}" if doc.get("detail") else "")
         )
@@ -302,7 +317,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     async def collect(reactor):
         client = _client_for(args, reactor)
         try:
-            doc.update(await client.releases())
+            doc.update(await client.releases(timeout=budget(args.timeout)))
         finally:
             await client.close()
         return 0
@@ -313,19 +328,19 @@ def cmd_releases(args: argparse.Namespace) -> int:
         return 0
     releases = doc.get("releases") or []
     if not releases:
-        print(f"{args.name}: no release installed yet")
+        output.line(f"{args.name}: no release installed yet")
         return 0
     rows = [
         (
             r.get("id"),
             "*" if r.get("current") else ("<- rollback" if r.get("rollback_target") else ""),
+            ", ".join(s for s in ("failed", "in use") if r.get(s.replace(" ", "_"))) or "-",
             r.get("installed_at") or "-",
             (r.get("git_sha") or "-")[:12],
         )
         for r in releases
     ]
-    print(output.table(("RELEASE", "CURRENT", "INSTALLED", "GIT"), rows))
+    output.print_table(("RELEASE", "CURRENT", "STATE", "INSTALLED", "GIT"), rows)
     if doc.get("updater_release"):
-        print(f"updater itself: release {doc['updater_release']}")
-    sys.stdout.flush()
+        output.line(f"updater itself: release {doc['updater_release']}")
     return 0

@@ -1,19 +1,13 @@
-"""The forwarder's shipping loop and its connection protocol.
+"""The forwarder's connection protocol and the shell that runs its delivery core.
 
-:class:`Shipper` outlives connections: it owns the :class:`Tailer` (every call
-to it runs in a thread, one at a time), reads large chunks of whole lines,
-frames them and writes them to whatever connection is current, as a
-streaming producer of that connection (it stops reading while the TLS
-transport is full).  :class:`ForwarderProtocol` is one connection: it picks
-the mode from ALPN and relays RESUME / ACK to the shipper.
-
-Acknowledged mode: after RESUME(h) the shipper rewinds the tailer to logical
-offset ``h`` (back into an older generation if needed), sends DATA frames of
-whole lines, keeps at most ``window`` unacknowledged bytes in flight and
-persists a position only when an ACK says it is durable on the master.
-
-Plain mode: frames are single lines (RFC 5425) and the position is persisted
-once written to the transport; what that can lose is in docs/Logging.md.
+:class:`Shipper` outlives connections: it feeds events to the sans-IO
+:class:`~decnet.forwarder.core.DeliveryCore` and carries out the commands it
+returns.  Tailer and journal calls block, so they run in one thread lane, one
+at a time and in order (:func:`serial_runner`); frames go to whatever
+connection is current, and the shipper is that connection's streaming
+producer (the core stops reading while the TLS transport is full).
+:class:`ForwarderProtocol` is one connection: it picks the mode from ALPN and
+turns the listener's RESUME / ACK / ERROR frames into core events.
 """
 
 from __future__ import annotations
@@ -26,14 +20,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from decnet import config
-from decnet.forwarder.offsets import OffsetWriter
-from decnet.forwarder.tail import Piece, Tailer
+from decnet.forwarder import core
+from decnet.forwarder.offsets import JournalStore
+from decnet.forwarder.tail import Tailer
 from decnet.syslog import ackproto
-from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame, encode_lines
+from decnet.syslog.framing import FramingError, OctetCountingDecoder
 
-DEFAULT_WINDOW = 16 * 1024 * 1024
 # The listener only sends small control frames.
 CONTROL_MAX_FRAME = 4096
+# After a failed journal commit (disk full?), try again this much later.
+PERSIST_RETRY = 1.0
 
 MODES = ("auto", "ack", "plain")
 
@@ -48,252 +44,164 @@ def serial_runner(reactor):
     return run
 
 
-def ack_frames(pieces: list[Piece], max_payload: int) -> list[bytes]:
-    """``DATA`` frames (already octet-counted) for ``pieces``; each ≤ ``max_payload`` of lines."""
-    out: list[bytes] = []
-    for piece in pieces:
-        data = piece.data
-        if piece.rewritten or len(data) <= max_payload:
-            header = ackproto.data_header(piece.start, piece.end)
-            out += [b"%d " % (len(header) + len(data)), header, data]
-            continue
-        pos, n = 0, len(data)
-        while pos < n:
-            cut = n if n - pos <= max_payload else data.rfind(b"\n", pos, pos + max_payload) + 1
-            if cut <= pos:
-                raise ValueError("a line longer than the frame reached ack_frames")
-            header = ackproto.data_header(piece.start + pos, piece.start + cut)
-            out += [b"%d " % (len(header) + cut - pos), header, data[pos:cut]]
-            pos = cut
-    return out
-
-
-def plain_frames(pieces: list[Piece]) -> tuple[bytes, int, int]:
-    """One buffer of RFC 5425 frames (one line each, LF removed); (bytes, lines, empty lines)."""
-    lines: list[bytes] = []
-    for piece in pieces:
-        lines += piece.data[:-1].split(b"\n")
-    empty = lines.count(b"")
-    if empty:
-        # MSG-LEN is at least 1: an empty line cannot be framed.
-        lines = [line for line in lines if line]
-    return encode_lines(lines), len(lines), empty
-
-
 @implementer(IPushProducer)
 class Shipper:
-    """Reads the tailer and ships to the current connection; see the module docstring."""
+    """Carries out the delivery core's commands; see the module docstring."""
 
     log = Logger()
 
     def __init__(
-        self,
-        tailer: Tailer,
-        offsets: OffsetWriter,
-        clock,
-        run,
-        *,
-        max_frame: int = config.DEFAULT_MAX_FRAME,
-        window: int = DEFAULT_WINDOW,
+        self, delivery: core.DeliveryCore, tailer: Tailer, store: JournalStore, clock, run
     ):
+        self.core = delivery
         self.tailer = tailer
-        self.offsets = offsets
+        self.store = store
         self.clock = clock
         self.run = run
-        self.max_payload = max_frame - config.ACK_HEADER_ROOM
-        self.window = window
-        self._ready = False
-        self._ready_waiters: list[defer.Deferred] = []
         self.proto: ForwarderProtocol | None = None
-        self.mode: str | None = None
-        self.sent_end = 0
-        self.acked = 0
-        self.skip_until = 0
-        self._reading = False
-        self._paused = False
-        self._wakeup = False
-        self._generation = 0  # bumps on every attach/detach; stale reads are dropped
-        self.bytes_sent = 0
-        self.frames_sent = 0
-        self.empty_lines_skipped = 0
+        self._persist_busy: defer.Deferred | None = None
+        self._retry = None
 
-    # -- start-up --------------------------------------------------------
+    # -- events in -------------------------------------------------------
 
-    def set_ready(self) -> None:
-        """The tailer is located; connections may start shipping."""
-        self._ready = True
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def when_ready(self) -> defer.Deferred:
-        if self._ready:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._ready_waiters.append(d)
-        return d
-
-    # -- connections -----------------------------------------------------
-
-    def attach_plain(self, proto: ForwarderProtocol) -> defer.Deferred:
-        def go(_):
-            if proto.lost:
-                return None
-            # Whatever was read but never written is read again.
-            return self.run(self.tailer.rewind, self.sent_end).addCallback(started)
-
-        def started(restart):
-            if proto.lost:
-                return
-            self._begin(proto, "plain", restart)
-
-        return self.when_ready().addCallback(go)
-
-    def attach_ack(self, proto: ForwarderProtocol, hwm: int) -> defer.Deferred:
-        def go(_):
-            if proto.lost:
-                return None
-            return self.run(self.tailer.rewind, hwm).addCallback(started)
-
-        def started(restart):
-            if proto.lost:
-                return
-            if restart > hwm:
-                self.log.warn(
-                    "The master has this stream up to offset {hwm}, but the worker only has "
-                    "data from {offset} on; bytes {hwm}-{offset} are gone (a gap is recorded)",
-                    hwm=hwm,
-                    offset=restart,
-                )
-            self.skip_until = hwm if restart < hwm else 0
-            self.acked = hwm
-            self._begin(proto, "ack", restart)
-            self._persist(hwm)
-
-        return self.when_ready().addCallback(go)
-
-    def _begin(self, proto, mode: str, restart: int) -> None:
-        self._generation += 1
-        self.proto, self.mode = proto, mode
-        self.sent_end = restart
-        self._paused = False
+    def attach(self, proto: ForwarderProtocol, mode: str) -> None:
+        self.proto = proto
         proto.transport.registerProducer(self, True)
-        self._pump()
+        self.execute(self.core.connected(mode))
 
     def detach(self, proto: ForwarderProtocol) -> None:
-        if self.proto is proto:
-            self._generation += 1
-            self.proto = None
-            self.mode = None
-            if not proto.lost:
-                proto.transport.unregisterProducer()
+        if self.proto is not proto:
+            return
+        self.proto = None
+        if not proto.lost:
+            proto.transport.unregisterProducer()
+        self.execute(self.core.disconnected())
+
+    def resume(self, offset: int) -> None:
+        self.execute(self.core.resume(offset))
 
     def acked_to(self, offset: int) -> None:
-        if offset <= self.acked:
-            return
-        if offset > self.sent_end:
-            self.log.warn(
-                "Master acknowledged offset {offset} beyond what we sent ({sent}); ignoring",
-                offset=offset,
-                sent=self.sent_end,
-            )
-            return
-        self.acked = offset
-        self._persist(offset)
-        self._pump()
-
-    def _persist(self, offset: int) -> None:
-        def locate():
-            self.tailer.release(offset)
-            return self.tailer.position_at(offset)
-
-        d = self.run(locate)
-        d.addCallback(lambda pos: pos is not None and self.offsets.save(pos))
-        d.addErrback(self.log.failure, "Recording offset {offset}", offset=offset)
-
-    # -- IPushProducer (the TLS transport's flow control) ----------------
-
-    def pauseProducing(self):
-        self._paused = True
-
-    def resumeProducing(self):
-        if self._paused:
-            self._paused = False
-            self._pump()
-
-    def stopProducing(self):
-        self._paused = True
-
-    # -- the loop --------------------------------------------------------
+        self.execute(self.core.ack(offset))
 
     def notify(self) -> None:
         """The file may have changed (inotify or the poll timer)."""
-        if self._reading:
-            self._wakeup = True
-        else:
-            self._pump()
+        self.execute(self.core.notify())
 
-    def _pump(self) -> None:
-        if self.proto is None or self._reading or self._paused:
-            return
-        if self.mode == "ack" and self.sent_end - self.acked >= self.window:
-            return
-        self._reading = True
-        self._wakeup = False
-        generation = self._generation
-        d = self.run(self.tailer.read, self.clock.seconds())
-        d.addCallbacks(self._got, self._read_failed, (generation,))
+    # IPushProducer: the TLS transport's flow control.
+    def pauseProducing(self):
+        self.execute(self.core.paused_producing())
+
+    def resumeProducing(self):
+        self.execute(self.core.resumed_producing())
+
+    def stopProducing(self):
+        self.execute(self.core.paused_producing())
+
+    # -- commands out ----------------------------------------------------
+
+    def execute(self, commands: list[core.Command]) -> None:
+        for command in commands:
+            getattr(self, "_do_" + type(command).__name__)(command)
+
+    def _do_Send(self, command: core.Send) -> None:
+        if self.proto is not None and not self.proto.lost:
+            self.proto.transport.writeSequence(command.frames)
+
+    def _do_Close(self, command: core.Close) -> None:
+        if self.proto is not None:
+            self.proto.abandon(command.reason)
+
+    def _do_DeclareGap(self, command: core.DeclareGap) -> None:
+        self.log.warn(
+            "Bytes {start}-{end} of stream {stream} are gone on this worker (a rotated file "
+            "was deleted or compressed before it was shipped); the master records the gap",
+            start=command.start,
+            end=command.end,
+            stream=self.core.stream,
+        )
+
+    def _tailer_job(self, job, done, *args) -> None:
+        d = self.run(job, *args)
+        d.addCallback(lambda result: self.execute(done(*result)))
+        d.addErrback(self.log.failure, "Forwarder step {job} failed", job=job.__name__)
+
+    def _do_Read(self, command: core.Read) -> None:
+        def read(now):
+            return self.tailer.read(now), self.tailer.take_records()
+
+        def failed(failure):
+            self.execute(self.core.read_failed())
+            self.log.failure(
+                "Reading {path} failed; retrying on the next poll",
+                failure,
+                path=str(self.tailer.path),
+            )
+
+        d = self.run(read, self.clock.seconds())
+        d.addCallbacks(lambda r: self.execute(self.core.read_done(*r, command.epoch)), failed)
         d.addErrback(self.log.failure, "Shipping loop failed")
 
-    def _got(self, pieces: list[Piece], generation: int) -> None:
-        self._reading = False
-        if generation != self._generation or self.proto is None:
-            return  # the connection changed meanwhile; the next attach rewinds
-        if self.skip_until:
-            pieces = self._skip(pieces)
-        if pieces:
-            self._send(pieces)
-            self._pump()
-        elif self._wakeup:
-            self._pump()
+    def _do_Observe(self, command: core.Observe) -> None:
+        def observe(now):
+            self.tailer.observe(now)
+            return (self.tailer.take_records(),)
 
-    def _skip(self, pieces: list[Piece]) -> list[Piece]:
-        kept = []
-        for piece in pieces:
-            if piece.end <= self.skip_until:
-                continue
-            if piece.start < self.skip_until:
-                cut = self.skip_until - piece.start
-                piece = Piece(self.skip_until, piece.end, piece.data[cut:])
-            kept.append(piece)
-        if kept or (pieces and pieces[-1].end >= self.skip_until):
-            self.skip_until = 0
-        if not kept and pieces:
-            self.sent_end = pieces[-1].end
-        return kept
+        self._tailer_job(observe, self.core.observed, self.clock.seconds())
 
-    def _send(self, pieces: list[Piece]) -> None:
-        transport = self.proto.transport
-        if self.mode == "ack":
-            frames = ack_frames(pieces, self.max_payload)
-            self.frames_sent += len(frames) // 3
-            transport.writeSequence(frames)
-        else:
-            buf, count, empty = plain_frames(pieces)
-            self.empty_lines_skipped += empty
-            self.frames_sent += count
-            if buf:
-                transport.write(buf)
-        self.bytes_sent += sum(len(p.data) for p in pieces)
-        self.sent_end = pieces[-1].end
-        if self.mode == "plain":
-            self._persist(self.sent_end)
+    def _do_Rewind(self, command: core.Rewind) -> None:
+        def rewind(offset):
+            return self.tailer.rewind(offset), self.tailer.take_records(), command.epoch
 
-    def _read_failed(self, failure, generation: int) -> None:
-        self._reading = False
-        self.log.failure(
-            "Reading {path} failed; retrying on the next poll", failure, path=str(self.tailer.path)
+        self._tailer_job(rewind, self.core.rewound, command.offset)
+
+    def _do_Release(self, command: core.Release) -> None:
+        def release(offset):
+            self.tailer.release(offset)
+            return (self.tailer.take_records(),)
+
+        self._tailer_job(release, self.core.released, command.offset)
+
+    def _do_Persist(self, command: core.Persist) -> None:
+        def commit():
+            self.store.commit(self.core.stream, acked=command.acked, records=command.records)
+
+        def failed(failure):
+            self.log.failure(
+                "Cannot record the forwarder's position in {state}; retrying",
+                failure,
+                state=str(self.store.path),
+            )
+            self.execute(self.core.persist_failed(command.acked, command.records))
+            self._retry = self.clock.callLater(PERSIST_RETRY, self._retry_persist)
+
+        d = self.run(commit)
+        self._persist_busy = d
+        d.addCallbacks(
+            lambda _: self.execute(self.core.persisted(command.acked, command.token)), failed
         )
+        d.addErrback(self.log.failure, "Recording the forwarder position failed")
+
+    def _retry_persist(self) -> None:
+        self._retry = None
+        self.execute(self.core.retry_persist())
+
+    def flush(self) -> defer.Deferred:
+        """Fires once every journal write asked for so far is done (or failed)."""
+        busy = self._persist_busy
+        if busy is None or busy.called:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+
+        def check(result):
+            self.flush().chainDeferred(waiter)
+            return result
+
+        busy.addBoth(check)
+        return waiter
+
+    def stop(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
 
 
 @implementer(IHandshakeListener)
@@ -318,19 +226,18 @@ class ForwarderProtocol(Protocol):
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         wanted = self.factory.mode
         if alpn == config.ACK_ALPN:
-            self.mode = "ack"
+            self.mode = core.ACK
             self.factory.connected(self, "acknowledged")
-            self.transport.write(encode_frame(ackproto.encode_hello(self.factory.stream)))
+            self.shipper.attach(self, core.ACK)
         elif wanted == "ack":
             self.factory.failed_attempt(
                 "the receiver does not speak decnet-syslog/1 and --mode is ack"
             )
             self.close()
         else:
-            self.mode = "plain"
+            self.mode = core.PLAIN
             self.factory.connected(self, "plain RFC 5425")
-            d = self.shipper.attach_plain(self)
-            d.addErrback(self.log.failure, "Starting plain shipping")
+            self.shipper.attach(self, core.PLAIN)
 
     def dataReceived(self, data):
         if self.mode != "ack":
@@ -338,13 +245,13 @@ class ForwarderProtocol(Protocol):
         try:
             frames = self.decoder.feed(data)
         except FramingError as exc:
-            self._abandon(f"bad framing from the master: {exc}")
+            self.abandon(f"bad framing from the master: {exc}")
             return
         for frame in frames:
             try:
                 message = ackproto.decode(frame)
             except ackproto.ProtocolError as exc:
-                self._abandon(f"bad message from the master: {exc}")
+                self.abandon(f"bad message from the master: {exc}")
                 return
             if isinstance(message, ackproto.Ack):
                 self.shipper.acked_to(message.offset)
@@ -354,16 +261,15 @@ class ForwarderProtocol(Protocol):
                     stream=self.factory.stream,
                     offset=message.offset,
                 )
-                d = self.shipper.attach_ack(self, message.offset)
-                d.addErrback(self.log.failure, "Starting acknowledged shipping")
+                self.shipper.resume(message.offset)
             elif isinstance(message, ackproto.Error):
-                self._abandon(f"master refused: {message.reason}")
+                self.abandon(f"master refused: {message.reason}")
                 return
             else:
-                self._abandon(f"unexpected {type(message).__name__} from the master")
+                self.abandon(f"unexpected {type(message).__name__} from the master")
                 return
 
-    def _abandon(self, reason: str) -> None:
+    def abandon(self, reason: str) -> None:
         self.log.warn("Closing the connection to the master: {reason}", reason=reason)
         self.close()
 

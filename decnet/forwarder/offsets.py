@@ -1,43 +1,58 @@
-"""Forwarder offsets in SQLite: per stream, the file identity and position shipped so far.
+"""The forwarder's journal in SQLite: per stream, the acknowledged offset and every
+generation it has opened (:mod:`decnet.forwarder.journal` says what they mean).
 
-In acknowledged mode the row records the last position the listener confirmed
-durable (the listener's high-water mark stays authoritative: on reconnect the
-forwarder resumes where the listener says).  In plain mode it records the
-position handed to the TLS transport.  A row is only ever applied to the file
-whose identity (device, inode, fingerprint of the first bytes) it names.
+One :meth:`JournalStore.commit` is one transaction (WAL, ``synchronous=FULL``):
+the acknowledged offset and the generation records it carries become durable
+together or not at all, so a ``kill -9`` or a power cut at any instant leaves
+a journal that a restart can follow.
 
-Blocking: the service calls :class:`OffsetStore` through :class:`OffsetWriter`,
-which runs it in a thread and coalesces writes (the newest position wins).
+A state file written by an older forwarder (one row per stream in
+``offsets``: the file identity and position last acknowledged) is migrated on
+open into a journal with one generation.
+
+Blocking: every method runs in the forwarder's thread lane, never on the
+reactor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sqlite3
 import threading
 from pathlib import Path
 
-from twisted.internet import defer
-from twisted.logger import Logger
+from decnet.forwarder.journal import FileIdentity, GenerationRecord, Journal
 
-from decnet.forwarder.tail import FileIdentity, TailPosition
+SCHEMA_VERSION = 2
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS offsets (
+CREATE TABLE IF NOT EXISTS streams (
     stream     TEXT PRIMARY KEY,
-    dev        INTEGER NOT NULL,
-    ino        INTEGER NOT NULL,
-    fp_len     INTEGER NOT NULL,
-    fp_hash    TEXT NOT NULL,
-    base       INTEGER NOT NULL,
-    pos        INTEGER NOT NULL,
+    acked      INTEGER NOT NULL,
     updated_at TEXT NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    stream  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    dev     INTEGER NOT NULL,
+    ino     INTEGER NOT NULL,
+    fp_len  INTEGER NOT NULL,
+    fp_hash TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    base    INTEGER,
+    end_    INTEGER,
+    state   TEXT NOT NULL CHECK (state IN ('active', 'done', 'gone')),
+    PRIMARY KEY (stream, seq)
+);
 """
 
 
-class OffsetStore:
+class JournalStore:
+    """The journals of every stream of one forwarder state file."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -45,92 +60,116 @@ class OffsetStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(SCHEMA)
+        with self._transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._migrate_v1()
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def load(self, stream: str) -> TailPosition | None:
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate_v1(self) -> None:
+        """Rows of the old ``offsets`` table become one-generation journals."""
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'offsets'"
+        ).fetchone()
+        if not exists:
+            return
+        now = _now()
+        for stream, dev, ino, fp_len, fp_hash, base, pos in self._db.execute(
+            "SELECT stream, dev, ino, fp_len, fp_hash, base, pos FROM offsets"
+        ).fetchall():
+            self._db.execute(
+                "INSERT OR IGNORE INTO streams (stream, acked, updated_at) VALUES (?, ?, ?)",
+                (stream, base + pos, now),
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO generations "
+                "(stream, seq, dev, ino, fp_len, fp_hash, base, end_, state) "
+                "VALUES (?, 1, ?, ?, ?, ?, ?, NULL, 'active')",
+                (stream, dev, ino, fp_len, fp_hash, base),
+            )
+        self._db.execute("DROP TABLE offsets")
+
+    def load(self, stream: str) -> Journal:
         with self._lock:
             row = self._db.execute(
-                "SELECT dev, ino, fp_len, fp_hash, base, pos FROM offsets WHERE stream = ?",
-                (stream,),
+                "SELECT acked FROM streams WHERE stream = ?", (stream,)
             ).fetchone()
-        if row is None:
-            return None
-        dev, ino, fp_len, fp_hash, base, pos = row
-        return TailPosition(FileIdentity(dev, ino, fp_len, fp_hash), base, pos)
-
-    def save(self, stream: str, position: TailPosition) -> None:
-        ident = position.identity
-        now = datetime.datetime.now(datetime.UTC).isoformat()
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO offsets (stream, dev, ino, fp_len, fp_hash, base, pos, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET "
-                "dev=excluded.dev, ino=excluded.ino, fp_len=excluded.fp_len, "
-                "fp_hash=excluded.fp_hash, base=excluded.base, pos=excluded.pos, "
-                "updated_at=excluded.updated_at",
-                (
-                    stream,
-                    ident.dev,
-                    ident.ino,
-                    ident.fp_len,
-                    ident.fp_hash,
-                    position.base,
-                    position.pos,
-                    now,
-                ),
+            rows = self._db.execute(
+                "SELECT seq, dev, ino, fp_len, fp_hash, version, mtime_ns, base, end_, state "
+                "FROM generations "
+                "WHERE stream = ? ORDER BY seq",
+                (stream,),
+            ).fetchall()
+        records = tuple(
+            GenerationRecord(
+                seq, FileIdentity(dev, ino, fp_len, fp_hash, version, mtime), base, end, state
             )
+            for seq, dev, ino, fp_len, fp_hash, version, mtime, base, end, state in rows
+        )
+        return Journal(row[0] if row else 0, records)
+
+    def commit(
+        self,
+        stream: str,
+        *,
+        acked: int | None = None,
+        records: list[GenerationRecord] | tuple = (),
+        forget: list[int] | tuple = (),
+    ) -> None:
+        """Make ``acked`` and ``records`` durable together; drop the ``forget`` rows."""
+        with self._lock, self._transaction():
+            if acked is not None:
+                self._db.execute(
+                    "INSERT INTO streams (stream, acked, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(stream) DO UPDATE SET acked = excluded.acked, "
+                    "updated_at = excluded.updated_at",
+                    (stream, acked, _now()),
+                )
+            for rec in records:
+                ident = rec.identity
+                self._db.execute(
+                    "INSERT INTO generations "
+                    "(stream, seq, dev, ino, fp_len, fp_hash, version, mtime_ns, base, end_, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(stream, seq) DO UPDATE "
+                    "SET dev = excluded.dev, ino = excluded.ino, fp_len = excluded.fp_len, "
+                    "fp_hash = excluded.fp_hash, version = excluded.version, "
+                    "mtime_ns = excluded.mtime_ns, "
+                    "base = excluded.base, end_ = excluded.end_, state = excluded.state",
+                    (
+                        stream,
+                        rec.seq,
+                        ident.dev,
+                        ident.ino,
+                        ident.fp_len,
+                        ident.fp_hash,
+                        ident.version,
+                        ident.mtime_ns,
+                        rec.base,
+                        rec.end,
+                        rec.state,
+                    ),
+                )
+            for seq in forget:
+                self._db.execute(
+                    "DELETE FROM generations WHERE stream = ? AND seq = ?", (stream, seq)
+                )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-class OffsetWriter:
-    """Writes positions off the reactor, one at a time, newest wins."""
-
-    log = Logger()
-
-    def __init__(self, store: OffsetStore, stream: str, run):
-        self.store = store
-        self.stream = stream
-        self.run = run
-        self._latest: TailPosition | None = None
-        self._writing: defer.Deferred | None = None
-        self.saved: TailPosition | None = None
-
-    def save(self, position: TailPosition) -> None:
-        self._latest = position
-        if self._writing is None:
-            self._next()
-
-    def _next(self) -> None:
-        position, self._latest = self._latest, None
-        if position is None:
-            self._writing = None
-            return
-        d = self.run(self.store.save, self.stream, position)
-        self._writing = d
-
-        def done(_):
-            self.saved = position
-            self._next()
-
-        def failed(failure):
-            self.log.failure("Could not record the forwarder offset", failure)
-            self._next()
-
-        d.addCallbacks(done, failed)
-
-    def flush(self) -> defer.Deferred:
-        """Fires when every position given so far is written."""
-        if self._writing is None:
-            return defer.succeed(None)
-        waiter: defer.Deferred = defer.Deferred()
-        previous = self._writing
-
-        def check(result):
-            self.flush().chainDeferred(waiter)
-            return result
-
-        previous.addBoth(check)
-        return waiter
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()

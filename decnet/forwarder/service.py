@@ -15,7 +15,9 @@ from zope.interface import implementer
 
 from decnet import config
 from decnet.forwarder.client import ForwarderFactory, Shipper, serial_runner
-from decnet.forwarder.offsets import OffsetStore, OffsetWriter
+from decnet.forwarder.core import DeliveryCore
+from decnet.forwarder.journal import Plan
+from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
 from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -150,15 +152,13 @@ class ForwarderService(MultiService):
         run = serial_runner(reactor)
         self.run = run
         self.tailer = Tailer(log_file, max_line=max_line, rotate_wait=rotate_wait)
-        self.store: OffsetStore | None = None
-        self.offsets = OffsetWriter(None, stream, run)
-        self.shipper = Shipper(
-            self.tailer, self.offsets, reactor, run, max_frame=max_line + config.ACK_HEADER_ROOM
-        )
+        self.max_payload = max_line
+        self.store: JournalStore | None = None
+        self.shipper: Shipper | None = None  # once the journal is read
         options, policy = forwarder_options(identity, master_fingerprint, mode)
         target = f"{master_host}:{master_port}"
         self.factory = ForwarderFactory(
-            self.shipper, stream=stream, mode=mode, target=target, policy=policy
+            None, stream=stream, mode=mode, target=target, policy=policy
         )
         endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
         self.client = ClientService(
@@ -169,7 +169,7 @@ class ForwarderService(MultiService):
             ),
             clock=reactor,
         )
-        self.watcher = TailWatcher(reactor, Path(log_file), self.shipper.notify, poll_interval)
+        self.watcher = TailWatcher(reactor, Path(log_file), self._notify, poll_interval)
         self.systemd = SystemdService(reactor)
         self.systemd.setServiceParent(self)
         self.factory.state_listeners.append(lambda _state, detail: self.systemd.status(detail))
@@ -179,27 +179,38 @@ class ForwarderService(MultiService):
         d = self.run(self._locate)
         d.addCallbacks(self._located, self._locate_failed)
 
-    def _locate(self) -> str:
-        self.store = OffsetStore(self.state_file)
-        self.offsets.store = self.store
-        saved = self.store.load(self.stream)
-        what = self.tailer.locate(saved)
-        self.shipper.sent_end = self.tailer.logical
-        return what
+    def _locate(self) -> tuple[int, Plan]:
+        """Open the journal and every generation still to ship; record them first."""
+        self.store = JournalStore(self.state_file)
+        journal = self.store.load(self.stream)
+        plan = self.tailer.start(journal)
+        self.store.commit(self.stream, records=self.tailer.take_records(), forget=plan.forget)
+        return journal.acked, plan
 
-    def _located(self, what: str) -> None:
+    def _located(self, located: tuple[int, Plan]) -> None:
+        acked, plan = located
+        for note in plan.notes:
+            self.log.warn("Stream {stream}: {note}", stream=self.stream, note=note)
         self.log.info(
-            "Forwarding {path} as stream {stream}: {what}",
+            "Forwarding {path} as stream {stream}: {count} file(s) to follow, "
+            "acknowledged up to logical offset {offset}",
             path=str(self.tailer.path),
             stream=self.stream,
-            what=what,
+            count=len(plan.generations),
+            offset=acked,
         )
-        self.shipper.set_ready()
+        delivery = DeliveryCore(self.stream, acked=acked, max_payload=self.max_payload)
+        self.shipper = Shipper(delivery, self.tailer, self.store, self.reactor, self.run)
+        self.factory.shipper = self.shipper
         self.watcher.setServiceParent(self)
         self.client.setServiceParent(self)
         # Ready once the file is being followed; the connection comes and goes
         # (STATUS says which), and a master that is down must not fail the unit.
         self.systemd.ready(f"following {self.tailer.path}")
+
+    def _notify(self) -> None:
+        if self.shipper is not None:
+            self.shipper.notify()
 
     def _locate_failed(self, failure) -> None:
         self.log.failure(
@@ -209,12 +220,15 @@ class ForwarderService(MultiService):
 
     def stopService(self):
         current = self.factory.current
-        if current is not None and not current.lost:
+        if current is not None and not current.lost and self.shipper is not None:
             self.shipper.detach(current)
         d = super().stopService()
 
         def close(result):
-            flushed = self.offsets.flush()
+            if self.shipper is None:
+                return self.run(self._close)
+            self.shipper.stop()
+            flushed = self.shipper.flush()
             flushed.addCallback(lambda _: self.run(self._close))
             return flushed
 

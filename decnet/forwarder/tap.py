@@ -131,6 +131,9 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from decnet.forwarder.service import ForwarderService
+    from decnet.release import pin_running_release
+
+    pin_running_release()  # the updater never prunes the release we run from
     from decnet.tls import TLSIdentity
 
     bundle = options["bundle-obj"]
@@ -143,7 +146,7 @@ def makeService(options: Options):
         identity=identity,
         master_host=options["master-host"],
         master_port=options["master-port"],
-        master_fingerprint=bundle.master_fingerprint,
+        master_fingerprint=bundle.listener_fingerprint,
         log_file=options["log-file"],
         state_file=options["state"],
         stream=options["stream"],

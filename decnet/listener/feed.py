@@ -15,6 +15,7 @@ feed process (:mod:`decnet.listener.feedworker`), never in the listener's.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import fcntl
 import json
@@ -473,6 +474,8 @@ def read_feed(path: Path) -> list[dict]:
 # A stream whose feed is still locked by a builder a killed listener left
 # behind is tried again after this long (that builder exits after one step).
 BUSY_RETRY = 0.25
+# Feeds whose files (the feed and its position, 2 descriptors) stay open at once.
+DEFAULT_MAX_OPEN_FEEDS = 512
 
 
 class FeedBuilder:
@@ -484,6 +487,10 @@ class FeedBuilder:
     ``report`` as small dicts: ``{"worker", "stream", "pos", "lines"}`` after
     each durable step, ``"warn"`` when a feed is rebuilt from the start,
     ``"error"`` when a stream's feed stops (until the next start).
+
+    At most ``max_open`` writers keep their files open: opening one more
+    closes the least recently used, which is opened again (from its durable
+    position, as after a restart) the next time its stream is behind.
     """
 
     def __init__(
@@ -494,15 +501,23 @@ class FeedBuilder:
         clock=None,
         step_bytes: int = FEED_STEP_BYTES,
         pool=None,
+        max_open: int = DEFAULT_MAX_OPEN_FEEDS,
     ):
         self.directory = Path(directory)
         self.pool = pool
         self.report = report
         self.clock = clock or time.monotonic
         self.step_bytes = step_bytes
+        self.max_open = max_open
+        self.closed_idle = 0
         self._targets: dict[tuple[str, str], int] = {}
-        self._writers: dict[tuple[str, str], FeedWriter] = {}
+        # Open writers, least recently used first.
+        self._writers: collections.OrderedDict[tuple[str, str], FeedWriter] = (
+            collections.OrderedDict()
+        )
         self._retry_at: dict[tuple[str, str], float] = {}
+        # Where the feeds of closed writers stand (so an idle stream is not opened again).
+        self._done: dict[tuple[str, str], int] = {}
         self._stopped: set[tuple[str, str]] = set()
         self._turn = 0
 
@@ -518,7 +533,8 @@ class FeedBuilder:
                 continue
             writer = self._writers.get(key)
             # (An empty mirror needs no feed file yet: idle streams cost nothing.)
-            if (writer.position.mirror_pos if writer is not None else 0) < end:
+            done = writer.position.mirror_pos if writer is not None else self._done.get(key, 0)
+            if done < end:
                 out.append(key)
         return out
 
@@ -544,6 +560,8 @@ class FeedBuilder:
                 writer = self._open(key)
                 if writer is None:
                     return True
+            else:
+                self._writers.move_to_end(key)
             lines = writer.step(self._targets[key], self.step_bytes)
         except BrokenExecutor:
             raise  # the encoder pool is gone: not this stream's fault
@@ -561,6 +579,9 @@ class FeedBuilder:
         worker, stream = key
         if "/" in worker or worker in ("", ".", ".."):
             raise FeedCorrupt(f"invalid worker name {worker!r}")
+        while len(self._writers) >= self.max_open:
+            self.closed_idle += 1
+            self._close(next(iter(self._writers)))
         writer = FeedWriter(storage.StreamFiles(self.directory / worker, stream), worker, self.pool)
         try:
             writer.open()
@@ -576,7 +597,12 @@ class FeedBuilder:
     def _close(self, key: tuple[str, str]) -> None:
         writer = self._writers.pop(key, None)
         if writer is not None:
+            self._done[key] = writer.position.mirror_pos
             writer.close()
+
+    def open_feeds(self) -> int:
+        """How many feeds have their files open."""
+        return len(self._writers)
 
     def close(self) -> None:
         for key in list(self._writers):

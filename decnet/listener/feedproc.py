@@ -20,7 +20,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from decnet.listener.feed import FeedBuilder
+from decnet.listener.feed import DEFAULT_MAX_OPEN_FEEDS, FeedBuilder
 from decnet.listener.feedworker import decode_messages, encode_message
 
 # Restart backoff of a feed process that died: 0.5 s doubling to 30 s, reset
@@ -114,11 +114,13 @@ class FeedProcess:
         directory: Path,
         *,
         encoders: int | None = None,
+        max_open: int = DEFAULT_MAX_OPEN_FEEDS,
         executable: str = sys.executable,
     ):
         self.reactor = reactor
         self.directory = Path(directory)
         self.encoders = encoders
+        self.max_open = max_open
         self.executable = executable
         self.targets: dict[tuple[str, str], int] = {}
         self.positions: dict[tuple[str, str], int] = {}
@@ -139,6 +141,7 @@ class FeedProcess:
         argv = [self.executable, "-m", "decnet.listener.feedworker", str(self.directory)]
         if self.encoders is not None:
             argv += ["--encoders", str(self.encoders)]
+        argv += ["--max-open", str(self.max_open)]
         self.reactor.spawnProcess(
             child,
             self.executable,
@@ -226,9 +229,9 @@ class FeedProcess:
 class InlineFeeds:
     """The feed builder run synchronously in the caller.  Blocks: tests and tools only."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, max_open: int = DEFAULT_MAX_OPEN_FEEDS):
         self.positions: dict[tuple[str, str], int] = {}
-        self.builder = FeedBuilder(directory, self._report)
+        self.builder = FeedBuilder(directory, self._report, max_open=max_open)
 
     def start(self) -> None:
         pass

@@ -36,7 +36,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from decnet.listener.feed import FeedBuilder
+from decnet.listener.feed import DEFAULT_MAX_OPEN_FEEDS, FeedBuilder
 
 # Scheduling priority of the feed process: ingest (the evidence, and what the
 # forwarders wait for before their data is acknowledged) wins a contended CPU.
@@ -85,12 +85,19 @@ def default_encoders() -> int:
     return max(1, min(MAX_ENCODERS, (os.cpu_count() or 1) // 2))
 
 
-def serve(directory: Path, stdin: int = 0, stdout: int = 1, encoders: int = 1) -> None:
+def serve(
+    directory: Path,
+    stdin: int = 0,
+    stdout: int = 1,
+    encoders: int = 1,
+    max_open: int = DEFAULT_MAX_OPEN_FEEDS,
+) -> None:
     """Build feeds as targets arrive on ``stdin`` until it closes.  Blocking.
 
     With ``encoders`` > 1 the lines of each step are encoded by that many
     processes in parallel (the step is still written, fsynced and recorded
-    as one, in order, by this process).
+    as one, in order, by this process).  At most ``max_open`` feeds keep
+    their files open (least recently used closed first).
     """
 
     def report(message: dict) -> None:
@@ -101,7 +108,7 @@ def serve(directory: Path, stdin: int = 0, stdout: int = 1, encoders: int = 1) -
         if encoders > 1
         else None
     )
-    builder = FeedBuilder(directory, report, pool=pool)
+    builder = FeedBuilder(directory, report, pool=pool, max_open=max_open)
     pending = bytearray()
     try:
         while True:
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decnet.listener.feedworker")
     parser.add_argument("ingest_dir", type=Path)
     parser.add_argument("--encoders", type=int, default=default_encoders())
+    parser.add_argument("--max-open", type=int, default=DEFAULT_MAX_OPEN_FEEDS)
     args = parser.parse_args(argv)
     # Its life is the listener's: it stops when its stdin closes, not on a
     # Ctrl-C meant for the listener's terminal (which also reaches it).
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     try:
-        serve(args.ingest_dir, encoders=args.encoders)
+        serve(args.ingest_dir, encoders=args.encoders, max_open=max(1, args.max_open))
     except BrokenPipeError:
         pass  # the listener is gone; every finished step is durable
     return 0

@@ -13,10 +13,17 @@ high-water mark is dropped, which is what makes a re-sent batch harmless.
 
 After each commit the feed builder (a separate process, see
 :mod:`decnet.listener.feedproc`) is told the stream's new durable mirror end.
+
+Two bounds keep a worker from costing the master without limit: a worker may
+have at most ``max_streams_per_worker`` streams (those on disk count, so a
+restart changes nothing; they all stay usable even above a lowered cap), and
+at most ``max_open_streams`` streams keep their files open: the least
+recently used are closed and reopened by their next commit.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,12 +31,22 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from decnet.errors import DecnetError
 from decnet.fsutil import ensure_private_dir
 from decnet.listener import storage
 from decnet.syslog.ackproto import ProtocolError
 
 # A connection stops reading while its stream holds this much uncommitted data.
 PENDING_LIMIT = 16 * 1024 * 1024
+# Streams one worker may have (on disk and new together).
+DEFAULT_MAX_STREAMS_PER_WORKER = 8
+# Streams whose files stay open at once (2 descriptors each, in the listener and
+# again in the feed process); the least recently used are closed beyond it.
+DEFAULT_MAX_OPEN_STREAMS = 512
+
+
+class TooManyStreams(DecnetError):
+    """A worker asked for one stream more than ``--max-streams-per-worker`` allows."""
 
 
 def thread_runner(reactor):
@@ -106,6 +123,30 @@ class StreamSink:
         self._kick()
         return True
 
+    def accept_gap(self, start: int, end: int) -> bool:
+        """The forwarder declares stream offsets ``[start, end)`` gone on the worker.
+
+        Recorded in the index (a record that moves ``stream_end`` but not
+        ``mirror_end``) and acknowledged like data; the part at or below the
+        high-water mark is already here and changes nothing.
+        """
+        if end <= self.accepted_end:
+            self.duplicates += 1
+            return False
+        self.gaps += 1
+        self.log.warn(
+            "Gap in {worker}/{stream}: bytes {start_gap}-{end_gap} are gone on the worker "
+            "(its forwarder declares them lost)",
+            worker=self.worker,
+            stream=self.stream,
+            start_gap=max(start, self.accepted_end),
+            end_gap=end,
+        )
+        self.accepted_end = end
+        self._records.append((self.accepted_mirror, end))
+        self._kick()
+        return True
+
     def append_plain(self, data: bytes) -> None:
         """Take plain RFC 5425 lines (already LF-terminated); offsets are mirror offsets."""
         self._chunks.append(data)
@@ -138,12 +179,14 @@ class StreamSink:
         if self._committing or self.failed or not (self._chunks or self._records):
             return
         self._committing = True
-        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         now_us = int(self.ingest.clock.seconds() * 1_000_000)
         records = [storage.IndexRecord(m, s, now_us) for m, s in self._records]
-        records.append(storage.IndexRecord(self.accepted_mirror, self.accepted_end, now_us))
+        if self._records[-1:] != [(self.accepted_mirror, self.accepted_end)]:
+            records.append(storage.IndexRecord(self.accepted_mirror, self.accepted_end, now_us))
         mirror_end, stream_end = self.accepted_mirror, self.accepted_end
         self._chunks, self._records, self.pending_bytes = [], [], 0
+        self.ingest.touch(self)
         d = self.ingest.run(self.files.commit, data, records)
         d.addCallbacks(self._committed, self._commit_failed, (mirror_end, stream_end))
         d.addErrback(
@@ -195,14 +238,31 @@ class Ingest:
 
     log = Logger()
 
-    def __init__(self, directory: Path, clock, run=None, *, feeds=None):
+    def __init__(
+        self,
+        directory: Path,
+        clock,
+        run=None,
+        *,
+        feeds=None,
+        max_streams_per_worker: int = DEFAULT_MAX_STREAMS_PER_WORKER,
+        max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS,
+    ):
         self.directory = Path(directory)
         self.clock = clock
         self.run = run or thread_runner(clock)
         # Who builds the JSON feeds (a FeedProcess, InlineFeeds in tests); None: no feed.
         self.feeds = feeds
+        self.max_streams_per_worker = max_streams_per_worker
+        self.max_open_streams = max_open_streams
         self._sinks: dict[tuple[str, str], StreamSink] = {}
         self._opening: dict[tuple[str, str], list[defer.Deferred]] = {}
+        # Each worker's streams (on disk when first asked, plus those created since).
+        self._streams: dict[str, set[str]] = {}
+        self._listing: dict[str, list[defer.Deferred]] = {}
+        # Sinks whose files are open, least recently used first.
+        self._open: collections.OrderedDict[tuple[str, str], StreamSink] = collections.OrderedDict()
+        self.files_closed = 0
         self._closing = False
 
     def prepare(self) -> None:
@@ -215,7 +275,10 @@ class Ingest:
             self.feeds.start()
 
     def sink_for(self, worker: str, stream: str) -> defer.Deferred:
-        """The sink of ``(worker, stream)``, recovering its files on first use."""
+        """The sink of ``(worker, stream)``, recovering its files on first use.
+
+        Fails with :class:`TooManyStreams` for a new stream beyond the worker's cap.
+        """
         key = (worker, stream)
         if key in self._sinks:
             return defer.succeed(self._sinks[key])
@@ -224,9 +287,68 @@ class Ingest:
         waiting.append(d)
         if len(waiting) == 1:
             files = storage.StreamFiles(self.directory / worker, stream)
-            opened = self.run(files.open)
+            opened = self._streams_of(worker)
+            opened.addCallback(self._claim_stream, worker, stream)
+            opened.addCallback(lambda _: self.run(files.open))
             opened.addCallbacks(self._opened, self._open_failed, (key, files), None, (key,))
         return d
+
+    def _streams_of(self, worker: str) -> defer.Deferred:
+        """Fires with the (live) set of ``worker``'s streams; read from disk once."""
+        if worker in self._streams:
+            return defer.succeed(self._streams[worker])
+        d: defer.Deferred = defer.Deferred()
+        waiting = self._listing.setdefault(worker, [])
+        waiting.append(d)
+        if len(waiting) == 1:
+            listed = self.run(storage.list_streams, self.directory / worker)
+            listed.addCallbacks(self._listed, self._list_failed, (worker,), None, (worker,))
+        return d
+
+    def _listed(self, names: set[str], worker: str) -> None:
+        streams = self._streams.setdefault(worker, set(names))
+        for d in self._listing.pop(worker):
+            d.callback(streams)
+
+    def _list_failed(self, failure, worker: str) -> None:
+        for d in self._listing.pop(worker):
+            d.errback(failure)
+
+    def _claim_stream(self, streams: set[str], worker: str, stream: str) -> None:
+        # Checked and counted in one reactor turn: two new streams racing for
+        # the last place cannot both get it.
+        if stream in streams:
+            return
+        if len(streams) >= self.max_streams_per_worker:
+            raise TooManyStreams(
+                f"worker {worker!r} already has {len(streams)} streams; refusing a new one, "
+                f"{stream!r} (--max-streams-per-worker)"
+            )
+        streams.add(stream)
+
+    def touch(self, sink: StreamSink) -> None:
+        """``sink`` is about to use its files: most recently used; close the least beyond the cap.
+
+        A closed stream's files are reopened by its next commit (``StreamFiles``
+        serialises its own calls, so a close still queued behind a commit is safe).
+        """
+        key = (sink.worker, sink.stream)
+        self._open.pop(key, None)
+        self._open[key] = sink
+        while len(self._open) > self.max_open_streams:
+            _, idle = self._open.popitem(last=False)
+            self.files_closed += 1
+            self._close_files(idle)
+
+    def open_streams(self) -> int:
+        """How many streams have (or are about to have) their files open."""
+        return len(self._open)
+
+    def _close_files(self, sink: StreamSink) -> None:
+        d = self.run(sink.files.close)
+        d.addErrback(
+            self.log.failure, "Closing {worker}/{stream}", worker=sink.worker, stream=sink.stream
+        )
 
     def _opened(self, recovered: storage.Recovered, key, files) -> None:
         worker, stream = key
@@ -242,11 +364,17 @@ class Ingest:
             )
         sink = StreamSink(self, worker, stream, files, recovered)
         self._sinks[key] = sink
+        self.touch(sink)
         for d in self._opening.pop(key):
             d.callback(sink)
         self.feed_kick(sink)
 
     def _open_failed(self, failure, key) -> None:
+        if failure.check(TooManyStreams):
+            # An expected refusal: the connection says it, once.
+            for d in self._opening.pop(key):
+                d.errback(failure)
+            return
         self.log.error(
             "Cannot open ingest files for {worker}/{stream}: {error}",
             worker=key[0],
@@ -257,12 +385,12 @@ class Ingest:
             d.errback(failure)
 
     def forget(self, sink: StreamSink) -> None:
-        if self._sinks.get((sink.worker, sink.stream)) is sink:
-            del self._sinks[(sink.worker, sink.stream)]
-        d = self.run(sink.files.close)
-        d.addErrback(
-            self.log.failure, "Closing {worker}/{stream}", worker=sink.worker, stream=sink.stream
-        )
+        key = (sink.worker, sink.stream)
+        if self._sinks.get(key) is sink:
+            del self._sinks[key]
+        if self._open.get(key) is sink:
+            del self._open[key]
+        self._close_files(sink)
 
     def sinks(self) -> list[StreamSink]:
         return list(self._sinks.values())
@@ -287,5 +415,6 @@ class Ingest:
         for sink in list(self._sinks.values()):
             yield self.run(sink.files.close)
         self._sinks.clear()
+        self._open.clear()
         if self.feeds is not None:
             yield self.feeds.close()

@@ -13,6 +13,12 @@ negotiated ALPN protocol picks the mode:
 Framing and protocol errors are expected refusals: logged as warnings with the
 peer and the reason, then only *this* connection is closed; frames that were
 complete before the error are kept.
+
+Before its handshake a connection is unauthenticated: it counts against the
+pre-TLS budget (:mod:`decnet.listener.admission`), checked by
+:class:`PreTLSGate` before any TLS state exists, and it has
+``handshake_timeout`` seconds for the whole handshake, after which it is
+aborted at once.  ``--max-connections`` counts authenticated connections only.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from decnet import config
-from decnet.listener.ingest import Ingest, StreamSink
+from decnet.listener import admission
+from decnet.listener.admission import Admit, PreTLSBudget, RefusalLog, address_key
+from decnet.listener.ingest import Ingest, StreamSink, TooManyStreams
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
 from decnet.tls import peer_identity
@@ -67,6 +75,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._drain_call = None
         self._paused = False
         self._close_call = None
+        self._handshake_call = None
 
     # -- identity --------------------------------------------------------
 
@@ -76,10 +85,43 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         return f"{self.worker}@{where}" if self.worker else where
 
     def connectionMade(self):
-        self.setTimeout(self.factory.idle_timeout)
+        # The whole handshake, not each byte of it: a trickle does not buy time.
+        self._handshake_call = self.factory.clock.callLater(
+            self.factory.handshake_timeout, self._handshake_expired
+        )
+
+    def _handshake_expired(self) -> None:
+        self._handshake_call = None
+        self.factory.drop_unauthenticated(
+            self,
+            "handshake timeout",
+            f"no TLS handshake within {self.factory.handshake_timeout:g}s (--handshake-timeout)",
+        )
+
+    def abort_unauthenticated(self) -> None:
+        """Drop this not yet authenticated connection now: nothing of it is worth a grace."""
+        if self.state != HANDSHAKING:
+            return
+        self.state = CLOSING
+        self._cancel_handshake_timer()
+        # The refusal is already logged (or summed up): the TLS layer must not
+        # log one more line for this connection.
+        self.transport.decnet_refusal = "dropped before its handshake ended"
+        self.transport.abortConnection()
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_call is not None:
+            if self._handshake_call.active():
+                self._handshake_call.cancel()
+            self._handshake_call = None
 
     def handshakeCompleted(self):
+        if self.state != HANDSHAKING:
+            return
+        self._cancel_handshake_timer()
+        self.setTimeout(self.factory.idle_timeout)
         identity = peer_identity(self.transport)
+        self.factory.handshake_done(self, identity)
         if identity is None or identity.role != config.ROLE_WORKER:
             # The handshake policy already guarantees this; never trust a gap.
             self._refuse("peer is not an authenticated worker")
@@ -188,6 +230,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if self.state == STREAMING and isinstance(message, ackproto.Data):
             self.sink.accept(message.start, message.end, message.payload)
             self._backpressure()
+        elif self.state == STREAMING and isinstance(message, ackproto.Gap):
+            self.sink.accept_gap(message.start, message.end)
         elif self.state == AWAITING_HELLO and isinstance(message, ackproto.Hello):
             if message.stream == config.PLAIN_STREAM:
                 raise ackproto.ProtocolError(
@@ -246,6 +290,9 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             self._write(ackproto.encode_ack(offset))
 
     def _sink_failed(self, failure) -> None:
+        if failure.check(TooManyStreams):
+            self._refuse(failure.getErrorMessage())
+            return
         self._refuse(f"stream unavailable: {failure.getErrorMessage()}", warn=False)
 
     def _sink_broke(self, reason: str) -> None:
@@ -293,6 +340,12 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             worker=self.worker,
         )
         self.setTimeout(None)
+        if self._paused:
+            # A paused transport never reads the peer's close: without this a
+            # refused connection (a HELLO over --max-streams-per-worker, waiting
+            # for its sink) would count against its worker's cap for CLOSE_GRACE.
+            self._paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
         self._close_call = self.factory.clock.callLater(CLOSE_GRACE, self._abort)
 
@@ -305,9 +358,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             # Bytes arrived in this very turn: not idle (``_drain`` re-arms the timer).
             self._drain()
             return
-        if self.state == HANDSHAKING:
-            what = "no TLS handshake"
-        elif self.decoder.buffered:
+        if self.decoder.buffered:
             what = f"an incomplete frame ({self.decoder.buffered} bytes buffered)"
         else:
             what = "no HELLO"
@@ -324,6 +375,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         # Whatever was received before the connection went away is ingested.
         self._drain()
         self.setTimeout(None)
+        self._cancel_handshake_timer()
         if self._close_call is not None and self._close_call.active():
             self._close_call.cancel()
         prev, self.state = self.state, CLOSING
@@ -344,8 +396,17 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             )
 
 
+def _peer_text(addr) -> str:
+    return f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}"
+
+
 class ListenerFactory(Factory):
-    """Builds :class:`SyslogServerProtocol` and enforces the connection caps."""
+    """Builds :class:`SyslogServerProtocol` and enforces the connection caps.
+
+    Unauthenticated connections count against :attr:`unauthenticated` (the
+    pre-TLS budget, enforced by :class:`PreTLSGate` outside TLS);
+    authenticated ones against ``max_connections`` and ``max_per_worker``.
+    """
 
     log = Logger()
     noisy = False
@@ -359,6 +420,9 @@ class ListenerFactory(Factory):
         max_connections: int = config.DEFAULT_MAX_CONNECTIONS,
         max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
         idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
+        max_unauthenticated: int = admission.DEFAULT_MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_address: int = admission.DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+        handshake_timeout: float = admission.DEFAULT_HANDSHAKE_TIMEOUT,
     ):
         self.ingest = ingest
         self.clock = clock
@@ -366,26 +430,68 @@ class ListenerFactory(Factory):
         self.max_connections = max_connections
         self.max_per_worker = max_per_worker
         self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.unauthenticated = PreTLSBudget(max_unauthenticated, max_unauthenticated_per_address)
+        self.refusals = RefusalLog(clock)
         self.connections: set[SyslogServerProtocol] = set()
+        self.authenticated: set[SyslogServerProtocol] = set()
         self.by_worker: dict[str, set[SyslogServerProtocol]] = {}
         self.stream_owner: dict[tuple[str, str], SyslogServerProtocol] = {}
         self.refused = 0
 
-    def buildProtocol(self, addr):
-        if len(self.connections) >= self.max_connections:
+    def outside_tls(self, tls_factory) -> PreTLSGate:
+        """The factory to listen with: ``tls_factory`` behind the pre-TLS budget."""
+        return PreTLSGate(self, tls_factory)
+
+    def stopFactory(self):
+        self.refusals.flush()
+
+    # -- before TLS ------------------------------------------------------
+
+    def admit_unauthenticated(self, addr) -> bool:
+        """May a new connection from ``addr`` start a handshake?  Logs a refusal; may evict."""
+        address = address_key(getattr(addr, "host", None))
+        decision = self.unauthenticated.decide(address)
+        if not isinstance(decision, Admit):
             self.refused += 1
-            self.log.warn(
-                "Refusing connection from {peer}: {count} connections open (--max-connections)",
-                peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
-                count=len(self.connections),
+            self.refusals.refused("refused", address, _peer_text(addr), decision.reason)
+            return False
+        if decision.evict is not None:
+            victim = decision.evict
+            self.drop_unauthenticated(
+                victim,
+                "evicted",
+                f"the oldest of {len(self.unauthenticated)} unauthenticated connections, "
+                f"dropped for a new one from {_peer_text(addr)} (--max-unauthenticated)",
             )
-            return None
+        return True
+
+    def drop_unauthenticated(self, proto: SyslogServerProtocol, kind: str, reason: str) -> None:
+        """Abort a connection that has not finished its handshake (evicted, timed out)."""
+        address = address_key(getattr(proto.addr, "host", None))
+        self.unauthenticated.remove(proto)
+        self.refusals.refused(kind, address, proto.peer, reason)
+        proto.abort_unauthenticated()
+
+    def buildProtocol(self, addr):
         proto = SyslogServerProtocol(self, addr)
         self.connections.add(proto)
+        self.unauthenticated.add(proto, address_key(getattr(addr, "host", None)))
         return proto
 
+    def handshake_done(self, proto: SyslogServerProtocol, identity) -> None:
+        """``proto`` is authenticated (or about to be refused): off the pre-TLS budget."""
+        self.unauthenticated.remove(proto)
+        if identity is not None and identity.role == config.ROLE_WORKER:
+            self.unauthenticated.worker_seen(address_key(getattr(proto.addr, "host", None)))
+
+    # -- after TLS -------------------------------------------------------
+
     def admit(self, proto: SyslogServerProtocol) -> str | None:
-        """Count ``proto`` against its worker's cap; the refusal reason if over it."""
+        """Count ``proto`` against the caps of authenticated connections; the refusal if over."""
+        if len(self.authenticated) >= self.max_connections:
+            self.refused += 1
+            return f"{len(self.authenticated)} authenticated connections open (--max-connections)"
         mine = self.by_worker.setdefault(proto.worker, set())
         if len(mine) >= self.max_per_worker:
             self.refused += 1
@@ -394,6 +500,7 @@ class ListenerFactory(Factory):
                 "(--max-connections-per-worker)"
             )
         mine.add(proto)
+        self.authenticated.add(proto)
         return None
 
     def claim_stream(self, proto: SyslogServerProtocol) -> None:
@@ -410,6 +517,8 @@ class ListenerFactory(Factory):
 
     def forget(self, proto: SyslogServerProtocol) -> None:
         self.connections.discard(proto)
+        self.authenticated.discard(proto)
+        self.unauthenticated.remove(proto)
         if proto.worker is not None:
             mine = self.by_worker.get(proto.worker)
             if mine is not None:
@@ -424,3 +533,30 @@ class ListenerFactory(Factory):
         """Cut every live connection whose certificate was just revoked."""
         for proto in [p for p in self.connections if p.fingerprint in fingerprints]:
             proto.cut("its certificate was revoked")
+
+
+class PreTLSGate(Factory):
+    """The outermost factory of the listener's port: the pre-TLS budget, before any TLS state.
+
+    A refused connection is never built: ``buildProtocol`` returns ``None``
+    and the port closes the socket at once (no TLS object, no traceback, no
+    grace period) and goes on accepting, so a flood cannot fill the accept
+    queue in front of a worker.
+    """
+
+    noisy = False
+
+    def __init__(self, listener: ListenerFactory, tls_factory):
+        self.listener = listener
+        self.tls_factory = tls_factory
+
+    def startFactory(self):
+        self.tls_factory.doStart()
+
+    def stopFactory(self):
+        self.tls_factory.doStop()
+
+    def buildProtocol(self, addr):
+        if not self.listener.admit_unauthenticated(addr):
+            return None
+        return self.tls_factory.buildProtocol(addr)

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from decnet import config
 from decnet.daemon import TLSPortService
+from decnet.listener import admission, ingest
 from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import ListenerFactory
@@ -62,6 +63,11 @@ class ListenerService(MultiService):
         max_connections: int = config.DEFAULT_MAX_CONNECTIONS,
         max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
         idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
+        max_unauthenticated: int = admission.DEFAULT_MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_address: int = admission.DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+        handshake_timeout: float = admission.DEFAULT_HANDSHAKE_TIMEOUT,
+        max_streams_per_worker: int = ingest.DEFAULT_MAX_STREAMS_PER_WORKER,
+        max_open_streams: int = ingest.DEFAULT_MAX_OPEN_STREAMS,
         feed: bool = True,
         feed_encoders: int | None = None,
         sighup: bool = False,
@@ -69,8 +75,18 @@ class ListenerService(MultiService):
         super().__init__()
         self.sighup = sighup
         self.reactor = reactor
-        feeds = FeedProcess(reactor, ingest_dir, encoders=feed_encoders) if feed else None
-        self.ingest = Ingest(ingest_dir, reactor, feeds=feeds)
+        feeds = (
+            FeedProcess(reactor, ingest_dir, encoders=feed_encoders, max_open=max_open_streams)
+            if feed
+            else None
+        )
+        self.ingest = Ingest(
+            ingest_dir,
+            reactor,
+            feeds=feeds,
+            max_streams_per_worker=max_streams_per_worker,
+            max_open_streams=max_open_streams,
+        )
         self.factory = ListenerFactory(
             self.ingest,
             reactor,
@@ -78,6 +94,9 @@ class ListenerService(MultiService):
             max_connections=max_connections,
             max_per_worker=max_per_worker,
             idle_timeout=idle_timeout,
+            max_unauthenticated=max_unauthenticated,
+            max_unauthenticated_per_address=max_unauthenticated_per_address,
+            handshake_timeout=handshake_timeout,
         )
         self.revocations = revocations
         revocations.subscribe(self.factory.revoked)
@@ -91,6 +110,7 @@ class ListenerService(MultiService):
             self.factory,
             port_file=port_file,
             label="workers",
+            gate=self.factory.outside_tls,
         )
         self.port_service.setServiceParent(self)
         self.systemd = SystemdService(reactor)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -107,10 +108,23 @@ class Recovered:
     cut_index_bytes: int = 0
 
 
+def list_streams(directory: Path) -> set[str]:
+    """The streams that have files in a worker's ``directory`` (none if it is absent).  Blocking."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    return {name[: -len(".idx")] for name in names if name.endswith(".idx")}
+
+
 class StreamFiles:
     """The mirror and index of one (worker, stream), opened for appending.
 
-    Not thread-safe: the reactor side guarantees one call at a time.
+    After :meth:`open` (which recovers), :meth:`close` may be called at any
+    time to give the descriptors back: the next :meth:`commit` reopens the
+    files, after checking that they are still the very files it wrote
+    (same inode, same size).  Calls are serialised by a lock, so a close and
+    a commit queued in the thread pool at the same time are both safe.
     """
 
     def __init__(self, directory: Path, stream: str):
@@ -122,9 +136,21 @@ class StreamFiles:
         self.feed_pos_path = directory / f"{stream}.feed"
         self._mirror_fd: int | None = None
         self._index_fd: int | None = None
+        self._lock = threading.Lock()
+        # (inode, size) of the mirror and of the index as this object left them.
+        self._expected: tuple[tuple[int, int], tuple[int, int]] | None = None
+        self.reopens = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._mirror_fd is not None
 
     def open(self) -> Recovered:
         """Create or recover the stream; returns the durable state.  Blocking."""
+        with self._lock:
+            return self._open()
+
+    def _open(self) -> Recovered:
         created = not self.directory.exists()
         ensure_private_dir(self.directory)
         if created:
@@ -140,9 +166,35 @@ class StreamFiles:
         os.lseek(index_fd, 0, os.SEEK_END)
         os.lseek(mirror_fd, 0, os.SEEK_END)
         self._index_fd, self._mirror_fd = index_fd, mirror_fd
+        self._expected = (_identity(mirror_fd), _identity(index_fd))
         if created:
             fsync_dir(self.directory)
         return state
+
+    def _reopen(self) -> None:
+        if self._expected is None:
+            raise IngestCorrupt(f"{self.mirror_path} was never opened")
+        mirror_fd = _open(self.mirror_path, os.O_RDWR)
+        try:
+            index_fd = _open(self.index_path, os.O_RDWR)
+        except BaseException:
+            os.close(mirror_fd)
+            raise
+        found = (_identity(mirror_fd), _identity(index_fd))
+        if found != self._expected:
+            os.close(mirror_fd)
+            os.close(index_fd)
+            (m_ino, m_size), (i_ino, i_size) = self._expected
+            raise IngestCorrupt(
+                f"{self.mirror_path} or its index changed while the listener had them closed "
+                f"(expected inodes {m_ino}/{i_ino} of {m_size}/{i_size} bytes, found "
+                f"{found[0][0]}/{found[1][0]} of {found[0][1]}/{found[1][1]}); refusing to "
+                "append (move the stream's files away to start it afresh)"
+            )
+        os.lseek(index_fd, 0, os.SEEK_END)
+        os.lseek(mirror_fd, 0, os.SEEK_END)
+        self._index_fd, self._mirror_fd = index_fd, mirror_fd
+        self.reopens += 1
 
     def _recover(self, index_fd: int, mirror_fd: int) -> Recovered:
         size = os.fstat(index_fd).st_size
@@ -182,19 +234,31 @@ class StreamFiles:
         """Append ``data`` to the mirror and ``records`` to the index, durably.  Blocking.
 
         The mirror is made durable before the index record that covers it, so
-        an index record never points past what the mirror holds.
+        an index record never points past what the mirror holds.  Reopens the
+        files first if they were closed.
         """
-        if data:
-            _write_all(self._mirror_fd, data)
-            os.fsync(self._mirror_fd)
-        _write_all(self._index_fd, b"".join(pack_record(r) for r in records))
-        os.fsync(self._index_fd)
+        with self._lock:
+            if self._mirror_fd is None:
+                self._reopen()
+            if data:
+                _write_all(self._mirror_fd, data)
+                os.fsync(self._mirror_fd)
+            _write_all(self._index_fd, b"".join(pack_record(r) for r in records))
+            os.fsync(self._index_fd)
+            self._expected = (_identity(self._mirror_fd), _identity(self._index_fd))
 
     def close(self) -> None:
-        for fd in (self._mirror_fd, self._index_fd):
-            if fd is not None:
-                os.close(fd)
-        self._mirror_fd = self._index_fd = None
+        """Give the descriptors back (the next commit reopens them).  Blocking."""
+        with self._lock:
+            for fd in (self._mirror_fd, self._index_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._mirror_fd = self._index_fd = None
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_ino, st.st_size
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -9,7 +9,11 @@ from twisted.python import usage
 
 from decnet import config
 from decnet.errors import ConfigError, DecnetError
-from decnet.options import positive_float, positive_int
+from decnet.listener import admission, ingest
+from decnet.options import between, positive_float, positive_int
+
+# The longest handshake deadline accepted: beyond it, slow sockets are a budget leak again.
+MAX_HANDSHAKE_TIMEOUT = 300.0
 
 
 class Options(usage.Options):
@@ -26,13 +30,14 @@ class Options(usage.Options):
             None,
             "Endpoint string to listen on "
             f"[default: tcp:${config.ENV_SYSLOG_PORT} or {config.SYSLOG_PORT}"
-            f":interface={config.DEFAULT_LISTEN_INTERFACE}]",
+            f":interface={config.DEFAULT_LISTEN_INTERFACE}:backlog={admission.LISTEN_BACKLOG}]",
         ],
         [
             "home",
             None,
             None,
-            "Master state directory (CA, master identity, revocations) "
+            "Master state directory (the listener reads <home>/listener: CA certificate, "
+            "its identity, revocations) "
             f"[default: ${config.ENV_HOME} or {config.DEFAULT_HOME}]",
         ],
         ["ingest-dir", None, None, "Where mirrors and feeds go [default: <home>/ingest]"],
@@ -47,7 +52,7 @@ class Options(usage.Options):
             "max-connections",
             None,
             config.DEFAULT_MAX_CONNECTIONS,
-            "Connections open at once, all workers together",
+            "Authenticated connections open at once, all workers together",
             positive_int,
         ],
         [
@@ -58,11 +63,51 @@ class Options(usage.Options):
             positive_int,
         ],
         [
+            "max-unauthenticated",
+            None,
+            admission.DEFAULT_MAX_UNAUTHENTICATED,
+            "Connections still in their TLS handshake, all sources together; when full, "
+            "a new one evicts the oldest, sparing addresses workers recently authenticated from",
+            positive_int,
+        ],
+        [
+            "max-unauthenticated-per-address",
+            None,
+            admission.DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+            "Connections still in their TLS handshake from one source address "
+            "(IPv6: one /64); more are refused before TLS",
+            positive_int,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            admission.DEFAULT_HANDSHAKE_TIMEOUT,
+            "Seconds a connection gets for its whole TLS handshake "
+            f"(at most {MAX_HANDSHAKE_TIMEOUT:g})",
+            between(float, 1, MAX_HANDSHAKE_TIMEOUT),
+        ],
+        [
             "idle-timeout",
             None,
             config.DEFAULT_IDLE_TIMEOUT,
-            "Seconds a connection may stall before its handshake, HELLO, or mid-frame",
+            "Seconds an authenticated connection may stall before HELLO or mid-frame",
             positive_float,
+        ],
+        [
+            "max-streams-per-worker",
+            None,
+            ingest.DEFAULT_MAX_STREAMS_PER_WORKER,
+            "Streams one worker may have (those already on disk count; they stay usable); "
+            "a HELLO for one more gets ERROR",
+            positive_int,
+        ],
+        [
+            "max-open-streams",
+            None,
+            ingest.DEFAULT_MAX_OPEN_STREAMS,
+            "Streams whose files stay open at once, in the listener and in the feed process "
+            "(least recently used closed first, reopened when needed)",
+            positive_int,
         ],
         ["port-file", None, None, "Write the bound port number here once listening"],
         [
@@ -83,21 +128,32 @@ class Options(usage.Options):
             if self["listen"] is None:
                 self["listen"] = (
                     f"tcp:{config.syslog_port()}:interface={config.DEFAULT_LISTEN_INTERFACE}"
+                    f":backlog={admission.LISTEN_BACKLOG}"
                 )
             paths = config.MasterPaths.resolve(self["home"])
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
         self["paths"] = paths
         for path, what in (
-            (paths.master_cert, "master certificate"),
-            (paths.master_key, "master private key"),
-            (paths.ca_cert, "CA certificate"),
+            (paths.listener_cert, "listener certificate"),
+            (paths.listener_key, "listener private key"),
+            (paths.listener_ca_cert, "CA certificate"),
         ):
             if not path.is_file():
                 raise usage.UsageError(
                     f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
-                    "the listener needs the master identity)"
+                    "the listener needs its identity in <home>/listener)"
                 )
+        from decnet.tls import TLSIdentity
+
+        try:
+            # Its own key, never the master's: agents and updaters would obey that one.
+            # Loaded here so that an unreadable file is one line, not a traceback.
+            self["identity"] = TLSIdentity.load(
+                paths.listener_cert, paths.listener_key, paths.listener_ca_cert
+            )
+        except DecnetError as exc:
+            raise usage.UsageError(str(exc)) from None
         self["ingest-dir"] = (
             Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
         )
@@ -105,6 +161,11 @@ class Options(usage.Options):
             self["port-file"] = Path(self["port-file"]).absolute()
         if self["max-frame"] < 512:
             raise usage.UsageError("--max-frame must be at least 512 bytes")
+        if self["max-unauthenticated-per-address"] > self["max-unauthenticated"]:
+            raise usage.UsageError(
+                "--max-unauthenticated-per-address cannot exceed --max-unauthenticated "
+                f"({self['max-unauthenticated']})"
+            )
 
 
 def makeService(options: Options):
@@ -112,11 +173,10 @@ def makeService(options: Options):
 
     from decnet.listener.service import ListenerService, raise_nofile_limit
     from decnet.revocation import RevocationSet
-    from decnet.tls import TLSIdentity
 
     paths = options["paths"]
+    identity = options["identity"]
     try:
-        identity = TLSIdentity.master(paths)
         revocations = RevocationSet(paths.revocations)
     except DecnetError as exc:
         raise usage.UsageError(str(exc)) from None
@@ -132,6 +192,11 @@ def makeService(options: Options):
         max_connections=options["max-connections"],
         max_per_worker=options["max-connections-per-worker"],
         idle_timeout=options["idle-timeout"],
+        max_unauthenticated=options["max-unauthenticated"],
+        max_unauthenticated_per_address=options["max-unauthenticated-per-address"],
+        handshake_timeout=options["handshake-timeout"],
+        max_streams_per_worker=options["max-streams-per-worker"],
+        max_open_streams=options["max-open-streams"],
         feed=not options["no-feed"],
         feed_encoders=options["feed-encoders"],
         sighup=True,

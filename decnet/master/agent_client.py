@@ -8,12 +8,16 @@ the handshake of the very connection that carries the request
 (:class:`decnet.master.http.PinnedClient`).  A decommissioned or revoked host
 is refused before any connection is attempted.
 
-Errors are typed (:mod:`decnet.errors`): ``Unreachable``,
-``FingerprintMismatch``, ``PeerRefused``, ``RemoteError`` (with the agent's
-own problem list), ``HostDecommissioned``.
+Every reply is checked against its schema (:mod:`decnet.master.replies`)
+before it is returned, within one deadline per request and without following
+redirects (:mod:`decnet.master.http`).  Errors are typed (:mod:`decnet.errors`):
+``Unreachable``, ``FingerprintMismatch``, ``PeerRefused``, ``RemoteError``
+(with the agent's own problem list), ``BadReply``, ``HostDecommissioned``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import attrs
 from twisted.internet import defer
@@ -21,15 +25,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet import config
-from decnet.errors import DecnetError
+from decnet.errors import BadReply, DecnetError
+from decnet.master import replies
 from decnet.master.http import DEFAULT_TIMEOUT, client_for_host
 from decnet.master.registry import Host, Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
-# A deploy waits for every listener to be bound (and SSH host keys to be
-# generated on first use), so it gets a longer deadline than a probe.
-DEPLOY_TIMEOUT = 60.0
+DEPLOY_TIMEOUT = config.AGENT_DEPLOY_TIMEOUT
 
 
 class AgentClient:
@@ -44,6 +47,7 @@ class AgentClient:
         revocations: RevocationSet | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         persistent: bool = False,
+        clock=None,
     ):
         self.host = host
         self._http = client_for_host(
@@ -54,24 +58,29 @@ class AgentClient:
             revocations=revocations,
             timeout=timeout,
             persistent=persistent,
+            clock=clock,
         )
 
     async def health(self) -> dict:
         """``{"status", "host", "version", "release", "engine", "uptime"}``."""
-        return await self._http.call("GET", "health")
+        return await self._http.call("GET", "health", reply=replies.AGENT_HEALTH)
 
     async def status(self) -> dict:
         """The deployed spec, its hash, and per decky/service live state and counters."""
-        return await self._http.call("GET", "status")
+        return await self._http.call("GET", "status", reply=replies.AGENT_STATUS)
 
     async def deploy(self, spec: dict, timeout: float = DEPLOY_TIMEOUT) -> dict:
         """Send a spec; returns per-service results once listeners are bound."""
-        return await self._http.call("POST", "deploy", json=spec, timeout=timeout)
+        return await self._http.call(
+            "POST", "deploy", json=spec, timeout=timeout, reply=replies.AGENT_APPLY
+        )
 
     async def teardown(self, decky: str | None = None, timeout: float = DEPLOY_TIMEOUT) -> dict:
         """Stop ``decky`` (everything when ``None``); ``RemoteError`` 404 if it is unknown."""
         body = {"decky": decky} if decky is not None else {}
-        return await self._http.call("POST", "teardown", json=body, timeout=timeout)
+        return await self._http.call(
+            "POST", "teardown", json=body, timeout=timeout, reply=replies.AGENT_APPLY
+        )
 
     async def close(self) -> None:
         await self._http.close()
@@ -87,6 +96,7 @@ class HealthResult:
     status: str  # the registry status recorded for the host
     detail: str
     health: dict = attrs.field(factory=dict)
+    bad_reply: bool = False  # it answered, but not with a valid /health
 
     def as_dict(self) -> dict:
         return attrs.asdict(self)
@@ -103,10 +113,12 @@ async def check_host(reactor, identity, host: Host, revocations=None, timeout=DE
             health = await client.health()
         finally:
             await client.close()
+    except BadReply as exc:
+        return HealthResult(host.name, host.address, False, "unreachable", str(exc), bad_reply=True)
     except DecnetError as exc:  # Unreachable, PeerRefused, RemoteError, HostDecommissioned
         return HealthResult(host.name, host.address, False, "unreachable", str(exc))
-    ok = health.get("status") == "ok"
-    detail = "ok" if ok else f"agent reports status {health.get('status')!r}"
+    ok = health["status"] == "ok"
+    detail = "ok" if ok else f"agent reports status {health['status']!r}"
     return HealthResult(
         host.name, host.address, ok, "active" if ok else "unreachable", detail, health
     )
@@ -120,19 +132,28 @@ async def check_hosts(
     *,
     revocations: RevocationSet | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    arrived: Callable[[HealthResult], None] = lambda result: None,
 ) -> list[HealthResult]:
-    """Probe every host concurrently and record each one's status in the registry."""
-    probes = [
-        defer.ensureDeferred(check_host(reactor, identity, h, revocations, timeout)) for h in hosts
-    ]
-    outcomes = await defer.DeferredList(probes, consumeErrors=True)
-    results: list[HealthResult] = []
-    for host, (ok, value) in zip(hosts, outcomes, strict=True):
-        if not ok:
-            log.failure("Health check of {host} crashed", value, host=host.name)
-            value = HealthResult(host.name, host.address, False, "unreachable", "internal error")
-        results.append(value)
+    """Probe every host concurrently and record each one's status in the registry.
+
+    ``arrived(result)`` is called for each host as soon as its probe ends, so a
+    caller can show it at once; a slow host (bounded by ``timeout``) never holds
+    back another's result.  Returns the results in the order of ``hosts``.
+    """
+
+    async def probe(host: Host) -> HealthResult:
+        try:
+            result = await check_host(reactor, identity, host, revocations, timeout)
+        except Exception:
+            log.failure("Health check of {host} crashed", host=host.name)
+            result = HealthResult(host.name, host.address, False, "unreachable", "internal error")
+        arrived(result)
+        return result
+
+    results = await defer.gatherResults(
+        [defer.ensureDeferred(probe(h)) for h in hosts], consumeErrors=True
+    )
     pool = reactor.getThreadPool()
     for result in results:
         await deferToThreadPool(reactor, pool, registry.set_status, result.name, result.status)
-    return results
+    return list(results)

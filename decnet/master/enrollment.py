@@ -9,15 +9,20 @@ neither does.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
 from decnet import config, pki, revocation
-from decnet.errors import HostDecommissioned, ValidationError
-from decnet.fsutil import atomic_write, ensure_private_dir, locked, write_new_file
+from decnet.errors import ValidationError
+from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, write_new_file
 from decnet.master.registry import Host, Registry, utc_now_iso
+
+LISTENER_DIR_MODE = 0o750
+LISTENER_KEY_MODE = 0o640
 
 
 @attrs.frozen
@@ -27,6 +32,7 @@ class MasterState:
     paths: config.MasterPaths
     ca: pki.CertificateAuthority
     master_cert_fingerprint: str
+    listener_cert_fingerprint: str
     settings: dict
 
     @property
@@ -44,8 +50,9 @@ def init_master(
     """Create (or load) the CA and the master identity.  Idempotent.
 
     ``master_host`` is the address workers use to reach the listener; it and
-    ``addresses`` become SANs of the master certificate.  On a second run the
-    existing CA and identity are kept; ``master_host`` is updated if given.
+    ``addresses`` become SANs of the master and listener certificates.  On a
+    second run the existing CA and identities are kept; ``master_host`` is
+    updated if given, and a home made before ``listener/`` existed gets it.
     """
     problems = []
     for value in (master_host, *addresses):
@@ -55,14 +62,14 @@ def init_master(
             problems.extend(exc.problems)
     if problems:
         raise ValidationError(problems)
-    ensure_private_dir(paths.home)
+    _ensure_home(paths.home)
     ca = pki.ensure_ca(paths.ca_dir)
+    sans = [master_host, *addresses]
     ensure_private_dir(paths.master_dir)
     with locked(paths.master_dir / ".lock"):
         if not (paths.master_cert.exists() and paths.master_key.exists()):
             for leftover in (paths.master_cert, paths.master_key):
                 leftover.unlink(missing_ok=True)
-            sans = [master_host, *addresses]
             leaf = pki.issue_leaf(ca, config.ROLE_MASTER, addresses=sans, key_type=key_type)
             write_new_file(paths.master_key, pki.key_pem(leaf.key), 0o600)
             write_new_file(paths.master_cert, pki.cert_pem(leaf.cert))
@@ -70,8 +77,65 @@ def init_master(
         if settings.get("master_host") != master_host:
             settings["master_host"] = master_host
             atomic_write(paths.master_config, (json.dumps(settings, indent=2) + "\n").encode())
+    _ensure_listener(paths, ca, sans, key_type)
     Registry(paths.registry)  # create and migrate
     return load_master(paths)
+
+
+def _ensure_home(home: Path) -> None:
+    """``home`` is 0700, or 0710 where the operator made it exactly that.
+
+    On a real master the operator creates it 0710 with group ``decnet-listener``,
+    so the listener reaches ``listener/`` and ``ingest/`` by name and can list or
+    read nothing else (docs/Operations.md).  Any other mode is tightened to 0700.
+    """
+    home.mkdir(mode=stat.S_IRWXU, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(home.stat().st_mode)
+    if mode not in (stat.S_IRWXU, stat.S_IRWXU | stat.S_IXGRP):
+        os.chmod(home, stat.S_IRWXU)
+
+
+def _ensure_listener(
+    paths: config.MasterPaths, ca: pki.CertificateAuthority, sans: Sequence[str], key_type: str
+) -> None:
+    """``listener/``: a copy of the CA certificate, the listener's own identity, revocations.
+
+    The listener's key is its own (role ``master``, pinned by the forwarders as
+    ``listener_fingerprint``), so it can never act as ``decnet-admin`` towards
+    an agent or updater, which pin the master's key.  A new directory is 0750;
+    an existing one keeps its group and setgid bit (docs/Operations.md), which is
+    what makes the files below readable by ``decnet-listener``.
+    """
+    directory = paths.listener_dir
+    try:
+        directory.mkdir(mode=LISTENER_DIR_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(directory, LISTENER_DIR_MODE)  # whatever the umask
+    with locked(directory / ".lock"):
+        # The revocation list moves first: a listener that finds its identity
+        # always finds the list with it.
+        legacy = paths.legacy_revocations
+        if legacy.exists():
+            revocation.add_entries(paths.revocations, revocation.read_entries(legacy))
+            legacy.unlink()
+            fsync_dir(paths.home)
+        ca_pem = pki.cert_pem(ca.cert)
+        copy = paths.listener_ca_cert
+        if not (copy.is_file() and copy.read_bytes() == ca_pem):
+            atomic_write(copy, ca_pem)
+            os.chmod(copy, 0o644)
+        if not (paths.listener_cert.exists() and paths.listener_key.exists()):
+            for leftover in (paths.listener_cert, paths.listener_key):
+                leftover.unlink(missing_ok=True)
+            leaf = pki.issue_leaf(ca, config.ROLE_MASTER, addresses=sans, key_type=key_type)
+            write_new_file(paths.listener_key, pki.key_pem(leaf.key), 0o600)
+            # Group-readable only once complete; the group is decnet-listener's.
+            os.chmod(paths.listener_key, LISTENER_KEY_MODE)
+            write_new_file(paths.listener_cert, pki.cert_pem(leaf.cert))
+            os.chmod(paths.listener_cert, 0o644)
+            fsync_dir(directory)
 
 
 def _read_settings(paths: config.MasterPaths) -> dict:
@@ -85,12 +149,17 @@ def load_master(paths: config.MasterPaths) -> MasterState:
     """Load what ``init`` created; :class:`MissingFileError` names what is absent."""
     ca = pki.load_ca(paths.ca_dir)
     master_cert = pki.load_cert(paths.master_cert, "master certificate (run `decnet-admin init`)")
+    listener_cert = pki.load_cert(
+        paths.listener_cert,
+        "listener certificate (run `decnet-admin init`; it also upgrades an older home)",
+    )
     settings = _read_settings(paths)
     settings.setdefault("master_host", "127.0.0.1")
     return MasterState(
         paths=paths,
         ca=ca,
         master_cert_fingerprint=pki.fingerprint(master_cert),
+        listener_cert_fingerprint=pki.fingerprint(listener_cert),
         settings=settings,
     )
 
@@ -165,6 +234,7 @@ def enroll(
         "master_host": master_host or master.master_host,
         "syslog_port": syslog_port or config.syslog_port(),
         "master_fingerprint": master.master_cert_fingerprint,
+        "listener_fingerprint": master.listener_cert_fingerprint,
         "ca_fingerprint": master.ca.fingerprint,
     }
     files[config.BUNDLE_CONFIG] = (json.dumps(settings, indent=2) + "\n").encode()
@@ -178,37 +248,74 @@ def enroll(
         updater_fingerprint=updater_fp,
         enrolled_at=utc_now_iso(),
     )
-    registry.add(host)  # refuses duplicates before anything is on disk
-    try:
-        pki.write_bundle(
-            out_dir, files, private={config.BUNDLE_WORKER_KEY, config.BUNDLE_UPDATER_KEY}
-        )
-    except BaseException:
-        registry.remove(name)
-        raise
+    # Under the registry lock, so that undoing a failed bundle write can never
+    # delete a row another process has changed (decommissioned) meanwhile.
+    with registry.lock():
+        registry.add(host)  # refuses duplicates before anything is on disk
+        try:
+            pki.write_bundle(
+                out_dir, files, private={config.BUNDLE_WORKER_KEY, config.BUNDLE_UPDATER_KEY}
+            )
+        except BaseException:
+            registry.remove(name)
+            raise
     return Enrollment(host=host, bundle_dir=out_dir)
 
 
-def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Host:
-    """Mark ``name`` decommissioned and revoke its worker and updater certificates."""
-    registry = registry or Registry(master.paths.registry)
-    host = registry.get(name)
-    if host.decommissioned:
-        raise HostDecommissioned(f"{name!r} was already decommissioned at {host.revoked_at}")
-    when = utc_now_iso()
+@attrs.frozen
+class Decommission:
+    """What ``decommission`` did: ``already`` when the host was decommissioned before,
+    ``restored`` the revocation entries that were missing and have been written again."""
+
+    host: Host
+    already: bool
+    entries: tuple[dict, ...]
+    restored: tuple[dict, ...]
+
+
+def revocation_entries(host: Host, when: str) -> list[dict]:
+    """The revocation entries of ``host``'s worker and (if any) updater certificates."""
     entries = [
-        {"fingerprint": host.worker_fingerprint, "cn": name, "role": "worker", "revoked_at": when}
+        {
+            "fingerprint": host.worker_fingerprint,
+            "cn": host.name,
+            "role": "worker",
+            "revoked_at": when,
+        }
     ]
     if host.updater_fingerprint:
         entries.append(
             {
                 "fingerprint": host.updater_fingerprint,
-                "cn": config.UPDATER_CN_PREFIX + name,
+                "cn": config.UPDATER_CN_PREFIX + host.name,
                 "role": "updater",
                 "revoked_at": when,
             }
         )
-    # Revoke first: if we crash before the registry update, the certificates
-    # are already refused everywhere and a second decommission completes it.
-    revocation.add_entries(master.paths.revocations, entries)
-    return registry.decommission(name, when)
+    return entries
+
+
+def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Decommission:
+    """Mark ``name`` decommissioned and revoke its worker and updater certificates.
+
+    Idempotent: for a host that is already decommissioned it re-asserts the
+    revocation entries, which repairs one that an interrupted or racing run
+    lost (``restored`` says which).  The whole read-decide-write runs under the
+    registry's lock; ``revoked.json`` has its own lock inside it.
+    """
+    registry = registry or Registry(master.paths.registry)
+    with registry.lock():
+        host = registry.get(name)
+        already = host.decommissioned
+        entries = revocation_entries(host, host.revoked_at or utc_now_iso())
+        # Revoke first: if we crash before the registry update, the certificates
+        # are already refused everywhere and a second decommission completes it.
+        added = revocation.add_entries(master.paths.revocations, entries)
+        if not already:
+            host = registry.decommission(name, entries[0]["revoked_at"])
+    return Decommission(
+        host=host,
+        already=already,
+        entries=tuple(entries),
+        restored=tuple(added) if already else (),
+    )

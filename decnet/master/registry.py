@@ -6,6 +6,11 @@ safe from any thread, and the file uses WAL so readers never wait for a writer.
 
 Schema migrations are a list indexed by ``PRAGMA user_version``; opening a
 database applies whatever steps it has not seen yet, in one transaction each.
+
+Single statements are atomic in SQLite.  A decision that reads a row and then
+writes (``decommission``: read the host, revoke its certificates, mark it) is
+not, across processes: such callers hold :meth:`Registry.lock`, an ``flock``
+on ``.registry.sqlite.lock`` next to the database.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import attrs
 
 from decnet.errors import DuplicateHost, RegistryError, UnknownHost
+from decnet.fsutil import lock_path_for, locked
 
 STATUSES = ("enrolled", "active", "unreachable", "decommissioned")
 
@@ -86,6 +92,13 @@ class Registry:
         self.path = Path(path)
         with self._connect() as db:
             self._migrate(db)
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """An exclusive ``flock`` for a read-modify-write spanning several calls.
+
+        Blocks until every other process holding it is done.  Not reentrant.
+        """
+        return locked(lock_path_for(self.path))
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

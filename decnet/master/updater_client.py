@@ -5,7 +5,8 @@ Built on :class:`~decnet.master.http.PinnedClient`: the peer must be
 enrollment, checked in the verify callback of the connection that carries the
 request.  A host enrolled without an updater has no pin, and the client refuses
 to exist (fail closed).  Tarballs are streamed from their file, never read into
-memory.
+memory.  Every reply is checked against its schema (:mod:`decnet.master.replies`)
+within one deadline per request, and no redirect is followed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.internet import task
 
 from decnet import config
 from decnet.errors import DecnetError, Unreachable
+from decnet.master import replies
 from decnet.master.http import client_for_host
 from decnet.master.registry import Host
 from decnet.master.tar_tree import ReleaseArchive
@@ -33,6 +35,7 @@ class UpdaterClient:
         *,
         timeout: float = config.DEFAULT_UPDATE_TIMEOUT,
         revocations=None,
+        clock=None,
     ):
         self.reactor = reactor
         self.host = host
@@ -44,15 +47,18 @@ class UpdaterClient:
             config.ROLE_UPDATER,
             revocations=revocations,
             timeout=timeout,
+            clock=clock,
         )
 
     async def health(self, timeout: float = HEALTH_TIMEOUT) -> dict:
-        return await self.http.call("GET", "health", timeout=timeout)
+        return await self.http.call("GET", "health", timeout=timeout, reply=replies.UPDATER_HEALTH)
 
-    async def releases(self) -> dict:
-        return await self.http.call("GET", "releases", timeout=HEALTH_TIMEOUT * 3)
+    async def releases(self, timeout: float = config.RELEASES_TIMEOUT) -> dict:
+        return await self.http.call("GET", "releases", timeout=timeout, reply=replies.RELEASES)
 
-    async def _push(self, route: str, archive: ReleaseArchive, timeout: float | None) -> dict:
+    async def _push(
+        self, route: str, archive: ReleaseArchive, timeout: float | None, reply
+    ) -> dict:
         with archive.open() as body:
             return await self.http.call(
                 "POST",
@@ -61,19 +67,22 @@ class UpdaterClient:
                 headers={"content-type": ["application/gzip"]},
                 query={"sha256": archive.sha256},
                 timeout=timeout or self.timeout,
+                reply=reply,
             )
 
     async def update(self, archive: ReleaseArchive, timeout: float | None = None) -> dict:
         """Push and activate a release; ``RemoteError`` carries a rolled-back/failed body."""
-        return await self._push("update", archive, timeout)
+        return await self._push("update", archive, timeout, replies.UPDATE)
 
     async def update_self(self, archive: ReleaseArchive, timeout: float | None = None) -> dict:
         """Push the updater's own next release; it answers, then restarts onto it."""
-        return await self._push("update-self", archive, timeout)
+        return await self._push("update-self", archive, timeout, replies.UPDATE_SELF)
 
     async def rollback(self, to: str | None = None, timeout: float | None = None) -> dict:
         query = {"to": to} if to else None
-        return await self.http.call("POST", "rollback", query=query, timeout=timeout)
+        return await self.http.call(
+            "POST", "rollback", query=query, timeout=timeout, reply=replies.ROLLBACK
+        )
 
     async def wait_for_release(
         self, release: str, timeout: float = config.DEFAULT_SELF_UPDATE_WAIT, interval=0.5
@@ -93,9 +102,9 @@ class UpdaterClient:
             except DecnetError as exc:
                 last = str(exc)
             else:
-                if doc.get("status") == "ok" and doc.get("release") == release:
+                if doc["status"] == "ok" and doc.get("release") == release:
                     return doc
-                last = f"status {doc.get('status')!r}, release {doc.get('release')!r}"
+                last = f"status {doc['status']!r}, release {doc.get('release')!r}"
             await task.deferLater(self.reactor, interval, lambda: None)
 
     async def close(self) -> None:

@@ -6,9 +6,12 @@ Two timers on the injected clock:
   master's JSON feeds (``<master>/ingest/<worker>/decnet.jsonl``) are read in
   the thread pool and printed, one line each (:func:`decnet.sandbox.view.event_line`);
 * every :data:`~decnet.config.SANDBOX_HOSTS_POLL` seconds each agent is asked
-  for ``/health`` and ``/status`` (AgentClient, persistent mTLS connections),
-  and the log lag is measured (the worker's decoy log against the master's
-  mirror).  The table is printed again when something in it changes, or after
+  for ``/health`` and ``/status`` (AgentClient, persistent mTLS connections,
+  one deadline per request), and the log lag is measured (the worker's decoy
+  log against the master's mirror).  Each worker's row is updated as its answer
+  arrives: a worker that stalls keeps its last row (``waiting`` before its
+  first answer) until its deadline, and never holds back the others.  The
+  table is printed again when something in it changes, or after
   :data:`~decnet.config.SANDBOX_TABLE_EVERY` seconds if events scrolled it away.
 """
 
@@ -27,46 +30,52 @@ from decnet.master.registry import Registry
 from decnet.sandbox import feeds, view
 
 
-async def host_rows(reactor, identity, layout, workers: dict, clients: dict, pool):
-    """One :class:`~decnet.sandbox.view.HostRow` per worker of ``sandbox.json``.
+def read_hosts(layout, workers: dict) -> tuple[dict, dict]:
+    """The registry's hosts by name, and each worker's (decoy log, mirror) sizes (blocking)."""
+    hosts = {h.name: h for h in Registry(layout.master.registry).list()}
+    sizes = feeds.sizes(
+        {name: (Path(info["decoy_log"]), layout.mirror(name)) for name, info in workers.items()}
+    )
+    return hosts, sizes
+
+
+async def host_row(
+    reactor, identity, name: str, info: dict, host, lag: int, clients: dict
+) -> view.HostRow:
+    """Ask one worker's agent for ``/health`` and ``/status``; never raises for its failures.
 
     ``clients`` caches one AgentClient per worker between calls (the caller closes them).
     """
-    registry = Registry(layout.master.registry)
-
-    def read():
-        hosts = {h.name: h for h in registry.list()}
-        sizes = feeds.sizes(
-            {name: (Path(info["decoy_log"]), layout.mirror(name)) for name, info in workers.items()}
+    if host is None:
+        return view.HostRow(name, info["address"], "DOWN", lag=lag, detail="not enrolled")
+    if host.decommissioned:
+        old = clients.pop(name, None)
+        if old is not None:
+            await old.close()
+        return view.HostRow(name, host.address, "decommissioned", lag=lag)
+    client = clients.get(name)
+    if client is None:
+        client = clients[name] = AgentClient(
+            reactor, identity, host, timeout=config.SANDBOX_AGENT_TIMEOUT, persistent=True
         )
-        return hosts, sizes
+    try:
+        health = await client.health()
+        status = await client.status()
+    except DecnetError as exc:
+        return view.row_from_status(name, host.address, None, None, lag, str(exc))
+    return view.row_from_status(name, host.address, health, status, lag)
 
-    hosts, sizes = await deferToThreadPool(reactor, pool, read)
 
-    async def one(name: str, info: dict) -> view.HostRow:
-        lag = view.log_lag(*sizes[name])
-        host = hosts.get(name)
-        if host is None:
-            return view.HostRow(name, info["address"], "DOWN", lag=lag, detail="not enrolled")
-        if host.decommissioned:
-            old = clients.pop(name, None)
-            if old is not None:
-                await old.close()
-            return view.HostRow(name, host.address, "decommissioned", lag=lag)
-        client = clients.get(name)
-        if client is None:
-            client = clients[name] = AgentClient(
-                reactor, identity, host, timeout=5.0, persistent=True
-            )
-        try:
-            health = await client.health()
-            status = await client.status()
-        except DecnetError as exc:
-            return view.row_from_status(name, host.address, None, None, lag, str(exc))
-        return view.row_from_status(name, host.address, health, status, lag)
-
+async def host_rows(reactor, identity, layout, workers: dict, clients: dict, pool):
+    """One :class:`~decnet.sandbox.view.HostRow` per worker of ``sandbox.json`` (all at once)."""
+    hosts, sizes = await deferToThreadPool(reactor, pool, read_hosts, layout, workers)
     rows = await defer.gatherResults(
-        [defer.ensureDeferred(one(n, i)) for n, i in sorted(workers.items())],
+        [
+            defer.ensureDeferred(
+                host_row(reactor, identity, n, i, hosts.get(n), view.log_lag(*sizes[n]), clients)
+            )
+            for n, i in sorted(workers.items())
+        ],
         consumeErrors=True,
     )
     return list(rows)
@@ -93,6 +102,10 @@ class LiveView:
         self.last_lags: tuple = ()
         self._loops: list[task.LoopingCall] = []
         self.header_printed = False
+        self.rows: dict[str, view.HostRow] = {}
+        self.probing: set[str] = set()
+        self.pending_table = None
+        self.stopped = False
 
     def start(self) -> defer.Deferred:
         d = deferToThreadPool(self.reactor, self.pool, self.tail.skip_to_end)
@@ -112,6 +125,9 @@ class LiveView:
             self._loops.append(loop)
 
     def stop(self) -> None:
+        self.stopped = True
+        if self.pending_table is not None and self.pending_table.active():
+            self.pending_table.cancel()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -121,13 +137,51 @@ class LiveView:
         self.clients = {}
 
     async def poll_hosts(self) -> None:
+        """Start a probe of every worker that is not still being probed; do not wait for them.
+
+        Each answer updates that worker's row as it arrives, so a worker that
+        stalls (until its deadline) never holds back the rows of the others.
+        """
         try:
-            rows = await host_rows(
-                self.reactor, self.identity, self.layout, self.workers, self.clients, self.pool
+            hosts, sizes = await deferToThreadPool(
+                self.reactor, self.pool, read_hosts, self.layout, self.workers
             )
         except Exception:
-            self.log.failure("Cannot poll the workers")
+            self.log.failure("Cannot read the registry or the workers' logs")
             return
+        for name, info in sorted(self.workers.items()):
+            if name in self.probing:
+                continue  # the last probe has not ended yet (it will, by its deadline)
+            self.probing.add(name)
+            lag = view.log_lag(*sizes[name])
+            probe = defer.ensureDeferred(
+                host_row(
+                    self.reactor, self.identity, name, info, hosts.get(name), lag, self.clients
+                )
+            )
+            probe.addCallback(self.arrived)
+            probe.addErrback(
+                lambda f, name=name: self.log.failure("Cannot poll {worker}", f, worker=name)
+            )
+            probe.addBoth(lambda _, name=name: self.probing.discard(name))
+
+    def arrived(self, row: view.HostRow) -> None:
+        """A worker answered (or failed): show the table soon if it changed."""
+        if self.stopped:
+            return
+        self.rows[row.worker] = row
+        if self.pending_table is None or not self.pending_table.active():
+            # Rows that arrive together (the usual case) make one table, not one each.
+            self.pending_table = self.reactor.callLater(config.SANDBOX_TABLE_SETTLE, self.show)
+
+    def current_rows(self) -> list[view.HostRow]:
+        return [
+            self.rows.get(name) or view.HostRow(name, info["address"], "waiting")
+            for name, info in sorted(self.workers.items())
+        ]
+
+    def show(self) -> None:
+        rows = self.current_rows()
         if self.table_due(rows, self.reactor.seconds()):
             self.say("")
             self.say(view.host_table(rows))

@@ -32,6 +32,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet import config, pki
+from decnet.cli import output
 from decnet.errors import DecnetError, SandboxError
 from decnet.master import tar_tree, wheelhouse
 from decnet.master.agent_client import AgentClient
@@ -60,8 +61,7 @@ class Console:
         if self.broken:
             return
         try:
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            output.text(text, self.stream)  # worker-supplied text is escaped, like decnet-admin's
         except (OSError, ValueError):
             self.broken = True
 

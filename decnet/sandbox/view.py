@@ -4,10 +4,11 @@ Everything here turns data into text and is tested without a reactor.  The
 output is plain lines, no cursor movement or colours, so that it reads the same
 in a terminal, a terminal recorder and a CI log.
 
-Event text comes from attackers.  The decoys already escape what they log
-(``docs/Deckies.md``), but the feed could hold anything a worker sent, so every
-value is made printable again here before it reaches a terminal: an escape
-sequence in a user name must never repaint the screen.
+Event text comes from attackers, and agent replies from workers that may be
+compromised.  The decoys already escape what they log (``docs/Deckies.md``), but
+the feed could hold anything a worker sent, so every value goes through the one
+escaping function of the output layer (:mod:`decnet.cli.output`) before it
+reaches a terminal: an escape sequence in a user name must never repaint the screen.
 """
 
 from __future__ import annotations
@@ -34,22 +35,8 @@ EVENT_WIDTHS = (12, 6, 10, 10, 10)
 HOST_HEADERS = ("WORKER", "ADDRESS", "AGENT", "RELEASE", "DECKIES", "LISTENING", "LOG LAG")
 
 
-def printable(text: str, limit: int = VALUE_WIDTH) -> str:
-    """``text`` with every non-printable character escaped, cut to ``limit`` characters."""
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x100:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
-    text = "".join(out)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _value(text: str) -> str:
-    shown = printable(text)
+    shown = output.printable(text, VALUE_WIDTH)
     if shown == "" or any(c in shown for c in ' "='):
         shown = '"' + shown.replace('"', '\\"') + '"'
     return shown
@@ -79,11 +66,11 @@ def event_details(entry: dict) -> str:
     prefix = ""
     if kind == "login":  # "form: user=admin password=admin -> refused"
         how = params.get("method") or params.get("mechanism")
-        prefix = f"{printable(how)}: " if how else ""
+        prefix = f"{output.printable(how, VALUE_WIDTH)}: " if how else ""
         names = tuple(n for n in names if n not in ("method", "mechanism"))
     words = [f"{name}={_value(params[name])}" for name in names if name in params]
     if kind == "login" and params.get("result"):
-        words.append(f"-> {printable(params['result'])}")
+        words.append(f"-> {output.printable(params['result'], VALUE_WIDTH)}")
     return prefix + " ".join(words)
 
 
@@ -94,13 +81,15 @@ def clock_time(timestamp: str | None) -> str:
     try:
         moment = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     except ValueError:
-        return printable(timestamp, 12)
+        return output.printable(timestamp, 12)
     moment = moment.astimezone(datetime.UTC)
     return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
 
 
 def _row(cells) -> str:
-    padded = [printable(str(c), w).ljust(w) for c, w in zip(cells, EVENT_WIDTHS, strict=False)]
+    padded = [
+        output.printable(str(c), w).ljust(w) for c, w in zip(cells, EVENT_WIDTHS, strict=False)
+    ]
     return "  ".join([*padded, *cells[len(EVENT_WIDTHS) :]]).rstrip()
 
 
@@ -112,7 +101,7 @@ def event_line(entry: dict) -> str:
     """One feed entry as one line: time, source worker (the certificate), decky, service, …"""
     worker = entry.get("source_worker") or "?"
     if not entry.get("parsed", True):
-        raw = printable(str(entry.get("raw", "")), 80)
+        raw = output.printable(str(entry.get("raw", "")), 80)
         return _row((clock_time(entry.get("received_at")), worker, "?", "?", "unparsed", raw))
     return _row(
         (
@@ -121,7 +110,7 @@ def event_line(entry: dict) -> str:
             entry.get("hostname") or "-",
             entry.get("app_name") or "-",
             entry.get("msgid") or "-",
-            printable(event_details(entry), DETAILS_WIDTH),
+            output.printable(event_details(entry), DETAILS_WIDTH),
         )
     )
 
@@ -172,7 +161,7 @@ def host_table(rows: list[HostRow]) -> str:
             (
                 r.worker,
                 r.address,
-                printable(agent, 60),
+                output.printable(agent, 60),
                 r.release or "-",
                 "-" if r.deckies is None else r.deckies,
                 listening,
@@ -226,7 +215,7 @@ def deploy_summary(worker: str, spec: dict, result: dict) -> list[str]:
         for s in decky["services"]:
             name = s.get("name", s["type"])
             state = result.get("deckies", {}).get(decky["name"], {}).get(name, {}).get("state")
-            mark = "" if state == "listening" else f" ({state or '?'})"
+            mark = "" if state == "listening" else f" ({output.printable(str(state or '?'), 40)})"
             services.append(f"{name}:{s['port']}{mark}")
         head = worker if i == 0 else ""
         lines.append(

@@ -12,6 +12,9 @@ HELLO      F → L      ``H 1 <stream>``: protocol version, stream name
 RESUME     L → F      ``R <offset>``: the stream's durable high-water mark
 DATA       F → L      ``D <start> <end> <lines>``: whole lines that span
                       stream offsets ``[start, end)``
+GAP        F → L      ``G <start> <end>``: stream offsets ``[start, end)``
+                      are gone on the worker (a rotated file was deleted
+                      or compressed before it was shipped)
 ACK        L → F      ``A <offset>``: everything below is durable
 ERROR      L → F      ``E <reason>``: sent before the listener closes
 =========  =========  ==================================================
@@ -27,7 +30,7 @@ from decnet.errors import DecnetError
 
 VERSION = 1
 MAX_OFFSET = 2**63 - 1
-STREAM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+STREAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 class ProtocolError(DecnetError):
@@ -53,6 +56,12 @@ class Data:
 
 
 @attrs.frozen
+class Gap:
+    start: int
+    end: int
+
+
+@attrs.frozen
 class Ack:
     offset: int
 
@@ -62,12 +71,12 @@ class Error:
     reason: str
 
 
-Message = Hello | Resume | Data | Ack | Error
+Message = Hello | Resume | Data | Gap | Ack | Error
 
 
 def validate_stream_name(name: str) -> str:
     """Stream names are file names under the ingest dir: lowercase, no slashes, ≤ 64."""
-    if not isinstance(name, str) or not STREAM_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not STREAM_NAME_RE.fullmatch(name) or ".." in name:
         raise ProtocolError(
             f"invalid stream name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-'"
         )
@@ -89,6 +98,10 @@ def data_header(start: int, end: int) -> bytes:
 
 def encode_data(start: int, end: int, payload: bytes) -> bytes:
     return data_header(start, end) + payload
+
+
+def encode_gap(start: int, end: int) -> bytes:
+    return b"G %d %d" % (start, end)
 
 
 def encode_ack(offset: int) -> bytes:
@@ -124,6 +137,14 @@ def decode(frame: bytes) -> Message:
         if not payload or payload[-1:] != b"\n":
             raise ProtocolError("DATA payload must be whole lines ending in LF")
         return Data(start, end, payload)
+    if kind == b"G ":
+        parts = frame[2:].split(b" ")
+        if len(parts) != 2:
+            raise ProtocolError("GAP must be 'G <start> <end>'")
+        start, end = _number(parts[0], "GAP start"), _number(parts[1], "GAP end")
+        if end <= start:
+            raise ProtocolError(f"GAP end {end} is not after start {start}")
+        return Gap(start, end)
     if kind == b"A ":
         return Ack(_number(frame[2:], "ACK offset"))
     if kind == b"R ":

@@ -76,7 +76,7 @@ _HEADER = re.compile(
 )
 _TIMESTAMP = re.compile(
     r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    r"T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)\Z"
+    r"T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
 )
 # SD-NAME: 1*32 PRINTUSASCII except '=', SP, ']' and '"'.
 _NAME = rb"[!#-<>-\\^-~]{1,32}"
@@ -102,7 +102,7 @@ def parse(line: bytes) -> SyslogMessage:
         raise ParseError(f"invalid PRI {m.group(1).decode()!r}")
     fields = m.groups()[2:]
     ts = _text(fields[0])
-    if ts is not None and not _TIMESTAMP.match(ts):
+    if ts is not None and not _TIMESTAMP.fullmatch(ts):
         raise ParseError(f"invalid TIMESTAMP {ts[:40]!r}")
     sd, pos = parse_structured_data(line, m.end())
     msg: bytes | None = None
@@ -240,7 +240,7 @@ def format_message(
         raise ValueError("facility must be 0-23 and severity 0-7")
     if not 1 <= version <= 999:
         raise ValueError("VERSION must be 1-999")
-    if timestamp is not None and not _TIMESTAMP.match(timestamp):
+    if timestamp is not None and not _TIMESTAMP.fullmatch(timestamp):
         raise ValueError(f"TIMESTAMP must be RFC 3339: {timestamp!r}")
     head = b"<%d>%d %s %s %s %s %s %s" % (
         facility * 8 + severity,

@@ -12,7 +12,17 @@ the worst:
 * the number of members and the total uncompressed size are capped while the
   archive streams, so a gzip bomb is refused after at most the cap, never
   inflated to the end;
+* every header is checked on the raw stream before :mod:`tarfile` parses it
+  (:mod:`decnet.updater.tarscan`): an extended (pax or GNU long-name) header
+  larger than 64 KiB, chained extended headers, a corrupt header or a sparse
+  file is refused (:class:`MalformedArchive`, 400) without being read into
+  memory;
 * a truncated or corrupt gzip stream is refused.
+
+The archive is decompressed here, chunk by chunk (:class:`_ScannedGunzip`),
+so that the scanner sees every byte before ``tarfile`` does; ``tarfile`` reads
+an uncompressed stream (``r|``) and keeps no list of past members.  Memory
+stays bounded by a few chunks and one capped header, whatever the archive.
 
 :func:`inspect` walks the archive without writing anything (the updater runs it
 before it touches the install directory); :func:`extract` writes into a new,
@@ -23,6 +33,7 @@ Both block: call them in a thread.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -34,9 +45,12 @@ import attrs
 
 from decnet import config
 from decnet.errors import UnsafeArchive
+from decnet.updater.tarscan import TarHeaderScanner
 
 CHUNK = 256 * 1024
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # gzip header and trailer (CRC-32, size) checked
 _BUILD_INFO_MAX = 64 * 1024
+_NAME_MAX, _COMPONENT_MAX = 4096, 255  # PATH_MAX and NAME_MAX on Linux
 _ALLOWED_TYPES = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "dir"}
 _TYPE_NAMES = {
     tarfile.SYMTYPE: "symbolic link",
@@ -53,6 +67,7 @@ _TYPE_NAMES = {
 class Limits:
     max_bytes: int = config.MAX_RELEASE_BYTES
     max_members: int = config.MAX_RELEASE_MEMBERS
+    max_header: int = config.MAX_RELEASE_HEADER_BYTES
 
 
 DEFAULT_LIMITS = Limits()
@@ -89,6 +104,10 @@ def safe_name(member: tarfile.TarInfo) -> str | None:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeArchive(f"member {name!r} escapes the release directory ('..')")
+    if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX or any(
+        len(p.encode("utf-8", "surrogateescape")) > _COMPONENT_MAX for p in parts
+    ):
+        raise UnsafeArchive(f"member {name[:64]!r}... has a name longer than a file system allows")
     if not parts:
         return None
     return "/".join(parts)
@@ -123,15 +142,62 @@ def extract(fileobj: BinaryIO, dest: str | os.PathLike, limits: Limits = DEFAULT
     return _walk(fileobj, limits, dest)
 
 
+class _ScannedGunzip(io.RawIOBase):
+    """The decompressed tar stream of a ``.tar.gz``, shown to the header scanner first.
+
+    ``read(n)`` inflates at most ``n`` bytes (``max_length``), so a bomb never
+    expands beyond what the reader asked for, and every byte goes through
+    :meth:`TarHeaderScanner.feed` before it is returned.  Concatenated gzip
+    members are one stream, as for ``gzip``; a stream that ends early is
+    refused.
+    """
+
+    def __init__(self, raw: BinaryIO, scanner: TarHeaderScanner):
+        self._raw = raw
+        self._scanner = scanner
+        self._inflate = zlib.decompressobj(_GZIP_WBITS)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _read(self, n: int) -> bytes:
+        while n > 0:
+            inflate = self._inflate
+            if inflate.eof:
+                rest = inflate.unused_data or self._raw.read(CHUNK)
+                if not rest:
+                    return b""
+                self._inflate = inflate = zlib.decompressobj(_GZIP_WBITS)
+                self._pending = rest
+            if not self._pending:
+                self._pending = self._raw.read(CHUNK)
+                if not self._pending:
+                    raise UnsafeArchive("not a valid gzip-compressed tar archive (truncated)")
+            out = inflate.decompress(self._pending, n)
+            self._pending = inflate.unconsumed_tail
+            if out:
+                self._scanner.feed(out)
+                return out
+        return b""
+
+
 def _walk(fileobj: BinaryIO, limits: Limits, dest: Path | None) -> Summary:
     fileobj.seek(0)
     members = files = total = 0
     build_info: dict = {}
     wheelhouse = project = False
     seen: dict[str, str] = {}
+    stream = _ScannedGunzip(fileobj, TarHeaderScanner(limits.max_header))
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|gz") as tar:
-            for member in tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every TarInfo otherwise
                 members += 1
                 if members > limits.max_members:
                     raise UnsafeArchive(f"more than {limits.max_members} members")
@@ -179,7 +245,7 @@ def _walk(fileobj: BinaryIO, limits: Limits, dest: Path | None) -> Summary:
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         if isinstance(exc, FileExistsError | NotADirectoryError | IsADirectoryError):
             raise UnsafeArchive(f"member collides with another: {exc.filename}") from None
-        if isinstance(exc, OSError) and exc.errno is not None and not _is_gzip_error(exc):
+        if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a real disk problem (ENOSPC, EACCES): not the archive's fault
         raise UnsafeArchive(f"not a valid gzip-compressed tar archive ({_short(exc)})") from None
     return Summary(
@@ -190,10 +256,6 @@ def _walk(fileobj: BinaryIO, limits: Limits, dest: Path | None) -> Summary:
         has_wheelhouse=wheelhouse,
         has_project=project,
     )
-
-
-def _is_gzip_error(exc: OSError) -> bool:
-    return type(exc).__name__ == "BadGzipFile"
 
 
 def _short(exc: BaseException) -> str:

@@ -56,7 +56,7 @@ _HEX = set("0123456789abcdef")
 
 def normalize_sha256(value: str | None) -> str:
     """A lowercase 64-hex digest, or :class:`DigestMismatch` (400) saying what is wrong."""
-    cleaned = (value or "").strip().lower()
+    cleaned = (value or "").lower()
     if len(cleaned) != 64 or not set(cleaned) <= _HEX:
         raise DigestMismatch("the sha256 of the tarball (64 hex digits) is required")
     return cleaned
@@ -296,11 +296,16 @@ class Updater:
                 self.log.failure("Activating {release} crashed", release=release)
             raise await self._revert(release, previous, exc, install_output) from None
         await self._thread(self.store.commit)
-        pruned = await self._thread(self.store.prune, self.keep)
-        if pruned:
-            self.log.info("Removed old releases {pruned}", pruned=pruned)
+        await self._prune(self.store)
         self.log.info("Release {release} is current and healthy", release=release)
         return health
+
+    async def _prune(self, store: ReleaseStore) -> None:
+        """Keep ``--keep`` releases: failed ones go first; current, previous good and
+        pinned ones (a running process uses them) never go."""
+        pruned = await self._thread(store.prune, self.keep)
+        if pruned:
+            self.log.info("Removed old releases {pruned}", pruned=pruned)
 
     async def _revert(
         self, release: str, previous: str | None, cause, install_output
@@ -327,6 +332,7 @@ class Updater:
             if not isinstance(exc, HealthCheckFailed | AgentControlFailed):
                 self.log.failure("Going back to {previous} crashed", previous=previous)
             await self._thread(self.store.finish_revert)
+            await self._prune(self.store)
             return RollbackFailed(
                 f"release {release} failed ({cause}) and the previous release {previous} "
                 f"did not come back healthy either ({exc})",
@@ -337,6 +343,7 @@ class Updater:
                 output={**output, "rollback": await self.agent.recent_output()},
             )
         await self._thread(self.store.finish_revert)
+        await self._prune(self.store)
         if previous is None:
             return HealthCheckFailed(
                 f"release {release} failed ({cause}); there was no previous release to go "
@@ -378,7 +385,7 @@ class Updater:
                 )
             previous = await self._thread(self.self_store.switch_to, release, OP_SELF)
             await self._thread(self.self_store.commit)
-            await self._thread(self.self_store.prune, self.keep)
+            await self._prune(self.self_store)
             self.restarting_onto = self.self_store.release_dir(release)
             return {
                 "result": "restarting",

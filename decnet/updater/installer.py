@@ -14,6 +14,10 @@ pip itself runs from the updater's own interpreter with ``--python`` pointing at
 the new venv, so a release venv needs no pip of its own; when the updater has no
 pip, or the release is the updater's own (it must be able to install the next
 release), the venv is created with pip and that pip is used.
+
+Last, the new venv's Python builds Twisted's plugin cache (``dropin.cache``):
+the agent and the forwarder run from the release as users that cannot write it
+(docs/Operations.md), so without it every start would rescan and warn.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from twisted.logger import Logger
 from decnet import config
 from decnet.errors import InstallFailed
 from decnet.updater.process import ProcessResult, child_env, run_process
+
+# Run by the release's own Python; a release without Twisted has no cache to build.
+PLUGIN_CACHE_SCRIPT = (
+    "import importlib.util, sys\n"
+    "if importlib.util.find_spec('twisted') is None:\n"
+    "    sys.exit(0)\n"
+    "from twisted.plugin import IPlugin, getPlugins\n"
+    "list(getPlugins(IPlugin))\n"
+)
 
 
 def has_pip() -> bool:
@@ -74,7 +87,12 @@ class Installer:
         if not self.compile_bytecode:
             install.append("--no-compile")
         install.append(str(src))
-        return [("create the venv", create), ("pip install", install)]
+        cache = [str(venv_python), "-c", PLUGIN_CACHE_SCRIPT]
+        return [
+            ("create the venv", create),
+            ("pip install", install),
+            ("build the plugin cache", cache),
+        ]
 
     async def install(self, release_dir: Path, *, with_pip: bool = False) -> str:
         """Run every step; the combined output, or :class:`InstallFailed` carrying it."""

@@ -5,7 +5,7 @@ for the updater's own releases)::
 
     releases/<id>/          src/ venv/ install.log release.json (written last)
     current -> releases/<id>
-    journal.json            {"format", "state", "op", "release", "previous", "history"}
+    journal.json            {"format", "state", "op", "release", "previous", "history", "failed"}
     .trash/                 releases being deleted
 
 A release is *complete* once its ``release.json`` exists; that file is written
@@ -27,8 +27,8 @@ state              meaning                             reconcile after a crash
                    ``release``, not yet confirmed      ``previous`` (the last known-good)
                    healthy                             -- except ``op=self``, which rolls
                                                        forward (no automatic rollback)
-``rolling_back``   putting ``current`` back on         finish it: ``current`` = ``previous``
-                   ``previous``
+``rolling_back``   putting ``current`` back on         finish it: ``current`` = ``previous``;
+                   ``previous``                        ``release`` is marked failed
 =================  ==================================  ==================================
 
 and in every case: temporary links and ``.trash`` are cleared, incomplete
@@ -37,6 +37,15 @@ release (or nothing, on a host that never had one).
 
 ``history`` is the rollback stack: releases that were current before, most
 recent last, never including the current one.  ``POST /rollback`` pops it.
+``failed`` lists the installed releases whose last activation failed its
+health check (rolled back, including a rollback a crash interrupted); a later
+successful activation clears the mark.  Pruning deletes them first, and ``GET /releases`` shows it.
+
+Pruning (:func:`plan_prune`) keeps at most ``keep`` releases, and never deletes
+the current release, the previous good one, the rollback target, or a release
+that a running process has pinned (:func:`decnet.release.pin_running_release`:
+a shared ``flock`` on its ``release.json``, which the store tests with a
+non-blocking exclusive lock, held across the deletion's rename).
 
 This module has two halves: pure transitions and a reconcile *planner*
 (:class:`Journal`, :func:`plan_reconcile`, :func:`plan_prune`; sans-IO, unit
@@ -47,6 +56,7 @@ The store blocks (fsync, rename, rmtree): daemons call it in a thread.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -74,7 +84,7 @@ OP_ROLLBACK = "rollback"  # an operator's rollback to an installed release
 OP_SELF = "self"  # the updater's own release: no health check, no rollback
 OPS = (OP_UPDATE, OP_ROLLBACK, OP_SELF)
 
-RELEASE_ID_RE = re.compile(rf"^[0-9a-f]{{{config.RELEASE_ID_LENGTH}}}$")
+RELEASE_ID_RE = re.compile(rf"[0-9a-f]{{{config.RELEASE_ID_LENGTH}}}")
 _TEMP_LINK_PREFIX = f".{config.CURRENT_LINK}.tmp-"
 
 
@@ -84,7 +94,11 @@ def release_id_for(sha256_hex: str) -> str:
 
 
 def is_release_id(value: object) -> bool:
-    return isinstance(value, str) and bool(RELEASE_ID_RE.match(value))
+    return isinstance(value, str) and bool(RELEASE_ID_RE.fullmatch(value))
+
+
+def _with(items: tuple[str, ...], item: str | None) -> tuple[str, ...]:
+    return items if item is None or item in items else (*items, item)
 
 
 class IllegalTransition(RuntimeError):
@@ -104,10 +118,12 @@ class Journal:
     release: str | None = None
     previous: str | None = None
     history: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         doc = {"format": JOURNAL_FORMAT, **attrs.asdict(self)}
         doc["history"] = list(self.history)
+        doc["failed"] = list(self.failed)
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -122,6 +138,7 @@ class Journal:
                 release=doc.get("release"),
                 previous=doc.get("previous"),
                 history=tuple(doc.get("history") or ()),
+                failed=tuple(doc.get("failed") or ()),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"release journal is malformed: {exc}") from None
@@ -130,7 +147,7 @@ class Journal:
             problems.append(f"unknown state {journal.state!r}")
         if journal.op is not None and journal.op not in OPS:
             problems.append(f"unknown op {journal.op!r}")
-        for value in (journal.release, journal.previous, *journal.history):
+        for value in (journal.release, journal.previous, *journal.history, *journal.failed):
             if value is not None and not is_release_id(value):
                 problems.append(f"bad release id {value!r}")
         if problems:
@@ -166,7 +183,8 @@ class Journal:
         elif self.previous is not None and self.previous != self.release:
             history.append(self.previous)
         history = [h for h in history if h != self.release]
-        return Journal(history=tuple(history))
+        failed = tuple(f for f in self.failed if f != self.release)
+        return Journal(history=tuple(history), failed=failed)
 
     def begin_revert(self) -> Journal:
         """switched → rolling_back: the new release failed; ``current`` goes back."""
@@ -174,9 +192,23 @@ class Journal:
         return attrs.evolve(self, state=ROLLING_BACK)
 
     def abort(self) -> Journal:
-        """staging|rolling_back → idle: nothing changed (history kept)."""
+        """staging|rolling_back → idle: nothing changed (history kept).
+
+        After a rollback the release that was reverted is marked failed.
+        """
         self._require(STAGING, ROLLING_BACK)
-        return Journal(history=self.history)
+        failed = self.failed
+        if self.state == ROLLING_BACK:
+            failed = _with(failed, self.release)
+        return Journal(history=self.history, failed=failed)
+
+    def previous_good(self, complete: Iterable[str]) -> str | None:
+        """The most recent release that was current before and did not fail since."""
+        have = set(complete)
+        for candidate in reversed(self.history):
+            if candidate in have and candidate not in self.failed:
+                return candidate
+        return None
 
     def rollback_target(self, complete: Iterable[str]) -> str:
         """The release ``POST /rollback`` goes back to: the top of the stack that still exists."""
@@ -243,6 +275,7 @@ def plan_reconcile(journal: Journal, disk: DiskState) -> Plan:
     """Decide how to bring the directory back to a consistent state after a start or crash."""
     actions: list = [RemoveTempLink(name) for name in disk.temp_links]
     notes: list[str] = []
+    failed = journal.failed
     if disk.trash:
         actions.append(EmptyTrash())
     complete = set(disk.complete)
@@ -257,6 +290,10 @@ def plan_reconcile(journal: Journal, disk: DiskState) -> Plan:
         target = journal.previous
         back_on = journal.previous or "nothing"
         notes.append(f"interrupted {journal.op} to {journal.release}: back on {back_on}")
+        if journal.state == ROLLING_BACK:
+            # It had failed its health check; an interrupted switch merely was
+            # not confirmed (the updater died, not necessarily the release).
+            failed = _with(failed, journal.release)
 
     for release in sorted(disk.incomplete):
         actions.append(DiscardRelease(release))
@@ -275,28 +312,44 @@ def plan_reconcile(journal: Journal, disk: DiskState) -> Plan:
     if target != disk.current:
         actions.append(PointCurrent(target))
     history = tuple(h for h in journal.history if h in complete and h != target)
-    final = Journal(history=history)
+    final = Journal(history=history, failed=tuple(f for f in failed if f in complete))
     if final != journal:
         actions.append(WriteJournal(final))
     return Plan(actions=tuple(actions), journal=final, current=target, notes=tuple(notes))
 
 
 def plan_prune(
-    complete: Iterable[str], current: str | None, history: Iterable[str], keep: int
+    complete: Iterable[str],
+    current: str | None,
+    history: Iterable[str],
+    keep: int,
+    *,
+    failed: Iterable[str] = (),
+    in_use: Iterable[str] = (),
 ) -> list[str]:
-    """Releases to delete: all but the newest ``keep``, the current one and the rollback target.
+    """Releases to delete so that at most ``keep`` remain, failed ones first.
 
-    ``complete`` is ordered oldest first.
+    Never deleted, even beyond ``keep``: ``current``, the previous good release
+    (the newest history entry that has not failed), the rollback target (the
+    newest history entry), and every release in ``in_use``.  The rest is kept
+    newest first, releases that did not fail before those that did.
+    ``complete`` is ordered oldest first; the result is in deletion order.
     """
     ordered = list(complete)
-    protected = set(ordered[-keep:] if keep > 0 else [])
-    protected.discard(None)
-    if current is not None:
-        protected.add(current)
-    history = [h for h in history if h in ordered]
-    if history:
-        protected.add(history[-1])
-    return [r for r in ordered if r not in protected]
+    failed = set(failed)
+    journal = Journal(history=tuple(h for h in history if h in ordered), failed=tuple(failed))
+    protected = {r for r in (current, journal.previous_good(ordered)) if r in ordered}
+    protected |= {r for r in in_use if r in ordered}
+    if journal.history:
+        protected.add(journal.history[-1])
+    kept = set(protected)
+    good = [r for r in ordered if r not in failed]
+    bad = [r for r in ordered if r in failed]
+    for release in [*reversed(good), *reversed(bad)]:
+        if len(kept) >= max(keep, 0):
+            break
+        kept.add(release)
+    return [r for r in [*bad, *good] if r not in kept]
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +417,33 @@ class ReleaseStore:
             return parts[1]
         return None
 
+    def in_use(self, release: str) -> bool:
+        """True if a running process pins ``release`` (holds a shared lock on its release.json)."""
+        with self._exclusive_pin(release) as free:
+            return not free
+
+    @contextlib.contextmanager
+    def _exclusive_pin(self, release: str):
+        """Try an exclusive ``flock`` on ``release.json``; yields whether it was free.
+
+        Held for the block, so a daemon cannot pin the release while it is
+        being renamed into the trash.
+        """
+        try:
+            fd = os.open(self.release_dir(release) / RELEASE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield True
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def current_dir(self) -> Path | None:
         release = self.current()
         return self.release_dir(release) if release and self.is_complete(release) else None
@@ -405,7 +485,7 @@ class ReleaseStore:
         return self._order(release)[0]
 
     def list_releases(self) -> list[dict]:
-        """Every complete release, newest first, with ``current`` marked."""
+        """Every complete release, newest first: current, rollback target, failed, in use."""
         current = self.current()
         rollback_to = None
         disk = self.scan()
@@ -422,6 +502,8 @@ class ReleaseStore:
                     "sha256": info.get("sha256"),
                     "current": release == current,
                     "rollback_target": release == rollback_to,
+                    "failed": release in self.journal.failed,
+                    "in_use": self.in_use(release),
                 }
             )
         return out
@@ -549,16 +631,36 @@ class ReleaseStore:
         self._write_journal(self.journal.abort())
 
     def prune(self, keep: int) -> list[str]:
-        """Delete old releases beyond ``keep`` (never current or the rollback target)."""
+        """Delete releases beyond ``keep`` (see :func:`plan_prune`); returns those deleted.
+
+        A release pinned between the plan and its deletion is kept: the pin is
+        checked again under the exclusive lock that is held across the rename.
+        """
         disk = self.scan()
-        doomed = plan_prune(disk.complete, disk.current, self.journal.history, keep)
+        in_use = [r for r in disk.complete if self.in_use(r)]
+        doomed = plan_prune(
+            disk.complete,
+            disk.current,
+            self.journal.history,
+            keep,
+            failed=self.journal.failed,
+            in_use=in_use,
+        )
+        deleted = []
         for release in doomed:
-            self._discard(release)
-        if doomed:
-            history = tuple(h for h in self.journal.history if h not in doomed)
-            if history != self.journal.history:
-                self._write_journal(attrs.evolve(self.journal, history=history))
-        return doomed
+            with self._exclusive_pin(release) as free:
+                if free:
+                    self._discard(release)
+                    deleted.append(release)
+        if deleted:
+            journal = attrs.evolve(
+                self.journal,
+                history=tuple(h for h in self.journal.history if h not in deleted),
+                failed=tuple(f for f in self.journal.failed if f not in deleted),
+            )
+            if journal != self.journal:
+                self._write_journal(journal)
+        return deleted
 
     def rollback_target(self, to: str | None) -> str:
         """Validate a rollback target: a named complete release, or the top of the stack."""

@@ -30,6 +30,7 @@ from decnet.errors import DecnetError
 from decnet.httpapi import make_site
 from decnet.master.http import PinnedClient
 from decnet.options import positive_float, positive_int
+from decnet.release import pin_running_release
 from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 from decnet.updater import archive
@@ -47,7 +48,11 @@ class Options(usage.Options):
     synopsis = "--bundle DIR --install-dir DIR [options]"
     longdesc = (
         "The DECNET updater: owns the agent's release directory, installs releases the "
-        "master pushes over mutual TLS, and rolls back when a new release is not healthy."
+        "master pushes over mutual TLS, and rolls back when a new release is not healthy. "
+        "It accepts only the master certificate whose fingerprint is pinned in the bundle "
+        "(every route), and this host's own worker and updater certificates (GET /health). "
+        "It keeps no revocation list: the master's revoked.json never reaches workers, and "
+        "for the master the pin is stricter. See docs/Security.md."
     )
     optParameters: ClassVar[list] = [
         ["bundle", None, None, "worker bundle directory (needs updater.crt and updater.key)"],
@@ -127,6 +132,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--agent-url {self['agent-url']!r} is not a URL") from None
         if url.scheme != "https" or not url.host:
             raise usage.UsageError("--agent-url must be https://HOST:PORT")
+        try:
+            pki.parse_address(url.host)  # hyperlink keeps a CR or LF inside the host
+        except DecnetError as exc:
+            raise usage.UsageError(f"--agent-url: {exc}") from None
         self["agent_host"] = url.host
         self["agent_port"] = url.port or config.AGENT_PORT
         self["install-dir"] = str(Path(self["install-dir"]).absolute())
@@ -181,6 +190,7 @@ def exec_restart(release_dir: Path) -> None:
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    pin_running_release()  # our own release: update-self's prune keeps it while we run
     bundle: pki.WorkerBundle = options["bundle_obj"]
     identity = TLSIdentity.from_bundle(bundle, config.ROLE_UPDATER)
     master = Accept(config.ROLE_MASTER, cn=config.MASTER_CN, fingerprint=bundle.master_fingerprint)

@@ -321,7 +321,7 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
     up2 = Up(d, tmp_path / "up-2.out", "--workers", "2", "--wheelhouse", str(wheelhouse))
     doc = up2.wait_running(120)
     out = up2.output()
-    assert "CA reused" in out and "w1       127.0.77.1   reused" in out, out
+    assert "CA reused" in out and f"w1       127.0.{NET}.1   reused" in out, out
     assert "w2       decommissioned" in out and "enrolled, bundle" not in out, out
     assert sorted(doc["workers"]) == ["w1"]
     releases_after = sorted(
