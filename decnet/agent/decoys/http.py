@@ -59,6 +59,7 @@ APACHE_ERROR = """<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">
 
 
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t -~]*)?")
+_CHUNK_SIZE_CRLF = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 MAX_CHUNK_SIZE_LINE = 1024  # as twisted.web
 MAX_TRAILERS = 16 * 1024
 
@@ -97,14 +98,17 @@ class ChunkedBody:
         try:
             while True:
                 if state == _SIZE:
-                    end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
-                    if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
-                        break
-                    m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
-                    if m is None:
-                        raise http._MalformedChunkedDataError("bad chunk size line")
-                    size = int(m.group(1), 16)
-                    pos = end + 2
+                    m = _CHUNK_SIZE_CRLF.match(buf, pos)  # the usual line: no extension
+                    if m is not None:
+                        size, pos = int(m.group(1), 16), m.end()
+                    else:
+                        end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
+                        if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
+                            break
+                        m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
+                        if m is None:
+                            raise http._MalformedChunkedDataError("bad chunk size line")
+                        size, pos = int(m.group(1), 16), end + 2
                     if not size:
                         state = _TRAILER
                         continue
@@ -113,7 +117,7 @@ class ChunkedBody:
                     if len(buf) >= after + 2:  # the whole chunk is here: one step
                         if buf[after] != 13 or buf[after + 1] != 10:
                             raise http._MalformedChunkedDataError("chunk not followed by CRLF")
-                        parts.append(bytes(buf[pos:after]))
+                        parts.append(buf[pos:after])
                         pos = after + 2
                     else:
                         remaining, state = size, _DATA
