@@ -154,6 +154,8 @@ class ConnectionBudget:
 class APIPriority(WrappingFactory):
     """Wraps the API's factory: tells the :class:`TurnBudget` while API connections are open."""
 
+    noisy = False
+
     def __init__(self, wrapped, turns: TurnBudget):
         super().__init__(wrapped)
         self.turns = turns
