@@ -19,7 +19,7 @@ DECKY = "web-01"
 
 
 class Harness:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, **engine_kw):
         self.clock = FrozenClock(reactor)
         self.log = EventLog(tmp_path / "decnet.log", reactor, now=self.clock.seconds)
         self.log.startService()
@@ -29,6 +29,7 @@ class Harness:
             tmp_path / "state",
             clock=self.clock,
             new_session_id=counter_ids(),
+            **engine_kw,
         )
 
     async def deploy(self, *services, decky=DECKY) -> dict:
@@ -545,3 +546,107 @@ async def test_a_megabyte_of_garbage_yields_only_bounded_well_formed_lines(h, ki
     again = await raw_connect(h.port(kind))
     again.transport.loseConnection()
     await again.closed
+
+
+# -- the hostile internet: degenerate floods, time and socket budgets -----------
+
+
+@pytest.mark.parametrize("unit", [b"\n", b"*0\r\n", b"*-1\r\n"])
+@pytest_twisted.ensureDeferred
+async def test_redis_counts_blank_and_empty_commands_toward_the_command_cap(h, unit):
+    from decnet.agent.decoys.base import MAX_COMMANDS
+
+    await h.deploy(bind(type="redis", idle_timeout=3))
+    c = await raw_connect(h.port("redis"))
+    c.send(unit * (MAX_COMMANDS + 1))
+    await c.closed
+    assert c.received == b""  # Redis answers none of them
+    await h.settle("redis")
+    assert b'reason="command-limit"' in h.lines()[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_trickles_is_closed_at_its_lifetime_limit(h):
+    await h.deploy(bind(type="tcp-banner", idle_timeout=0.5, max_lifetime=1.5))
+    c = await raw_connect(h.port("tcp-banner"))
+    while not c.closed.called:
+        c.send(b".")  # never idle for 0.5 s
+        await deferLater(reactor, 0.1, lambda: None)
+    await h.settle("tcp-banner")
+    assert b'reason="lifetime-limit"' in h.lines()[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_all_decoys_share_one_socket_budget_and_refusals_are_logged_once(tmp_path):
+    from twisted.logger import Logger
+
+    from decnet.agent.decoys.budget import ConnectionBudget
+
+    harness = Harness(tmp_path, connection_budget=ConnectionBudget(4, reactor))
+    logged = []
+    harness.engine.connection_budget.report.log = Logger(observer=logged.append)
+    try:
+        await harness.deploy(
+            bind(type="tcp-banner", name="one", banner="hi\n"),
+            bind(type="tcp-banner", name="two", banner="hi\n"),
+        )
+        # Two listeners hold two of the four sockets: two connections fit.
+        first = await raw_connect(harness.port("one"))
+        second = await raw_connect(harness.port("two"))
+        await first.expect(b"hi\n")
+        await second.expect(b"hi\n")
+        refused = [await raw_connect(harness.port(name)) for name in ("one", "two") * 5]
+        for c in refused:
+            await c.closed
+            assert c.received == b""
+        assert harness.engine.connection_budget.connections == 2
+        status = harness.engine.status()[DECKY]
+        assert status["one"]["refused"] + status["two"]["refused"] == 10
+        warnings = [e for e in logged if "Refusing decoy connections" in e["log_format"]]
+        assert len(logged) == len(warnings) == 1  # one line for the burst, not ten
+        # A slot freed is a slot for the next client, on either service.
+        first.transport.loseConnection()
+        await harness.settle("one")
+        again = await raw_connect(harness.port("two"))
+        await again.expect(b"hi\n")
+        again.transport.loseConnection()
+        second.transport.loseConnection()
+        await harness.settle("two")
+    finally:
+        await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_in_one_read_is_parsed_over_several_reactor_turns(h):
+    await h.deploy(bind(type="redis"))
+    c = await raw_connect(h.port("redis"))
+    runtime = h.runtime("redis")
+    while not runtime.active:
+        await deferLater(reactor, 0.01, lambda: None)
+    (proto,) = runtime.active
+    before = runtime.events
+    proto.dataReceived(b"PING\r\n" * 5000)  # what one 30 KB read delivers
+    # A bounded batch now; the API and the other connections get the reactor
+    # before the next one.
+    assert 0 < runtime.events - before <= 64
+    await c.closed
+    await h.settle("redis")
+    assert b'reason="command-limit"' in h.lines()[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_decoy_connections_get_small_kernel_buffers(h):
+    import socket
+
+    from decnet.agent.engine import DECOY_SOCKET_BUFFER
+
+    await h.deploy(bind(type="tcp-banner", banner="hi\n"))
+    c = await raw_connect(h.port("tcp-banner"))
+    await c.expect(b"hi\n")
+    (proto,) = h.runtime("tcp-banner").active
+    sock = proto.transport.socket
+    # Linux reports twice what was set; autotuning would grow it to megabytes.
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * DECOY_SOCKET_BUFFER
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * DECOY_SOCKET_BUFFER
+    c.transport.loseConnection()
+    await h.settle("tcp-banner")

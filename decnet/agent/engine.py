@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,17 @@ from zope.interface import Attribute, Interface, implementer
 from decnet import config
 from decnet.agent.decoys import banner, ftp, http, redis, smtp, ssh, telnet
 from decnet.agent.decoys.base import ServiceRuntime, random_session_id
+from decnet.agent.decoys.budget import (
+    ConnectionBudget,
+    TurnBudget,
+    default_connection_budget,
+    nofile_limit,
+)
 from decnet.agent.eventlog import Event
 from decnet.agent.spec import DeploymentSpec, ServiceSpec
+
+# Kernel send and receive buffer of each decoy connection (Linux doubles it).
+DECOY_SOCKET_BUFFER = 32 * 1024
 
 STARTING = "starting"
 LISTENING = "listening"
@@ -107,7 +117,12 @@ def describe_bind_error(spec: ServiceSpec, exc: CannotListenError) -> str:
 
 @implementer(IDeckyEngine)
 class BuiltinEngine:
-    """Decoys as Twisted services inside the agent (see :mod:`decnet.agent.decoys`)."""
+    """Decoys as Twisted services inside the agent (see :mod:`decnet.agent.decoys`).
+
+    All services share one :class:`ConnectionBudget` (sockets: every listener
+    and every connection) and one :class:`TurnBudget` (parsing time per
+    reactor turn), so no decoy, or set of decoys, can starve the agent.
+    """
 
     name = "builtin"
     log = Logger()
@@ -121,9 +136,15 @@ class BuiltinEngine:
         clock=None,
         new_session_id: Callable[[], str] = random_session_id,
         host_key_loader=ssh.load_or_create_host_keys,
+        connection_budget: ConnectionBudget | None = None,
+        turn_budget: TurnBudget | None = None,
     ):
         self._reactor = reactor
         self.clock = clock or reactor
+        self.connection_budget = connection_budget or ConnectionBudget(
+            default_connection_budget(nofile_limit()), self.clock
+        )
+        self.turn_budget = turn_budget or TurnBudget(self.clock)
         self.emit = emit
         self.state_dir = Path(state_dir)
         self.new_session_id = new_session_id
@@ -174,16 +195,27 @@ class BuiltinEngine:
 
     async def stop(self) -> None:
         await _gather([self._stop(key) for key in list(self.services)])
+        self.turn_budget.stop()
+        self.connection_budget.report.stop()
 
     # -- one service -----------------------------------------------------------
 
     async def _start(self, spec: ServiceSpec) -> None:
-        runtime = ServiceRuntime(spec, self.emit, self.clock, self.new_session_id)
+        runtime = ServiceRuntime(
+            spec,
+            self.emit,
+            self.clock,
+            self.new_session_id,
+            budget=self.connection_budget,
+            turns=self.turn_budget,
+        )
         running = RunningService(spec=spec, runtime=runtime)
         self.services[spec.key] = running
         try:
             factory = await self._factory_for(runtime)
             running.port = await self._endpoint(spec).listen(factory)
+            self.connection_budget.add_listener()
+            limit_socket_buffers(running.port)
         except CannotListenError as exc:
             running.state, running.reason = FAILED, describe_bind_error(spec, exc)
             self.log.warn(
@@ -215,6 +247,7 @@ class BuiltinEngine:
             return
         if running.port is not None:
             await running.port.stopListening()
+            self.connection_budget.remove_listener()
         running.runtime.drop_all()
         self.log.info("Decoy {decky}/{service} stopped", decky=key[0], service=key[1])
 
@@ -241,6 +274,20 @@ class BuiltinEngine:
             "tcp-banner": banner,
         }[kind]
         return module.make_factory(runtime)
+
+
+def limit_socket_buffers(port, size: int = DECOY_SOCKET_BUFFER) -> None:
+    """Cap the kernel buffers of the connections ``port`` accepts (they inherit them).
+
+    A decoy needs no throughput.  Without a cap, Linux grows each socket's
+    receive buffer to megabytes: an attacker's connections would pin that much
+    kernel memory each, and closing one would free it on the reactor thread.
+    """
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 async def _gather(coroutines) -> None:

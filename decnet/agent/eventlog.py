@@ -162,14 +162,32 @@ def decode_printable(text: str) -> str:
     return _PRINTABLE_DECODE_RE.sub(_unprintable, text)
 
 
+_HEADER_OK_RE = re.compile(r"[!-~]+")
+
+
 def _header(value: str, field: str) -> str:
+    if _HEADER_OK_RE.fullmatch(value):  # the usual case, without a loop per character
+        return value[: _HEADER_MAX[field]]
     cleaned = "".join(c if "!" <= c <= "~" else "_" for c in value)[: _HEADER_MAX[field]]
     return cleaned or "-"
 
 
+_SECOND_TEXT: dict[datetime.datetime, str] = {}
+
+
 def format_timestamp(ts: float) -> str:
+    """``%Y-%m-%dT%H:%M:%S.%fZ`` in UTC; the second's text is cached (events come in bursts)."""
     moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    second = moment.replace(microsecond=0)
+    text = _SECOND_TEXT.get(second)
+    if text is None:
+        if len(_SECOND_TEXT) >= 16:
+            _SECOND_TEXT.clear()
+        text = _SECOND_TEXT[second] = second.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{moment.microsecond:06d}Z"
+
+
+_CHECKED_NAMES: set[str] = set()  # SD-PARAM names come from our code: a handful
 
 
 def format_event(
@@ -192,8 +210,10 @@ def format_event(
     for name, value in event.params:
         if value is None:
             continue
-        if not _SD_NAME_RE.fullmatch(name) or name == TRUNC_PARAM:
-            raise ValueError(f"invalid SD-PARAM name {name!r}")
+        if name not in _CHECKED_NAMES:
+            if not _SD_NAME_RE.fullmatch(name) or name == TRUNC_PARAM:
+                raise ValueError(f"invalid SD-PARAM name {name!r}")
+            _CHECKED_NAMES.add(name)
         wire, cut = escape_value(value, VALUE_MAX.get(name, DEFAULT_VALUE_MAX))
         names.append(name)
         values.append(wire)
@@ -206,10 +226,11 @@ def format_event(
         return f"{head}{params}{trunc}]\n"
 
     line = assemble()
+    data = line.encode("utf-8", "surrogatepass")
     # The per-field caps keep ordinary events far below the line cap; when an
     # event has many large fields, shrink the largest until it fits.
-    while len(line.encode("utf-8", "surrogatepass")) > line_max and values:
-        excess = len(line.encode("utf-8", "surrogatepass")) - line_max
+    while len(data) > line_max and values:
+        excess = len(data) - line_max
         i = max(range(len(values)), key=lambda k: len(values[k]))
         if not values[i]:
             break  # only fixed-size parts left; cannot happen with sane names
@@ -219,7 +240,8 @@ def format_event(
         if names[i] not in truncated:
             truncated.append(names[i])
         line = assemble()
-    return line.encode("utf-8", "surrogatepass")
+        data = line.encode("utf-8", "surrogatepass")
+    return data
 
 
 def event_value(event: Event, name: str) -> object:

@@ -18,6 +18,13 @@ from twisted.logger import Logger
 from decnet import config
 from decnet.agent.app import make_app, master_accept, updater_accept
 from decnet.agent.controller import Controller
+from decnet.agent.decoys.budget import (
+    APIPriority,
+    ConnectionBudget,
+    TurnBudget,
+    default_connection_budget,
+    nofile_limit,
+)
 from decnet.agent.engine import ENGINES
 from decnet.agent.eventlog import EventLog
 from decnet.agent.state import DesiredState
@@ -55,6 +62,7 @@ class AgentService(MultiService):
         engine: str = "builtin",
         event_clock=None,
         new_session_id=None,
+        max_decoy_connections: int | None = None,
     ):
         super().__init__()
         self._reactor = reactor
@@ -65,6 +73,12 @@ class AgentService(MultiService):
         )
         self.eventlog.setServiceParent(self)
         engine_kw = {"clock": event_clock} if event_clock else {}
+        if max_decoy_connections is None:
+            max_decoy_connections = default_connection_budget(nofile_limit())
+        self.decoy_budget = ConnectionBudget(max_decoy_connections, reactor)
+        self.decoy_turns = TurnBudget(event_clock or reactor)
+        engine_kw["connection_budget"] = self.decoy_budget
+        engine_kw["turn_budget"] = self.decoy_turns
         if new_session_id is not None:
             engine_kw["new_session_id"] = new_session_id
         self.engine = ENGINES[engine](reactor, self.eventlog.emit, self.state_dir, **engine_kw)
@@ -78,7 +92,9 @@ class AgentService(MultiService):
             reactor,
             listen,
             PolicyOptions(identity, tls_policy(bundle)),
-            site,
+            # While the master (or the updater) is being served, decoys get
+            # less of each reactor turn.
+            APIPriority(site, self.decoy_turns),
             port_file=port_file,
             label="the agent API",
         )
@@ -89,6 +105,11 @@ class AgentService(MultiService):
 
     def startService(self):
         ensure_private_dir(self.state_dir)
+        self.log.info(
+            "Decoys may hold {budget} sockets in all (RLIMIT_NOFILE {nofile})",
+            budget=self.decoy_budget.limit,
+            nofile=nofile_limit(),
+        )
         super().startService()
         d = defer.ensureDeferred(self.controller.restore())
         d.addErrback(self._restore_failed)

@@ -111,6 +111,7 @@ class Option:
 
 COMMON_OPTIONS: dict[str, Option] = {
     "idle_timeout": Option(60, _number_range(0.1, 3600)),
+    "max_lifetime": Option(300, _number_range(1, 86400)),
     "max_connections": Option(256, _int_range(1, 10000)),
 }
 

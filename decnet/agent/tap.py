@@ -2,7 +2,7 @@
 
     twistd decnet-agent --bundle DIR [--listen tcp:8765:interface=0.0.0.0]
         [--state-dir /var/lib/decnet/agent] [--log-file /var/log/decnet/decnet.log]
-        [--port-file FILE]
+        [--port-file FILE] [--max-decoy-connections N]
 
 An enrolled bundle is mandatory: the agent has no unauthenticated mode.
 """
@@ -14,6 +14,12 @@ from typing import ClassVar
 from twisted.python import usage
 
 from decnet import config
+from decnet.agent.decoys.budget import (
+    FD_RESERVE_MIN,
+    default_connection_budget,
+    fd_reserve,
+    nofile_limit,
+)
 from decnet.agent.engine import ENGINES
 from decnet.errors import DecnetError
 from decnet.pki import WorkerBundle
@@ -48,6 +54,15 @@ class Options(usage.Options):
         ],
         ["port-file", None, None, "write the bound API port to this file once listening"],
         ["engine", None, "builtin", f"decoy engine ({', '.join(ENGINES)})"],
+        [
+            "max-decoy-connections",
+            None,
+            None,
+            "sockets all deckies together may hold (listeners + connections); more "
+            "connections are refused. Default: the soft RLIMIT_NOFILE minus a reserve of "
+            "RLIMIT_NOFILE/8 (at least 32, at most 512) for the API and the log; at most "
+            "RLIMIT_NOFILE - 32",
+        ],
     ]
 
     def postOptions(self):
@@ -68,11 +83,35 @@ class Options(usage.Options):
                 f"{bundle.cert_path(config.ROLE_WORKER)} is not the worker certificate "
                 f"of {bundle.name!r}"
             )
+        self["max_decoy_connections"] = decoy_budget(self["max-decoy-connections"], nofile_limit())
         self["bundle_obj"] = bundle
         self["identity"] = identity
         if not self["listen"]:
             port = bundle.settings.get("agent_port", config.AGENT_PORT)
             self["listen"] = f"tcp:{port}:interface=0.0.0.0"
+
+
+def decoy_budget(value: str | None, nofile: int) -> int:
+    """``--max-decoy-connections`` checked against a soft ``RLIMIT_NOFILE`` of ``nofile``."""
+    if value is None:
+        if nofile <= FD_RESERVE_MIN:
+            raise usage.UsageError(
+                f"RLIMIT_NOFILE is {nofile}: too low to run decoys and keep "
+                f"{fd_reserve(nofile)} descriptors for the API (raise LimitNOFILE=)"
+            )
+        return default_connection_budget(nofile)
+    top = nofile - FD_RESERVE_MIN
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    if not 1 <= budget <= top:
+        raise usage.UsageError(
+            f"--max-decoy-connections must be an integer from 1 to {max(1, top)}: "
+            f"RLIMIT_NOFILE is {nofile} and {FD_RESERVE_MIN} descriptors stay for "
+            f"the API and the log (got {value!r})"
+        )
+    return budget
 
 
 def makeService(options):
@@ -91,4 +130,5 @@ def makeService(options):
         log_file=options["log-file"],
         port_file=options["port-file"],
         engine=options["engine"],
+        max_decoy_connections=options["max_decoy_connections"],
     )

@@ -15,32 +15,31 @@ from twisted.internet.protocol import Protocol
 from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime
 
 
-class _Capture(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.handle_data(data)
-
-
-class BannerDecoy(DecoyMixin, _Capture):
+class BannerDecoy(DecoyMixin, Protocol):
     def connectionMade(self):
-        self.captured = b""
+        self.captured = bytearray()
         self.reported = False
         super().connectionMade()
         banner = self.runtime.spec.option("banner")
         if banner:
             self.transport.write(banner.encode("latin-1"))
 
-    def handle_data(self, data: bytes) -> None:
-        if self.reported:
-            return
-        limit = self.runtime.spec.option("capture_bytes")
-        self.captured += data[: limit - len(self.captured)]
-        if len(self.captured) >= limit:
-            self._report()
+    def next_item(self) -> bool:
+        pending = len(self.inbox)
+        if not pending:
+            return False
+        if not self.reported:
+            limit = self.runtime.spec.option("capture_bytes")
+            self.captured += self.inbox.take(limit - len(self.captured))
+            if len(self.captured) >= limit:
+                self._report()
+        self.inbox.skip(len(self.inbox))  # counted in bytes_in, never kept
+        return True
 
     def _report(self) -> None:
         if not self.reported and self.captured:
             self.reported = True
-            self.session.event("data", ("data", self.captured), ("size", len(self.captured)))
+            self.session.event("data", ("data", bytes(self.captured)), ("size", len(self.captured)))
 
     def connectionLost(self, reason):
         self._report()

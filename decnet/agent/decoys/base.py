@@ -1,37 +1,64 @@
-"""What every decoy service shares: counters, sessions, event emission, limits.
+"""What every decoy service shares: counters, sessions, event emission, limits, pacing.
 
-A running service has one :class:`ServiceRuntime` (its spec, live counters and
-the event sink).  Each accepted connection gets a :class:`Session` that stamps
-every event with the same ``session``/``src_ip``/``src_port``/``dst_ip``/
-``dst_port`` parameters, so an analyst can follow one attacker's connection
-from ``connect`` to ``disconnect``.
+A running service has one :class:`ServiceRuntime` (its spec, live counters,
+the event sink and the agent-wide budgets).  Each accepted connection gets a
+:class:`Session` that stamps every event with the same ``session``/``src_ip``/
+``src_port``/``dst_ip``/``dst_port`` parameters, so an analyst can follow one
+attacker's connection from ``connect`` to ``disconnect``.
+
+Input flows the same way for every decoy: :class:`DecoyMixin` appends what
+the transport delivers to the connection's :class:`~decnet.agent.decoys.inbox.Inbox`
+and then *pumps*: it asks the protocol for one item at a time
+(:meth:`DecoyMixin.next_item`: a line, a packet, a command), within the
+reactor turn's budget (:class:`~decnet.agent.decoys.budget.TurnBudget`).  When
+the budget is spent the connection stops reading and resumes in a later turn,
+so no amount of input on any number of connections holds the reactor, and the
+agent's API, for long.
 
 Limits that keep a hostile client from hurting the worker:
 
-* ``max_connections`` per service (further connections are closed at once and
-  counted as ``refused``);
+* the agent-wide socket budget (:class:`~decnet.agent.decoys.budget.ConnectionBudget`)
+  and ``max_connections`` per service (further connections are closed at once
+  and counted as ``refused``; refusals are logged once per burst);
 * ``idle_timeout``: a connection that sends nothing for that long is closed
-  (reason ``idle-timeout``);
-* at most :data:`MAX_INPUT` bytes and :data:`MAX_COMMANDS` commands per
-  connection (reasons ``input-limit`` / ``command-limit``);
-* line protocols cap a line at :data:`MAX_LINE` bytes (reason ``line-too-long``).
+  (reason ``idle-timeout``); ``max_lifetime``: no connection lives longer
+  (reason ``lifetime-limit``), however it trickles;
+* at most :data:`MAX_INPUT` bytes and :data:`MAX_COMMANDS` items per connection
+  (reasons ``input-limit`` / ``command-limit``); every item counts, empty and
+  degenerate ones (a blank line, ``*0``, a telnet ``IAC NOP``, an SSH
+  ``IGNORE`` packet) included;
+* line protocols cap a line at :data:`MAX_LINE` bytes (reason ``line-too-long``);
+* a client that does not read its replies stops being read (the transport's
+  write buffer pauses the decoy), and a closing connection whose replies are
+  not read within :data:`CLOSE_GRACE` seconds is aborted.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 
+from decnet.agent.decoys.budget import (
+    ConnectionBudget,
+    TurnBudget,
+    default_connection_budget,
+    nofile_limit,
+)
+from decnet.agent.decoys.inbox import TOO_LONG, Inbox
 from decnet.agent.eventlog import SEVERITY_INFO, SEVERITY_NOTICE, Event
 from decnet.agent.spec import ServiceSpec
 
 MAX_INPUT = 4 * 1024 * 1024
 MAX_COMMANDS = 1000
+# Degenerate items walked in a Python loop within one pump step: at most this
+# many, so one step stays well inside a turn's slice.
+RUN_STEP = 128
 MAX_LINE = 8192
+CLOSE_GRACE = 10.0
 
 
 def random_session_id() -> str:
@@ -39,7 +66,7 @@ def random_session_id() -> str:
 
 
 class ServiceRuntime:
-    """One running decoy service: its spec, counters, live connections and event sink."""
+    """One running decoy service: its spec, counters, live connections, sink and budgets."""
 
     log = Logger()
 
@@ -49,11 +76,16 @@ class ServiceRuntime:
         emit: Callable[[Event], None],
         clock,
         new_session_id: Callable[[], str] = random_session_id,
+        *,
+        budget: ConnectionBudget | None = None,
+        turns: TurnBudget | None = None,
     ):
         self.spec = spec
         self._emit = emit
         self.clock = clock
         self.new_session_id = new_session_id
+        self.budget = budget or ConnectionBudget(default_connection_budget(nofile_limit()), clock)
+        self.turns = turns or TurnBudget(clock)
         self.connections = 0
         self.refused = 0
         self.events = 0
@@ -72,7 +104,15 @@ class ServiceRuntime:
         )
 
     def admit(self) -> bool:
-        if len(self.active) >= self.spec.option("max_connections"):
+        """Take a connection slot (this service's and the agent-wide one), or refuse."""
+        limit = self.spec.option("max_connections")
+        if len(self.active) >= limit:
+            self.refused += 1
+            self.budget.report.refused(
+                f"{self.spec.decky}/{self.spec.name} has its max_connections={limit} connections"
+            )
+            return False
+        if not self.budget.acquire():
             self.refused += 1
             return False
         return True
@@ -113,24 +153,41 @@ class Session:
 
 
 class DecoyMixin:
-    """Connection bookkeeping for any decoy protocol; put it first in the bases.
+    """Connection bookkeeping, limits and paced parsing for any decoy; first in the bases.
 
-    Subclasses call :meth:`close` with a reason instead of ``loseConnection``
-    and :meth:`count_command` for every command they handle.
+    Subclasses implement :meth:`next_item` (parse and handle one item from
+    ``self.inbox``), call :meth:`close` with a reason instead of
+    ``loseConnection`` and :meth:`count_command` for every item they handle.
     """
 
     runtime: ServiceRuntime
     session: Session
+    inbox: Inbox
     close_reason: str | None = None
     _idle_call = None
+    _lifetime_call = None
+    _abort_call = None
+    _paced = False  # waiting for a turn of the TurnBudget; not reading
+    _blocked = False  # the transport's write buffer is full; not reading
+    _pumping = False
+    _counted = False  # holds one slot of the agent-wide budget
 
     def connectionMade(self):
+        self._counted = True
+        self.inbox = Inbox()
         self.runtime.connections += 1
         self.runtime.active.add(self)
         self.session = Session(self.runtime, self.transport)
         self.session.event("connect")
         self.reset_idle()
+        self._lifetime_call = self.runtime.clock.callLater(
+            self.runtime.spec.option("max_lifetime"), self.close, "lifetime-limit"
+        )
         super().connectionMade()
+        if getattr(self.transport, "producer", True) is None:
+            # Backpressure: when the client does not read our replies the
+            # transport pauses us (pauseProducing) and we stop reading it.
+            self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes):
         if self.close_reason is not None:
@@ -140,13 +197,92 @@ class DecoyMixin:
             self.close("input-limit")
             return
         self.reset_idle()
-        super().dataReceived(data)
+        self.inbox.extend(data)
+        if self._paced or self._blocked:
+            # Someone else resumed reading (twisted.web does); stay paused.
+            self.transport.pauseProducing()
+            return
+        self.pump()
+
+    def next_item(self) -> bool:
+        """Parse and handle one item from ``self.inbox``; ``False`` when none is complete."""
+        raise NotImplementedError
+
+    def pump(self) -> None:
+        """Handle buffered items while this reactor turn's budget lasts."""
+        if self._pumping or self._paced or self._blocked:
+            return
+        turns = self.runtime.turns
+        timer, transport, next_item = turns.timer, self.transport, self.next_item
+        started = timer()
+        deadline = started + turns.slice - turns.spent
+        most = turns.items
+        done = 0
+        self._pumping = True
+        try:
+            while self.close_reason is None and not transport.disconnecting:
+                if done >= most or timer() >= deadline:
+                    if len(self.inbox):
+                        self._paced = True
+                        transport.pauseProducing()
+                        turns.wait(self)
+                    break
+                if not next_item() or self._blocked:
+                    break
+                done += 1
+        finally:
+            self._pumping = False
+            self.inbox.compact()
+            turns.charge(timer() - started)
+
+    def resume_turn(self) -> None:
+        """Our turn came (see :class:`~decnet.agent.decoys.budget.TurnBudget`)."""
+        self._paced = False
+        if self.close_reason is not None or not self._transport_open():
+            return
+        if not self._blocked:
+            self.transport.resumeProducing()
+        self.pump()
+
+    def _transport_open(self) -> bool:
+        t = self.transport
+        return t is not None and getattr(t, "connected", True) and not t.disconnecting
+
+    # IPushProducer, registered with the transport (twisted.web's channel
+    # registers itself; these hooks then chain to its own).
+    def pauseProducing(self):
+        self._blocked = True
+        parent = getattr(super(), "pauseProducing", None)
+        if parent is not None:
+            parent()
+        else:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self._blocked = False
+        parent = getattr(super(), "resumeProducing", None)
+        if parent is not None:
+            parent()
+        elif not self._paced and self._transport_open():
+            self.transport.resumeProducing()
+        self.pump()
+
+    def stopProducing(self):
+        parent = getattr(super(), "stopProducing", None)
+        if parent is not None:
+            parent()
 
     def connectionLost(self, reason):
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        for name in ("_idle_call", "_lifetime_call", "_abort_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        self.inbox.clear()
         self.runtime.active.discard(self)
+        if self._counted:
+            self._counted = False
+            self.runtime.budget.release()
         self.session.event(
             "disconnect",
             ("reason", self.close_reason or "closed"),
@@ -163,40 +299,86 @@ class DecoyMixin:
             self._idle_call = self.runtime.clock.callLater(timeout, self.close, "idle-timeout")
 
     def count_command(self) -> bool:
-        """Count one command; ``False`` (and the connection closes) past the limit."""
+        """Count one item; ``False`` (and the connection closes) past the limit."""
         self.session.commands += 1
         if self.session.commands > MAX_COMMANDS:
             self.close("command-limit")
             return False
         return True
 
+    def count_commands(self, n: int) -> int:
+        """Count a run of ``n`` degenerate items at once; how many were within the limit."""
+        before = self.session.commands
+        self.session.commands += n
+        if self.session.commands > MAX_COMMANDS:
+            self.close("command-limit")
+            return max(0, MAX_COMMANDS - before)
+        return n
+
     def close(self, reason: str, abort: bool = False) -> None:
+        """Close with ``reason`` (kept for the ``disconnect`` event): flush, then hang up.
+
+        A peer that does not read what is still buffered is aborted after
+        :data:`CLOSE_GRACE` seconds, so a closing connection never holds its
+        descriptor for long.
+        """
         if self.close_reason is None:
             self.close_reason = reason
-        if isinstance(self, LineReceiver):
-            self.clearLineBuffer()
+        self.inbox.clear()
+        transport = self.transport
         if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
-
-
-class LineDecoy(DecoyMixin, LineReceiver):
-    """A CRLF line protocol decoy (FTP, SMTP)."""
-
-    # Split on LF and strip one trailing CR: clients that send bare LF work too.
-    delimiter = b"\n"
-    MAX_LENGTH = MAX_LINE
-
-    def lineLengthExceeded(self, line):
-        self.close("line-too-long")
-
-    def lineReceived(self, line: bytes):
-        if self.close_reason is not None:
+            transport.abortConnection()
             return
-        if not self.count_command():
+        if not self._transport_open():
             return
-        self.handle_line(line[:-1] if line.endswith(b"\r") else line)
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # or loseConnection waits for it forever
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.runtime.clock.callLater(CLOSE_GRACE, transport.abortConnection)
+
+
+def run_of(item: bytes, most: int = MAX_COMMANDS + 1) -> re.Pattern:
+    """A pattern for a run of degenerate items like ``item``, matched and counted in one go.
+
+    A run stops at :data:`MAX_COMMANDS` + 1 items by default: the connection
+    closes there anyway, and a longer match would only cost time.
+    """
+    return re.compile(b"(?:%s){1,%d}" % (item, most))
+
+
+# Lines with nothing but white space.
+_BLANK_LINES = run_of(rb"[ \t\r\x0b\x0c]{0,1024}\n")
+
+
+class LineDecoy(DecoyMixin, Protocol):
+    """A line protocol decoy (FTP, SMTP): LF-terminated lines, one trailing CR stripped."""
+
+    max_line = MAX_LINE
+
+    def next_item(self) -> bool:
+        reply = self.blank_line_reply()
+        if reply is not None and (end := self.inbox.match(_BLANK_LINES)):
+            # Blank lines are commands too (they count), but carry nothing to
+            # record: answer the whole run at once.
+            n = self.count_commands(self.inbox.count(b"\n", end))
+            self.inbox.skip(end)
+            if n:
+                self.transport.write((reply + b"\r\n") * n)
+            return True
+        line = self.inbox.next_line(b"\n", self.max_line)
+        if line is None:
+            return False
+        if line is TOO_LONG:
+            self.close("line-too-long")
+            return True
+        if self.count_command():
+            self.handle_line(line[:-1] if line.endswith(b"\r") else line)
+        return True
+
+    def blank_line_reply(self) -> bytes | None:
+        """What a blank line is answered with right now; ``None``: it means something."""
+        return None
 
     def handle_line(self, line: bytes) -> None:
         raise NotImplementedError
@@ -207,7 +389,7 @@ class LineDecoy(DecoyMixin, LineReceiver):
 
 
 class DecoyFactory(Factory):
-    """Builds ``protocol`` instances bound to ``runtime``; refuses past max_connections."""
+    """Builds ``protocol`` instances bound to ``runtime``; refuses past the budgets."""
 
     noisy = False
 

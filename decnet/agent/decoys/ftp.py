@@ -1,7 +1,8 @@
 """``ftp``: a vsftpd-like login dialogue; USER/PASS captured and always refused.
 
 Events: ``connect``; ``login`` (``user``, ``password``) for each PASS;
-``command`` (``command``, ``args``) for anything else; ``disconnect``.
+``command`` (``command``, ``args``) for anything else but an empty line;
+``disconnect``.
 After ``max_attempts`` refused logins the server closes the connection, as
 vsftpd does.
 """
@@ -9,6 +10,8 @@ vsftpd does.
 from __future__ import annotations
 
 from decnet.agent.decoys.base import DecoyFactory, LineDecoy, ServiceRuntime, split_command
+
+EMPTY_REPLY = b"500 Unknown command."
 
 
 class FTPDecoy(LineDecoy):
@@ -18,8 +21,15 @@ class FTPDecoy(LineDecoy):
         self.failures = 0
         self.send_line(f"220 {self.runtime.spec.option('banner')}")
 
+    def blank_line_reply(self) -> bytes:
+        return EMPTY_REPLY
+
     def handle_line(self, line: bytes) -> None:
         verb, rest = split_command(line)
+        if not verb:
+            # An empty line: counted, answered, nothing to record.
+            self.send_line(EMPTY_REPLY)
+            return
         if verb == "USER":
             self.user = rest
             self.send_line("331 Please specify the password.")

@@ -19,12 +19,16 @@ import base64
 import binascii
 import html
 import io
+import re
 from urllib.parse import parse_qsl
 
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from decnet.agent.decoys.base import DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.inbox import TOO_LONG
+
+RAW_SLICE = 2048
 
 LOGIN_PATHS = {b"/", b"/login", b"/login.html", b"/index.html", b"/admin", b"/admin/"}
 USER_FIELDS = ("username", "user", "login", "email", "uname", "log", "usr")
@@ -54,20 +58,149 @@ APACHE_ERROR = """<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">
 """
 
 
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t -~]*)?")
+_CHUNK_SIZE_CRLF = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
+MAX_CHUNK_SIZE_LINE = 1024  # as twisted.web
+MAX_TRAILERS = 16 * 1024
+
+
+_SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)
+
+
+class ChunkedBody:
+    """The chunked transfer coding (RFC 9112 section 7.1), decoded for a decoy.
+
+    Used instead of twisted.web's decoder, which costs several times as much
+    per chunk: a body of one-byte chunks is a cheap flood.  ``on_chunks(data,
+    count)`` gets the data of the chunks decoded from one read, and how many
+    they were; ``on_done(rest)`` what follows the body.  Malformed input raises
+    twisted.web's ``_MalformedChunkedDataError`` (a 400 and the connection
+    closed).  Linear: one buffer and an offset, one loop, and the search for a
+    line end resumes where it stopped.
+    """
+
+    def __init__(self, on_chunks, on_done):
+        self.on_chunks = on_chunks
+        self.on_done = on_done
+        self._buf = bytearray()
+        self._pos = 0
+        self._scan = 0  # where the search for the next CRLF resumes
+        self._state = _SIZE
+        self._remaining = 0
+        self._trailers = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos, state, remaining = self._pos, self._state, self._remaining
+        parts: list[bytes] = []
+        count = 0
+        try:
+            while True:
+                if state == _SIZE:
+                    m = _CHUNK_SIZE_CRLF.match(buf, pos)  # the usual line: no extension
+                    if m is not None:
+                        size, pos = int(m.group(1), 16), m.end()
+                    else:
+                        end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
+                        if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
+                            break
+                        m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
+                        if m is None:
+                            raise http._MalformedChunkedDataError("bad chunk size line")
+                        size, pos = int(m.group(1), 16), end + 2
+                    if not size:
+                        state = _TRAILER
+                        continue
+                    count += 1
+                    after = pos + size
+                    if len(buf) >= after + 2:  # the whole chunk is here: one step
+                        if buf[after] != 13 or buf[after + 1] != 10:
+                            raise http._MalformedChunkedDataError("chunk not followed by CRLF")
+                        parts.append(buf[pos:after])
+                        pos = after + 2
+                    else:
+                        remaining, state = size, _DATA
+                elif state == _DATA:
+                    n = min(remaining, len(buf) - pos)
+                    if not n:
+                        break
+                    parts.append(bytes(buf[pos : pos + n]))
+                    pos += n
+                    remaining -= n
+                    if not remaining:
+                        state = _CRLF
+                elif state == _CRLF:
+                    if len(buf) - pos < 2:
+                        break
+                    if buf[pos] != 13 or buf[pos + 1] != 10:
+                        raise http._MalformedChunkedDataError("chunk not followed by CRLF")
+                    pos += 2
+                    state = _SIZE
+                elif state == _TRAILER:
+                    end = self._line_end(pos, MAX_TRAILERS)
+                    if end < 0:
+                        break
+                    self._trailers += end + 2 - pos
+                    if self._trailers > MAX_TRAILERS:
+                        raise http._MalformedChunkedDataError("trailers too long")
+                    empty = end == pos
+                    pos = end + 2
+                    if empty:
+                        rest = bytes(buf[pos:])
+                        self._buf, pos, state = bytearray(), 0, _DONE
+                        if parts:
+                            self.on_chunks(b"".join(parts), count)
+                            parts = []
+                        self.on_done(rest)
+                        return
+                else:
+                    raise http._MalformedChunkedDataError("data after the last chunk")
+            if parts:
+                self.on_chunks(b"".join(parts), count)
+        finally:
+            if state != _DONE and pos:
+                del buf[:pos]
+                self._scan = max(0, self._scan - pos)
+                pos = 0
+            self._pos, self._state, self._remaining = pos, state, remaining
+
+    def _line_end(self, pos: int, limit: int) -> int:
+        """Index of the CRLF ending the line at ``pos``, or -1 until it arrives."""
+        buf = self._buf
+        end = buf.find(b"\r\n", max(pos, self._scan), pos + limit + 2)
+        if end < 0:
+            if len(buf) - pos > limit + 1:
+                raise http._MalformedChunkedDataError("line too long")
+            self._scan = max(pos, len(buf) - 1)
+        return end
+
+
 class DecoyRequest(server.Request):
     """A request that keeps at most ``max_body`` bytes of its body (and counts the rest)."""
 
     body_size = 0
+    max_body = 0
 
     def gotLength(self, length):
-        cap = self.channel.runtime.spec.option("max_body")
+        self.max_body = self.channel.runtime.spec.option("max_body")
         # Small or unknown declared length: an in-memory buffer, never a temp file.
-        super().gotLength(0 if length is None else min(length, cap))
+        super().gotLength(0 if length is None else min(length, self.max_body))
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data):
-        cap = self.channel.runtime.spec.option("max_body")
-        room = cap - self.body_size
+        if self.channel.close_reason is None:
+            self._keep(data)
+
+    def handle_chunks(self, data: bytes, count: int) -> None:
+        """Data of ``count`` chunks of a chunked body (see :class:`ChunkedBody`)."""
+        # Each chunk is an item like a header line: a flood of one-byte
+        # chunks meets the connection's command cap.
+        if self.channel.close_reason is None and self.channel.count_commands(count) == count:
+            self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        room = self.max_body - self.body_size
         if room > 0:
             self.content.write(data[:room])
         self.body_size += len(data)
@@ -104,8 +237,6 @@ class DecoyResource(Resource):
         channel = request.channel
         session = channel.session
         spec = self.runtime.spec
-        if not channel.count_command():
-            return b""
         request.content.seek(0)
         body = request.content.read()
         headers = b"\n".join(
@@ -176,7 +307,57 @@ _UNAUTHORIZED_TEXT = (
 
 
 class DecoyChannel(DecoyMixin, http.HTTPChannel):
-    """One attacker connection: ``connect``/``disconnect`` events around HTTP requests."""
+    """One attacker connection: ``connect``/``disconnect`` events around HTTP requests.
+
+    twisted.web parses each line and body; the splitting into lines is ours
+    (:meth:`next_item`, on the connection's inbox): ``LineReceiver`` copies the
+    rest of its buffer for every line.  Every request line, header line and
+    body chunk of a chunked request counts toward the command cap; raw body
+    bytes are handed over :data:`RAW_SLICE` at a time.  Like Apache
+    (``LimitRequestFields``), more than 100 header fields are a 400.
+    """
+
+    maxHeaders = 100
+
+    def next_item(self) -> bool:
+        if self.line_mode:
+            line = self.inbox.next_line(self.delimiter, self.MAX_LENGTH)
+            if line is None:
+                return False
+            if line is TOO_LONG:
+                self.close("line-too-long")
+            elif self.count_command():
+                self.lineReceived(line)
+            return True
+        if not len(self.inbox):
+            return False
+        self.rawDataReceived(self.inbox.take(RAW_SLICE))
+        return True
+
+    def _maybeChooseTransferDecoder(self, header, data):
+        ok = super()._maybeChooseTransferDecoder(header, data)
+        if ok and isinstance(self._transferDecoder, http._ChunkedTransferDecoder):
+            self._transferDecoder = ChunkedBody(
+                self.requests[-1].handle_chunks, self._finishRequestBody
+            )
+        return ok
+
+    def setLineMode(self, extra=b""):
+        # twisted.web hands back what it buffered while a request was being
+        # handled: it came from our inbox, so it goes back to the front.
+        self.line_mode = 1
+        if extra:
+            self.inbox.unread(extra)
+            self.pump()
+
+    def _respondToBadRequestAndDisconnect(self):
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.close("protocol-error")
+
+    def loseConnection(self):
+        # A response to a non-persistent request is done: hang up like close()
+        # does, with the grace period for a peer that does not read.
+        self.close(self.close_reason or "closed")
 
 
 class DecoySite(server.Site):
@@ -186,11 +367,9 @@ class DecoySite(server.Site):
     noisy = False
 
     def __init__(self, runtime: ServiceRuntime, reactor):
-        super().__init__(
-            DecoyResource(runtime),
-            timeout=runtime.spec.option("idle_timeout"),
-            reactor=reactor,
-        )
+        # No twisted.web idle timer: DecoyMixin's idle_timeout (reset on every
+        # read) and max_lifetime apply, as for every decoy.
+        super().__init__(DecoyResource(runtime), timeout=None, reactor=reactor)
         self.runtime = runtime
 
     def buildProtocol(self, addr):

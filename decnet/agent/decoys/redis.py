@@ -1,7 +1,7 @@
 """``redis``: a Redis server with ``requirepass`` set; AUTH captured, everything refused.
 
 Speaks RESP (multibulk arrays) and inline commands through a small sans-IO
-parser with hard limits.  Events: ``connect``; ``login`` (``user``,
+parser with hard limits, linear in its input.  Events: ``connect``; ``login`` (``user``,
 ``password``) for ``AUTH`` and ``HELLO … AUTH``; ``command`` (``command``,
 ``argc``, ``args`` joined by spaces) for anything else; ``disconnect``.  A
 protocol error answers like Redis (``-ERR Protocol error: …``) and closes.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from twisted.internet.protocol import Protocol
 
-from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime
+from decnet.agent.decoys.base import DecoyFactory, DecoyMixin, ServiceRuntime, run_of
+from decnet.agent.decoys.inbox import Inbox
 
 MAX_INLINE = 64 * 1024
 MAX_BULK = 512 * 1024
@@ -30,98 +31,125 @@ class RespError(Exception):
     """The client broke the protocol; the message is Redis's own wording."""
 
 
+_STAR, _DOLLAR = ord("*"), ord("$")
+# Complete commands with no arguments, one per LF: blank inline lines and
+# multibulks of zero or a negative number of arguments.
+_DEGENERATE = run_of(rb"[ \t\r\x0b\x0c]{0,1024}\n|\*(?:-?0{1,18}|-[0-9]{1,18})\r\n")
+
+
 class RespParser:
-    """Incremental RESP request parser: ``feed(bytes)`` → complete commands."""
+    """Incremental RESP request parser over an :class:`Inbox`: one command per call.
 
-    def __init__(self):
-        self._buf = b""
+    :meth:`next_command` returns the next complete command (its arguments),
+    the number of degenerate commands in a run of them (blank inline lines,
+    ``*0``, ``*-1``: Redis ignores those, but they still count as commands),
+    or ``None`` until more input arrives.  It keeps its place inside a multibulk request (the
+    arguments parsed so far, the bulk it waits for, where its search for a line
+    end stopped), so every byte is scanned and copied once however the input
+    is chunked.
+    """
 
-    def feed(self, data: bytes) -> list[list[bytes]]:
-        self._buf += data
-        commands = []
-        while self._buf:
-            parsed = self._parse_one()
-            if parsed is None:
-                break
-            command, used = parsed
-            self._buf = self._buf[used:]
-            if command:
-                commands.append(command)
-        return commands
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+        self._args: list[bytes] | None = None  # a multibulk request in progress
+        self._remaining = 0  # its arguments still to come
+        self._bulk: int | None = None  # the size of the bulk whose header was read
+        self._scan = 0  # where the search for the next line end resumes
 
-    def _parse_one(self) -> tuple[list[bytes], int] | None:
-        buf = self._buf
-        if buf[:1] != b"*":
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) > MAX_INLINE:
-                    raise RespError("too big inline request")
+    def next_command(self) -> list[bytes] | int | None:
+        inbox = self.inbox
+        if self._args is None:
+            if not len(inbox):
                 return None
-            if end > MAX_INLINE:
-                raise RespError("too big inline request")
-            return buf[:end].rstrip(b"\r").split(), end + 1
-        end = buf.find(b"\r\n")
-        if end < 0:
-            if len(buf) > 32:
-                raise RespError("invalid multibulk length")
-            return None
-        try:
-            count = int(buf[1:end])
-        except ValueError:
-            raise RespError("invalid multibulk length") from None
-        if count > MAX_ARGS:
-            raise RespError("invalid multibulk length")
-        pos = end + 2
-        args: list[bytes] = []
-        for _ in range(max(count, 0)):
-            if pos >= len(buf):
+            if end := inbox.match(_DEGENERATE):
+                # A run of blank lines / empty multibulks, counted in one go.
+                n = inbox.count(b"\n", end)
+                inbox.skip(end)
+                return n
+            if inbox.byte_at(0) != _STAR:
+                end = self._line_end(b"\n", MAX_INLINE, "too big inline request")
+                if end is None:
+                    return None
+                line = inbox.take(end)
+                inbox.skip(1)
+                return line.split() or 1
+            end = self._line_end(b"\r\n", 32, "invalid multibulk length")
+            if end is None:
                 return None
-            if buf[pos : pos + 1] != b"$":
-                got = buf[pos : pos + 1].decode("latin-1")
-                raise RespError(f"expected '$', got '{got}'")
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                if len(buf) - pos > 32:
-                    raise RespError("invalid bulk length")
-                return None
+            header = inbox.take(end)
+            inbox.skip(2)
             try:
-                size = int(buf[pos + 1 : end])
+                count = int(header[1:])
             except ValueError:
-                raise RespError("invalid bulk length") from None
-            if not 0 <= size <= MAX_BULK:
-                raise RespError("invalid bulk length")
-            start = end + 2
-            if len(buf) < start + size + 2:
+                raise RespError("invalid multibulk length") from None
+            if count > MAX_ARGS:
+                raise RespError("invalid multibulk length")
+            if count <= 0:
+                return 1
+            self._args, self._remaining = [], count
+        while self._remaining:
+            if self._bulk is None:
+                if not len(inbox):
+                    return None
+                if inbox.byte_at(0) != _DOLLAR:
+                    got = chr(inbox.byte_at(0))
+                    raise RespError(f"expected '$', got '{got}'")
+                end = self._line_end(b"\r\n", 32, "invalid bulk length")
+                if end is None:
+                    return None
+                header = inbox.take(end)
+                inbox.skip(2)
+                try:
+                    size = int(header[1:])
+                except ValueError:
+                    raise RespError("invalid bulk length") from None
+                if not 0 <= size <= MAX_BULK:
+                    raise RespError("invalid bulk length")
+                self._bulk = size
+            if len(inbox) < self._bulk + 2:
                 return None
-            args.append(buf[start : start + size])
-            pos = start + size + 2
-        return args, pos
+            self._args.append(inbox.take(self._bulk))
+            inbox.skip(2)
+            self._bulk = None
+            self._remaining -= 1
+        args, self._args = self._args, None
+        return args
+
+    def _line_end(self, delimiter: bytes, limit: int, problem: str) -> int | None:
+        """Relative index of the next ``delimiter`` within ``limit`` bytes, or ``None``."""
+        i = self.inbox.find(delimiter, self._scan, limit + len(delimiter))
+        if i < 0:
+            pending = len(self.inbox)
+            if pending > limit:
+                raise RespError(problem)
+            self._scan = max(0, pending - len(delimiter) + 1)
+            return None
+        if i > limit:
+            raise RespError(problem)
+        self._scan = 0
+        return i
 
 
-class _RespProtocol(Protocol):
-    """Below :class:`DecoyMixin` in the MRO: it gets the bytes after bookkeeping."""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.handle_data(data)
-
-
-class RedisDecoy(DecoyMixin, _RespProtocol):
+class RedisDecoy(DecoyMixin, Protocol):
     def connectionMade(self):
-        self.parser = RespParser()
         super().connectionMade()
+        self.parser = RespParser(self.inbox)
 
-    def handle_data(self, data: bytes) -> None:
+    def next_item(self) -> bool:
         try:
-            commands = self.parser.feed(data)
+            command = self.parser.next_command()
         except RespError as exc:
             self.session.event("command", ("command", "PROTOCOL-ERROR"), ("args", str(exc)))
             self.transport.write(f"-ERR Protocol error: {exc}\r\n".encode())
             self.close("protocol-error")
-            return
-        for command in commands:
-            if self.close_reason is not None or not self.count_command():
-                return
+            return True
+        if command is None:
+            return False
+        if isinstance(command, int):
+            self.count_commands(command)
+        elif self.count_command():
             self.handle_command(command)
+        return True
 
     def handle_command(self, argv: list[bytes]) -> None:
         name = argv[0].decode("ascii", "replace").upper()[:32]

@@ -1,6 +1,6 @@
 """``smtp``: a Postfix-like MTA that advertises AUTH, captures every attempt, relays nothing.
 
-Events: ``connect``; ``command`` (``command``, ``args``) for each command;
+Events: ``connect``; ``command`` (``command``, ``args``) for each non-empty line;
 ``login`` (``mechanism``, ``user``, ``password``) for each AUTH PLAIN/LOGIN
 attempt (decoded from base64; undecodable input is logged as sent);
 ``disconnect``.  MAIL FROM is accepted, RCPT TO is refused ("relay access
@@ -22,6 +22,9 @@ def _b64(data: bytes) -> bytes | None:
         return None
 
 
+EMPTY_REPLY = b"500 5.5.2 Error: bad syntax"
+
+
 class SMTPDecoy(LineDecoy):
     def connectionMade(self):
         super().connectionMade()
@@ -29,11 +32,19 @@ class SMTPDecoy(LineDecoy):
         self.pending_auth: tuple[str, bytes | None] | None = None
         self.send_line(f"220 {self.hostname} {self.runtime.spec.option('banner')}")
 
+    def blank_line_reply(self) -> bytes | None:
+        # In an AUTH dialogue an empty line is an (empty) answer.
+        return EMPTY_REPLY if self.pending_auth is None else None
+
     def handle_line(self, line: bytes) -> None:
         if self.pending_auth is not None:
             self._continue_auth(line)
             return
         verb, rest = split_command(line)
+        if not verb:
+            # An empty line: counted, answered as Postfix does, nothing to record.
+            self.send_line(EMPTY_REPLY)
+            return
         if verb == "AUTH":
             self._start_auth(rest)
             return
