@@ -3,7 +3,7 @@
 Everything that persists state (keys, bundles, revocation lists, desired state,
 release journals) goes through here so that a ``kill -9`` or power loss leaves
 either the old file or the new one, never a torn mix.  These functions block;
-daemons call them from a thread (``deferToThread``), never on the reactor.
+daemons call them from a thread (:mod:`decnet.threads`), never on the reactor.
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet.errors import ConfigError, ValidationError
 from decnet.fsutil import atomic_write, lock_path_for, locked
 from decnet.pki import normalize_fingerprint
+from decnet.threads import run_in_pool
 
 FORMAT = "decnet-revocations/1"
 RELOAD_INTERVAL = 2.0
@@ -165,7 +165,7 @@ class RevocationWatcher(Service):
     def check(self):
         """Reload in a thread; a malformed file keeps the previous list and logs why."""
         rs = self.revocations
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), rs.read_if_changed)
+        d = run_in_pool(self._reactor, rs.read_if_changed)
         d.addCallback(rs.apply)
         d.addErrback(self._failed)
         return d

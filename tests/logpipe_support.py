@@ -13,12 +13,13 @@ from twisted.test.iosim import connectedServerAndClient
 
 from decnet import config
 from decnet.listener.feedproc import InlineFeeds
-from decnet.listener.ingest import Ingest, inline_runner
+from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import ListenerFactory
 from decnet.listener.service import listener_options
 from decnet.syslog import ackproto
 from decnet.syslog.framing import OctetCountingDecoder, encode_frame
 from decnet.syslog.rfc5424 import format_message
+from decnet.threads import inline_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions
 from tests.support import RecordingProtocol
 

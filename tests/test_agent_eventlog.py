@@ -164,9 +164,8 @@ async def test_a_stalled_disk_drops_and_counts_instead_of_buffering_without_boun
     for _ in range(100):
         log.emit(Event("d", "ftp", "connect", ()))
     assert log.dropped > 0
-    assert log._pending_bytes <= 1000
+    assert log.pending_bytes <= 1000
     log.startService()
-    log._kick()
     await log.stopService()
     assert len(log.path.read_bytes().splitlines()) == 100 - log.dropped
 

@@ -25,7 +25,6 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -40,6 +39,7 @@ from decnet.agent.decoys.budget import (
 )
 from decnet.agent.eventlog import Event
 from decnet.agent.spec import DeploymentSpec, ServiceSpec
+from decnet.threads import run_in_pool
 
 # Kernel send and receive buffer of each decoy connection (Linux doubles it).
 DECOY_SOCKET_BUFFER = 32 * 1024
@@ -260,9 +260,7 @@ class BuiltinEngine:
         kind = runtime.spec.type
         if kind == "ssh":
             key_dir = self.state_dir / config.AGENT_SSH_KEY_DIR / runtime.spec.decky
-            host_keys = await deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), self.host_key_loader, key_dir
-            )
+            host_keys = await run_in_pool(self._reactor, self.host_key_loader, key_dir)
             return ssh.make_factory(runtime, host_keys)
         if kind == "http":
             return http.make_factory(runtime, self._reactor)

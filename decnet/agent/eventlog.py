@@ -23,7 +23,7 @@ line::
   in half); capped values are listed in a ``trunc`` parameter.  The whole line
   never exceeds :data:`decnet.config.EVENT_LINE_MAX` bytes.
 
-:class:`EventLog` appends whole lines from one dedicated thread, in order, with
+:class:`EventLog` appends whole lines through one thread lane, in order, with
 ``O_APPEND`` and a loop over short writes, so the forwarder never sees half a
 line and the reactor never waits for the disk.
 
@@ -38,15 +38,18 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 
 from decnet import config
+from decnet.groupcommit import Batch, Committer
+from decnet.threads import Runner, serial_runner
 
 FACILITY_LOCAL0 = 16
 SEVERITY_NOTICE = 5
@@ -252,16 +255,18 @@ def event_value(event: Event, name: str) -> object:
 
 
 class EventLog(Service):
-    """Appends event lines to ``path`` from a single writer thread, in order.
+    """Appends event lines to ``path`` through one thread lane, in order.
 
     :meth:`emit` formats on the reactor thread (cheap, pure) and queues the
-    bytes; one batch at a time goes to the writer thread, so lines are never
-    interleaved and their order is the order of :meth:`emit`.  The file is
-    reopened when it was rotated away (its inode changed or it vanished), and a
-    torn last line left by a crash is terminated before new lines are appended.
+    bytes; a group commit (:mod:`decnet.groupcommit`) sends one batch at a
+    time to the lane, so lines are never interleaved and their order is the
+    order of :meth:`emit`.  The file is reopened when it was rotated away (its
+    inode changed or it vanished), and a torn last line left by a crash is
+    terminated before new lines are appended.
 
     If the disk stalls, at most ``max_pending`` bytes are queued; beyond that,
     events are dropped and counted (``dropped``), never buffered without bound.
+    Nothing is written before :meth:`startService`.
     """
 
     log = Logger()
@@ -269,48 +274,52 @@ class EventLog(Service):
     def __init__(
         self,
         path: str | os.PathLike,
-        reactor,
+        reactor: IReactorThreads,
         *,
         now: Callable[[], float] | None = None,
         max_pending: int = 16 * 1024 * 1024,
         mode: int = 0o640,
+        run: Runner | None = None,
     ):
         self.path = Path(path)
-        self._reactor = reactor
-        self.now = now or reactor.seconds
+        self.now = now or cast(IReactorTime, reactor).seconds
         self.max_pending = max_pending
         self.mode = mode
         self.written_lines = 0
         self.dropped = 0
         self.write_errors = 0
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._in_flight = False
-        self._waiters: list[defer.Deferred] = []
         self._fd: int | None = None
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="decnet-eventlog")
+        self._run = run or serial_runner(reactor)
+        self._lines: Committer[bytes] = Committer(
+            self._write, committed=self._written, failed=self._write_failed, running=False
+        )
         self._overflowing = False
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued and not yet handed to the writer."""
+        return self._lines.queue.pending_size
 
     # -- reactor side ------------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
-        self._pool.start()
+        self._lines.start()
 
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
         yield self.flush()
+        self._lines.pause()
         if self._fd is not None:
-            yield self._in_thread(self._close)
-        self._pool.stop()
+            yield self._run(self._close)
 
     def emit(self, event: Event) -> None:
         """Format ``event`` with the current time and queue its line."""
         self.write_line(format_event(event, self.now()))
 
     def write_line(self, line: bytes) -> None:
-        if self._pending_bytes + len(line) > self.max_pending:
+        if self.pending_bytes + len(line) > self.max_pending:
             self.dropped += 1
             if not self._overflowing:
                 self._overflowing = True
@@ -319,55 +328,26 @@ class EventLog(Service):
                     path=str(self.path),
                 )
             return
-        self._pending.append(line)
-        self._pending_bytes += len(line)
-        self._kick()
+        self._lines.add(line, len(line))
 
     def flush(self) -> defer.Deferred:
         """A Deferred that fires once every line queued so far is written (or failed)."""
-        if not self._pending and not self._in_flight:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
+        return self._lines.flush()
 
-    def _in_thread(self, fn, *args):
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+    def _write(self, batch: Batch[bytes]) -> defer.Deferred:
+        return self._run(self._write_batch, b"".join(batch.items))
 
-    def _kick(self) -> None:
-        if self._in_flight or not self._pending:
-            return
-        if not self._pool.started:
-            return  # startService will not drain; flush() still reports pending
-        batch = b"".join(self._pending)
-        count = len(self._pending)
-        self._pending = []
-        self._pending_bytes = 0
-        self._in_flight = True
-        d = self._in_thread(self._write_batch, batch)
-        d.addCallbacks(self._written, self._write_failed, callbackArgs=(count,))
-        d.addBoth(self._next)
-
-    def _written(self, _ignored, count: int) -> None:
-        self.written_lines += count
-        if self._overflowing and not self._pending:
+    def _written(self, batch: Batch[bytes]) -> None:
+        self.written_lines += len(batch.items)
+        if self._overflowing and not self._lines.queue.pending:
             self._overflowing = False
             self.log.info(
                 "Event log caught up; {dropped} events dropped so far", dropped=self.dropped
             )
 
-    def _write_failed(self, failure) -> None:
+    def _write_failed(self, batch: Batch[bytes], failure: Failure) -> None:
         self.write_errors += 1
         self.log.failure("Cannot append to event log {path}", failure, path=str(self.path))
-
-    def _next(self, _ignored) -> None:
-        self._in_flight = False
-        if self._pending:
-            self._kick()
-            return
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
 
     # -- writer thread -----------------------------------------------------
 

@@ -14,12 +14,12 @@ import json
 import os
 from pathlib import Path
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet.agent.spec import DeploymentSpec, parse_spec
 from decnet.errors import ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir
+from decnet.threads import run_in_pool
 
 FORMAT = "decnet-agent-state/1"
 
@@ -34,7 +34,7 @@ class DesiredState:
         self._reactor = reactor
 
     def _thread(self, fn, *args):
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+        return run_in_pool(self._reactor, fn, *args)
 
     def load(self):
         """A Deferred firing with the saved spec, or ``None`` when there is none."""

@@ -3,7 +3,7 @@
 :class:`Shipper` outlives connections: it feeds events to the sans-IO
 :class:`~decnet.forwarder.core.DeliveryCore` and carries out the commands it
 returns.  Tailer and journal calls block, so they run in one thread lane, one
-at a time and in order (:func:`serial_runner`); frames go to whatever
+at a time and in order (:func:`decnet.threads.serial_runner`); frames go to whatever
 connection is current, and the shipper is that connection's streaming
 producer (the core stops reading while the TLS transport is full).
 :class:`ForwarderProtocol` is one connection: it picks the mode from ALPN and
@@ -15,7 +15,6 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -32,16 +31,6 @@ CONTROL_MAX_FRAME = 4096
 PERSIST_RETRY = 1.0
 
 MODES = ("auto", "ack", "plain")
-
-
-def serial_runner(reactor):
-    """Run blocking calls in the reactor's thread pool, one at a time, in order."""
-    lock = defer.DeferredLock()
-
-    def run(f, *args):
-        return lock.run(deferToThreadPool, reactor, reactor.getThreadPool(), f, *args)
-
-    return run
 
 
 @implementer(IPushProducer)

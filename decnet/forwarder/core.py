@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from decnet.forwarder.frames import ack_frames, plain_frames
 from decnet.forwarder.journal import GenerationRecord
 from decnet.forwarder.tail import Piece
+from decnet.groupcommit import GroupCommit
 from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
 
@@ -95,6 +96,22 @@ class Persist:
     acked: int | None
     records: tuple[GenerationRecord, ...]
     token: int  # handed back by ``persisted``
+
+
+# One item of the journal's group commit: a new acknowledged offset, new records.
+JournalWork = tuple[int | None, tuple[GenerationRecord, ...]]
+
+
+def _merged(items: tuple[JournalWork, ...]) -> tuple[int | None, tuple[GenerationRecord, ...]]:
+    """One transaction for ``items``: the newest offset, the newest record of each generation."""
+    acked: int | None = None
+    records: dict[int, GenerationRecord] = {}
+    for item_acked, item_records in items:
+        if item_acked is not None:
+            acked = item_acked
+        for rec in item_records:
+            records[rec.seq] = rec
+    return acked, tuple(records.values())
 
 
 @attrs.frozen
@@ -139,11 +156,8 @@ class DeliveryCore:
         self._wakeup = False
         self._held: list[Piece] = []
         # The journal's group commit: one transaction in flight, the rest merged.
-        self._persisting = False
-        self._pending_acked: int | None = None
-        self._pending_records: dict[int, GenerationRecord] = {}
-        self._token = 0  # bumps whenever records are queued
-        self._durable_token = 0  # the newest token whose records are durable
+        self._journal: GroupCommit[JournalWork, None] = GroupCommit()
+        self._gate = 0  # the ticket of the newest records that must be durable before a send
         self.bytes_sent = 0
         self.frames_sent = 0
         self.empty_lines_skipped = 0
@@ -248,7 +262,7 @@ class DeliveryCore:
         wakeup, self._wakeup = self._wakeup, False
         if not pieces:
             return out + self._next_persist() + (self._pump() if wakeup else [])
-        if self._token != self._durable_token:
+        if not self._records_durable():
             self._held = pieces  # sent once the records describing them are durable
             return out + self._next_persist()
         return out + self._next_persist() + self._send(pieces) + self._pump()
@@ -260,8 +274,8 @@ class DeliveryCore:
     # -- the journal -----------------------------------------------------
 
     def persisted(self, acked: int | None, token: int) -> list[Command]:
-        self._persisting = False
-        self._durable_token = max(self._durable_token, token)
+        """The :class:`Persist` whose ``token`` is ``token`` is durable."""
+        self._journal.done()
         out: list[Command] = []
         if acked is not None and acked > self.durable_acked:
             self.durable_acked = acked
@@ -270,39 +284,40 @@ class DeliveryCore:
             # The master knows less than we had recorded (its data was lost or
             # restored): rewinding below our mark is recorded as well.
             self.durable_acked = acked
-        if self._held and self._token == self._durable_token and self.phase == STREAMING:
+        if self._held and self._records_durable() and self.phase == STREAMING:
             held, self._held = self._held, []
             out += self._send(held)
         return out + self._next_persist() + self._pump()
 
     def persist_failed(self, acked: int | None, records: tuple) -> list[Command]:
-        """The commit failed (disk full?): keep everything queued and try again later."""
-        self._persisting = False
-        if self._pending_acked is None:
-            self._pending_acked = acked
-        for rec in records:
-            # A newer record of the same generation, queued meanwhile, wins.
-            self._pending_records.setdefault(rec.seq, rec)
+        """The commit failed (disk full?): keep everything queued and try again later.
+
+        Its work goes back ahead of what was queued meanwhile, so a newer
+        offset or a newer record of the same generation still wins.
+        """
+        self._journal.failed(retry=True)
         return []
 
-    def _queue(self, *, acked: int | None = None, records=(), bump: bool = True) -> list[Command]:
-        if acked is not None:
-            self._pending_acked = acked
-        if records:
-            for rec in records:
-                self._pending_records[rec.seq] = rec
-            if bump:
-                self._token += 1
+    def _queue(
+        self, *, acked: int | None = None, records: list | tuple = (), bump: bool = True
+    ) -> list[Command]:
+        """Queue journal work; ``bump``: sending waits until these records are durable."""
+        if acked is None and not records:
+            return []
+        ticket = self._journal.add((acked, tuple(records)))
+        if records and bump:
+            self._gate = ticket
         return []
+
+    def _records_durable(self) -> bool:
+        return self._journal.finished >= self._gate
 
     def _next_persist(self) -> list[Command]:
-        if self._persisting or (self._pending_acked is None and not self._pending_records):
+        batch = self._journal.take()
+        if batch is None:
             return []
-        self._persisting = True
-        acked, self._pending_acked = self._pending_acked, None
-        records = tuple(self._pending_records.values())
-        self._pending_records = {}
-        return [Persist(acked, records, self._token)]
+        acked, records = _merged(batch.items)
+        return [Persist(acked, records, batch.last)]
 
     def retry_persist(self) -> list[Command]:
         """Called on a timer after a failed commit."""
@@ -313,7 +328,7 @@ class DeliveryCore:
     def _can_read(self) -> bool:
         if self.phase != STREAMING or self.paused or self.reading or self._held:
             return False
-        if self._token != self._durable_token:
+        if not self._records_durable():
             return False
         return self.mode != ACK or self.sent_end - self.acked < self.window
 

@@ -14,12 +14,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from decnet import config
-from decnet.forwarder.client import ForwarderFactory, Shipper, serial_runner
+from decnet.forwarder.client import ForwarderFactory, Shipper
 from decnet.forwarder.core import DeliveryCore
 from decnet.forwarder.journal import Plan
 from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
 from decnet.systemd import SystemdService
+from decnet.threads import serial_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 
 _jitter = random.SystemRandom()

@@ -26,15 +26,20 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
+import attrs
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from decnet.errors import DecnetError
 from decnet.fsutil import ensure_private_dir
+from decnet.groupcommit import Batch, Committer
 from decnet.listener import storage
 from decnet.syslog.ackproto import ProtocolError
+from decnet.threads import Runner, pool_runner
 
 # A connection stops reading while its stream holds this much uncommitted data.
 PENDING_LIMIT = 16 * 1024 * 1024
@@ -49,18 +54,14 @@ class TooManyStreams(DecnetError):
     """A worker asked for one stream more than ``--max-streams-per-worker`` allows."""
 
 
-def thread_runner(reactor):
-    """Run blocking callables in the reactor's thread pool (the default runner)."""
+@attrs.frozen
+class _Accepted:
+    """What one call handed to a sink: bytes for the mirror, maybe a gap, the marks after it."""
 
-    def run(f, *args):
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return run
-
-
-def inline_runner(f, *args):
-    """Run blocking callables synchronously (tests with a fake reactor)."""
-    return defer.maybeDeferred(f, *args)
+    payload: bytes
+    gap: tuple[int, int] | None  # an index record (mirror end, stream end) before the payload
+    mirror_end: int
+    stream_end: int
 
 
 class StreamSink:
@@ -75,11 +76,10 @@ class StreamSink:
         self.files = files
         self.committed_mirror = self.accepted_mirror = recovered.mirror_end
         self.committed_end = self.accepted_end = recovered.stream_end
-        self._chunks: list[bytes] = []
-        self._records: list[tuple[int, int]] = []  # gap records awaiting commit
-        self.pending_bytes = 0
-        self._committing = False
-        self._flush_waiters: list[tuple[int, defer.Deferred]] = []
+        # Group commit: one commit in flight, everything accepted meanwhile in the next.
+        self._commits: Committer[_Accepted] = Committer(
+            self._commit, committed=self._committed, failed=self._commit_failed
+        )
         self._drain_waiters: list[Callable[[], None]] = []
         self.commit_listeners: list[Callable[[int], None]] = []
         self.failure_listeners: list[Callable[[str], None]] = []
@@ -115,12 +115,10 @@ class StreamSink:
                 start_gap=self.accepted_end,
                 end_gap=start,
             )
-            self._records.append((self.accepted_mirror, start))
-        self._chunks.append(payload)
-        self.pending_bytes += len(payload)
+        gap = (self.accepted_mirror, start) if start > self.accepted_end else None
         self.accepted_mirror += len(payload)
         self.accepted_end = end
-        self._kick()
+        self._add(payload, gap)
         return True
 
     def accept_gap(self, start: int, end: int) -> bool:
@@ -143,17 +141,23 @@ class StreamSink:
             end_gap=end,
         )
         self.accepted_end = end
-        self._records.append((self.accepted_mirror, end))
-        self._kick()
+        self._add(b"", (self.accepted_mirror, end))
         return True
 
     def append_plain(self, data: bytes) -> None:
         """Take plain RFC 5425 lines (already LF-terminated); offsets are mirror offsets."""
-        self._chunks.append(data)
-        self.pending_bytes += len(data)
         self.accepted_mirror += len(data)
         self.accepted_end += len(data)
-        self._kick()
+        self._add(data, None)
+
+    def _add(self, payload: bytes, gap: tuple[int, int] | None) -> None:
+        item = _Accepted(payload, gap, self.accepted_mirror, self.accepted_end)
+        self._commits.add(item, len(payload))
+
+    @property
+    def pending_bytes(self) -> int:
+        """Accepted bytes not yet in a commit."""
+        return self._commits.queue.pending_size
 
     @property
     def over_limit(self) -> bool:
@@ -165,58 +169,36 @@ class StreamSink:
 
     def when_flushed(self) -> defer.Deferred:
         """Fires with the durable high-water mark once everything accepted so far is durable."""
-        if self.failed:
-            return defer.fail(storage.IngestCorrupt(self.failed))
-        if self.committed_end >= self.accepted_end and not self._chunks and not self._records:
-            return defer.succeed(self.committed_end)
-        d: defer.Deferred = defer.Deferred()
-        self._flush_waiters.append((self.accepted_end, d))
-        return d
+        return self._commits.flush().addCallback(lambda _: self.committed_end)
 
     # -- committing ------------------------------------------------------
 
-    def _kick(self) -> None:
-        if self._committing or self.failed or not (self._chunks or self._records):
-            return
-        self._committing = True
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+    def _commit(self, batch: Batch[_Accepted]) -> defer.Deferred:
+        """One commit: the batch's bytes, its gap records and the new marks, durable together."""
+        items = batch.items
+        data = items[0].payload if len(items) == 1 else b"".join(i.payload for i in items)
         now_us = int(self.ingest.clock.seconds() * 1_000_000)
-        records = [storage.IndexRecord(m, s, now_us) for m, s in self._records]
-        if self._records[-1:] != [(self.accepted_mirror, self.accepted_end)]:
-            records.append(storage.IndexRecord(self.accepted_mirror, self.accepted_end, now_us))
-        mirror_end, stream_end = self.accepted_mirror, self.accepted_end
-        self._chunks, self._records, self.pending_bytes = [], [], 0
+        marks = [i.gap for i in items if i.gap is not None]
+        last = (items[-1].mirror_end, items[-1].stream_end)
+        if marks[-1:] != [last]:
+            marks.append(last)
+        records = [storage.IndexRecord(m, e, now_us) for m, e in marks]
         self.ingest.touch(self)
-        d = self.ingest.run(self.files.commit, data, records)
-        d.addCallbacks(self._committed, self._commit_failed, (mirror_end, stream_end))
-        d.addErrback(
-            self.log.failure,
-            "Post-commit bookkeeping failed for {worker}/{stream}",
-            worker=self.worker,
-            stream=self.stream,
-        )
+        return self.ingest.run(self.files.commit, data, records)
 
-    def _committed(self, _, mirror_end: int, stream_end: int) -> None:
-        self._committing = False
+    def _committed(self, batch: Batch[_Accepted]) -> None:
+        last = batch.items[-1]
         self.commits += 1
-        self.committed_mirror, self.committed_end = mirror_end, stream_end
+        self.committed_mirror, self.committed_end = last.mirror_end, last.stream_end
         for listener in list(self.commit_listeners):
-            listener(stream_end)
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for target, d in waiters:
-            if target <= stream_end:
-                d.callback(stream_end)
-            else:
-                self._flush_waiters.append((target, d))
+            listener(last.stream_end)
         if not self.over_limit:
             drained, self._drain_waiters = self._drain_waiters, []
             for callback in drained:
                 callback()
         self.ingest.feed_kick(self)
-        self._kick()
 
-    def _commit_failed(self, failure) -> None:
-        self._committing = False
+    def _commit_failed(self, batch: Batch[_Accepted], failure: Failure) -> Exception:
         self.failed = f"commit failed: {failure.getErrorMessage()}"
         self.log.failure(
             "Could not make {worker}/{stream} durable; dropping its connections "
@@ -227,10 +209,8 @@ class StreamSink:
         )
         for listener in list(self.failure_listeners):
             listener(self.failed)
-        for _, d in self._flush_waiters:
-            d.errback(storage.IngestCorrupt(self.failed))
-        self._flush_waiters = []
         self.ingest.forget(self)
+        return storage.IngestCorrupt(self.failed)
 
 
 class Ingest:
@@ -241,8 +221,8 @@ class Ingest:
     def __init__(
         self,
         directory: Path,
-        clock,
-        run=None,
+        clock: IReactorTime,
+        run: Runner | None = None,
         *,
         feeds=None,
         max_streams_per_worker: int = DEFAULT_MAX_STREAMS_PER_WORKER,
@@ -250,7 +230,8 @@ class Ingest:
     ):
         self.directory = Path(directory)
         self.clock = clock
-        self.run = run or thread_runner(clock)
+        # The real reactor is a clock and has a thread pool; tests pass both parts.
+        self.run = run or pool_runner(cast(IReactorThreads, clock))
         # Who builds the JSON feeds (a FeedProcess, InlineFeeds in tests); None: no feed.
         self.feeds = feeds
         self.max_streams_per_worker = max_streams_per_worker

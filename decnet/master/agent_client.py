@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet import config
@@ -30,6 +29,7 @@ from decnet.master import replies
 from decnet.master.http import DEFAULT_TIMEOUT, client_for_host
 from decnet.master.registry import Host, Registry
 from decnet.revocation import RevocationSet
+from decnet.threads import run_in_pool
 from decnet.tls import TLSIdentity
 
 DEPLOY_TIMEOUT = config.AGENT_DEPLOY_TIMEOUT
@@ -153,7 +153,6 @@ async def check_hosts(
     results = await defer.gatherResults(
         [defer.ensureDeferred(probe(h)) for h in hosts], consumeErrors=True
     )
-    pool = reactor.getThreadPool()
     for result in results:
-        await deferToThreadPool(reactor, pool, registry.set_status, result.name, result.status)
+        await run_in_pool(reactor, registry.set_status, result.name, result.status)
     return list(results)

@@ -19,13 +19,13 @@ import signal
 
 import attrs
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 
 from decnet import config
 from decnet.cli import output
 from decnet.errors import DecnetError
 from decnet.sandbox import daemons, state, view
 from decnet.sandbox.layout import SandboxLayout
+from decnet.threads import run_in_pool
 
 UP_STOP_TIMEOUT = 2 * config.SANDBOX_STOP_GRACE + 15.0  # `up` stops its children in two waves
 
@@ -59,7 +59,7 @@ async def agent_processes(reactor, identity, layout: SandboxLayout, workers) -> 
     from decnet.master.updater_client import UpdaterClient
 
     registry = Registry(layout.master.registry)
-    hosts = await deferToThreadPool(reactor, reactor.getThreadPool(), registry.list)
+    hosts = await run_in_pool(reactor, registry.list)
     by_name = {h.name: h for h in hosts}
 
     async def one(name: str) -> dict:
@@ -96,8 +96,7 @@ def _address(name: str, doc: dict) -> str:
 
 async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) -> int:
     """Print what runs; 0 only when ``up``, every child and every active agent are up."""
-    pool = reactor.getThreadPool()
-    doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
+    doc = await run_in_pool(reactor, state.load, layout.state_file)
     if doc is None:
         if as_json:
             output.print_json({"dir": str(layout.root), "healthy": False, "processes": []})
@@ -113,10 +112,10 @@ async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) 
         from decnet.sandbox.live import host_rows
         from decnet.tls import TLSIdentity
 
-        identity = await deferToThreadPool(reactor, pool, TLSIdentity.master, layout.master)
+        identity = await run_in_pool(reactor, TLSIdentity.master, layout.master)
         clients: dict = {}
         try:
-            hosts = await host_rows(reactor, identity, layout, workers, clients, pool)
+            hosts = await host_rows(reactor, identity, layout, workers, clients)
         finally:
             for client in clients.values():
                 await client.close()
@@ -184,8 +183,7 @@ def _killpg(pgid: int) -> None:
 
 async def down(reactor, layout: SandboxLayout, say) -> int:
     """Stop the sandbox in ``layout`` whatever state it is in; 0 once nothing is left."""
-    pool = reactor.getThreadPool()
-    doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
+    doc = await run_in_pool(reactor, state.load, layout.state_file)
     if doc is None:
         say(f"No sandbox in {layout.root}; nothing to stop.")
         return 0
@@ -196,7 +194,7 @@ async def down(reactor, layout: SandboxLayout, say) -> int:
             say(f"`sandbox up` (pid {up.pid}) did not stop in {UP_STOP_TIMEOUT:g}s; killing it")
             state.signal_if_running(up, signal.SIGKILL)
             await _wait_gone(reactor, [up], 10.0)
-        doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file) or doc
+        doc = await run_in_pool(reactor, state.load, layout.state_file) or doc
     children = state.processes(doc)
     alive = {n: r for n, r in children.items() if state.is_running(r)}
     if alive:
@@ -220,6 +218,6 @@ async def down(reactor, layout: SandboxLayout, say) -> int:
         say(f"Still running: {', '.join(left)}")
         return 1
     doc.update(phase="stopped", up=None, processes={})
-    await deferToThreadPool(reactor, pool, state.save, layout.state_file, doc)
+    await run_in_pool(reactor, state.save, layout.state_file, doc)
     say("Nothing of the sandbox runs any more.")
     return 0

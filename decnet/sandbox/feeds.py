@@ -1,6 +1,6 @@
 """Reading what arrives in the master's JSON feeds, and how far behind each mirror is.
 
-Blocking file reads, meant for the thread pool (``deferToThreadPool``): the
+Blocking file reads, meant for the thread pool (:func:`decnet.threads.run_in_pool`): the
 live view calls :meth:`FeedTail.read_new` on a timer and prints what it gets.
 Only whole lines are consumed; a line the feed builder is still writing waits
 for the next read.

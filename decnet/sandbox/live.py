@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet import config
@@ -28,6 +27,7 @@ from decnet.errors import DecnetError
 from decnet.master.agent_client import AgentClient
 from decnet.master.registry import Registry
 from decnet.sandbox import feeds, view
+from decnet.threads import run_in_pool
 
 
 def read_hosts(layout, workers: dict) -> tuple[dict, dict]:
@@ -66,9 +66,9 @@ async def host_row(
     return view.row_from_status(name, host.address, health, status, lag)
 
 
-async def host_rows(reactor, identity, layout, workers: dict, clients: dict, pool):
+async def host_rows(reactor, identity, layout, workers: dict, clients: dict):
     """One :class:`~decnet.sandbox.view.HostRow` per worker of ``sandbox.json`` (all at once)."""
-    hosts, sizes = await deferToThreadPool(reactor, pool, read_hosts, layout, workers)
+    hosts, sizes = await run_in_pool(reactor, read_hosts, layout, workers)
     rows = await defer.gatherResults(
         [
             defer.ensureDeferred(
@@ -94,7 +94,6 @@ class LiveView:
         self.workers = workers
         self.tail = feeds.FeedTail({name: layout.feed(name) for name in workers})
         self.clients: dict[str, AgentClient] = {}
-        self.pool = reactor.getThreadPool()
         self.last_keys: tuple | None = None
         self.last_table_at = -1e9
         self.events_since_table = 0
@@ -108,7 +107,7 @@ class LiveView:
         self.stopped = False
 
     def start(self) -> defer.Deferred:
-        d = deferToThreadPool(self.reactor, self.pool, self.tail.skip_to_end)
+        d = run_in_pool(self.reactor, self.tail.skip_to_end)
         d.addCallback(lambda _: self._start_loops())
         return d
 
@@ -143,9 +142,7 @@ class LiveView:
         stalls (until its deadline) never holds back the rows of the others.
         """
         try:
-            hosts, sizes = await deferToThreadPool(
-                self.reactor, self.pool, read_hosts, self.layout, self.workers
-            )
+            hosts, sizes = await run_in_pool(self.reactor, read_hosts, self.layout, self.workers)
         except Exception:
             self.log.failure("Cannot read the registry or the workers' logs")
             return
@@ -206,7 +203,7 @@ class LiveView:
 
     async def poll_feeds(self) -> None:
         try:
-            entries = await deferToThreadPool(self.reactor, self.pool, self.tail.read_new)
+            entries = await run_in_pool(self.reactor, self.tail.read_new)
         except Exception:  # an unreadable feed must not end the live view
             self.log.failure("Cannot read the master's feeds")
             return

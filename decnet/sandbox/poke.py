@@ -428,14 +428,13 @@ async def poke(
 ) -> int:
     """Poke every service of the sandbox in ``layout``; 0 when every conversation arrived."""
     from twisted.internet import task
-    from twisted.internet.threads import deferToThreadPool
 
     from decnet.cli import output
     from decnet.errors import SandboxError
     from decnet.sandbox import feeds, state
+    from decnet.threads import run_in_pool
 
-    pool = reactor.getThreadPool()
-    doc = await deferToThreadPool(reactor, pool, state.load, layout.state_file)
+    doc = await run_in_pool(reactor, state.load, layout.state_file)
     if doc is None or not doc.get("workers"):
         raise SandboxError(
             f"no sandbox in {layout.root} (start one with `decnet-admin sandbox up`)"
@@ -450,7 +449,7 @@ async def poke(
         raise SandboxError(f"no worker named {', '.join(unknown)} in this sandbox")
     targets = targets_from_state(doc, only)
     tail = feeds.FeedTail({name: layout.feed(name) for name in doc["workers"]})
-    await deferToThreadPool(reactor, pool, tail.skip_to_end)
+    await run_in_pool(reactor, tail.skip_to_end)
     deckies = {(t.worker, t.decky) for t in targets}
     workers = sorted({t.worker for t in targets})
     if not as_json:
@@ -483,7 +482,7 @@ async def poke(
     arrived_at = None
     deadline = finished + wait
     while wait > 0:
-        entries = await deferToThreadPool(reactor, pool, tail.read_new)
+        entries = await run_in_pool(reactor, tail.read_new)
         arrival = match_feed(outcomes, entries, found)
         if not arrival.missing:
             arrived_at = reactor.seconds()

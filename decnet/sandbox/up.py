@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from decnet import config, pki
@@ -42,6 +41,7 @@ from decnet.sandbox import daemons, state, view
 from decnet.sandbox.children import Child, Children
 from decnet.sandbox.layout import SandboxLayout, spec_targets
 from decnet.sandbox.prepare import Prepared, WorkerPlan, prepare
+from decnet.threads import run_in_pool, serial_runner
 
 PROGRESS_EVERY = 10.0  # seconds between "still installing" lines during a release push
 
@@ -105,14 +105,13 @@ class Sandbox:
         self.stopping = False
         self.live = None
         self.doc = state.empty_state(net)
-        self._pool = reactor.getThreadPool()
-        self._save_lock = defer.DeferredLock()
+        self._save_lane = serial_runner(reactor)
         self._watched: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------
 
     def _thread(self, fn, *args, **kw) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self._pool, fn, *args, **kw)
+        return run_in_pool(self.reactor, fn, *args, **kw)
 
     def say(self, text: str = "") -> None:
         self.console.line(text)
@@ -131,7 +130,7 @@ class Sandbox:
         """Record what runs now in ``sandbox.json`` (one write at a time, in the thread pool)."""
         self.doc["processes"] = {n: r.as_dict() for n, r in self.children.records().items()}
         data = state.dump(self.doc)
-        await self._save_lock.run(self._thread, state.write, self.layout.state_file, data)
+        await self._save_lane(state.write, self.layout.state_file, data)
 
     async def sleep(self, seconds: float) -> None:
         await task.deferLater(self.reactor, seconds, lambda: None)

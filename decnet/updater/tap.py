@@ -20,7 +20,6 @@ from typing import ClassVar
 from hyperlink import URL
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -32,6 +31,7 @@ from decnet.master.http import PinnedClient
 from decnet.options import positive_float, positive_int
 from decnet.release import pin_running_release
 from decnet.systemd import SystemdService
+from decnet.threads import pool_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 from decnet.updater import archive
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent, agent_argv
@@ -230,7 +230,6 @@ def makeService(options: Options) -> service.IService:
         agent = SystemdAgent(reactor, options["agent-unit"])
 
     install_dir = Path(options["install-dir"])
-    pool = reactor.getThreadPool()
     updater = Updater(
         clock=reactor,
         store=ReleaseStore(install_dir),
@@ -242,7 +241,7 @@ def makeService(options: Options) -> service.IService:
         ),
         agent=agent,
         probe=HealthProbe(reactor, agent_client),
-        to_thread=lambda f, *a, **kw: deferToThreadPool(reactor, pool, f, *a, **kw),
+        to_thread=pool_runner(reactor),
         health_timeout=options["health-timeout"],
         keep=options["keep"],
         limits=archive.Limits(),
