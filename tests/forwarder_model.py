@@ -408,9 +408,9 @@ class World:
 
     def __init__(self):
         self.fs = FakeFiles()
-        self.store = JournalStore(":memory:")
-        self.writer = Writer(self.fs, self.store)
         self.clock = Clock()
+        self.store = JournalStore(":memory:", self.clock.seconds)
+        self.writer = Writer(self.fs, self.store)
         self.listener = ModelListener()
         self.forwarder: ModelForwarder | None = None
         self.proto: _Proto | None = None

@@ -482,7 +482,7 @@ def test_a_chunked_post_is_captured_and_the_next_request_served():
 def test_event_timestamps_are_the_strftime_text_whatever_the_cache_holds(ts):
     import datetime
 
-    from decnet.agent.eventlog import format_timestamp
+    from decnet.syslog.rfc5424 import format_timestamp
 
     expected = datetime.datetime.fromtimestamp(ts, datetime.UTC)
     assert format_timestamp(ts) == expected.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -104,6 +104,37 @@ def test_none_values_are_left_out():
     assert line(("user", "x"), ("password", None)) == line(("user", "x"))
 
 
+def test_every_event_line_is_written_by_the_log_pipelines_rfc5424_formatter(monkeypatch):
+    from decnet.syslog import rfc5424
+
+    calls = []
+    original = rfc5424.format_message
+
+    def recording(**fields):
+        calls.append(fields)
+        return original(**fields)
+
+    monkeypatch.setattr(rfc5424, "format_message", recording)
+    got = line(("user", 'a"b'), ("password", None))
+    (fields,) = calls
+    assert got == original(**fields) + b"\n"
+    assert fields["structured_data"] == [(config.EVENT_SD_ID, [("user", 'a"b')])]
+    assert (fields["hostname"], fields["app_name"], fields["msgid"]) == ("web-01", "ssh", "login")
+
+
+def test_header_fields_take_the_rfc5424_limits():
+    from decnet.syslog import rfc5424
+
+    got = format_event(Event("h" * 300, "a" * 60, "k" * 40, ()), T)
+    head = got.split(b" ")
+    assert [len(field) for field in head[2:6]] == [
+        rfc5424.MAX_HOSTNAME,
+        rfc5424.MAX_APP_NAME,
+        1,  # PROCID: NILVALUE
+        rfc5424.MAX_MSGID,
+    ]
+
+
 def test_header_fields_are_sanitised():
     got = format_event(Event("bad name", "a\nb", "kind", ()), T)
     assert got.startswith(b"<134>1 2026-01-02T03:04:05.250000Z bad_name a_b - kind [")

@@ -8,6 +8,7 @@ obeyed, and a generation is released only once it is acknowledged to its end.
 """
 
 import os
+import sqlite3
 
 import pytest
 from twisted.internet import defer
@@ -39,13 +40,13 @@ class Rig:
         self.path = tmp_path / "decnet.log"
         self.path.touch()
         self.state = tmp_path / "forwarder.sqlite"
-        self.store = JournalStore(self.state)
+        self.clock = Clock()
+        self.store = JournalStore(self.state, self.clock.seconds)
         self.tailer = Tailer(self.path)
         journal = self.store.load(STREAM)
         self.tailer.start(journal)
         self.store.commit(STREAM, records=self.tailer.take_records())
         delivery = core.DeliveryCore(STREAM, acked=journal.acked, max_payload=4096, window=window)
-        self.clock = Clock()
         self.shipper = Shipper(delivery, self.tailer, self.store, self.clock, inline)
         self.factory = ForwarderFactory(self.shipper, stream=STREAM, mode="ack", target="m")
 
@@ -73,7 +74,7 @@ class Rig:
         self.shipper.notify()
 
     def acked_on_disk(self) -> int:
-        return JournalStore(self.state).load(STREAM).acked
+        return JournalStore(self.state, self.clock.seconds).load(STREAM).acked
 
 
 def data_frame(start: int, end: int, payload: bytes) -> bytes:
@@ -142,7 +143,7 @@ def test_a_generation_is_released_only_when_acknowledged_to_its_end(tmp_path):
     assert rig.take() == data_frame(10, 20, b"g1 line b\n") + data_frame(20, 23, b"g2\n")
     rig.say(b"A 20")
     assert len(rig.tailer.gens) == 1
-    states = [g.state for g in JournalStore(rig.state).load(STREAM).generations]
+    states = [g.state for g in JournalStore(rig.state, rig.clock.seconds).load(STREAM).generations]
     assert states == ["done", "active"]
 
 
@@ -156,6 +157,19 @@ def test_the_window_bounds_unacknowledged_bytes(tmp_path):
     assert rig.take() == b""  # 16 unacknowledged >= window
     rig.say(b"A 16")
     assert rig.take() == data_frame(16, 20, b"ccc\n")
+
+
+def test_the_journal_stamps_updated_at_with_the_injected_clock(tmp_path):
+    clock = Clock()
+    clock.advance(1767323045.25)
+    store = JournalStore(tmp_path / "f.sqlite", clock.seconds)
+    store.commit(STREAM, acked=5)
+    store.close()
+    db = sqlite3.connect(tmp_path / "f.sqlite")
+    assert db.execute("SELECT acked, updated_at FROM streams").fetchall() == [
+        (5, "2026-01-02T03:04:05.250000+00:00")
+    ]
+    db.close()
 
 
 def test_an_ack_beyond_what_was_sent_closes_the_connection(tmp_path):

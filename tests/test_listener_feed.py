@@ -1,5 +1,6 @@
 """The JSON feed: the fast encoder equals the definition, the builder, the feed process."""
 
+import datetime
 import os
 import time
 
@@ -129,6 +130,142 @@ sd_name = st.text(
 )
 def test_the_fast_encoder_equals_the_definition_on_well_formed_messages(lines):
     assert fast(lines)[0] == reference(lines)
+
+
+# -- hostile RFC 5424 lines, piece by piece ------------------------------------
+# Each piece is usually valid and sometimes broken in the ways attackers and
+# broken senders break it: escapes, brackets, quotes, UTF-8 (valid or not), a
+# BOM, NILVALUEs, fields one byte too long, very long STRUCTURED-DATA.
+
+_ascii = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+_nasty = st.sampled_from(
+    ['"', "\\", "]", "[", "=", " ", '\\"', "\\]", "\\\\", "\t", "\x01", "\x7f", "\r"]
+)
+_unicode = st.sampled_from(["é", "\u2028", "\u202e", "\ufeff", "\U0001f600", "\x85"])
+_text_piece = st.one_of(_ascii, _ascii, _ascii, _nasty, _unicode)
+
+
+def _text(min_size=0, max_size=12):
+    return st.lists(_text_piece, min_size=min_size, max_size=max_size).map("".join)
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+_raw_bytes = st.sampled_from([b"\xff", b"\xc3", b"\xe2\x82", BOM, b"\x00"])
+_printusascii = st.text(_ascii, min_size=1, max_size=12)
+_name_chars = _ascii.filter(lambda c: c not in '= ]"')
+
+
+def _escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+# Valid pieces: what a conforming sender may write, hostile content included.
+good_sd_value = st.one_of(
+    st.text(_ascii.filter(lambda c: c not in '"\\]') | st.just(" "), max_size=12),
+    _text(0, 16).map(_escaped),
+    _text(0, 8).map(lambda v: v.replace('"', "").replace("]", "") + "\\q"),  # a lone backslash
+    st.integers(200, 2000).map(lambda n: "v" * n),  # long SD
+)
+good_sd_element = st.builds(
+    lambda sd_id, params: f"[{sd_id}" + "".join(f' {n}="{v}"' for n, v in params) + "]",
+    st.text(_name_chars, min_size=1, max_size=8),
+    st.lists(st.tuples(st.text(_name_chars, min_size=1, max_size=8), good_sd_value), max_size=4),
+)
+GOOD = {
+    "pri": st.integers(0, 191).map(str),
+    "version": st.sampled_from(["1", "1", "2", "999"]),
+    "ts": st.one_of(
+        st.just("-"),
+        st.builds(
+            lambda d, frac, zone: d.strftime("%Y-%m-%dT%H:%M:%S") + frac + zone,
+            st.datetimes(min_value=datetime.datetime(1000, 1, 1)),
+            st.sampled_from(["", ".1", ".000001", ".123456"]),
+            st.sampled_from(["Z", "+02:00", "-23:59"]),
+        ),
+    ),
+    "host": st.one_of(st.just("-"), _printusascii, st.just("h" * 255)),
+    "app": st.one_of(st.just("-"), _printusascii, st.just("a" * 48)),
+    "procid": st.one_of(st.just("-"), _printusascii, st.just("p" * 128)),
+    "msgid": st.one_of(st.just("-"), _printusascii, st.just("m" * 32)),
+    "sd": st.one_of(
+        st.just("-"),
+        st.lists(good_sd_element, min_size=1, max_size=3).map("".join),
+        st.integers(20, 60).map(lambda n: '[x@1 k="v"]' * n),  # many elements
+    ),
+    "msg": st.one_of(
+        st.none(),
+        _text(0, 20).map(lambda m: b" " + _utf8(m)),
+        _text(0, 20).map(lambda m: b" " + BOM + _utf8(m)),
+        st.lists(st.one_of(_raw_bytes, _text(0, 3).map(_utf8)), max_size=6).map(
+            lambda parts: b" " + b"".join(parts)
+        ),
+    ),
+}
+# Broken pieces: one is swapped in, so the rest of the line still looks right.
+BAD = {
+    "pri": st.sampled_from(["192", "05", "00", "999", "", "1a", "-1"]),
+    "version": st.sampled_from(["01", "0", "1000", "", "x"]),
+    "ts": st.one_of(
+        st.sampled_from(
+            [
+                "2024-13-01T00:00:00Z",
+                "2024-02-30T24:00:00Z",
+                "2024-05-01T12:00:61Z",
+                "2024-05-01T12:00:00.1234567Z",
+                "2024-05-01T12:00:00+24:00",
+                "2024-05-01T12:00:00z",
+                "2024-05-01T12:00:00",
+            ]
+        ),
+        _text(1, 30),
+    ),
+    "host": st.one_of(st.just("h" * 256), _text(0, 12)),
+    "app": st.one_of(st.just("a" * 49), _text(0, 12)),
+    "procid": st.one_of(st.just("p" * 129), _text(0, 12)),
+    "msgid": st.one_of(st.just("m" * 33), _text(0, 12)),
+    "sd": st.one_of(
+        st.builds(
+            lambda name, sep, value, closing: f"[{name} k{sep}{value}{closing}",
+            st.one_of(st.just("n" * 33), _text(0, 4)),
+            st.sampled_from(["=", "= ", ""]),
+            st.one_of(_text(0, 6), _text(0, 6).map(lambda v: f'"{v}"')),
+            st.sampled_from(["]", " ]", ""]),
+        ),
+        _text(0, 6),
+    ),
+    "msg": _text(1, 6).map(_utf8),  # no SP before MSG
+}
+FIELDS = list(GOOD)
+
+
+@st.composite
+def hostile_lines(draw):
+    """A valid RFC 5424 line with hostile content, or one with one piece broken."""
+    broken = draw(st.sampled_from([None, None, None, *FIELDS]))
+    piece = {f: draw(BAD[f] if f == broken else GOOD[f]) for f in FIELDS}
+    sep = draw(st.sampled_from([" "] * 12 + ["  ", "\t"]))
+    head = sep.join(piece[f] for f in ("ts", "host", "app", "procid", "msgid", "sd"))
+    line = _utf8(f"<{piece['pri']}>{piece['version']}{sep}{head}") + (piece["msg"] or b"")
+    return line.replace(b"\n", b" ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(hostile_lines(), min_size=1, max_size=4))
+def test_the_fast_path_gives_what_the_parser_gives_on_generated_hostile_lines(lines):
+    out, encoder = fast(lines)
+    assert out == reference(lines)
+    assert encoder.fast_lines + encoder.slow_lines == len(lines)
+
+
+def test_the_hostile_line_generator_reaches_both_paths():
+    """The property above means something only if both paths take generated lines."""
+    from hypothesis import find
+
+    find(hostile_lines(), lambda line: fast([line])[1].fast_lines == 1)
+    find(hostile_lines(), lambda line: fast([line])[1].slow_lines == 1)
 
 
 def test_many_distinct_structured_data_shapes_stay_correct(monkeypatch):

@@ -77,4 +77,6 @@ async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener
     finally:
         await fwd.stopService()
         await lst.stopService()
-    assert JournalStore(tmp_path / "f.sqlite").load("decnet").acked == len(first + more)
+    assert JournalStore(tmp_path / "f.sqlite", reactor.seconds).load("decnet").acked == len(
+        first + more
+    )

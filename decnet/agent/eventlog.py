@@ -27,13 +27,13 @@ line::
 ``O_APPEND`` and a loop over short writes, so the forwarder never sees half a
 line and the reactor never waits for the disk.
 
-The formatter is self-contained (no Twisted) so it can later be merged with the
-log pipeline's RFC 5424 code.
+The line itself is written by the log pipeline's one RFC 5424 formatter
+(:func:`decnet.syslog.rfc5424.format_message`); this module adds the printable
+layer, the caps and the writer.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 from collections.abc import Callable
@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 
 from decnet import config
 from decnet.groupcommit import Batch, Committer
+from decnet.syslog import rfc5424
 from decnet.threads import Runner, serial_runner
 
 FACILITY_LOCAL0 = 16
@@ -69,10 +70,6 @@ VALUE_MAX = {
 }
 TRUNC_PARAM = "trunc"
 
-# PRINTUSASCII minus what SD-NAME forbids ('=', SP, ']', '"').
-_SD_NAME_RE = re.compile(r"[!#-<>-\\^-~]{1,32}")
-# RFC 5424 header fields: PRINTUSASCII, bounded lengths.
-_HEADER_MAX = {"hostname": 255, "app_name": 48, "msgid": 32}
 _PLAIN_ASCII_RE = re.compile(r"[ !#-\[^-~]*")  # printable ASCII without " \ ]
 
 
@@ -106,9 +103,6 @@ def _printable_layer(ch: str) -> str:
     return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
 
 
-_RFC_ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "]": "\\]"})
-
-
 def _as_text(value: object) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "surrogateescape")
@@ -117,21 +111,31 @@ def _as_text(value: object) -> str:
     return str(value)
 
 
-def escape_value(value: object, limit: int = DEFAULT_VALUE_MAX) -> tuple[str, bool]:
-    """``(wire text, truncated)`` for one PARAM-VALUE, at most ``limit`` UTF-8 bytes."""
+def printable_value(value: object, limit: int = DEFAULT_VALUE_MAX) -> tuple[str, bool]:
+    """``(printable text, truncated)`` for one PARAM-VALUE: the first layer only.
+
+    The text is cut so that its RFC 5424 escaped form (what the line holds)
+    is at most ``limit`` UTF-8 bytes, never in the middle of an escape.
+    """
     text = _as_text(value)
     if len(text) <= limit and _PLAIN_ASCII_RE.fullmatch(text):
         return text, False
     out: list[str] = []
     size = 0
     for ch in text:
-        piece = _printable_layer(ch).translate(_RFC_ESCAPES)
-        n = len(piece.encode("utf-8", "surrogatepass"))
+        piece = _printable_layer(ch)
+        n = len(piece.translate(rfc5424.PARAM_VALUE_ESCAPES).encode("utf-8"))
         if size + n > limit:
             return "".join(out), True
         out.append(piece)
         size += n
     return "".join(out), False
+
+
+def escape_value(value: object, limit: int = DEFAULT_VALUE_MAX) -> tuple[str, bool]:
+    """``(wire text, truncated)`` for one PARAM-VALUE, at most ``limit`` UTF-8 bytes."""
+    text, cut = printable_value(value, limit)
+    return rfc5424.escape_param_value(text), cut
 
 
 _DECODE_RE = re.compile(
@@ -165,32 +169,46 @@ def decode_printable(text: str) -> str:
     return _PRINTABLE_DECODE_RE.sub(_unprintable, text)
 
 
-_HEADER_OK_RE = re.compile(r"[!-~]+")
+@attrs.define
+class _Params:
+    """An event's SD-PARAMs as printable text, and which of them were cut."""
 
+    names: list[str]
+    texts: list[str]
+    truncated: list[str]
 
-def _header(value: str, field: str) -> str:
-    if _HEADER_OK_RE.fullmatch(value):  # the usual case, without a loop per character
-        return value[: _HEADER_MAX[field]]
-    cleaned = "".join(c if "!" <= c <= "~" else "_" for c in value)[: _HEADER_MAX[field]]
-    return cleaned or "-"
+    @classmethod
+    def of(cls, event: Event) -> _Params:
+        params = cls([], [], [])
+        for name, value in event.params:
+            if value is None:
+                continue
+            if name == TRUNC_PARAM:
+                raise ValueError(f"invalid SD-PARAM name {name!r}")
+            text, cut = printable_value(value, VALUE_MAX.get(name, DEFAULT_VALUE_MAX))
+            params.names.append(name)
+            params.texts.append(text)
+            if cut:
+                params.truncated.append(name)
+        return params
 
+    def pairs(self) -> list[tuple[str, str]]:
+        pairs = list(zip(self.names, self.texts, strict=True))
+        if self.truncated:
+            pairs.append((TRUNC_PARAM, ",".join(self.truncated)))
+        return pairs
 
-_SECOND_TEXT: dict[datetime.datetime, str] = {}
-
-
-def format_timestamp(ts: float) -> str:
-    """``%Y-%m-%dT%H:%M:%S.%fZ`` in UTC; the second's text is cached (events come in bursts)."""
-    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    second = moment.replace(microsecond=0)
-    text = _SECOND_TEXT.get(second)
-    if text is None:
-        if len(_SECOND_TEXT) >= 16:
-            _SECOND_TEXT.clear()
-        text = _SECOND_TEXT[second] = second.strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{text}.{moment.microsecond:06d}Z"
-
-
-_CHECKED_NAMES: set[str] = set()  # SD-PARAM names come from our code: a handful
+    def shrink(self, event: Event, excess: int) -> bool:
+        """Cut the largest value by ``excess`` bytes; ``False`` when nothing is left to cut."""
+        wires = [rfc5424.escape_param_value(t) for t in self.texts]
+        i = max(range(len(wires)), key=lambda k: len(wires[k]))
+        if not wires[i]:
+            return False  # only fixed-size parts left; cannot happen with sane names
+        budget = max(0, len(wires[i].encode("utf-8")) - excess)
+        self.texts[i], _ = printable_value(event_value(event, self.names[i]), budget)
+        if self.names[i] not in self.truncated:
+            self.truncated.append(self.names[i])
+        return True
 
 
 def format_event(
@@ -201,49 +219,26 @@ def format_event(
     line_max: int = config.EVENT_LINE_MAX,
     facility: int = FACILITY_LOCAL0,
 ) -> bytes:
-    """The RFC 5424 line for ``event`` (newline included), at most ``line_max`` bytes."""
-    head = (
-        f"<{facility * 8 + event.severity}>1 {format_timestamp(timestamp)} "
-        f"{_header(event.decky, 'hostname')} {_header(event.service, 'app_name')} - "
-        f"{_header(event.kind, 'msgid')} [{sd_id}"
-    )
-    names: list[str] = []
-    values: list[str] = []
-    truncated: list[str] = []
-    for name, value in event.params:
-        if value is None:
-            continue
-        if name not in _CHECKED_NAMES:
-            if not _SD_NAME_RE.fullmatch(name) or name == TRUNC_PARAM:
-                raise ValueError(f"invalid SD-PARAM name {name!r}")
-            _CHECKED_NAMES.add(name)
-        wire, cut = escape_value(value, VALUE_MAX.get(name, DEFAULT_VALUE_MAX))
-        names.append(name)
-        values.append(wire)
-        if cut:
-            truncated.append(name)
+    """The RFC 5424 line for ``event`` (newline included), at most ``line_max`` bytes.
 
-    def assemble() -> str:
-        params = "".join(f' {n}="{v}"' for n, v in zip(names, values, strict=True))
-        trunc = f' {TRUNC_PARAM}="{",".join(truncated)}"' if truncated else ""
-        return f"{head}{params}{trunc}]\n"
-
-    line = assemble()
-    data = line.encode("utf-8", "surrogatepass")
+    Written by :func:`decnet.syslog.rfc5424.format_message`: HOSTNAME is the
+    decky, APP-NAME the service, MSGID the kind (each made printable by
+    :func:`~decnet.syslog.rfc5424.header_text`), one SD-ELEMENT ``sd_id``.
+    """
+    header = {
+        "facility": facility,
+        "severity": event.severity,
+        "timestamp": rfc5424.format_timestamp(timestamp),
+        "hostname": rfc5424.header_text(event.decky, rfc5424.MAX_HOSTNAME),
+        "app_name": rfc5424.header_text(event.service, rfc5424.MAX_APP_NAME),
+        "msgid": rfc5424.header_text(event.kind, rfc5424.MAX_MSGID),
+    }
+    params = _Params.of(event)
+    data = rfc5424.format_message(**header, structured_data=[(sd_id, params.pairs())]) + b"\n"
     # The per-field caps keep ordinary events far below the line cap; when an
     # event has many large fields, shrink the largest until it fits.
-    while len(data) > line_max and values:
-        excess = len(data) - line_max
-        i = max(range(len(values)), key=lambda k: len(values[k]))
-        if not values[i]:
-            break  # only fixed-size parts left; cannot happen with sane names
-        source = event_value(event, names[i])
-        budget = max(0, len(values[i].encode("utf-8", "surrogatepass")) - excess)
-        values[i], _ = escape_value(source, budget)
-        if names[i] not in truncated:
-            truncated.append(names[i])
-        line = assemble()
-        data = line.encode("utf-8", "surrogatepass")
+    while len(data) > line_max and params.texts and params.shrink(event, len(data) - line_max):
+        data = rfc5424.format_message(**header, structured_data=[(sd_id, params.pairs())]) + b"\n"
     return data
 
 

@@ -11,7 +11,8 @@ A state file written by an older forwarder (one row per stream in
 open into a journal with one generation.
 
 Blocking: every method runs in the forwarder's thread lane, never on the
-reactor.
+reactor.  ``updated_at`` is read from the clock the store is given (the
+reactor's, in the daemon), never from the system clock directly.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from decnet.forwarder.journal import FileIdentity, GenerationRecord, Journal
@@ -53,8 +55,9 @@ CREATE TABLE IF NOT EXISTS generations (
 class JournalStore:
     """The journals of every stream of one forwarder state file."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, now: Callable[[], float]):
         self.path = Path(path)
+        self._now = now
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -85,7 +88,7 @@ class JournalStore:
         ).fetchone()
         if not exists:
             return
-        now = _now()
+        now = self._timestamp()
         for stream, dev, ino, fp_len, fp_hash, base, pos in self._db.execute(
             "SELECT stream, dev, ino, fp_len, fp_hash, base, pos FROM offsets"
         ).fetchall():
@@ -135,7 +138,7 @@ class JournalStore:
                     "INSERT INTO streams (stream, acked, updated_at) VALUES (?, ?, ?) "
                     "ON CONFLICT(stream) DO UPDATE SET acked = excluded.acked, "
                     "updated_at = excluded.updated_at",
-                    (stream, acked, _now()),
+                    (stream, acked, self._timestamp()),
                 )
             for rec in records:
                 ident = rec.identity
@@ -170,6 +173,6 @@ class JournalStore:
         with self._lock:
             self._db.close()
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat()
+    def _timestamp(self) -> str:
+        """``updated_at``: the injected clock's time, ISO 8601 in UTC."""
+        return datetime.datetime.fromtimestamp(self._now(), datetime.UTC).isoformat()

@@ -182,7 +182,7 @@ class ForwarderService(MultiService):
 
     def _locate(self) -> tuple[int, Plan]:
         """Open the journal and every generation still to ship; record them first."""
-        self.store = JournalStore(self.state_file)
+        self.store = JournalStore(self.state_file, self.reactor.seconds)
         journal = self.store.load(self.stream)
         plan = self.tailer.start(journal)
         self.store.commit(self.stream, records=self.tailer.take_records(), forget=plan.forget)

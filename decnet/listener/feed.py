@@ -89,23 +89,22 @@ _quote = json.encoder.encode_basestring
 # The fast path: one regex over a whole chunk (decoded as Latin-1, so one
 # character is one byte and offsets stay byte offsets) matches the common,
 # well-formed line whose header and STRUCTURED-DATA need no JSON escaping.
-# Everything else takes ``feed_record``; both give the same bytes (a test
-# compares them on hostile input).  The classes are the RFC 5424 ones minus
-# '"' and '\' (and '[' ']' in SD-NAMEs); TIMESTAMP and PRI are checked here
-# exactly as ``rfc5424.parse`` checks them.
+# Everything else takes ``feed_record``; both give the same bytes (a property
+# test generates hostile lines to prove it).  It is built from the parser's own
+# definitions (``rfc5424``: the TIMESTAMP pattern, the field limits) narrowed to
+# what needs no escaping: the classes are the RFC 5424 ones minus '"' and '\'
+# (and '[' ']' in SD-NAMEs); PRI is checked here exactly as ``rfc5424.parse``
+# checks it.
 _H = r"[!#-\[\]-~]"
-_SD_NAME = r"[!#-<>-Z^-~]{1,32}"
+_SD_NAME = rf"[!#-<>-Z^-~]{{1,{rfc5424.MAX_SD_NAME}}}"
 _SD_VALUE = r"[ !#-\[\]-~]*"
-_TS = (
-    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
-    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]{1,6})?"
-    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-)
 # Possessive quantifiers: nothing here needs backtracking, and sre is faster without it
 # (three-digit PRIs, the common ones, are tried first for the same reason).
 _FAST_LINE = re.compile(
     r"^<(1[0-8][0-9]|19[01]|[1-9][0-9]?|0)>([1-9][0-9]{0,2}) "
-    rf"(-|{_TS}) ({_H}{{1,255}}+) ({_H}{{1,48}}+) ({_H}{{1,128}}+) ({_H}{{1,32}}+) "
+    rf"(-|{rfc5424.TIMESTAMP_PATTERN}) ({_H}{{1,{rfc5424.MAX_HOSTNAME}}}+) "
+    rf"({_H}{{1,{rfc5424.MAX_APP_NAME}}}+) ({_H}{{1,{rfc5424.MAX_PROCID}}}+) "
+    rf"({_H}{{1,{rfc5424.MAX_MSGID}}}+) "
     rf'(-|(?>\[{_SD_NAME}+(?> {_SD_NAME}+="{_SD_VALUE}+")*+\])++)(?: (.*+))?$',
     re.MULTILINE | re.ASCII,
 )

@@ -4,7 +4,14 @@
 naming what was wrong; callers that must never lose a line (the listener's
 JSON feed) keep the raw bytes and flag the line instead.  ``format_message``
 builds a valid message from fields, escaping SD-PARAM values (``"``, ``\\``
-and ``]``, RFC 5424 §6.3.3), so other code never hand-assembles syslog text.
+and ``]``, RFC 5424 §6.3.3), so other code never hand-assembles syslog text:
+the decoys' event log (:mod:`decnet.agent.eventlog`) writes every line with it,
+after :func:`header_text` made its untrusted header fields printable and
+:func:`format_timestamp` wrote the time.
+
+The field limits and the text patterns (:data:`TIMESTAMP_PATTERN`,
+:data:`SD_NAME_CHARS`) are defined once here; the listener's fast feed encoder
+(:mod:`decnet.listener.feed`) builds its regex from them.
 
 Header fields are printable US-ASCII (RFC 5424 §6); the MSG part is bytes,
 UTF-8 when it starts with a BOM (§6.4).  Nothing here trusts HOSTNAME: it is
@@ -13,6 +20,7 @@ whatever the sender wrote.
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Iterable, Sequence
 
@@ -29,6 +37,15 @@ MAX_APP_NAME = 48
 MAX_PROCID = 128
 MAX_MSGID = 32
 MAX_SD_NAME = 32
+
+# TIMESTAMP (RFC 5424 §6.2.3, RFC 3339 with at most six fraction digits), as text.
+TIMESTAMP_PATTERN = (
+    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+# SD-NAME characters, for a regex class: PRINTUSASCII except '=', SP, ']' and '"'.
+SD_NAME_CHARS = r"!#-<>-\\^-~"
 
 FACILITY_NAMES = (
     "kern user mail daemon auth syslog lpr news uucp cron authpriv ftp ntp audit alert clock "
@@ -71,21 +88,17 @@ class SyslogMessage:
 # HEADER: PRI VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP
 # Header fields are PRINTUSASCII (%d33-126): the character class checks that.
 _HEADER = re.compile(
-    rb"<(\d{1,3})>([1-9]\d{0,2}) ([!-~]+) ([!-~]{1,255}) ([!-~]{1,48}) ([!-~]{1,128}) "
-    rb"([!-~]{1,32}) "
+    rb"<(\d{1,3})>([1-9]\d{0,2}) ([!-~]+) ([!-~]{1,%d}) ([!-~]{1,%d}) ([!-~]{1,%d}) "
+    rb"([!-~]{1,%d}) " % (MAX_HOSTNAME, MAX_APP_NAME, MAX_PROCID, MAX_MSGID)
 )
-_TIMESTAMP = re.compile(
-    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    r"T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
-)
+_TIMESTAMP = re.compile(TIMESTAMP_PATTERN)
 # SD-NAME: 1*32 PRINTUSASCII except '=', SP, ']' and '"'.
-_NAME = rb"[!#-<>-\\^-~]{1,32}"
+_NAME = b"[%s]{1,%d}" % (SD_NAME_CHARS.encode(), MAX_SD_NAME)
 _SD_ELEMENT = re.compile(
     rb"\[(" + _NAME + rb")((?: " + _NAME + rb'="(?:[^"\\]|\\.)*")*)\]', re.DOTALL
 )
 _SD_PARAM = re.compile(rb" (" + _NAME + rb')="((?:[^"\\]|\\.)*)"', re.DOTALL)
 _UNESCAPE = re.compile(rb'\\(["\\\]])')
-_ESCAPE = re.compile(r'(["\\\]])')
 
 
 def _text(value: bytes) -> str | None:
@@ -148,13 +161,6 @@ def parse_structured_data(line: bytes, pos: int = 0) -> tuple[tuple[SDElement, .
     return tuple(sd), pos
 
 
-_PRINTABLE = re.compile(rb"[!-~]*")
-
-
-def _printable(raw: bytes) -> bool:
-    return _PRINTABLE.fullmatch(raw) is not None
-
-
 def _unescape(value: bytes) -> bytes:
     # RFC 5424 §6.3.3: only \" \\ and \] are escapes; any other backslash is data.
     return _UNESCAPE.sub(rb"\1", value) if b"\\" in value else value
@@ -175,45 +181,87 @@ def _header_problem(line: bytes) -> str:
 # ---------------------------------------------------------------------------
 # Formatting
 
+_NEEDS_ESCAPE = re.compile(r'["\\\]]')
+_SD_NAME_TEXT = re.compile(f"[{SD_NAME_CHARS}]{{1,{MAX_SD_NAME}}}")
+_HEADER_TEXT = re.compile(r"[!-~]+")
+# SD-IDs and PARAM-NAMEs already checked: they come from code, so a handful.
+_GOOD_NAMES: set[str] = set()
+_GOOD_NAMES_MAX = 1024
+
+
+# RFC 5424 §6.3.3: the three characters a PARAM-VALUE escapes, as a str.translate table.
+PARAM_VALUE_ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "]": "\\]"})
+
 
 def escape_param_value(value: str) -> str:
     """Escape an SD-PARAM value: ``"`` → ``\\"``, ``\\`` → ``\\\\``, ``]`` → ``\\]``."""
-    return _ESCAPE.sub(r"\\\1", value)
+    return value.translate(PARAM_VALUE_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
 
 
-def _header_field(value: str | None, name: str, limit: int) -> bytes:
+def header_text(value: str, limit: int) -> str:
+    """A header field from untrusted text: anything but PRINTUSASCII becomes ``_``,
+    cut to ``limit`` characters; nothing left is NILVALUE (``-``)."""
+    if _HEADER_TEXT.fullmatch(value):  # the usual case, without a loop per character
+        return value[:limit]
+    cleaned = "".join(c if "!" <= c <= "~" else "_" for c in value)[:limit]
+    return cleaned or NILVALUE
+
+
+_SECOND_TEXT: dict[datetime.datetime, str] = {}
+
+
+def format_timestamp(ts: float) -> str:
+    """TIMESTAMP for POSIX time ``ts``: UTC, six fraction digits (``...T03:04:05.250000Z``).
+
+    The text of the second is cached: events come in bursts.
+    """
+    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    second = moment.replace(microsecond=0)
+    text = _SECOND_TEXT.get(second)
+    if text is None:
+        if len(_SECOND_TEXT) >= 16:
+            _SECOND_TEXT.clear()
+        text = _SECOND_TEXT[second] = second.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{moment.microsecond:06d}Z"
+
+
+def _header_field(value: str | None, name: str, limit: int) -> str:
     if value is None or value == "":
-        return b"-"
-    raw = value.encode("ascii", "strict") if value.isascii() else None
-    if raw is None or not _printable(raw) or len(raw) > limit:
+        return NILVALUE
+    if len(value) > limit or not _HEADER_TEXT.fullmatch(value):
         raise ValueError(f"{name} must be 1-{limit} printable US-ASCII characters: {value!r}")
-    return raw
+    return value
 
 
-def _sd_name(value: str, what: str) -> bytes:
-    raw = value.encode("ascii", "replace") if value.isascii() else b""
-    if not re.fullmatch(_NAME, raw):
+def _sd_name(value: str, what: str) -> str:
+    if value in _GOOD_NAMES:
+        return value
+    if not _SD_NAME_TEXT.fullmatch(value):
         raise ValueError(f"{what} must be 1-32 printable US-ASCII characters without '= ]\"'")
-    return raw
+    if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+        _GOOD_NAMES.add(value)
+    return value
+
+
+def _structured_data_text(elements: Iterable[SDElement | tuple]) -> str:
+    out = []
+    for element in elements:
+        sd_id, params = (element.id, element.params) if isinstance(element, SDElement) else element
+        out.append("[" + _sd_name(sd_id, "SD-ID"))
+        # (Inline checks: this runs for every decoy event.)
+        for name, value in params:
+            if name not in _GOOD_NAMES:
+                _sd_name(name, "PARAM-NAME")
+            if _NEEDS_ESCAPE.search(value):
+                value = value.translate(PARAM_VALUE_ESCAPES)
+            out.append(f' {name}="{value}"')
+        out.append("]")
+    return "".join(out) or NILVALUE
 
 
 def format_structured_data(elements: Iterable[SDElement | tuple]) -> bytes:
     """``[id name="value" ...]...`` or ``-`` when there are no elements."""
-    out = []
-    for element in elements:
-        sd_id, params = (element.id, element.params) if isinstance(element, SDElement) else element
-        parts = [b"[", _sd_name(sd_id, "SD-ID")]
-        for name, value in params:
-            parts += [
-                b" ",
-                _sd_name(name, "PARAM-NAME"),
-                b'="',
-                escape_param_value(value).encode("utf-8"),
-                b'"',
-            ]
-        parts.append(b"]")
-        out.append(b"".join(parts))
-    return b"".join(out) or b"-"
+    return _structured_data_text(elements).encode("utf-8")
 
 
 def format_message(
@@ -234,7 +282,8 @@ def format_message(
 
     A ``str`` MSG is encoded as UTF-8 with a BOM (RFC 5424 §6.4); ``bytes`` are
     sent as given unless ``bom=True``.  Header fields are validated, never
-    silently cleaned: a bad field is a ``ValueError``.
+    silently cleaned (:func:`header_text` does that for untrusted text): a bad
+    field is a ``ValueError``.
     """
     if not (0 <= facility <= 23 and 0 <= severity <= 7):
         raise ValueError("facility must be 0-23 and severity 0-7")
@@ -242,23 +291,25 @@ def format_message(
         raise ValueError("VERSION must be 1-999")
     if timestamp is not None and not _TIMESTAMP.fullmatch(timestamp):
         raise ValueError(f"TIMESTAMP must be RFC 3339: {timestamp!r}")
-    head = b"<%d>%d %s %s %s %s %s %s" % (
-        facility * 8 + severity,
-        version,
-        (timestamp or "-").encode("ascii"),
+    fields = (
         _header_field(hostname, "HOSTNAME", MAX_HOSTNAME),
         _header_field(app_name, "APP-NAME", MAX_APP_NAME),
         _header_field(procid, "PROCID", MAX_PROCID),
         _header_field(msgid, "MSGID", MAX_MSGID),
-        format_structured_data(structured_data),
+    )
+    head = (
+        f"<{facility * 8 + severity}>{version} {timestamp or NILVALUE} {' '.join(fields)} "
+        f"{_structured_data_text(structured_data)}"
     )
     if msg is None:
-        return head
+        return head.encode("utf-8")
+    return head.encode("utf-8") + b" " + _body(msg, bom)
+
+
+def _body(msg: bytes | str, bom: bool | None) -> bytes:
     if isinstance(msg, str):
         body = msg.encode("utf-8")
         bom = True if bom is None else bom
     else:
         body = msg
-    if bom:
-        body = BOM + body
-    return head + b" " + body
+    return BOM + body if bom else body
