@@ -235,14 +235,16 @@ async def test_the_feed_process_builds_what_it_is_told_and_is_restarted_if_it_di
         await eventually(lambda: feeds.positions.get(("w1", "decnet")) == half, what="half")
         assert len(read_feed(files.feed_path)) == 1000
         # Killed (an OOM kill, say): started again, told its targets again.
-        pid = feeds._child.transport.pid
+        pid = feeds.supervisor.pid
         os.kill(pid, 9)
-        await eventually(lambda: feeds.starts == 2 and feeds._child is not None, what="restart")
+        await eventually(
+            lambda: feeds.supervisor.starts == 2 and feeds.supervisor.running, what="restart"
+        )
         feeds.notify("w1", "decnet", end)
         await eventually(lambda: feeds.lag("w1", "decnet") == 0, what="the rest")
     finally:
         await feeds.close()
-    assert feeds._child is None
+    assert feeds.supervisor.child is None
     entries = read_feed(files.feed_path)
     assert [e["structured_data"][0]["params"][0][1] for e in entries] == [
         str(i) for i in range(2000)
