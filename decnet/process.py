@@ -215,22 +215,20 @@ class Exit:
 
     def describe(self) -> str:
         """As a sentence's verb: "the agent " + ``exited with code 3``."""
-        if self.error is not None:
-            return f"could not be started: {self.error}"
-        if self.signal is not None:
-            return f"was killed by signal {self.signal}"
-        return f"exited with code {self._code()}"
+        return self._phrase(
+            "could not be started: {}", "was killed by signal {}", "exited with code {}"
+        )
 
     def brief(self) -> str:
         """As a parenthesis: "failed (" + ``exit code 3`` + ")"."""
-        if self.error is not None:
-            return f"not started: {self.error}"
-        if self.signal is not None:
-            return f"killed by signal {self.signal}"
-        return f"exit code {self._code()}"
+        return self._phrase("not started: {}", "killed by signal {}", "exit code {}")
 
-    def _code(self) -> str:
-        return "?" if self.code is None else str(self.code)
+    def _phrase(self, not_started: str, killed: str, exited: str) -> str:
+        if self.error is not None:
+            return not_started.format(self.error)
+        if self.signal is not None:
+            return killed.format(self.signal)
+        return exited.format("?" if self.code is None else self.code)
 
 
 def _argv(value: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:

@@ -20,22 +20,13 @@ from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from decnet import process
 from decnet.listener.feed import DEFAULT_MAX_OPEN_FEEDS, FeedBuilder
 from decnet.listener.feedworker import decode_messages, encode_message
-from decnet.process import (
-    CLOSE_STDIN,
-    ChildProtocol,
-    ProcessSpec,
-    RestartPolicy,
-    Started,
-    Supervisor,
-    SupervisorEvent,
-    child_env,
-)
 
 # Restart backoff of a feed process that died: 0.5 s doubling to 30 s, reset
 # once it reports progress again.
-RESTART = RestartPolicy(first=0.5, maximum=30.0)
+RESTART = process.RestartPolicy(first=0.5, maximum=30.0)
 # How long a stopping listener waits for the feed process to finish its step.
 STOP_GRACE = 10.0
 
@@ -63,7 +54,7 @@ def log_report(message: dict, positions: dict) -> None:
         )
 
 
-class _FeedChild(ChildProtocol):
+class _FeedChild(process.ChildProtocol):
     """The pipes of one feed process: targets in, reports out, its stderr logged."""
 
     def __init__(self, owner: FeedProcess):
@@ -116,28 +107,28 @@ class FeedProcess:
         self.executable = executable
         self.targets: dict[tuple[str, str], int] = {}
         self.positions: dict[tuple[str, str], int] = {}
-        self.supervisor: Supervisor | None = None
+        self.supervisor: process.Supervisor | None = None
         self._closing = False
 
-    def spec(self) -> ProcessSpec:
+    def spec(self) -> process.ProcessSpec:
         """The feed process: our own interpreter, stopped by the end of its input."""
         argv = [self.executable, "-m", "decnet.listener.feedworker", str(self.directory)]
         if self.encoders is not None:
             argv += ["--encoders", str(self.encoders)]
         argv += ["--max-open", str(self.max_open)]
-        return ProcessSpec(
+        return process.ProcessSpec(
             "Feed process",
             argv,
-            env=child_env(same_python=True),
+            env=process.child_env(same_python=True),
             child_fds={0: "w", 1: "r", 2: "r"},
-            stop_by=CLOSE_STDIN,
+            stop_by=process.CLOSE_STDIN,
             grace=STOP_GRACE,
         )
 
     def start(self) -> None:
         if self.supervisor is not None or self._closing:
             return
-        self.supervisor = Supervisor(
+        self.supervisor = process.Supervisor(
             self.reactor,
             self.spec(),
             policy=RESTART,
@@ -170,8 +161,8 @@ class FeedProcess:
                 encode_message({"worker": worker, "stream": stream, "end": self.targets[key]})
             )
 
-    def _observe(self, event: SupervisorEvent) -> None:
-        if isinstance(event, Started):
+    def _observe(self, event: process.SupervisorEvent) -> None:
+        if isinstance(event, process.Started):
             for key in self.targets:
                 self._send(key)
 
