@@ -94,7 +94,6 @@ class Children:
             env=self.env,
             cwd=str(cwd) if cwd else None,
             own_group=True,
-            grace=self.grace,
         )
         transport = spawn(self.reactor, child, spec)
         pid = transport.pid
