@@ -3,8 +3,9 @@
 Ingest calls :meth:`FeedProcess.notify` after every commit with the stream's
 durable mirror end; the feed process (:mod:`decnet.listener.feedworker`)
 catches up in its own time and reports progress.  If it dies it is started
-again (with backoff) and told every target again; its durable position makes
-that harmless.  Nothing here blocks the reactor: the only I/O is a pipe.
+again (with backoff, :class:`decnet.process.Supervisor`) and told every target
+again; its durable position makes that harmless.  Nothing here blocks the
+reactor: the only I/O is a pipe.
 
 :class:`InlineFeeds` does the same work synchronously in the caller; it blocks,
 so it is only for tests on a fake clock and for tools.
