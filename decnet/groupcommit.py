@@ -200,8 +200,8 @@ class Committer(Generic[W]):
         if batch is None:
             return
         d = defer.maybeDeferred(self._write, batch)
-        d.addCallbacks(self._done, self._fail, (batch,), None, (batch,))
-        d.addErrback(self.log.failure, "Group commit bookkeeping failed")
+        d.addCallbacks(self._done, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+        d.addErrback(lambda f: self.log.failure("Group commit bookkeeping failed", f))
 
     def _done(self, _result: object, batch: Batch[W]) -> None:
         told = self.queue.done()

@@ -225,20 +225,29 @@ def format_event(
     decky, APP-NAME the service, MSGID the kind (each made printable by
     :func:`~decnet.syslog.rfc5424.header_text`), one SD-ELEMENT ``sd_id``.
     """
-    header = {
-        "facility": facility,
-        "severity": event.severity,
-        "timestamp": rfc5424.format_timestamp(timestamp),
-        "hostname": rfc5424.header_text(event.decky, rfc5424.MAX_HOSTNAME),
-        "app_name": rfc5424.header_text(event.service, rfc5424.MAX_APP_NAME),
-        "msgid": rfc5424.header_text(event.kind, rfc5424.MAX_MSGID),
-    }
+    when = rfc5424.format_timestamp(timestamp)
+    hostname = rfc5424.header_text(event.decky, rfc5424.MAX_HOSTNAME)
+    app_name = rfc5424.header_text(event.service, rfc5424.MAX_APP_NAME)
+    msgid = rfc5424.header_text(event.kind, rfc5424.MAX_MSGID)
+
+    def render(params: _Params) -> bytes:
+        line = rfc5424.format_message(
+            facility=facility,
+            severity=event.severity,
+            timestamp=when,
+            hostname=hostname,
+            app_name=app_name,
+            msgid=msgid,
+            structured_data=[(sd_id, params.pairs())],
+        )
+        return line + b"\n"
+
     params = _Params.of(event)
-    data = rfc5424.format_message(**header, structured_data=[(sd_id, params.pairs())]) + b"\n"
+    data = render(params)
     # The per-field caps keep ordinary events far below the line cap; when an
     # event has many large fields, shrink the largest until it fits.
     while len(data) > line_max and params.texts and params.shrink(event, len(data) - line_max):
-        data = rfc5424.format_message(**header, structured_data=[(sd_id, params.pairs())]) + b"\n"
+        data = render(params)
     return data
 
 

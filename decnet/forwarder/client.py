@@ -12,6 +12,8 @@ turns the listener's RESUME / ACK / ERROR frames into core events.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -127,7 +129,9 @@ class Shipper:
             )
 
         d = self.run(read, self.clock.seconds())
-        d.addCallbacks(lambda r: self.execute(self.core.read_done(*r, command.epoch)), failed)
+        d.addCallbacks(
+            lambda r: self.execute(self.core.read_done(r[0], r[1], command.epoch)), failed
+        )
         d.addErrback(self.log.failure, "Shipping loop failed")
 
     def _do_Observe(self, command: core.Observe) -> None:
@@ -198,6 +202,8 @@ class ForwarderProtocol(Protocol):
     """One connection to the master (or a stock RFC 5425 receiver)."""
 
     log = Logger()
+    # A TLS transport: also the consumer the shipper produces into.
+    transport: Any
 
     def __init__(self, factory: ForwarderFactory):
         self.factory = factory

@@ -385,6 +385,7 @@ class FeedWriter:
         pos = self.position
         if pos.mirror_pos >= mirror_end:
             return 0
+        feed_fd, pos_fd = self._fds()
         batch, self._next = self._next, None
         if batch is None or batch.start != pos.mirror_pos:
             batch = self._prepare(pos.mirror_pos, pos.idx_pos, mirror_end, limit)
@@ -395,14 +396,14 @@ class FeedWriter:
         written = count = 0
         try:
             for body, lines in batch.bodies():
-                storage._write_all(self._feed_fd, body)
+                storage._write_all(feed_fd, body)
                 written += len(body)
                 count += lines
-            os.fsync(self._feed_fd)
+            os.fsync(feed_fd)
         except BaseException:
             # Leave the feed as its position describes it (never a half step).
-            os.ftruncate(self._feed_fd, pos.feed_len)
-            os.lseek(self._feed_fd, pos.feed_len, os.SEEK_SET)
+            os.ftruncate(feed_fd, pos.feed_len)
+            os.lseek(feed_fd, pos.feed_len, os.SEEK_SET)
             raise
         new = storage.FeedPosition(
             mirror_pos=batch.end,
@@ -410,13 +411,19 @@ class FeedWriter:
             idx_pos=batch.idx_pos,
             sequence=pos.sequence + 1,
         )
-        os.pwrite(self._pos_fd, storage.pack_feed_slot(new), (new.sequence % 2) * 64)
-        os.fsync(self._pos_fd)
+        os.pwrite(pos_fd, storage.pack_feed_slot(new), (new.sequence % 2) * 64)
+        os.fsync(pos_fd)
         self.position = new
         return count
 
-    def _prepare(self, start: int, idx_pos: int, mirror_end: int, limit: int) -> _Batch:
-        """Read the whole lines of ``[start, start + limit)`` and start encoding them."""
+    def _fds(self) -> tuple[int, int]:
+        """The feed's and the position's descriptors (``open`` first)."""
+        if self._feed_fd is None or self._pos_fd is None:
+            raise FeedCorrupt(f"{self.files.feed_path} is not open")
+        return self._feed_fd, self._pos_fd
+
+    def _read_lines(self, start: int, mirror_end: int, limit: int) -> bytes:
+        """The whole lines of the mirror in ``[start, start + limit)`` (at least one)."""
         while True:
             want = min(mirror_end - start, limit)
             with open(self.files.mirror_path, "rb") as mirror:
@@ -424,15 +431,18 @@ class FeedWriter:
                 chunk = mirror.read(want)
             cut = chunk.rfind(b"\n") + 1
             if cut:
-                break
+                return chunk if cut == len(chunk) else chunk[:cut]
             if len(chunk) < mirror_end - start:
                 # A line longer than one step: read it whole (lines are capped
                 # by the frame size, so this stays bounded).
                 limit *= 2
                 continue
             raise FeedCorrupt(f"{self.files.mirror_path} ends without LF at {mirror_end}")
-        if cut < len(chunk):
-            chunk = chunk[:cut]
+
+    def _prepare(self, start: int, idx_pos: int, mirror_end: int, limit: int) -> _Batch:
+        """Read the whole lines of ``[start, start + limit)`` and start encoding them."""
+        chunk = self._read_lines(start, mirror_end, limit)
+        cut = len(chunk)
         end = start + cut
         records = storage.read_records(self.files.index_path, idx_pos, end)
         next_idx = idx_pos

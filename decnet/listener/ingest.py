@@ -271,7 +271,9 @@ class Ingest:
             opened = self._streams_of(worker)
             opened.addCallback(self._claim_stream, worker, stream)
             opened.addCallback(lambda _: self.run(files.open))
-            opened.addCallbacks(self._opened, self._open_failed, (key, files), None, (key,))
+            opened.addCallbacks(
+                self._opened, self._open_failed, callbackArgs=(key, files), errbackArgs=(key,)
+            )
         return d
 
     def _streams_of(self, worker: str) -> defer.Deferred:
@@ -283,7 +285,9 @@ class Ingest:
         waiting.append(d)
         if len(waiting) == 1:
             listed = self.run(storage.list_streams, self.directory / worker)
-            listed.addCallbacks(self._listed, self._list_failed, (worker,), None, (worker,))
+            listed.addCallbacks(
+                self._listed, self._list_failed, callbackArgs=(worker,), errbackArgs=(worker,)
+            )
         return d
 
     def _listed(self, names: set[str], worker: str) -> None:
@@ -328,7 +332,9 @@ class Ingest:
     def _close_files(self, sink: StreamSink) -> None:
         d = self.run(sink.files.close)
         d.addErrback(
-            self.log.failure, "Closing {worker}/{stream}", worker=sink.worker, stream=sink.stream
+            lambda f: self.log.failure(
+                "Closing {worker}/{stream}", f, worker=sink.worker, stream=sink.stream
+            )
         )
 
     def _opened(self, recovered: storage.Recovered, key, files) -> None:
