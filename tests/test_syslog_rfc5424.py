@@ -166,3 +166,9 @@ def test_the_parser_never_crashes_on_hostile_bytes(data):
         rfc5424.parse(data)
     except ParseError:
         pass
+
+
+def test_a_timestamp_in_seconds_is_written_in_utc_with_six_fraction_digits():
+    line = format_message(timestamp=1767323045.25, hostname="h")
+    assert line == b"<14>1 2026-01-02T03:04:05.250000Z h - - - -"
+    assert parse(line).timestamp == "2026-01-02T03:04:05.250000Z"

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import cast
 
@@ -122,9 +122,10 @@ def printable_value(value: object, limit: int = DEFAULT_VALUE_MAX) -> tuple[str,
         return text, False
     out: list[str] = []
     size = 0
+    escapes = rfc5424.PARAM_VALUE_ESCAPES
     for ch in text:
         piece = _printable_layer(ch)
-        n = len(piece.translate(rfc5424.PARAM_VALUE_ESCAPES).encode("utf-8"))
+        n = len(piece.translate(escapes).encode("utf-8"))
         if size + n > limit:
             return "".join(out), True
         out.append(piece)
@@ -225,7 +226,6 @@ def format_event(
     decky, APP-NAME the service, MSGID the kind (each made printable by
     :func:`~decnet.syslog.rfc5424.header_text`), one SD-ELEMENT ``sd_id``.
     """
-    when = rfc5424.format_timestamp(timestamp)
     hostname = rfc5424.header_text(event.decky, rfc5424.MAX_HOSTNAME)
     app_name = rfc5424.header_text(event.service, rfc5424.MAX_APP_NAME)
     msgid = rfc5424.header_text(event.kind, rfc5424.MAX_MSGID)
@@ -234,7 +234,7 @@ def format_event(
         line = rfc5424.format_message(
             facility=facility,
             severity=event.severity,
-            timestamp=when,
+            timestamp=timestamp,
             hostname=hostname,
             app_name=app_name,
             msgid=msgid,
@@ -311,7 +311,7 @@ class EventLog(Service):
         self._lines.start()
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[defer.Deferred, object, None]:
         super().stopService()
         yield self.flush()
         self._lines.pause()

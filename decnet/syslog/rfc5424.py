@@ -195,7 +195,10 @@ PARAM_VALUE_ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "]": "\\]"})
 
 def escape_param_value(value: str) -> str:
     """Escape an SD-PARAM value: ``"`` → ``\\"``, ``\\`` → ``\\\\``, ``]`` → ``\\]``."""
-    return value.translate(PARAM_VALUE_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
+    if not _NEEDS_ESCAPE.search(value):
+        return value
+    # Backslash first, so the escapes added after it stay single.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
 def header_text(value: str, limit: int) -> str:
@@ -253,7 +256,7 @@ def _structured_data_text(elements: Iterable[SDElement | tuple]) -> str:
             if name not in _GOOD_NAMES:
                 _sd_name(name, "PARAM-NAME")
             if _NEEDS_ESCAPE.search(value):
-                value = value.translate(PARAM_VALUE_ESCAPES)
+                value = escape_param_value(value)
             out.append(f' {name}="{value}"')
         out.append("]")
     return "".join(out) or NILVALUE
@@ -268,7 +271,7 @@ def format_message(
     *,
     facility: int = 1,
     severity: int = 6,
-    timestamp: str | None = None,
+    timestamp: str | float | None = None,
     hostname: str | None = None,
     app_name: str | None = None,
     procid: str | None = None,
@@ -280,17 +283,17 @@ def format_message(
 ) -> bytes:
     """A valid RFC 5424 message (no trailing LF).
 
-    A ``str`` MSG is encoded as UTF-8 with a BOM (RFC 5424 §6.4); ``bytes`` are
-    sent as given unless ``bom=True``.  Header fields are validated, never
-    silently cleaned (:func:`header_text` does that for untrusted text): a bad
-    field is a ``ValueError``.
+    ``timestamp`` is RFC 3339 text, or POSIX seconds (written by
+    :func:`format_timestamp`).  A ``str`` MSG is encoded as UTF-8 with a BOM
+    (RFC 5424 §6.4); ``bytes`` are sent as given unless ``bom=True``.  Header
+    fields are validated, never silently cleaned (:func:`header_text` does that
+    for untrusted text): a bad field is a ``ValueError``.
     """
     if not (0 <= facility <= 23 and 0 <= severity <= 7):
         raise ValueError("facility must be 0-23 and severity 0-7")
     if not 1 <= version <= 999:
         raise ValueError("VERSION must be 1-999")
-    if timestamp is not None and not _TIMESTAMP.fullmatch(timestamp):
-        raise ValueError(f"TIMESTAMP must be RFC 3339: {timestamp!r}")
+    when = _timestamp_field(timestamp)
     fields = (
         _header_field(hostname, "HOSTNAME", MAX_HOSTNAME),
         _header_field(app_name, "APP-NAME", MAX_APP_NAME),
@@ -298,12 +301,22 @@ def format_message(
         _header_field(msgid, "MSGID", MAX_MSGID),
     )
     head = (
-        f"<{facility * 8 + severity}>{version} {timestamp or NILVALUE} {' '.join(fields)} "
+        f"<{facility * 8 + severity}>{version} {when} {' '.join(fields)} "
         f"{_structured_data_text(structured_data)}"
     )
     if msg is None:
         return head.encode("utf-8")
     return head.encode("utf-8") + b" " + _body(msg, bom)
+
+
+def _timestamp_field(timestamp: str | float | None) -> str:
+    if timestamp is None:
+        return NILVALUE
+    if not isinstance(timestamp, str):
+        return format_timestamp(timestamp)
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise ValueError(f"TIMESTAMP must be RFC 3339: {timestamp!r}")
+    return timestamp
 
 
 def _body(msg: bytes | str, bom: bool | None) -> bytes:

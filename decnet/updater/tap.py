@@ -20,6 +20,7 @@ from typing import ClassVar
 from hyperlink import URL
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -241,7 +242,7 @@ def makeService(options: Options) -> service.IService:
         ),
         agent=agent,
         probe=HealthProbe(reactor, agent_client),
-        to_thread=pool_runner(reactor),
+        to_thread=pool_runner(IReactorThreads(reactor)),
         health_timeout=options["health-timeout"],
         keep=options["keep"],
         limits=archive.Limits(),
