@@ -11,7 +11,6 @@ import os
 import sqlite3
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -25,12 +24,9 @@ from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import Piece, Tailer
 from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
+from decnet.threads import inline_runner
 
 STREAM = "decnet"
-
-
-def inline(f, *args):
-    return defer.maybeDeferred(f, *args)
 
 
 class Rig:
@@ -47,7 +43,7 @@ class Rig:
         self.tailer.start(journal)
         self.store.commit(STREAM, records=self.tailer.take_records())
         delivery = core.DeliveryCore(STREAM, acked=journal.acked, max_payload=4096, window=window)
-        self.shipper = Shipper(delivery, self.tailer, self.store, self.clock, inline)
+        self.shipper = Shipper(delivery, self.tailer, self.store, self.clock, inline_runner)
         self.factory = ForwarderFactory(self.shipper, stream=STREAM, mode="ack", target="m")
 
     def connect(self):

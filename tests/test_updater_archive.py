@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 
 from decnet import config
 from decnet.errors import DigestMismatch, MalformedArchive, UnsafeArchive
+from decnet.threads import inline_runner
 from decnet.updater import archive
 from decnet.updater.engine import Updater, Upload
 from decnet.updater.releases import ReleaseStore
@@ -100,7 +101,7 @@ def updater(tmp_path):
         installer=FakeInstaller(),
         agent=agent,
         probe=HealthProbe(clock, FakeAgentHealth(agent)),
-        to_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw),
+        to_thread=inline_runner,
         limits=SMALL,
         restart_self=lambda d: None,
     )

@@ -22,6 +22,7 @@ from decnet.errors import (
     UpdaterBusy,
     UpdaterStarting,
 )
+from decnet.threads import inline_runner
 from decnet.updater.engine import Updater, Upload
 from decnet.updater.health import HealthProbe
 from decnet.updater.releases import ReleaseStore, release_id_for
@@ -120,7 +121,7 @@ def env(tmp_path):
         installer=FakeInstaller(),
         agent=agent,
         probe=HealthProbe(clock, health),
-        to_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw),
+        to_thread=inline_runner,
         health_timeout=5,
         keep=3,
         restart_self=restarts.append,
@@ -324,7 +325,7 @@ def test_nothing_is_accepted_before_the_start_up_reconcile(tmp_path):
         installer=None,
         agent=FakeAgent(),
         probe=None,
-        to_thread=lambda f, *a: defer.maybeDeferred(f, *a),
+        to_thread=inline_runner,
     )
     assert updater.health()["status"] == "starting"
     d = defer.ensureDeferred(updater.update(upload_of(GOOD1), None))
@@ -352,7 +353,7 @@ def test_start_up_reconciles_and_runs_the_agent_on_current(env, tmp_path):
         installer=FakeInstaller(),
         agent=agent,
         probe=None,
-        to_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw),
+        to_thread=inline_runner,
     )
     env.run(fresh.start())
     assert fresh.store.current() == rid(GOOD2)
