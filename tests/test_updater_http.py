@@ -11,7 +11,6 @@ import itertools
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.threads import deferToThread
 
 from decnet import config, pki
 from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError
@@ -21,6 +20,7 @@ from decnet.master.http import PinnedClient
 from decnet.master.registry import Registry
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
+from decnet.threads import pool_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
 from decnet.updater.app import UploadRequest, build_app
 from decnet.updater.engine import Updater
@@ -79,7 +79,7 @@ async def served(world, tmp_path):
         installer=FakeInstaller(),
         agent=agent,
         probe=HealthProbe(reactor, FakeAgentHealth(agent), interval=0.01),
-        to_thread=deferToThread,
+        to_thread=pool_runner(reactor),
         health_timeout=0.3,
         restart_self=restarts.append,
         restart_delay=0.01,
