@@ -82,7 +82,7 @@ class RemoteError(DecnetError):
 class BadReply(DecnetError):
     """A worker daemon answered, but not what its API promises; the answer is not used.
 
-    Not JSON, a field missing or of the wrong type (``decnet.master.replies``), a
+    Not JSON, a field missing or of the wrong type (``decnet.replies``), a
     redirect, a body over the size cap.  ``where`` names the host; ``problems``
     say what was wrong (worker-supplied text: escape it before showing it).
     """

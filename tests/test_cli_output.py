@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from decnet import replies
 from decnet.cli import output
-from decnet.master import replies
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Klein-over-mTLS plumbing (decnet.httpapi) and the pinned master client (decnet.master.http)."""
+"""Klein-over-mTLS plumbing (decnet.httpapi) and the pinned client (decnet.httpclient)."""
 
 import pytest
 import pytest_twisted
@@ -14,7 +14,7 @@ from decnet.httpapi import (
     read_json,
     respond,
 )
-from decnet.master.http import PinnedClient
+from decnet.httpclient import PinnedClient
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls
 from tests.support import write_identity
 

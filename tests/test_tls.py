@@ -14,7 +14,16 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from decnet import pki
 from decnet.revocation import RevocationSet
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls, peer_identity
+from decnet.tls import (
+    Accept,
+    PeerCertificateRefused,
+    PeerPolicy,
+    PolicyOptions,
+    Refusal,
+    RefusalKind,
+    listen_tls,
+    peer_identity,
+)
 from tests.support import RecordingProtocol, expired_kw, tls_pair, tls_pair_with, write_identity
 
 MASTER_ONLY = PeerPolicy([Accept("master")])
@@ -50,6 +59,12 @@ def warnings():
 
 def refusal_reasons(events):
     return [e.get("reason", "") for e in events if "Refused TLS peer" in e.get("log_format", "")]
+
+
+def refusal_of(app) -> Refusal:
+    """Why our policy refused the peer of ``app``'s connection, as its connection loss says."""
+    assert app.lost_reason is not None and app.lost_reason.check(PeerCertificateRefused)
+    return app.lost_reason.value.refusal
 
 
 def assert_connected(client, server):
@@ -123,7 +138,8 @@ def test_a_server_whose_fingerprint_differs_from_the_pin_is_refused_in_the_same_
     pin = PeerPolicy([Accept("worker", fingerprint=ids["w1"].identity.fingerprint)])
     client, server = tls_pair(ids["w2"], MASTER_ONLY, ids["master"], pin)[:2]
     assert client.lost_reason is not None and not client.handshake_done
-    assert "fingerprint mismatch" in pin.last_refusal
+    refusal = refusal_of(client)
+    assert refusal.kind is RefusalKind.FINGERPRINT and "fingerprint mismatch" in refusal.detail
     # The right host passes the very same pin.
     client, server = tls_pair(ids["w1"], MASTER_ONLY, ids["master"], pin)[:2]
     assert_connected(client, server)
@@ -135,7 +151,8 @@ def test_an_exact_cn_rule_admits_only_that_hosts_updater(ids):
     agent_w2 = PeerPolicy([Accept("worker", cn="w2")])
     client, server = tls_pair(ids["w2"], policy, ids["upd-w1"], agent_w2)[:2]
     assert_refused(client, server)
-    assert "not the expected peer" in policy.last_refusal
+    refusal = refusal_of(server)
+    assert refusal.kind is RefusalKind.PEER and "not the expected peer" in refusal.detail
 
 
 def test_alpn_is_negotiated_when_both_sides_offer_it(ids):
@@ -147,10 +164,10 @@ def test_alpn_is_negotiated_when_both_sides_offer_it(ids):
 def test_policy_check_reasons():
     ident = pki.CertIdentity("w1", "worker", "a" * 64)
     assert PeerPolicy([Accept("worker")]).check(ident) is None
-    assert "no valid DECNET role" in PeerPolicy([Accept("worker")]).check(
-        pki.CertIdentity("w1", None, "a" * 64)
-    )
-    assert "mismatch" in PeerPolicy([Accept("worker", fingerprint="b" * 64)]).check(ident)
+    no_role = PeerPolicy([Accept("worker")]).check(pki.CertIdentity("w1", None, "a" * 64))
+    assert no_role.kind is RefusalKind.NO_ROLE and "no valid DECNET role" in no_role.detail
+    pinned = PeerPolicy([Accept("worker", fingerprint="b" * 64)]).check(ident)
+    assert pinned.kind is RefusalKind.FINGERPRINT and "mismatch" in pinned.detail
 
 
 @pytest_twisted.ensureDeferred

@@ -16,8 +16,8 @@ from twisted.internet.threads import deferToThread
 from decnet import config, pki
 from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError
 from decnet.httpapi import make_site
+from decnet.httpclient import PinnedClient
 from decnet.master import enrollment
-from decnet.master.http import PinnedClient
 from decnet.master.registry import Registry
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient

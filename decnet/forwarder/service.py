@@ -155,11 +155,9 @@ class ForwarderService(MultiService):
         self.max_payload = max_line
         self.store: JournalStore | None = None
         self.shipper: Shipper | None = None  # once the journal is read
-        options, policy = forwarder_options(identity, master_fingerprint, mode)
+        options, _ = forwarder_options(identity, master_fingerprint, mode)
         target = f"{master_host}:{master_port}"
-        self.factory = ForwarderFactory(
-            None, stream=stream, mode=mode, target=target, policy=policy
-        )
+        self.factory = ForwarderFactory(None, stream=stream, mode=mode, target=target)
         endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
         self.client = ClientService(
             _ReportingEndpoint(endpoint, self.factory),

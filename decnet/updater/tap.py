@@ -28,7 +28,7 @@ from decnet import config, pki
 from decnet.daemon import TLSPortService
 from decnet.errors import DecnetError
 from decnet.httpapi import make_site
-from decnet.master.http import PinnedClient
+from decnet.httpclient import PinnedClient
 from decnet.options import positive_float, positive_int
 from decnet.release import pin_running_release
 from decnet.systemd import SystemdService

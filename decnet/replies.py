@@ -1,10 +1,10 @@
-"""What the master accepts from a worker's agent and updater: one declarative schema per reply.
+"""What a client accepts from a worker's agent and updater: one declarative schema per reply.
 
 A compromised worker holds a valid certificate and may answer anything.  Every
-reply is checked here before any code reads it (:class:`~decnet.master.http.PinnedClient`
-does it for every call), so the CLI, the rollout and the sandbox only ever see
-the types they expect; a reply that breaks its schema becomes
-:class:`~decnet.errors.BadReply` for that one host.
+reply is checked here before any code reads it (:class:`~decnet.httpclient.PinnedClient`
+does it for every call), so the CLI, the rollout, the sandbox and the updater's
+health probe only ever see the types they expect; a reply that breaks its schema
+becomes :class:`~decnet.errors.BadReply` for that one host.
 
 Same style as the spec validator (:mod:`decnet.agent.spec`): pure, and it
 reports *every* problem with where it is (``deckies.web-01.services.ssh.port:
