@@ -80,6 +80,19 @@ def tls_pair(server_identity, server_policy, client_identity, client_policy, *, 
 
 def tls_pair_with(server_options, client_options):
     """Like :func:`tls_pair` with ready-made options (or any context factory)."""
+    client_app, server_app, pump = tls_connection(server_options, client_options)
+    pump.flush()
+    client_app.transport.write(b"ping")
+    pump.flush()
+    return client_app, server_app, pump
+
+
+def tls_connection(server_options, client_options):
+    """A TLS connection in memory, not pumped yet: (client_app, server_app, pump).
+
+    ``pump.pump()`` moves one batch of bytes each way, so a test can stop a
+    handshake half-way (and run another one meanwhile).
+    """
     clock = Clock()
     server_app, client_app = RecordingProtocol(), RecordingProtocol()
     server_factory = TLSServerFactory(
@@ -94,9 +107,6 @@ def tls_pair_with(server_options, client_options):
         greet=False,
         clock=clock,
     )
-    pump.flush()
-    client_app.transport.write(b"ping")
-    pump.flush()
     return client_app, server_app, pump
 
 

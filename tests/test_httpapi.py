@@ -1,9 +1,15 @@
 """Klein-over-mTLS plumbing (decnet.httpapi) and the pinned client (decnet.httpclient)."""
 
+import itertools
+
 import pytest
 import pytest_twisted
 from klein import Klein
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError, Unreachable
 from decnet.httpapi import (
@@ -26,6 +32,7 @@ def ids(ca, foreign_ca, tmp_path_factory):
         "master": write_identity(d / "m", ca, "master"),
         "w1": write_identity(d / "w1", ca, "worker", "w1"),
         "w2": write_identity(d / "w2", ca, "worker", "w2"),
+        "w1-again": write_identity(d / "w1-again", ca, "worker", "w1"),
         "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
         "foreign-master": write_identity(d / "fm", foreign_ca, "master", trust=ca),
     }
@@ -96,6 +103,44 @@ async def test_a_pin_mismatch_is_refused_before_any_request_is_sent(ids, server)
     port = server
     with pytest.raises(FingerprintMismatch, match="fingerprint mismatch"):
         await client(ids, port, pin_of="w2").call("GET", "hello")
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _Alternating:
+    """Serves each new connection with the next of ``options``, in turn."""
+
+    def __init__(self, *options):
+        self._next = itertools.cycle(options)
+
+    def serverConnectionForTLS(self, protocol):
+        return next(self._next).serverConnectionForTLS(protocol)
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_at_once_refused_for_two_reasons_each_get_their_own_error(ids):
+    """One client, several handshakes in flight: every other server holds w1's name with another
+    key, the rest are w2.  Each call fails with its own connection's refusal, typed."""
+    master = PeerPolicy([Accept("master")])
+    creator = _Alternating(PolicyOptions(ids["w1-again"], master), PolicyOptions(ids["w2"], master))
+    factory = TLSMemoryBIOFactory(creator, False, Factory.forProtocol(Protocol))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    w1 = Accept("worker", cn="w1", fingerprint=ids["w1"].identity.fingerprint)
+    pinned = PinnedClient(
+        reactor, ids["master"], address="127.0.0.1", port=port.getHost().port, accept=w1
+    )
+    try:
+        outcomes = await defer.DeferredList(
+            [defer.ensureDeferred(pinned.call("GET", "hello")) for _ in range(6)],
+            consumeErrors=True,
+        )
+    finally:
+        await port.stopListening()
+    errors = [failure.value for _, failure in outcomes]
+    mismatches = [e for e in errors if isinstance(e, FingerprintMismatch)]
+    others = [e for e in errors if type(e) is PeerRefused]
+    assert len(mismatches) == len(others) == 3, errors
+    assert all("fingerprint mismatch for 'w1'" in str(e) for e in mismatches)
+    assert all("'w2' is not the expected peer" in str(e) for e in others)
 
 
 @pytest_twisted.ensureDeferred

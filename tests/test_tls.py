@@ -21,10 +21,18 @@ from decnet.tls import (
     PolicyOptions,
     Refusal,
     RefusalKind,
+    handshake_of,
     listen_tls,
     peer_identity,
 )
-from tests.support import RecordingProtocol, expired_kw, tls_pair, tls_pair_with, write_identity
+from tests.support import (
+    RecordingProtocol,
+    expired_kw,
+    tls_connection,
+    tls_pair,
+    tls_pair_with,
+    write_identity,
+)
 
 MASTER_ONLY = PeerPolicy([Accept("master")])
 WORKERS_ONLY = PeerPolicy([Accept("worker")])
@@ -37,6 +45,8 @@ def ids(ca, foreign_ca, tmp_path_factory):
         "master": write_identity(d / "m", ca, "master"),
         "w1": write_identity(d / "w1", ca, "worker", "w1"),
         "w2": write_identity(d / "w2", ca, "worker", "w2"),
+        # w1's name and role from our CA, but another key: not the certificate w1 enrolled.
+        "w1-again": write_identity(d / "w1-again", ca, "worker", "w1"),
         "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
         # Same CN, same subject DN layout, but signed by another CA.
         "impostor-w1": write_identity(d / "imp", foreign_ca, "worker", "w1", trust=ca),
@@ -143,6 +153,36 @@ def test_a_server_whose_fingerprint_differs_from_the_pin_is_refused_in_the_same_
     # The right host passes the very same pin.
     client, server = tls_pair(ids["w1"], MASTER_ONLY, ids["master"], pin)[:2]
     assert_connected(client, server)
+
+
+def _pump_until(pump, condition, steps: int = 50) -> None:
+    for _ in range(steps):
+        if condition():
+            return
+        pump.pump()
+    raise AssertionError("the handshake never got there")
+
+
+def test_two_handshakes_at_once_each_fail_with_their_own_refusal(ids, warnings):
+    """One client policy, as a PinnedClient or a forwarder holds, and two connections in flight:
+    one server presents w1's name with another key, the other is w2.  Both are refused before
+    either connection is gone, and each connection reports its own reason, not the other's."""
+    pin = PeerPolicy([Accept("worker", cn="w1", fingerprint=ids["w1"].identity.fingerprint)])
+    client_options = PolicyOptions(ids["master"], pin)
+    impostor, _, impostor_pump = tls_connection(
+        PolicyOptions(ids["w1-again"], MASTER_ONLY), client_options
+    )
+    other, _, other_pump = tls_connection(PolicyOptions(ids["w2"], MASTER_ONLY), client_options)
+    _pump_until(impostor_pump, lambda: handshake_of(impostor.transport).refusal is not None)
+    _pump_until(other_pump, lambda: handshake_of(other.transport).refusal is not None)
+    assert impostor.lost_reason is None and other.lost_reason is None  # both at once
+    other_pump.flush()
+    impostor_pump.flush()
+    first, second = refusal_of(impostor), refusal_of(other)
+    assert first.kind is RefusalKind.FINGERPRINT and "fingerprint mismatch for 'w1'" in first.detail
+    assert second.kind is RefusalKind.PEER and "'w2' is not the expected peer" in second.detail
+    assert [str(first), str(second)] == refusal_reasons(warnings)
+    assert not impostor.handshake_done and not other.handshake_done
 
 
 def test_an_exact_cn_rule_admits_only_that_hosts_updater(ids):
