@@ -97,7 +97,7 @@ class FakeAgentHealth:
         self.agent = agent
         self.pending = None
 
-    def call(self, method, route, timeout=None):
+    def call(self, method, route, timeout=None, reply=None):
         if self.pending is not None:
             return self.pending
         from decnet.errors import Unreachable
