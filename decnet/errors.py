@@ -110,7 +110,7 @@ class UnknownDecky(DecnetError):
 class UpdateError(DecnetError):
     """A release could not be installed, switched or rolled back (updater side)."""
 
-    #: HTTP status the updater answers with; mapped in ``decnet.updater.app`` only.
+    #: HTTP status the updater answers with; mapped in ``decnet.httpapi.problem_of`` only.
     status = 500
     #: The outcome reported to the master: ``failed`` or ``rolled_back``.
     result = "failed"

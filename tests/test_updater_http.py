@@ -22,7 +22,7 @@ from decnet.master.registry import Registry
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
-from decnet.updater.app import UploadRequest, build_app
+from decnet.updater.app import build_app, upload_limits
 from decnet.updater.engine import Updater
 from decnet.updater.health import HealthProbe
 from decnet.updater.releases import ReleaseStore, release_id_for
@@ -85,11 +85,9 @@ async def served(world, tmp_path):
         restart_delay=0.01,
     )
     await updater.start()
-    request_class = type("R", (UploadRequest,), {"uploaders": (master,)})
     site = make_site(
         build_app(updater, master=master, local=local).resource(),
-        max_body=3 * 1024 * 1024,
-        request_class=request_class,
+        limits=upload_limits(master, 3 * 1024 * 1024),
     )
     port = await listen_tls(
         reactor,

@@ -35,7 +35,7 @@ from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 from decnet.updater import archive
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent, agent_argv
-from decnet.updater.app import UploadRequest, build_app
+from decnet.updater.app import build_app, upload_limits
 from decnet.updater.engine import Updater
 from decnet.updater.health import HealthProbe
 from decnet.updater.installer import Installer
@@ -248,11 +248,9 @@ def makeService(options: Options) -> service.IService:
         limits=archive.Limits(),
         restart_self=exec_restart if options["self-restart"] == "exec" else _exit_restart(reactor),
     )
-    request_class = type("UpdaterRequest", (UploadRequest,), {"uploaders": (master,)})
     site = make_site(
         build_app(updater, master=master, local=local).resource(),
-        max_body=options["max-upload"],
-        request_class=request_class,
+        limits=upload_limits(master, options["max-upload"]),
         reactor=reactor,
     )
     return UpdaterService(reactor, updater, options["listen"], tls_options, site)
