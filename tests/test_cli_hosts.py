@@ -11,7 +11,7 @@ import pytest
 from decnet import config, pki, revocation
 from decnet.cli import output
 from decnet.master import enrollment
-from decnet.tls import Accept, PeerPolicy
+from decnet.tls import Accept, PeerPolicy, Refusal, RefusalKind
 from tests.support import BIN
 
 ADMIN = str(BIN / "decnet-admin")
@@ -236,7 +236,8 @@ def test_twelve_parallel_decommissions_leave_twelve_revocation_entries(home, tmp
     )
     for n in names:
         identity = pki.identity_of(pki.load_cert(tmp_path / n / config.BUNDLE_WORKER_CERT))
-        assert listener.check(identity) == f"certificate of {n!r} is revoked"
+        revoked = Refusal(RefusalKind.REVOKED, f"certificate of {n!r} is revoked")
+        assert listener.check(identity) == revoked
     hosts = json.loads(admin(paths.home, "hosts", "--json", check=0).stdout)
     assert {h["name"] for h in hosts if h["status"] == "decommissioned"} == set(names)
 
