@@ -8,9 +8,12 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromCertificates
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 
 from decnet import pki
 from decnet.revocation import RevocationSet
@@ -21,6 +24,7 @@ from decnet.tls import (
     PolicyOptions,
     Refusal,
     RefusalKind,
+    TLSServerFactory,
     handshake_of,
     listen_tls,
     peer_identity,
@@ -334,3 +338,29 @@ async def test_a_real_listener_socket_refuses_cbc_and_non_ecdhe_suites_and_accep
         assert "Protocol version: TLSv1.3" in out, out
     finally:
         await listener.stopService()
+
+
+def test_a_forwarder_that_refuses_the_receiver_says_why_as_the_docs_show(ids, tmp_path):
+    """The forwarder pins the master; the receiver is another certificate.  The connection's own
+    refusal becomes the forwarder's state line (docs/Logging.md, Troubleshooting)."""
+    from tests.test_forwarder_core import Rig
+
+    rig = Rig(tmp_path)
+    states = []
+    rig.factory.state_listeners.append(lambda state, detail: states.append((state, detail)))
+    pin = PeerPolicy([Accept("master", fingerprint=ids["w2"].identity.fingerprint)])
+    clock = Clock()
+    server = TLSServerFactory(
+        PolicyOptions(ids["master"], WORKERS_ONLY), Factory.forProtocol(RecordingProtocol), clock
+    )
+    client = TLSMemoryBIOFactory(PolicyOptions(ids["w1"], pin), True, rig.factory, clock=clock)
+    *_, pump = connectedServerAndClient(
+        lambda: server.buildProtocol(None), lambda: client.buildProtocol(None), greet=False
+    )
+    pump.flush()
+    state, detail = states[-1]
+    assert state == "failing"
+    assert detail.startswith(
+        "cannot connect to m: refused the receiver's certificate: "
+        "fingerprint mismatch for 'decnet-master'"
+    )
