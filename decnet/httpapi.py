@@ -26,7 +26,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from klein import Klein
@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
@@ -181,8 +182,11 @@ def respond(request: server.Request, doc: object, status: int = 200) -> bytes:
 
 def read_json(request: server.Request) -> Any:
     """The request body as JSON; :class:`HTTPError` 400 if it is not."""
-    request.content.seek(0)
-    raw = request.content.read()
+    content = request.content
+    raw = b""
+    if content is not None:
+        content.seek(0)
+        raw = content.read()
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -219,17 +223,18 @@ def install_error_handlers(app: Klein, *, routes_shown_to: Sequence[Accept] = ()
     """
 
     @app.handle_errors(Exception)
-    def _problem(request: server.Request, failure: Failure) -> bytes:
-        problem = _problem_for(request, failure.value, routes_shown_to)
+    def _problem(request: IRequest, failure: Failure) -> bytes:
+        web_request = cast(server.Request, request)  # Klein on a twisted.web Site
+        problem = _problem_for(web_request, failure.value, routes_shown_to)
         if problem is None:
             log.failure(
                 "Unhandled error on {method} {path}",
                 failure,
-                method=request.method.decode("ascii", "replace"),
-                path=request.path.decode("ascii", "replace"),
+                method=web_request.method.decode("ascii", "replace"),
+                path=web_request.path.decode("ascii", "replace"),
             )
             problem = INTERNAL_ERROR
-        return respond(request, problem.doc, problem.status)
+        return respond(web_request, problem.doc, problem.status)
 
 
 def _problem_for(

@@ -42,8 +42,9 @@ import json as jsonlib
 from hyperlink import URL
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     FileBodyProducer,
@@ -260,7 +261,7 @@ class _BodyReader(Protocol):
             return
         self.chunks.append(data)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -276,7 +277,7 @@ class _BodyReader(Protocol):
         TLS close handshake that a hostile peer would never complete.
         """
         if self.transport is not None:
-            self.transport.stopProducing()
+            IPushProducer(self.transport).stopProducing()
 
 
 def _quote(raw: bytes) -> str:

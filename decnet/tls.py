@@ -24,6 +24,7 @@ import enum
 import hmac
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import attrs
 from cryptography import x509
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -278,8 +280,10 @@ class PolicyOptions(ssl.CertificateOptions):
         acceptable_protocols: Sequence[bytes] | None = None,
     ):
         super().__init__(
-            privateKey=identity.key,
-            certificate=identity.cert,
+            # pyOpenSSL takes cryptography's key and certificate as they are;
+            # Twisted's annotations predate that.
+            privateKey=cast(Any, identity.key),
+            certificate=cast(Any, identity.cert),
             trustRoot=ssl.trustRootFromCertificates([ssl.Certificate(identity.ca)]),
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             acceptableCiphers=AEAD_CIPHERS,
@@ -386,7 +390,7 @@ class _HandshakeLoggingTLSProtocol(TLSMemoryBIOProtocol):
         self._received_any = True
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # A connect-and-close without a byte (a port probe) is not worth a
         # warning per connection; anything that sent bytes and failed is.
         record = handshake_of(self)

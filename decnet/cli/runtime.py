@@ -57,9 +57,10 @@ def run_async(fn: Command) -> int:
         task.react(main)
     except SystemExit:
         pass
-    if outcome and isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return int(outcome[0]) if outcome else 0
+    result = outcome[0] if outcome else 0
+    if isinstance(result, Failure):
+        result.raiseException()
+    return int(result)
 
 
 def problems_of(error: DecnetError) -> list[str]:

@@ -38,6 +38,7 @@ def client_for_host(
         raise HostDecommissioned(
             f"{host.name!r} was decommissioned at {host.revoked_at}; refusing to contact it"
         )
+    fingerprint: str | None
     if role == config.ROLE_WORKER:
         port, cn, fingerprint = host.agent_port, host.name, host.worker_fingerprint
     else:
