@@ -50,20 +50,6 @@ from decnet.httpapi import (
 )
 from decnet.httpclient import PinnedClient
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls
-from tests.support import write_identity
-
-
-@pytest.fixture(scope="module")
-def ids(ca, foreign_ca, tmp_path_factory):
-    d = tmp_path_factory.mktemp("http-ids")
-    return {
-        "master": write_identity(d / "m", ca, "master"),
-        "w1": write_identity(d / "w1", ca, "worker", "w1"),
-        "w2": write_identity(d / "w2", ca, "worker", "w2"),
-        "w1-again": write_identity(d / "w1-again", ca, "worker", "w1"),
-        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
-        "foreign-master": write_identity(d / "fm", foreign_ca, "master", trust=ca),
-    }
 
 
 def build_app():

@@ -31,7 +31,6 @@ from decnet.tls import (
 )
 from tests.support import (
     RecordingProtocol,
-    expired_kw,
     tls_connection,
     tls_pair,
     tls_pair_with,
@@ -40,22 +39,6 @@ from tests.support import (
 
 MASTER_ONLY = PeerPolicy([Accept("master")])
 WORKERS_ONLY = PeerPolicy([Accept("worker")])
-
-
-@pytest.fixture(scope="module")
-def ids(ca, foreign_ca, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ids")
-    return {
-        "master": write_identity(d / "m", ca, "master"),
-        "w1": write_identity(d / "w1", ca, "worker", "w1"),
-        "w2": write_identity(d / "w2", ca, "worker", "w2"),
-        # w1's name and role from our CA, but another key: not the certificate w1 enrolled.
-        "w1-again": write_identity(d / "w1-again", ca, "worker", "w1"),
-        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
-        # Same CN, same subject DN layout, but signed by another CA.
-        "impostor-w1": write_identity(d / "imp", foreign_ca, "worker", "w1", trust=ca),
-        "expired-w1": write_identity(d / "exp", ca, "worker", "w1", **expired_kw()),
-    }
 
 
 @pytest.fixture
