@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import io
 import json as jsonlib
+from collections.abc import Mapping, Sequence
+from typing import BinaryIO
 
 from hyperlink import URL
 from OpenSSL import SSL
@@ -130,7 +132,7 @@ class PinnedClient:
         self.base = URL(scheme="https", host=address, port=port)
         self.where = f"{accept.describe()} at {address}:{port}"
 
-    def url(self, *segments: str, **query) -> URL:
+    def url(self, *segments: str, **query: object) -> URL:
         url = self.base.child(*segments)
         for key, value in query.items():
             url = url.add(key, str(value))
@@ -140,12 +142,12 @@ class PinnedClient:
         self,
         method: str,
         *segments: str,
-        json=None,
-        data=None,
-        headers: dict | None = None,
+        json: object = None,
+        data: bytes | BinaryIO | None = None,
+        headers: Mapping[str, Sequence[str]] | None = None,
         timeout: float | None = None,
-        query: dict | None = None,
-        reply=replies.OBJECT,
+        query: Mapping[str, object] | None = None,
+        reply: replies.Schema = replies.OBJECT,
     ) -> dict:
         """Send one request; return the JSON body of a 2xx answer, checked against ``reply``."""
         url = self.url(*segments, **(query or {}))
@@ -198,7 +200,7 @@ class PinnedClient:
             )
         return response.code, await reader.done
 
-    def _read(self, code: int, body: bytes, reply) -> dict:
+    def _read(self, code: int, body: bytes, reply: replies.Schema) -> dict:
         if not 200 <= code < 600:
             raise BadReply(self.where, f"unexpected HTTP status {code}")
         try:
