@@ -1,4 +1,4 @@
-"""Release tarballs on the worker: hashing and allow-list extraction of hostile input.
+"""Release tarballs on the worker: allow-list extraction of hostile input.
 
 The master is trusted to *choose* what to install, not to be free of bugs or of
 an attacker sitting in its place with a broken tarball, so extraction assumes
@@ -34,7 +34,6 @@ Both block: call them in a thread.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -87,15 +86,6 @@ class Summary:
     build_info: dict
     has_wheelhouse: bool
     has_project: bool
-
-
-def sha256_of(fileobj: BinaryIO) -> str:
-    """The sha256 of a whole file object, read from its start in chunks."""
-    fileobj.seek(0)
-    digest = hashlib.sha256()
-    while chunk := fileobj.read(CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safe_name(member: tarfile.TarInfo) -> str | None:
