@@ -10,6 +10,7 @@ import pytest
 
 from decnet import config, pki, revocation
 from decnet.cli import output
+from decnet.errors import ValidationError
 from decnet.master import enrollment
 from decnet.tls import Accept, PeerPolicy
 from tests.support import BIN
@@ -126,6 +127,34 @@ def test_bad_enroll_input_is_refused_and_nothing_is_written(home, tmp_path, args
     assert result.stderr.startswith("decnet-admin: error:")
     assert not out.exists()
     assert "okname" not in admin(home, "hosts", check=0).stdout
+
+
+def test_every_problem_of_an_enrollment_is_reported_at_once_in_order(master_home, tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "mine").write_text("")
+    with pytest.raises(ValidationError) as caught:
+        enrollment.enroll(
+            enrollment.load_master(master_home),
+            "Bad_Name",
+            "not an address",
+            out,
+            sans=["10.0.0.1", "a b"],
+            agent_port=0,
+            updater_port=70000,
+            validity_days=0,
+        )
+    problems = caught.value.problems
+    assert [p.split()[0:2] for p in problems] == [
+        ["invalid", "host"],
+        ["invalid", "address"],
+        ["invalid", "address"],
+        ["agent", "port"],
+        ["updater", "port"],
+        ["validity", "of"],
+        [str(out), "already"],
+    ]
+    assert "'a b'" in problems[2]
 
 
 def test_a_duplicate_name_is_refused_and_its_bundle_dir_stays_absent(home, tmp_path):
