@@ -97,6 +97,41 @@ def test_enroll_with_updater_writes_a_complete_bundle(home, tmp_path):
     assert row["status"] == "enrolled"
 
 
+def test_every_enroll_option_reaches_the_bundle_the_certificates_and_the_registry(
+    home, tmp_path, capsys
+):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from decnet.cli.main import main
+
+    out = tmp_path / "opt-01"
+    argv = ["--home", str(home), "enroll", "opt-01", "--address", "10.0.0.5", "--updater",
+            "--agent-port", "9001", "--updater-port", "9002", "--syslog-port", "9003",
+            "--master-host", "10.9.9.9", "--key-type", "rsa-2048", "--validity-days", "30",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    settings = json.loads((out / "bundle.json").read_text())
+    assert (settings["agent_port"], settings["updater_port"], settings["syslog_port"]) == (
+        9001,
+        9002,
+        9003,
+    )
+    assert settings["master_host"] == "10.9.9.9"
+    for name in ("worker.crt", "updater.crt"):
+        cert = pki.load_cert(out / name)
+        assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days in (30, 31)
+        assert (
+            isinstance(cert.public_key(), rsa.RSAPublicKey) and cert.public_key().key_size == 2048
+        )
+    row = next(
+        h
+        for h in json.loads(admin(home, "hosts", "--json", check=0).stdout)
+        if h["name"] == "opt-01"
+    )
+    assert (row["agent_port"], row["updater_port"]) == (9001, 9002) and row["updater_fingerprint"]
+
+
 def test_enroll_without_updater_and_the_host_table(home, tmp_path):
     admin(
         home, "enroll", "db-01", "--address", "db.internal", "--out", str(tmp_path / "b"), check=0
