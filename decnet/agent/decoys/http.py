@@ -263,9 +263,29 @@ class DecoyResource(Resource):
         self.runtime = runtime
 
     def render(self, request: DecoyRequest) -> bytes:
-        channel = request.channel
-        session = channel.session
         spec = self.runtime.spec
+        form_login = self._record(request)
+        request.setHeader(b"server", spec.option("server").encode())
+        realm = spec.option("realm")
+        path = request.path
+        if realm is not None:
+            request.setResponseCode(http.UNAUTHORIZED)
+            request.setHeader(b"www-authenticate", f'Basic realm="{realm}"'.encode())
+            return self._error(request, 401, "Unauthorized", _UNAUTHORIZED_TEXT)
+        if path in LOGIN_PATHS:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            failed = form_login or request.method == b"POST"
+            error = '<p class="err">Invalid username or password.</p>' if failed else ""
+            title = html.escape(spec.option("title"))
+            return LOGIN_PAGE.format(title=title, error=error).encode()
+        request.setResponseCode(http.NOT_FOUND)
+        return self._error(
+            request, 404, "Not Found", "The requested URL was not found on this server."
+        )
+
+    def _record(self, request: DecoyRequest) -> bool:
+        """The ``request`` event and any ``login``; whether a login form was posted."""
+        session = request.channel.session
         request.content.seek(0)
         body = request.content.read()
         headers = b"\n".join(
@@ -287,33 +307,15 @@ class DecoyResource(Resource):
         basic = _credentials_from_basic(request.getHeader(b"authorization"))
         if basic is not None:
             session.login(("method", "basic"), ("user", basic[0]), ("password", basic[1]))
-        form_login = False
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if request.method == b"POST" and content_type.startswith(
             b"application/x-www-form-urlencoded"
         ):
             user, password = _credentials_from_form(body)
             if user is not None or password is not None:
-                form_login = True
                 session.login(("method", "form"), ("user", user), ("password", password))
-
-        request.setHeader(b"server", spec.option("server").encode())
-        realm = spec.option("realm")
-        path = request.path
-        if realm is not None:
-            request.setResponseCode(http.UNAUTHORIZED)
-            request.setHeader(b"www-authenticate", f'Basic realm="{realm}"'.encode())
-            return self._error(request, 401, "Unauthorized", _UNAUTHORIZED_TEXT)
-        if path in LOGIN_PATHS:
-            request.setHeader(b"content-type", b"text/html; charset=utf-8")
-            failed = form_login or request.method == b"POST"
-            error = '<p class="err">Invalid username or password.</p>' if failed else ""
-            title = html.escape(spec.option("title"))
-            return LOGIN_PAGE.format(title=title, error=error).encode()
-        request.setResponseCode(http.NOT_FOUND)
-        return self._error(
-            request, 404, "Not Found", "The requested URL was not found on this server."
-        )
+                return True
+        return False
 
     def _error(self, request, code: int, phrase: str, text: str) -> bytes:
         spec = self.runtime.spec
