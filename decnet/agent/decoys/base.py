@@ -278,7 +278,7 @@ class DecoyMixin:
         if parent is not None:
             parent()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self, reason: Failure | None = connectionDone) -> None:
         for name in ("_idle_call", "_lifetime_call", "_abort_call"):
             call = getattr(self, name)
             if call is not None and call.active():
@@ -295,7 +295,7 @@ class DecoyMixin:
             ("duration", self.session.duration()),
             ("bytes_in", self.session.bytes_in),
         )
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[misc]  # the protocol this precedes
 
     def reset_idle(self) -> None:
         timeout = self.runtime.spec.option("idle_timeout")

@@ -96,7 +96,7 @@ class ChunkedBody:
         self._state = _SIZE
         self._remaining = 0
         self._trailers = 0
-        self._parts: list[bytes] = []  # the chunks decoded from the current read
+        self._parts: list[bytes | bytearray] = []  # the chunks decoded from the current read
         self._count = 0
         self._steps = (self._size, self._data, self._crlf, self._trailer, self._after_end)
 
@@ -208,6 +208,8 @@ def _expect_crlf(buf: bytearray, at: int) -> None:
 class DecoyRequest(server.Request):
     """A request that keeps at most ``max_body`` bytes of its body (and counts the rest)."""
 
+    channel: DecoyChannel
+    content: io.BytesIO  # type: ignore[assignment]  # twisted.web declares it None
     body_size = 0
     max_body = 0
 
@@ -247,7 +249,7 @@ def _credentials_from_basic(value: bytes | None) -> tuple[bytes, bytes] | None:
 
 
 def _credentials_from_form(body: bytes) -> tuple[bytes | None, bytes | None]:
-    fields = {}
+    fields: dict[str, bytes] = {}
     for key, value in parse_qsl(body, keep_blank_values=True):
         fields.setdefault(key.decode("utf-8", "replace").lower(), value)
     user = next((fields[k] for k in USER_FIELDS if k in fields), None)
@@ -392,7 +394,7 @@ class DecoyChannel(DecoyMixin, http.HTTPChannel):
 
 
 class DecoySite(server.Site):
-    protocol = DecoyChannel
+    protocol = DecoyChannel  # type: ignore[assignment]  # an HTTPChannel, as Site expects
     requestFactory = DecoyRequest
     displayTracebacks = False
     noisy = False
