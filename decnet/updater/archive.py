@@ -218,9 +218,10 @@ class _Walk:
     def __init__(self, limits: Limits, dest: Path | None):
         self.limits = limits
         self.dest = dest
-        self.members = self.files = self.total = 0
+        # Named as Summary's fields: summary() copies them by name.
+        self.members = self.files = self.total_bytes = 0
         self.build_info: dict = {}
-        self.wheelhouse = self.project = False
+        self.has_wheelhouse = self.has_project = False
         self.seen: dict[str, str] = {}  # name -> "file" | "dir"
         self.name = ""  # the member being checked or written
 
@@ -243,8 +244,8 @@ class _Walk:
         self._file(tar, member, name)
 
     def _count_size(self, size: int) -> None:
-        self.total += size
-        if size < 0 or self.total > self.limits.max_bytes:
+        self.total_bytes += size
+        if size < 0 or self.total_bytes > self.limits.max_bytes:
             raise UnsafeArchive(f"release larger than {self.limits.max_bytes} bytes uncompressed")
 
     def _place(self, name: str, kind: str) -> None:
@@ -261,9 +262,9 @@ class _Walk:
     def _file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
         self.files += 1
         if name in ("setup.cfg", "pyproject.toml", "setup.py"):
-            self.project = True
+            self.has_project = True
         if name.startswith(config.RELEASE_WHEELHOUSE + "/") and name.endswith(".whl"):
-            self.wheelhouse = True
+            self.has_wheelhouse = True
         source = tar.extractfile(member)
         if source is None:  # pragma: no cover - a regular file always has a reader
             raise UnsafeArchive(f"member {name!r} cannot be read")
@@ -280,14 +281,7 @@ class _Walk:
             _write_file(self.dest, name, chunks, safe_mode(member))
 
     def summary(self) -> Summary:
-        return Summary(
-            members=self.members,
-            files=self.files,
-            total_bytes=self.total,
-            build_info=self.build_info,
-            has_wheelhouse=self.wheelhouse,
-            has_project=self.project,
-        )
+        return Summary(**{field.name: getattr(self, field.name) for field in attrs.fields(Summary)})
 
 
 def _short(exc: BaseException) -> str:
