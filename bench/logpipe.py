@@ -39,7 +39,7 @@ from decnet.listener import storage  # noqa: E402
 from decnet.master import enrollment  # noqa: E402
 from tests import rsyslog_support as rs  # noqa: E402
 from tests.logpipe_support import start_forwarder, start_listener  # noqa: E402
-from tests.support import wait_for  # noqa: E402
+from tests.support import free_port, wait_for  # noqa: E402
 
 LINE_LEN = 200
 
@@ -265,7 +265,7 @@ def _count_lines(path: Path) -> int:
 
 
 def rsyslog_receiver(env: Env, d: Path, peer: str):
-    port = rs.free_port()
+    port = free_port()
     out = d / "received.log"
     recv = rs.Rsyslogd(
         d / "receiver",

@@ -311,6 +311,9 @@ class LocalUpdater:
         self.name = name
         self.base = base / name
         self.base.mkdir(parents=True)
+        # Fixed, not port 0 with --port-file: the registry must know the port before
+        # `decnet-admin update` runs, and update-self re-executes the updater with the
+        # same --listen.
         self.port = free_port()
         self.agent_port = free_port()
         master = enrollment.load_master(paths)
@@ -421,6 +424,19 @@ class LocalUpdater:
             except Exception:
                 self.process.kill()
                 self.process.wait(10)
+
+
+def record_ports(paths: config.MasterPaths, name: str, **ports: int) -> None:
+    """Record in the registry the ports a daemon started on port 0 was given (``--port-file``)."""
+    import attrs
+
+    from decnet.master.registry import Registry
+
+    registry = Registry(paths.registry)
+    with registry.lock():
+        host = registry.get(name)
+        registry.remove(name)
+        registry.add(attrs.evolve(host, **ports))
 
 
 def admin(paths: config.MasterPaths, *args: str, timeout: float = 300):
