@@ -135,14 +135,6 @@ class CPU:
         return self.used
 
 
-def wait_until(predicate, timeout=600.0, interval=0.002):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark run did not finish")
-        time.sleep(interval)
-
-
 def stop(proc):
     if proc.poll() is None:
         proc.terminate()
@@ -318,7 +310,7 @@ def run_rsyslog_rsyslog(env: Env, data: bytes) -> dict:
         cpu.start()
         t0 = time.monotonic()
         append_all(source, data)
-        wait_until(size_at_least(out, len(data)))
+        wait_for(size_at_least(out, len(data)), 600, 0.002, what="the receiver to write it all")
         elapsed = time.monotonic() - t0
         used = cpu.stop()
         ok = out.read_bytes() == data
@@ -362,7 +354,7 @@ def run_ours_rsyslog(env: Env, data: bytes) -> dict:
         cpu.start()
         t0 = time.monotonic()
         append_all(log_file, data)
-        wait_until(size_at_least(out, len(data)))
+        wait_for(size_at_least(out, len(data)), 600, 0.002, what="the receiver to write it all")
         elapsed = time.monotonic() - t0
         used = cpu.stop()
         ok = out.read_bytes() == data

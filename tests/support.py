@@ -100,16 +100,43 @@ def tls_pair_with(server_options, client_options):
     return client_app, server_app, pump
 
 
+# -- polling, with a deadline: only where a child process (or a kernel) is involved -----
+
+
+class _Poll:
+    """One look at ``predicate`` at a time: its value once truthy, an error past the deadline."""
+
+    def __init__(self, predicate, timeout: float, what: str):
+        self.predicate = predicate
+        self.timeout = timeout
+        self.what = what
+        self.deadline = time.monotonic() + timeout
+
+    def look(self):
+        value = self.predicate()
+        if not value and time.monotonic() > self.deadline:
+            raise AssertionError(f"timed out after {self.timeout}s waiting for {self.what}")
+        return value
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` until truthy (for subprocess tests only); returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """Poll ``predicate`` until truthy, blocking (no reactor runs here); returns its value."""
+    poll = _Poll(predicate, timeout, what)
+    while not (value := poll.look()):
         time.sleep(interval)
+    return value
+
+
+async def eventually(
+    predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"
+):
+    """Poll ``predicate`` until truthy, letting the reactor run in between; returns its value."""
+    from twisted.internet import reactor, task
+
+    poll = _Poll(predicate, timeout, what)
+    while not (value := poll.look()):
+        await task.deferLater(reactor, interval, lambda: None)
+    return value
 
 
 def master_paths(tmp_path: Path) -> config.MasterPaths:
