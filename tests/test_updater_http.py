@@ -77,6 +77,7 @@ async def served(world, tmp_path):
     def restart_self(release_dir):
         restarts.append(release_dir)
         restarted.callback(release_dir)
+
     updater = Updater(
         clock=reactor,
         store=ReleaseStore(tmp_path / "install"),

@@ -317,7 +317,7 @@ class Sandbox:
             found = await self._thread(wheelhouse.wheels, target)
             self.say(f"  wheelhouse {self.path(target)} ({len(found)} wheels, cached)")
             return target
-        from decnet.updater.process import run_process
+        from decnet.process import run_process
 
         partial = self.layout.cache_dir / f".wheelhouse-{key}.{os.getpid()}"
         constraints = self.layout.cache_dir / f".constraints-{key}.txt"
