@@ -13,10 +13,12 @@ how tests and the sandbox learn the port of ``tcp:0`` without racing for one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -109,14 +111,14 @@ class TLSPortService(Service):
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactorTime,
         description: str,
         options: PolicyOptions,
-        factory,
+        factory: IProtocolFactory,
         *,
         port_file: str | Path | None = None,
         label: str = "connections",
-        gate=None,
+        gate: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
     ):
         self.reactor = reactor
         self.description = description
@@ -126,10 +128,10 @@ class TLSPortService(Service):
         self.label = label
         # Wraps the TLS factory (see ``listen_tls``): the listener's pre-TLS budget.
         self.gate = gate
-        self.port = None
+        self.port: IListeningPort | None = None
         self.ready: defer.Deferred = defer.Deferred()
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.port is not None:
             return
@@ -157,15 +159,15 @@ class TLSPortService(Service):
         )
         if self.port_file is not None:
             # Start-up only, before the reactor serves anyone: a tiny write.
-            atomic_write(self.port_file, b"%d\n" % host.port)
+            atomic_write(self.port_file, b"%d\n" % getattr(host, "port"))  # noqa: B009 - TCP only
         self.ready.callback(self.port)
 
-    def startService(self):
+    def startService(self) -> None:
         if self.port is None:
             self.privilegedStartService()
         super().startService()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred | None:
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None

@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore, IReactorThreads
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -136,7 +136,7 @@ class UpdaterService(service.MultiService):
 
     def __init__(
         self,
-        reactor: IReactorCore,
+        reactor: IReactorTime,
         *,
         bundle: pki.WorkerBundle,
         identity: TLSIdentity,
@@ -168,7 +168,7 @@ class UpdaterService(service.MultiService):
             health_timeout=health_timeout,
             keep=keep,
             limits=archive.Limits(),
-            restart_self=self_restart(restart, reactor),
+            restart_self=self_restart(restart, IReactorCore(reactor)),
         )
         master, local = accepted_peers(bundle)
         request_class = type("UpdaterRequest", (UploadRequest,), {"uploaders": (master,)})
@@ -204,11 +204,12 @@ class UpdaterService(service.MultiService):
 
     def _start_failed(self, failure: Failure) -> None:
         self.log.failure("The updater could not start; stopping", failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        core = IReactorCore(self.reactor)
+        if core.running:
+            core.stop()
 
     async def _stop(self) -> None:
-        await self.port_service.stopService()
+        await defer.maybeDeferred(self.port_service.stopService)
         await self.updater.stop()
         await super().stopService()
 
