@@ -121,3 +121,19 @@ def test_a_port_in_use_stops_the_daemon(bundles, tmp_path):
         )
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_an_updater_stopped_before_its_port_opened_stops_cleanly(bundles, tmp_path):
+    """twistd stops services that never started when start-up fails half-way."""
+    options = parse(
+        "--bundle",
+        str(bundles / "with"),
+        "--install-dir",
+        str(tmp_path),
+        "--agent-control",
+        "spawn",
+    )
+    service = tap.makeService(options)
+    outcome = []
+    service.stopService().addBoth(outcome.append)
+    assert outcome == [None]
