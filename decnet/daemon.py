@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -43,6 +44,16 @@ PORT_FILE_OPTION = [
     "Write the bound port number here once listening",
     absolute_path,
 ]
+
+
+def keywords(options: usage.Options, names: str) -> dict[str, Any]:
+    """The options ``names`` lists (space-separated), keyed as the service's keywords.
+
+    ``keywords(options, "listen port-file")`` is
+    ``{"listen": options["listen"], "port_file": options["port-file"]}``.
+    """
+    return {name.replace("-", "_"): options[name] for name in names.split()}
+
 
 # Identities a bundle holds only when asked for at enrollment, and how to ask.
 # (A missing worker file is a broken bundle: the error names the file.)

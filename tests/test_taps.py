@@ -145,3 +145,19 @@ def test_the_updater_writes_the_port_it_bound_to_its_port_file(bundles, tmp_path
         assert int(port_file.read_text()) == service.port.getHost().port != 0
     finally:
         service.port_service.stopService()
+
+
+@pytest.mark.parametrize("daemon", sorted(TAPS))
+def test_every_tap_builds_its_service_from_what_postoptions_left(
+    bundles, master_home, daemon, tmp_path
+):
+    from twisted.application.service import IService
+
+    places = {
+        "agent": ["--state-dir", str(tmp_path / "s"), "--log-file", str(tmp_path / "d.log")],
+        "forwarder": ["--state", str(tmp_path / "f.sqlite"), "--log-file", str(tmp_path / "d.log")],
+        "listener": ["--ingest-dir", str(tmp_path / "ingest"), "--no-feed"],
+        "updater": ["--install-dir", str(tmp_path / "install")],
+    }
+    argv = [*_argv(daemon, bundles, master_home), *places[daemon]]
+    assert IService.providedBy(TAPS[daemon].makeService(parse(TAPS[daemon], *argv)))

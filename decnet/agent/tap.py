@@ -22,7 +22,7 @@ from decnet.agent.decoys.budget import (
     nofile_limit,
 )
 from decnet.agent.engine import ENGINES
-from decnet.daemon import PORT_FILE_OPTION, load_bundle
+from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
 
 
 class Options(usage.Options):
@@ -113,10 +113,5 @@ def makeService(options: Options) -> IService:
         reactor,
         bundle=options["bundle-obj"],
         identity=options["identity"],
-        listen=options["listen"],
-        state_dir=options["state-dir"],
-        log_file=options["log-file"],
-        port_file=options["port-file"],
-        engine=options["engine"],
-        max_decoy_connections=options["max-decoy-connections"],
+        **keywords(options, "listen port-file state-dir log-file engine max-decoy-connections"),
     )

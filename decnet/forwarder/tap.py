@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import load_bundle
+from decnet.daemon import keywords, load_bundle
 from decnet.errors import ConfigError
 from decnet.options import port_number, positive_float
 from decnet.pki import WorkerBundle
@@ -145,15 +145,11 @@ def makeService(options: Options) -> IService:
     return ForwarderService(
         reactor,
         identity=options["identity"],
-        master_host=options["master-host"],
-        master_port=options["master-port"],
         master_fingerprint=options["bundle-obj"].listener_fingerprint,
-        log_file=options["log-file"],
         state_file=options["state"],
-        stream=options["stream"],
-        mode=options["mode"],
-        max_line=options["max-line"],
-        poll_interval=options["poll-interval"],
-        rotate_wait=options["rotate-wait"],
-        max_retry_delay=options["max-retry-delay"],
+        **keywords(
+            options,
+            "master-host master-port log-file stream mode max-line poll-interval rotate-wait "
+            "max-retry-delay",
+        ),
     )

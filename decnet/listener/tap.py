@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import PORT_FILE_OPTION
+from decnet.daemon import PORT_FILE_OPTION, keywords
 from decnet.errors import DecnetError
 from decnet.listener import admission, ingest
 from decnet.options import between, positive_float, positive_int
@@ -182,21 +182,13 @@ def makeService(options: Options) -> IService:
     raise_nofile_limit()
     return ListenerService(
         reactor,
-        identity=options["identity"],
-        revocations=options["revocations"],
-        ingest_dir=options["ingest-dir"],
-        listen=options["listen"],
-        port_file=options["port-file"],
-        max_frame=options["max-frame"],
-        max_connections=options["max-connections"],
         max_per_worker=options["max-connections-per-worker"],
-        idle_timeout=options["idle-timeout"],
-        max_unauthenticated=options["max-unauthenticated"],
-        max_unauthenticated_per_address=options["max-unauthenticated-per-address"],
-        handshake_timeout=options["handshake-timeout"],
-        max_streams_per_worker=options["max-streams-per-worker"],
-        max_open_streams=options["max-open-streams"],
         feed=not options["no-feed"],
-        feed_encoders=options["feed-encoders"],
         sighup=True,
+        **keywords(
+            options,
+            "identity revocations ingest-dir listen port-file max-frame max-connections "
+            "idle-timeout max-unauthenticated max-unauthenticated-per-address "
+            "handshake-timeout max-streams-per-worker max-open-streams feed-encoders",
+        ),
     )

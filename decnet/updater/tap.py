@@ -20,7 +20,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config, pki
-from decnet.daemon import PORT_FILE_OPTION, load_bundle
+from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
 from decnet.errors import DecnetError
 from decnet.options import positive_float, positive_int
 from decnet.updater.service import SELF_RESTARTS, LocalAgent
@@ -129,9 +129,6 @@ def makeService(options: Options) -> IService:
     return UpdaterService(
         reactor,
         bundle=options["bundle-obj"],
-        identity=options["identity"],
-        listen=options["listen"],
-        port_file=options["port-file"],
         install_dir=Path(options["install-dir"]),
         agent=LocalAgent(
             host=options["agent-host"],
@@ -142,10 +139,9 @@ def makeService(options: Options) -> IService:
             log_file=options["agent-log-file"],
             twistd_log=options["agent-twistd-log"],
         ),
-        health_timeout=options["health-timeout"],
-        keep=options["keep"],
-        install_timeout=options["install-timeout"],
         compile_bytecode=not options["no-compile"],
-        max_upload=options["max-upload"],
         restart=options["self-restart"],
+        **keywords(
+            options, "identity listen port-file health-timeout keep install-timeout max-upload"
+        ),
     )
