@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decnet.agent.decoys import http, ssh
+from decnet.agent.decoys import http, redis, ssh
 from decnet.agent.decoys.base import CLOSE_GRACE, MAX_COMMANDS
 from decnet.agent.decoys.budget import TURN_ITEMS, TurnBudget
 from decnet.agent.decoys.inbox import TOO_LONG, Inbox
