@@ -12,9 +12,9 @@ from twisted.internet import reactor
 
 from decnet.agent.decoys import ssh as ssh_decoy
 from decnet.cli.main import main
+from decnet.cli.sandbox import down_command, status_command
 from decnet.sandbox import layout, poke, state
 from decnet.sandbox.children import Children
-from decnet.sandbox.control import down, status
 from tests.support import BIN, wait_for
 from tests.test_decoys import Harness
 
@@ -125,7 +125,7 @@ def _orphan(code: str = SLEEPER) -> subprocess.Popen:
 
 
 @pytest_twisted.ensureDeferred
-async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_path):
+async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_path, capsys):
     sb = layout.SandboxLayout.at(tmp_path)
     survivor, stranger = _orphan(), _orphan()
     try:
@@ -143,18 +143,18 @@ async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_
             ).as_dict(),
         }
         state.save(sb.state_file, doc)
-        said = []
-        assert await status(reactor, sb, said.append) == 1
+        assert await status_command(reactor, sb, as_json=False) == 1
+        said = capsys.readouterr().out.splitlines()
         assert any("`sandbox up` is gone" in line for line in said), said
-        said = []
-        assert await down(reactor, sb, said.append) == 0
+        assert await down_command(reactor, sb) == 0
         assert survivor.wait(10) == -signal.SIGTERM
         assert stranger.poll() is None
+        said = capsys.readouterr().out.splitlines()
         assert "Stopping 1 leftover processes: w1-forwarder" in said
+        assert said[-1] == "Nothing of the sandbox runs any more."
         after = state.load(sb.state_file)
         assert after["processes"] == {} and after["up"] is None and after["phase"] == "stopped"
-        said = []
-        assert await down(reactor, sb, said.append) == 0  # again: nothing to do
+        assert await down_command(reactor, sb) == 0  # again: nothing to do
     finally:
         for p in (survivor, stranger):
             if p.poll() is None:
@@ -163,12 +163,12 @@ async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_
 
 
 @pytest_twisted.ensureDeferred
-async def test_status_and_down_of_a_directory_without_a_sandbox(tmp_path):
+async def test_status_and_down_of_a_directory_without_a_sandbox(tmp_path, capsys):
     sb = layout.SandboxLayout.at(tmp_path / "none")
-    said = []
-    assert await status(reactor, sb, said.append) == 1
-    assert "No sandbox in" in said[0]
-    assert await down(reactor, sb, said.append) == 0
+    assert await status_command(reactor, sb, as_json=False) == 1
+    assert "No sandbox in" in capsys.readouterr().out.splitlines()[0]
+    assert await down_command(reactor, sb) == 0
+    assert "nothing to stop" in capsys.readouterr().out
 
 
 # -- the command line ---------------------------------------------------------------------
