@@ -198,30 +198,30 @@ class SandboxConsole:
     output errors switch the console off.
     """
 
-    def __init__(self, stream: IO[str] | None = None, write: Callable[[str], None] | None = None):
-        self.stream = stream
-        self.write = write or self._to_stream
+    def __init__(self, stream: IO[str] | None = None):
+        self.stream = stream  # None: sys.stdout at the time of writing
         self.broken = False
         self.live = LiveLines()
 
-    def _to_stream(self, text: str) -> None:
-        output.text(text, self.stream or sys.stdout)  # worker-supplied text is escaped
-
-    def line(self, text: str = "") -> None:
+    def _write(self, write: Callable[[str, IO[str]], None], text: str) -> None:
         if self.broken:
             return
         try:
-            self.write(text)
+            write(text, self.stream or sys.stdout)
         except (OSError, ValueError):
             self.broken = True
 
+    def line(self, text: str = "") -> None:
+        """One line; a newline in it (worker-supplied text) is escaped, never obeyed."""
+        self._write(output.line, text)
+
     def show(self, event: object) -> None:
         if isinstance(event, r.HostTable):
-            shown = self.live.table(event)
-        elif isinstance(event, r.FeedEvents):
-            shown = self.live.events(event)
-        else:
-            shown = lines(event)
+            # A table from output.table: several lines, every cell already escaped.
+            for block in self.live.table(event):
+                self._write(output.text, block)
+            return
+        shown = self.live.events(event) if isinstance(event, r.FeedEvents) else lines(event)
         for text in shown:
             self.line(text)
 
