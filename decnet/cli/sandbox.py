@@ -15,10 +15,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from twisted.internet import defer
-from twisted.logger import ILogObserver
+from twisted.logger import ILogFilterPredicate, ILogObserver
 
 from decnet import config
 from decnet.cli import output, sandbox_view
@@ -304,7 +304,8 @@ def _log_to(log_file: IO[str]) -> None:
             return PredicateResult.no
         return PredicateResult.maybe
 
-    observer: ILogObserver = FilteringLogObserver(textFileLogObserver(log_file), [quiet])
+    predicate = cast(ILogFilterPredicate, quiet)  # a function provides it (Twisted's docs)
+    observer: ILogObserver = FilteringLogObserver(textFileLogObserver(log_file), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 

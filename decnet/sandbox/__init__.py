@@ -9,6 +9,8 @@ The sandbox returns data (:mod:`.report`); what a person sees is decided in
 """
 
 from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
     IReactorProcess,
     IReactorTCP,
     IReactorThreads,
@@ -16,5 +18,7 @@ from twisted.internet.interfaces import (
 )
 
 
-class ISandboxReactor(IReactorTime, IReactorThreads, IReactorProcess, IReactorTCP):
+class ISandboxReactor(
+    IReactorCore, IReactorTime, IReactorThreads, IReactorFromThreads, IReactorProcess, IReactorTCP
+):
     """What the sandbox needs of its reactor: a clock, the thread pool, processes, TCP."""

@@ -22,8 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from decnet import config
@@ -129,7 +131,7 @@ class LiveView:
         self._loops: list[task.LoopingCall] = []
         self.rows: dict[str, HostRow] = {}
         self.probing: set[str] = set()
-        self.pending_table = None
+        self.pending_table: IDelayedCall | None = None
         self.stopped = False
 
     def start(self) -> defer.Deferred:
@@ -185,10 +187,14 @@ class LiveView:
                 )
             )
             probe.addCallback(self.arrived)
-            probe.addErrback(
-                lambda f, name=name: self.log.failure("Cannot poll {worker}", f, worker=name)
-            )
-            probe.addBoth(lambda _, name=name: self.probing.discard(name))
+            probe.addErrback(self._probe_failed, name)
+            probe.addBoth(self._probe_ended, name)
+
+    def _probe_failed(self, failure: Failure, name: str) -> None:
+        self.log.failure("Cannot poll {worker}", failure, worker=name)
+
+    def _probe_ended(self, result: object, name: str) -> None:
+        self.probing.discard(name)
 
     def arrived(self, row: HostRow) -> None:
         """A worker answered (or failed): show the table soon if it changed."""

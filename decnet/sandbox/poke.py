@@ -20,12 +20,21 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Callable
+from typing import cast
 
 import attrs
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.protocol import connectionDone
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -128,8 +137,15 @@ class Dialogue(protocol.Protocol):
         self._waiting: list[tuple[bytes, defer.Deferred]] = []
         self.src_port: int | None = None
 
-    def connectionMade(self):
-        self.src_port = self.transport.getHost().port
+    @property
+    def wire(self) -> ITCPTransport:
+        """The TCP connection (the endpoint connects this protocol over TCP only)."""
+        if self.transport is None:
+            raise ConnectionError("not connected")
+        return cast(ITCPTransport, self.transport)
+
+    def connectionMade(self) -> None:
+        self.src_port = self.wire.getHost().port
 
     def _arrived(self, needle: bytes) -> bool:
         # An empty needle means "anything at all".
@@ -142,7 +158,7 @@ class Dialogue(protocol.Protocol):
         for _needle, d in ready:
             d.callback(self.received)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         waiting, self._waiting = self._waiting, []
         for needle, d in waiting:
             d.errback(ConnectionError(f"closed before {needle or b'any data'!r} arrived"))
@@ -157,11 +173,11 @@ class Dialogue(protocol.Protocol):
         return d.addTimeout(self.timeout, self.clock)
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.wire.write(data)
 
     async def hang_up(self) -> None:
         if not self.closed.called:
-            self.transport.loseConnection()
+            self.wire.loseConnection()
         await self.closed.addTimeout(self.timeout, self.clock)
 
 
@@ -291,7 +307,7 @@ async def _http(reactor, target: Target, user: str, password: str) -> Outcome:
     response = await client.post(
         url,
         data={"username": user, "password": password},
-        headers={"User-Agent": ["Mozilla/5.0 (compatible; decnet-poke)"]},
+        headers=Headers({"User-Agent": ["Mozilla/5.0 (compatible; decnet-poke)"]}),
         timeout=STEP_TIMEOUT,
     )
     body = await response.content()

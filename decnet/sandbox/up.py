@@ -100,7 +100,7 @@ class Sandbox:
         self.children = Children(reactor, on_exit=self._child_exited)
         self.prepared: Prepared | None = None
         self.release: str | None = None
-        self.listener_port: int | None = None
+        self.listener_port = 0  # until the listener wrote its port file
         self.stopping = False
         self.live = None
         self.doc = state.empty_state(net)
@@ -116,6 +116,13 @@ class Sandbox:
     def since(self, moment: float) -> float:
         """Seconds on the reactor's clock since ``moment``."""
         return self.reactor.seconds() - moment
+
+    @property
+    def identity(self) -> TLSIdentity:
+        """The master's identity (once :meth:`prepare` made or loaded it)."""
+        if self.prepared is None:
+            raise SandboxError("the master is not prepared yet")
+        return self.prepared.identity
 
     @property
     def active(self) -> list[WorkerPlan]:
@@ -235,7 +242,7 @@ class Sandbox:
         self.listener_port = await self.poll(port, what="the listener's port", child=child)
         self.doc["listener"] = {"host": config.SANDBOX_MASTER_HOST, "port": self.listener_port}
         where = Where(config.SANDBOX_MASTER_HOST, self.listener_port)
-        self.report(DaemonStarted(name, child.record.pid, where))
+        self.report(DaemonStarted(name, _pid(child), where))
 
     async def start_workers(self) -> None:
         spawned = []
@@ -249,9 +256,9 @@ class Sandbox:
             forwarder = self.children.spawn(fwd, argv, self.layout.log(fwd), cwd=w.root)
             spawned.append((plan, updater, forwarder))
             where = Where(w.address, w.updater_port)
-            self.report(DaemonStarted(upd, updater.record.pid, where, agent_port=w.agent_port))
+            self.report(DaemonStarted(upd, _pid(updater), where, agent_port=w.agent_port))
             where = Where(config.SANDBOX_MASTER_HOST, self.listener_port, forwards=True)
-            self.report(DaemonStarted(fwd, forwarder.record.pid, where))
+            self.report(DaemonStarted(fwd, _pid(forwarder), where))
         await self.save()
         waits = [
             defer.ensureDeferred(self._updater_ready(plan, updater)) for plan, updater, _ in spawned
@@ -259,7 +266,7 @@ class Sandbox:
         await defer.gatherResults(waits, consumeErrors=True).addErrback(_first_error)
 
     async def _updater_ready(self, plan: WorkerPlan, child: Child) -> None:
-        client = UpdaterClient(self.reactor, self.prepared.identity, plan.host, timeout=5.0)
+        client = UpdaterClient(self.reactor, self.identity, plan.host, timeout=5.0)
 
         async def ready():
             try:
@@ -326,7 +333,7 @@ class Sandbox:
             self.report(ReleaseBuilt(archive.release_id, len(archive.files), archive.size))
             todo = await self._not_current(archive.release_id)
             if todo:
-                await self._rollout(self.prepared.identity, archive, todo)
+                await self._rollout(self.identity, archive, todo)
         finally:
             await self._thread(archive.path.unlink, missing_ok=True)
         await self.wait_for_agents()
@@ -346,7 +353,7 @@ class Sandbox:
         return todo
 
     async def _current(self, plan: WorkerPlan) -> str | None:
-        client = UpdaterClient(self.reactor, self.prepared.identity, plan.host, timeout=10.0)
+        client = UpdaterClient(self.reactor, self.identity, plan.host, timeout=10.0)
         try:
             return (await client.releases()).get("current")
         finally:
@@ -388,7 +395,7 @@ class Sandbox:
 
     async def wait_for_agents(self) -> None:
         async def one(plan: WorkerPlan):
-            client = AgentClient(self.reactor, self.prepared.identity, plan.host, timeout=5.0)
+            client = AgentClient(self.reactor, self.identity, plan.host, timeout=5.0)
 
             async def healthy():
                 try:
@@ -414,7 +421,7 @@ class Sandbox:
         self.report(DeployStarting())
 
         async def one(plan: WorkerPlan):
-            client = AgentClient(self.reactor, self.prepared.identity, plan.host)
+            client = AgentClient(self.reactor, self.identity, plan.host)
             try:
                 return await client.deploy(plan.layout.spec())
             finally:
@@ -462,6 +469,10 @@ class Sandbox:
         except Exception:
             self.log.failure("Cannot record that the sandbox stopped")
         self.report(Stopped(self.since(started), self.layout.root))
+
+
+def _pid(child: Child) -> int:
+    return child.record.pid if child.record else 0
 
 
 def _first_error(failure):
