@@ -1,6 +1,7 @@
 """The sandbox's process and network glue: poke's attacker scripts against the real decoys,
 children in their own process groups, ``down`` by recorded PID, the CLI's refusals."""
 
+import json
 import os
 import signal
 import subprocess
@@ -204,7 +205,7 @@ def test_up_refuses_while_processes_of_an_earlier_up_survive(tmp_path, capsys):
         survivor.wait()
 
 
-def test_poke_without_a_sandbox_says_so(tmp_path):
+def test_poke_without_a_sandbox_says_so_also_in_json(tmp_path):
     # A subprocess: the command runs its own reactor.
     result = subprocess.run(
         [str(BIN / "decnet-admin"), "sandbox", "poke", "--dir", str(tmp_path)],
@@ -214,3 +215,11 @@ def test_poke_without_a_sandbox_says_so(tmp_path):
     )
     assert result.returncode == 1
     assert "no sandbox in" in result.stderr
+    as_json = subprocess.run(
+        [str(BIN / "decnet-admin"), "sandbox", "poke", "--json", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_json.returncode == 1  # stdout stays one JSON document, as for every command
+    assert json.loads(as_json.stdout)["problems"][0].startswith("no sandbox in")
