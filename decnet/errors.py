@@ -5,6 +5,13 @@ CLI can print a message that says what to do and the HTTP layer can map it to a
 status code in one place without echoing internals.
 """
 
+from collections.abc import Iterable
+
+
+def _listed(problems: str | Iterable[str]) -> list[str]:
+    """``problems`` as a list; a single string is one problem."""
+    return [problems] if isinstance(problems, str) else list(problems)
+
 
 class DecnetError(Exception):
     """Base class: an expected, explainable failure (never a bug)."""
@@ -26,10 +33,8 @@ class MissingFileError(ConfigError):
 class ValidationError(DecnetError):
     """Input was refused; ``problems`` lists every reason, not just the first."""
 
-    def __init__(self, problems):
-        if isinstance(problems, str):
-            problems = [problems]
-        self.problems = list(problems)
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = _listed(problems)
         super().__init__("; ".join(self.problems))
 
 
@@ -87,11 +92,9 @@ class BadReply(DecnetError):
     say what was wrong (worker-supplied text: escape it before showing it).
     """
 
-    def __init__(self, where: str, problems):
-        if isinstance(problems, str):
-            problems = [problems]
+    def __init__(self, where: str, problems: str | Iterable[str]):
         self.where = where
-        self.problems = list(problems)
+        self.problems = _listed(problems)
         super().__init__(f"bad reply from {where}: {'; '.join(self.problems)}")
 
 

@@ -521,3 +521,71 @@ def test_an_unknown_message_for_the_ssh_auth_service_is_answered_without_a_log_l
         globalLogPublisher.removeObserver(logged.append)
     assert conn.transport.value()[5:6] == b"\x03"  # UNIMPLEMENTED
     assert logged == []
+
+
+def test_a_chunk_that_arrives_over_several_reads_must_still_end_in_crlf():
+    from twisted.web.http import _MalformedChunkedDataError
+
+    chunks = []
+    decoder = http.ChunkedBody(lambda data, count: chunks.append((data, count)), pytest.fail)
+    decoder.dataReceived(b"3\r\nab")
+    decoder.dataReceived(b"c")
+    with pytest.raises(_MalformedChunkedDataError, match="chunk not followed by CRLF"):
+        decoder.dataReceived(b"xy")
+    assert chunks == [(b"ab", 1), (b"c", 0)]  # a chunk is counted where its size line is
+
+
+def test_bytes_after_the_end_of_a_chunked_body_are_refused():
+    from twisted.web.http import _MalformedChunkedDataError
+
+    chunks, done = [], []
+    decoder = http.ChunkedBody(lambda data, count: chunks.append((data, count)), done.append)
+    decoder.dataReceived(b"2\r\nhi\r\n0\r\nX-A: 1\r\n\r\nnext")
+    assert chunks == [(b"hi", 1)] and done == [b"next"]
+    with pytest.raises(_MalformedChunkedDataError, match="data after the last chunk"):
+        decoder.dataReceived(b"more")
+
+
+def resp_commands(data: bytes, cuts) -> list:
+    inbox = Inbox()
+    parser = redis.RespParser(inbox)
+    commands, at = [], 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        inbox.extend(data[at:cut])
+        at = max(at, cut)
+        while (command := parser.next_command()) is not None:
+            commands.append(command)
+    return commands
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    argvs=st.lists(st.lists(st.binary(max_size=12), min_size=1, max_size=5), max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=12),
+)
+def test_resp_requests_parse_to_the_same_arguments_however_they_are_cut(argvs, cuts):
+    data = b"*0\r\n\n" + b"".join(
+        b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in argv)
+        for argv in argvs
+    )
+    commands = resp_commands(data, cuts)
+    # A run of degenerate commands may be counted in pieces, never differently.
+    assert sum(c for c in commands if isinstance(c, int)) == 2
+    assert [c for c in commands if not isinstance(c, int)] == argvs
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"*x\r\n", "invalid multibulk length"),
+        (b"*1025\r\n", "invalid multibulk length"),
+        (b"*1\r\n$x\r\n", "invalid bulk length"),
+        (b"*1\r\n$-2\r\n", "invalid bulk length"),
+        (b"*1\r\n:1\r\n", "expected '$', got ':'"),
+        (b"*1\r\n$1" + b"0" * 40, "invalid bulk length"),
+    ],
+)
+def test_a_malformed_resp_header_is_refused_in_redis_words(data, problem):
+    with pytest.raises(redis.RespError) as caught:
+        resp_commands(data, range(len(data)))
+    assert str(caught.value) == problem

@@ -235,18 +235,96 @@ async def test_the_feed_process_builds_what_it_is_told_and_is_restarted_if_it_di
         await eventually(lambda: feeds.positions.get(("w1", "decnet")) == half, what="half")
         assert len(read_feed(files.feed_path)) == 1000
         # Killed (an OOM kill, say): started again, told its targets again.
-        pid = feeds._child.transport.pid
+        pid = feeds.supervisor.pid
         os.kill(pid, 9)
-        await eventually(lambda: feeds.starts == 2 and feeds._child is not None, what="restart")
+        await eventually(
+            lambda: feeds.supervisor.starts == 2 and feeds.supervisor.running, what="restart"
+        )
         feeds.notify("w1", "decnet", end)
         await eventually(lambda: feeds.lag("w1", "decnet") == 0, what="the rest")
     finally:
         await feeds.close()
-    assert feeds._child is None
+    assert feeds.supervisor.child is None
     entries = read_feed(files.feed_path)
     assert [e["structured_data"][0]["params"][0][1] for e in entries] == [
         str(i) for i in range(2000)
     ]
+
+
+def _sent(child) -> list[dict]:
+    return decode_messages(bytearray(child.written))
+
+
+def test_a_feed_process_that_cannot_be_spawned_is_retried_and_then_told_every_target(tmp_path):
+    """fork failing (EAGAIN, ENOMEM) must not take the listener's start-up down with it."""
+    from tests.test_process import FakeProcessReactor
+
+    fake = FakeProcessReactor()
+    fake.fail_next = [OSError(11, "Resource temporarily unavailable")]
+    feeds = FeedProcess(fake, tmp_path)
+    feeds.start()
+    feeds.notify("w1", "decnet", 100)
+    assert fake.spawned == [] and not feeds.supervisor.running
+    fake.advance(0.5)
+    (child,) = fake.spawned
+    assert child.env is not None and child.child_fds == {0: "w", 1: "r", 2: "r"}
+    assert _sent(child) == [{"worker": "w1", "stream": "decnet", "end": 100}]
+
+
+def test_a_dead_feed_process_is_restarted_with_backoff_that_progress_resets(tmp_path):
+    from tests.test_process import FakeProcessReactor
+
+    fake = FakeProcessReactor()
+    feeds = FeedProcess(fake, tmp_path)
+    feeds.start()
+    feeds.notify("w1", "a", 10)
+    feeds.notify("w1", "b", 20)
+    waits = []
+    for _ in range(3):
+        fake.spawned[-1].end(signal=9)
+        waits.append(fake.getDelayedCalls()[0].getTime() - fake.seconds())
+        fake.advance(waits[-1])
+    assert waits == [0.5, 1, 2] and len(fake.spawned) == 4
+    # Every new process is told every target again.
+    assert _sent(fake.spawned[-1]) == [
+        {"worker": "w1", "stream": "a", "end": 10},
+        {"worker": "w1", "stream": "b", "end": 20},
+    ]
+    fake.spawned[-1].proto.outReceived(encode_message({"worker": "w1", "stream": "a", "pos": 10}))
+    assert feeds.lag("w1", "a") == 0 and feeds.lag("w1", "b") == 20
+    fake.spawned[-1].end(code=1)
+    assert fake.getDelayedCalls()[0].getTime() - fake.seconds() == 0.5
+
+
+def test_closing_ends_the_feed_process_input_kills_it_after_the_grace_and_writes_no_more(tmp_path):
+    from decnet.listener import feedproc
+    from tests.test_process import FakeProcessReactor
+
+    fake = FakeProcessReactor(on_eof="ignore")
+    feeds = FeedProcess(fake, tmp_path)
+    feeds.start()
+    closed = feeds.close()
+    (child,) = fake.spawned
+    assert child.stdin_closed and child.signals == []
+    feeds.notify("w1", "decnet", 5)  # kept for a next start, not written to a closed stdin
+    fake.advance(feedproc.STOP_GRACE)
+    fake.advance(0)
+    assert child.signals == ["KILL"] and closed.called and fake.getDelayedCalls() == []
+    feeds.start()  # a closed feed stays closed
+    assert len(fake.spawned) == 1
+
+
+def test_a_feed_process_that_writes_garbage_is_killed_and_restarted(tmp_path):
+    from tests.test_process import FakeProcessReactor
+
+    fake = FakeProcessReactor()
+    feeds = FeedProcess(fake, tmp_path)
+    feeds.start()
+    fake.spawned[0].proto.outReceived(b"not json\n")
+    fake.advance(0)
+    assert fake.spawned[0].signals == ["KILL"]
+    fake.advance(0.5)
+    assert len(fake.spawned) == 2 and feeds.supervisor.running
 
 
 def test_a_step_encoded_by_a_pool_in_pieces_equals_one_encoded_whole(tmp_path, monkeypatch):

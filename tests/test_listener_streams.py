@@ -241,9 +241,9 @@ async def test_the_feed_process_holds_at_most_max_open_feeds_whatever_the_stream
 
         def done():
             nonlocal peak
-            child = feeds._child
-            if child is not None and child.transport is not None and child.transport.pid:
-                peak = max(peak, open_fds_under(ingest_dir, child.transport.pid))
+            pid = feeds.supervisor.pid
+            if pid:
+                peak = max(peak, open_fds_under(ingest_dir, pid))
             return all(feeds.positions.get(("w1", s)) == e for s, e in ends.items())
 
         await _poll(done, "every feed to catch up")

@@ -103,7 +103,7 @@ async def test_an_unexpected_exit_is_reported(tmp_path):
     exits = []
     children = Children(reactor, on_exit=exits.append)
     child = children.spawn("short", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "l")
-    await child.ended
+    await child.when_ended()
     assert exits == [child] and child.how == "exited with code 3"
 
 

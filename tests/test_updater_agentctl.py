@@ -1,10 +1,12 @@
 """Agent control: systemctl through spawnProcess, and a supervised child process."""
 
+import os
+import signal
 import sys
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from decnet.errors import AgentControlFailed
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent
@@ -107,3 +109,58 @@ async def test_a_crashing_agent_is_reported_and_respawned_with_backoff(tmp_path)
     restarts = agent.restarts
     await sleep(0.5)
     assert agent.restarts == restarts  # stopping cancels the respawn
+
+
+# -- on a fake clock with fake process transports ---------------------------------------
+
+
+def test_a_spawned_agent_dies_with_the_updater_and_inherits_neither_systemd_nor_its_release(
+    tmp_path, monkeypatch
+):
+    """Under systemd the updater holds NOTIFY_SOCKET and the watchdog: a spawned agent that
+    inherited them would send READY/WATCHDOG as if it were the updater's unit."""
+    from tests.test_process import FakeProcessReactor
+
+    for name, value in {
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "30000000",
+        "WATCHDOG_PID": str(os.getpid()),
+        "DECNET_RELEASE_ID": "r-updater",
+        "PYTHONPATH": "/updater/src",
+    }.items():
+        monkeypatch.setenv(name, value)
+    fake = FakeProcessReactor()
+    agent = SpawnedAgent(fake, lambda d: [str(d / "venv/bin/python"), "-c", "agent"])
+    d = defer.ensureDeferred(agent.restart(tmp_path))
+    assert d.called
+    (child,) = fake.spawned
+    assert child.path == str(tmp_path)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "DECNET_RELEASE_ID"):
+        assert name not in child.env
+    assert "PYTHONPATH" not in child.env and child.env["PATH"] == os.environ["PATH"]
+    # PR_SET_PDEATHSIG: SIGTERM when the updater dies, checked against our PID.
+    assert "prctl" in child.argv[4]
+    assert child.argv[5:8] == [str(os.getpid()), str(int(signal.SIGTERM)), "0"]
+    assert child.argv[8:] == [str(tmp_path / "venv/bin/python"), "-c", "agent"]
+
+
+def test_a_crash_looping_agent_backs_off_and_a_long_run_resets_the_backoff(tmp_path):
+    from tests.test_process import FakeProcessReactor
+
+    fake = FakeProcessReactor()
+    agent = SpawnedAgent(fake, lambda d: ["/python"], min_backoff=0.5, max_backoff=2)
+    defer.ensureDeferred(agent.restart(tmp_path))
+    waits = []
+    for _ in range(4):
+        fake.spawned[-1].end(code=1)
+        waits.append(fake.getDelayedCalls()[0].getTime() - fake.seconds())
+        fake.advance(waits[-1])
+    assert waits == [0.5, 1, 2, 2] and agent.restarts == 4
+    assert agent.exited_since_start() == "exited with code 1"
+    fake.advance(11)  # more than 10 * min_backoff + 5 s of good health
+    fake.spawned[-1].end(signal=9)
+    assert fake.getDelayedCalls()[0].getTime() - fake.seconds() == 0.5
+    assert agent.exited_since_start() == "was killed by signal 9"
+    assert agent.describe() == {"control": "spawn", "running": False, "pid": None, "restarts": 4}
+    stopped = defer.ensureDeferred(agent.stop())
+    assert stopped.called and fake.getDelayedCalls() == []

@@ -69,11 +69,10 @@ def test_the_spawned_agent_runs_from_the_release_by_its_real_path(tmp_path):
         bundle="/b",
         listen="tcp:1:interface=127.0.0.1",
         state_dir="/s",
-        parent_pid=42,
     )
     assert argv[0] == str(tmp_path / "releases" / "abc" / "venv" / "bin" / "python")
-    assert argv[1] == "-c" and "prctl" in argv[2] and argv[3] == "42"
-    assert argv[4:] == [
+    assert argv[1] == "-c" and "twistd" in argv[2]
+    assert argv[3:] == [
         "--nodaemon",
         "--pidfile=",
         "decnet-agent",
@@ -92,9 +91,8 @@ def test_the_spawned_agent_can_have_its_own_twistd_log(tmp_path):
         bundle="/b",
         listen="tcp:1",
         twistd_log="/logs/agent.log",
-        parent_pid=42,
     )
-    assert argv[4:9] == ["--nodaemon", "--pidfile=", "--logfile", "/logs/agent.log", "decnet-agent"]
+    assert argv[3:8] == ["--nodaemon", "--pidfile=", "--logfile", "/logs/agent.log", "decnet-agent"]
 
 
 def test_a_port_in_use_stops_the_daemon(bundles, tmp_path):

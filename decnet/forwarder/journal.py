@@ -289,13 +289,7 @@ class _Planner:
             current = None
         slots, rest = self._slot(_unknown(self.candidates, self.used, self.basename))
         current = self._emptied(slots, current, at_path)
-        if self.journal.generations and (current is not None or self.basename not in self.used):
-            if rest:
-                names = ", ".join(c.name for c in rest)
-                self.notes.append(f"rotated while the forwarder was down: {names}")
-            slots += rest
-        else:
-            self._not_ours(rest)
+        slots += self._newer(rest, current)
         if current is not None:
             slots.append(current)
         self._number(slots)
@@ -325,10 +319,10 @@ class _Planner:
         found = None if rec.state == GONE else _find(rec.identity, self.candidates, self.used)
         if found is not None:
             self.used.add(found.name)
-        if rec.end is not None and rec.base is not None and rec.end <= acked:
+        if _delivered(rec, acked):
             self._record(attrs.evolve(rec, state=DONE))
             return
-        start = max(0, acked - rec.base) if not self.planned and rec.base is not None else 0
+        start = max(0, acked - (rec.base or 0)) if not self.planned else 0
         if found is None or not found.readable:
             if rec.state != GONE:
                 self.notes.append(_gone_note(rec, acked, found))
@@ -338,8 +332,11 @@ class _Planner:
             if found.name != self.basename:
                 self.notes.append(f"generation {rec.seq} is now {found.name}")
             self.planned.append(Planned(rec, found.name, start))
-            return
-        # Found by content only (copytruncate's copy): follow it there from now on.
+        else:
+            self._follow_copy(rec, found, start, last=last)
+
+    def _follow_copy(self, rec: GenerationRecord, found: Candidate, start: int, *, last: bool):
+        """Found by content only (copytruncate's copy): follow it there from now on."""
         original = rec.identity
         moved = attrs.evolve(
             original, dev=found.stat.dev, ino=found.stat.ino, version=found.version
@@ -407,6 +404,17 @@ class _Planner:
             return at_path
         return current
 
+    def _newer(self, rest: list[Candidate], current: Candidate | None) -> list[Candidate]:
+        """Rotated files newer than anything the journal knows: shipped, unless this is
+        the first start or the log itself was not rotated (then they are not ours)."""
+        if self.journal.generations and (current is not None or self.basename not in self.used):
+            if rest:
+                names = ", ".join(c.name for c in rest)
+                self.notes.append(f"rotated while the forwarder was down: {names}")
+            return rest
+        self._not_ours(rest)
+        return []
+
     def _not_ours(self, unknown: list[Candidate]) -> None:
         """First start, or the log itself was not rotated: remembered, not shipped."""
         for c in unknown:
@@ -443,6 +451,11 @@ class _Planner:
                 self._record(item.record)
                 self.seq += 1
             self.planned.append(item)
+
+
+def _delivered(rec: GenerationRecord, acked: int) -> bool:
+    """Acknowledged to its end (released, or about to be)."""
+    return rec.end is not None and rec.base is not None and rec.end <= acked
 
 
 def _same_file(identity: FileIdentity, c: Candidate) -> bool:

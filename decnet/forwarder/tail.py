@@ -54,6 +54,7 @@ from decnet.forwarder.journal import (
     GenerationRecord,
     Journal,
     Plan,
+    Planned,
     fingerprint,
     identity_of,
     plan_start,
@@ -174,27 +175,29 @@ class Tailer:
             for seq, r in sorted(done.items())
             if seq not in plan.forget and r.identity.fp_len
         ]
-        for planned in plan.generations:
-            handle = None
-            if planned.name is not None:
-                handle = self.files.open(str(self.path.parent / planned.name))
-                if handle is not None and not planned.record.identity.same_inode(
-                    self.files.fstat(handle)
-                ):
-                    self.files.close(handle)  # replaced between the listing and now
-                    handle = None
-            gen = _Generation(planned.record, handle, planned.start)
-            if handle is not None:
-                st = self.files.fstat(handle)
-                gen.seen, gen.mtime = max(gen.pos, st.size), st.mtime_ns
-            elif planned.size is None:
-                gen.vanished = True  # (an active record not found, or already gone)
-            elif gen.final_size is None:
-                gen.final_size = planned.size  # gone, but its size survives (compressed)
-            self.gens.append(gen)
+        self.gens = [self._open_planned(planned) for planned in plan.generations]
         self.cur = 0
         self._resolve_bases()
         return plan
+
+    def _open_planned(self, planned: Planned) -> _Generation:
+        handle = None
+        if planned.name is not None:
+            handle = self.files.open(str(self.path.parent / planned.name))
+            if handle is not None and not planned.record.identity.same_inode(
+                self.files.fstat(handle)
+            ):
+                self.files.close(handle)  # replaced between the listing and now
+                handle = None
+        gen = _Generation(planned.record, handle, planned.start)
+        if handle is not None:
+            st = self.files.fstat(handle)
+            gen.seen, gen.mtime = max(gen.pos, st.size), st.mtime_ns
+        elif planned.size is None:
+            gen.vanished = True  # (an active record not found, or already gone)
+        elif gen.final_size is None:
+            gen.final_size = planned.size  # gone, but its size survives (compressed)
+        return gen
 
     def take_records(self) -> list[GenerationRecord]:
         """Journal records changed since the last call (to be made durable)."""
@@ -286,40 +289,44 @@ class Tailer:
         if not self.gens and not self._open_at_path():
             return []
         while True:
-            gen = self.gens[self.cur]
-            last = self.cur == len(self.gens) - 1
-            if gen.base is None:
-                self._resolve_bases()
-                if gen.base is None:
-                    return []  # placed once the master names its mark (rewind)
-            if gen.lost:
-                if not last and self.gens[self.cur + 1].base is not None:
-                    self._long = None
-                    start = gen.base + gen.pos
-                    self.cur += 1
-                    self.gens[self.cur].pos = 0
-                    end = self.gens[self.cur].base
-                    if end > start:
-                        return [Piece(start, end, b"", gone=True)]
-                    continue
-                if last and self._look_for_rotation(gen, now):
-                    continue
-                return []
-            size = self._size(gen)
-            if self.gens[self.cur] is not gen or gen.lost:
-                continue  # truncated or preceded by rotated files: look again
-            pieces = self._read_lines(gen, size)
-            if pieces:
-                self._still = None
+            pieces = self._read_step(now)
+            if pieces is not None:
                 return pieces
-            # At the end of this generation (or only an unfinished line is left).
-            if self.cur < len(self.gens) - 1:
-                pieces = self._advance(gen, size)
-                if pieces:
-                    return pieces
-            elif not self._look_for_rotation(gen, now):
-                return []
-            # Switched, or the old file's final size is now known: look again.
+
+    def _read_step(self, now: float) -> list[Piece] | None:
+        """Read on in the current generation: what to return, or ``None`` to look again
+        (the generation changed: finished, truncated, or preceded by rotated files)."""
+        gen = self.gens[self.cur]
+        if gen.base is None:
+            self._resolve_bases()
+            if gen.base is None:
+                return []  # placed once the master names its mark (rewind)
+        if gen.lost:
+            return self._past_lost(gen, now)
+        size = self._size(gen)
+        if self.gens[self.cur] is not gen or gen.lost:
+            return None
+        pieces = self._read_lines(gen, size)
+        if pieces:
+            self._still = None
+            return pieces
+        # At the end of this generation (or only an unfinished line is left).
+        if self.cur < len(self.gens) - 1:
+            return self._advance(gen, size) or None
+        return None if self._look_for_rotation(gen, now) else []
+
+    def _past_lost(self, gen: _Generation, now: float) -> list[Piece] | None:
+        """Move past a generation that is gone, declaring what is lost of it."""
+        if self.cur == len(self.gens) - 1:
+            return None if self._look_for_rotation(gen, now) else []
+        nxt = self.gens[self.cur + 1]
+        if nxt.base is None:
+            return []
+        self._long = None
+        start = gen.base + gen.pos
+        self.cur += 1
+        nxt.pos = 0
+        return [Piece(start, nxt.base, b"", gone=True)] if nxt.base > start else None
 
     def _size(self, gen: _Generation) -> int:
         """How far ``gen`` may be read; checks the file at the path for truncation."""
@@ -463,23 +470,8 @@ class Tailer:
 
     def _look_for_rotation(self, gen: _Generation, now: float) -> bool:
         """Is another file at the path (and the writer there)?  Opens what follows ``gen``."""
-        st = self.files.stat(str(self.path))
-        if (
-            st is None
-            or not st.regular
-            or any(g.identity.same_inode(st) for g in self.gens if not g.lost)
-        ):
-            self._still = None
+        if not self._writer_moved(gen, now):
             return False
-        if not gen.lost and st.size == 0:
-            # An empty new file: switch once the old one has been still long enough.
-            size = self.files.fstat(gen.handle).size
-            if self._still is None or self._still[0] != size:
-                self._still = (size, now)
-                return False
-            if now - self._still[1] < self.rotate_wait:
-                return False
-        self._still = None
         current = self._probe(self.path.name)
         fresh = self._unknown_files()
         if current is not None and current.readable:
@@ -500,6 +492,27 @@ class Tailer:
             seq=gen.seq,
         )
         self._resolve_bases()
+        return True
+
+    def _writer_moved(self, gen: _Generation, now: float) -> bool:
+        """Another file is at the path, and it has data or ``gen`` has been still for
+        ``rotate_wait`` (the writer may still be finishing the old file)."""
+        st = self.files.stat(str(self.path))
+        if (
+            st is None
+            or not st.regular
+            or any(g.identity.same_inode(st) for g in self.gens if not g.lost)
+        ):
+            self._still = None
+            return False
+        if not gen.lost and st.size == 0:
+            size = self.files.fstat(gen.handle).size
+            if self._still is None or self._still[0] != size:
+                self._still = (size, now)
+                return False
+            if now - self._still[1] < self.rotate_wait:
+                return False
+        self._still = None
         return True
 
     def _unknown_files(self, exclude: _Generation | None = None) -> list[Candidate]:
@@ -598,23 +611,7 @@ class Tailer:
         index = self.gens.index(gen)
         inserted = [g for g in map(self._generation_for, between) if g is not None]
         self.gens[index + 1 : index + 1] = [*inserted, new]
-        gen.handle = None
-        if copy is not None and copy.readable:
-            gen.handle = self.files.open(str(self.path.parent / copy.name))
-        if gen.handle is not None:
-            gen.identity = attrs.evolve(
-                gen.identity, dev=copy.stat.dev, ino=copy.stat.ino, version=copy.version
-            )
-            gen.final_size = copy.size
-            how = f"finishing its old content from {copy.name}"
-        elif copy is not None:
-            gen.final_size = copy.size
-            how = f"its old content is only in {copy.name} (compressed): the rest is declared lost"
-        else:
-            # Bytes after what we read may have been there: count them as gone.
-            gen.vanished = True
-            gen.final_size = max(gen.pos, gen.seen) + 1
-            how = "no copy of its old content is left: the rest is declared lost"
+        how = self._finish_from(gen, copy)
         if index == self.cur and gen.handle is None:
             self._long = None
         self.log.warn(
@@ -625,6 +622,25 @@ class Tailer:
         )
         self._mark(gen)
         self._resolve_bases()
+
+    def _finish_from(self, gen: _Generation, copy: Candidate | None) -> str:
+        """``gen`` goes on in ``copy`` (or is known to be lost); says which."""
+        gen.handle = None
+        if copy is not None and copy.readable:
+            gen.handle = self.files.open(str(self.path.parent / copy.name))
+        if gen.handle is not None:
+            gen.identity = attrs.evolve(
+                gen.identity, dev=copy.stat.dev, ino=copy.stat.ino, version=copy.version
+            )
+            gen.final_size = copy.size
+            return f"finishing its old content from {copy.name}"
+        if copy is not None:
+            gen.final_size = copy.size
+            return f"its old content is only in {copy.name} (compressed): the rest is declared lost"
+        # Bytes after what we read may have been there: count them as gone.
+        gen.vanished = True
+        gen.final_size = max(gen.pos, gen.seen) + 1
+        return "no copy of its old content is left: the rest is declared lost"
 
     def _resolve_bases(self) -> None:
         """Give every generation whose start is now known its logical base.

@@ -3,8 +3,9 @@
 Ingest calls :meth:`FeedProcess.notify` after every commit with the stream's
 durable mirror end; the feed process (:mod:`decnet.listener.feedworker`)
 catches up in its own time and reports progress.  If it dies it is started
-again (with backoff) and told every target again; its durable position makes
-that harmless.  Nothing here blocks the reactor: the only I/O is a pipe.
+again (with backoff, :class:`decnet.process.Supervisor`) and told every target
+again; its durable position makes that harmless.  Nothing here blocks the
+reactor: the only I/O is a pipe.
 
 :class:`InlineFeeds` does the same work synchronously in the caller; it blocks,
 so it is only for tests on a fake clock and for tools.
@@ -12,40 +13,25 @@ so it is only for tests on a fake clock and for tools.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, error
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from decnet import process
 from decnet.listener.feed import DEFAULT_MAX_OPEN_FEEDS, FeedBuilder
 from decnet.listener.feedworker import decode_messages, encode_message
 
 # Restart backoff of a feed process that died: 0.5 s doubling to 30 s, reset
 # once it reports progress again.
-RESTART_FIRST = 0.5
-RESTART_MAX = 30.0
+RESTART = process.RestartPolicy(first=0.5, maximum=30.0)
 # How long a stopping listener waits for the feed process to finish its step.
 STOP_GRACE = 10.0
 
 _log = Logger(namespace="decnet.listener.feed")
-
-# systemd's hand-over variables are the listener's alone (NotifyAccess=main,
-# socket activation): the feed process must never look like the service.
-_SYSTEMD_ENV = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_PID",
-    "WATCHDOG_USEC",
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-)
-
-
-def _child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
 
 
 def log_report(message: dict, positions: dict) -> None:
@@ -69,27 +55,27 @@ def log_report(message: dict, positions: dict) -> None:
         )
 
 
-class _FeedChild(ProcessProtocol):
+class _FeedChild(process.ChildProtocol):
+    """The pipes of one feed process: targets in, reports out, its stderr logged."""
+
     def __init__(self, owner: FeedProcess):
+        super().__init__()
         self.owner = owner
         self._out = bytearray()
         self._err = bytearray()
 
-    def connectionMade(self):
-        self.owner._child_started(self)
-
-    def outReceived(self, data: bytes):
+    def outReceived(self, data: bytes) -> None:
         self._out += data
         try:
             messages = decode_messages(self._out)
         except ValueError:
             _log.error("Feed process sent garbage; restarting it")
-            self.transport.signalProcess("KILL")
+            self.signal("KILL")
             return
         for message in messages:
             self.owner._report(message)
 
-    def errReceived(self, data: bytes):
+    def errReceived(self, data: bytes) -> None:
         self._err += data
         end = self._err.rfind(b"\n") + 1
         if end:
@@ -97,20 +83,18 @@ class _FeedChild(ProcessProtocol):
             del self._err[:end]
             _log.error("Feed process: {text}", text=text)
 
-    def processEnded(self, reason):
+    def processEnded(self, reason: Failure) -> None:
         if self._err:
             self.errReceived(b"\n")
-        self.owner._child_ended(self, reason)
+        super().processEnded(reason)
 
 
 class FeedProcess:
     """Supervises ``python -m decnet.listener.feedworker <ingest-dir>``."""
 
-    log = Logger()
-
     def __init__(
         self,
-        reactor,
+        reactor: IReactorProcess,
         directory: Path,
         *,
         encoders: int | None = None,
@@ -124,31 +108,35 @@ class FeedProcess:
         self.executable = executable
         self.targets: dict[tuple[str, str], int] = {}
         self.positions: dict[tuple[str, str], int] = {}
-        self._child: _FeedChild | None = None
-        self._restart_call = None
-        self._delay = RESTART_FIRST
+        self.supervisor: process.Supervisor | None = None
         self._closing = False
-        self._ended: list[defer.Deferred] = []
-        self.starts = 0
 
-    def start(self) -> None:
-        if self._child is not None or self._closing:
-            return
-        self._restart_call = None
-        self.starts += 1
-        child = _FeedChild(self)
-        self._child = child
+    def spec(self) -> process.ProcessSpec:
+        """The feed process: our own interpreter, stopped by the end of its input."""
         argv = [self.executable, "-m", "decnet.listener.feedworker", str(self.directory)]
         if self.encoders is not None:
             argv += ["--encoders", str(self.encoders)]
         argv += ["--max-open", str(self.max_open)]
-        self.reactor.spawnProcess(
-            child,
-            self.executable,
+        return process.ProcessSpec(
+            "Feed process",
             argv,
-            env=_child_env(),
-            childFDs={0: "w", 1: "r", 2: "r"},
+            env=process.child_env(same_python=True),
+            child_fds={0: "w", 1: "r", 2: "r"},
+            stop_by=process.CLOSE_STDIN,
+            grace=STOP_GRACE,
         )
+
+    def start(self) -> None:
+        if self.supervisor is not None or self._closing:
+            return
+        self.supervisor = process.Supervisor(
+            self.reactor,
+            self.spec(),
+            policy=RESTART,
+            protocol=lambda: _FeedChild(self),
+            observer=self._observe,
+        )
+        self.supervisor.start()
 
     def notify(self, worker: str, stream: str, mirror_end: int) -> None:
         """The mirror of ``worker/stream`` is durable up to ``mirror_end``."""
@@ -156,74 +144,40 @@ class FeedProcess:
         if mirror_end <= self.targets.get(key, -1):
             return
         self.targets[key] = mirror_end
-        if self._child is not None and self._child.transport is not None:
-            self._send(key)
+        self._send(key)
 
     def lag(self, worker: str, stream: str) -> int:
         """Mirror bytes of ``worker/stream`` not in the feed yet (as last reported)."""
         key = (worker, stream)
         return self.targets.get(key, 0) - self.positions.get(key, 0)
 
-    def _send(self, key) -> None:
-        worker, stream = key
-        self._child.transport.write(
-            encode_message({"worker": worker, "stream": stream, "end": self.targets[key]})
-        )
+    def _send(self, key: tuple[str, str]) -> None:
+        supervisor = self.supervisor
+        if supervisor is None or not supervisor.running or supervisor.child is None:
+            return  # told every target when the next one starts
+        transport = supervisor.child.transport
+        if transport is not None:
+            worker, stream = key
+            transport.write(
+                encode_message({"worker": worker, "stream": stream, "end": self.targets[key]})
+            )
 
-    def _child_started(self, child: _FeedChild) -> None:
-        for key in self.targets:
-            self._send(key)
+    def _observe(self, event: process.SupervisorEvent) -> None:
+        if isinstance(event, process.Started):
+            for key in self.targets:
+                self._send(key)
 
     def _report(self, message: dict) -> None:
-        if "pos" in message:
-            self._delay = RESTART_FIRST
+        if "pos" in message and self.supervisor is not None:
+            self.supervisor.healthy()
         log_report(message, self.positions)
 
-    def _child_ended(self, child: _FeedChild, reason) -> None:
-        if child is not self._child:
-            return
-        self._child = None
-        if self._closing:
-            waiters, self._ended = self._ended, []
-            for d in waiters:
-                d.callback(None)
-            return
-        status = reason.value
-        code = getattr(status, "exitCode", None)
-        self.log.error(
-            "Feed process exited unexpectedly ({status}); restarting it in {delay:g}s",
-            status=f"exit code {code}" if code is not None else reason.getErrorMessage(),
-            delay=self._delay,
-        )
-        self._restart_call = self.reactor.callLater(self._delay, self.start)
-        self._delay = min(self._delay * 2, RESTART_MAX)
-
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[None]:
         """Let the feed process finish its step and exit (killed after STOP_GRACE)."""
         self._closing = True
-        if self._restart_call is not None and self._restart_call.active():
-            self._restart_call.cancel()
-        child = self._child
-        if child is None or child.transport is None:
+        if self.supervisor is None:
             return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._ended.append(d)
-        child.transport.closeStdin()
-        killer = self.reactor.callLater(STOP_GRACE, self._kill, child)
-
-        def cancel_killer(result):
-            if killer.active():
-                killer.cancel()
-            return result
-
-        return d.addBoth(cancel_killer)
-
-    def _kill(self, child: _FeedChild) -> None:
-        self.log.warn("Feed process did not stop within {grace:g}s; killing it", grace=STOP_GRACE)
-        try:
-            child.transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
+        return self.supervisor.stop()
 
 
 class InlineFeeds:

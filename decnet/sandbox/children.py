@@ -1,79 +1,49 @@
 """The child processes of ``sandbox up``: the real ``twistd`` daemons, by PID only.
 
-Each child is started with ``reactor.spawnProcess`` through a two-line
-launcher that puts it in a **process group of its own** before it execs
-``twistd``: a Ctrl-C in the terminal then reaches only ``up``, which stops its
-children in order (SIGTERM, a grace period on the clock, SIGKILL), instead of
-every daemon reacting to the same SIGINT at once.  ``up`` records each child's
-PID and start time (:mod:`decnet.sandbox.state`) so that ``sandbox down`` can
-stop them from another terminal even when ``up`` itself was ``kill -9``-ed.
+Each child is started with :func:`decnet.process.spawn` as the leader of a
+**process group of its own** (``ProcessSpec.own_group``: the launcher calls
+``setpgrp`` and then execs ``twistd``, so the PID is twistd's): a Ctrl-C in the
+terminal then reaches only ``up``, which stops its children in order (SIGTERM,
+a grace period on the clock, SIGKILL: :func:`decnet.process.terminate`),
+instead of every daemon reacting to the same SIGINT at once.  ``up`` records
+each child's PID and start time (:mod:`decnet.sandbox.state`) so that
+``sandbox down`` can stop them from another terminal even when ``up`` itself
+was ``kill -9``-ed.  They are not restarted: ``up`` reports an unexpected exit.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
 from decnet import config
+from decnet.process import ChildProtocol, Exit, ProcessSpec, child_env, spawn, terminate
 from decnet.sandbox.state import ProcessRecord, start_time
-from decnet.updater.process import OutputTail
 
 # "2026-01-02T03:04:05+0000 [namespace#level] " in front of each twistd log line.
 LOG_PREFIX = re.compile(r"^\S+ \[[^\]]*\] ")
 
-# setpgrp, then become the daemon: same PID, so the recorded PID is twistd's.
-LAUNCHER = "import os, sys; os.setpgrp(); os.execv(sys.argv[1], sys.argv[1:])"
 
-
-def describe_end(reason) -> str:
-    value = reason.value
-    if isinstance(value, error.ProcessDone):
-        return "exited with code 0"
-    if getattr(value, "signal", None) is not None:
-        return f"was killed by signal {value.signal}"
-    return f"exited with code {getattr(value, 'exitCode', '?')}"
-
-
-class Child(protocol.ProcessProtocol):
-    """One daemon we started: its output tail, and a Deferred that fires when it ends."""
+class Child(ChildProtocol):
+    """One daemon we started: its output tail, and how it ended."""
 
     def __init__(self, name: str, argv: list[str], log: Path):
+        super().__init__()
         self.name = name
         self.argv = argv
         self.log = log
-        self.output = OutputTail()
-        self.ended: defer.Deferred = defer.Deferred()
-        self.how: str | None = None
-        self.transport = None
         self.record: ProcessRecord | None = None
 
     @property
-    def running(self) -> bool:
-        return self.how is None
-
-    def outReceived(self, data: bytes) -> None:
-        self.output.write(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.how = describe_end(reason)
-        self.ended.callback(self.how)
-
-    def signal(self, sig: int) -> None:
-        if self.transport is None or not self.running:
-            return
-        try:
-            self.transport.signalProcess(sig)
-        except (error.ProcessExitedAlready, OSError):
-            pass
+    def how(self) -> str | None:
+        """How it ended (``exited with code 3``), or ``None`` while it runs."""
+        return self.exit.describe() if self.exit is not None else None
 
     def last_words(self) -> str:
         """The last line of its log (usually the error that ended it), without the prefix."""
@@ -103,14 +73,14 @@ class Children:
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactorProcess,
         *,
         env: dict[str, str] | None = None,
         grace: float = config.SANDBOX_STOP_GRACE,
         on_exit: Callable[[Child], None] = lambda child: None,
     ):
         self.reactor = reactor
-        self.env = dict(env if env is not None else child_env())
+        self.env = dict(env if env is not None else child_env(same_python=True))
         self.grace = grace
         self.on_exit = on_exit
         self.children: dict[str, Child] = {}
@@ -118,23 +88,25 @@ class Children:
 
     def spawn(self, name: str, argv: list[str], log: Path, *, cwd: Path | None = None) -> Child:
         child = Child(name, argv, log)
-        full = [sys.executable, "-c", LAUNCHER, *argv]
-        transport = self.reactor.spawnProcess(
-            child, full[0], full, env=self.env, path=str(cwd) if cwd else None
+        spec = ProcessSpec(
+            name,
+            argv,
+            env=self.env,
+            cwd=str(cwd) if cwd else None,
+            own_group=True,
         )
-        child.transport = transport
+        transport = spawn(self.reactor, child, spec)
         pid = transport.pid
         child.record = ProcessRecord(pid, start_time(pid), tuple(argv), str(log))
         self.children[name] = child
         self.log.info("Started {name} (pid {pid})", name=name, pid=pid)
-        child.ended.addCallback(self._ended, child)
+        child.when_ended().addCallback(self._ended, child)
         return child
 
-    def _ended(self, how: str, child: Child) -> str:
-        self.log.info("{name} {how}", name=child.name, how=how)
+    def _ended(self, exit: Exit, child: Child) -> None:
+        self.log.info("{name} {how}", name=child.name, how=exit.describe())
         if not self.stopping:
             self.on_exit(child)
-        return how
 
     def records(self) -> dict[str, ProcessRecord]:
         return {n: c.record for n, c in self.children.items() if c.running and c.record}
@@ -142,28 +114,10 @@ class Children:
     async def stop(self, names: list[str] | None = None) -> None:
         """SIGTERM the named children (default: all), SIGKILL any still alive after the grace."""
         chosen = [self.children[n] for n in (names or list(self.children)) if n in self.children]
-        live = [c for c in chosen if c.running]
-        if not live:
-            return
-        for child in live:
-            child.signal(signal.SIGTERM)
-        ended = defer.DeferredList([c.ended for c in live], consumeErrors=True)
-        killer = self.reactor.callLater(self.grace, self._kill, live)
-        try:
-            await ended
-        finally:
-            if killer.active():
-                killer.cancel()
-
-    def _kill(self, children: list[Child]) -> None:
-        for child in children:
-            if child.running:
-                self.log.warn(
-                    "{name} ignored SIGTERM for {grace}s; killing it",
-                    name=child.name,
-                    grace=self.grace,
-                )
-                child.signal(signal.SIGKILL)
+        clock = IReactorTime(self.reactor)
+        ended = [terminate(clock, c, name=c.name, grace=self.grace) for c in chosen if c.running]
+        if ended:
+            await defer.DeferredList(ended, consumeErrors=True)
 
     async def stop_all(self, order: list[list[str]]) -> None:
         """Stop in waves (e.g. forwarders and updaters, then the listener), then the rest."""
@@ -174,10 +128,3 @@ class Children:
             await self.stop(names)
             done.update(names)
         await self.stop([n for n in self.children if n not in done])
-
-
-def child_env() -> dict[str, str]:
-    """Our environment, minus what would make a child report the wrong release."""
-    from decnet.release import ENV_RELEASE_ID
-
-    return {k: v for k, v in os.environ.items() if k != ENV_RELEASE_ID}

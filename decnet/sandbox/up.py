@@ -302,7 +302,7 @@ class Sandbox:
 
     async def _build_wheelhouse(self, wanted: wheelhouse.Plan, target: Path) -> None:
         """``pip wheel`` into a private directory, renamed into place once complete."""
-        from decnet.updater.process import run_process
+        from decnet.process import run_process
 
         key = wanted.key
         partial = self.layout.cache_dir / f".wheelhouse-{key}.{os.getpid()}"

@@ -7,44 +7,42 @@ Two controls with one interface (``restart``, ``stop``, ``exited_since_start``,
   ``journalctl`` for the output when a release fails) through ``spawnProcess``;
   the unit runs ``<install-dir>/current/venv/bin/twistd``.
 * :class:`SpawnedAgent` supervises the agent as a child process (the local
-  sandbox, the tests): it starts ``releases/<id>/venv/bin/python`` by its *real*
-  release path, so the agent reports the release it actually runs; it restarts a
-  crashed agent with a backoff, and stops it by signalling the child it spawned.
+  sandbox, the tests) with :class:`decnet.process.Supervisor`: it starts
+  ``releases/<id>/venv/bin/python`` by its *real* release path, so the agent
+  reports the release it actually runs; it restarts a crashed agent with a
+  backoff, and stops it by signalling the child it spawned.
 
 Neither ever kills by name or scans ``/proc``.  A spawned agent must not outlive
 an updater that was ``kill -9``-ed (it would hold the port against the next
-one): the launcher sets ``PR_SET_PDEATHSIG`` before it starts twistd.
+one): it is spawned with ``PR_SET_PDEATHSIG`` (``ProcessSpec.die_with_parent``).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 
 from decnet import config
 from decnet.errors import AgentControlFailed
-from decnet.updater.process import OutputTail, child_env, run_process
+from decnet.process import (
+    ChildProtocol,
+    OutputTail,
+    ProcessSpec,
+    RestartPolicy,
+    Started,
+    Supervisor,
+    SupervisorEvent,
+    child_env,
+    run_process,
+)
 
-# Runs under the release's own python: no import from the release's decnet, so
-# it works for any release.  PR_SET_PDEATHSIG (1) survives the exec into twistd.
-LAUNCHER = """\
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-except (OSError, AttributeError):
-    pass
-if os.getppid() != parent:
-    sys.exit("decnet-updater exited before the agent started")
-sys.argv = ["twistd", *sys.argv[2:]]
-from twisted.scripts.twistd import run
-run()
-"""
+# Runs under the release's own python, so it imports the release's twistd and
+# plugins (``python -c``: ``sys.argv[0]`` is ``-c`` until it is renamed).
+RUN_TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
 def agent_argv(
@@ -55,7 +53,6 @@ def agent_argv(
     state_dir: str | None = None,
     log_file: str | None = None,
     twistd_log: str | None = None,
-    parent_pid: int | None = None,
 ) -> list[str]:
     """The command that runs ``twistd decnet-agent`` from ``release_dir``'s venv.
 
@@ -63,8 +60,7 @@ def agent_argv(
     the agent logs to its output, which the updater keeps (the tail of it).
     """
     python = str(Path(release_dir) / config.RELEASE_VENV_DIR / "bin" / "python")
-    argv = [python, "-c", LAUNCHER, str(parent_pid or os.getpid())]
-    argv += ["--nodaemon", "--pidfile="]
+    argv = [python, "-c", RUN_TWISTD, "--nodaemon", "--pidfile="]
     if twistd_log:
         argv += ["--logfile", twistd_log]
     argv += ["decnet-agent", "--bundle", bundle, "--listen", listen]
@@ -83,7 +79,7 @@ class SystemdAgent:
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactorProcess,
         unit: str = config.DEFAULT_AGENT_UNIT,
         *,
         systemctl: str = "systemctl",
@@ -134,29 +130,6 @@ class SystemdAgent:
         return {"control": self.control, "unit": self.unit}
 
 
-class _AgentProcess(protocol.ProcessProtocol):
-    def __init__(self, owner: SpawnedAgent, generation: int):
-        self.owner = owner
-        self.generation = generation
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.owner.output.write(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        value = reason.value
-        if isinstance(value, error.ProcessDone):
-            how = "exited with code 0"
-        elif getattr(value, "signal", None) is not None:
-            how = f"was killed by signal {value.signal}"
-        else:
-            how = f"exited with code {getattr(value, 'exitCode', '?')}"
-        self.owner._ended(self, how)
-        self.ended.callback(how)
-
-
 class SpawnedAgent:
     """The agent as our child process, restarted with a backoff when it dies unasked."""
 
@@ -165,7 +138,7 @@ class SpawnedAgent:
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactorProcess,
         argv_for: Callable[[Path], list[str]],
         *,
         env: Mapping[str, str] | None = None,
@@ -177,72 +150,36 @@ class SpawnedAgent:
         self.argv_for = argv_for
         self.env = dict(env) if env is not None else child_env()
         self.grace = grace
-        self.min_backoff = min_backoff
-        self.max_backoff = max_backoff
+        # A run that lasted this long was not a crash loop: back to min_backoff.
+        self.policy = RestartPolicy(
+            first=min_backoff, maximum=max_backoff, healthy_after=10 * min_backoff + 5
+        )
         self.output = OutputTail()
-        self.release_dir: Path | None = None  # what we want running (None: nothing)
-        self._process: _AgentProcess | None = None
-        self._transport = None
-        self._generation = 0
-        self._exit_since_start: str | None = None
-        self._backoff = min_backoff
-        self._respawn = None
-        self._started_at = 0.0
+        self.supervisor: Supervisor | None = None
         self.restarts = 0
+
+    def spec(self, release_dir: Path) -> ProcessSpec:
+        """How the agent of ``release_dir`` runs: from that directory, dying with us."""
+        return ProcessSpec(
+            "The agent",
+            self.argv_for(release_dir),
+            env=self.env,
+            cwd=str(release_dir),
+            die_with_parent=signal.SIGTERM,
+            grace=self.grace,
+        )
 
     @property
     def running(self) -> bool:
-        return self._process is not None
+        return self.supervisor is not None and self.supervisor.running
 
     @property
     def pid(self) -> int | None:
-        return getattr(self._transport, "pid", None) if self._process else None
+        return self.supervisor.pid if self.supervisor is not None else None
 
-    def _spawn(self) -> None:
-        self._generation += 1
-        proc = _AgentProcess(self, self._generation)
-        argv = self.argv_for(self.release_dir)
-        self.log.info(
-            "Starting the agent from {release}", release=str(self.release_dir), argv=argv[0]
-        )
-        try:
-            self._transport = self.reactor.spawnProcess(
-                proc, argv[0], argv, env=self.env, path=str(self.release_dir)
-            )
-        except OSError as exc:
-            self._exit_since_start = f"could not be started: {exc}"
-            self._schedule_respawn()
-            return
-        self._process = proc
-        self._started_at = self.reactor.seconds()
-
-    def _ended(self, proc: _AgentProcess, how: str) -> None:
-        if proc is not self._process:
-            return
-        self._process = None
-        self._transport = None
-        if self.release_dir is None:
-            return  # we asked it to stop
-        self._exit_since_start = how
-        self.log.warn("The agent {how}; restarting it", how=how)
-        if self.reactor.seconds() - self._started_at > 10 * self.min_backoff + 5:
-            self._backoff = self.min_backoff
-        self._schedule_respawn()
-
-    def _schedule_respawn(self) -> None:
-        delay, self._backoff = self._backoff, min(self._backoff * 2, self.max_backoff)
-        self._respawn = self.reactor.callLater(delay, self._do_respawn)
-
-    def _do_respawn(self) -> None:
-        self._respawn = None
-        if self.release_dir is not None and self._process is None:
+    def _observe(self, event: SupervisorEvent) -> None:
+        if isinstance(event, Started) and event.restart:
             self.restarts += 1
-            self._spawn()
-
-    def _cancel_respawn(self) -> None:
-        if self._respawn is not None and self._respawn.active():
-            self._respawn.cancel()
-        self._respawn = None
 
     async def start(self, release_dir: Path | None) -> None:
         await self.restart(release_dir)
@@ -252,33 +189,22 @@ class SpawnedAgent:
         await self.stop()
         if release_dir is None:
             return
-        self.release_dir = Path(release_dir)
+        release_dir = Path(release_dir)
         self.output.clear()
-        self._exit_since_start = None
-        self._backoff = self.min_backoff
-        self._spawn()
+        self.log.info("Starting the agent from {release}", release=str(release_dir))
+        self.supervisor = Supervisor(
+            self.reactor,
+            self.spec(release_dir),
+            policy=self.policy,
+            protocol=lambda: ChildProtocol(self.output),
+            observer=self._observe,
+        )
+        self.supervisor.start()
 
     async def stop(self) -> None:
         """SIGTERM the child we spawned, SIGKILL after the grace period; wait for it."""
-        self.release_dir = None
-        self._cancel_respawn()
-        proc, transport = self._process, self._transport
-        if proc is None:
-            return
-        killer = self.reactor.callLater(self.grace, self._signal, transport, signal.SIGKILL)
-        self._signal(transport, signal.SIGTERM)
-        try:
-            await proc.ended
-        finally:
-            if killer.active():
-                killer.cancel()
-
-    @staticmethod
-    def _signal(transport, sig) -> None:
-        try:
-            transport.signalProcess(sig)
-        except error.ProcessExitedAlready:
-            pass
+        if self.supervisor is not None:
+            await self.supervisor.stop()
 
     async def shutdown(self) -> None:
         """The updater is going away: our child must not outlive us."""
@@ -286,7 +212,10 @@ class SpawnedAgent:
 
     def exited_since_start(self) -> str | None:
         """How the agent started by the last ``restart`` died, if it did."""
-        return self._exit_since_start
+        supervisor = self.supervisor
+        if supervisor is None or supervisor.last_exit is None:
+            return None
+        return supervisor.last_exit.describe()
 
     async def recent_output(self) -> str:
         return self.output.text()

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from decnet import config
 from decnet.errors import InstallFailed
-from decnet.updater.process import ProcessResult, child_env, run_process
+from decnet.process import ProcessResult, child_env, run_process
 
 # Run by the release's own Python; a release without Twisted has no cache to build.
 PLUGIN_CACHE_SCRIPT = (
