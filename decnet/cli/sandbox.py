@@ -22,6 +22,7 @@ from twisted.logger import ILogFilterPredicate, ILogObserver
 
 from decnet import config
 from decnet.cli import output, sandbox_view
+from decnet.cli.arguments import command, json_flag
 from decnet.cli.runtime import run_async
 from decnet.cli.sandbox_view import SandboxConsole
 from decnet.errors import DecnetError, SandboxError, ValidationError
@@ -48,6 +49,10 @@ def _net(value: str) -> int:
     return number
 
 
+def _dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+
+
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "sandbox",
@@ -57,9 +62,12 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     )
     sandbox = p.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
 
-    up = sandbox.add_parser(
+    up = command(
+        sandbox,
+        (),
         "up",
-        help="start the sandbox and watch events arrive (Ctrl-C stops it)",
+        cmd_up,
+        summary="start the sandbox and watch events arrive (Ctrl-C stops it)",
         description="Initialise a CA (or reuse DIR's), enroll workers w1..wN with updater "
         "certificates, start the master's log listener and, per worker, the updater (which "
         "runs the agent from its installed release) and the log forwarder, push a release of "
@@ -76,7 +84,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         metavar="N",
         help="number of workers (default: %(default)s)",
     )
-    up.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    _dir_option(up)
     up.add_argument(
         "--net",
         type=_net,
@@ -90,39 +98,45 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         default=None,
         help="use these wheels for the release instead of building a wheelhouse in DIR/cache",
     )
-    up.set_defaults(func=cmd_up)
 
-    st = sandbox.add_parser(
+    st = command(
+        sandbox,
+        (),
         "status",
-        help="show whether the sandbox and each of its processes and agents are up",
+        cmd_status,
+        summary="show whether the sandbox and each of its processes and agents are up",
         description="Read DIR/sandbox.json, check that `sandbox up` and every process it "
         "started are still alive (by recorded PID and start time), and ask each agent for "
         "its health and deckies. Exits 1 if anything is down.",
     )
-    st.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(func=cmd_status)
+    _dir_option(st)
+    json_flag(st)
 
-    dn = sandbox.add_parser(
+    dn = command(
+        sandbox,
+        (),
         "down",
-        help="stop a running sandbox (from another terminal)",
+        cmd_down,
+        summary="stop a running sandbox (from another terminal)",
         description="Ask `sandbox up` to stop and wait for it; if it is gone but processes it "
         "started survive (it was killed), stop those by their recorded PIDs. Safe to run "
         "again; exits 0 once nothing of the sandbox runs.",
     )
-    dn.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
-    dn.set_defaults(func=cmd_down)
+    _dir_option(dn)
 
-    pk = sandbox.add_parser(
+    pk = command(
+        sandbox,
+        (),
         "poke",
-        help="play the attacker against every decky service",
+        cmd_poke,
+        summary="play the attacker against every decky service",
         description="Connect to every service of every decky with a real client (an SSH "
         "password login, an HTTP login form POST, telnet, FTP, SMTP AUTH, Redis AUTH and a "
         "command, raw bytes to the TCP banner), print what was done, then wait until each "
         "conversation has reached the master's feed under the right worker. Exits 1 if a "
         "conversation failed, did not arrive within --wait, or arrived as another worker.",
     )
-    pk.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    _dir_option(pk)
     pk.add_argument(
         "--worker",
         action="append",
@@ -137,8 +151,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         help="how long to wait for the events at the master (0: do not check; "
         "default: %(default)s)",
     )
-    pk.add_argument("--json", action="store_true", help="machine-readable output")
-    pk.set_defaults(func=cmd_poke)
+    json_flag(pk)
 
 
 def _print(blocks: list[str]) -> None:
