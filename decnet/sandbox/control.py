@@ -10,6 +10,10 @@ waits for it; when ``up`` is gone but children survive (``up`` was ``kill
 then SIGKILL to whatever is left in each child's process group (a spawned
 agent, a pip the updater was running).  Running it again finds nothing and
 exits 0.
+
+Both return data (:class:`~decnet.sandbox.report.StatusReport`,
+:class:`~decnet.sandbox.report.DownReport`; ``down`` also reports each step
+as it happens); ``decnet/cli`` decides how it reads.
 """
 
 from __future__ import annotations
