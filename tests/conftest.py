@@ -42,8 +42,7 @@ def release_trees(tmp_path_factory):
 
     ``good1``/``good2`` differ by a comment (two release ids); ``crash`` has an
     agent that dies at start; ``wrong`` has an agent that never reports the
-    release it runs (its health check can only time out).  The agent is the
-    real one when the repository has it, else the stand-in from tests/support.
+    release it runs (its health check can only time out).
     """
     from tests.support import copy_release_tree
 

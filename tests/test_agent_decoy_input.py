@@ -14,17 +14,12 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
-from decnet.agent.decoys import banner, ftp, http, redis, smtp, ssh, telnet
-from decnet.agent.decoys.base import CLOSE_GRACE, MAX_COMMANDS, ServiceRuntime
-from decnet.agent.decoys.budget import TURN_ITEMS, ConnectionBudget, TurnBudget
+from decnet.agent.decoys import http, redis, ssh
+from decnet.agent.decoys.base import CLOSE_GRACE, MAX_COMMANDS
+from decnet.agent.decoys.budget import TURN_ITEMS, TurnBudget
 from decnet.agent.decoys.inbox import TOO_LONG, Inbox
-from decnet.agent.spec import parse_spec
+from tests.decoy_support import Conn, TurnClock
 
 KINDS = ("ssh", "telnet", "http", "ftp", "smtp", "redis", "tcp-banner")
 
@@ -32,92 +27,6 @@ KINDS = ("ssh", "telnet", "http", "ftp", "smtp", "redis", "tcp-banner")
 @pytest.fixture(scope="module")
 def host_keys(tmp_path_factory):
     return ssh.load_or_create_host_keys(tmp_path_factory.mktemp("ssh-keys"))
-
-
-class TurnClock(Clock):
-    """A Clock whose ``advance`` runs what is due, not what that schedules for "now".
-
-    That is one reactor iteration: calls made with ``callLater(0)`` during it
-    run in the next one (Twisted's ``runUntilCurrent`` works the same way).
-    """
-
-    def advance(self, amount):
-        self.rightNow += amount
-        self._sortCalls()
-        for call in [c for c in self.calls if c.getTime() <= self.seconds()]:
-            if call in self.calls:
-                self.calls.remove(call)
-                call.called = 1
-                call.func(*call.args, **call.kw)
-
-
-class Conn:
-    """One decoy connection over a StringTransport, its service and budgets on a Clock."""
-
-    def __init__(self, kind, host_keys=None, *, turns=None, clock=None, budget=None, **options):
-        self.clock = clock or TurnClock()
-        self.events = []
-        service = {"type": kind, "bind": "127.0.0.1", "port": 0 if kind != "tcp-banner" else 9}
-        spec = parse_spec({"deckies": [{"name": "d1", "services": [service | options]}]})
-        # A timer that never advances: only the per-turn item quota paces, so
-        # the counts below do not depend on the machine's speed.
-        self.turns = turns or TurnBudget(self.clock, timer=lambda: 0.0)
-        self.budget = budget or ConnectionBudget(10_000, self.clock)
-        self.runtime = ServiceRuntime(
-            spec.services()[0],
-            self.events.append,
-            self.clock,
-            budget=self.budget,
-            turns=self.turns,
-        )
-        if kind == "ssh":
-            factory = ssh.make_factory(self.runtime, host_keys)
-        elif kind == "http":
-            factory = http.make_factory(self.runtime, self.clock)
-        else:
-            module = {"telnet": telnet, "ftp": ftp, "smtp": smtp, "redis": redis}
-            factory = module.get(kind, banner).make_factory(self.runtime)
-        self.proto = factory.buildProtocol(IPv4Address("TCP", "203.0.113.7", 40000))
-        self.transport = StringTransport(
-            hostAddress=IPv4Address("TCP", "192.0.2.1", 2222),
-            peerAddress=IPv4Address("TCP", "203.0.113.7", 40000),
-        )
-        self.proto.makeConnection(self.transport)
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting or self.transport.disconnected
-
-    def settle(self) -> None:
-        """Run reactor turns until this connection reads again (or closed)."""
-        while self.transport.producerState == "paused" and self.turns.waiting:
-            self.clock.advance(0)
-
-    def feed(self, data: bytes, chunk: int | None = None) -> None:
-        """Deliver ``data`` like a TCP transport: never while reading is paused."""
-        chunk = chunk or max(1, len(data))
-        for i in range(0, len(data), chunk):
-            self.settle()
-            if self.closed:
-                return
-            self.proto.dataReceived(data[i : i + chunk])
-        self.settle()
-
-    def lose(self) -> None:
-        self.proto.connectionLost(Failure(ConnectionDone()))
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
-
-    def reason(self) -> str:
-        self.lose()
-        last = self.events[-1]
-        assert last.kind == "disconnect"
-        return dict(last.params)["reason"]
-
-    @property
-    def commands(self) -> int:
-        return self.proto.session.commands
 
 
 def ssh_packet(payload: bytes) -> bytes:
