@@ -39,7 +39,7 @@ from decnet.listener import storage  # noqa: E402
 from decnet.master import enrollment  # noqa: E402
 from tests import rsyslog_support as rs  # noqa: E402
 from tests.logpipe_support import start_forwarder, start_listener  # noqa: E402
-from tests.support import wait_for  # noqa: E402
+from tests.support import free_port, wait_for  # noqa: E402
 
 LINE_LEN = 200
 
@@ -133,14 +133,6 @@ class CPU:
             for name, pid in self.pids.items()
         }
         return self.used
-
-
-def wait_until(predicate, timeout=600.0, interval=0.002):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark run did not finish")
-        time.sleep(interval)
 
 
 def stop(proc):
@@ -265,7 +257,7 @@ def _count_lines(path: Path) -> int:
 
 
 def rsyslog_receiver(env: Env, d: Path, peer: str):
-    port = rs.free_port()
+    port = free_port()
     out = d / "received.log"
     recv = rs.Rsyslogd(
         d / "receiver",
@@ -318,7 +310,7 @@ def run_rsyslog_rsyslog(env: Env, data: bytes) -> dict:
         cpu.start()
         t0 = time.monotonic()
         append_all(source, data)
-        wait_until(size_at_least(out, len(data)))
+        wait_for(size_at_least(out, len(data)), 600, 0.002, what="the receiver to write it all")
         elapsed = time.monotonic() - t0
         used = cpu.stop()
         ok = out.read_bytes() == data
@@ -362,7 +354,7 @@ def run_ours_rsyslog(env: Env, data: bytes) -> dict:
         cpu.start()
         t0 = time.monotonic()
         append_all(log_file, data)
-        wait_until(size_at_least(out, len(data)))
+        wait_for(size_at_least(out, len(data)), 600, 0.002, what="the receiver to write it all")
         elapsed = time.monotonic() - t0
         used = cpu.stop()
         ok = out.read_bytes() == data

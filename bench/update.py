@@ -41,7 +41,6 @@ from tests.support import (  # noqa: E402
     admin,
     copy_release_tree,
     ensure_wheelhouse,
-    has_real_agent,
     wait_for,
 )
 
@@ -146,9 +145,8 @@ def main() -> int:
     # Every updater has exited and been waited for: their CPU (and their pip's) is ours now.
     fleet_cpu = children_cpu() - cpu_before
 
-    agent = "real agent" if has_real_agent() else "stand-in agent"
     print()
-    print(f"decnet-admin update, end to end ({agent}, compile={not args.no_compile}):")
+    print(f"decnet-admin update, end to end (compile={not args.no_compile}):")
     width = max(len(k) for k in figures)
     for name, seconds in figures.items():
         print(f"  {name.ljust(width)}  {seconds:6.1f} s")

@@ -1,22 +1,111 @@
-"""Pieces every DECNET daemon shares: its TLS port, and telling systemd it is ready.
+"""Pieces every DECNET daemon shares: its identity, its TLS port and its port file.
+
+Every ``tap.py`` loads its identity in ``postOptions`` (:func:`load_bundle`), so
+a bad bundle is one usage line, never a traceback from ``makeService``.
 
 A daemon must not run without the port it exists for: :class:`TLSPortService`
 binds in ``privilegedStartService`` and raises if it cannot, which makes
 ``twistd`` exit non-zero before the reactor runs (so systemd's
 ``Restart=on-failure`` and the tests see a failure, not a silent daemon).
+Once bound, it writes the port to ``--port-file`` (:data:`PORT_FILE_OPTION`):
+how tests and the sandbox learn the port of ``tcp:0`` without racing for one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
+from twisted.python import usage
 from twisted.python.failure import Failure
 
+from decnet import config
+from decnet.errors import DecnetError
 from decnet.fsutil import atomic_write
-from decnet.tls import PolicyOptions, listen_tls
+from decnet.pki import WorkerBundle
+from decnet.tls import PolicyOptions, TLSIdentity, listen_tls
+
+
+def absolute_path(value: str) -> Path:
+    """An option's path, made absolute while the working directory is still the caller's."""
+    return Path(value).absolute()
+
+
+# One ``optParameters`` row, the same in every daemon that listens.
+PORT_FILE_OPTION = [
+    "port-file",
+    None,
+    None,
+    "Write the bound port number here once listening",
+    absolute_path,
+]
+
+
+def keywords(options: usage.Options, names: str) -> dict[str, Any]:
+    """The options ``names`` lists (space-separated), keyed as the service's keywords.
+
+    ``keywords(options, "listen port-file")`` is
+    ``{"listen": options["listen"], "port_file": options["port-file"]}``.
+    """
+    return {name.replace("-", "_"): options[name] for name in names.split()}
+
+
+# Identities a bundle holds only when asked for at enrollment, and how to ask.
+# (A missing worker file is a broken bundle: the error names the file.)
+_OPTIONAL_IDENTITIES = {
+    config.ROLE_UPDATER: "enroll the host with `decnet-admin enroll --updater`",
+}
+
+
+def _expected_cn(bundle: WorkerBundle, role: str) -> str:
+    return config.UPDATER_CN_PREFIX + bundle.name if role == config.ROLE_UPDATER else bundle.name
+
+
+def _bundle_identity(bundle: WorkerBundle, role: str) -> TLSIdentity:
+    missing = [p.name for p in (bundle.cert_path(role), bundle.key_path(role)) if not p.exists()]
+    if missing and role in _OPTIONAL_IDENTITIES:
+        raise usage.UsageError(
+            f"the bundle has no {role} identity ({', '.join(missing)} missing); "
+            f"{_OPTIONAL_IDENTITIES[role]}"
+        )
+    try:
+        identity = TLSIdentity.from_bundle(bundle, role)
+    except DecnetError as exc:
+        raise usage.UsageError(f"unusable bundle: {exc}") from None
+    if identity.identity.role != role or identity.identity.cn != _expected_cn(bundle, role):
+        raise usage.UsageError(
+            f"{bundle.cert_path(role)} is not the {role} certificate of {bundle.name!r}"
+        )
+    return identity
+
+
+def load_bundle(
+    options: usage.Options,
+    role: str,
+    *,
+    required: str = "--bundle DIR is required (the directory `decnet-admin enroll` wrote)",
+) -> tuple[WorkerBundle, TLSIdentity]:
+    """Load ``--bundle`` and its ``role`` identity, checked, from ``postOptions``.
+
+    Every problem (no ``--bundle``, unreadable files, a certificate of another
+    role or host) is a :class:`usage.UsageError` naming it.  The results are
+    kept as ``options["bundle-obj"]`` and ``options["identity"]``.
+    """
+    if not options["bundle"]:
+        raise usage.UsageError(required)
+    try:
+        bundle = WorkerBundle.load(options["bundle"])
+    except DecnetError as exc:
+        raise usage.UsageError(f"unusable bundle: {exc}") from None
+    identity = _bundle_identity(bundle, role)
+    options["bundle-obj"] = bundle
+    options["identity"] = identity
+    return bundle, identity
 
 
 class TLSPortService(Service):
@@ -33,14 +122,14 @@ class TLSPortService(Service):
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactorTime,
         description: str,
         options: PolicyOptions,
-        factory,
+        factory: IProtocolFactory,
         *,
         port_file: str | Path | None = None,
         label: str = "connections",
-        gate=None,
+        gate: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
     ):
         self.reactor = reactor
         self.description = description
@@ -50,10 +139,10 @@ class TLSPortService(Service):
         self.label = label
         # Wraps the TLS factory (see ``listen_tls``): the listener's pre-TLS budget.
         self.gate = gate
-        self.port = None
+        self.port: IListeningPort | None = None
         self.ready: defer.Deferred = defer.Deferred()
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.port is not None:
             return
@@ -81,15 +170,15 @@ class TLSPortService(Service):
         )
         if self.port_file is not None:
             # Start-up only, before the reactor serves anyone: a tiny write.
-            atomic_write(self.port_file, b"%d\n" % host.port)
+            atomic_write(self.port_file, b"%d\n" % getattr(host, "port"))  # noqa: B009 - TCP only
         self.ready.callback(self.port)
 
-    def startService(self):
+    def startService(self) -> None:
         if self.port is None:
             self.privilegedStartService()
         super().startService()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred | None:
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None

@@ -5,6 +5,13 @@ CLI can print a message that says what to do and the HTTP layer can map it to a
 status code in one place without echoing internals.
 """
 
+from collections.abc import Iterable
+
+
+def _listed(problems: str | Iterable[str]) -> list[str]:
+    """``problems`` as a list; a single string is one problem."""
+    return [problems] if isinstance(problems, str) else list(problems)
+
 
 class DecnetError(Exception):
     """Base class: an expected, explainable failure (never a bug)."""
@@ -26,10 +33,8 @@ class MissingFileError(ConfigError):
 class ValidationError(DecnetError):
     """Input was refused; ``problems`` lists every reason, not just the first."""
 
-    def __init__(self, problems):
-        if isinstance(problems, str):
-            problems = [problems]
-        self.problems = list(problems)
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = _listed(problems)
         super().__init__("; ".join(self.problems))
 
 
@@ -82,16 +87,14 @@ class RemoteError(DecnetError):
 class BadReply(DecnetError):
     """A worker daemon answered, but not what its API promises; the answer is not used.
 
-    Not JSON, a field missing or of the wrong type (``decnet.master.replies``), a
+    Not JSON, a field missing or of the wrong type (``decnet.replies``), a
     redirect, a body over the size cap.  ``where`` names the host; ``problems``
     say what was wrong (worker-supplied text: escape it before showing it).
     """
 
-    def __init__(self, where: str, problems):
-        if isinstance(problems, str):
-            problems = [problems]
+    def __init__(self, where: str, problems: str | Iterable[str]):
         self.where = where
-        self.problems = list(problems)
+        self.problems = _listed(problems)
         super().__init__(f"bad reply from {where}: {'; '.join(self.problems)}")
 
 
@@ -110,7 +113,7 @@ class UnknownDecky(DecnetError):
 class UpdateError(DecnetError):
     """A release could not be installed, switched or rolled back (updater side)."""
 
-    #: HTTP status the updater answers with; mapped in ``decnet.updater.app`` only.
+    #: HTTP status the updater answers with; mapped in ``decnet.httpapi.problem_of`` only.
     status = 500
     #: The outcome reported to the master: ``failed`` or ``rolled_back``.
     result = "failed"

@@ -65,7 +65,7 @@ RESERVED_NAMES = frozenset(
 )
 
 
-def validate_host_name(name: str) -> str:
+def validate_host_name(name: object) -> str:
     """Return ``name`` if it may be enrolled as a worker, else raise :class:`InvalidName`."""
     if isinstance(name, str) and (
         name in RESERVED_NAMES or name.startswith(config.UPDATER_CN_PREFIX)
@@ -183,11 +183,11 @@ def identity_of(cert: x509.Certificate) -> CertIdentity:
 def cn_for(role: str, name: str | None = None) -> str:
     if role == config.ROLE_MASTER:
         return config.MASTER_CN
-    validate_host_name(name)
+    host = validate_host_name(name)
     if role == config.ROLE_WORKER:
-        return name
+        return host
     if role == config.ROLE_UPDATER:
-        return config.UPDATER_CN_PREFIX + name
+        return config.UPDATER_CN_PREFIX + host
     raise ValueError(f"unknown role {role!r}")
 
 
@@ -372,7 +372,7 @@ def issue_leaf(
     ``decnet-master``) as a DNS name plus each address as an IP or DNS SAN.
     """
     cn = cn_for(role, name)
-    dns_names: list[str] = [name if role != config.ROLE_MASTER else config.MASTER_CN]
+    dns_names: list[str] = [config.MASTER_CN if role == config.ROLE_MASTER else str(name)]
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for raw in addresses:
         parsed = parse_address(raw)

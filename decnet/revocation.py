@@ -98,9 +98,9 @@ class RevocationSet:
         """Call ``callback(newly_revoked)`` after each reload that revoked something."""
         self._subscribers.append(callback)
 
-    def _file_stamp(self) -> tuple | None:
+    def _file_stamp(self, path: Path) -> tuple | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -110,9 +110,11 @@ class RevocationSet:
 
         Blocking (a stat and a small read): daemons reach it through
         :class:`RevocationWatcher`, which runs it in the thread pool.  Raises
-        :class:`ConfigError` for a malformed file.
+        :class:`ConfigError` for a malformed file.  A set without a file never changes.
         """
-        stamp = self._file_stamp()
+        if self.path is None:
+            return None
+        stamp = self._file_stamp(self.path)
         if self._stamp is not None and stamp == self._stamp:
             return None
         fingerprints = frozenset(e["fingerprint"] for e in read_entries(self.path))

@@ -20,9 +20,11 @@ address and the reason.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import attrs
 from cryptography import x509
@@ -30,9 +32,10 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -83,6 +86,59 @@ class Accept:
         return self.cn or self.role
 
 
+class RefusalKind(enum.Enum):
+    """Which rule of the trust model refused a TLS peer."""
+
+    UNTRUSTED = "untrusted"  # the chain check failed: another CA, expired, not yet valid, ...
+    NO_ROLE = "no role"  # no valid DECNET role marker
+    REVOKED = "revoked"
+    ROLE = "role"  # a role this endpoint does not accept
+    PEER = "peer"  # the right role, but not the expected CN
+    FINGERPRINT = "fingerprint"  # the expected CN, but not the pinned certificate
+    DROPPED = "dropped"  # closed by us before its handshake ended (already logged)
+
+
+@attrs.frozen
+class Refusal:
+    """Why one peer was refused: the rule (``kind``) and a sentence for logs and errors."""
+
+    kind: RefusalKind
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class PeerCertificateRefused(SSL.Error):
+    """A handshake failed because our policy refused the peer's certificate.
+
+    The connection whose verify callback refused raises it instead of
+    OpenSSL's generic "certificate verify failed", so the refusal reaches that
+    connection's protocol, and only that one, as the reason of its
+    ``connectionLost``.  It is an ``SSL.Error`` because that is what Twisted's
+    TLS layer expects a failed handshake to raise.
+    """
+
+    def __init__(self, refusal: Refusal):
+        # The shape of OpenSSL's error queue: [(library, function, reason)].
+        super().__init__([("DECNET", "certificate policy", refusal.detail)])
+        self.refusal = refusal
+
+
+@attrs.define
+class Handshake:
+    """How one connection's TLS handshake went: one record per connection, never shared."""
+
+    done: bool = False
+    refusal: Refusal | None = None  # why we refused the peer (already logged)
+    error: str | None = None  # OpenSSL's words, when the handshake failed
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Record ``refusal`` (the first one stands)."""
+        if self.refusal is None:
+            self.refusal = refusal
+
+
 class PeerPolicy:
     """Who may complete a handshake with us, beyond "signed by our CA"."""
 
@@ -91,34 +147,39 @@ class PeerPolicy:
         if not self.accept:
             raise ValueError("a PeerPolicy must accept at least one kind of peer")
         self.revocations = revocations
-        # The last refusal, for clients that turn a failed handshake into a
-        # typed error (FingerprintMismatch, PeerRefused).
-        self.last_refusal: str | None = None
 
-    def check(self, identity: CertIdentity) -> str | None:
-        """``None`` if ``identity`` is acceptable, else the reason it is not."""
+    def check(self, identity: CertIdentity) -> Refusal | None:
+        """``None`` if ``identity`` is acceptable, else why it is not."""
         if identity.role is None:
-            return f"certificate {identity.cn!r} has no valid DECNET role marker"
+            detail = f"certificate {identity.cn!r} has no valid DECNET role marker"
+            return Refusal(RefusalKind.NO_ROLE, detail)
         if self.revocations is not None and identity.fingerprint in self.revocations:
-            return f"certificate of {identity.cn!r} is revoked"
+            return Refusal(RefusalKind.REVOKED, f"certificate of {identity.cn!r} is revoked")
         by_role = [a for a in self.accept if a.role == identity.role]
         if not by_role:
             wanted = ", ".join(sorted({a.role for a in self.accept}))
-            return f"role {identity.role!r} ({identity.cn!r}) not accepted here (accepts: {wanted})"
+            detail = (
+                f"role {identity.role!r} ({identity.cn!r}) not accepted here (accepts: {wanted})"
+            )
+            return Refusal(RefusalKind.ROLE, detail)
         by_cn = [a for a in by_role if a.cn is None or a.cn == identity.cn]
         if not by_cn:
-            wanted = ", ".join(a.cn for a in by_role)
-            return f"{identity.cn!r} is not the expected peer ({wanted})"
-        for rule in by_cn:
-            if rule.fingerprint is None or hmac.compare_digest(
-                rule.fingerprint, identity.fingerprint
-            ):
-                return None
-        pinned = by_cn[0].fingerprint
-        return (
-            f"fingerprint mismatch for {identity.cn!r}: pinned {pinned[:16]}…, "
-            f"presented {identity.fingerprint[:16]}…"
-        )
+            wanted = ", ".join(str(a.cn) for a in by_role)
+            return Refusal(RefusalKind.PEER, f"{identity.cn!r} is not the expected peer ({wanted})")
+        return _pin_refusal(identity, by_cn)
+
+
+def _pin_refusal(identity: CertIdentity, rules: list[Accept]) -> Refusal | None:
+    """``None`` if a rule is unpinned or pins ``identity``'s own fingerprint."""
+    for rule in rules:
+        if rule.fingerprint is None or hmac.compare_digest(rule.fingerprint, identity.fingerprint):
+            return None
+    pinned = str(rules[0].fingerprint)
+    return Refusal(
+        RefusalKind.FINGERPRINT,
+        f"fingerprint mismatch for {identity.cn!r}: pinned {pinned[:16]}…, "
+        f"presented {identity.fingerprint[:16]}…",
+    )
 
 
 @attrs.frozen
@@ -165,14 +226,50 @@ class TLSIdentity:
         return cls.load(paths.master_cert, paths.master_key, paths.ca_cert)
 
 
-@implementer(IOpenSSLClientConnectionCreator)
+class PolicyConnection(SSL.Connection):
+    """One TLS connection made by :class:`PolicyOptions`, with its own :class:`Handshake`.
+
+    When the handshake fails it records OpenSSL's reason; when it failed
+    because our verify callback refused the peer, it raises
+    :class:`PeerCertificateRefused` (typed, with the refusal) instead of
+    OpenSSL's generic error.  The alert OpenSSL sends the peer is unchanged.
+    """
+
+    def __init__(self, context: SSL.Context):
+        super().__init__(context, None)
+        self.handshake = Handshake()
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except SSL.WantReadError:
+            raise
+        except SSL.Error as exc:
+            self.handshake.error = tls_error_text(exc)
+            if self.handshake.refusal is None:
+                raise
+            raise PeerCertificateRefused(self.handshake.refusal) from exc
+        self.handshake.done = True
+
+
+def handshake_of(transport: object) -> Handshake | None:
+    """The :class:`Handshake` of a TLS transport whose connection :class:`PolicyOptions` made.
+
+    ``None`` for anything else (a plain TCP transport, another context factory).
+    """
+    get = getattr(transport, "getHandle", None)
+    connection = get() if get is not None else None
+    return connection.handshake if isinstance(connection, PolicyConnection) else None
+
+
 class PolicyOptions(ssl.CertificateOptions):
     """``CertificateOptions`` pinned to our CA, plus the :class:`PeerPolicy` verify callback.
 
-    Usable as a server context factory, as a client context factory, and as a
-    client connection creator (for treq / ``Agent``).  Session resumption stays
-    off (the ``CertificateOptions`` default), so every connection runs the full
-    verify callback.
+    A server and client connection creator (for ``TLSMemoryBIOFactory``,
+    ``wrapClientTLS`` and treq / ``Agent``): every connection it makes is a
+    :class:`PolicyConnection`, so each handshake keeps its own record.  Session
+    resumption stays off (the ``CertificateOptions`` default), so every
+    connection runs the full verify callback.
     """
 
     def __init__(
@@ -183,8 +280,10 @@ class PolicyOptions(ssl.CertificateOptions):
         acceptable_protocols: Sequence[bytes] | None = None,
     ):
         super().__init__(
-            privateKey=identity.key,
-            certificate=identity.cert,
+            # pyOpenSSL takes cryptography's key and certificate as they are;
+            # Twisted's annotations predate that.
+            privateKey=cast(Any, identity.key),
+            certificate=cast(Any, identity.cert),
             trustRoot=ssl.trustRootFromCertificates([ssl.Certificate(identity.ca)]),
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             acceptableCiphers=AEAD_CIPHERS,
@@ -192,6 +291,7 @@ class PolicyOptions(ssl.CertificateOptions):
         )
         self.identity = identity
         self.policy = policy
+        self.alpn = tuple(acceptable_protocols or ())
         self._verify_installed = False
 
     def getContext(self) -> SSL.Context:
@@ -204,33 +304,50 @@ class PolicyOptions(ssl.CertificateOptions):
             self._verify_installed = True
         return ctx
 
-    def _verify(self, conn, cert, errno, depth, preverify_ok) -> bool:
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self._connection()
+
+    def clientConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self._connection()
+
+    def _connection(self) -> PolicyConnection:
+        connection = PolicyConnection(self.getContext())
+        if self.alpn:
+            connection.set_alpn_protos(list(self.alpn))
+        return connection
+
+    def _verify(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, preverify_ok: int
+    ) -> bool:
         try:
-            if not preverify_ok:
-                reason = describe_x509_error(errno)
-                subject = identity_of(cert.to_cryptography()).cn
-                self._refuse(conn, f"{reason} (subject CN {subject!r}, depth {depth})")
-                return False
-            if depth != 0:
-                return True
-            reason = self.policy.check(identity_of(cert.to_cryptography()))
-            if reason is not None:
-                self._refuse(conn, reason)
-                return False
-            return True
+            refusal = self._refusal(cert, errno, depth, bool(preverify_ok))
         except Exception:
             # An exception escaping into OpenSSL would be re-raised later in an
             # unrelated place; refuse here instead, loudly.
             log.failure("Certificate policy check crashed; refusing the peer")
             return False
+        if refusal is None:
+            return True
+        if isinstance(conn, PolicyConnection):
+            conn.handshake.refuse(refusal)
+        log.warn(
+            "Refused TLS peer {peer}: {reason}",
+            peer=_peer_of(conn.get_app_data()),
+            reason=refusal.detail,
+            refusal=refusal.kind.value,
+        )
+        return False
 
-    def _refuse(self, conn, reason: str) -> None:
-        self.policy.last_refusal = reason
-        protocol = conn.get_app_data()
-        peer = _peer_of(protocol)
-        if isinstance(protocol, TLSMemoryBIOProtocol):
-            protocol.decnet_refusal = reason
-        log.warn("Refused TLS peer {peer}: {reason}", peer=peer, reason=reason)
+    def _refusal(
+        self, cert: crypto.X509, errno: int, depth: int, preverify_ok: bool
+    ) -> Refusal | None:
+        if not preverify_ok:
+            subject = identity_of(cert.to_cryptography()).cn
+            detail = f"{describe_x509_error(errno)} (subject CN {subject!r}, depth {depth})"
+            return Refusal(RefusalKind.UNTRUSTED, detail)
+        if depth != 0:
+            return None
+        return self.policy.check(identity_of(cert.to_cryptography()))
 
 
 def _peer_of(protocol) -> str:
@@ -250,47 +367,46 @@ def peer_identity(transport) -> CertIdentity | None:
     return identity_of(cert.to_cryptography())
 
 
-class _RefusalLoggingTLSProtocol(TLSMemoryBIOProtocol):
+def tls_error_text(error: BaseException) -> str:
+    """OpenSSL's own words for a TLS error ("certificate verify failed"), for logs and errors."""
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        parts = [item[-1] for item in error.args[0] if isinstance(item, tuple)]
+        if parts:
+            return "; ".join(str(part) for part in parts)
+    return str(error) or type(error).__name__
+
+
+class _HandshakeLoggingTLSProtocol(TLSMemoryBIOProtocol):
     """Logs handshakes that fail before our verify callback could say why.
 
     (No client certificate, plaintext on the TLS port, a protocol version
-    below 1.2, garbage bytes.)
+    below 1.2, garbage bytes.)  What happened comes from the connection's own
+    :class:`Handshake` record.
     """
 
-    decnet_refusal: str | None = None
     _received_any = False
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         self._received_any = True
         super().dataReceived(data)
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # A connect-and-close without a byte (a port probe) is not worth a
         # warning per connection; anything that sent bytes and failed is.
-        if not self._handshakeDone and self.decnet_refusal is None and self._received_any:
-            # The TLS error that ended the handshake is kept in _reason; the
-            # transport itself only ever reports a clean close.
+        record = handshake_of(self)
+        if self._received_any and record is not None and not record.done and not record.refusal:
             log.warn(
                 "TLS handshake with {peer} failed: {reason}",
                 peer=_peer_of(self),
-                reason=_short_reason(getattr(self, "_reason", None) or reason),
+                reason=record.error or reason.getErrorMessage(),
             )
         super().connectionLost(reason)
-
-
-def _short_reason(reason) -> str:
-    value = reason.value
-    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
-        parts = [item[-1] for item in value.args[0] if isinstance(item, tuple)]
-        if parts:
-            return "; ".join(parts)
-    return reason.getErrorMessage() or type(value).__name__
 
 
 class TLSServerFactory(TLSMemoryBIOFactory):
     """``TLSMemoryBIOFactory`` whose protocol logs failed handshakes with the peer."""
 
-    protocol = _RefusalLoggingTLSProtocol
+    protocol = _HandshakeLoggingTLSProtocol
 
     def __init__(self, options: PolicyOptions, wrapped_factory, clock=None):
         super().__init__(options, False, wrapped_factory, clock=clock)

@@ -1,6 +1,7 @@
 import pytest
 
 from decnet import config, pki
+from tests.support import expired_kw, write_identity
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +43,7 @@ def release_trees(tmp_path_factory):
 
     ``good1``/``good2`` differ by a comment (two release ids); ``crash`` has an
     agent that dies at start; ``wrong`` has an agent that never reports the
-    release it runs (its health check can only time out).  The agent is the
-    real one when the repository has it, else the stand-in from tests/support.
+    release it runs (its health check can only time out).
     """
     from tests.support import copy_release_tree
 
@@ -58,3 +58,21 @@ def release_trees(tmp_path_factory):
     with open(trees["wrong"] / "decnet" / "release.py", "a") as fh:
         fh.write('\n\ndef release_id():\n    return "not-the-release-it-runs"\n')
     return trees
+
+
+@pytest.fixture(scope="session")
+def ids(ca, foreign_ca, tmp_path_factory) -> dict:
+    """Identities for the mTLS tests (tests/test_tls.py, tests/test_httpapi.py), made once."""
+    d = tmp_path_factory.mktemp("ids")
+    return {
+        "master": write_identity(d / "m", ca, "master"),
+        "w1": write_identity(d / "w1", ca, "worker", "w1"),
+        "w2": write_identity(d / "w2", ca, "worker", "w2"),
+        # w1's name and role from our CA, but another key: not the certificate w1 enrolled.
+        "w1-again": write_identity(d / "w1-again", ca, "worker", "w1"),
+        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
+        # Same CN, same subject DN layout, but signed by another CA.
+        "impostor-w1": write_identity(d / "imp", foreign_ca, "worker", "w1", trust=ca),
+        "expired-w1": write_identity(d / "exp", ca, "worker", "w1", **expired_kw()),
+        "foreign-master": write_identity(d / "fm", foreign_ca, "master", trust=ca),
+    }

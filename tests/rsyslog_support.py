@@ -22,12 +22,6 @@ def available() -> bool:
     return Path(RSYSLOGD).exists() and bool(list(Path("/usr/lib").glob("**/lmnsd_gtls.so")))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Tuned for throughput (bench/logpipe.py's reference run, docs/Logging.md "Performance"):
 # queues large enough that flow control never throttles a 1M-line burst, large
 # dequeue batches (fewer wake-ups and transactions), imfile submitting in

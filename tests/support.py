@@ -80,6 +80,19 @@ def tls_pair(server_identity, server_policy, client_identity, client_policy, *, 
 
 def tls_pair_with(server_options, client_options):
     """Like :func:`tls_pair` with ready-made options (or any context factory)."""
+    client_app, server_app, pump = tls_connection(server_options, client_options)
+    pump.flush()
+    client_app.transport.write(b"ping")
+    pump.flush()
+    return client_app, server_app, pump
+
+
+def tls_connection(server_options, client_options):
+    """A TLS connection in memory, not pumped yet: (client_app, server_app, pump).
+
+    ``pump.pump()`` moves one batch of bytes each way, so a test can stop a
+    handshake half-way (and run another one meanwhile).
+    """
     clock = Clock()
     server_app, client_app = RecordingProtocol(), RecordingProtocol()
     server_factory = TLSServerFactory(
@@ -94,22 +107,46 @@ def tls_pair_with(server_options, client_options):
         greet=False,
         clock=clock,
     )
-    pump.flush()
-    client_app.transport.write(b"ping")
-    pump.flush()
     return client_app, server_app, pump
 
 
+# -- polling, with a deadline: only where a child process (or a kernel) is involved -----
+
+
+class _Poll:
+    """One look at ``predicate`` at a time: its value once truthy, an error past the deadline."""
+
+    def __init__(self, predicate, timeout: float, what: str):
+        self.predicate = predicate
+        self.timeout = timeout
+        self.what = what
+        self.deadline = time.monotonic() + timeout
+
+    def look(self):
+        value = self.predicate()
+        if not value and time.monotonic() > self.deadline:
+            raise AssertionError(f"timed out after {self.timeout}s waiting for {self.what}")
+        return value
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` until truthy (for subprocess tests only); returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """Poll ``predicate`` until truthy, blocking (no reactor runs here); returns its value."""
+    poll = _Poll(predicate, timeout, what)
+    while not (value := poll.look()):
         time.sleep(interval)
+    return value
+
+
+async def eventually(
+    predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"
+):
+    """Poll ``predicate`` until truthy, letting the reactor run in between; returns its value."""
+    from twisted.internet import reactor, task
+
+    poll = _Poll(predicate, timeout, what)
+    while not (value := poll.look()):
+        await task.deferLater(reactor, interval, lambda: None)
+    return value
 
 
 def master_paths(tmp_path: Path) -> config.MasterPaths:
@@ -208,90 +245,13 @@ async def raw_connect(port: int, host: str = "127.0.0.1") -> RawClient:
     return await connectProtocol(TCP4ClientEndpoint(reactor, host, port), RawClient())
 
 
-# Remote updates: stand-in agent, release trees, local updaters
-
-# A minimal ``decnet-agent`` with the real agent's command line and its
-# ``GET /health`` contract (mTLS, admits the master and ``updater@<host>``,
-# reports ``release_id()``).  Written into a copied source tree as
-# ``decnet/agent/tap.py`` when the tree has no real agent, and used by tests
-# about the update *mechanism*; the end-to-end tests use the real agent.
-STANDIN_AGENT_TAP = '''\
-"""Stand-in decnet-agent (tests only): GET /health over mTLS."""
-
-import time
-
-from klein import Klein
-from twisted.application import service
-from twisted.python import usage
-
-from decnet import __version__, config, pki
-from decnet.httpapi import authorize, make_site, respond
-from decnet.release import release_id
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
-
-
-class Options(usage.Options):
-    optParameters = [
-        ["bundle", None, None, "bundle"],
-        ["listen", None, "tcp:8765", "endpoint"],
-        ["state-dir", None, None, "state"],
-        ["log-file", None, None, "log"],
-        ["port-file", None, None, "port file"],
-    ]
-
-
-class Agent(service.Service):
-    def __init__(self, reactor, listen, options, site, port_file):
-        self.args = (reactor, listen, options, site)
-        self.port_file = port_file
-
-    def privilegedStartService(self):
-        got = []
-        listen_tls(*self.args).addBoth(got.append)
-        if hasattr(got[0], "raiseException"):
-            got[0].raiseException()
-        if self.port_file:
-            with open(self.port_file, "w") as fh:
-                fh.write(str(got[0].getHost().port))
-
-
-def makeService(options):
-    from twisted.internet import reactor
-
-    bundle = pki.WorkerBundle.load(options["bundle"])
-    identity = TLSIdentity.from_bundle(bundle, config.ROLE_WORKER)
-    accept = [
-        Accept(config.ROLE_MASTER, fingerprint=bundle.master_fingerprint),
-        Accept(config.ROLE_UPDATER, cn=config.UPDATER_CN_PREFIX + bundle.name),
-    ]
-    app = Klein()
-    started = time.monotonic()
-
-    @app.route("/health", methods=["GET"])
-    def health(request):
-        authorize(request, *accept)
-        doc = {"status": "ok", "version": __version__, "release": release_id(),
-               "uptime": time.monotonic() - started}
-        return respond(request, doc)
-
-    site = make_site(app.resource())
-    options_tls = PolicyOptions(identity, PeerPolicy(accept))
-    return Agent(reactor, options["listen"], options_tls, site, options["port-file"])
-'''
+# Remote updates: release trees, local updaters
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def has_real_agent(root: Path = REPO_ROOT) -> bool:
-    return (root / "decnet" / "agent" / "tap.py").is_file()
-
-
-def copy_release_tree(dest: Path, root: Path = REPO_ROOT, *, standin_agent: bool | None = None):
-    """Copy what tar_tree would ship from ``root`` into ``dest`` (a new source tree).
-
-    ``standin_agent``: write :data:`STANDIN_AGENT_TAP` as ``decnet/agent/tap.py``
-    (default: only when ``root`` has no real agent).
-    """
+def copy_release_tree(dest: Path, root: Path = REPO_ROOT) -> Path:
+    """Copy what tar_tree would ship from ``root`` into ``dest`` (a new source tree)."""
     import shutil
 
     from decnet.master import tar_tree
@@ -301,10 +261,6 @@ def copy_release_tree(dest: Path, root: Path = REPO_ROOT, *, standin_agent: bool
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
-    if standin_agent is None:
-        standin_agent = not has_real_agent(root)
-    if standin_agent:
-        (dest / "decnet" / "agent" / "tap.py").write_text(STANDIN_AGENT_TAP)
     return dest
 
 
@@ -392,6 +348,9 @@ class LocalUpdater:
         self.name = name
         self.base = base / name
         self.base.mkdir(parents=True)
+        # Fixed, not port 0 with --port-file: the registry must know the port before
+        # `decnet-admin update` runs, and update-self re-executes the updater with the
+        # same --listen.
         self.port = free_port()
         self.agent_port = free_port()
         master = enrollment.load_master(paths)
@@ -502,6 +461,19 @@ class LocalUpdater:
             except Exception:
                 self.process.kill()
                 self.process.wait(10)
+
+
+def record_ports(paths: config.MasterPaths, name: str, **ports: int) -> None:
+    """Record in the registry the ports a daemon started on port 0 was given (``--port-file``)."""
+    import attrs
+
+    from decnet.master.registry import Registry
+
+    registry = Registry(paths.registry)
+    with registry.lock():
+        host = registry.get(name)
+        registry.remove(name)
+        registry.add(attrs.evolve(host, **ports))
 
 
 def admin(paths: config.MasterPaths, *args: str, timeout: float = 300):

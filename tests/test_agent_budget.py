@@ -78,9 +78,9 @@ def parse(*args) -> tap.Options:
 
 def test_the_agent_derives_its_decoy_budget_from_rlimit_nofile(bundle_dir):
     options = parse("--bundle", str(bundle_dir))
-    assert options["max_decoy_connections"] == default_connection_budget(nofile_limit())
+    assert options["max-decoy-connections"] == default_connection_budget(nofile_limit())
     assert (
-        parse("--bundle", str(bundle_dir), "--max-decoy-connections", "10")["max_decoy_connections"]
+        parse("--bundle", str(bundle_dir), "--max-decoy-connections", "10")["max-decoy-connections"]
         == 10
     )
 

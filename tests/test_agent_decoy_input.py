@@ -14,17 +14,12 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
-from decnet.agent.decoys import banner, ftp, http, redis, smtp, ssh, telnet
-from decnet.agent.decoys.base import CLOSE_GRACE, MAX_COMMANDS, ServiceRuntime
-from decnet.agent.decoys.budget import TURN_ITEMS, ConnectionBudget, TurnBudget
+from decnet.agent.decoys import http, redis, ssh
+from decnet.agent.decoys.base import CLOSE_GRACE, MAX_COMMANDS
+from decnet.agent.decoys.budget import TURN_ITEMS, TurnBudget
 from decnet.agent.decoys.inbox import TOO_LONG, Inbox
-from decnet.agent.spec import parse_spec
+from tests.decoy_support import Conn, TurnClock
 
 KINDS = ("ssh", "telnet", "http", "ftp", "smtp", "redis", "tcp-banner")
 
@@ -32,92 +27,6 @@ KINDS = ("ssh", "telnet", "http", "ftp", "smtp", "redis", "tcp-banner")
 @pytest.fixture(scope="module")
 def host_keys(tmp_path_factory):
     return ssh.load_or_create_host_keys(tmp_path_factory.mktemp("ssh-keys"))
-
-
-class TurnClock(Clock):
-    """A Clock whose ``advance`` runs what is due, not what that schedules for "now".
-
-    That is one reactor iteration: calls made with ``callLater(0)`` during it
-    run in the next one (Twisted's ``runUntilCurrent`` works the same way).
-    """
-
-    def advance(self, amount):
-        self.rightNow += amount
-        self._sortCalls()
-        for call in [c for c in self.calls if c.getTime() <= self.seconds()]:
-            if call in self.calls:
-                self.calls.remove(call)
-                call.called = 1
-                call.func(*call.args, **call.kw)
-
-
-class Conn:
-    """One decoy connection over a StringTransport, its service and budgets on a Clock."""
-
-    def __init__(self, kind, host_keys=None, *, turns=None, clock=None, budget=None, **options):
-        self.clock = clock or TurnClock()
-        self.events = []
-        service = {"type": kind, "bind": "127.0.0.1", "port": 0 if kind != "tcp-banner" else 9}
-        spec = parse_spec({"deckies": [{"name": "d1", "services": [service | options]}]})
-        # A timer that never advances: only the per-turn item quota paces, so
-        # the counts below do not depend on the machine's speed.
-        self.turns = turns or TurnBudget(self.clock, timer=lambda: 0.0)
-        self.budget = budget or ConnectionBudget(10_000, self.clock)
-        self.runtime = ServiceRuntime(
-            spec.services()[0],
-            self.events.append,
-            self.clock,
-            budget=self.budget,
-            turns=self.turns,
-        )
-        if kind == "ssh":
-            factory = ssh.make_factory(self.runtime, host_keys)
-        elif kind == "http":
-            factory = http.make_factory(self.runtime, self.clock)
-        else:
-            module = {"telnet": telnet, "ftp": ftp, "smtp": smtp, "redis": redis}
-            factory = module.get(kind, banner).make_factory(self.runtime)
-        self.proto = factory.buildProtocol(IPv4Address("TCP", "203.0.113.7", 40000))
-        self.transport = StringTransport(
-            hostAddress=IPv4Address("TCP", "192.0.2.1", 2222),
-            peerAddress=IPv4Address("TCP", "203.0.113.7", 40000),
-        )
-        self.proto.makeConnection(self.transport)
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting or self.transport.disconnected
-
-    def settle(self) -> None:
-        """Run reactor turns until this connection reads again (or closed)."""
-        while self.transport.producerState == "paused" and self.turns.waiting:
-            self.clock.advance(0)
-
-    def feed(self, data: bytes, chunk: int | None = None) -> None:
-        """Deliver ``data`` like a TCP transport: never while reading is paused."""
-        chunk = chunk or max(1, len(data))
-        for i in range(0, len(data), chunk):
-            self.settle()
-            if self.closed:
-                return
-            self.proto.dataReceived(data[i : i + chunk])
-        self.settle()
-
-    def lose(self) -> None:
-        self.proto.connectionLost(Failure(ConnectionDone()))
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
-
-    def reason(self) -> str:
-        self.lose()
-        last = self.events[-1]
-        assert last.kind == "disconnect"
-        return dict(last.params)["reason"]
-
-    @property
-    def commands(self) -> int:
-        return self.proto.session.commands
 
 
 def ssh_packet(payload: bytes) -> bytes:
@@ -521,3 +430,71 @@ def test_an_unknown_message_for_the_ssh_auth_service_is_answered_without_a_log_l
         globalLogPublisher.removeObserver(logged.append)
     assert conn.transport.value()[5:6] == b"\x03"  # UNIMPLEMENTED
     assert logged == []
+
+
+def test_a_chunk_that_arrives_over_several_reads_must_still_end_in_crlf():
+    from twisted.web.http import _MalformedChunkedDataError
+
+    chunks = []
+    decoder = http.ChunkedBody(lambda data, count: chunks.append((data, count)), pytest.fail)
+    decoder.dataReceived(b"3\r\nab")
+    decoder.dataReceived(b"c")
+    with pytest.raises(_MalformedChunkedDataError, match="chunk not followed by CRLF"):
+        decoder.dataReceived(b"xy")
+    assert chunks == [(b"ab", 1), (b"c", 0)]  # a chunk is counted where its size line is
+
+
+def test_bytes_after_the_end_of_a_chunked_body_are_refused():
+    from twisted.web.http import _MalformedChunkedDataError
+
+    chunks, done = [], []
+    decoder = http.ChunkedBody(lambda data, count: chunks.append((data, count)), done.append)
+    decoder.dataReceived(b"2\r\nhi\r\n0\r\nX-A: 1\r\n\r\nnext")
+    assert chunks == [(b"hi", 1)] and done == [b"next"]
+    with pytest.raises(_MalformedChunkedDataError, match="data after the last chunk"):
+        decoder.dataReceived(b"more")
+
+
+def resp_commands(data: bytes, cuts) -> list:
+    inbox = Inbox()
+    parser = redis.RespParser(inbox)
+    commands, at = [], 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        inbox.extend(data[at:cut])
+        at = max(at, cut)
+        while (command := parser.next_command()) is not None:
+            commands.append(command)
+    return commands
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    argvs=st.lists(st.lists(st.binary(max_size=12), min_size=1, max_size=5), max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=12),
+)
+def test_resp_requests_parse_to_the_same_arguments_however_they_are_cut(argvs, cuts):
+    data = b"*0\r\n\n" + b"".join(
+        b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in argv)
+        for argv in argvs
+    )
+    commands = resp_commands(data, cuts)
+    # A run of degenerate commands may be counted in pieces, never differently.
+    assert sum(c for c in commands if isinstance(c, int)) == 2
+    assert [c for c in commands if not isinstance(c, int)] == argvs
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"*x\r\n", "invalid multibulk length"),
+        (b"*1025\r\n", "invalid multibulk length"),
+        (b"*1\r\n$x\r\n", "invalid bulk length"),
+        (b"*1\r\n$-2\r\n", "invalid bulk length"),
+        (b"*1\r\n:1\r\n", "expected '$', got ':'"),
+        (b"*1\r\n$1" + b"0" * 40, "invalid bulk length"),
+    ],
+)
+def test_a_malformed_resp_header_is_refused_in_redis_words(data, problem):
+    with pytest.raises(redis.RespError) as caught:
+        resp_commands(data, range(len(data)))
+    assert str(caught.value) == problem

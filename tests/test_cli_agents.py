@@ -6,6 +6,7 @@ this test's reactor, which serves the agent.
 
 import json
 import os
+import socket
 
 import pytest
 import pytest_twisted
@@ -16,35 +17,43 @@ from decnet import config, pki
 from decnet.agent.service import AgentService
 from decnet.master import enrollment
 from decnet.tls import TLSIdentity
-from tests.support import BIN, free_port
+from tests.support import BIN, record_ports
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """A master of its own, so `check` sees exactly the hosts enrolled here."""
+    """A master of its own, so `check` sees exactly the hosts enrolled here.
+
+    cli-up's agent listens on port 0 (its port is recorded once bound); cli-down's port
+    is held bound but not listening, so connecting to it is refused for sure.
+    """
     paths = config.MasterPaths.resolve(tmp_path_factory.mktemp("cli-master") / "home")
     enrollment.init_master(paths)
     master = enrollment.load_master(paths)
     root = tmp_path_factory.mktemp("cli-bundles")
-    up = enrollment.enroll(master, "cli-up", "127.0.0.1", root / "up", agent_port=free_port())
-    enrollment.enroll(master, "cli-down", "127.0.0.1", root / "down", agent_port=free_port())
-    return paths, up
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        up = enrollment.enroll(master, "cli-up", "127.0.0.1", root / "up")
+        down = closed.getsockname()[1]
+        enrollment.enroll(master, "cli-down", "127.0.0.1", root / "down", agent_port=down)
+        yield paths, up
 
 
 @pytest_twisted.async_yield_fixture
 async def agent(home, tmp_path):
-    _paths, up = home
+    paths, up = home
     bundle = pki.WorkerBundle.load(up.bundle_dir)
     service = AgentService(
         reactor,
         bundle=bundle,
         identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listen=f"tcp:{up.host.agent_port}:interface=127.0.0.1",
+        listen="tcp:0:interface=127.0.0.1",
         state_dir=tmp_path / "state",
         log_file=tmp_path / "decnet.log",
     )
     service.startService()
-    await service.api.ready
+    port = await service.api.ready
+    record_ports(paths, "cli-up", agent_port=port.getHost().port)
     await service.restored
     yield service
     await service.stopService()
@@ -61,7 +70,6 @@ async def admin(home, *args):
 
 @pytest_twisted.ensureDeferred
 async def test_deploy_status_and_teardown_through_the_cli(home, agent, tmp_path):
-    port = free_port()
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(
@@ -69,7 +77,7 @@ async def test_deploy_status_and_teardown_through_the_cli(home, agent, tmp_path)
                 "deckies": [
                     {
                         "name": "web-01",
-                        "services": [{"type": "redis", "bind": "127.0.0.1", "port": port}],
+                        "services": [{"type": "redis", "bind": "127.0.0.1", "port": 0}],
                     }
                 ]
             }
@@ -85,12 +93,13 @@ async def test_deploy_status_and_teardown_through_the_cli(home, agent, tmp_path)
 
     out, err, code = await admin(home, "status", "cli-up")
     assert code == 0, err
-    row = ["cli-up", "web-01", "redis", "redis", "listening", f"127.0.0.1:{port}", "0", "0"]
+    bound = agent.engine.status()["web-01"]["redis"]["address"]
+    row = ["cli-up", "web-01", "redis", "redis", "listening", bound, "0", "0"]
     assert row in [line.split() for line in out.splitlines()]
 
     out, err, code = await admin(home, "status", "cli-up", "--json")
     doc = json.loads(out)
-    assert doc["hosts"]["cli-up"]["deckies"]["web-01"]["services"]["redis"]["port"] == port
+    assert doc["hosts"]["cli-up"]["deckies"]["web-01"]["services"]["redis"]["address"] == bound
 
     out, err, code = await admin(home, "teardown", "cli-up", "--decky", "ghost")
     assert code == 1

@@ -10,8 +10,9 @@ import pytest
 
 from decnet import config, pki, revocation
 from decnet.cli import output
+from decnet.errors import ValidationError
 from decnet.master import enrollment
-from decnet.tls import Accept, PeerPolicy
+from decnet.tls import Accept, PeerPolicy, Refusal, RefusalKind
 from tests.support import BIN
 
 ADMIN = str(BIN / "decnet-admin")
@@ -96,6 +97,41 @@ def test_enroll_with_updater_writes_a_complete_bundle(home, tmp_path):
     assert row["status"] == "enrolled"
 
 
+def test_every_enroll_option_reaches_the_bundle_the_certificates_and_the_registry(
+    home, tmp_path, capsys
+):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from decnet.cli.main import main
+
+    out = tmp_path / "opt-01"
+    argv = ["--home", str(home), "enroll", "opt-01", "--address", "10.0.0.5", "--updater",
+            "--agent-port", "9001", "--updater-port", "9002", "--syslog-port", "9003",
+            "--master-host", "10.9.9.9", "--key-type", "rsa-2048", "--validity-days", "30",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    settings = json.loads((out / "bundle.json").read_text())
+    assert (settings["agent_port"], settings["updater_port"], settings["syslog_port"]) == (
+        9001,
+        9002,
+        9003,
+    )
+    assert settings["master_host"] == "10.9.9.9"
+    for name in ("worker.crt", "updater.crt"):
+        cert = pki.load_cert(out / name)
+        assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days in (30, 31)
+        assert (
+            isinstance(cert.public_key(), rsa.RSAPublicKey) and cert.public_key().key_size == 2048
+        )
+    row = next(
+        h
+        for h in json.loads(admin(home, "hosts", "--json", check=0).stdout)
+        if h["name"] == "opt-01"
+    )
+    assert (row["agent_port"], row["updater_port"]) == (9001, 9002) and row["updater_fingerprint"]
+
+
 def test_enroll_without_updater_and_the_host_table(home, tmp_path):
     admin(
         home, "enroll", "db-01", "--address", "db.internal", "--out", str(tmp_path / "b"), check=0
@@ -126,6 +162,34 @@ def test_bad_enroll_input_is_refused_and_nothing_is_written(home, tmp_path, args
     assert result.stderr.startswith("decnet-admin: error:")
     assert not out.exists()
     assert "okname" not in admin(home, "hosts", check=0).stdout
+
+
+def test_every_problem_of_an_enrollment_is_reported_at_once_in_order(master_home, tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "mine").write_text("")
+    with pytest.raises(ValidationError) as caught:
+        enrollment.enroll(
+            enrollment.load_master(master_home),
+            "Bad_Name",
+            "not an address",
+            out,
+            sans=["10.0.0.1", "a b"],
+            agent_port=0,
+            updater_port=70000,
+            validity_days=0,
+        )
+    problems = caught.value.problems
+    assert [p.split()[0:2] for p in problems] == [
+        ["invalid", "host"],
+        ["invalid", "address"],
+        ["invalid", "address"],
+        ["agent", "port"],
+        ["updater", "port"],
+        ["validity", "of"],
+        [str(out), "already"],
+    ]
+    assert "'a b'" in problems[2]
 
 
 def test_a_duplicate_name_is_refused_and_its_bundle_dir_stays_absent(home, tmp_path):
@@ -236,7 +300,8 @@ def test_twelve_parallel_decommissions_leave_twelve_revocation_entries(home, tmp
     )
     for n in names:
         identity = pki.identity_of(pki.load_cert(tmp_path / n / config.BUNDLE_WORKER_CERT))
-        assert listener.check(identity) == f"certificate of {n!r} is revoked"
+        revoked = Refusal(RefusalKind.REVOKED, f"certificate of {n!r} is revoked")
+        assert listener.check(identity) == revoked
     hosts = json.loads(admin(paths.home, "hosts", "--json", check=0).stdout)
     assert {h["name"] for h in hosts if h["status"] == "decommissioned"} == set(names)
 

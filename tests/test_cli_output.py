@@ -2,14 +2,17 @@
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from decnet import replies
 from decnet.cli import output
-from decnet.master import replies
+from decnet.errors import UnknownHost, ValidationError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,10 +101,10 @@ def test_json_is_ascii_only_and_round_trips(capsys):
 
 
 def test_the_sandbox_view_uses_the_same_function():
-    from decnet.sandbox import view
+    from decnet.cli import sandbox_live
 
-    assert not hasattr(view, "printable")
-    source = (REPO / "decnet" / "sandbox" / "view.py").read_text()
+    assert not hasattr(sandbox_live, "printable")
+    source = (REPO / "decnet" / "cli" / "sandbox_live.py").read_text()
     assert "output.printable(" in source
 
 
@@ -124,8 +127,7 @@ def _writes_to_a_terminal(tree: ast.AST) -> list[int]:
     sorted(
         [
             *(REPO / "decnet" / "cli").glob("*.py"),
-            REPO / "decnet" / "sandbox" / "view.py",
-            REPO / "decnet" / "sandbox" / "live.py",
+            *(REPO / "decnet" / "sandbox").glob("*.py"),
         ]
     ),
     ids=lambda p: p.name,
@@ -191,14 +193,62 @@ def test_replies_of_the_documented_shapes_pass():
 # -- a command's --timeout counts from its start ------------------------------------------
 
 
-def test_a_commands_budget_counts_from_the_start_of_its_process():
+def test_a_commands_budget_counts_down_from_its_start_on_the_monotonic_clock():
+    from decnet import cli
+    from decnet.cli import runtime
+
+    assert runtime.budget(10, now=cli.STARTED) == 10
+    assert runtime.budget(10, now=cli.STARTED + 3) == 7
+    assert runtime.budget(3, now=cli.STARTED + 5) == runtime.MIN_BUDGET
+    assert runtime.budget(0) == runtime.MIN_BUDGET
+
+
+def test_the_budget_never_asks_proc_how_old_the_process_is(monkeypatch, tmp_path):
+    """The start is read once on the monotonic clock; what /proc says (here: that the machine
+    has been up for thirty years) does not shorten a command's --timeout."""
     import time
 
     from decnet import cli
     from decnet.cli import runtime
+    from decnet.sandbox import state
 
-    since_import = time.monotonic() - cli.STARTED
-    age = runtime.age()
-    assert age >= since_import - 0.02  # the process started before it imported decnet.cli
-    assert runtime.budget(age + 1000) <= 1000 + 0.02
-    assert runtime.budget(0) == runtime.MIN_BUDGET
+    (tmp_path / "uptime").write_text("1000000000.00 0.00\n")
+    monkeypatch.setattr(state, "PROC", tmp_path)
+    monkeypatch.setattr(cli, "STARTED", time.monotonic())
+    assert runtime.budget(60) > 50
+
+
+# -- the one runner ----------------------------------------------------------------------------
+
+
+def test_the_runner_reraises_a_commands_error_once_the_reactor_has_stopped():
+    """In a subprocess: ``task.react`` runs the global reactor once per process."""
+    code = """if True:
+        from twisted.internet import reactor
+        from decnet.cli.runtime import run_async
+        from decnet.errors import UnknownHost
+
+        async def fails(reactor):
+            raise UnknownHost("no host named 'w9'")
+
+        try:
+            run_async(fails)
+        except UnknownHost as exc:
+            print("raised once the reactor stopped:", not reactor.running, exc)
+    """
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert run.stdout == "raised once the reactor stopped: True no host named 'w9'\n"
+
+
+def test_every_expected_failure_is_reported_the_one_way(capsys):
+    from decnet.cli.runtime import report_failure
+
+    assert report_failure(ValidationError(["a: bad", "b: \x1b[2Jbad"]), as_json=True) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"problems": ["a: bad", "b: \x1b[2Jbad"]}
+    assert "\x1b" not in err and err.count("\n") == 2
+    assert report_failure(UnknownHost("no host named 'w9'")) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "no host named 'w9'" in err

@@ -280,3 +280,32 @@ def test_files_rotated_before_the_first_start_are_remembered_not_shipped(tmp_pat
     states = {attrs.astuple(r.identity)[1]: r.state for r in durable.journal().generations}
     assert states[os.stat(tmp_path / "decnet.log.1").st_ino] == DONE
     assert data_of(drain(durable.start(path))) == b"now\n"
+
+
+# -- the watcher that wakes the shipper ------------------------------------------
+
+
+def test_a_log_directory_inotify_cannot_watch_yet_is_polled_and_said_once(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger
+
+    from decnet.forwarder.service import TailWatcher
+
+    reactor = MemoryReactorClock()
+    woken, logged = [], []
+    watcher = TailWatcher(reactor, tmp_path / "later" / "decnet.log", lambda: woken.append(1), 1.0)
+    watcher.log = Logger(observer=logged.append)
+    watcher.startService()
+    try:
+        reactor.advance(1.0)
+        reactor.advance(1.0)
+        assert len(woken) == 3  # the poll timer wakes the shipper all the same
+        (said,) = logged
+        assert said["log_format"].startswith("Cannot watch {directory} with inotify")
+        assert said["directory"] == str(tmp_path / "later")
+        (tmp_path / "later").mkdir()
+        reactor.advance(1.0)
+        assert watcher._watching
+        assert [e["log_format"] for e in logged[1:]] == ["Watching {directory} with inotify"]
+    finally:
+        watcher.stopService()  # closes the inotify descriptor

@@ -1,34 +1,55 @@
-"""Klein-over-mTLS plumbing (decnet.httpapi) and the pinned master client (decnet.master.http)."""
+"""Klein-over-mTLS plumbing (decnet.httpapi) and the pinned client (decnet.httpclient)."""
+
+import hashlib
+import itertools
+import json
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from klein import Klein
-from twisted.internet import reactor
+from OpenSSL import crypto
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.http import HTTPChannel
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
 
-from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError, Unreachable
+from decnet import pki
+from decnet.errors import (
+    FingerprintMismatch,
+    PeerRefused,
+    RemoteError,
+    RolledBack,
+    UnknownDecky,
+    UnknownRelease,
+    Unreachable,
+    ValidationError,
+)
 from decnet.httpapi import (
+    INTERNAL_ERROR,
+    BodyLimits,
+    BodyTooLarge,
     HTTPError,
+    Problem,
+    UploadForbidden,
     authorize,
+    body_of,
     install_error_handlers,
+    json_body,
     make_site,
+    problem_of,
     read_json,
     respond,
 )
-from decnet.master.http import PinnedClient
+from decnet.httpclient import PinnedClient
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls
-from tests.support import write_identity
-
-
-@pytest.fixture(scope="module")
-def ids(ca, foreign_ca, tmp_path_factory):
-    d = tmp_path_factory.mktemp("http-ids")
-    return {
-        "master": write_identity(d / "m", ca, "master"),
-        "w1": write_identity(d / "w1", ca, "worker", "w1"),
-        "w2": write_identity(d / "w2", ca, "worker", "w2"),
-        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
-        "foreign-master": write_identity(d / "fm", foreign_ca, "master", trust=ca),
-    }
 
 
 def build_app():
@@ -64,7 +85,7 @@ def build_app():
 async def server(ids):
     # The TLS layer admits the master, w1's updater and (for route tests) worker w2.
     policy = PeerPolicy([Accept("master"), Accept("updater", cn="updater@w1"), Accept("worker")])
-    site = make_site(build_app().resource(), max_body=1000)
+    site = make_site(build_app().resource(), limits=BodyLimits(max_size=1000))
     port = await listen_tls(
         reactor, "tcp:0:interface=127.0.0.1", PolicyOptions(ids["w1"], policy), site
     )
@@ -96,6 +117,44 @@ async def test_a_pin_mismatch_is_refused_before_any_request_is_sent(ids, server)
     port = server
     with pytest.raises(FingerprintMismatch, match="fingerprint mismatch"):
         await client(ids, port, pin_of="w2").call("GET", "hello")
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _Alternating:
+    """Serves each new connection with the next of ``options``, in turn."""
+
+    def __init__(self, *options):
+        self._next = itertools.cycle(options)
+
+    def serverConnectionForTLS(self, protocol):
+        return next(self._next).serverConnectionForTLS(protocol)
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_at_once_refused_for_two_reasons_each_get_their_own_error(ids):
+    """One client, several handshakes in flight: every other server holds w1's name with another
+    key, the rest are w2.  Each call fails with its own connection's refusal, typed."""
+    master = PeerPolicy([Accept("master")])
+    creator = _Alternating(PolicyOptions(ids["w1-again"], master), PolicyOptions(ids["w2"], master))
+    factory = TLSMemoryBIOFactory(creator, False, Factory.forProtocol(Protocol))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    w1 = Accept("worker", cn="w1", fingerprint=ids["w1"].identity.fingerprint)
+    pinned = PinnedClient(
+        reactor, ids["master"], address="127.0.0.1", port=port.getHost().port, accept=w1
+    )
+    try:
+        outcomes = await defer.DeferredList(
+            [defer.ensureDeferred(pinned.call("GET", "hello")) for _ in range(6)],
+            consumeErrors=True,
+        )
+    finally:
+        await port.stopListening()
+    errors = [failure.value for _, failure in outcomes]
+    mismatches = [e for e in errors if isinstance(e, FingerprintMismatch)]
+    others = [e for e in errors if type(e) is PeerRefused]
+    assert len(mismatches) == len(others) == 3, errors
+    assert all("fingerprint mismatch for 'w1'" in str(e) for e in mismatches)
+    assert all("'w2' is not the expected peer" in str(e) for e in others)
 
 
 @pytest_twisted.ensureDeferred
@@ -177,3 +236,200 @@ async def test_unknown_routes_and_methods_are_404_and_405_not_500(ids, server):
     with pytest.raises(RemoteError) as info:
         await client(ids, server).call("DELETE", "hello")
     assert info.value.status == 405
+
+
+# -- body limits and the error mapping, byte by byte (StringTransport, Clock) -----------------
+
+
+def _body_app():
+    app = Klein()
+    install_error_handlers(app)
+    seen = []
+
+    @app.route("/upload", methods=["POST"])
+    def upload(request):
+        body = body_of(request)
+        seen.append((body.size, request.content.read()))
+        return respond(request, {"size": body.size, "sha256": body.sha256})
+
+    return app, seen
+
+
+class _Peer(StringTransport):
+    """One connection whose TLS peer holds ``cert`` (a pyOpenSSL X509, or None)."""
+
+    def __init__(self, cert=None):
+        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.9", 4711))
+        self.cert = cert
+
+    def getPeerCertificate(self):
+        return self.cert
+
+
+class _Served:
+    """A site of :func:`_body_app` and one connection to it, on a ``Clock``."""
+
+    def __init__(self, limits, cert=None):
+        self.clock = Clock()
+        app, self.seen = _body_app()
+        site = make_site(app.resource(), limits=limits, reactor=self.clock)
+        self.requests = []
+        build = site.requestFactory
+
+        def record(*args, **kw):
+            self.requests.append(build(*args, **kw))
+            return self.requests[-1]
+
+        site.requestFactory = record
+        self.channel = site.buildProtocol(None)
+        self.transport = _Peer(cert)
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        for i in range(0, len(data), 4096):
+            self.channel.dataReceived(data[i : i + 4096])
+
+    def answer(self) -> tuple[bytes, dict, dict]:
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        if headers.get(b"transfer-encoding") == b"chunked":
+            size, _, rest = body.partition(b"\r\n")
+            body = rest[: int(size, 16)]
+        return lines[0], headers, json.loads(body)
+
+
+def _cert_of(identity):
+    return crypto.X509.from_cryptography(identity.cert)
+
+
+def test_a_body_announced_too_large_is_answered_413_before_a_byte_of_it_arrives():
+    served = _Served(BodyLimits(max_size=1000))
+    served.send(b"POST /upload HTTP/1.1\r\nHost: w1\r\nContent-Length: 10000000000\r\n\r\n")
+    status, _, doc = served.answer()
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert doc == {"problems": ["request body larger than 1000 bytes"]}
+    assert served.transport.disconnecting and served.seen == []
+
+
+def test_a_refused_body_is_answered_like_any_handlers_error():
+    """The early answer goes through the one error mapping and the request's own API:
+    JSON problems, no caching, an exact length and the connection closed."""
+    served = _Served(BodyLimits(max_size=10))
+    served.send(b"POST /upload HTTP/1.1\r\nHost: w1\r\nContent-Length: 11\r\n\r\n")
+    _, headers, doc = served.answer()
+    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"connection"] == b"close"
+    assert int(headers[b"content-length"]) == len(json_body(doc))
+    assert problem_of(BodyTooLarge(11, 10)) == Problem(413, doc)
+
+
+def test_a_chunked_body_is_cut_at_the_limit_and_nothing_past_it_is_kept():
+    served = _Served(BodyLimits(max_size=1000))
+    served.send(b"POST /upload HTTP/1.1\r\nHost: w1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    served.send(b"258\r\n" + b"a" * 600 + b"\r\n")
+    assert served.transport.value() == b""  # 600 bytes: still within the limit
+    served.send(b"258\r\n" + b"b" * 600 + b"\r\n")
+    status, _, _ = served.answer()
+    assert status.startswith(b"HTTP/1.1 413 ")
+    served.send(b"0\r\n\r\n")
+    assert served.seen == []  # the route never ran
+    assert [r.body.size for r in served.requests] == [600]
+    served.requests[0].content.seek(0)
+    assert served.requests[0].content.read() == b"a" * 600  # nothing past the limit is kept
+
+
+def test_a_peer_that_goes_on_sending_after_a_refusal_is_cut_off_after_the_abort_timeout():
+    served = _Served(BodyLimits(max_size=1000))
+    served.send(b"POST /upload HTTP/1.1\r\nHost: w1\r\nContent-Length: 10000000000\r\n\r\n")
+    assert served.transport.disconnecting and not served.transport.disconnected
+    served.send(b"x" * 100_000)  # ignores the answer and the close
+    served.clock.advance(HTTPChannel.abortTimeout - 1)
+    assert not served.transport.disconnected
+    served.clock.advance(1)
+    assert served.transport.disconnected  # aborted
+
+
+def test_a_large_body_from_a_certificate_that_may_not_upload_is_refused_403_from_its_headers(
+    ids,
+):
+    limits = BodyLimits(max_size=10_000, small_size=100, large_senders=(Accept("master"),))
+    served = _Served(limits, cert=_cert_of(ids["w2"]))
+    served.send(b"POST /upload HTTP/1.1\r\nHost: w1\r\nContent-Length: 101\r\n\r\n")
+    status, _, doc = served.answer()
+    assert status == b"HTTP/1.1 403 Forbidden"
+    assert doc == {"problems": ["forbidden: this certificate may not upload"]}
+    # The master may; the route sees the size and digest of what arrived, as it arrived.
+    served = _Served(limits, cert=_cert_of(ids["master"]))
+    data = b"\x00\xff" * 2000
+    served.send(
+        b"POST /upload HTTP/1.1\r\nHost: w1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
+    status, _, doc = served.answer()
+    assert status == b"HTTP/1.1 200 OK"
+    assert doc == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert served.seen == [(len(data), data)]
+
+
+_SENDERS = {
+    "master": pki.CertIdentity("decnet-master", "master", "a" * 64),
+    "worker": pki.CertIdentity("w1", "worker", "b" * 64),
+    "none": None,
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(0, 3000),
+    max_size=st.integers(0, 2000),
+    small_size=st.integers(0, 2000),
+    sender=st.sampled_from(sorted(_SENDERS)),
+    restricted=st.booleans(),
+)
+def test_body_limits_refuse_exactly_what_is_too_large_for_its_sender(
+    size, max_size, small_size, sender, restricted
+):
+    asked = []
+
+    def who():
+        asked.append(True)
+        return _SENDERS[sender]
+
+    senders = (Accept("master"),) if restricted else ()
+    refusal = BodyLimits(max_size, small_size, senders).refusal(size, who)
+    large = restricted and size > small_size
+    if size > max_size:
+        assert isinstance(refusal, BodyTooLarge) and refusal.status == 413
+    elif large and sender != "master":
+        assert isinstance(refusal, UploadForbidden) and refusal.status == 403
+        assert refusal.reason == ("no client certificate" if sender == "none" else refusal.reason)
+    else:
+        assert refusal is None
+    assert bool(asked) == (large and size <= max_size)  # the identity only for a large body
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "doc"),
+    [
+        (HTTPError(400, "bad", hint="x"), 400, {"problems": ["bad"], "hint": "x"}),
+        (ValidationError(["a: no", "b: no"]), 400, {"problems": ["a: no", "b: no"]}),
+        (UnknownDecky("no decky 'x'"), 404, {"problems": ["no decky 'x'"]}),
+        (UnknownRelease("no release r9"), 404, {"result": "failed", "problems": ["no release r9"]}),
+        (
+            RolledBack("unhealthy", release="r1"),
+            409,
+            {"result": "rolled_back", "problems": ["unhealthy"], "release": "r1"},
+        ),
+        (NotFound(), 404, {"problems": ["Not Found"]}),
+        (MethodNotAllowed(), 405, {"problems": ["Method Not Allowed"]}),
+        (BodyTooLarge(5, 4), 413, {"problems": ["request body larger than 4 bytes"]}),
+    ],
+)
+def test_one_mapping_turns_every_typed_error_into_its_status_and_problems(error, status, doc):
+    assert problem_of(error) == Problem(status, doc)
+
+
+def test_an_unexpected_error_has_no_mapping_and_becomes_an_opaque_500():
+    assert problem_of(RuntimeError("secret internal detail")) is None
+    assert INTERNAL_ERROR.status == 500 and "secret" not in json.dumps(INTERNAL_ERROR.doc)

@@ -2,13 +2,12 @@
 
 import datetime
 import os
-import time
 
 import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
 from decnet.listener import feed, storage
 from decnet.listener.feed import FeedBuilder, FeedEncoder, FeedWriter, feed_record, read_feed
@@ -16,6 +15,7 @@ from decnet.listener.feedproc import FeedProcess
 from decnet.listener.feedworker import decode_messages, encode_message
 from decnet.syslog.rfc5424 import BOM, format_message
 from tests.logpipe_support import syslog_line
+from tests.support import eventually
 
 WHEN = "2024-05-01T12:00:00.000001Z"
 
@@ -352,14 +352,6 @@ def test_pipe_messages_round_trip_and_wait_for_a_whole_line():
 # -- the feed process ---------------------------------------------------------
 
 
-async def eventually(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_feed_process_builds_what_it_is_told_and_is_restarted_if_it_dies(tmp_path):
     lines = [syslog_line(i) for i in range(2000)]
@@ -369,16 +361,16 @@ async def test_the_feed_process_builds_what_it_is_told_and_is_restarted_if_it_di
     feeds.start()
     try:
         feeds.notify("w1", "decnet", half)
-        await eventually(lambda: feeds.positions.get(("w1", "decnet")) == half, what="half")
+        await eventually(lambda: feeds.positions.get(("w1", "decnet")) == half, 30, what="half")
         assert len(read_feed(files.feed_path)) == 1000
         # Killed (an OOM kill, say): started again, told its targets again.
         pid = feeds.supervisor.pid
         os.kill(pid, 9)
         await eventually(
-            lambda: feeds.supervisor.starts == 2 and feeds.supervisor.running, what="restart"
+            lambda: feeds.supervisor.starts == 2 and feeds.supervisor.running, 30, what="restart"
         )
         feeds.notify("w1", "decnet", end)
-        await eventually(lambda: feeds.lag("w1", "decnet") == 0, what="the rest")
+        await eventually(lambda: feeds.lag("w1", "decnet") == 0, 30, what="the rest")
     finally:
         await feeds.close()
     assert feeds.supervisor.child is None

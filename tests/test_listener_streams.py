@@ -28,7 +28,7 @@ from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Ack, Error, Resume
 from decnet.tls import PolicyOptions, TLSIdentity
 from tests.logpipe_support import MASTER_ONLY, ClientApp, ListenerHarness, LogCapture, syslog_line
-from tests.support import write_identity
+from tests.support import eventually, write_identity
 
 
 @pytest.fixture(scope="module")
@@ -246,26 +246,13 @@ async def test_the_feed_process_holds_at_most_max_open_feeds_whatever_the_stream
                 peak = max(peak, open_fds_under(ingest_dir, pid))
             return all(feeds.positions.get(("w1", s)) == e for s, e in ends.items())
 
-        await _poll(done, "every feed to catch up")
+        await eventually(done, 30, what="every feed to catch up")
         # Two open feeds (feed, position), plus the mirror and index a step reads.
         assert peak <= 2 * 2 + 2
         for stream in ends:
             assert len(read_feed(ingest_dir / "w1" / f"{stream}.jsonl")) == 4
     finally:
         await feeds.close()
-
-
-async def _poll(predicate, what: str, timeout: float = 30.0):
-    """Poll (a child process is involved) with a deadline, never blocking the reactor."""
-    import time
-
-    from twisted.internet import task
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 class _HelloClient(ClientApp):

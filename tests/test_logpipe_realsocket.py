@@ -2,10 +2,9 @@
 
 import os
 import random
-import time
 
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
 from decnet import pki
 from decnet.forwarder.offsets import JournalStore
@@ -15,14 +14,7 @@ from decnet.master import enrollment
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 from tests.logpipe_support import syslog_line
-
-
-async def eventually(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
+from tests.support import eventually
 
 
 @pytest_twisted.ensureDeferred

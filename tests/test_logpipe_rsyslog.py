@@ -9,7 +9,7 @@ from decnet.listener.feed import read_feed
 from decnet.master import enrollment
 from tests import rsyslog_support as rs
 from tests.logpipe_support import start_forwarder, start_listener, syslog_line
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.skipif(not rs.available(), reason="rsyslog + rsyslog-gnutls not installed")
 
@@ -73,7 +73,7 @@ def test_a_stock_rsyslog_sender_ships_to_our_listener_with_certificate_provenanc
 
 def test_our_forwarder_ships_to_a_stock_rsyslog_receiver(master_home, worker, tmp_path):
     name, bundle = worker
-    port = rs.free_port()
+    port = free_port()
     out = tmp_path / "received.log"
     receiver = rs.Rsyslogd(
         tmp_path / "rsyslog-receiver",
@@ -113,7 +113,7 @@ def test_our_forwarder_ships_to_a_stock_rsyslog_receiver(master_home, worker, tm
 def test_rsyslog_refuses_a_worker_it_does_not_permit(master_home, worker, tmp_path):
     """The receiver side of the interop really authorizes (gtls x509/name)."""
     _name, bundle = worker
-    port = rs.free_port()
+    port = free_port()
     out = tmp_path / "received.log"
     receiver = rs.Rsyslogd(
         tmp_path / "rsyslog-receiver",

@@ -18,7 +18,7 @@ from tests.logpipe_support import (
     start_listener,
     syslog_line,
 )
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 
 @pytest.fixture
@@ -196,12 +196,6 @@ def forwarder_up(log_path):
     )
 
 
-def a_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mirror_of(ingest, name, expected: bytes) -> bytes:
     mirror = ingest / name / "decnet.log"
     wait_for(
@@ -220,7 +214,7 @@ def test_a_rotation_before_the_first_ack_survives_kill_9_of_the_forwarder(
     name, bundle = worker
     log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
     log_file.touch()
-    port = a_free_port()
+    port = free_port()
     forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f0.log")
     listener = None
     try:
@@ -246,7 +240,7 @@ def test_rotations_of_every_style_before_the_first_connection_lose_nothing(
 ):
     name, bundle = worker
     log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
-    port = a_free_port()
+    port = free_port()
     append(log_file, lines(0, 50))
     forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f0.log")
     listener = None

@@ -15,12 +15,22 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.web import resource, server
 
-from decnet.errors import BadReply, RedirectRefused, RemoteError, ReplyTooLarge, Unreachable
+from decnet import config
+from decnet.errors import (
+    BadReply,
+    HealthCheckFailed,
+    RedirectRefused,
+    RemoteError,
+    ReplyTooLarge,
+    Unreachable,
+)
 from decnet.master.agent_client import AgentClient, check_hosts
+from decnet.master.http import client_for_host
 from decnet.master.registry import Registry
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
 from decnet.tls import TLSIdentity
+from decnet.updater.health import HealthProbe
 from tests.hostile_worker import (
     FakeWorker,
     Reply,
@@ -347,3 +357,18 @@ async def test_check_hosts_reports_a_bad_reply_as_that_hosts_row_and_the_others_
     assert "release: must be a string" in results[0].detail
     assert sorted(r.name for r in arrived) == ["good", "rogue"]
     assert Registry(master.paths.registry).get("rogue").status == "unreachable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_updaters_health_probe_never_takes_a_health_reply_that_breaks_its_schema(
+    fleet, worker
+):
+    """The updater probes its agent with the same pinned client and the agent's /health schema:
+    an answer naming the awaited release, with a lying field, is not a healthy agent."""
+    worker.routes[("agent", "health")] = Reply({"status": "ok", "release": "r1", "uptime": "1d"})
+    client = client_for_host(reactor, identity(fleet), worker.host, config.ROLE_WORKER)
+    probe = HealthProbe(reactor, client, interval=0.05)
+    with pytest.raises(HealthCheckFailed) as info:
+        await guarded(probe.wait_for("r1", timeout=0.5))
+    assert "bad reply from rogue at 127.0.0.1:" in str(info.value)
+    assert "uptime: must be a number, not a string" in str(info.value)

@@ -44,6 +44,12 @@ def test_duplicate_names_are_refused_with_advice(tmp_path):
         reg.add(host("web", "b"))
 
 
+def test_decommissioning_dates_the_revocation_on_the_registrys_clock(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite", now=lambda: 1767323045.75)
+    reg.add(host("web", "a"))
+    assert reg.decommission("web").revoked_at == "2026-01-02T03:04:05+00:00"
+
+
 def test_status_changes_but_decommissioned_is_final(tmp_path):
     reg = Registry(tmp_path / "r.sqlite")
     reg.add(host("web", "a"))

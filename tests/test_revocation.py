@@ -87,6 +87,13 @@ def test_reload_picks_up_changes_and_tells_subscribers_what_is_new(tmp_path):
     assert seen == [frozenset({FP1})]
 
 
+def test_a_set_without_a_file_keeps_its_fingerprints_when_reloaded():
+    rs = RevocationSet(fingerprints=[FP1])
+    assert rs.read_if_changed() is None
+    assert rs.reload() is False
+    assert FP1 in rs and len(rs) == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_watcher_reloads_off_the_reactor_and_survives_a_bad_file(tmp_path):
     path = tmp_path / "revoked.json"

@@ -9,9 +9,10 @@ import pytest
 
 from decnet import config
 from decnet.agent.spec import parse_spec
+from decnet.cli import sandbox_live
 from decnet.errors import ConfigError, ValidationError
 from decnet.master import wheelhouse
-from decnet.sandbox import feeds, layout, poke, state, view
+from decnet.sandbox import feeds, layout, poke, report, state
 from decnet.sandbox.control import process_order
 
 # -- layout ------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def entry(msgid, *params, worker="w1", host="web-01", app="ssh", **extra):
 
 
 def test_a_login_event_is_one_line_with_worker_decky_service_and_credentials():
-    line = view.event_line(
+    line = sandbox_live.event_line(
         entry(
             "login",
             ("method", "password"),
@@ -166,28 +167,28 @@ def test_a_login_event_is_one_line_with_worker_decky_service_and_credentials():
 
 
 def test_event_details_per_type():
-    assert view.event_details(entry("connect")) == "from 203.0.113.7:51514"
-    assert view.event_details(entry("command", ("command", "CONFIG"), ("args", "SET dir /x"))) == (
-        'command=CONFIG args="SET dir /x"'
-    )
-    unknown = view.event_details(entry("weird", ("what", "ever")))
+    assert sandbox_live.event_details(entry("connect")) == "from 203.0.113.7:51514"
+    assert sandbox_live.event_details(
+        entry("command", ("command", "CONFIG"), ("args", "SET dir /x"))
+    ) == ('command=CONFIG args="SET dir /x"')
+    unknown = sandbox_live.event_details(entry("weird", ("what", "ever")))
     assert unknown == "what=ever"
 
 
 def test_attacker_text_cannot_drive_the_terminal():
     nasty = "\x1b[2J\x1b]0;owned\x07\u202eevil\u0085"
-    line = view.event_line(entry("login", ("user", nasty), ("password", "x")))
+    line = sandbox_live.event_line(entry("login", ("user", nasty), ("password", "x")))
     assert "\x1b" not in line and "\u202e" not in line and "\x07" not in line
     assert "\\x1b[2J" in line and "\\u202e" in line
-    raw = view.event_line({"source_worker": "w2", "parsed": False, "raw": "\x1b[31mred"})
+    raw = sandbox_live.event_line({"source_worker": "w2", "parsed": False, "raw": "\x1b[31mred"})
     assert "\x1b" not in raw and "unparsed" in raw
 
 
 def test_long_values_are_cut():
-    line = view.event_line(entry("login", ("user", "A" * 500)))
+    line = sandbox_live.event_line(entry("login", ("user", "A" * 500)))
     assert "A" * 37 + "..." in line and "A" * 41 not in line
     assert len(line) <= 120
-    many = view.event_line(
+    many = sandbox_live.event_line(
         entry("kex", ("client_version", "SSH-2.0-" + "x" * 30), ("hassh", "f" * 32))
     )
     assert len(many) <= 120 and many.endswith("...")
@@ -195,17 +196,17 @@ def test_long_values_are_cut():
 
 def test_the_host_table_shows_health_release_deckies_and_lag():
     rows = [
-        view.row_from_status(
+        report.row_from_status(
             "w1",
             "127.0.1.1",
             {"status": "ok", "release": "abc"},
             {"summary": {"deckies": 3, "services": 7, "listening": 6}},
             2048,
         ),
-        view.row_from_status("w2", "127.0.1.2", None, None, 0, "cannot reach worker w2"),
-        view.HostRow("w3", "127.0.1.3", "decommissioned", lag=10),
+        report.row_from_status("w2", "127.0.1.2", None, None, 0, "cannot reach worker w2"),
+        report.HostRow("w3", "127.0.1.3", "decommissioned", lag=10),
     ]
-    lines = view.host_table(rows).splitlines()
+    lines = sandbox_live.host_table(rows).splitlines()
     assert lines[0].split() == [
         "WORKER",
         "ADDRESS",
@@ -222,10 +223,10 @@ def test_the_host_table_shows_health_release_deckies_and_lag():
 
 
 def test_log_lag_is_what_the_mirror_lacks():
-    assert view.log_lag(100, 60) == 40
-    assert view.log_lag(100, None) == 100
-    assert view.log_lag(None, None) == 0
-    assert view.log_lag(50, 60) == 0
+    assert report.log_lag(100, 60) == 40
+    assert report.log_lag(100, None) == 100
+    assert report.log_lag(None, None) == 0
+    assert report.log_lag(50, 60) == 0
 
 
 def test_the_table_is_reprinted_on_change_or_when_events_scrolled_it_away():
@@ -234,7 +235,7 @@ def test_the_table_is_reprinted_on_change_or_when_events_scrolled_it_away():
     live = LiveView.__new__(LiveView)
     live.last_keys, live.last_lags, live.last_table_at, live.events_since_table = None, (), -1e9, 0
     live.last_event_at = -1e9
-    up = [view.HostRow("w1", "a", "up", "r1", 3, 7, 7, lag=0)]
+    up = [report.HostRow("w1", "a", "up", "r1", 3, 7, 7, lag=0)]
     assert live.table_due(up, 0.0)
     assert not live.table_due(up, 1.0)
     assert not live.table_due(up, 100.0)  # nothing happened: stay quiet
@@ -244,7 +245,7 @@ def test_the_table_is_reprinted_on_change_or_when_events_scrolled_it_away():
     live.last_event_at = 114.0
     assert not live.table_due(up, 115.0)  # a burst is still arriving: do not cut into it
     assert live.table_due(up, 114.0 + config.SANDBOX_TABLE_QUIET)
-    down = [view.HostRow("w1", "a", "DOWN", lag=0)]
+    down = [report.HostRow("w1", "a", "DOWN", lag=0)]
     assert live.table_due(down, 116.0)  # a change: at once
 
 

@@ -3,6 +3,7 @@
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from decnet.cli.sandbox_view import SandboxConsole
 from decnet.master import enrollment
 from decnet.sandbox.layout import SandboxLayout
 from decnet.sandbox.live import LiveView
@@ -30,6 +31,19 @@ async def sandbox(master_home, tmp_path):
         await fake.stop()
 
 
+class Said:
+    """A terminal that hands each block the console writes (a whole table at once) to ``say``."""
+
+    def __init__(self, say):
+        self.say = say
+
+    def write(self, text: str) -> None:
+        self.say(text.removesuffix("\n"))
+
+    def flush(self) -> None:
+        pass
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_stalled_worker_never_holds_back_the_row_of_another(sandbox):
     layout, identity, workers, fakes = sandbox
@@ -47,7 +61,7 @@ async def test_a_stalled_worker_never_holds_back_the_row_of_another(sandbox):
         if rows.get("w1", [None] * 3)[2] == "up" and not shown.called:
             shown.callback(rows)
 
-    live = LiveView(reactor, say, layout, identity, workers)
+    live = LiveView(reactor, SandboxConsole(Said(say)).show, layout, identity, workers)
     timer = reactor.callLater(GUARD, lambda: shown.called or shown.errback(AssertionError(said)))
     try:
         polling = defer.ensureDeferred(live.poll_hosts())

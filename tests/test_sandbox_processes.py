@@ -1,6 +1,7 @@
 """The sandbox's process and network glue: poke's attacker scripts against the real decoys,
 children in their own process groups, ``down`` by recorded PID, the CLI's refusals."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,9 +13,9 @@ from twisted.internet import reactor
 
 from decnet.agent.decoys import ssh as ssh_decoy
 from decnet.cli.main import main
+from decnet.cli.sandbox import down_command, status_command
 from decnet.sandbox import layout, poke, state
 from decnet.sandbox.children import Children
-from decnet.sandbox.control import down, status
 from tests.support import BIN, wait_for
 from tests.test_decoys import Harness
 
@@ -125,7 +126,7 @@ def _orphan(code: str = SLEEPER) -> subprocess.Popen:
 
 
 @pytest_twisted.ensureDeferred
-async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_path):
+async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_path, capsys):
     sb = layout.SandboxLayout.at(tmp_path)
     survivor, stranger = _orphan(), _orphan()
     try:
@@ -143,18 +144,18 @@ async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_
             ).as_dict(),
         }
         state.save(sb.state_file, doc)
-        said = []
-        assert await status(reactor, sb, said.append) == 1
+        assert await status_command(reactor, sb, as_json=False) == 1
+        said = capsys.readouterr().out.splitlines()
         assert any("`sandbox up` is gone" in line for line in said), said
-        said = []
-        assert await down(reactor, sb, said.append) == 0
+        assert await down_command(reactor, sb) == 0
         assert survivor.wait(10) == -signal.SIGTERM
         assert stranger.poll() is None
+        said = capsys.readouterr().out.splitlines()
         assert "Stopping 1 leftover processes: w1-forwarder" in said
+        assert said[-1] == "Nothing of the sandbox runs any more."
         after = state.load(sb.state_file)
         assert after["processes"] == {} and after["up"] is None and after["phase"] == "stopped"
-        said = []
-        assert await down(reactor, sb, said.append) == 0  # again: nothing to do
+        assert await down_command(reactor, sb) == 0  # again: nothing to do
     finally:
         for p in (survivor, stranger):
             if p.poll() is None:
@@ -163,12 +164,12 @@ async def test_down_stops_survivors_by_recorded_pid_and_spares_a_reused_pid(tmp_
 
 
 @pytest_twisted.ensureDeferred
-async def test_status_and_down_of_a_directory_without_a_sandbox(tmp_path):
+async def test_status_and_down_of_a_directory_without_a_sandbox(tmp_path, capsys):
     sb = layout.SandboxLayout.at(tmp_path / "none")
-    said = []
-    assert await status(reactor, sb, said.append) == 1
-    assert "No sandbox in" in said[0]
-    assert await down(reactor, sb, said.append) == 0
+    assert await status_command(reactor, sb, as_json=False) == 1
+    assert "No sandbox in" in capsys.readouterr().out.splitlines()[0]
+    assert await down_command(reactor, sb) == 0
+    assert "nothing to stop" in capsys.readouterr().out
 
 
 # -- the command line ---------------------------------------------------------------------
@@ -204,7 +205,7 @@ def test_up_refuses_while_processes_of_an_earlier_up_survive(tmp_path, capsys):
         survivor.wait()
 
 
-def test_poke_without_a_sandbox_says_so(tmp_path):
+def test_poke_without_a_sandbox_says_so_also_in_json(tmp_path):
     # A subprocess: the command runs its own reactor.
     result = subprocess.run(
         [str(BIN / "decnet-admin"), "sandbox", "poke", "--dir", str(tmp_path)],
@@ -214,3 +215,11 @@ def test_poke_without_a_sandbox_says_so(tmp_path):
     )
     assert result.returncode == 1
     assert "no sandbox in" in result.stderr
+    as_json = subprocess.run(
+        [str(BIN / "decnet-admin"), "sandbox", "poke", "--json", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_json.returncode == 1  # stdout stays one JSON document, as for every command
+    assert json.loads(as_json.stdout)["problems"][0].startswith("no sandbox in")

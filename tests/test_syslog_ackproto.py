@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from decnet.syslog import ackproto
-from decnet.syslog.ackproto import Ack, Data, Error, Hello, ProtocolError, Resume, decode
+from decnet.syslog.ackproto import Ack, Data, Error, Gap, Hello, ProtocolError, Resume, decode
 
 
 def test_each_message_round_trips():
@@ -46,3 +46,44 @@ def test_data_round_trips(start, span, body):
     assert decode(ackproto.encode_data(start, start + span, payload)) == Data(
         start, start + span, payload
     )
+
+
+def test_a_gap_and_a_bare_error_round_trip():
+    assert decode(ackproto.encode_gap(7, 9)) == Gap(7, 9)
+    assert decode(b"E") == Error("")
+    assert decode(b"E \xff") == Error("\ufffd")
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"G 9 9", "GAP end 9 is not after start 9"),
+        (b"G 1", "GAP must be 'G <start> <end>'"),
+        (b"G 1 2 3", "GAP must be 'G <start> <end>'"),
+        (b"H 1 a b", "HELLO must be 'H <version> <stream>'"),
+        (b"H 1 \xff", "stream name is not ASCII"),
+        (b"D  5 a\n", "DATA start is not a decimal offset: b''"),
+        (b"D 5", "DATA header is incomplete"),
+        (b"R ", "RESUME offset is not a decimal offset: b''"),
+        (b"Ex", "unknown message type b'E'"),
+    ],
+)
+def test_each_refusal_names_what_is_wrong(frame, reason):
+    with pytest.raises(ProtocolError) as caught:
+        decode(frame)
+    assert str(caught.value) == reason
+
+
+_NEAR_VALID = st.tuples(
+    st.sampled_from([b"D ", b"G ", b"A ", b"R ", b"H ", b"E ", b"E", b""]),
+    st.lists(st.sampled_from(list(b" 0123456789\n-x\xff")), max_size=48).map(bytes),
+).map(b"".join)
+
+
+@given(st.one_of(st.binary(max_size=64), _NEAR_VALID))
+def test_any_frame_decodes_to_a_message_or_is_a_protocol_error(frame):
+    try:
+        message = decode(frame)
+    except ProtocolError:
+        return
+    assert isinstance(message, Ack | Data | Error | Gap | Hello | Resume)

@@ -151,3 +151,35 @@ def test_the_repository_itself_passes_the_updaters_checks(tmp_path):
     assert "decnet/updater/engine.py" in built.files
     assert "twisted/plugins/decnet_plugins.py" in built.files
     assert not any(f.startswith(("tests/", ".")) or f.endswith(".key") for f in built.files)
+
+
+def test_what_is_left_out_is_listed_with_its_reason_but_compiled_files_are_not(tmp_path):
+    root = tmp_path / "src"
+    for name in ("decnet/sub/x.py", "decnet/sub/__pycache__/x.pyc", "decnet/a.pyc", "setup.cfg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    (root / "decnet" / "build").mkdir()
+    (root / "LICENSE").mkdir()
+    os.mkfifo(root / "decnet" / "fifo.py")
+    (root / "twisted").mkdir()
+    os.symlink("/etc", root / "twisted" / "plugins")
+    wheelhouse = tmp_path / "wh"
+    wheelhouse.mkdir()
+    (wheelhouse / "a-1-py3-none-any.whl").write_text("PK")
+    (wheelhouse / "notes.txt").write_text("")
+    os.symlink("/etc/passwd", wheelhouse / "b-1-py3-none-any.whl")
+
+    files, skipped = tar_tree.collect(root, wheelhouse)
+    assert [name for name, _ in files] == [
+        "decnet/sub/x.py",
+        "setup.cfg",
+        "wheelhouse/a-1-py3-none-any.whl",
+    ]
+    link = "symbolic link (never followed)"
+    assert [(s.path, s.reason) for s in skipped] == [
+        ("LICENSE", "not a regular file"),
+        ("decnet/build/", "excluded name (build)"),
+        ("decnet/fifo.py", "not a regular file"),
+        ("twisted/plugins", link),
+        ("wheelhouse/b-1-py3-none-any.whl", link),
+    ]

@@ -8,31 +8,37 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromCertificates
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 
 from decnet import pki
 from decnet.revocation import RevocationSet
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, listen_tls, peer_identity
-from tests.support import RecordingProtocol, expired_kw, tls_pair, tls_pair_with, write_identity
+from decnet.tls import (
+    Accept,
+    PeerCertificateRefused,
+    PeerPolicy,
+    PolicyOptions,
+    Refusal,
+    RefusalKind,
+    TLSServerFactory,
+    handshake_of,
+    listen_tls,
+    peer_identity,
+)
+from tests.support import (
+    RecordingProtocol,
+    tls_connection,
+    tls_pair,
+    tls_pair_with,
+    write_identity,
+)
 
 MASTER_ONLY = PeerPolicy([Accept("master")])
 WORKERS_ONLY = PeerPolicy([Accept("worker")])
-
-
-@pytest.fixture(scope="module")
-def ids(ca, foreign_ca, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ids")
-    return {
-        "master": write_identity(d / "m", ca, "master"),
-        "w1": write_identity(d / "w1", ca, "worker", "w1"),
-        "w2": write_identity(d / "w2", ca, "worker", "w2"),
-        "upd-w1": write_identity(d / "u1", ca, "updater", "w1"),
-        # Same CN, same subject DN layout, but signed by another CA.
-        "impostor-w1": write_identity(d / "imp", foreign_ca, "worker", "w1", trust=ca),
-        "expired-w1": write_identity(d / "exp", ca, "worker", "w1", **expired_kw()),
-    }
 
 
 @pytest.fixture
@@ -50,6 +56,12 @@ def warnings():
 
 def refusal_reasons(events):
     return [e.get("reason", "") for e in events if "Refused TLS peer" in e.get("log_format", "")]
+
+
+def refusal_of(app) -> Refusal:
+    """Why our policy refused the peer of ``app``'s connection, as its connection loss says."""
+    assert app.lost_reason is not None and app.lost_reason.check(PeerCertificateRefused)
+    return app.lost_reason.value.refusal
 
 
 def assert_connected(client, server):
@@ -123,10 +135,41 @@ def test_a_server_whose_fingerprint_differs_from_the_pin_is_refused_in_the_same_
     pin = PeerPolicy([Accept("worker", fingerprint=ids["w1"].identity.fingerprint)])
     client, server = tls_pair(ids["w2"], MASTER_ONLY, ids["master"], pin)[:2]
     assert client.lost_reason is not None and not client.handshake_done
-    assert "fingerprint mismatch" in pin.last_refusal
+    refusal = refusal_of(client)
+    assert refusal.kind is RefusalKind.FINGERPRINT and "fingerprint mismatch" in refusal.detail
     # The right host passes the very same pin.
     client, server = tls_pair(ids["w1"], MASTER_ONLY, ids["master"], pin)[:2]
     assert_connected(client, server)
+
+
+def _pump_until(pump, condition, steps: int = 50) -> None:
+    for _ in range(steps):
+        if condition():
+            return
+        pump.pump()
+    raise AssertionError("the handshake never got there")
+
+
+def test_two_handshakes_at_once_each_fail_with_their_own_refusal(ids, warnings):
+    """One client policy, as a PinnedClient or a forwarder holds, and two connections in flight:
+    one server presents w1's name with another key, the other is w2.  Both are refused before
+    either connection is gone, and each connection reports its own reason, not the other's."""
+    pin = PeerPolicy([Accept("worker", cn="w1", fingerprint=ids["w1"].identity.fingerprint)])
+    client_options = PolicyOptions(ids["master"], pin)
+    impostor, _, impostor_pump = tls_connection(
+        PolicyOptions(ids["w1-again"], MASTER_ONLY), client_options
+    )
+    other, _, other_pump = tls_connection(PolicyOptions(ids["w2"], MASTER_ONLY), client_options)
+    _pump_until(impostor_pump, lambda: handshake_of(impostor.transport).refusal is not None)
+    _pump_until(other_pump, lambda: handshake_of(other.transport).refusal is not None)
+    assert impostor.lost_reason is None and other.lost_reason is None  # both at once
+    other_pump.flush()
+    impostor_pump.flush()
+    first, second = refusal_of(impostor), refusal_of(other)
+    assert first.kind is RefusalKind.FINGERPRINT and "fingerprint mismatch for 'w1'" in first.detail
+    assert second.kind is RefusalKind.PEER and "'w2' is not the expected peer" in second.detail
+    assert [str(first), str(second)] == refusal_reasons(warnings)
+    assert not impostor.handshake_done and not other.handshake_done
 
 
 def test_an_exact_cn_rule_admits_only_that_hosts_updater(ids):
@@ -135,7 +178,8 @@ def test_an_exact_cn_rule_admits_only_that_hosts_updater(ids):
     agent_w2 = PeerPolicy([Accept("worker", cn="w2")])
     client, server = tls_pair(ids["w2"], policy, ids["upd-w1"], agent_w2)[:2]
     assert_refused(client, server)
-    assert "not the expected peer" in policy.last_refusal
+    refusal = refusal_of(server)
+    assert refusal.kind is RefusalKind.PEER and "not the expected peer" in refusal.detail
 
 
 def test_alpn_is_negotiated_when_both_sides_offer_it(ids):
@@ -147,10 +191,10 @@ def test_alpn_is_negotiated_when_both_sides_offer_it(ids):
 def test_policy_check_reasons():
     ident = pki.CertIdentity("w1", "worker", "a" * 64)
     assert PeerPolicy([Accept("worker")]).check(ident) is None
-    assert "no valid DECNET role" in PeerPolicy([Accept("worker")]).check(
-        pki.CertIdentity("w1", None, "a" * 64)
-    )
-    assert "mismatch" in PeerPolicy([Accept("worker", fingerprint="b" * 64)]).check(ident)
+    no_role = PeerPolicy([Accept("worker")]).check(pki.CertIdentity("w1", None, "a" * 64))
+    assert no_role.kind is RefusalKind.NO_ROLE and "no valid DECNET role" in no_role.detail
+    pinned = PeerPolicy([Accept("worker", fingerprint="b" * 64)]).check(ident)
+    assert pinned.kind is RefusalKind.FINGERPRINT and "mismatch" in pinned.detail
 
 
 @pytest_twisted.ensureDeferred
@@ -277,3 +321,29 @@ async def test_a_real_listener_socket_refuses_cbc_and_non_ecdhe_suites_and_accep
         assert "Protocol version: TLSv1.3" in out, out
     finally:
         await listener.stopService()
+
+
+def test_a_forwarder_that_refuses_the_receiver_says_why_as_the_docs_show(ids, tmp_path):
+    """The forwarder pins the master; the receiver is another certificate.  The connection's own
+    refusal becomes the forwarder's state line (docs/Logging.md, Troubleshooting)."""
+    from tests.test_forwarder_core import Rig
+
+    rig = Rig(tmp_path)
+    states = []
+    rig.factory.state_listeners.append(lambda state, detail: states.append((state, detail)))
+    pin = PeerPolicy([Accept("master", fingerprint=ids["w2"].identity.fingerprint)])
+    clock = Clock()
+    server = TLSServerFactory(
+        PolicyOptions(ids["master"], WORKERS_ONLY), Factory.forProtocol(RecordingProtocol), clock
+    )
+    client = TLSMemoryBIOFactory(PolicyOptions(ids["w1"], pin), True, rig.factory, clock=clock)
+    *_, pump = connectedServerAndClient(
+        lambda: server.buildProtocol(None), lambda: client.buildProtocol(None), greet=False
+    )
+    pump.flush()
+    state, detail = states[-1]
+    assert state == "failing"
+    assert detail.startswith(
+        "cannot connect to m: refused the receiver's certificate: "
+        "fingerprint mismatch for 'decnet-master'"
+    )

@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor, task
 
 from decnet.errors import AgentControlFailed
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent
+from tests.support import eventually
 
 
 def fake_tool(tmp_path, name, exit_code=0, output="ok"):
@@ -67,14 +68,6 @@ def sleep(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-async def until(predicate, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await sleep(0.02)
-    raise AssertionError("condition not reached")
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_spawned_agent_is_started_restarted_and_stopped_by_its_own_pid(tmp_path):
     (tmp_path / "good").mkdir()
@@ -84,7 +77,7 @@ async def test_a_spawned_agent_is_started_restarted_and_stopped_by_its_own_pid(t
     await agent.restart(tmp_path / "good")
     first = agent.pid
     assert agent.running and first
-    await until(lambda: "child up good" in agent.output.text())
+    await eventually(lambda: "child up good" in agent.output.text())
     await agent.restart(tmp_path / "good")
     assert agent.pid != first and agent.running
     await agent.shutdown()
@@ -101,9 +94,9 @@ async def test_a_crashing_agent_is_reported_and_respawned_with_backoff(tmp_path)
         max_backoff=0.2,
     )
     await agent.restart(tmp_path / "crash")
-    await until(lambda: agent.exited_since_start() is not None)
+    await eventually(lambda: agent.exited_since_start() is not None)
     assert agent.exited_since_start() == "exited with code 3"
-    await until(lambda: agent.restarts >= 2)
+    await eventually(lambda: agent.restarts >= 2)
     assert "child up crash" in await agent.recent_output()
     await agent.stop()
     restarts = agent.restarts

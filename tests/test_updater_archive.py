@@ -85,6 +85,11 @@ HOSTILE = {
 }
 
 
+def too_long_below_the_release_dir() -> bytes:
+    """A member path within PATH_MAX on its own (4085 bytes), over it once extracted."""
+    return release_with(("demo/" + "/".join(["n" * 200] * 20) + "/" + "m" * 60, b"x"))
+
+
 @pytest.fixture
 def updater(tmp_path):
     """An updater with release A installed; any install would be recorded (none may happen)."""
@@ -131,6 +136,31 @@ def test_a_hostile_tarball_is_refused_and_nothing_changes(updater, name, route):
     assert tree_snapshot(updater.store.root) == before
     assert updater.installer.installed == [(updater.store.current(), False)]
     assert updater.busy is None
+
+
+@pytest.mark.parametrize("route", ["update", "update_self"])
+def test_a_path_too_long_to_extract_is_refused_as_unsafe_and_the_install_removed(updater, route):
+    store = updater.store if route == "update" else updater.self_store
+    current, releases = store.current(), sorted(store.releases_dir.iterdir())
+    data = too_long_below_the_release_dir()
+    d = defer.ensureDeferred(
+        getattr(updater, route)(upload(data), hashlib.sha256(data).hexdigest())
+    )
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert isinstance(failure.value, UnsafeArchive), failure
+    assert failure.value.status == 422
+    assert "is too long a path to extract" in str(failure.value)
+    assert str(updater.store.root) not in str(failure.value)  # no internals echoed
+    assert store.current() == current and sorted(store.releases_dir.iterdir()) == releases
+    assert store.journal.state == "idle"
+    assert updater.installer.installed == [(updater.store.current(), False)]
+    assert updater.busy is None
+
+
+def test_extract_refuses_a_path_too_long_below_its_destination(tmp_path):
+    with pytest.raises(UnsafeArchive, match="is too long a path to extract"):
+        archive.extract(io.BytesIO(too_long_below_the_release_dir()), tmp_path / "dest", SMALL)
 
 
 def test_a_wrong_sha256_is_refused_before_parsing(updater):

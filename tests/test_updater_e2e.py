@@ -1,9 +1,7 @@
 """End to end: real ``twistd decnet-updater`` processes supervising the agent (spawn),
 real per-release venvs installed offline with pip, pushed by the real ``decnet-admin``.
 
-The agent is the repository's own ``twistd decnet-agent`` when the tree has it;
-until it lands, the stand-in from ``tests/support.py`` with the same command line
-and ``/health`` contract (see ``AGENT`` below, printed in the test report).
+The agent is the repository's own ``twistd decnet-agent``, from each release's venv.
 """
 
 import json
@@ -12,17 +10,9 @@ import uuid
 
 import pytest
 
-from tests.support import LocalUpdater, admin, has_real_agent, wait_for
+from tests.support import LocalUpdater, admin, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def test_which_agent_the_end_to_end_tests_run(record_property):
-    record_property("agent", AGENT)
-    print(f"end-to-end updater tests run against the {AGENT}")
-
-
-AGENT = "real agent" if has_real_agent() else "stand-in agent (the real one has not landed)"
 
 
 def unique(prefix: str) -> str:

@@ -98,7 +98,7 @@ class FakeAgentHealth:
         self.agent = agent
         self.pending = None
 
-    def call(self, method, route, timeout=None):
+    def call(self, method, route, timeout=None, reply=None):
         if self.pending is not None:
             return self.pending
         from decnet.errors import Unreachable
@@ -168,6 +168,13 @@ def test_a_first_push_installs_switches_and_confirms_the_new_release(env):
     assert env.agent.running == rid(GOOD1)
     assert (env.root / "releases" / rid(GOOD1) / "src" / "one" / "__init__.py").is_file()
     assert env.installer.installed == [(rid(GOOD1), False)]
+
+
+def test_a_release_is_dated_by_the_injected_clock(env):
+    env.clock.advance(1767323045.75 - env.clock.seconds())
+    push(env, GOOD1)
+    (listed,) = env.run(env.updater.releases())["releases"]
+    assert listed["installed_at"] == "2026-01-02T03:04:05+00:00"
 
 
 def test_a_second_push_records_the_previous_release_for_rollback(env):

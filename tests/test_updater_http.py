@@ -13,20 +13,20 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from decnet import config, pki
-from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError
+from decnet.errors import FingerprintMismatch, PeerRefused, RemoteError, Unreachable
 from decnet.httpapi import make_site
+from decnet.httpclient import PinnedClient
 from decnet.master import enrollment
-from decnet.master.http import PinnedClient
 from decnet.master.registry import Registry
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
 from decnet.threads import pool_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
-from decnet.updater.app import UploadRequest, build_app
+from decnet.updater.app import build_app, upload_limits
 from decnet.updater.engine import Updater
 from decnet.updater.health import HealthProbe
 from decnet.updater.releases import ReleaseStore, release_id_for
-from tests.support import minimal_release, write_identity
+from tests.support import eventually, minimal_release, write_identity
 from tests.test_updater_archive import HOSTILE_HEADERS
 from tests.test_updater_engine import FakeAgent, FakeAgentHealth, FakeInstaller
 
@@ -72,6 +72,12 @@ async def served(world, tmp_path):
     local = (Accept("worker", cn=bundle.name), Accept("updater", cn=f"updater@{bundle.name}"))
     agent = FakeAgent()
     restarts = []
+    restarted = defer.Deferred()
+
+    def restart_self(release_dir):
+        restarts.append(release_dir)
+        restarted.callback(release_dir)
+
     updater = Updater(
         clock=reactor,
         store=ReleaseStore(tmp_path / "install"),
@@ -81,15 +87,13 @@ async def served(world, tmp_path):
         probe=HealthProbe(reactor, FakeAgentHealth(agent), interval=0.01),
         to_thread=pool_runner(reactor),
         health_timeout=0.3,
-        restart_self=restarts.append,
+        restart_self=restart_self,
         restart_delay=0.01,
     )
     await updater.start()
-    request_class = type("R", (UploadRequest,), {"uploaders": (master,)})
     site = make_site(
         build_app(updater, master=master, local=local).resource(),
-        max_body=3 * 1024 * 1024,
-        request_class=request_class,
+        limits=upload_limits(master, 3 * 1024 * 1024),
     )
     port = await listen_tls(
         reactor,
@@ -99,7 +103,7 @@ async def served(world, tmp_path):
     )
     s = Served()
     s.port = port.getHost().port
-    s.updater, s.agent, s.restarts = updater, agent, restarts
+    s.updater, s.agent, s.restarts, s.restarted = updater, agent, restarts, restarted
     yield s
     await port.stopListening()
 
@@ -211,17 +215,8 @@ async def test_update_self_answers_202_then_restarts(world, served, tmp_path):
     data = minimal_release(name="selfy")
     result = await client.update_self(archive_of(tmp_path, data))
     assert result["result"] == "restarting"
-    for _ in range(100):
-        if served.restarts:
-            break
-        await deferLater(0.01)
-    assert [p.name for p in served.restarts] == [result["release"]]
-
-
-def deferLater(seconds):
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
+    restarted_onto = await served.restarted
+    assert [p.name for p in served.restarts] == [restarted_onto.name] == [result["release"]]
 
 
 @pytest_twisted.ensureDeferred
@@ -308,13 +303,11 @@ async def test_a_dropped_connection_does_not_abort_the_update(world, served, tmp
     served.updater.probe.client.pending = hanging
     client = client_for(world, served)
     data = minimal_release(name="patient")
-    with pytest.raises(Exception):  # noqa: B017 - the client's timeout, whatever its type
+    with pytest.raises(Unreachable, match=r"did not answer within 0\.5s"):
         await client.update(archive_of(tmp_path, data), timeout=0.5)
     served.updater.probe.client.pending = None
     release = release_id_for(hashlib.sha256(data).hexdigest())
     hanging.callback({"status": "ok", "release": release})
-    for _ in range(100):
-        if served.updater.busy is None:
-            break
-        await deferLater(0.01)
+    # The rest of the update runs in the thread pool: no event to wait for but its end.
+    await eventually(lambda: served.updater.busy is None, 5, what="the update to finish")
     assert served.updater.store.current() == release

@@ -4,6 +4,8 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from decnet import config
 from decnet.errors import ConfigError, NoPreviousRelease, UnknownRelease
@@ -166,6 +168,68 @@ def test_temporary_links_and_trash_are_cleared():
     plan = plan_reconcile(Journal(), disk(temp_links=(".current.tmp-12",), trash=True))
     names = {type(a).__name__ for a in plan.actions}
     assert names == {"RemoveTempLink", "EmptyTrash"}
+
+
+_IDS = st.sampled_from([A, B, C, D])
+
+
+@st.composite
+def _journals_and_disks(draw):
+    journal = Journal(
+        state=draw(st.sampled_from([IDLE, STAGING, SWITCHED, ROLLING_BACK])),
+        op=draw(st.none() | st.sampled_from([OP_UPDATE, OP_ROLLBACK, OP_SELF])),
+        release=draw(st.none() | _IDS),
+        previous=draw(st.none() | _IDS),
+        history=tuple(draw(st.lists(_IDS, max_size=5))),
+        failed=tuple(draw(st.lists(_IDS, max_size=3))),
+    )
+    complete = draw(st.lists(_IDS, unique=True, max_size=4))
+    incomplete = draw(st.sets(_IDS.filter(lambda r: r not in complete), max_size=2))
+    return journal, disk(complete, incomplete, current=draw(st.none() | _IDS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_journals_and_disks())
+def test_whatever_a_crash_left_the_plan_ends_idle_on_a_complete_release_or_none(case):
+    journal, on_disk = case
+    plan = plan_reconcile(journal, on_disk)
+    complete = set(on_disk.complete)
+    assert plan.current is None or plan.current in complete
+    assert plan.journal.state == IDLE
+    assert set(plan.journal.history) <= complete - {plan.current}
+    assert set(plan.journal.failed) <= complete
+    assert {a.release for a in plan.actions if isinstance(a, DiscardRelease)} == set(
+        on_disk.incomplete
+    )
+    assert plan.moved_current == (plan.current != on_disk.current)
+    # A start-up that found a current release never ends with none while the
+    # history still names a complete one.
+    if on_disk.current is not None and plan.current is None:
+        assert not complete & set(journal.history)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    complete=st.lists(_IDS, unique=True, max_size=4),
+    current=st.none() | _IDS,
+    history=st.lists(_IDS, max_size=5),
+    keep=st.integers(-1, 5),
+    failed=st.sets(_IDS, max_size=3),
+    in_use=st.sets(_IDS, max_size=2),
+)
+def test_prune_deletes_only_unprotected_releases_and_keeps_keep_when_it_can(
+    complete, current, history, keep, failed, in_use
+):
+    doomed = plan_prune(complete, current, history, keep, failed=failed, in_use=in_use)
+    assert len(set(doomed)) == len(doomed) and set(doomed) <= set(complete)
+    assert not set(doomed) & ({current} | set(in_use))
+    known = [h for h in history if h in complete]
+    if known:
+        assert known[-1] not in doomed  # the rollback target
+    kept = [r for r in complete if r not in doomed]
+    assert len(kept) >= min(len(complete), max(keep, 0))
+    # Failed releases go before good ones.
+    assert doomed == sorted(doomed, key=lambda r: (r not in failed, complete.index(r)))
 
 
 def test_prune_keeps_the_newest_the_current_and_the_rollback_target():

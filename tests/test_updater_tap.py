@@ -49,7 +49,8 @@ def test_options_are_validated(bundles):
     assert parse("--bundle", b)["self-restart"] == "exit"  # systemd restarts it
 
 
-def test_make_service_builds_the_tree(bundles, tmp_path):
+def spawning_service(bundles, tmp_path):
+    """The updater's service tree for the enrolled bundle, spawning its agent."""
     options = parse(
         "--bundle",
         str(bundles / "with"),
@@ -58,7 +59,11 @@ def test_make_service_builds_the_tree(bundles, tmp_path):
         "--agent-control",
         "spawn",
     )
-    service = tap.makeService(options)
+    return tap.makeService(options)
+
+
+def test_make_service_builds_the_tree(bundles, tmp_path):
+    service = spawning_service(bundles, tmp_path)
     assert service.updater.agent.control == "spawn"
     assert service.updater.keep == 3
 
@@ -121,3 +126,11 @@ def test_a_port_in_use_stops_the_daemon(bundles, tmp_path):
         )
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_an_updater_stopped_before_its_port_opened_stops_cleanly(bundles, tmp_path):
+    """twistd stops services that never started when start-up fails half-way."""
+    service = spawning_service(bundles, tmp_path)
+    outcome = []
+    service.stopService().addBoth(outcome.append)
+    assert outcome == [None]

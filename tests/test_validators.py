@@ -32,7 +32,7 @@ from decnet.agent.spec import parse_spec
 from decnet.errors import DecnetError, ValidationError
 from decnet.master import enrollment
 from decnet.syslog import ackproto, rfc5424
-from decnet.tls import Accept, PeerPolicy
+from decnet.tls import Accept, PeerPolicy, RefusalKind
 from decnet.updater import tap as updater_tap
 from decnet.updater.engine import normalize_sha256
 from decnet.updater.releases import Journal, ReleaseStore, is_release_id
@@ -160,7 +160,8 @@ def test_a_ca_signed_worker_certificate_whose_cn_ends_in_a_control_byte_has_no_r
     )
     identity = pki.identity_of(cert)
     assert identity.role is None
-    assert "no valid DECNET role marker" in PeerPolicy([Accept(config.ROLE_WORKER)]).check(identity)
+    refusal = PeerPolicy([Accept(config.ROLE_WORKER)]).check(identity)
+    assert refusal.kind is RefusalKind.NO_ROLE and "no valid DECNET role marker" in refusal.detail
 
 
 @pytest.mark.parametrize("byte", BAD)

@@ -16,24 +16,30 @@ anything else                 the master (404/405); others get 403
 
 The TLS layer already refuses every other certificate during the handshake;
 the per-route checks make each route's rule explicit and keep ``/deploy`` out
-of the updater's reach.  Domain errors map to HTTP in one place
-(:func:`install_agent_error_handlers`); internal errors are never echoed.
+of the updater's reach.  Domain errors map to HTTP in one place for both
+daemons (:func:`decnet.httpapi.problem_of`); internal errors are never echoed.
+Bodies are capped by :data:`LIMITS` before any handler runs.
 """
 
 from __future__ import annotations
 
 from klein import Klein
-from twisted.logger import Logger
-from werkzeug.exceptions import HTTPException
 
 from decnet import config
 from decnet.agent.controller import Controller
 from decnet.agent.spec import DECKY_NAME_RE
-from decnet.errors import UnknownDecky, ValidationError
-from decnet.httpapi import HTTPError, authorize, install_error_handlers, read_json, respond
+from decnet.httpapi import (
+    BodyLimits,
+    HTTPError,
+    authorize,
+    install_error_handlers,
+    read_json,
+    respond,
+)
 from decnet.tls import Accept
 
-log = Logger(namespace="decnet.agent.app")
+# A deployment spec is small: anything bigger is refused while it arrives.
+LIMITS = BodyLimits(max_size=config.AGENT_MAX_BODY)
 
 
 def master_accept(master_fingerprint: str) -> Accept:
@@ -76,29 +82,6 @@ def make_app(controller: Controller, *, host: str, master_fingerprint: str) -> K
             raise HTTPError(400, "decky: must be a decky name")
         return respond(request, await controller.teardown(decky))
 
-    install_agent_error_handlers(app, master)
+    # Only the master learns which routes exist.
+    install_error_handlers(app, routes_shown_to=(master,))
     return app
-
-
-def install_agent_error_handlers(app: Klein, master: Accept) -> None:
-    """Domain errors → 4xx with problems; routing misses → 404/405 (master only) or 403."""
-
-    @app.handle_errors(ValidationError)
-    def _invalid(request, failure):
-        return respond(request, {"problems": failure.value.problems}, 400)
-
-    @app.handle_errors(UnknownDecky)
-    def _unknown(request, failure):
-        return respond(request, {"problems": [str(failure.value)]}, 404)
-
-    @app.handle_errors(HTTPException)
-    def _no_route(request, failure):
-        # Only the master learns which routes exist.
-        try:
-            authorize(request, master)
-        except HTTPError as refused:
-            return respond(request, {"problems": refused.problems}, refused.status)
-        code = failure.value.code or 404
-        return respond(request, {"problems": [f"{failure.value.name}"]}, code)
-
-    install_error_handlers(app)

@@ -20,11 +20,14 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -75,12 +78,12 @@ class RunningService:
     runtime: ServiceRuntime
     state: str = STARTING
     reason: str | None = None
-    port: object | None = None
+    port: IListeningPort | None = None
 
     def address(self) -> str | None:
         if self.port is None:
             return None
-        host = self.port.getHost()
+        host = cast(IPv4Address | IPv6Address, self.port.getHost())  # a TCP endpoint's
         return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
     def describe(self) -> dict:
@@ -155,24 +158,11 @@ class BuiltinEngine:
 
     async def apply(self, spec: DeploymentSpec) -> dict:
         desired = {s.key: s for s in spec.services()}
-        actions: dict[tuple[str, str], str] = {}
-        removed: dict[tuple[str, str], dict] = {}
-        to_stop = []
-        for key, running in self.services.items():
-            want = desired.get(key)
-            if want is None:
-                actions[key] = "removed"
-            elif want.digest != running.spec.digest:
-                actions[key] = "restarted"
-            elif running.state == FAILED:
-                actions[key] = "retried"
-            else:
-                continue
-            to_stop.append(key)
-        for key in to_stop:
-            if actions[key] == "removed":
-                removed[key] = self.services[key].describe()
-        await _gather([self._stop(key) for key in to_stop])
+        actions = self._changes(desired)
+        removed = {
+            key: self.services[key].describe() for key, a in actions.items() if a == "removed"
+        }
+        await _gather([self._stop(key) for key in actions])
         to_start = [s for key, s in desired.items() if key not in self.services]
         for s in to_start:
             actions.setdefault(s.key, "started")
@@ -186,6 +176,19 @@ class BuiltinEngine:
         for key, last in removed.items():
             results[key] = {**last, "action": "removed", "state": "stopped", "address": None}
         return results
+
+    def _changes(self, desired: dict[tuple[str, str], ServiceSpec]) -> dict[tuple[str, str], str]:
+        """What happens to each running service that must stop: removed, restarted or retried."""
+        actions: dict[tuple[str, str], str] = {}
+        for key, running in self.services.items():
+            want = desired.get(key)
+            if want is None:
+                actions[key] = "removed"
+            elif want.digest != running.spec.digest:
+                actions[key] = "restarted"
+            elif running.state == FAILED:
+                actions[key] = "retried"
+        return actions
 
     def status(self) -> dict:
         out: dict[str, dict] = {}
@@ -246,7 +249,7 @@ class BuiltinEngine:
         if running is None:
             return
         if running.port is not None:
-            await running.port.stopListening()
+            await defer.maybeDeferred(running.port.stopListening)
             self.connection_budget.remove_listener()
         running.runtime.drop_all()
         self.log.info("Decoy {decky}/{service} stopped", decky=key[0], service=key[1])

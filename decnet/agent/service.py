@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from decnet import config
-from decnet.agent.app import make_app, master_accept, updater_accept
+from decnet.agent.app import LIMITS, make_app, master_accept, updater_accept
 from decnet.agent.controller import Controller
 from decnet.agent.decoys.budget import (
     APIPriority,
@@ -87,7 +87,7 @@ class AgentService(MultiService):
         app = make_app(
             self.controller, host=bundle.name, master_fingerprint=bundle.master_fingerprint
         )
-        site = make_site(app.resource(), max_body=config.AGENT_MAX_BODY, reactor=reactor)
+        site = make_site(app.resource(), limits=LIMITS, reactor=reactor)
         self.api = TLSPortService(
             reactor,
             listen,

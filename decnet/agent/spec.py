@@ -249,7 +249,7 @@ def _bind_address(value) -> str | None:
     return str(address)
 
 
-def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceSpec | None:
+def _service_type(where: str, doc, problems: list[str]) -> str | None:
     if not isinstance(doc, dict):
         problems.append(f"{where}: must be an object")
         return None
@@ -257,37 +257,54 @@ def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceS
     if kind not in TYPE_OPTIONS:
         problems.append(f"{where}.type: must be one of {', '.join(SERVICE_TYPES)} (got {kind!r})")
         return None
-    name = doc.get("name", kind)
-    if not isinstance(name, str) or not SERVICE_NAME_RE.fullmatch(name):
-        problems.append(f"{where}.name: must match {SERVICE_NAME_RE.pattern}")
-    where = f"{where} ({kind})"
-    bind = _bind_address(doc.get("bind", "0.0.0.0"))  # noqa: S104 - a decoy listens on every address by default
-    if bind is None:
-        problems.append(f"{where}.bind: must be an IPv4 or IPv6 address literal")
+    return kind
+
+
+def _service_port(where: str, kind: str, doc: dict, problems: list[str]) -> int | None:
     port = doc.get("port", DEFAULT_PORTS[kind])
     if port is None:
         problems.append(f"{where}.port: is required for {kind}")
     elif problem := _int_range(0, 65535)(port):
         problems.append(f"{where}.port: {problem}")
+    else:
+        return port
+    return None
+
+
+def _service_options(where: str, kind: str, decky: str, doc: dict, problems: list[str]) -> dict:
+    """The type's options: those given (checked), then every default (host names: the decky's)."""
     allowed = COMMON_OPTIONS | TYPE_OPTIONS[kind]
     options = {}
     for key in sorted(set(doc) - _BASE_KEYS):
         if key not in allowed:
             known = ", ".join(sorted(_BASE_KEYS | set(allowed)))
             problems.append(f"{where}: unknown option {key!r} (known: {known})")
-            continue
-        if problem := allowed[key].check(doc[key]):
+        elif problem := allowed[key].check(doc[key]):
             problems.append(f"{where}.{key}: {problem}")
-            continue
-        options[key] = doc[key]
+        else:
+            options[key] = doc[key]
     for key, option in allowed.items():
-        if key not in options:
-            options[key] = option.default
+        options.setdefault(key, option.default)
     if "hostname" in options and options["hostname"] is None:
         options["hostname"] = decky
-    if bind is None or not isinstance(port, int) or isinstance(port, bool):
+    return options
+
+
+def _parse_service(decky: str, where: str, doc, problems: list[str]) -> ServiceSpec | None:
+    kind = _service_type(where, doc, problems)
+    if kind is None:
         return None
-    if not isinstance(name, str) or not SERVICE_NAME_RE.fullmatch(name):
+    name = doc.get("name", kind)
+    name_ok = isinstance(name, str) and SERVICE_NAME_RE.fullmatch(name) is not None
+    if not name_ok:
+        problems.append(f"{where}.name: must match {SERVICE_NAME_RE.pattern}")
+    where = f"{where} ({kind})"
+    bind = _bind_address(doc.get("bind", "0.0.0.0"))  # noqa: S104 - a decoy listens on every address by default
+    if bind is None:
+        problems.append(f"{where}.bind: must be an IPv4 or IPv6 address literal")
+    port = _service_port(where, kind, doc, problems)
+    options = _service_options(where, kind, decky, doc, problems)
+    if bind is None or port is None or not name_ok:
         return None
     return ServiceSpec(decky=decky, type=kind, name=name, bind=bind, port=port, options=options)
 
@@ -301,9 +318,8 @@ def _overlaps(a: ServiceSpec, b: ServiceSpec) -> bool:
     return ia == ib or ia.is_unspecified or ib.is_unspecified
 
 
-def parse_spec(doc) -> DeploymentSpec:
-    """Validate a spec document; :class:`ValidationError` lists every problem."""
-    problems: list[str] = []
+def _top_level(doc, problems: list[str]) -> list:
+    """The raw ``deckies`` list, after the checks on the document around it."""
     if not isinstance(doc, dict):
         raise ValidationError("the spec must be a JSON object with a 'deckies' list")
     for key in sorted(set(doc) - {"format", "deckies"}):
@@ -316,47 +332,65 @@ def parse_spec(doc) -> DeploymentSpec:
         raise ValidationError(problems)
     if len(raw_deckies) > config.AGENT_MAX_DECKIES:
         problems.append(f"deckies: at most {config.AGENT_MAX_DECKIES} per worker")
-    deckies: list[DeckySpec] = []
-    seen_deckies: set[str] = set()
-    for i, raw in enumerate(raw_deckies):
-        where = f"deckies[{i}]"
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: must be an object with 'name' and 'services'")
+    return raw_deckies
+
+
+def _decky_name(
+    where: str, raw: dict, seen: set[str], problems: list[str]
+) -> tuple[str | None, str]:
+    """The decky's name (``None`` if invalid) and how its problems are located."""
+    for key in sorted(set(raw) - {"name", "services"}):
+        problems.append(f"{where}: unknown key {key!r} (known: name, services)")
+    name = raw.get("name")
+    if not isinstance(name, str) or not DECKY_NAME_RE.fullmatch(name):
+        problems.append(
+            f"{where}.name: must be a host name (a-z, 0-9, '.', '-'; at most 63 characters)"
+        )
+        return None, where
+    if name in seen:
+        # A second decky of that name keeps its index: "decky 'x'" would be ambiguous.
+        problems.append(f"{where}.name: decky {name!r} appears twice")
+        return name, where
+    seen.add(name)
+    return name, f"decky {name!r}"
+
+
+def _decky_services(
+    decky: str | None, where: str, raw_services: list, problems: list[str]
+) -> list[ServiceSpec]:
+    if len(raw_services) > config.AGENT_MAX_SERVICES_PER_DECKY:
+        problems.append(
+            f"{where}.services: at most {config.AGENT_MAX_SERVICES_PER_DECKY} per decky"
+        )
+    services: list[ServiceSpec] = []
+    for j, raw_service in enumerate(raw_services):
+        service = _parse_service(decky or "-", f"{where}.services[{j}]", raw_service, problems)
+        if service is None:
             continue
-        for key in sorted(set(raw) - {"name", "services"}):
-            problems.append(f"{where}: unknown key {key!r} (known: name, services)")
-        name = raw.get("name")
-        if not isinstance(name, str) or not DECKY_NAME_RE.fullmatch(name):
-            problems.append(
-                f"{where}.name: must be a host name (a-z, 0-9, '.', '-'; at most 63 characters)"
-            )
-            name = None
-        elif name in seen_deckies:
-            problems.append(f"{where}.name: decky {name!r} appears twice")
-        else:
-            seen_deckies.add(name)
-            where = f"decky {name!r}"
-        raw_services = raw.get("services")
-        if not isinstance(raw_services, list) or not raw_services:
-            problems.append(f"{where}.services: must be a non-empty list")
+        if any(s.name == service.name for s in services):
+            problems.append(f"{where}: two services are named {service.name!r}; give one a 'name'")
             continue
-        if len(raw_services) > config.AGENT_MAX_SERVICES_PER_DECKY:
-            problems.append(
-                f"{where}.services: at most {config.AGENT_MAX_SERVICES_PER_DECKY} per decky"
-            )
-        services: list[ServiceSpec] = []
-        for j, raw_service in enumerate(raw_services):
-            service = _parse_service(name or "-", f"{where}.services[{j}]", raw_service, problems)
-            if service is None:
-                continue
-            if any(s.name == service.name for s in services):
-                problems.append(
-                    f"{where}: two services are named {service.name!r}; give one a 'name'"
-                )
-                continue
-            services.append(service)
-        if name is not None:
-            deckies.append(DeckySpec(name=name, services=tuple(services)))
+        services.append(service)
+    return services
+
+
+def _parse_decky(i: int, raw, seen: set[str], problems: list[str]) -> DeckySpec | None:
+    where = f"deckies[{i}]"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be an object with 'name' and 'services'")
+        return None
+    name, where = _decky_name(where, raw, seen, problems)
+    raw_services = raw.get("services")
+    if not isinstance(raw_services, list) or not raw_services:
+        problems.append(f"{where}.services: must be a non-empty list")
+        return None
+    services = _decky_services(name, where, raw_services, problems)
+    if name is None:
+        return None
+    return DeckySpec(name=name, services=tuple(services))
+
+
+def _port_conflicts(deckies: list[DeckySpec], problems: list[str]) -> None:
     all_services = [s for d in deckies for s in d.services]
     for i, a in enumerate(all_services):
         for b in all_services[i + 1 :]:
@@ -365,6 +399,18 @@ def parse_spec(doc) -> DeploymentSpec:
                     f"{a.decky}/{a.name} ({a.bind}:{a.port}) and {b.decky}/{b.name} "
                     f"({b.bind}:{b.port}) would listen on the same port"
                 )
+
+
+def parse_spec(doc) -> DeploymentSpec:
+    """Validate a spec document; :class:`ValidationError` lists every problem."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    deckies = []
+    for i, raw in enumerate(_top_level(doc, problems)):
+        decky = _parse_decky(i, raw, seen, problems)
+        if decky is not None:
+            deckies.append(decky)
+    _port_conflicts(deckies, problems)
     if problems:
         raise ValidationError(problems)
     return DeploymentSpec(deckies=tuple(deckies))

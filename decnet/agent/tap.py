@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
@@ -21,9 +22,7 @@ from decnet.agent.decoys.budget import (
     nofile_limit,
 )
 from decnet.agent.engine import ENGINES
-from decnet.errors import DecnetError
-from decnet.pki import WorkerBundle
-from decnet.tls import TLSIdentity
+from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
 
 
 class Options(usage.Options):
@@ -52,7 +51,7 @@ class Options(usage.Options):
             config.DEFAULT_LOG_FILE,
             "RFC 5424 decoy event log (the forwarder ships it)",
         ],
-        ["port-file", None, None, "write the bound API port to this file once listening"],
+        PORT_FILE_OPTION,
         ["engine", None, "builtin", f"decoy engine ({', '.join(ENGINES)})"],
         [
             "max-decoy-connections",
@@ -65,27 +64,16 @@ class Options(usage.Options):
         ],
     ]
 
-    def postOptions(self):
-        if not self["bundle"]:
-            raise usage.UsageError(
-                "--bundle is required: the agent only runs with an enrolled identity "
-                "(create one with `decnet-admin enroll` on the master)"
-            )
+    def postOptions(self) -> None:
+        bundle, _identity = load_bundle(
+            self,
+            config.ROLE_WORKER,
+            required="--bundle is required: the agent only runs with an enrolled identity "
+            "(create one with `decnet-admin enroll` on the master)",
+        )
         if self["engine"] not in ENGINES:
             raise usage.UsageError(f"--engine must be one of: {', '.join(ENGINES)}")
-        try:
-            bundle = WorkerBundle.load(self["bundle"])
-            identity = TLSIdentity.from_bundle(bundle, config.ROLE_WORKER)
-        except DecnetError as exc:
-            raise usage.UsageError(f"unusable bundle: {exc}") from None
-        if identity.identity.role != config.ROLE_WORKER or identity.identity.cn != bundle.name:
-            raise usage.UsageError(
-                f"{bundle.cert_path(config.ROLE_WORKER)} is not the worker certificate "
-                f"of {bundle.name!r}"
-            )
-        self["max_decoy_connections"] = decoy_budget(self["max-decoy-connections"], nofile_limit())
-        self["bundle_obj"] = bundle
-        self["identity"] = identity
+        self["max-decoy-connections"] = decoy_budget(self["max-decoy-connections"], nofile_limit())
         if not self["listen"]:
             port = bundle.settings.get("agent_port", config.AGENT_PORT)
             self["listen"] = f"tcp:{port}:interface=0.0.0.0"
@@ -114,7 +102,7 @@ def decoy_budget(value: str | None, nofile: int) -> int:
     return budget
 
 
-def makeService(options):
+def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from decnet.agent.service import AgentService
@@ -123,12 +111,7 @@ def makeService(options):
     pin_running_release()  # the updater never prunes the release we run from
     return AgentService(
         reactor,
-        bundle=options["bundle_obj"],
+        bundle=options["bundle-obj"],
         identity=options["identity"],
-        listen=options["listen"],
-        state_dir=options["state-dir"],
-        log_file=options["log-file"],
-        port_file=options["port-file"],
-        engine=options["engine"],
-        max_decoy_connections=options["max_decoy_connections"],
+        **keywords(options, "listen port-file state-dir log-file engine max-decoy-connections"),
     )

@@ -2,6 +2,6 @@
 
 import time
 
-# When this package was imported: where a command's --timeout counts from when /proc
-# cannot tell when the process itself started (decnet.cli.runtime.age).
+# When this command started, read once on the monotonic clock before anything else of
+# decnet-admin is imported: where its --timeout counts from (decnet.cli.runtime.budget).
 STARTED = time.monotonic()

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from decnet import config
 from decnet.agent.spec import parse_spec
 from decnet.cli import output
+from decnet.cli.arguments import command, flag, json_flag, timeout_option
 from decnet.cli.runtime import budget, run_async
 from decnet.errors import BadReply, DecnetError, ValidationError
 from decnet.master.registry import Registry
@@ -31,56 +32,61 @@ TIMEOUT_HELP = (
 
 
 def register(sub, parents) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "status",
-        parents=parents,
-        help="show the deckies a worker runs (or every worker's)",
+        cmd_status,
+        summary="show the deckies a worker runs (or every worker's)",
         description="Ask the agent of NAME (or, with --all or no NAME, of every enrolled "
         "host) for its deployed spec and the live state of each decky and service.",
     )
     p.add_argument("name", nargs="?", help="host name (default: every host)")
-    p.add_argument("--all", action="store_true", help="every enrolled host (the default)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help=TIMEOUT_HELP)
-    p.set_defaults(func=cmd_status)
+    flag(p, "--all", "every enrolled host (the default)")
+    _json_and_timeout(p, config.HTTP_TIMEOUT)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "check",
-        parents=parents,
-        help="probe every agent's health and record it in the registry",
+        cmd_check,
+        summary="probe every agent's health and record it in the registry",
         description="Probe GET /health of every enrolled (not decommissioned) host "
         "concurrently, record active/unreachable in the registry, print a table. Exits 1 "
         "if any host is down.",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=config.HTTP_TIMEOUT, help=TIMEOUT_HELP)
-    p.set_defaults(func=cmd_check)
+    _json_and_timeout(p, config.HTTP_TIMEOUT)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "deploy",
-        parents=parents,
-        help="deploy a spec of deckies to a worker",
+        cmd_deploy,
+        summary="deploy a spec of deckies to a worker",
         description="Validate the spec locally, send it to NAME's agent and print the "
         "result of every service. Deploying the same spec again changes nothing; a changed "
         "spec starts and stops only what changed. Exits 1 if any service failed.",
     )
     p.add_argument("name", help="host name")
     p.add_argument("--spec", required=True, metavar="FILE", help="deployment spec (JSON)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=config.AGENT_DEPLOY_TIMEOUT, help=TIMEOUT_HELP)
-    p.set_defaults(func=cmd_deploy)
+    _json_and_timeout(p, config.AGENT_DEPLOY_TIMEOUT)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "teardown",
-        parents=parents,
-        help="stop one decky, or every decky, on a worker",
+        cmd_teardown,
+        summary="stop one decky, or every decky, on a worker",
         description="Stop decky --decky on NAME's agent, or every decky without it.",
     )
     p.add_argument("name", help="host name")
     p.add_argument("--decky", default=None, help="the decky to stop (default: all)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=config.AGENT_DEPLOY_TIMEOUT, help=TIMEOUT_HELP)
-    p.set_defaults(func=cmd_teardown)
+    _json_and_timeout(p, config.AGENT_DEPLOY_TIMEOUT)
+
+
+def _json_and_timeout(parser: argparse.ArgumentParser, timeout: float) -> None:
+    json_flag(parser)
+    timeout_option(parser, timeout, TIMEOUT_HELP)
 
 
 class _Context:

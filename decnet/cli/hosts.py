@@ -6,15 +6,18 @@ import argparse
 
 from decnet import config, pki
 from decnet.cli import output
+from decnet.cli.arguments import command, flag, json_flag
 from decnet.master import enrollment
 from decnet.master.registry import Registry
 
 
 def register(sub, parents) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "init",
-        parents=parents,
-        help="create the CA and the master identity (idempotent)",
+        cmd_init,
+        summary="create the CA and the master identity (idempotent)",
         description="Create the private CA and the master identity under --home. Running it "
         "again keeps both and only updates --master-host.",
     )
@@ -23,34 +26,23 @@ def register(sub, parents) -> None:
         default="127.0.0.1",
         help="address workers use to reach this master's log listener (default: %(default)s)",
     )
-    p.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="extra DNS name or IP for the master certificate (repeatable)",
-    )
+    _san_option(p, "extra DNS name or IP for the master certificate (repeatable)")
     p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
-    p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "enroll",
-        parents=parents,
-        help="issue a worker's certificates and write its bundle",
+        cmd_enroll,
+        summary="issue a worker's certificates and write its bundle",
         description="Issue the worker certificate (and with --updater the updater certificate), "
         "record their fingerprints in the registry and write the worker bundle to --out. "
         "Copy that directory to the worker; the master keeps no private key.",
     )
     p.add_argument("name", help="worker host name (a-z, 0-9, '.', '-'; max 63)")
     p.add_argument("--address", required=True, help="IP or DNS name the master uses to reach it")
-    p.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="extra DNS name or IP for the worker certificate (repeatable)",
-    )
-    p.add_argument("--updater", action="store_true", help="also issue the updater certificate")
+    _san_option(p, "extra DNS name or IP for the worker certificate (repeatable)")
+    flag(p, "--updater", "also issue the updater certificate")
     p.add_argument("--agent-port", type=int, default=config.AGENT_PORT)
     p.add_argument("--updater-port", type=int, default=config.UPDATER_PORT)
     p.add_argument(
@@ -69,28 +61,33 @@ def register(sub, parents) -> None:
         help="certificate lifetime in days (default: %(default)s)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="new directory for the bundle")
-    p.set_defaults(func=cmd_enroll)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "hosts",
-        parents=parents,
-        help="list enrolled hosts",
+        cmd_hosts,
+        summary="list enrolled hosts",
         description="List every enrolled host with its status and certificate fingerprints.",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_hosts)
+    json_flag(p)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "decommission",
-        parents=parents,
-        help="retire a host and revoke its certificates",
+        cmd_decommission,
+        summary="retire a host and revoke its certificates",
         description="Mark NAME decommissioned and add its worker and updater certificates to "
         "the revocation list (the log listener refuses them from then on, and decnet-admin "
         "never contacts the host again). Running it again for a decommissioned host "
         "re-asserts its revocation entries and restores any that are missing.",
     )
     p.add_argument("name")
-    p.set_defaults(func=cmd_decommission)
+
+
+def _san_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--san", action="append", default=[], metavar="ADDR", help=text)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -110,22 +107,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+# The options of ``enroll`` passed to enrollment.enroll() under the same names.
+_ENROLL_OPTIONS = (
+    "updater",
+    "agent_port",
+    "updater_port",
+    "syslog_port",
+    "master_host",
+    "key_type",
+    "validity_days",
+)
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
-    result = enrollment.enroll(
-        master,
-        args.name,
-        args.address,
-        args.out,
-        sans=args.san,
-        updater=args.updater,
-        agent_port=args.agent_port,
-        updater_port=args.updater_port,
-        syslog_port=args.syslog_port,
-        master_host=args.master_host,
-        key_type=args.key_type,
-        validity_days=args.validity_days,
-    )
+    options = {name: getattr(args, name) for name in _ENROLL_OPTIONS}
+    result = enrollment.enroll(master, args.name, args.address, args.out, sans=args.san, **options)
     host = result.host
     output.line(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")
     output.line(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")

@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from decnet import __version__, config
-from decnet.cli import agents, hosts, output, sandbox, updates
-from decnet.errors import DecnetError, ValidationError
+from decnet.cli import agents, hosts, sandbox, updates
+from decnet.cli.runtime import report_failure
+from decnet.errors import DecnetError
 
 # Each module adds its sub-commands with register(subparsers).
 COMMAND_MODULES = [hosts, agents, updates, sandbox]
@@ -37,21 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args.paths = config.MasterPaths.resolve(args.home)
     try:
         return int(args.func(args) or 0)
-    except ValidationError as exc:
-        return _failed(args, exc.problems)
     except DecnetError as exc:
-        return _failed(args, [str(exc)])
+        return report_failure(exc, as_json=getattr(args, "json", False))
     except KeyboardInterrupt:
         return 130
-
-
-def _failed(args: argparse.Namespace, problems: list[str]) -> int:
-    """One escaped line per problem on stderr; with ``--json``, stdout is still JSON."""
-    for problem in problems:
-        output.error(problem)
-    if getattr(args, "json", False):
-        output.print_json({"problems": problems})
-    return 1
 
 
 if __name__ == "__main__":

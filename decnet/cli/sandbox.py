@@ -1,8 +1,10 @@
 """``decnet-admin sandbox up / status / down / poke``: a whole swarm on this machine.
 
-The logic lives in :mod:`decnet.sandbox`; this module parses arguments, checks
-what can be checked before the reactor runs (the directory lock, leftovers of
-an earlier run), and runs the async part under ``task.react``.
+The logic lives in :mod:`decnet.sandbox`, which returns report objects; this
+module parses arguments, checks what can be checked before the reactor runs
+(the directory lock, leftovers of an earlier run), runs the async part with the
+CLI's one reactor runner (:func:`decnet.cli.runtime.run_async`), and prints what
+:mod:`decnet.cli.sandbox_view` makes of the reports.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import IO, cast
 
-from twisted.internet import defer, task
+from twisted.internet import defer
+from twisted.logger import ILogFilterPredicate, ILogObserver
 
 from decnet import config
-from decnet.cli import output
+from decnet.cli import output, sandbox_view
+from decnet.cli.arguments import command, json_flag
+from decnet.cli.runtime import run_async
+from decnet.cli.sandbox_view import SandboxConsole
 from decnet.errors import DecnetError, SandboxError, ValidationError
 from decnet.fsutil import ensure_private_dir
+from decnet.sandbox import ISandboxReactor, state
 from decnet.sandbox import layout as sandbox_layout
-from decnet.sandbox import state
 from decnet.sandbox.layout import SandboxLayout
+from decnet.sandbox.report import ignore
 
 DIR_HELP = f"the sandbox directory (default: ./{config.SANDBOX_DEFAULT_DIR})"
 
@@ -41,7 +49,11 @@ def _net(value: str) -> int:
     return number
 
 
-def register(sub, parents) -> None:
+def _dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+
+
+def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "sandbox",
         help="run a complete local swarm on loopback (up, status, down, poke)",
@@ -50,9 +62,12 @@ def register(sub, parents) -> None:
     )
     sandbox = p.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
 
-    up = sandbox.add_parser(
+    up = command(
+        sandbox,
+        (),
         "up",
-        help="start the sandbox and watch events arrive (Ctrl-C stops it)",
+        cmd_up,
+        summary="start the sandbox and watch events arrive (Ctrl-C stops it)",
         description="Initialise a CA (or reuse DIR's), enroll workers w1..wN with updater "
         "certificates, start the master's log listener and, per worker, the updater (which "
         "runs the agent from its installed release) and the log forwarder, push a release of "
@@ -69,7 +84,7 @@ def register(sub, parents) -> None:
         metavar="N",
         help="number of workers (default: %(default)s)",
     )
-    up.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    _dir_option(up)
     up.add_argument(
         "--net",
         type=_net,
@@ -83,39 +98,45 @@ def register(sub, parents) -> None:
         default=None,
         help="use these wheels for the release instead of building a wheelhouse in DIR/cache",
     )
-    up.set_defaults(func=cmd_up)
 
-    st = sandbox.add_parser(
+    st = command(
+        sandbox,
+        (),
         "status",
-        help="show whether the sandbox and each of its processes and agents are up",
+        cmd_status,
+        summary="show whether the sandbox and each of its processes and agents are up",
         description="Read DIR/sandbox.json, check that `sandbox up` and every process it "
         "started are still alive (by recorded PID and start time), and ask each agent for "
         "its health and deckies. Exits 1 if anything is down.",
     )
-    st.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(func=cmd_status)
+    _dir_option(st)
+    json_flag(st)
 
-    dn = sandbox.add_parser(
+    dn = command(
+        sandbox,
+        (),
         "down",
-        help="stop a running sandbox (from another terminal)",
+        cmd_down,
+        summary="stop a running sandbox (from another terminal)",
         description="Ask `sandbox up` to stop and wait for it; if it is gone but processes it "
         "started survive (it was killed), stop those by their recorded PIDs. Safe to run "
         "again; exits 0 once nothing of the sandbox runs.",
     )
-    dn.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
-    dn.set_defaults(func=cmd_down)
+    _dir_option(dn)
 
-    pk = sandbox.add_parser(
+    pk = command(
+        sandbox,
+        (),
         "poke",
-        help="play the attacker against every decky service",
+        cmd_poke,
+        summary="play the attacker against every decky service",
         description="Connect to every service of every decky with a real client (an SSH "
         "password login, an HTTP login form POST, telnet, FTP, SMTP AUTH, Redis AUTH and a "
         "command, raw bytes to the TCP banner), print what was done, then wait until each "
         "conversation has reached the master's feed under the right worker. Exits 1 if a "
         "conversation failed, did not arrive within --wait, or arrived as another worker.",
     )
-    pk.add_argument("--dir", default=config.SANDBOX_DEFAULT_DIR, help=DIR_HELP)
+    _dir_option(pk)
     pk.add_argument(
         "--worker",
         action="append",
@@ -130,58 +151,70 @@ def register(sub, parents) -> None:
         help="how long to wait for the events at the master (0: do not check; "
         "default: %(default)s)",
     )
-    pk.add_argument("--json", action="store_true", help="machine-readable output")
-    pk.set_defaults(func=cmd_poke)
+    json_flag(pk)
 
 
-def _say(text: str = "") -> None:
-    output.text(text)
+def _print(blocks: list[str]) -> None:
+    for block in blocks:
+        output.text(block)
 
 
-def _react(fn) -> int:
-    """Run ``await fn(reactor)`` (returning an exit code) under ``task.react``."""
-    codes: list[int] = []
+async def status_command(reactor: ISandboxReactor, layout: SandboxLayout, as_json: bool) -> int:
+    """``sandbox status``: print what runs; 0 only when everything is up."""
+    from decnet.sandbox.control import status
 
-    async def main(reactor):
-        try:
-            codes.append(int(await fn(reactor)))
-        except ValidationError as exc:
-            for problem in exc.problems:
-                output.error(problem)
-            codes.append(1)
-        except DecnetError as exc:
-            output.error(str(exc))
-            codes.append(1)
+    report = await status(reactor, layout)
+    if as_json:
+        output.print_json(sandbox_view.status_json(report))
+    else:
+        _print(sandbox_view.status_lines(report))
+    return 0 if report.healthy else 1
 
-    try:
-        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            return int(exc.code)
-    return codes[0] if codes else 1
+
+async def down_command(reactor: ISandboxReactor, layout: SandboxLayout) -> int:
+    """``sandbox down``: stop it, saying what it does; 0 once nothing of it runs."""
+    from decnet.sandbox.control import down
+
+    report = await down(reactor, layout, SandboxConsole().show)
+    _print(sandbox_view.down_lines(report))
+    return 1 if report.still_running else 0
+
+
+async def poke_command(
+    reactor: ISandboxReactor,
+    layout: SandboxLayout,
+    *,
+    only: list[str] | None,
+    wait: float,
+    as_json: bool,
+) -> int:
+    """``sandbox poke``: each outcome as it ends, then the summary; 0 when all arrived right."""
+    from decnet.sandbox.poke import poke
+
+    progress = ignore if as_json else SandboxConsole().show
+    report = await poke(reactor, layout, progress, only=only, wait=wait)
+    if as_json:
+        output.print_json(sandbox_view.poke_json(report))
+    else:
+        _print(sandbox_view.poke_lines(report))
+    return 0 if report.ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from decnet.sandbox.control import status
-
     layout = SandboxLayout.at(args.dir)
-    return _react(lambda reactor: status(reactor, layout, _say, as_json=args.json))
+    return run_async(lambda reactor: status_command(reactor, layout, args.json))
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from decnet.sandbox.control import down
-
     layout = SandboxLayout.at(args.dir)
-    return _react(lambda reactor: down(reactor, layout, _say))
+    return run_async(lambda reactor: down_command(reactor, layout))
 
 
 def cmd_poke(args: argparse.Namespace) -> int:
-    from decnet.sandbox.poke import poke
-
     layout = SandboxLayout.at(args.dir)
-    return _react(
-        lambda reactor: poke(
-            reactor, layout, _say, only=args.worker, wait=args.wait, as_json=args.json
+    return run_async(
+        lambda reactor: poke_command(
+            reactor, layout, only=args.worker, wait=args.wait, as_json=args.json
         )
     )
 
@@ -202,44 +235,63 @@ def _lock(layout: SandboxLayout, doc: dict | None) -> int:
     return fd
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from decnet.cli.updates import default_root
-
-    layout = SandboxLayout.at(args.dir)
-    ensure_private_dir(layout.root)
-    doc = state.load(layout.state_file)
+def _net_of(layout: SandboxLayout, doc: dict | None, asked: int | None) -> int:
+    """``--net``, else the one DIR was made with, else the default; never a second one."""
     recorded = doc.get("net") if doc else None
-    if recorded is not None and args.net is not None and args.net != recorded:
+    if recorded is not None and asked is not None and asked != recorded:
         raise ValidationError(
             f"{layout.root} was set up with --net {recorded}; use it again or a new --dir"
         )
-    net = args.net or recorded or config.SANDBOX_DEFAULT_NET
-    sandbox_layout.validate(args.workers, net)
+    return asked or recorded or config.SANDBOX_DEFAULT_NET
+
+
+def _source_tree() -> Path:
+    """The checkout DECNET runs from: ``up`` releases it to its workers."""
+    from decnet.cli.updates import default_root
+
     root = default_root()
     if not (root / "setup.cfg").is_file():
         raise SandboxError(
             f"sandbox up releases the source tree DECNET runs from, but {root} is not one "
             "(install DECNET from a checkout: pip install -e .)"
         )
-    wheels = Path(args.wheelhouse).absolute() if args.wheelhouse else None
+    return root
+
+
+def _wheelhouse(given: str | None) -> Path | None:
+    wheels = Path(given).absolute() if given else None
     if wheels is not None and not wheels.is_dir():
-        raise ValidationError(f"--wheelhouse {args.wheelhouse} is not a directory")
+        raise ValidationError(f"--wheelhouse {given} is not a directory")
+    return wheels
+
+
+def _refuse_leftovers(doc: dict | None, directory: str) -> None:
+    """Processes of an earlier ``up`` that still run must be stopped first."""
+    leftovers = [n for n, r in state.processes(doc).items() if state.is_running(r)] if doc else []
+    if leftovers:
+        raise SandboxError(
+            f"processes of an earlier `sandbox up` still run ({', '.join(sorted(leftovers))}); "
+            f"stop them with `decnet-admin sandbox down --dir {directory}` first"
+        )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    layout = SandboxLayout.at(args.dir)
+    ensure_private_dir(layout.root)
+    doc = state.load(layout.state_file)
+    net = _net_of(layout, doc, args.net)
+    sandbox_layout.validate(args.workers, net)
+    root = _source_tree()
+    wheels = _wheelhouse(args.wheelhouse)
     lock = _lock(layout, doc)
-    if doc:
-        leftovers = [n for n, r in state.processes(doc).items() if state.is_running(r)]
-        if leftovers:
-            os.close(lock)
-            raise SandboxError(
-                f"processes of an earlier `sandbox up` still run ({', '.join(sorted(leftovers))}); "
-                f"stop them with `decnet-admin sandbox down --dir {args.dir}` first"
-            )
     try:
+        _refuse_leftovers(doc, args.dir)
         return _run_up(layout, args.workers, net, root, wheels)
     finally:
         os.close(lock)
 
 
-def _stop(reactor) -> None:
+def _stop(reactor: ISandboxReactor) -> None:
     from twisted.internet.error import ReactorNotRunning
 
     try:
@@ -248,7 +300,8 @@ def _stop(reactor) -> None:
         pass  # already stopping (a second signal)
 
 
-def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -> int:
+def _log_to(log_file: IO[str]) -> None:
+    """Twisted's log to ``log_file`` (``DIR/logs/sandbox.log``), minus the chatter."""
     from twisted.logger import (
         FilteringLogObserver,
         LogLevel,
@@ -257,63 +310,71 @@ def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels) -
         textFileLogObserver,
     )
 
-    from decnet.sandbox.live import LiveView
-    from decnet.sandbox.up import Console, Sandbox
-
-    ensure_private_dir(layout.logs_dir)
-    log_file = open(layout.log("sandbox"), "a")  # open for the life of the run
-
-    def quiet(event) -> PredicateResult:
+    def quiet(event: dict) -> PredicateResult:
         # Every short-lived HTTP connection logs "Starting/Stopping factory".
         chatty = event.get("log_namespace", "").startswith("twisted.web.client")
         if chatty and event.get("log_level") == LogLevel.info:
             return PredicateResult.no
         return PredicateResult.maybe
 
-    observer = FilteringLogObserver(textFileLogObserver(log_file), [quiet])
+    predicate = cast(ILogFilterPredicate, quiet)  # a function provides it (Twisted's docs)
+    observer: ILogObserver = FilteringLogObserver(textFileLogObserver(log_file), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    console = Console(sys.stdout)
 
-    async def main(reactor):
-        sandbox = Sandbox(
-            reactor,
-            layout,
-            workers=workers,
-            net=net,
-            root=root,
-            wheelhouse_dir=wheels,
-            console=console,
-        )
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: defer.ensureDeferred(sandbox.shutdown())
-        )
-        # SIGINT and SIGTERM already stop the reactor; a closed terminal (SIGHUP) too.
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_stop, reactor))
-        try:
-            await sandbox.run()
-        except DecnetError as exc:
-            if sandbox.stopping:
-                return
-            output.error(str(exc))
-            sys.stderr.flush()
-            raise SystemExit(1) from None
-        except Exception:
-            if sandbox.stopping:
-                return
-            sandbox.log.failure("sandbox up failed")
-            output.error(f"internal error; see {layout.log('sandbox')}")
-            raise SystemExit(1) from None
-        live = LiveView(
-            reactor, console.line, layout, sandbox.prepared.identity, sandbox.doc["workers"]
-        )
-        sandbox.live = live
-        await live.start()
-        await defer.Deferred()  # until SIGINT / SIGTERM / SIGHUP stops the reactor
 
+def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels: Path | None) -> int:
+    from decnet.sandbox.up import Sandbox
+
+    ensure_private_dir(layout.logs_dir)
+    with open(layout.log("sandbox"), "a") as log_file:  # open for the life of the run
+        _log_to(log_file)
+        console = SandboxConsole(sys.stdout)
+
+        def start(reactor: ISandboxReactor) -> defer.Deferred:
+            sandbox = Sandbox(
+                reactor,
+                layout,
+                workers=workers,
+                net=net,
+                root=root,
+                wheelhouse_dir=wheels,
+                report=console.show,
+            )
+            return defer.ensureDeferred(_up(reactor, sandbox, console))
+
+        return run_async(start)
+
+
+def _failed(sandbox, message: str) -> int:
+    """``up`` failed: say why at once (before it stops its children), exit 1."""
+    if sandbox.stopping:  # Ctrl-C while starting: not a failure
+        return 0
+    output.error(message)
+    sys.stderr.flush()
+    return 1
+
+
+async def _up(reactor: ISandboxReactor, sandbox, console: SandboxConsole) -> int:
+    """Start everything, then watch until SIGINT / SIGTERM / SIGHUP stops the reactor."""
+    from decnet.sandbox.live import LiveView
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.ensureDeferred(sandbox.shutdown())
+    )
+    # SIGINT and SIGTERM already stop the reactor; a closed terminal (SIGHUP) too.
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_stop, reactor))
     try:
-        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        log_file.close()
+        await sandbox.run()
+    except DecnetError as exc:
+        return _failed(sandbox, str(exc))
+    except Exception:
+        if not sandbox.stopping:
+            sandbox.log.failure("sandbox up failed")
+        return _failed(sandbox, f"internal error; see {sandbox.layout.log('sandbox')}")
+    live = LiveView(
+        reactor, console.show, sandbox.layout, sandbox.prepared.identity, sandbox.doc["workers"]
+    )
+    sandbox.live = live
+    await live.start()
+    await defer.Deferred()  # until SIGINT / SIGTERM / SIGHUP stops the reactor
     return 0

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from decnet import config
 from decnet.cli import output
+from decnet.cli.arguments import command, flag, json_flag, timeout_option
 from decnet.cli.runtime import budget, run_async
 from decnet.errors import DecnetError, RemoteError, ValidationError
 from decnet.master import tar_tree
 from decnet.master.registry import Host, Registry
-from decnet.master.rollout import FAILED, ROLLED_BACK, SKIPPED, Rollout, plan_rollout
+from decnet.master.rollout import (
+    FAILED,
+    ROLLED_BACK,
+    SKIPPED,
+    HostResult,
+    Rollout,
+    RolloutPlan,
+    plan_rollout,
+)
+from decnet.master.tar_tree import ReleaseArchive
 from decnet.options import non_negative_int, positive_int
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
+T = TypeVar("T")
+
 
 def register(sub, parents) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "update",
-        parents=parents,
-        help="push a release of this source tree to workers' updaters",
+        cmd_update,
+        summary="push a release of this source tree to workers' updaters",
         description="Build one release tarball from --root (an allow-list: the package, "
         "setup.cfg, pyproject.toml, README/LICENSE and an optional wheelhouse; never keys, "
         ".env, databases, logs, VCS data or caches), push it to each host's updater over "
@@ -32,17 +49,9 @@ def register(sub, parents) -> None:
     which.add_argument(
         "--host", action="append", metavar="NAME", help="a host to update (repeatable)"
     )
-    which.add_argument("--all", action="store_true", help="every enrolled host with an updater")
-    p.add_argument(
-        "--include-self",
-        action="store_true",
-        help="also update each updater (only where the agent update succeeded)",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="list the hosts and the tarball's files, size and sha256; contact nothing",
-    )
+    flag(which, "--all", "every enrolled host with an updater")
+    flag(p, "--include-self", "also update each updater (only where the agent update succeeded)")
+    flag(p, "--dry-run", "list the hosts and the tarball's files, size and sha256; contact nothing")
     p.add_argument("--root", metavar="DIR", help="source tree to release (default: this one)")
     p.add_argument(
         "--wheelhouse",
@@ -62,52 +71,46 @@ def register(sub, parents) -> None:
         metavar="N",
         help="update N hosts first; stop unless all of them end updated",
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=config.DEFAULT_UPDATE_TIMEOUT,
-        help="seconds one host gets for the whole push and its answer (default: %(default)s)",
+    timeout_option(
+        p,
+        config.DEFAULT_UPDATE_TIMEOUT,
+        "seconds one host gets for the whole push and its answer (default: %(default)s)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable results")
-    p.set_defaults(func=cmd_update)
+    json_flag(p, "machine-readable results")
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "rollback",
-        parents=parents,
-        help="switch a host's agent back to a previous release",
+        cmd_rollback,
+        summary="switch a host's agent back to a previous release",
         description="Ask NAME's updater to switch back to the previous release (or --to a "
         "named installed one), restart the agent and confirm it is healthy.",
     )
     p.add_argument("name")
     p.add_argument("--to", metavar="RELEASE", help="an installed release id (see `releases`)")
-    p.add_argument("--json", action="store_true", help="machine-readable result")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=config.DEFAULT_UPDATE_TIMEOUT,
-        help="seconds, from the command's start, by which the host must have answered in "
-        "full (default: %(default)s)",
-    )
-    p.set_defaults(func=cmd_rollback)
+    json_flag(p, "machine-readable result")
+    timeout_option(p, config.DEFAULT_UPDATE_TIMEOUT, DEADLINE_HELP)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
+        parents,
         "releases",
-        parents=parents,
-        help="list the releases installed on a host",
+        cmd_releases,
+        summary="list the releases installed on a host",
         description="List the agent releases NAME's updater keeps: which one is current, the "
         "rollback target, releases that failed their health check (pruned first) and releases "
         "a running process uses (never pruned).",
     )
     p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=config.RELEASES_TIMEOUT,
-        help="seconds, from the command's start, by which the host must have answered in "
-        "full (default: %(default)s)",
-    )
-    p.set_defaults(func=cmd_releases)
+    json_flag(p)
+    timeout_option(p, config.RELEASES_TIMEOUT, DEADLINE_HELP)
+
+
+DEADLINE_HELP = (
+    "seconds, from the command's start, by which the host must have answered in "
+    "full (default: %(default)s)"
+)
 
 
 def default_root() -> Path:
@@ -155,46 +158,62 @@ def cmd_update(args: argparse.Namespace) -> int:
                 output.error(f"{skipped.host}: skipped, {skipped.detail}")
             output.error("no host to update")
             return 1
-        identity = TLSIdentity.master(args.paths)
-        revocations = RevocationSet(args.paths.revocations)
-        git = f", git {archive.git_sha[:12]}" if archive.git_sha else ""
-        if not args.json:  # --json prints one document, at the end
-            output.line(
-                f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} "
-                f"bytes, sha256 {archive.sha256}{git}"
-            )
-
-        async def go(reactor):
-            from decnet.master.updater_client import UpdaterClient
-
-            rollout = Rollout(
-                reactor,
-                lambda host: UpdaterClient(
-                    reactor, identity, host, timeout=args.timeout, revocations=revocations
-                ),
-                archive,
-                concurrency=args.concurrency,
-                include_self=args.include_self,
-                progress=(lambda h, m: None) if args.json else _progress,
-                timeout=args.timeout,
-            )
-            return await rollout.run(plan)
-
-        results = []
-
-        async def collect(reactor):
-            results.extend(await go(reactor))
-            return 0
-
-        run_async(collect)
+        results = _push(args, plan, archive)
     finally:
-        archive.path.unlink(missing_ok=True)
-        try:
-            archive.path.parent.rmdir()
-        except OSError:
-            pass
+        _remove(archive)
     order = {h.name: i for i, h in enumerate(hosts)}
     results.sort(key=lambda r: order.get(r.host, len(order)))
+    _show_results(args, archive, results)
+    return 1 if any(_failed(r, explicit=bool(args.host)) for r in results) else 0
+
+
+def _failed(result: HostResult, *, explicit: bool) -> bool:
+    """A host that did not end updated, or was skipped though named or by a stopped rollout."""
+    if result.result in (FAILED, ROLLED_BACK):
+        return True
+    return result.result == SKIPPED and (explicit or result.detail.startswith("rollout stopped"))
+
+
+def _push(args: argparse.Namespace, plan: RolloutPlan, archive: ReleaseArchive) -> list[HostResult]:
+    """Run the rollout of ``archive`` to the hosts of ``plan``; the per-host results."""
+    identity = TLSIdentity.master(args.paths)
+    revocations = RevocationSet(args.paths.revocations)
+    git = f", git {archive.git_sha[:12]}" if archive.git_sha else ""
+    if not args.json:  # --json prints one document, at the end
+        output.line(
+            f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} "
+            f"bytes, sha256 {archive.sha256}{git}"
+        )
+
+    async def go(reactor):
+        from decnet.master.updater_client import UpdaterClient
+
+        rollout = Rollout(
+            reactor,
+            lambda host: UpdaterClient(
+                reactor, identity, host, timeout=args.timeout, revocations=revocations
+            ),
+            archive,
+            concurrency=args.concurrency,
+            include_self=args.include_self,
+            progress=(lambda h, m: None) if args.json else _progress,
+            timeout=args.timeout,
+        )
+        return await rollout.run(plan)
+
+    return _result_of(go, [])
+
+
+def _remove(archive: ReleaseArchive) -> None:
+    """Delete the built tarball and its temporary directory (if nothing else is in it)."""
+    archive.path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        archive.path.parent.rmdir()
+
+
+def _show_results(
+    args: argparse.Namespace, archive: ReleaseArchive, results: list[HostResult]
+) -> None:
     if args.json:
         output.print_json(
             {
@@ -203,47 +222,55 @@ def cmd_update(args: argparse.Namespace) -> int:
                 "results": [r.as_dict() for r in results],
             }
         )
-    else:
-        rows = [
-            (
-                r.host,
-                r.result,
-                r.release or "-",
-                "-" if r.seconds is None else f"{r.seconds:.1f}",
-                r.detail,
-            )
-            for r in results
-        ]
-        output.line()
-        output.print_table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows)
-    explicit = bool(args.host)
-    bad = [
-        r
+        return
+    rows = [
+        (
+            r.host,
+            r.result,
+            r.release or "-",
+            "-" if r.seconds is None else f"{r.seconds:.1f}",
+            r.detail,
+        )
         for r in results
-        if r.result in (FAILED, ROLLED_BACK)
-        or (r.result == SKIPPED and (explicit or r.detail.startswith("rollout stopped")))
     ]
-    return 1 if bad else 0
+    output.line()
+    output.print_table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows)
 
 
-def _dry_run(args, plan, archive: tar_tree.ReleaseArchive) -> int:
-    doc = {
-        "release": archive.release_id,
-        "sha256": archive.sha256,
-        "size": archive.size,
-        "git_sha": archive.git_sha,
-        "git_dirty": archive.git_dirty,
-        "files": list(archive.files),
-        "excluded": [{"path": s.path, "reason": s.reason} for s in archive.skipped],
-        "canaries": [h.name for h in plan.canaries],
-        "hosts": [h.name for h in plan.rest],
-        "skipped": [{"host": s.host, "reason": s.detail} for s in plan.skipped],
-        "include_self": args.include_self,
-    }
+def _dry_run(args: argparse.Namespace, plan: RolloutPlan, archive: ReleaseArchive) -> int:
     if args.json:
-        output.print_json(doc)
+        output.print_json(
+            {
+                "release": archive.release_id,
+                "sha256": archive.sha256,
+                "size": archive.size,
+                "git_sha": archive.git_sha,
+                "git_dirty": archive.git_dirty,
+                "files": list(archive.files),
+                "excluded": [{"path": s.path, "reason": s.reason} for s in archive.skipped],
+                "canaries": [h.name for h in plan.canaries],
+                "hosts": [h.name for h in plan.rest],
+                "skipped": [{"host": s.host, "reason": s.detail} for s in plan.skipped],
+                "include_self": args.include_self,
+            }
+        )
         return 0
     output.line("Dry run: nothing was contacted.")
+    _show_release(archive)
+    output.line("Hosts:")
+    for host in plan.canaries:
+        output.line(f"  {host.name}  (canary)")
+    for host in plan.rest:
+        output.line(f"  {host.name}")
+    for s in plan.skipped:
+        output.line(f"  {s.host}  skipped: {s.detail}")
+    if args.include_self:
+        output.line("Then /update-self on every host whose agent update succeeded.")
+    return 0
+
+
+def _show_release(archive: ReleaseArchive) -> None:
+    """What a dry run would push: the tarball, its files and what was left out."""
     output.line(f"Release {archive.release_id}")
     output.line(f"  sha256   {archive.sha256}")
     output.line(f"  size     {archive.size} bytes, {len(archive.files)} files")
@@ -259,16 +286,19 @@ def _dry_run(args, plan, archive: tar_tree.ReleaseArchive) -> int:
         output.line("Left out:")
         for s in archive.skipped:
             output.line(f"  {s.path}  ({s.reason})")
-    output.line("Hosts:")
-    for host in plan.canaries:
-        output.line(f"  {host.name}  (canary)")
-    for host in plan.rest:
-        output.line(f"  {host.name}")
-    for s in plan.skipped:
-        output.line(f"  {s.host}  skipped: {s.detail}")
-    if args.include_self:
-        output.line("Then /update-self on every host whose agent update succeeded.")
-    return 0
+
+
+def _result_of(fn: Callable[[Any], Awaitable[T]], stopped: T) -> T:
+    """The value of ``await fn(reactor)``, run under the command's reactor (:func:`run_async`);
+    ``stopped`` if the reactor stopped before ``fn`` ended (a signal)."""
+    box: list[T] = []
+
+    async def main(reactor) -> int:
+        box.append(await fn(reactor))
+        return 0
+
+    run_async(main)
+    return box[0] if box else stopped
 
 
 def _client_for(args, reactor):
@@ -290,13 +320,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         finally:
             await client.close()
 
-    doc: dict = {}
-
-    async def collect(reactor):
-        doc.update(await go(reactor))
-        return 0
-
-    run_async(collect)
+    doc: dict = dict(_result_of(go, {}))
     ok = doc.get("result") == "rolled_back" and "problems" not in doc
     if args.json:
         output.print_json(doc)
@@ -312,17 +336,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_releases(args: argparse.Namespace) -> int:
-    doc: dict = {}
-
-    async def collect(reactor):
+    async def go(reactor):
         client = _client_for(args, reactor)
         try:
-            doc.update(await client.releases(timeout=budget(args.timeout)))
+            return await client.releases(timeout=budget(args.timeout))
         finally:
             await client.close()
-        return 0
 
-    run_async(collect)
+    doc: dict = dict(_result_of(go, {}))
     if args.json:
         output.print_json(doc)
         return 0
@@ -330,17 +351,20 @@ def cmd_releases(args: argparse.Namespace) -> int:
     if not releases:
         output.line(f"{args.name}: no release installed yet")
         return 0
-    rows = [
-        (
-            r.get("id"),
-            "*" if r.get("current") else ("<- rollback" if r.get("rollback_target") else ""),
-            ", ".join(s for s in ("failed", "in use") if r.get(s.replace(" ", "_"))) or "-",
-            r.get("installed_at") or "-",
-            (r.get("git_sha") or "-")[:12],
-        )
-        for r in releases
-    ]
-    output.print_table(("RELEASE", "CURRENT", "STATE", "INSTALLED", "GIT"), rows)
+    output.print_table(
+        ("RELEASE", "CURRENT", "STATE", "INSTALLED", "GIT"), [_release_row(r) for r in releases]
+    )
     if doc.get("updater_release"):
         output.line(f"updater itself: release {doc['updater_release']}")
     return 0
+
+
+def _release_row(r: dict) -> tuple:
+    """One row of ``releases``: a release the updater reported (validated by the client)."""
+    return (
+        r.get("id"),
+        "*" if r.get("current") else ("<- rollback" if r.get("rollback_target") else ""),
+        ", ".join(s for s in ("failed", "in use") if r.get(s.replace(" ", "_"))) or "-",
+        r.get("installed_at") or "-",
+        (r.get("git_sha") or "-")[:12],
+    )

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from decnet import config
@@ -26,6 +27,7 @@ from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import Tailer
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder
+from decnet.tls import PeerCertificateRefused
 
 # The listener only sends small control frames.
 CONTROL_MAX_FRAME = 4096
@@ -286,9 +288,8 @@ class ForwarderFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, shipper: Shipper, *, stream: str, mode: str, target: str, policy=None):
+    def __init__(self, shipper: Shipper, *, stream: str, mode: str, target: str):
         self.shipper = shipper
-        self.policy = policy
         self.stream = stream
         self.mode = mode
         self.target = target
@@ -322,8 +323,7 @@ class ForwarderFactory(Factory):
 
     def disconnected(self, proto: ForwarderProtocol, reason) -> None:
         if proto.mode is None:
-            why = getattr(proto.transport, "decnet_refusal", None) or self.refusal()
-            self.failed_attempt(why or f"TLS handshake failed: {reason.getErrorMessage()}")
+            self.failed_attempt(_handshake_failure(reason))
             return
         if self.current is proto:
             self.current = None
@@ -333,13 +333,6 @@ class ForwarderFactory(Factory):
             reason=reason.getErrorMessage(),
         )
         self._set_state("disconnected", f"reconnecting to {self.target}")
-
-    def refusal(self) -> str | None:
-        """Why our TLS policy refused the receiver, if it did (then forget it)."""
-        if self.policy is None or self.policy.last_refusal is None:
-            return None
-        reason, self.policy.last_refusal = self.policy.last_refusal, None
-        return f"refused the receiver's certificate: {reason}"
 
     def failed_attempt(self, reason: str) -> None:
         self._failures += 1
@@ -351,3 +344,10 @@ class ForwarderFactory(Factory):
             )
             self._last_failure = reason
         self._set_state("failing", f"cannot connect to {self.target}: {reason}")
+
+
+def _handshake_failure(reason: Failure) -> str:
+    """Why a connection ended before its handshake: our refusal of the receiver, or TLS's."""
+    if reason.check(PeerCertificateRefused):
+        return f"refused the receiver's certificate: {reason.value.refusal}"
+    return f"TLS handshake failed: {reason.getErrorMessage()}"

@@ -18,13 +18,13 @@ reactor's, in the daemon), never from the system clock directly.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from decnet.clock import utc_iso
 from decnet.forwarder.journal import FileIdentity, GenerationRecord, Journal
 
 SCHEMA_VERSION = 2
@@ -175,4 +175,4 @@ class JournalStore:
 
     def _timestamp(self) -> str:
         """``updated_at``: the injected clock's time, ISO 8601 in UTC."""
-        return datetime.datetime.fromtimestamp(self._now(), datetime.UTC).isoformat()
+        return utc_iso(self._now(), timespec="auto")

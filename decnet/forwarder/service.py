@@ -8,7 +8,7 @@ from pathlib import Path
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorFDSet, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -67,24 +67,36 @@ class TailWatcher(Service):
         self.poll_interval = poll_interval
         self._inotify = None
         self._watching = False
+        self._unwatchable = False
 
     def startService(self):
         super().startService()
-        try:
-            from twisted.internet import inotify
-
-            self._inotify = inotify.INotify(reactor=self.reactor)
-            self._inotify.startReading()
-        except Exception as exc:  # no inotify on this platform / reactor
-            self.log.info(
-                "inotify unavailable ({error}); polling {path} every {interval}s",
-                error=str(exc),
-                path=str(self.path),
-                interval=self.poll_interval,
-            )
-            self._inotify = None
+        self._inotify = self._open_inotify()
         self._watch()
         self.poll.start(self.poll_interval, now=True)
+
+    def _open_inotify(self):
+        """An inotify reader on the reactor, or ``None`` (the poll timer alone) and why."""
+        if not IReactorFDSet.providedBy(self.reactor):
+            return self._polling_only("the reactor cannot watch file descriptors")
+        try:
+            from twisted.internet import inotify
+        except ImportError as exc:  # not Linux, or no usable libc
+            return self._polling_only(str(exc))
+        try:
+            reader = inotify.INotify(reactor=self.reactor)
+        except inotify.INotifyError as exc:  # out of inotify instances
+            return self._polling_only(str(exc))
+        reader.startReading()
+        return reader
+
+    def _polling_only(self, why: str) -> None:
+        self.log.info(
+            "inotify unavailable ({error}); polling {path} every {interval}s",
+            error=why,
+            path=str(self.path),
+            interval=self.poll_interval,
+        )
 
     def _watch(self) -> None:
         if self._inotify is None or self._watching:
@@ -103,10 +115,23 @@ class TailWatcher(Service):
         )
         try:
             self._inotify.watch(FilePath(str(self.path.parent)), mask, callbacks=[self._event])
-            self._watching = True
-        except Exception:
-            # The directory does not exist yet; the poll timer retries.
-            self._watching = False
+        except inotify.INotifyError as exc:
+            # No such directory yet, no permission, or no watches left: the poll
+            # timer covers it and retries.  Said once, not once per tick.
+            if not self._unwatchable:
+                self.log.info(
+                    "Cannot watch {directory} with inotify ({error}); polling it every "
+                    "{interval}s until it can",
+                    directory=str(self.path.parent),
+                    error=str(exc),
+                    interval=self.poll_interval,
+                )
+            self._unwatchable = True
+            return
+        self._watching = True
+        if self._unwatchable:
+            self.log.info("Watching {directory} with inotify", directory=str(self.path.parent))
+        self._unwatchable = False
 
     def _event(self, _watch, _path, _mask):
         self.notify()
@@ -156,11 +181,9 @@ class ForwarderService(MultiService):
         self.max_payload = max_line
         self.store: JournalStore | None = None
         self.shipper: Shipper | None = None  # once the journal is read
-        options, policy = forwarder_options(identity, master_fingerprint, mode)
+        options, _ = forwarder_options(identity, master_fingerprint, mode)
         target = f"{master_host}:{master_port}"
-        self.factory = ForwarderFactory(
-            None, stream=stream, mode=mode, target=target, policy=policy
-        )
+        self.factory = ForwarderFactory(None, stream=stream, mode=mode, target=target)
         endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
         self.client = ClientService(
             _ReportingEndpoint(endpoint, self.factory),

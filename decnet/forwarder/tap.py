@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
+from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.errors import ConfigError, DecnetError
+from decnet.daemon import keywords, load_bundle
+from decnet.errors import ConfigError
 from decnet.options import port_number, positive_float
+from decnet.pki import WorkerBundle
 from decnet.syslog.ackproto import ProtocolError, validate_stream_name
 
 
@@ -82,13 +85,26 @@ class Options(usage.Options):
         ],
     ]
 
-    def postOptions(self):
-        if not self["bundle"]:
-            raise usage.UsageError(
-                "--bundle is required (the directory `decnet-admin enroll` wrote)"
-            )
+    def postOptions(self) -> None:
+        bundle, _identity = load_bundle(
+            self,
+            config.ROLE_WORKER,
+            required="--bundle is required (the directory `decnet-admin enroll` wrote)",
+        )
         if self["mode"] not in ("auto", "ack", "plain"):
             raise usage.UsageError("--mode must be auto, ack or plain")
+        self._check_stream()
+        if self["max-line"] < 256:
+            raise usage.UsageError("--max-line must be at least 256 bytes")
+        self["master-host"] = self._master_host(bundle)
+        if self["master-port"] is None:
+            self["master-port"] = self._master_port(bundle)
+        self["log-file"] = Path(self["log-file"]).absolute()
+        self["state"] = Path(
+            self["state"] or Path(config.WORKER_STATE_DIR) / config.FORWARDER_STATE_FILE
+        ).absolute()
+
+    def _check_stream(self) -> None:
         try:
             validate_stream_name(self["stream"])
         except ProtocolError as exc:
@@ -97,62 +113,43 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--stream {config.PLAIN_STREAM} is reserved for plain RFC 5425 senders"
             )
-        if self["max-line"] < 256:
-            raise usage.UsageError("--max-line must be at least 256 bytes")
-        from decnet import pki
 
-        try:
-            self["bundle-obj"] = pki.WorkerBundle.load(self["bundle"])
-        except DecnetError as exc:
-            raise usage.UsageError(f"cannot use the bundle: {exc}") from None
-        bundle = self["bundle-obj"]
-        self["master-host"] = (
+    def _master_host(self, bundle: WorkerBundle) -> str:
+        host = (
             self["master-host"]
             or os.environ.get(config.ENV_MASTER_HOST, "").strip()
-            or bundle.settings.get("master_host")
+            or cast(str | None, bundle.settings.get("master_host"))
         )
-        if not self["master-host"]:
+        if not host:
             raise usage.UsageError(
                 f"no master address: give --master-host or set ${config.ENV_MASTER_HOST}"
             )
-        if self["master-port"] is None:
-            try:
-                default = int(bundle.settings.get("syslog_port") or config.SYSLOG_PORT)
-                self["master-port"] = config.env_int(config.ENV_SYSLOG_PORT, default)
-            except (ConfigError, ValueError) as exc:
-                raise usage.UsageError(str(exc)) from None
-        self["log-file"] = Path(self["log-file"]).absolute()
-        self["state"] = Path(
-            self["state"] or Path(config.WORKER_STATE_DIR) / config.FORWARDER_STATE_FILE
-        ).absolute()
+        return host
+
+    @staticmethod
+    def _master_port(bundle: WorkerBundle) -> int:
+        try:
+            default = int(cast(int | str, bundle.settings.get("syslog_port") or config.SYSLOG_PORT))
+            return config.env_int(config.ENV_SYSLOG_PORT, default)
+        except (ConfigError, ValueError) as exc:
+            raise usage.UsageError(str(exc)) from None
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from decnet.forwarder.service import ForwarderService
     from decnet.release import pin_running_release
 
     pin_running_release()  # the updater never prunes the release we run from
-    from decnet.tls import TLSIdentity
-
-    bundle = options["bundle-obj"]
-    try:
-        identity = TLSIdentity.from_bundle(bundle, config.ROLE_WORKER)
-    except DecnetError as exc:
-        raise usage.UsageError(str(exc)) from None
     return ForwarderService(
         reactor,
-        identity=identity,
-        master_host=options["master-host"],
-        master_port=options["master-port"],
-        master_fingerprint=bundle.listener_fingerprint,
-        log_file=options["log-file"],
+        identity=options["identity"],
+        master_fingerprint=options["bundle-obj"].listener_fingerprint,
         state_file=options["state"],
-        stream=options["stream"],
-        mode=options["mode"],
-        max_line=options["max-line"],
-        poll_interval=options["poll-interval"],
-        rotate_wait=options["rotate-wait"],
-        max_retry_delay=options["max-retry-delay"],
+        **keywords(
+            options,
+            "master-host master-port log-file stream mode max-line poll-interval rotate-wait "
+            "max-retry-delay",
+        ),
     )

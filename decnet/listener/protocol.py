@@ -36,7 +36,7 @@ from decnet.listener.admission import Admit, PreTLSBudget, RefusalLog, address_k
 from decnet.listener.ingest import Ingest, StreamSink, TooManyStreams
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
-from decnet.tls import peer_identity
+from decnet.tls import Refusal, RefusalKind, handshake_of, peer_identity
 
 # A refused or failed connection gets this long to close gracefully.
 CLOSE_GRACE = 5.0
@@ -106,7 +106,9 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._cancel_handshake_timer()
         # The refusal is already logged (or summed up): the TLS layer must not
         # log one more line for this connection.
-        self.transport.decnet_refusal = "dropped before its handshake ended"
+        handshake = handshake_of(self.transport)
+        if handshake is not None:
+            handshake.refuse(Refusal(RefusalKind.DROPPED, "dropped before its handshake ended"))
         self.transport.abortConnection()
 
     def _cancel_handshake_timer(self) -> None:

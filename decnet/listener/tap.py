@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.errors import ConfigError, DecnetError
+from decnet.daemon import PORT_FILE_OPTION, keywords
+from decnet.errors import DecnetError
 from decnet.listener import admission, ingest
 from decnet.options import between, positive_float, positive_int
+from decnet.revocation import RevocationSet
+from decnet.tls import TLSIdentity
 
 # The longest handshake deadline accepted: beyond it, slow sockets are a budget leak again.
 MAX_HANDSHAKE_TIMEOUT = 300.0
@@ -109,7 +113,7 @@ class Options(usage.Options):
             "(least recently used closed first, reopened when needed)",
             positive_int,
         ],
-        ["port-file", None, None, "Write the bound port number here once listening"],
+        PORT_FILE_OPTION,
         [
             "feed-encoders",
             None,
@@ -123,42 +127,11 @@ class Options(usage.Options):
         ["no-feed", None, "Do not build the JSON feed (mirror only)"],
     ]
 
-    def postOptions(self):
+    def postOptions(self) -> None:
         try:
-            if self["listen"] is None:
-                self["listen"] = (
-                    f"tcp:{config.syslog_port()}:interface={config.DEFAULT_LISTEN_INTERFACE}"
-                    f":backlog={admission.LISTEN_BACKLOG}"
-                )
-            paths = config.MasterPaths.resolve(self["home"])
-        except ConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
-        self["paths"] = paths
-        for path, what in (
-            (paths.listener_cert, "listener certificate"),
-            (paths.listener_key, "listener private key"),
-            (paths.listener_ca_cert, "CA certificate"),
-        ):
-            if not path.is_file():
-                raise usage.UsageError(
-                    f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
-                    "the listener needs its identity in <home>/listener)"
-                )
-        from decnet.tls import TLSIdentity
-
-        try:
-            # Its own key, never the master's: agents and updaters would obey that one.
-            # Loaded here so that an unreadable file is one line, not a traceback.
-            self["identity"] = TLSIdentity.load(
-                paths.listener_cert, paths.listener_key, paths.listener_ca_cert
-            )
+            self._load_home()
         except DecnetError as exc:
             raise usage.UsageError(str(exc)) from None
-        self["ingest-dir"] = (
-            Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
-        )
-        if self["port-file"]:
-            self["port-file"] = Path(self["port-file"]).absolute()
         if self["max-frame"] < 512:
             raise usage.UsageError("--max-frame must be at least 512 bytes")
         if self["max-unauthenticated-per-address"] > self["max-unauthenticated"]:
@@ -167,37 +140,55 @@ class Options(usage.Options):
                 f"({self['max-unauthenticated']})"
             )
 
+    def _load_home(self) -> None:
+        """Everything read from the master's home: identity and revocations (once, here)."""
+        if self["listen"] is None:
+            self["listen"] = (
+                f"tcp:{config.syslog_port()}:interface={config.DEFAULT_LISTEN_INTERFACE}"
+                f":backlog={admission.LISTEN_BACKLOG}"
+            )
+        paths = config.MasterPaths.resolve(self["home"])
+        self["paths"] = paths
+        self["identity"] = load_listener_identity(paths)
+        self["revocations"] = RevocationSet(paths.revocations)
+        self["ingest-dir"] = (
+            Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
+        )
 
-def makeService(options: Options):
+
+def load_listener_identity(paths: config.MasterPaths) -> TLSIdentity:
+    """The listener's own identity under ``<home>/listener``; a missing file is a usage error.
+
+    Its own key, never the master's: agents and updaters would obey that one.
+    """
+    for path, what in (
+        (paths.listener_cert, "listener certificate"),
+        (paths.listener_key, "listener private key"),
+        (paths.listener_ca_cert, "CA certificate"),
+    ):
+        if not path.is_file():
+            raise usage.UsageError(
+                f"{what} not found: {path} (run `decnet-admin init --home {paths.home}`; "
+                "the listener needs its identity in <home>/listener)"
+            )
+    return TLSIdentity.load(paths.listener_cert, paths.listener_key, paths.listener_ca_cert)
+
+
+def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from decnet.listener.service import ListenerService, raise_nofile_limit
-    from decnet.revocation import RevocationSet
 
-    paths = options["paths"]
-    identity = options["identity"]
-    try:
-        revocations = RevocationSet(paths.revocations)
-    except DecnetError as exc:
-        raise usage.UsageError(str(exc)) from None
     raise_nofile_limit()
     return ListenerService(
         reactor,
-        identity=identity,
-        revocations=revocations,
-        ingest_dir=options["ingest-dir"],
-        listen=options["listen"],
-        port_file=options["port-file"],
-        max_frame=options["max-frame"],
-        max_connections=options["max-connections"],
         max_per_worker=options["max-connections-per-worker"],
-        idle_timeout=options["idle-timeout"],
-        max_unauthenticated=options["max-unauthenticated"],
-        max_unauthenticated_per_address=options["max-unauthenticated-per-address"],
-        handshake_timeout=options["handshake-timeout"],
-        max_streams_per_worker=options["max-streams-per-worker"],
-        max_open_streams=options["max-open-streams"],
         feed=not options["no-feed"],
-        feed_encoders=options["feed-encoders"],
         sighup=True,
+        **keywords(
+            options,
+            "identity revocations ingest-dir listen port-file max-frame max-connections "
+            "idle-timeout max-unauthenticated max-unauthenticated-per-address "
+            "handshake-timeout max-streams-per-worker max-open-streams feed-encoders",
+        ),
     )

@@ -5,12 +5,12 @@ over mutual TLS with the master identity.  The worker must present a
 certificate from our CA, with the ``worker`` role, the host's name as CN and
 the fingerprint recorded at enrollment — checked by the verify callback inside
 the handshake of the very connection that carries the request
-(:class:`decnet.master.http.PinnedClient`).  A decommissioned or revoked host
+(:class:`decnet.httpclient.PinnedClient`).  A decommissioned or revoked host
 is refused before any connection is attempted.
 
-Every reply is checked against its schema (:mod:`decnet.master.replies`)
+Every reply is checked against its schema (:mod:`decnet.replies`)
 before it is returned, within one deadline per request and without following
-redirects (:mod:`decnet.master.http`).  Errors are typed (:mod:`decnet.errors`):
+redirects (:mod:`decnet.httpclient`).  Errors are typed (:mod:`decnet.errors`):
 ``Unreachable``, ``FingerprintMismatch``, ``PeerRefused``, ``RemoteError``
 (with the agent's own problem list), ``BadReply``, ``HostDecommissioned``.
 """
@@ -23,10 +23,10 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from decnet import config
+from decnet import config, replies
 from decnet.errors import BadReply, DecnetError
-from decnet.master import replies
-from decnet.master.http import DEFAULT_TIMEOUT, client_for_host
+from decnet.httpclient import DEFAULT_TIMEOUT
+from decnet.master.http import client_for_host
 from decnet.master.registry import Host, Registry
 from decnet.revocation import RevocationSet
 from decnet.threads import run_in_pool

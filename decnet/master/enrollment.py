@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -54,12 +55,7 @@ def init_master(
     second run the existing CA and identities are kept; ``master_host`` is
     updated if given, and a home made before ``listener/`` existed gets it.
     """
-    problems = []
-    for value in (master_host, *addresses):
-        try:
-            pki.parse_address(value)
-        except ValidationError as exc:
-            problems.extend(exc.problems)
+    problems = _problems([partial(pki.parse_address, a) for a in (master_host, *addresses)])
     if problems:
         raise ValidationError(problems)
     _ensure_home(paths.home)
@@ -67,12 +63,7 @@ def init_master(
     sans = [master_host, *addresses]
     ensure_private_dir(paths.master_dir)
     with locked(paths.master_dir / ".lock"):
-        if not (paths.master_cert.exists() and paths.master_key.exists()):
-            for leftover in (paths.master_cert, paths.master_key):
-                leftover.unlink(missing_ok=True)
-            leaf = pki.issue_leaf(ca, config.ROLE_MASTER, addresses=sans, key_type=key_type)
-            write_new_file(paths.master_key, pki.key_pem(leaf.key), 0o600)
-            write_new_file(paths.master_cert, pki.cert_pem(leaf.cert))
+        _ensure_identity(ca, paths.master_cert, paths.master_key, sans, key_type)
         settings = _read_settings(paths)
         if settings.get("master_host") != master_host:
             settings["master_host"] = master_host
@@ -126,16 +117,51 @@ def _ensure_listener(
         if not (copy.is_file() and copy.read_bytes() == ca_pem):
             atomic_write(copy, ca_pem)
             os.chmod(copy, 0o644)
-        if not (paths.listener_cert.exists() and paths.listener_key.exists()):
-            for leftover in (paths.listener_cert, paths.listener_key):
-                leftover.unlink(missing_ok=True)
-            leaf = pki.issue_leaf(ca, config.ROLE_MASTER, addresses=sans, key_type=key_type)
-            write_new_file(paths.listener_key, pki.key_pem(leaf.key), 0o600)
-            # Group-readable only once complete; the group is decnet-listener's.
-            os.chmod(paths.listener_key, LISTENER_KEY_MODE)
-            write_new_file(paths.listener_cert, pki.cert_pem(leaf.cert))
-            os.chmod(paths.listener_cert, 0o644)
+        # Group-readable only once complete; the group is decnet-listener's.
+        if _ensure_identity(
+            ca, paths.listener_cert, paths.listener_key, sans, key_type, shared=True
+        ):
             fsync_dir(directory)
+
+
+def _ensure_identity(
+    ca: pki.CertificateAuthority,
+    cert: Path,
+    key: Path,
+    sans: Sequence[str],
+    key_type: str,
+    *,
+    shared: bool = False,
+) -> bool:
+    """Issue a ``master``-role identity into ``cert`` and ``key`` unless both exist.
+
+    A pair a crash left half-written is replaced.  ``shared``: the key is made
+    group-readable (:data:`LISTENER_KEY_MODE`) and the certificate world-readable
+    once each is complete.  Whether a new identity was written.
+    """
+    if cert.exists() and key.exists():
+        return False
+    for leftover in (cert, key):
+        leftover.unlink(missing_ok=True)
+    leaf = pki.issue_leaf(ca, config.ROLE_MASTER, addresses=sans, key_type=key_type)
+    write_new_file(key, pki.key_pem(leaf.key), 0o600)
+    if shared:
+        os.chmod(key, LISTENER_KEY_MODE)
+    write_new_file(cert, pki.cert_pem(leaf.cert))
+    if shared:
+        os.chmod(cert, 0o644)
+    return True
+
+
+def _problems(checks: Iterable[Callable[[], object]]) -> list[str]:
+    """Every problem the validating ``checks`` raise (:class:`ValidationError`), in order."""
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except ValidationError as exc:
+            problems.extend(exc.problems)
+    return problems
 
 
 def _read_settings(paths: config.MasterPaths) -> dict:
@@ -190,31 +216,30 @@ def enroll(
 
     The master keeps the fingerprints, never the private keys.
     """
-    problems: list[str] = []
-    for check in (
-        lambda: pki.validate_host_name(name),
-        lambda: pki.parse_address(address),
-        *[lambda s=s: pki.parse_address(s) for s in sans],
-    ):
-        try:
-            check()
-        except ValidationError as exc:
-            problems.extend(exc.problems)
-    for label, port in (("agent port", agent_port), ("updater port", updater_port)):
-        if not 1 <= port <= 65535:
-            problems.append(f"{label} {port} is not in 1-65535")
-    if not 1 <= validity_days <= config.CA_VALIDITY_DAYS:
-        problems.append(f"validity of {validity_days} days is not in 1-{config.CA_VALIDITY_DAYS}")
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        problems.append(f"{out_dir} already exists and is not empty; choose a new --out directory")
+    problems = _problems(
+        [
+            partial(pki.validate_host_name, name),
+            partial(pki.parse_address, address),
+            *[partial(pki.parse_address, s) for s in sans],
+        ]
+    )
+    problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
     if problems:
         raise ValidationError(problems)
     registry = registry or Registry(master.paths.registry)
 
-    addresses = [address, *sans]
-    issue = {"addresses": addresses, "key_type": key_type, "validity_days": validity_days}
-    worker = pki.issue_leaf(master.ca, config.ROLE_WORKER, name, **issue)
+    def issue(role: str) -> pki.Leaf:
+        return pki.issue_leaf(
+            master.ca,
+            role,
+            name,
+            addresses=[address, *sans],
+            key_type=key_type,
+            validity_days=validity_days,
+        )
+
+    worker = issue(config.ROLE_WORKER)
     files = {
         config.BUNDLE_CA: pki.cert_pem(master.ca.cert),
         config.BUNDLE_WORKER_CERT: pki.cert_pem(worker.cert),
@@ -222,7 +247,7 @@ def enroll(
     }
     updater_fp = None
     if updater:
-        upd = pki.issue_leaf(master.ca, config.ROLE_UPDATER, name, **issue)
+        upd = issue(config.ROLE_UPDATER)
         files[config.BUNDLE_UPDATER_CERT] = pki.cert_pem(upd.cert)
         files[config.BUNDLE_UPDATER_KEY] = pki.key_pem(upd.key)
         updater_fp = upd.fingerprint
@@ -260,6 +285,22 @@ def enroll(
             registry.remove(name)
             raise
     return Enrollment(host=host, bundle_dir=out_dir)
+
+
+def _setting_problems(
+    agent_port: int, updater_port: int, validity_days: int, out_dir: Path
+) -> list[str]:
+    """What is wrong with an enrollment's ports, validity and bundle directory."""
+    problems = [
+        f"{label} {port} is not in 1-65535"
+        for label, port in (("agent port", agent_port), ("updater port", updater_port))
+        if not 1 <= port <= 65535
+    ]
+    if not 1 <= validity_days <= config.CA_VALIDITY_DAYS:
+        problems.append(f"validity of {validity_days} days is not in 1-{config.CA_VALIDITY_DAYS}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        problems.append(f"{out_dir} already exists and is not empty; choose a new --out directory")
+    return problems
 
 
 @attrs.frozen

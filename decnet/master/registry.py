@@ -16,14 +16,15 @@ on ``.registry.sqlite.lock`` next to the database.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
 
+from decnet.clock import utc_iso
 from decnet.errors import DuplicateHost, RegistryError, UnknownHost
 from decnet.fsutil import lock_path_for, locked
 
@@ -52,7 +53,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
 
 
 def utc_now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    """Now, as the CLI records it (the wall clock; a :class:`Registry` takes its own)."""
+    return utc_iso(time.time())
 
 
 @attrs.frozen
@@ -86,10 +88,14 @@ _INSERT = f"INSERT INTO hosts ({_COLUMNS}) VALUES ({', '.join('?' * len(attrs.fi
 
 
 class Registry:
-    """Enrolled hosts, persisted in ``path`` (created, and migrated, on open)."""
+    """Enrolled hosts, persisted in ``path`` (created, and migrated, on open).
 
-    def __init__(self, path: str | os.PathLike):
+    ``now`` is the clock that dates what the registry records (seconds since the epoch).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, now: Callable[[], float] = time.time):
         self.path = Path(path)
+        self.now = now
         with self._connect() as db:
             self._migrate(db)
 
@@ -179,7 +185,7 @@ class Registry:
 
     def decommission(self, name: str, when: str | None = None) -> Host:
         """Mark ``name`` decommissioned and revoked; returns the updated host."""
-        when = when or utc_now_iso()
+        when = when or utc_iso(self.now())
         with self._connect() as db:
             db.execute(
                 "UPDATE hosts SET status = 'decommissioned', revoked_at = COALESCE(revoked_at, ?) "

@@ -10,9 +10,11 @@ canary that did not end ``updated`` stops the rollout before the rest begins.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from decnet import config
@@ -75,6 +77,18 @@ def _problems(exc: RemoteError) -> str:
     return "; ".join(exc.problems) or str(exc)
 
 
+class ReleaseTarget(Protocol):
+    """What :class:`Rollout` needs of one host's updater (an ``UpdaterClient``)."""
+
+    async def update(self, archive: ReleaseArchive, timeout: float | None = None) -> dict: ...
+
+    async def update_self(self, archive: ReleaseArchive, timeout: float | None = None) -> dict: ...
+
+    async def wait_for_release(self, release: str, timeout: float = ...) -> dict: ...
+
+    async def close(self) -> None: ...
+
+
 class Rollout:
     """Run a :class:`RolloutPlan`; ``progress(host, message)`` is called as hosts advance."""
 
@@ -82,8 +96,8 @@ class Rollout:
 
     def __init__(
         self,
-        clock,
-        client_factory: Callable[[Host], object],
+        clock: IReactorTime,
+        client_factory: Callable[[Host], ReleaseTarget],
         archive: ReleaseArchive,
         *,
         concurrency: int = config.DEFAULT_UPDATE_CONCURRENCY,
@@ -126,8 +140,11 @@ class Rollout:
         if not hosts:
             return []
         semaphore = defer.DeferredSemaphore(self.concurrency)
-        runs = [semaphore.run(lambda h=h: defer.ensureDeferred(self._one(h))) for h in hosts]
+        runs = [semaphore.run(self._start, h) for h in hosts]
         return list(await defer.gatherResults(runs, consumeErrors=True))
+
+    def _start(self, host: Host) -> defer.Deferred[HostResult]:
+        return defer.ensureDeferred(self._one(host))
 
     async def _one(self, host: Host) -> HostResult:
         started = self.clock.seconds()
@@ -165,7 +182,9 @@ class Rollout:
         finally:
             await client.close()
 
-    async def _self_update(self, client, host: Host, elapsed, detail: str) -> HostResult:
+    async def _self_update(
+        self, client: ReleaseTarget, host: Host, elapsed: Callable[[], float], detail: str
+    ) -> HostResult:
         release = self.archive.release_id
         self.progress(host.name, "updating the updater itself")
         try:

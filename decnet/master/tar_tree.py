@@ -128,7 +128,9 @@ def excluded(name: str) -> str | None:
     return None
 
 
-def collect(root: Path, wheelhouse: Path | None = None) -> tuple[list[tuple[str, Path]], list]:
+def collect(
+    root: Path, wheelhouse: Path | None = None
+) -> tuple[list[tuple[str, Path]], list[Skipped]]:
     """``(archive name, source path)`` pairs to ship (sorted), and what was skipped and why."""
     root = Path(root).absolute()
     missing = [name for name in REQUIRED if not (root / name).exists()]
@@ -136,59 +138,76 @@ def collect(root: Path, wheelhouse: Path | None = None) -> tuple[list[tuple[str,
         raise ConfigError(
             f"{root} is not a DECNET source tree (missing {', '.join(missing)}); use --root"
         )
-    chosen: dict[str, Path] = {}
-    skipped: list[Skipped] = []
-
-    def add_file(arcname: str, path: Path) -> None:
-        if path.is_symlink():
-            skipped.append(Skipped(arcname, "symbolic link (never followed)"))
-        elif not path.is_file():
-            skipped.append(Skipped(arcname, "not a regular file"))
-        else:
-            chosen[arcname] = path
-
+    found = _Collected(root)
     for name in INCLUDE_FILES:
         path = root / name
         if path.exists() or path.is_symlink():
-            add_file(name, path)
+            found.add_file(name, path)
     for top in INCLUDE_DIRS:
-        base = root / top
+        found.add_tree(top)
+    if wheelhouse is not None:
+        found.add_wheelhouse(Path(wheelhouse))
+    return sorted(found.chosen.items()), found.skipped
+
+
+_SYMLINK = "symbolic link (never followed)"
+
+
+class _Collected:
+    """What :func:`collect` chose under ``root`` so far, and what it left out and why."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.chosen: dict[str, Path] = {}
+        self.skipped: list[Skipped] = []
+
+    def add_file(self, arcname: str, path: Path) -> None:
+        if path.is_symlink():
+            self.skipped.append(Skipped(arcname, _SYMLINK))
+        elif not path.is_file():
+            self.skipped.append(Skipped(arcname, "not a regular file"))
+        else:
+            self.chosen[arcname] = path
+
+    def add_tree(self, top: str) -> None:
+        """Every file below ``root/top`` that may ship; a link to the tree is not followed."""
+        base = self.root / top
         if base.is_symlink():
-            skipped.append(Skipped(top, "symbolic link (never followed)"))
-            continue
+            self.skipped.append(Skipped(top, _SYMLINK))
+            return
         if not base.is_dir():
-            continue
+            return
         for dirpath, dirnames, filenames in os.walk(base):
-            rel_dir = Path(dirpath).relative_to(root)
-            keep = []
-            for d in sorted(dirnames):
-                reason = excluded(d)
-                full = Path(dirpath) / d
-                if reason is None and full.is_symlink():
-                    reason = "symbolic link (never followed)"
-                if reason is None:
-                    keep.append(d)
-                elif not d.startswith("__pycache__"):
-                    skipped.append(Skipped((rel_dir / d).as_posix() + "/", reason))
-            dirnames[:] = keep
+            directory = Path(dirpath)
+            rel_dir = directory.relative_to(self.root)
+            dirnames[:] = [d for d in sorted(dirnames) if self._enter(directory, rel_dir, d)]
             for f in sorted(filenames):
                 arcname = (rel_dir / f).as_posix()
                 reason = excluded(f)
-                if reason is not None:
-                    if not f.endswith((".pyc", ".pyo")):
-                        skipped.append(Skipped(arcname, reason))
-                    continue
-                add_file(arcname, Path(dirpath) / f)
-    if wheelhouse is not None:
-        wheelhouse = Path(wheelhouse)
+                if reason is None:
+                    self.add_file(arcname, directory / f)
+                elif not f.endswith((".pyc", ".pyo")):  # compiled files: too many to list
+                    self.skipped.append(Skipped(arcname, reason))
+
+    def _enter(self, directory: Path, rel_dir: Path, name: str) -> bool:
+        """Whether the walk goes into subdirectory ``name``; if not, why is recorded."""
+        reason = excluded(name)
+        if reason is None and (directory / name).is_symlink():
+            reason = _SYMLINK
+        if reason is None:
+            return True
+        if not name.startswith("__pycache__"):
+            self.skipped.append(Skipped((rel_dir / name).as_posix() + "/", reason))
+        return False
+
+    def add_wheelhouse(self, wheelhouse: Path) -> None:
         if not wheelhouse.is_dir():
             raise ConfigError(f"wheelhouse {wheelhouse} is not a directory")
         wheels = sorted(p for p in wheelhouse.iterdir() if p.name.endswith(".whl"))
         if not wheels:
             raise ConfigError(f"wheelhouse {wheelhouse} holds no .whl files")
         for wheel in wheels:
-            add_file(f"{config.RELEASE_WHEELHOUSE}/{wheel.name}", wheel)
-    return sorted(chosen.items()), skipped
+            self.add_file(f"{config.RELEASE_WHEELHOUSE}/{wheel.name}", wheel)
 
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:
@@ -244,7 +263,7 @@ def build_release(
     root = Path(root).absolute()
     files, skipped = collect(root, Path(wheelhouse) if wheelhouse else None)
     git_sha, dirty = git_state(root) if git else (None, None)
-    build_info = {"format": "decnet-build/1", "project": "decnet"}
+    build_info: dict[str, str | bool] = {"format": "decnet-build/1", "project": "decnet"}
     if git_sha:
         build_info["git_sha"] = git_sha
         build_info["git_dirty"] = bool(dirty)
@@ -253,7 +272,7 @@ def build_release(
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="decnet-release-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / ".decnet-release.partial.tar.gz"
-    members = {name: path for name, path in files}
+    members: dict[str, Path | None] = dict(files)
     members[config.RELEASE_BUILD_INFO] = None
     with open(partial, "wb") as raw:
         # filename="" and mtime=0: no name or timestamp in the gzip header.

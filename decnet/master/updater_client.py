@@ -1,11 +1,11 @@
 """The master's client for one worker's updater: treq over mTLS, pinned in the handshake.
 
-Built on :class:`~decnet.master.http.PinnedClient`: the peer must be
+Built on :class:`~decnet.httpclient.PinnedClient`: the peer must be
 ``updater@<host>`` (role and CN) with exactly the fingerprint recorded at
 enrollment, checked in the verify callback of the connection that carries the
 request.  A host enrolled without an updater has no pin, and the client refuses
 to exist (fail closed).  Tarballs are streamed from their file, never read into
-memory.  Every reply is checked against its schema (:mod:`decnet.master.replies`)
+memory.  Every reply is checked against its schema (:mod:`decnet.replies`)
 within one deadline per request, and no redirect is followed.
 """
 
@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from twisted.internet import task
 
-from decnet import config
+from decnet import config, replies
 from decnet.errors import DecnetError, Unreachable
-from decnet.master import replies
 from decnet.master.http import client_for_host
 from decnet.master.registry import Host
 from decnet.master.tar_tree import ReleaseArchive

@@ -10,24 +10,43 @@ waits for it; when ``up`` is gone but children survive (``up`` was ``kill
 then SIGKILL to whatever is left in each child's process group (a spawned
 agent, a pip the updater was running).  Running it again finds nothing and
 exits 0.
+
+Both return data (:class:`~decnet.sandbox.report.StatusReport`,
+:class:`~decnet.sandbox.report.DownReport`; ``down`` also reports each step
+as it happens); ``decnet/cli`` decides how it reads.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterable
 
-import attrs
 from twisted.internet import defer, task
 
 from decnet import config
-from decnet.cli import output
 from decnet.errors import DecnetError
-from decnet.sandbox import daemons, state, view
+from decnet.sandbox import ISandboxReactor, daemons, state
 from decnet.sandbox.layout import SandboxLayout
+from decnet.sandbox.report import (
+    DownReport,
+    HostRow,
+    LeftoverKilled,
+    LeftoversStopping,
+    ProcessRow,
+    Report,
+    StatusReport,
+    UpAsked,
+    UpKilled,
+    Where,
+    ignore,
+)
 from decnet.threads import run_in_pool
+from decnet.tls import TLSIdentity
 
 UP_STOP_TIMEOUT = 2 * config.SANDBOX_STOP_GRACE + 15.0  # `up` stops its children in two waves
+GONE_POLL = 0.1  # seconds between two looks at whether a recorded process has ended
+KILLED_WAIT = 10.0  # seconds for the kernel to reap what got SIGKILL
 
 
 def process_rows(doc: dict) -> list[tuple[str, state.ProcessRecord, bool]]:
@@ -53,7 +72,52 @@ def process_order(name: str) -> tuple:
     return (1, number, ROLE_ORDER.get(role, 9), name)
 
 
-async def agent_processes(reactor, identity, layout: SandboxLayout, workers) -> dict[str, dict]:
+def row_order(row: ProcessRow) -> tuple:
+    """``up`` first, then :func:`process_order`."""
+    return (-1,) if row.name == "up" else process_order(row.name)
+
+
+PORT_OF_ROLE = {"updater": "updater_port", "agent": "agent_port"}
+
+
+def where_of(name: str, doc: dict) -> Where | None:
+    """Where process ``name`` of the sandbox in ``doc`` listens (or, a forwarder, sends)."""
+    listener = doc.get("listener") or {}
+    if name == "listener":
+        return Where(listener.get("host"), listener.get("port")) if listener else None
+    worker, _, role = name.rpartition("-")
+    info = (doc.get("workers") or {}).get(worker) or {}
+    if role in PORT_OF_ROLE:
+        return Where(info.get("address"), info.get(PORT_OF_ROLE[role]))
+    if role == "forwarder" and listener:
+        return Where(listener.get("host"), listener.get("port"), forwards=True)
+    return None
+
+
+def recorded_rows(doc: dict) -> list[ProcessRow]:
+    """``up`` and every child ``sandbox.json`` records, each with whether it still runs."""
+    return [
+        ProcessRow(name, record.pid, alive, record.log, where_of(name, doc))
+        for name, record, alive in process_rows(doc)
+    ]
+
+
+def agent_rows(layout: SandboxLayout, doc: dict, agents: dict[str, dict]) -> list[ProcessRow]:
+    """The agents the updaters report running (they are the updaters' children, not ours)."""
+    rows = []
+    for worker, agent in agents.items():
+        if agent.get("pid"):
+            name = daemons.agent_name(worker)
+            log = str(layout.log(name))
+            rows.append(
+                ProcessRow(name, agent["pid"], bool(agent.get("running")), log, where_of(name, doc))
+            )
+    return rows
+
+
+async def agent_processes(
+    reactor: ISandboxReactor, identity: TLSIdentity, layout: SandboxLayout, workers: Iterable[str]
+) -> dict[str, dict]:
     """What each worker's updater says about the agent it supervises (pid, running)."""
     from decnet.master.registry import Registry
     from decnet.master.updater_client import UpdaterClient
@@ -79,98 +143,49 @@ async def agent_processes(reactor, identity, layout: SandboxLayout, workers) -> 
     return dict(zip(names, found, strict=True))
 
 
-def _address(name: str, doc: dict) -> str:
-    listener = doc.get("listener") or {}
-    if name == "listener":
-        return f"{listener.get('host')}:{listener.get('port')}" if listener else ""
-    worker, _, role = name.rpartition("-")
-    info = (doc.get("workers") or {}).get(worker) or {}
-    if role == "updater":
-        return f"{info.get('address')}:{info.get('updater_port')}"
-    if role == "agent":
-        return f"{info.get('address')}:{info.get('agent_port')}"
-    if role == "forwarder" and listener:
-        return f"-> {listener.get('host')}:{listener.get('port')}"
-    return ""
+async def ask_workers(
+    reactor: ISandboxReactor, layout: SandboxLayout, workers: dict
+) -> tuple[list[HostRow], dict[str, dict]]:
+    """Each worker's host row (its agent's answers) and what its updater says of the agent."""
+    from decnet.sandbox.live import host_rows
+
+    identity = await run_in_pool(reactor, TLSIdentity.master, layout.master)
+    clients: dict = {}
+    try:
+        hosts = await host_rows(reactor, identity, layout, workers, clients)
+    finally:
+        for client in clients.values():
+            await client.close()
+    return hosts, await agent_processes(reactor, identity, layout, workers)
 
 
-async def status(reactor, layout: SandboxLayout, say, *, as_json: bool = False) -> int:
-    """Print what runs; 0 only when ``up``, every child and every active agent are up."""
+async def status(reactor: ISandboxReactor, layout: SandboxLayout) -> StatusReport:
+    """What runs of the sandbox in ``layout``, and what each worker's agent answers."""
     doc = await run_in_pool(reactor, state.load, layout.state_file)
     if doc is None:
-        if as_json:
-            output.print_json({"dir": str(layout.root), "healthy": False, "processes": []})
-        else:
-            say(f"No sandbox in {layout.root} (start one with `decnet-admin sandbox up`).")
-        return 1
-    rows = [(n, r.pid, alive, r.log) for n, r, alive in process_rows(doc)]
-    up_alive = any(name == "up" and alive for name, _, alive, _ in rows)
-    any_alive = any(alive for _, _, alive, _ in rows)
-    workers = doc.get("workers") or {}
-    hosts: list[view.HostRow] = []
-    if any_alive and layout.master.master_cert.exists():
-        from decnet.sandbox.live import host_rows
-        from decnet.tls import TLSIdentity
-
-        identity = await run_in_pool(reactor, TLSIdentity.master, layout.master)
-        clients: dict = {}
-        try:
-            hosts = await host_rows(reactor, identity, layout, workers, clients)
-        finally:
-            for client in clients.values():
-                await client.close()
-        agents = await agent_processes(reactor, identity, layout, workers)
-        for worker, agent in agents.items():
-            if agent.get("pid"):
-                log = str(layout.log(daemons.agent_name(worker)))
-                rows.append(
-                    (daemons.agent_name(worker), agent["pid"], bool(agent.get("running")), log)
-                )
-        rows.sort(key=lambda row: (-1,) if row[0] == "up" else process_order(row[0]))
-    agents_ok = all(h.agent in ("up", "decommissioned") for h in hosts)
-    healthy = up_alive and all(alive for _, _, alive, _ in rows) and bool(hosts) and agents_ok
-    if as_json:
-        output.print_json(
-            {
-                "dir": str(layout.root),
-                "phase": doc.get("phase"),
-                "healthy": healthy,
-                "listener": doc.get("listener"),
-                "release": doc.get("release"),
-                "processes": [
-                    {"name": n, "pid": pid, "running": alive, "log": log}
-                    for n, pid, alive, log in rows
-                ],
-                "hosts": [attrs.asdict(h) for h in hosts],
-            }
-        )
-        return 0 if healthy else 1
-    say(f"Sandbox in {layout.root}: {doc.get('phase', '?')}")
-    if not rows:
-        say("  nothing runs (start it with `decnet-admin sandbox up`).")
-        return 1
-    table = [
-        (n, pid, "running" if alive else "GONE", _address(n, doc), log or "")
-        for n, pid, alive, log in rows
-    ]
-    say(output.table(("PROCESS", "PID", "STATE", "ADDRESS", "LOG"), table))
-    if hosts:
-        say("")
-        say(view.host_table(hosts))
-    if not up_alive and any_alive:
-        say("")
-        say(
-            "`sandbox up` is gone but some of its processes still run: `decnet-admin sandbox down`."
-        )
-    return 0 if healthy else 1
+        return StatusReport(layout.root, found=False)
+    rows = recorded_rows(doc)
+    hosts: list[HostRow] = []
+    if any(r.running for r in rows) and layout.master.master_cert.exists():
+        hosts, agents = await ask_workers(reactor, layout, doc.get("workers") or {})
+        rows += agent_rows(layout, doc, agents)
+    return StatusReport(
+        layout.root,
+        found=True,
+        phase=doc.get("phase"),
+        listener=doc.get("listener"),
+        release=doc.get("release"),
+        processes=tuple(sorted(rows, key=row_order)),
+        hosts=tuple(hosts),
+    )
 
 
-async def _wait_gone(reactor, records, timeout: float) -> bool:
+async def _wait_gone(reactor: ISandboxReactor, records, timeout: float) -> bool:
     deadline = reactor.seconds() + timeout
     while any(state.is_running(r) for r in records):
         if reactor.seconds() > deadline:
             return False
-        await task.deferLater(reactor, 0.1, lambda: None)
+        await task.deferLater(reactor, GONE_POLL, lambda: None)
     return True
 
 
@@ -181,43 +196,55 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-async def down(reactor, layout: SandboxLayout, say) -> int:
-    """Stop the sandbox in ``layout`` whatever state it is in; 0 once nothing is left."""
+async def _stop_up(reactor: ISandboxReactor, up: state.ProcessRecord, report: Report) -> None:
+    """``up`` got SIGTERM: wait for it to stop its children, SIGKILL it if it does not."""
+    report(UpAsked(up.pid))
+    if not await _wait_gone(reactor, [up], UP_STOP_TIMEOUT):
+        report(UpKilled(up.pid, UP_STOP_TIMEOUT))
+        state.signal_if_running(up, signal.SIGKILL)
+        await _wait_gone(reactor, [up], KILLED_WAIT)
+
+
+async def _stop_leftovers(
+    reactor: ISandboxReactor, children: dict[str, state.ProcessRecord], report: Report
+) -> None:
+    """SIGTERM the children that outlived ``up``, a grace period, SIGKILL, their groups."""
+    alive = {n: r for n, r in children.items() if state.is_running(r)}
+    if not alive:
+        return
+    report(LeftoversStopping(tuple(sorted(alive))))
+    for record in alive.values():
+        state.signal_if_running(record, signal.SIGTERM)
+    if not await _wait_gone(reactor, alive.values(), config.SANDBOX_STOP_GRACE):
+        for name, record in alive.items():
+            if state.signal_if_running(record, signal.SIGKILL):
+                report(LeftoverKilled(name, record.pid))
+        await _wait_gone(reactor, alive.values(), KILLED_WAIT)
+    # Each child leads its own process group (decnet.sandbox.children); what it
+    # started (an agent, a pip) may outlive it.  We saw each leader alive, and a
+    # group id is not given to anyone else while the group has a member left.
+    for record in alive.values():
+        _killpg(record.pid)
+
+
+async def down(
+    reactor: ISandboxReactor, layout: SandboxLayout, report: Report = ignore
+) -> DownReport:
+    """Stop the sandbox in ``layout`` whatever state it is in (progress goes to ``report``)."""
     doc = await run_in_pool(reactor, state.load, layout.state_file)
     if doc is None:
-        say(f"No sandbox in {layout.root}; nothing to stop.")
-        return 0
+        return DownReport(layout.root, found=False)
     up = state.up_record(doc)
     if up is not None and state.signal_if_running(up, signal.SIGTERM):
-        say(f"Asked `sandbox up` (pid {up.pid}) to stop its processes; waiting ...")
-        if not await _wait_gone(reactor, [up], UP_STOP_TIMEOUT):
-            say(f"`sandbox up` (pid {up.pid}) did not stop in {UP_STOP_TIMEOUT:g}s; killing it")
-            state.signal_if_running(up, signal.SIGKILL)
-            await _wait_gone(reactor, [up], 10.0)
+        await _stop_up(reactor, up, report)
         doc = await run_in_pool(reactor, state.load, layout.state_file) or doc
     children = state.processes(doc)
-    alive = {n: r for n, r in children.items() if state.is_running(r)}
-    if alive:
-        say(f"Stopping {len(alive)} leftover processes: {', '.join(sorted(alive))}")
-        for record in alive.values():
-            state.signal_if_running(record, signal.SIGTERM)
-        if not await _wait_gone(reactor, alive.values(), config.SANDBOX_STOP_GRACE):
-            for name, record in alive.items():
-                if state.signal_if_running(record, signal.SIGKILL):
-                    say(f"  {name} (pid {record.pid}) ignored SIGTERM; killed")
-            await _wait_gone(reactor, alive.values(), 10.0)
-        # Each child leads its own process group (decnet.sandbox.children); what it
-        # started (an agent, a pip) may outlive it.  We saw each leader alive, and a
-        # group id is not given to anyone else while the group has a member left.
-        for record in alive.values():
-            _killpg(record.pid)
+    await _stop_leftovers(reactor, children, report)
     left = [n for n, r in children.items() if state.is_running(r)]
     if up is not None and state.is_running(up):
         left.append("up")
     if left:
-        say(f"Still running: {', '.join(left)}")
-        return 1
+        return DownReport(layout.root, found=True, still_running=tuple(left))
     doc.update(phase="stopped", up=None, processes={})
     await run_in_pool(reactor, state.save, layout.state_file, doc)
-    say("Nothing of the sandbox runs any more.")
-    return 0
+    return DownReport(layout.root, found=True)

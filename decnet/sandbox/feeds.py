@@ -22,6 +22,7 @@ def split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 
 def parse_entries(lines: list[bytes]) -> list[dict]:
+    """The JSON object of each line; a line that is not JSON is kept as ``unparsed``."""
     out = []
     for line in lines:
         if not line.strip():
@@ -82,3 +83,20 @@ def size_of(path: Path) -> int | None:
 def sizes(paths: dict[str, tuple[Path, Path]]) -> dict[str, tuple[int | None, int | None]]:
     """``{worker: (decoy log size, mirror size)}`` for the log lag column."""
     return {name: (size_of(local), size_of(mirror)) for name, (local, mirror) in paths.items()}
+
+
+def event_params(entry: dict) -> dict[str, str]:
+    """The ``decnet@…`` parameters of a feed entry (first value of each name)."""
+    params: dict[str, str] = {}
+    for element in entry.get("structured_data") or ():
+        if not str(element.get("id", "")).startswith("decnet@"):
+            continue
+        for pair in element.get("params") or ():
+            if len(pair) == 2:
+                params.setdefault(str(pair[0]), str(pair[1]))
+    return params
+
+
+def entry_order(entry: dict) -> tuple:
+    """Entries of several feeds in the order they happened (their timestamp, then offset)."""
+    return (entry.get("timestamp") or entry.get("received_at") or "", entry.get("mirror_offset", 0))

@@ -61,6 +61,14 @@ DECKIES: tuple[tuple[str, tuple[dict, ...]], ...] = (
 )
 
 
+def short(path: str | os.PathLike) -> str:
+    """``path`` relative to the current directory when it is below it (shorter lines)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def worker_name(index: int) -> str:
     return f"{WORKER_PREFIX}{index}"
 

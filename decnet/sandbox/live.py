@@ -4,14 +4,16 @@ Two timers on the injected clock:
 
 * every :data:`~decnet.config.SANDBOX_FEED_POLL` seconds the new lines of the
   master's JSON feeds (``<master>/ingest/<worker>/decnet.jsonl``) are read in
-  the thread pool and printed, one line each (:func:`decnet.sandbox.view.event_line`);
+  the thread pool and reported (:class:`~decnet.sandbox.report.FeedEvents`, which
+  ``decnet/cli`` prints one line each);
 * every :data:`~decnet.config.SANDBOX_HOSTS_POLL` seconds each agent is asked
   for ``/health`` and ``/status`` (AgentClient, persistent mTLS connections,
   one deadline per request), and the log lag is measured (the worker's decoy
   log against the master's mirror).  Each worker's row is updated as its answer
   arrives: a worker that stalls keeps its last row (``waiting`` before its
   first answer) until its deadline, and never holds back the others.  The
-  table is printed again when something in it changes, or after
+  table (:class:`~decnet.sandbox.report.HostTable`) is reported again when
+  something in it changes, or after
   :data:`~decnet.config.SANDBOX_TABLE_EVERY` seconds if events scrolled it away.
 """
 
@@ -20,17 +22,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from decnet import config
 from decnet.errors import DecnetError
 from decnet.master.agent_client import AgentClient
-from decnet.master.registry import Registry
-from decnet.sandbox import feeds, view
+from decnet.master.registry import Host, Registry
+from decnet.sandbox import ISandboxReactor, feeds
+from decnet.sandbox.layout import SandboxLayout
+from decnet.sandbox.report import FeedEvents, HostRow, HostTable, Report, log_lag, row_from_status
 from decnet.threads import run_in_pool
+from decnet.tls import TLSIdentity
 
 
-def read_hosts(layout, workers: dict) -> tuple[dict, dict]:
+def read_hosts(layout: SandboxLayout, workers: dict) -> tuple[dict, dict]:
     """The registry's hosts by name, and each worker's (decoy log, mirror) sizes (blocking)."""
     hosts = {h.name: h for h in Registry(layout.master.registry).list()}
     sizes = feeds.sizes(
@@ -40,19 +47,25 @@ def read_hosts(layout, workers: dict) -> tuple[dict, dict]:
 
 
 async def host_row(
-    reactor, identity, name: str, info: dict, host, lag: int, clients: dict
-) -> view.HostRow:
+    reactor: ISandboxReactor,
+    identity: TLSIdentity,
+    name: str,
+    info: dict,
+    host: Host | None,
+    lag: int,
+    clients: dict,
+) -> HostRow:
     """Ask one worker's agent for ``/health`` and ``/status``; never raises for its failures.
 
     ``clients`` caches one AgentClient per worker between calls (the caller closes them).
     """
     if host is None:
-        return view.HostRow(name, info["address"], "DOWN", lag=lag, detail="not enrolled")
+        return HostRow(name, info["address"], "DOWN", lag=lag, detail="not enrolled")
     if host.decommissioned:
         old = clients.pop(name, None)
         if old is not None:
             await old.close()
-        return view.HostRow(name, host.address, "decommissioned", lag=lag)
+        return HostRow(name, host.address, "decommissioned", lag=lag)
     client = clients.get(name)
     if client is None:
         client = clients[name] = AgentClient(
@@ -62,17 +75,23 @@ async def host_row(
         health = await client.health()
         status = await client.status()
     except DecnetError as exc:
-        return view.row_from_status(name, host.address, None, None, lag, str(exc))
-    return view.row_from_status(name, host.address, health, status, lag)
+        return row_from_status(name, host.address, None, None, lag, str(exc))
+    return row_from_status(name, host.address, health, status, lag)
 
 
-async def host_rows(reactor, identity, layout, workers: dict, clients: dict):
-    """One :class:`~decnet.sandbox.view.HostRow` per worker of ``sandbox.json`` (all at once)."""
+async def host_rows(
+    reactor: ISandboxReactor,
+    identity: TLSIdentity,
+    layout: SandboxLayout,
+    workers: dict,
+    clients: dict,
+) -> list[HostRow]:
+    """One :class:`~decnet.sandbox.report.HostRow` per worker of ``sandbox.json`` (all at once)."""
     hosts, sizes = await run_in_pool(reactor, read_hosts, layout, workers)
     rows = await defer.gatherResults(
         [
             defer.ensureDeferred(
-                host_row(reactor, identity, n, i, hosts.get(n), view.log_lag(*sizes[n]), clients)
+                host_row(reactor, identity, n, i, hosts.get(n), log_lag(*sizes[n]), clients)
             )
             for n, i in sorted(workers.items())
         ],
@@ -82,13 +101,20 @@ async def host_rows(reactor, identity, layout, workers: dict, clients: dict):
 
 
 class LiveView:
-    """Prints the host table and the event stream until :meth:`stop`."""
+    """Reports the host table and the event stream until :meth:`stop`."""
 
     log = Logger()
 
-    def __init__(self, reactor, say, layout, identity, workers: dict):
+    def __init__(
+        self,
+        reactor: ISandboxReactor,
+        report: Report,
+        layout: SandboxLayout,
+        identity: TLSIdentity,
+        workers: dict,
+    ):
         self.reactor = reactor
-        self.say = say
+        self.report = report
         self.layout = layout
         self.identity = identity
         self.workers = workers
@@ -100,10 +126,9 @@ class LiveView:
         self.last_event_at = -1e9
         self.last_lags: tuple = ()
         self._loops: list[task.LoopingCall] = []
-        self.header_printed = False
-        self.rows: dict[str, view.HostRow] = {}
+        self.rows: dict[str, HostRow] = {}
         self.probing: set[str] = set()
-        self.pending_table = None
+        self.pending_table: IDelayedCall | None = None
         self.stopped = False
 
     def start(self) -> defer.Deferred:
@@ -150,19 +175,23 @@ class LiveView:
             if name in self.probing:
                 continue  # the last probe has not ended yet (it will, by its deadline)
             self.probing.add(name)
-            lag = view.log_lag(*sizes[name])
+            lag = log_lag(*sizes[name])
             probe = defer.ensureDeferred(
                 host_row(
                     self.reactor, self.identity, name, info, hosts.get(name), lag, self.clients
                 )
             )
             probe.addCallback(self.arrived)
-            probe.addErrback(
-                lambda f, name=name: self.log.failure("Cannot poll {worker}", f, worker=name)
-            )
-            probe.addBoth(lambda _, name=name: self.probing.discard(name))
+            probe.addErrback(self._probe_failed, name)
+            probe.addBoth(self._probe_ended, name)
 
-    def arrived(self, row: view.HostRow) -> None:
+    def _probe_failed(self, failure: Failure, name: str) -> None:
+        self.log.failure("Cannot poll {worker}", failure, worker=name)
+
+    def _probe_ended(self, result: object, name: str) -> None:
+        self.probing.discard(name)
+
+    def arrived(self, row: HostRow) -> None:
         """A worker answered (or failed): show the table soon if it changed."""
         if self.stopped:
             return
@@ -171,21 +200,18 @@ class LiveView:
             # Rows that arrive together (the usual case) make one table, not one each.
             self.pending_table = self.reactor.callLater(config.SANDBOX_TABLE_SETTLE, self.show)
 
-    def current_rows(self) -> list[view.HostRow]:
+    def current_rows(self) -> list[HostRow]:
         return [
-            self.rows.get(name) or view.HostRow(name, info["address"], "waiting")
+            self.rows.get(name) or HostRow(name, info["address"], "waiting")
             for name, info in sorted(self.workers.items())
         ]
 
     def show(self) -> None:
         rows = self.current_rows()
         if self.table_due(rows, self.reactor.seconds()):
-            self.say("")
-            self.say(view.host_table(rows))
-            self.say("")
-            self.header_printed = False
+            self.report(HostTable(tuple(rows)))
 
-    def table_due(self, rows: list[view.HostRow], now: float) -> bool:
+    def table_due(self, rows: list[HostRow], now: float) -> bool:
         """Print the table when it changed, or when events scrolled it away a while ago."""
         keys = tuple(r.key() for r in rows)
         lags = tuple(r.lag for r in rows)
@@ -209,10 +235,6 @@ class LiveView:
             return
         if not entries:
             return
-        if not self.header_printed:
-            self.say(view.event_header())
-            self.header_printed = True
-        for entry in sorted(entries, key=view.sort_key):
-            self.say(view.event_line(entry))
+        self.report(FeedEvents(tuple(sorted(entries, key=feeds.entry_order))))
         self.events_since_table += len(entries)
         self.last_event_at = self.reactor.seconds()

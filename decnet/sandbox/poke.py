@@ -20,16 +20,31 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Callable
+from typing import cast
 
 import attrs
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from decnet.sandbox.view import event_params
+from decnet.errors import SandboxError
+from decnet.sandbox import ISandboxReactor, feeds, state
+from decnet.sandbox.feeds import event_params
+from decnet.sandbox.layout import SandboxLayout
+from decnet.sandbox.report import Report, ignore
+from decnet.threads import run_in_pool
 
+FEED_POLL = 0.05  # seconds between two reads of the feeds while waiting for the events
 STEP_TIMEOUT = 10.0  # seconds for one expected answer (the ssh decoy waits 1 s per failure)
 
 # What a brute-forcer tries first (all refused, always).
@@ -122,8 +137,15 @@ class Dialogue(protocol.Protocol):
         self._waiting: list[tuple[bytes, defer.Deferred]] = []
         self.src_port: int | None = None
 
-    def connectionMade(self):
-        self.src_port = self.transport.getHost().port
+    @property
+    def wire(self) -> ITCPTransport:
+        """The TCP connection (the endpoint connects this protocol over TCP only)."""
+        if self.transport is None:
+            raise ConnectionError("not connected")
+        return cast(ITCPTransport, self.transport)
+
+    def connectionMade(self) -> None:
+        self.src_port = self.wire.getHost().port
 
     def _arrived(self, needle: bytes) -> bool:
         # An empty needle means "anything at all".
@@ -136,7 +158,7 @@ class Dialogue(protocol.Protocol):
         for _needle, d in ready:
             d.callback(self.received)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         waiting, self._waiting = self._waiting, []
         for needle, d in waiting:
             d.errback(ConnectionError(f"closed before {needle or b'any data'!r} arrived"))
@@ -151,11 +173,11 @@ class Dialogue(protocol.Protocol):
         return d.addTimeout(self.timeout, self.clock)
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.wire.write(data)
 
     async def hang_up(self) -> None:
         if not self.closed.called:
-            self.transport.loseConnection()
+            self.wire.loseConnection()
         await self.closed.addTimeout(self.timeout, self.clock)
 
 
@@ -285,7 +307,7 @@ async def _http(reactor, target: Target, user: str, password: str) -> Outcome:
     response = await client.post(
         url,
         data={"username": user, "password": password},
-        headers={"User-Agent": ["Mozilla/5.0 (compatible; decnet-poke)"]},
+        headers=Headers({"User-Agent": ["Mozilla/5.0 (compatible; decnet-poke)"]}),
         timeout=STEP_TIMEOUT,
     )
     body = await response.content()
@@ -416,25 +438,39 @@ def match_feed(outcomes: list[Outcome], entries: list[dict], found: dict | None 
 # -- the command -----------------------------------------------------------------------
 
 
-async def poke(
-    reactor,
-    layout,
-    say,
-    *,
-    only: list[str] | None = None,
-    wait: float = 10.0,
-    as_json: bool = False,
-    choice: Callable = secrets.choice,
-) -> int:
-    """Poke every service of the sandbox in ``layout``; 0 when every conversation arrived."""
-    from twisted.internet import task
+@attrs.frozen
+class PokeStarted:
+    """``poke`` is about to attack ``services`` services (progress, before any outcome)."""
 
-    from decnet.cli import output
-    from decnet.errors import SandboxError
-    from decnet.sandbox import feeds, state
-    from decnet.threads import run_in_pool
+    services: int
+    deckies: int
+    workers: tuple[str, ...]
 
-    doc = await run_in_pool(reactor, state.load, layout.state_file)
+
+@attrs.frozen
+class PokeReport:
+    """Every conversation of one ``poke`` and whether each reached the master as its worker."""
+
+    outcomes: tuple[Outcome, ...]
+    found: dict  # conversation key -> source_worker it arrived as
+    seconds: float  # from the first connection to the last hang-up
+    seconds_to_master: float | None  # from then until the last one was in the feed
+    wait: float  # 0: arrival was not checked
+    missing: tuple[Outcome, ...]
+    misattributed: tuple[tuple[Outcome, str], ...]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def ok(self) -> bool:
+        """Every conversation done, arrived (when checked), under the right worker."""
+        return not (self.failed or self.misattributed or self.missing)
+
+
+def check_pokeable(doc: dict | None, layout: SandboxLayout, only: list[str] | None) -> dict:
+    """``doc`` when it is a running sandbox that has every worker of ``only``."""
     if doc is None or not doc.get("workers"):
         raise SandboxError(
             f"no sandbox in {layout.root} (start one with `decnet-admin sandbox up`)"
@@ -447,77 +483,78 @@ async def poke(
     unknown = sorted(set(only or ()) - set(doc["workers"]))
     if unknown:
         raise SandboxError(f"no worker named {', '.join(unknown)} in this sandbox")
+    return doc
+
+
+def started(targets: list[Target]) -> PokeStarted:
+    workers = tuple(sorted({t.worker for t in targets}))
+    return PokeStarted(len(targets), len({(t.worker, t.decky) for t in targets}), workers)
+
+
+async def converse_all(
+    reactor: IReactorTCP, targets: list[Target], choice: Callable, report: Report
+) -> list[Outcome]:
+    """Every conversation at once; each outcome is reported as it ends."""
+
+    def reported(outcome: Outcome) -> Outcome:
+        report(outcome)
+        return outcome
+
+    runs = [
+        defer.ensureDeferred(converse(reactor, t, choice)).addCallback(reported) for t in targets
+    ]
+    return list(await defer.gatherResults(runs, consumeErrors=True))
+
+
+async def await_arrival(
+    reactor: IReactorTime, read_new: Callable, outcomes: list[Outcome], wait: float
+) -> tuple[Arrival, float | None]:
+    """Read the feeds until every conversation arrived or ``wait`` seconds passed.
+
+    ``read_new`` returns a Deferred of the new feed entries; returns the arrival
+    and when the last conversation arrived (``None``: not all did).
+    """
+    found: dict = {}
+    arrival = match_feed(outcomes, [], found)
+    deadline = reactor.seconds() + wait
+    while wait > 0:
+        arrival = match_feed(outcomes, await read_new(), found)
+        if not arrival.missing:
+            return arrival, reactor.seconds()
+        if reactor.seconds() > deadline:
+            break
+        await task.deferLater(reactor, FEED_POLL, lambda: None)
+    return arrival, None
+
+
+async def poke(
+    reactor: ISandboxReactor,
+    layout: SandboxLayout,
+    report: Report = ignore,
+    *,
+    only: list[str] | None = None,
+    wait: float = 10.0,
+    choice: Callable = secrets.choice,
+) -> PokeReport:
+    """Poke every service of the sandbox in ``layout`` and look for each in the feeds."""
+    doc = await run_in_pool(reactor, state.load, layout.state_file)
+    doc = check_pokeable(doc, layout, only)
     targets = targets_from_state(doc, only)
     tail = feeds.FeedTail({name: layout.feed(name) for name in doc["workers"]})
     await run_in_pool(reactor, tail.skip_to_end)
-    deckies = {(t.worker, t.decky) for t in targets}
-    workers = sorted({t.worker for t in targets})
-    if not as_json:
-        say(
-            f"Poking {len(targets)} services on {len(deckies)} deckies of "
-            f"{len(workers)} workers ({', '.join(workers)}) ..."
-        )
-
-    def report(outcome: Outcome) -> Outcome:
-        if not as_json:
-            t = outcome.target
-            where = f"{t.address}:{t.port}"
-            mark = "" if outcome.ok else "FAILED "
-            say(f"  {t.worker:<4} {t.decky:<9} {t.service:<10} {where:<16} {mark}{outcome.did}")
-        return outcome
-
-    started = reactor.seconds()
-    outcomes = list(
-        await defer.gatherResults(
-            [
-                defer.ensureDeferred(converse(reactor, t, choice)).addCallback(report)
-                for t in targets
-            ],
-            consumeErrors=True,
-        )
-    )
+    report(started(targets))
+    begun = reactor.seconds()
+    outcomes = await converse_all(reactor, targets, choice, report)
     finished = reactor.seconds()
-    found: dict = {}
-    arrival = match_feed(outcomes, [], found)
-    arrived_at = None
-    deadline = finished + wait
-    while wait > 0:
-        entries = await run_in_pool(reactor, tail.read_new)
-        arrival = match_feed(outcomes, entries, found)
-        if not arrival.missing:
-            arrived_at = reactor.seconds()
-            break
-        if reactor.seconds() > deadline:
-            break
-        await task.deferLater(reactor, 0.05, lambda: None)
-    wrong = arrival.misattributed(outcomes)
-    failed = [o for o in outcomes if not o.ok]
-    if as_json:
-        output.print_json(
-            {
-                "conversations": [
-                    {**o.as_dict(), "arrived_as": found.get(o.key())} for o in outcomes
-                ],
-                "seconds": round(finished - started, 3),
-                "seconds_to_master": None
-                if arrived_at is None
-                else round(arrived_at - finished, 3),
-                "missing": [o.target.label for o in arrival.missing] if wait > 0 else [],
-                "misattributed": [[o.target.label, got] for o, got in wrong],
-            }
-        )
-    else:
-        ok = len(outcomes) - len(failed)
-        say(f"{ok} of {len(outcomes)} conversations done in {finished - started:.1f}s.")
-        if wait > 0 and not arrival.missing and not wrong:
-            say(
-                f"All {len(found)} reached the master "
-                f"{arrived_at - finished:.2f}s after the last one ended, each recorded under "
-                "the worker it was sent to (source_worker, from its certificate)."
-            )
-        for o in arrival.missing if wait > 0 else ():
-            say(f"  not at the master after {wait:g}s: {o.target.label} (src port {o.src_port})")
-        for o, got in wrong:
-            say(f"  WRONG WORKER: {o.target.label} arrived as {got}")
-    bad = failed or wrong or (wait > 0 and arrival.missing)
-    return 1 if bad else 0
+    arrival, arrived_at = await await_arrival(
+        reactor, lambda: run_in_pool(reactor, tail.read_new), outcomes, wait
+    )
+    return PokeReport(
+        outcomes=tuple(outcomes),
+        found=arrival.found,
+        seconds=finished - begun,
+        seconds_to_master=None if arrived_at is None else arrived_at - finished,
+        wait=wait,
+        missing=arrival.missing if wait > 0 else (),
+        misattributed=tuple(arrival.misattributed(outcomes)),
+    )

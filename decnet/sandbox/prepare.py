@@ -10,6 +10,8 @@ is never reused) and is left out.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 
 from decnet import config, pki
@@ -35,6 +37,7 @@ class WorkerPlan:
 @attrs.frozen
 class Prepared:
     created: bool  # the CA was made just now
+    master_home: Path
     ca_fingerprint: str
     identity: TLSIdentity
     workers: tuple[WorkerPlan, ...]
@@ -58,6 +61,7 @@ def prepare(layout: SandboxLayout, workers: int, net: int) -> Prepared:
     others = tuple(h.name for h in registry.list() if h.name not in wanted)
     return Prepared(
         created=created,
+        master_home=paths.home,
         ca_fingerprint=master.ca.fingerprint,
         identity=TLSIdentity.master(paths),
         workers=tuple(plans),

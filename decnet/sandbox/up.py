@@ -17,6 +17,9 @@ The sequence (each step printed as it happens):
 5. **watch** (:mod:`.live`) until SIGINT, SIGTERM or SIGHUP, then stop every
    child by PID and exit 0.
 
+Each step is handed to the injected ``report`` callable as a
+:mod:`.report` object as it happens; ``decnet/cli`` decides how it reads.
+
 ``sandbox.json`` (:mod:`.state`) records every PID as soon as it exists, so
 ``sandbox status`` and ``sandbox down`` work from another terminal.
 """
@@ -30,48 +33,44 @@ from pathlib import Path
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from decnet import config, pki
-from decnet.cli import output
+from decnet import config
 from decnet.errors import DecnetError, SandboxError
 from decnet.master import tar_tree, wheelhouse
 from decnet.master.agent_client import AgentClient
+from decnet.master.registry import Host
 from decnet.master.rollout import UPDATED, Rollout, plan_rollout
+from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
-from decnet.sandbox import daemons, state, view
+from decnet.sandbox import ISandboxReactor, daemons, state
 from decnet.sandbox.children import Child, Children
-from decnet.sandbox.layout import SandboxLayout, spec_targets
+from decnet.sandbox.layout import SandboxLayout, short, spec_targets
 from decnet.sandbox.prepare import Prepared, WorkerPlan, prepare
+from decnet.sandbox.report import (
+    AlreadyCurrent,
+    ChildExited,
+    DaemonsStarting,
+    DaemonStarted,
+    DeployDone,
+    Deployed,
+    DeployStarting,
+    Preparing,
+    Ready,
+    ReleaseBuilt,
+    ReleaseStarting,
+    Report,
+    RolloutProgress,
+    StillInstalling,
+    Stopped,
+    Stopping,
+    WheelhouseBuilding,
+    WheelhouseReady,
+    Where,
+    ignore,
+)
 from decnet.threads import run_in_pool, serial_runner
+from decnet.tls import TLSIdentity
 
 PROGRESS_EVERY = 10.0  # seconds between "still installing" lines during a release push
-
-
-class Console:
-    """Where ``up`` talks to its operator: whole lines, flushed at once.
-
-    A terminal that went away (a closed pipe, a hung-up tty) must not keep
-    ``up`` from stopping its children: output errors switch the console off.
-    """
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-        self.broken = False
-
-    def line(self, text: str = "") -> None:
-        if self.broken:
-            return
-        try:
-            output.text(text, self.stream)  # worker-supplied text is escaped, like decnet-admin's
-        except (OSError, ValueError):
-            self.broken = True
-
-
-def short(path: Path) -> str:
-    """``path`` relative to the current directory when it is below it (shorter lines)."""
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 class Sandbox:
@@ -81,14 +80,14 @@ class Sandbox:
 
     def __init__(
         self,
-        reactor,
+        reactor: ISandboxReactor,
         layout: SandboxLayout,
         *,
         workers: int,
         net: int,
         root: Path,
         wheelhouse_dir: Path | None = None,
-        console: Console | None = None,
+        report: Report = ignore,
     ):
         self.reactor = reactor
         self.layout = layout
@@ -96,12 +95,12 @@ class Sandbox:
         self.net = net
         self.root = root
         self.wheelhouse_dir = wheelhouse_dir
-        self.console = console or Console()
+        self.report = report
         self.started_at = reactor.seconds()
         self.children = Children(reactor, on_exit=self._child_exited)
         self.prepared: Prepared | None = None
         self.release: str | None = None
-        self.listener_port: int | None = None
+        self.listener_port = 0  # until the listener wrote its port file
         self.stopping = False
         self.live = None
         self.doc = state.empty_state(net)
@@ -113,14 +112,16 @@ class Sandbox:
     def _thread(self, fn, *args, **kw) -> defer.Deferred:
         return run_in_pool(self.reactor, fn, *args, **kw)
 
-    def say(self, text: str = "") -> None:
-        self.console.line(text)
+    def since(self, moment: float) -> float:
+        """Seconds on the reactor's clock since ``moment``."""
+        return self.reactor.seconds() - moment
 
-    def elapsed(self) -> str:
-        return view.elapsed(self.reactor.seconds() - self.started_at)
-
-    def path(self, p: Path) -> str:
-        return short(p)
+    @property
+    def identity(self) -> TLSIdentity:
+        """The master's identity (once :meth:`prepare` made or loaded it)."""
+        if self.prepared is None:
+            raise SandboxError("the master is not prepared yet")
+        return self.prepared.identity
 
     @property
     def active(self) -> list[WorkerPlan]:
@@ -155,7 +156,7 @@ class Sandbox:
                 words = await self._thread(child.last_words)
                 raise SandboxError(
                     f"{child.name} {child.how} while waiting for {what}: "
-                    f"{words} (see {self.path(child.log)})"
+                    f"{words} (see {short(child.log)})"
                 )
             value = await probe()
             if value:
@@ -172,8 +173,7 @@ class Sandbox:
 
     async def _report_exit(self, child: Child) -> None:
         words = await self._thread(child.last_words)
-        self.say(f"!! {child.name} {child.how}: {words}")
-        self.say(f"!! (its log: {self.path(child.log)})")
+        self.report(ChildExited(child.name, child.how, words, child.log))
         await self.save()
 
     # -- the run ---------------------------------------------------------------
@@ -193,42 +193,21 @@ class Sandbox:
         await self.deploy()
         self.doc["phase"] = "running"
         await self.save()
-        self.say()
-        self.say(
-            f"Ready in {self.elapsed()}: {len(self.active)} workers, "
-            f"listener on 127.0.0.1:{self.listener_port}, "
-            f"logs in {self.path(self.layout.logs_dir)}/"
+        self.report(
+            Ready(
+                self.since(self.started_at),
+                len(self.active),
+                self.listener_port,
+                self.layout.logs_dir,
+                self.layout.root,
+            )
         )
-        # The script as this shell can run it (``.venv/bin/decnet-admin`` under make).
-        script = Path(sys.argv[0])
-        admin = self.path(script.absolute()) if script.name == "decnet-admin" else "decnet-admin"
-        self.say(
-            f"Play the attacker from another terminal:  {admin} sandbox poke --dir "
-            f"{self.path(self.layout.root)}"
-        )
-        self.say("Ctrl-C stops every process this command started.")
-        self.say()
 
     async def prepare(self) -> None:
-        self.say(f"DECNET sandbox in {self.path(self.layout.root)}")
+        self.report(Preparing(self.layout.root))
         prepared = await self._thread(prepare, self.layout, self.workers_wanted, self.net)
         self.prepared = prepared
-
-        how = "created" if prepared.created else "reused"
-        self.say(
-            f"  master   {self.path(self.layout.master.home)}  CA {how}, fingerprint "
-            f"{pki.colon_fingerprint(prepared.ca_fingerprint)[:23]}..."
-        )
-        for w in prepared.workers:
-            if w.active:
-                self.say(
-                    f"  {w.layout.name:<8} {w.layout.address:<12} {w.action}, bundle "
-                    f"{self.path(w.layout.bundle)}"
-                )
-            else:
-                self.say(f"  {w.layout.name:<8} decommissioned at {w.host.revoked_at}: left out")
-        if prepared.others:
-            self.say(f"  (also enrolled, not started: {', '.join(prepared.others)})")
+        self.report(prepared)
         if not self.active:
             raise SandboxError("no worker left to start (all are decommissioned); use a new --dir")
         self.doc["workers"] = {
@@ -248,9 +227,7 @@ class Sandbox:
         await self._thread(port_file.unlink, missing_ok=True)
         name = daemons.LISTENER
         argv = daemons.listener_argv(layout)
-        self.say(
-            f"Starting the daemons (real twistd processes, logs in {self.path(layout.logs_dir)}/):"
-        )
+        self.report(DaemonsStarting(layout.logs_dir))
         child = self.children.spawn(name, argv, layout.log(name), cwd=layout.master.home)
         await self.save()
 
@@ -263,8 +240,8 @@ class Sandbox:
 
         self.listener_port = await self.poll(port, what="the listener's port", child=child)
         self.doc["listener"] = {"host": config.SANDBOX_MASTER_HOST, "port": self.listener_port}
-        where = f"{config.SANDBOX_MASTER_HOST}:{self.listener_port}"
-        self.say(f"  {name:<14} {where:<30} pid {child.record.pid}")
+        where = Where(config.SANDBOX_MASTER_HOST, self.listener_port)
+        self.report(DaemonStarted(name, _pid(child), where))
 
     async def start_workers(self) -> None:
         spawned = []
@@ -277,10 +254,10 @@ class Sandbox:
             argv = daemons.forwarder_argv(self.layout, w, self.listener_port)
             forwarder = self.children.spawn(fwd, argv, self.layout.log(fwd), cwd=w.root)
             spawned.append((plan, updater, forwarder))
-            where = f"{w.address}:{w.updater_port} (agent :{w.agent_port})"
-            self.say(f"  {upd:<14} {where:<30} pid {updater.record.pid}")
-            where = f"-> {config.SANDBOX_MASTER_HOST}:{self.listener_port}"
-            self.say(f"  {fwd:<14} {where:<30} pid {forwarder.record.pid}")
+            where = Where(w.address, w.updater_port)
+            self.report(DaemonStarted(upd, _pid(updater), where, agent_port=w.agent_port))
+            where = Where(config.SANDBOX_MASTER_HOST, self.listener_port, forwards=True)
+            self.report(DaemonStarted(fwd, _pid(forwarder), where))
         await self.save()
         waits = [
             defer.ensureDeferred(self._updater_ready(plan, updater)) for plan, updater, _ in spawned
@@ -288,7 +265,7 @@ class Sandbox:
         await defer.gatherResults(waits, consumeErrors=True).addErrback(_first_error)
 
     async def _updater_ready(self, plan: WorkerPlan, child: Child) -> None:
-        client = UpdaterClient(self.reactor, self.prepared.identity, plan.host, timeout=5.0)
+        client = UpdaterClient(self.reactor, self.identity, plan.host, timeout=5.0)
 
         async def ready():
             try:
@@ -303,30 +280,35 @@ class Sandbox:
             await client.close()
 
     async def ensure_wheelhouse(self) -> Path:
+        """The wheels of the release: given, cached in DIR/cache, or built there now."""
         if self.wheelhouse_dir is not None:
             found = await self._thread(wheelhouse.wheels, self.wheelhouse_dir)
             if not found:
                 raise SandboxError(f"--wheelhouse {self.wheelhouse_dir} holds no wheels")
-            self.say(f"  wheelhouse {self.path(self.wheelhouse_dir)} ({len(found)} wheels, given)")
+            self.report(WheelhouseReady(self.wheelhouse_dir, len(found), "given"))
             return self.wheelhouse_dir
         wanted = await self._thread(wheelhouse.plan, self.root)
-        key = wanted.key
         target = wanted.target(self.layout.cache_dir)
         if await self._thread(wheelhouse.is_complete, target):
             found = await self._thread(wheelhouse.wheels, target)
-            self.say(f"  wheelhouse {self.path(target)} ({len(found)} wheels, cached)")
+            self.report(WheelhouseReady(target, len(found), "cached"))
             return target
+        started = self.reactor.seconds()
+        await self._build_wheelhouse(wanted, target)
+        found = await self._thread(wheelhouse.wheels, target)
+        self.report(WheelhouseReady(target, len(found), "built", self.since(started)))
+        return target
+
+    async def _build_wheelhouse(self, wanted: wheelhouse.Plan, target: Path) -> None:
+        """``pip wheel`` into a private directory, renamed into place once complete."""
         from decnet.process import run_process
 
+        key = wanted.key
         partial = self.layout.cache_dir / f".wheelhouse-{key}.{os.getpid()}"
         constraints = self.layout.cache_dir / f".constraints-{key}.txt"
         await self._thread(partial.mkdir, parents=True, exist_ok=True)
         await self._thread(constraints.write_text, "\n".join(wanted.pins) + "\n")
-        self.say(
-            "  building the offline wheelhouse from this environment with pip "
-            "(first run only; pip may use its index or cache) ..."
-        )
-        started = self.reactor.seconds()
+        self.report(WheelhouseBuilding())
         result = await run_process(
             self.reactor,
             wheelhouse.wheel_command(partial, wanted.requirements, constraints),
@@ -338,63 +320,55 @@ class Sandbox:
                 + result.output[-3000:]
             )
         await self._thread(wheelhouse.finish, partial, target)
-        found = await self._thread(wheelhouse.wheels, target)
-        self.say(
-            f"  wheelhouse {self.path(target)} ({len(found)} wheels, built in "
-            f"{view.elapsed(self.reactor.seconds() - started)})"
-        )
-        return target
 
     async def push_release(self) -> None:
-        self.say("Release of this checkout (the same path as `decnet-admin update --all`):")
+        self.report(ReleaseStarting())
         wheels = await self.ensure_wheelhouse()
         out_dir = self.layout.cache_dir / "releases"
         archive = await self._thread(tar_tree.build_release, self.root, out_dir, wheelhouse=wheels)
         try:
             self.release = archive.release_id
             self.doc["release"] = archive.release_id
-            self.say(
-                f"  release {archive.release_id}: {len(archive.files)} files, "
-                f"{view.human_bytes(archive.size)}"
-            )
-            identity = self.prepared.identity
-            currents = await defer.gatherResults(
-                [defer.ensureDeferred(self._current(p)) for p in self.active],
-                consumeErrors=True,
-            ).addErrback(_first_error)
-            todo = []
-            for plan, current in zip(self.active, currents, strict=True):
-                if current == archive.release_id:
-                    self.say(
-                        f"  [{plan.layout.name}] release {current} already installed and current"
-                    )
-                else:
-                    todo.append(plan.host)
+            self.report(ReleaseBuilt(archive.release_id, len(archive.files), archive.size))
+            todo = await self._not_current(archive.release_id)
             if todo:
-                await self._rollout(identity, archive, todo)
+                await self._rollout(self.identity, archive, todo)
         finally:
             await self._thread(archive.path.unlink, missing_ok=True)
         await self.wait_for_agents()
 
+    async def _not_current(self, release: str) -> list[Host]:
+        """The hosts whose current release is not ``release`` (the others are reported)."""
+        currents = await defer.gatherResults(
+            [defer.ensureDeferred(self._current(p)) for p in self.active],
+            consumeErrors=True,
+        ).addErrback(_first_error)
+        todo = []
+        for plan, current in zip(self.active, currents, strict=True):
+            if current == release:
+                self.report(AlreadyCurrent(plan.layout.name, current))
+            else:
+                todo.append(plan.host)
+        return todo
+
     async def _current(self, plan: WorkerPlan) -> str | None:
-        client = UpdaterClient(self.reactor, self.prepared.identity, plan.host, timeout=10.0)
+        client = UpdaterClient(self.reactor, self.identity, plan.host, timeout=10.0)
         try:
             return (await client.releases()).get("current")
         finally:
             await client.close()
 
-    async def _rollout(self, identity, archive, hosts) -> None:
-        names = [h.name for h in hosts]
+    async def _rollout(
+        self, identity: TLSIdentity, archive: ReleaseArchive, hosts: list[Host]
+    ) -> None:
+        names = tuple(h.name for h in hosts)
         started = self.reactor.seconds()
 
         def progress(host: str, message: str) -> None:
-            self.say(f"  [{host}] {message}")
+            self.report(RolloutProgress(host, message))
 
-        def still():
-            self.say(
-                f"  ... installing on {', '.join(names)} "
-                f"({view.elapsed(self.reactor.seconds() - started)}; pip, offline)"
-            )
+        def still() -> None:
+            self.report(StillInstalling(names, self.since(started)))
 
         ticker = task.LoopingCall(still)
         ticker.clock = self.reactor
@@ -415,12 +389,12 @@ class Sandbox:
             details = "; ".join(f"{r.host}: {r.result}, {r.detail}" for r in bad)
             raise SandboxError(
                 f"the release did not install everywhere ({details}); see "
-                f"{self.path(self.layout.logs_dir)}/<worker>-updater.log"
+                f"{short(self.layout.logs_dir)}/<worker>-updater.log"
             )
 
     async def wait_for_agents(self) -> None:
         async def one(plan: WorkerPlan):
-            client = AgentClient(self.reactor, self.prepared.identity, plan.host, timeout=5.0)
+            client = AgentClient(self.reactor, self.identity, plan.host, timeout=5.0)
 
             async def healthy():
                 try:
@@ -443,10 +417,10 @@ class Sandbox:
         ).addErrback(_first_error)
 
     async def deploy(self) -> None:
-        self.say("Deckies (deployed through each agent's mTLS API; every listener bound):")
+        self.report(DeployStarting())
 
         async def one(plan: WorkerPlan):
-            client = AgentClient(self.reactor, self.prepared.identity, plan.host)
+            client = AgentClient(self.reactor, self.identity, plan.host)
             try:
                 return await client.deploy(plan.layout.spec())
             finally:
@@ -457,16 +431,10 @@ class Sandbox:
         ).addErrback(_first_error)
         failed = []
         for plan, result in zip(self.active, results, strict=True):
-            for line in view.deploy_summary(plan.layout.name, plan.layout.spec(), result):
-                self.say(line)
+            self.report(Deployed(plan.layout.name, plan.layout.spec(), result))
             failed += [f"{plan.layout.name}: {f}" for f in result.get("failed", ())]
         total = sum(len(spec_targets(p.layout.spec())) for p in self.active)
-        if failed:
-            self.say(f"  {len(failed)} of {total} services failed to start:")
-            for problem in failed:
-                self.say(f"    {problem}")
-        else:
-            self.say(f"  all {total} services listening")
+        self.report(DeployDone(total, tuple(failed)))
 
     # -- stopping -------------------------------------------------------------
 
@@ -478,8 +446,7 @@ class Sandbox:
         if self.live is not None:
             self.live.stop()
         live = self.children.records()
-        self.say()
-        self.say(f"Stopping {len(live)} processes ...")
+        self.report(Stopping(len(live)))
         self.doc["phase"] = "stopping"
         try:
             await self.save()
@@ -500,10 +467,11 @@ class Sandbox:
             await self.save()
         except Exception:
             self.log.failure("Cannot record that the sandbox stopped")
-        self.say(
-            f"Stopped in {view.elapsed(self.reactor.seconds() - started)}; everything is kept in "
-            f"{self.path(self.layout.root)} (`sandbox up` starts it again)."
-        )
+        self.report(Stopped(self.since(started), self.layout.root))
+
+
+def _pid(child: Child) -> int:
+    return child.record.pid if child.record else 0
 
 
 def _first_error(failure):

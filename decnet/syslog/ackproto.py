@@ -23,6 +23,7 @@ ERROR      L → F      ``E <reason>``: sent before the listener closes
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import attrs
 
@@ -121,46 +122,70 @@ def _number(raw: bytes, what: str) -> int:
     return value
 
 
+def _span(start: int, end: int, what: str) -> None:
+    if end <= start:
+        raise ProtocolError(f"{what} end {end} is not after start {start}")
+
+
+def _two_fields(body: bytes, usage: str) -> tuple[bytes, bytes]:
+    parts = body.split(b" ")
+    if len(parts) != 2:
+        raise ProtocolError(usage)
+    return parts[0], parts[1]
+
+
+def _decode_data(body: bytes) -> Data:
+    # The payload may hold spaces: only the two numbers are split off, each
+    # searched for within its longest valid length.
+    sp1 = body.find(b" ", 0, 21)
+    sp2 = body.find(b" ", sp1 + 1, sp1 + 22) if sp1 >= 0 else -1
+    if sp2 < 0:
+        raise ProtocolError("DATA header is incomplete")
+    start = _number(body[:sp1], "DATA start")
+    end = _number(body[sp1 + 1 : sp2], "DATA end")
+    payload = body[sp2 + 1 :]
+    _span(start, end, "DATA")
+    if not payload or payload[-1:] != b"\n":
+        raise ProtocolError("DATA payload must be whole lines ending in LF")
+    return Data(start, end, payload)
+
+
+def _decode_gap(body: bytes) -> Gap:
+    first, second = _two_fields(body, "GAP must be 'G <start> <end>'")
+    start, end = _number(first, "GAP start"), _number(second, "GAP end")
+    _span(start, end, "GAP")
+    return Gap(start, end)
+
+
+def _decode_hello(body: bytes) -> Hello:
+    first, second = _two_fields(body, "HELLO must be 'H <version> <stream>'")
+    version = _number(first, "HELLO version")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    try:
+        stream = second.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("stream name is not ASCII") from None
+    return Hello(validate_stream_name(stream), version)
+
+
+_DECODERS: dict[bytes, Callable[[bytes], Message]] = {
+    b"D ": _decode_data,
+    b"G ": _decode_gap,
+    b"A ": lambda body: Ack(_number(body, "ACK offset")),
+    b"R ": lambda body: Resume(_number(body, "RESUME offset")),
+    b"H ": _decode_hello,
+    b"E ": lambda body: Error(body.decode("utf-8", "replace")),
+}
+
+
 def decode(frame: bytes) -> Message:
-    """Decode one frame body; raise :class:`ProtocolError` for anything malformed."""
-    kind = frame[:2]
-    if kind == b"D ":
-        sp1 = frame.find(b" ", 2, 23)
-        sp2 = frame.find(b" ", sp1 + 1, sp1 + 22) if sp1 > 0 else -1
-        if sp2 < 0:
-            raise ProtocolError("DATA header is incomplete")
-        start = _number(frame[2:sp1], "DATA start")
-        end = _number(frame[sp1 + 1 : sp2], "DATA end")
-        payload = frame[sp2 + 1 :]
-        if end <= start:
-            raise ProtocolError(f"DATA end {end} is not after start {start}")
-        if not payload or payload[-1:] != b"\n":
-            raise ProtocolError("DATA payload must be whole lines ending in LF")
-        return Data(start, end, payload)
-    if kind == b"G ":
-        parts = frame[2:].split(b" ")
-        if len(parts) != 2:
-            raise ProtocolError("GAP must be 'G <start> <end>'")
-        start, end = _number(parts[0], "GAP start"), _number(parts[1], "GAP end")
-        if end <= start:
-            raise ProtocolError(f"GAP end {end} is not after start {start}")
-        return Gap(start, end)
-    if kind == b"A ":
-        return Ack(_number(frame[2:], "ACK offset"))
-    if kind == b"R ":
-        return Resume(_number(frame[2:], "RESUME offset"))
-    if kind == b"H ":
-        parts = frame[2:].split(b" ")
-        if len(parts) != 2:
-            raise ProtocolError("HELLO must be 'H <version> <stream>'")
-        version = _number(parts[0], "HELLO version")
-        if version != VERSION:
-            raise ProtocolError(f"unsupported protocol version {version}")
-        try:
-            stream = parts[1].decode("ascii")
-        except UnicodeDecodeError:
-            raise ProtocolError("stream name is not ASCII") from None
-        return Hello(validate_stream_name(stream), version)
-    if kind == b"E " or frame == b"E":
-        return Error(frame[2:].decode("utf-8", "replace"))
-    raise ProtocolError(f"unknown message type {frame[:1]!r}")
+    """Decode one frame body; raise :class:`ProtocolError` for anything malformed.
+
+    The first two bytes (the letter and a space) choose the message; a bare
+    ``E`` is an ERROR without a reason.
+    """
+    decoder = _DECODERS.get(b"E " if frame == b"E" else frame[:2])
+    if decoder is None:
+        raise ProtocolError(f"unknown message type {frame[:1]!r}")
+    return decoder(frame[2:])

@@ -1,4 +1,4 @@
-"""Release tarballs on the worker: hashing and allow-list extraction of hostile input.
+"""Release tarballs on the worker: allow-list extraction of hostile input.
 
 The master is trusted to *choose* what to install, not to be free of bugs or of
 an attacker sitting in its place with a broken tarball, so extraction assumes
@@ -6,7 +6,8 @@ the worst:
 
 * only regular files and directories; links (symbolic or hard), devices, FIFOs,
   sparse and contiguous files are refused;
-* member names must be relative, free of ``..``, backslashes and NUL;
+* member names must be relative, free of ``..``, backslashes and NUL, and short
+  enough to extract (``ENAMETOOLONG`` below the destination is the archive's fault);
 * modes come from an allow-list (``0644``, or ``0755`` when any execute bit
   was set): setuid, setgid and sticky bits never reach the disk;
 * the number of members and the total uncompressed size are capped while the
@@ -32,12 +33,14 @@ Both block: call them in a thread.
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import io
 import json
 import os
 import tarfile
 import zlib
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,15 +86,6 @@ class Summary:
     build_info: dict
     has_wheelhouse: bool
     has_project: bool
-
-
-def sha256_of(fileobj: BinaryIO) -> str:
-    """The sha256 of a whole file object, read from its start in chunks."""
-    fileobj.seek(0)
-    digest = hashlib.sha256()
-    while chunk := fileobj.read(CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safe_name(member: tarfile.TarInfo) -> str | None:
@@ -189,73 +183,105 @@ class _ScannedGunzip(io.RawIOBase):
 
 def _walk(fileobj: BinaryIO, limits: Limits, dest: Path | None) -> Summary:
     fileobj.seek(0)
-    members = files = total = 0
-    build_info: dict = {}
-    wheelhouse = project = False
-    seen: dict[str, str] = {}
+    walk = _Walk(limits, dest)
     stream = _ScannedGunzip(fileobj, TarHeaderScanner(limits.max_header))
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             while (member := tar.next()) is not None:
-                tar.members.clear()  # tarfile keeps every TarInfo otherwise
-                members += 1
-                if members > limits.max_members:
-                    raise UnsafeArchive(f"more than {limits.max_members} members")
-                kind = member_kind(member)
-                name = safe_name(member)
-                if name is None:
-                    continue
-                if kind == "file":
-                    total += member.size
-                    if member.size < 0 or total > limits.max_bytes:
-                        raise UnsafeArchive(
-                            f"release larger than {limits.max_bytes} bytes uncompressed"
-                        )
-                previous = seen.get(name)
-                if previous is not None and (previous, kind) != ("dir", "dir"):
-                    raise UnsafeArchive(f"member {name!r} appears twice")
-                for i, _ in enumerate(parts := name.split("/")[:-1]):
-                    if seen.get("/".join(parts[: i + 1])) == "file":
-                        raise UnsafeArchive(f"member {name!r} is inside a file")
-                seen[name] = kind
-                if kind == "dir":
-                    if dest is not None:
-                        (dest / name).mkdir(mode=0o755, parents=True, exist_ok=True)
-                    continue
-                files += 1
-                if name in ("setup.cfg", "pyproject.toml", "setup.py"):
-                    project = True
-                if name.startswith(config.RELEASE_WHEELHOUSE + "/") and name.endswith(".whl"):
-                    wheelhouse = True
-                source = tar.extractfile(member)
-                if name == config.RELEASE_BUILD_INFO and member.size <= _BUILD_INFO_MAX:
-                    data = source.read()
-                    build_info = _parse_build_info(data)
-                    if dest is not None:
-                        _write_file(dest, name, [data], safe_mode(member))
-                    continue
-                chunks = iter(lambda src=source: src.read(CHUNK), b"")
-                if dest is None:
-                    for _ in chunks:
-                        pass
-                else:
-                    _write_file(dest, name, chunks, safe_mode(member))
+                tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every TarInfo otherwise
+                walk.member(tar, member)
     except UnsafeArchive:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        if isinstance(exc, FileExistsError | NotADirectoryError | IsADirectoryError):
-            raise UnsafeArchive(f"member collides with another: {exc.filename}") from None
-        if isinstance(exc, OSError) and exc.errno is not None:
+        refusal = _refusal(exc, walk.name)
+        if refusal is None:
             raise  # a real disk problem (ENOSPC, EACCES): not the archive's fault
-        raise UnsafeArchive(f"not a valid gzip-compressed tar archive ({_short(exc)})") from None
-    return Summary(
-        members=members,
-        files=files,
-        total_bytes=total,
-        build_info=build_info,
-        has_wheelhouse=wheelhouse,
-        has_project=project,
-    )
+        raise refusal from None
+    return walk.summary()
+
+
+def _refusal(exc: BaseException, name: str) -> UnsafeArchive | None:
+    """The archive's fault in a failure while reading or writing it; ``None``: the disk's."""
+    if isinstance(exc, FileExistsError | NotADirectoryError | IsADirectoryError):
+        return UnsafeArchive(f"member collides with another: {exc.filename}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        # Within _NAME_MAX on its own, over PATH_MAX below the release directory.
+        return UnsafeArchive(f"member {name[:64]!r}... is too long a path to extract")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return None
+    return UnsafeArchive(f"not a valid gzip-compressed tar archive ({_short(exc)})")
+
+
+class _Walk:
+    """One pass over the members: every check, the counts, and the writing when ``dest`` is set."""
+
+    def __init__(self, limits: Limits, dest: Path | None):
+        self.limits = limits
+        self.dest = dest
+        # Named as Summary's fields: summary() copies them by name.
+        self.members = self.files = self.total_bytes = 0
+        self.build_info: dict = {}
+        self.has_wheelhouse = self.has_project = False
+        self.seen: dict[str, str] = {}  # name -> "file" | "dir"
+        self.name = ""  # the member being checked or written
+
+    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise UnsafeArchive(f"more than {self.limits.max_members} members")
+        kind = member_kind(member)
+        name = safe_name(member)
+        if name is None:
+            return
+        self.name = name
+        if kind == "file":
+            self._count_size(member.size)
+        self._place(name, kind)
+        if kind == "dir":
+            if self.dest is not None:
+                (self.dest / name).mkdir(mode=0o755, parents=True, exist_ok=True)
+            return
+        self._file(tar, member, name)
+
+    def _count_size(self, size: int) -> None:
+        self.total_bytes += size
+        if size < 0 or self.total_bytes > self.limits.max_bytes:
+            raise UnsafeArchive(f"release larger than {self.limits.max_bytes} bytes uncompressed")
+
+    def _place(self, name: str, kind: str) -> None:
+        """Refuse a name seen before (but a directory again) or one below a file."""
+        previous = self.seen.get(name)
+        if previous is not None and (previous, kind) != ("dir", "dir"):
+            raise UnsafeArchive(f"member {name!r} appears twice")
+        parts = name.split("/")[:-1]
+        for i in range(len(parts)):
+            if self.seen.get("/".join(parts[: i + 1])) == "file":
+                raise UnsafeArchive(f"member {name!r} is inside a file")
+        self.seen[name] = kind
+
+    def _file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
+        self.files += 1
+        if name in ("setup.cfg", "pyproject.toml", "setup.py"):
+            self.has_project = True
+        if name.startswith(config.RELEASE_WHEELHOUSE + "/") and name.endswith(".whl"):
+            self.has_wheelhouse = True
+        source = tar.extractfile(member)
+        if source is None:  # pragma: no cover - a regular file always has a reader
+            raise UnsafeArchive(f"member {name!r} cannot be read")
+        if name == config.RELEASE_BUILD_INFO and member.size <= _BUILD_INFO_MAX:
+            data = source.read()
+            self.build_info = _parse_build_info(data)
+            chunks: Iterable[bytes] = [data]
+        else:
+            chunks = iter(partial(source.read, CHUNK), b"")
+        if self.dest is None:
+            for _ in chunks:
+                pass
+        else:
+            _write_file(self.dest, name, chunks, safe_mode(member))
+
+    def summary(self) -> Summary:
+        return Summary(**{field.name: getattr(self, field.name) for field in attrs.fields(Summary)})
 
 
 def _short(exc: BaseException) -> str:
@@ -274,7 +300,7 @@ def _parse_build_info(data: bytes) -> dict:
     return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str | int | bool)}
 
 
-def _write_file(dest: Path, name: str, chunks, mode: int) -> None:
+def _write_file(dest: Path, name: str, chunks: Iterable[bytes], mode: int) -> None:
     path = dest / name
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

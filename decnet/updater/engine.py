@@ -17,7 +17,6 @@ Outcomes, as the master sees them (``docs/Remote-Updates.md``):
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hmac
 import platform
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
 from decnet import __version__, config
+from decnet.clock import utc_iso
 from decnet.errors import (
     AgentControlFailed,
     DigestMismatch,
@@ -60,10 +60,6 @@ def normalize_sha256(value: str | None) -> str:
     if len(cleaned) != 64 or not set(cleaned) <= _HEX:
         raise DigestMismatch("the sha256 of the tarball (64 hex digits) is required")
     return cleaned
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 @attrs.frozen
@@ -202,7 +198,7 @@ class Updater:
             )
             output = await self.installer.install(directory, with_pip=with_pip)
             info = {
-                "installed_at": utc_now(),
+                "installed_at": utc_iso(self.clock.seconds()),
                 "git_sha": summary.build_info.get("git_sha"),
                 "git_dirty": summary.build_info.get("git_dirty"),
                 "sha256": upload.sha256,

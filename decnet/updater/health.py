@@ -2,7 +2,9 @@
 
 The probe speaks mTLS with the *updater* certificate (the agent admits
 ``updater@<its host>`` on ``GET /health`` only) and pins the agent's worker
-certificate from the bundle, like the master does.  Waiting is done on the
+certificate from the bundle, like the master does; the answer must match the
+agent's ``/health`` schema (:data:`decnet.replies.AGENT_HEALTH`), as it must for
+the master.  Waiting is done on the
 injected clock; a probe that cannot connect yet (the agent is still starting) is
 simply retried until the deadline.
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from decnet import config
+from decnet import config, replies
 from decnet.errors import DecnetError, HealthCheckFailed
+from decnet.httpclient import PinnedClient
 
 
 class HealthProbe:
@@ -25,14 +29,14 @@ class HealthProbe:
 
     def __init__(
         self,
-        clock,
-        client,
+        clock: IReactorTime,
+        client: PinnedClient,
         *,
         interval: float = config.HEALTH_PROBE_INTERVAL,
         request_timeout: float = 5.0,
     ):
         self.clock = clock
-        self.client = client  # anything with ``await call("GET", "health", timeout=...)``
+        self.client = client  # a PinnedClient, or anything with its ``call``
         self.interval = interval
         self.request_timeout = request_timeout
 
@@ -63,13 +67,15 @@ class HealthProbe:
             attempts += 1
             try:
                 doc = await self.client.call(
-                    "GET", "health", timeout=max(0.5, min(self.request_timeout, remaining))
+                    "GET",
+                    "health",
+                    timeout=max(0.5, min(self.request_timeout, remaining)),
+                    reply=replies.AGENT_HEALTH,
                 )
             except DecnetError as exc:
                 last = str(exc)
             else:
-                reported = doc.get("release") if isinstance(doc, dict) else None
-                status = doc.get("status") if isinstance(doc, dict) else None
+                status, reported = doc["status"], doc.get("release")
                 if status == "ok" and reported == release:
                     self.log.info(
                         "Agent healthy on {release} after {attempts} probes",

@@ -274,41 +274,12 @@ class Plan:
 def plan_reconcile(journal: Journal, disk: DiskState) -> Plan:
     """Decide how to bring the directory back to a consistent state after a start or crash."""
     actions: list = [RemoveTempLink(name) for name in disk.temp_links]
-    notes: list[str] = []
-    failed = journal.failed
     if disk.trash:
         actions.append(EmptyTrash())
     complete = set(disk.complete)
-
-    target = disk.current
-    if journal.state == STAGING:
-        notes.append(f"interrupted install of {journal.release}: removed, current unchanged")
-    elif journal.state == SWITCHED and journal.op == OP_SELF and journal.release in complete:
-        target = journal.release
-        notes.append(f"interrupted self-update to {journal.release}: completed")
-    elif journal.state in (SWITCHED, ROLLING_BACK):
-        target = journal.previous
-        back_on = journal.previous or "nothing"
-        notes.append(f"interrupted {journal.op} to {journal.release}: back on {back_on}")
-        if journal.state == ROLLING_BACK:
-            # It had failed its health check; an interrupted switch merely was
-            # not confirmed (the updater died, not necessarily the release).
-            failed = _with(failed, journal.release)
-
-    for release in sorted(disk.incomplete):
-        actions.append(DiscardRelease(release))
-
-    if target is not None and target not in complete:
-        notes.append(f"current named {target}, which is not a complete release")
-        target = None
-    if target is None and disk.current is not None:
-        # Fall back to the most recent known-good release rather than nothing.
-        for candidate in reversed(journal.history):
-            if candidate in complete:
-                target = candidate
-                notes.append(f"fell back to {candidate} from the rollback history")
-                break
-
+    target, failed, notes = _undo_interrupted(journal, disk.current, complete)
+    actions += [DiscardRelease(release) for release in sorted(disk.incomplete)]
+    target = _complete_target(target, disk.current, journal.history, complete, notes)
     if target != disk.current:
         actions.append(PointCurrent(target))
     history = tuple(h for h in journal.history if h in complete and h != target)
@@ -316,6 +287,55 @@ def plan_reconcile(journal: Journal, disk: DiskState) -> Plan:
     if final != journal:
         actions.append(WriteJournal(final))
     return Plan(actions=tuple(actions), journal=final, current=target, notes=tuple(notes))
+
+
+def _undo_interrupted(
+    journal: Journal, current: str | None, complete: set[str]
+) -> tuple[str | None, tuple[str, ...], list[str]]:
+    """Where ``current`` should point after the transaction the journal records (the
+    table in the module docstring), the failed releases, and what was done, in words."""
+    if journal.state == STAGING:
+        return (
+            current,
+            journal.failed,
+            [f"interrupted install of {journal.release}: removed, current unchanged"],
+        )
+    if journal.state == SWITCHED and journal.op == OP_SELF and journal.release in complete:
+        return (
+            journal.release,
+            journal.failed,
+            [f"interrupted self-update to {journal.release}: completed"],
+        )
+    if journal.state in (SWITCHED, ROLLING_BACK):
+        back_on = journal.previous or "nothing"
+        note = f"interrupted {journal.op} to {journal.release}: back on {back_on}"
+        failed = journal.failed
+        if journal.state == ROLLING_BACK:
+            # It had failed its health check; an interrupted switch merely was
+            # not confirmed (the updater died, not necessarily the release).
+            failed = _with(failed, journal.release)
+        return journal.previous, failed, [note]
+    return current, journal.failed, []
+
+
+def _complete_target(
+    target: str | None,
+    current: str | None,
+    history: tuple[str, ...],
+    complete: set[str],
+    notes: list[str],
+) -> str | None:
+    """``target`` if it is a complete release; else, on a host that had a ``current``, the
+    most recent known-good release of the rollback history rather than nothing."""
+    if target is not None and target not in complete:
+        notes.append(f"current named {target}, which is not a complete release")
+        target = None
+    if target is None and current is not None:
+        for candidate in reversed(history):
+            if candidate in complete:
+                notes.append(f"fell back to {candidate} from the rollback history")
+                return candidate
+    return target
 
 
 def plan_prune(
@@ -337,12 +357,7 @@ def plan_prune(
     """
     ordered = list(complete)
     failed = set(failed)
-    journal = Journal(history=tuple(h for h in history if h in ordered), failed=tuple(failed))
-    protected = {r for r in (current, journal.previous_good(ordered)) if r in ordered}
-    protected |= {r for r in in_use if r in ordered}
-    if journal.history:
-        protected.add(journal.history[-1])
-    kept = set(protected)
+    kept = _protected(ordered, current, history, failed, in_use)
     good = [r for r in ordered if r not in failed]
     bad = [r for r in ordered if r in failed]
     for release in [*reversed(good), *reversed(bad)]:
@@ -350,6 +365,22 @@ def plan_prune(
             break
         kept.add(release)
     return [r for r in [*bad, *good] if r not in kept]
+
+
+def _protected(
+    ordered: list[str],
+    current: str | None,
+    history: Iterable[str],
+    failed: set[str],
+    in_use: Iterable[str],
+) -> set[str]:
+    """The releases :func:`plan_prune` never deletes (see there)."""
+    journal = Journal(history=tuple(h for h in history if h in ordered), failed=tuple(failed))
+    protected = {r for r in (current, journal.previous_good(ordered)) if r in ordered}
+    protected |= {r for r in in_use if r in ordered}
+    if journal.history:
+        protected.add(journal.history[-1])
+    return protected
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 
 from decnet import config
 from decnet.listener.feed import read_feed
-from decnet.sandbox.view import event_params
+from decnet.sandbox.feeds import event_params
 from tests.support import BIN, admin, wait_for
 
 pytestmark = pytest.mark.slow

@@ -38,9 +38,11 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable
+from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from decnet.agent.decoys.budget import (
     ConnectionBudget,
@@ -163,6 +165,10 @@ class DecoyMixin:
     runtime: ServiceRuntime
     session: Session
     inbox: Inbox
+    # The transport Twisted gives the protocol this mixes into; typed loosely
+    # because each decoy's base (Protocol, HTTPChannel, SSHTransportBase)
+    # declares its own.
+    transport: Any
     close_reason: str | None = None
     _idle_call = None
     _lifetime_call = None
@@ -272,7 +278,7 @@ class DecoyMixin:
         if parent is not None:
             parent()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure | None = connectionDone) -> None:
         for name in ("_idle_call", "_lifetime_call", "_abort_call"):
             call = getattr(self, name)
             if call is not None and call.active():
@@ -289,7 +295,7 @@ class DecoyMixin:
             ("duration", self.session.duration()),
             ("bytes_in", self.session.bytes_in),
         )
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[misc]  # the protocol this precedes
 
     def reset_idle(self) -> None:
         timeout = self.runtime.spec.option("idle_timeout")

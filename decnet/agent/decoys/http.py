@@ -20,6 +20,7 @@ import binascii
 import html
 import io
 import re
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from twisted.web import http, server
@@ -65,6 +66,7 @@ MAX_TRAILERS = 16 * 1024
 
 
 _SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)
+_WAIT = -1  # what a step returns when it needs more input
 
 
 class ChunkedBody:
@@ -77,9 +79,15 @@ class ChunkedBody:
     twisted.web's ``_MalformedChunkedDataError`` (a 400 and the connection
     closed).  Linear: one buffer and an offset, one loop, and the search for a
     line end resumes where it stopped.
+
+    A state machine: each state has a step (``_steps``) that parses from an
+    offset and returns where the next step starts, or ``_WAIT`` (having
+    consumed nothing) until more input arrives.
     """
 
-    def __init__(self, on_chunks, on_done):
+    def __init__(
+        self, on_chunks: Callable[[bytes, int], object], on_done: Callable[[bytes], object]
+    ):
         self.on_chunks = on_chunks
         self.on_done = on_done
         self._buf = bytearray()
@@ -88,82 +96,98 @@ class ChunkedBody:
         self._state = _SIZE
         self._remaining = 0
         self._trailers = 0
+        self._parts: list[bytes | bytearray] = []  # the chunks decoded from the current read
+        self._count = 0
+        self._steps = (self._size, self._data, self._crlf, self._trailer, self._after_end)
 
     def dataReceived(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        pos, state, remaining = self._pos, self._state, self._remaining
-        parts: list[bytes] = []
-        count = 0
+        self._buf += data
+        self._parts, self._count = [], 0
+        pos, steps = self._pos, self._steps
         try:
-            while True:
-                if state == _SIZE:
-                    m = _CHUNK_SIZE_CRLF.match(buf, pos)  # the usual line: no extension
-                    if m is not None:
-                        size, pos = int(m.group(1), 16), m.end()
-                    else:
-                        end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
-                        if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
-                            break
-                        m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
-                        if m is None:
-                            raise http._MalformedChunkedDataError("bad chunk size line")
-                        size, pos = int(m.group(1), 16), end + 2
-                    if not size:
-                        state = _TRAILER
-                        continue
-                    count += 1
-                    after = pos + size
-                    if len(buf) >= after + 2:  # the whole chunk is here: one step
-                        if buf[after] != 13 or buf[after + 1] != 10:
-                            raise http._MalformedChunkedDataError("chunk not followed by CRLF")
-                        parts.append(buf[pos:after])
-                        pos = after + 2
-                    else:
-                        remaining, state = size, _DATA
-                elif state == _DATA:
-                    n = min(remaining, len(buf) - pos)
-                    if not n:
-                        break
-                    parts.append(bytes(buf[pos : pos + n]))
-                    pos += n
-                    remaining -= n
-                    if not remaining:
-                        state = _CRLF
-                elif state == _CRLF:
-                    if len(buf) - pos < 2:
-                        break
-                    if buf[pos] != 13 or buf[pos + 1] != 10:
-                        raise http._MalformedChunkedDataError("chunk not followed by CRLF")
-                    pos += 2
-                    state = _SIZE
-                elif state == _TRAILER:
-                    end = self._line_end(pos, MAX_TRAILERS)
-                    if end < 0:
-                        break
-                    self._trailers += end + 2 - pos
-                    if self._trailers > MAX_TRAILERS:
-                        raise http._MalformedChunkedDataError("trailers too long")
-                    empty = end == pos
-                    pos = end + 2
-                    if empty:
-                        rest = bytes(buf[pos:])
-                        self._buf, pos, state = bytearray(), 0, _DONE
-                        if parts:
-                            self.on_chunks(b"".join(parts), count)
-                            parts = []
-                        self.on_done(rest)
-                        return
-                else:
-                    raise http._MalformedChunkedDataError("data after the last chunk")
-            if parts:
-                self.on_chunks(b"".join(parts), count)
+            while (after := steps[self._state](pos)) != _WAIT:
+                pos = after
+            self._flush()
         finally:
-            if state != _DONE and pos:
-                del buf[:pos]
-                self._scan = max(0, self._scan - pos)
-                pos = 0
-            self._pos, self._state, self._remaining = pos, state, remaining
+            if self._state != _DONE:
+                self._consumed(pos)
+
+    def _size(self, pos: int) -> int:
+        """A chunk size line; the whole chunk too when it is here (the usual case)."""
+        buf = self._buf
+        m = _CHUNK_SIZE_CRLF.match(buf, pos)  # the usual line: no extension
+        if m is not None:
+            size, pos = int(m.group(1), 16), m.end()
+        else:
+            end = buf.find(b"\r\n", max(pos, self._scan), pos + MAX_CHUNK_SIZE_LINE + 2)
+            if end < 0 and self._line_end(pos, MAX_CHUNK_SIZE_LINE) < 0:
+                return _WAIT
+            m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, end)
+            if m is None:
+                raise http._MalformedChunkedDataError("bad chunk size line")
+            size, pos = int(m.group(1), 16), end + 2
+        if not size:
+            self._state = _TRAILER
+            return pos
+        self._count += 1
+        after = pos + size
+        if len(buf) < after + 2:
+            self._remaining, self._state = size, _DATA
+            return pos
+        _expect_crlf(buf, after)
+        self._parts.append(buf[pos:after])
+        return after + 2
+
+    def _data(self, pos: int) -> int:
+        """Data of a chunk that arrives over several reads."""
+        n = min(self._remaining, len(self._buf) - pos)
+        if not n:
+            return _WAIT
+        self._parts.append(bytes(self._buf[pos : pos + n]))
+        self._remaining -= n
+        if not self._remaining:
+            self._state = _CRLF
+        return pos + n
+
+    def _crlf(self, pos: int) -> int:
+        """The CRLF after such a chunk."""
+        if len(self._buf) - pos < 2:
+            return _WAIT
+        _expect_crlf(self._buf, pos)
+        self._state = _SIZE
+        return pos + 2
+
+    def _trailer(self, pos: int) -> int:
+        """A trailer field line; the empty line ends the body."""
+        end = self._line_end(pos, MAX_TRAILERS)
+        if end < 0:
+            return _WAIT
+        self._trailers += end + 2 - pos
+        if self._trailers > MAX_TRAILERS:
+            raise http._MalformedChunkedDataError("trailers too long")
+        if end != pos:
+            return end + 2
+        rest = bytes(self._buf[end + 2 :])
+        self._buf, self._pos, self._state = bytearray(), 0, _DONE
+        self._flush()
+        self.on_done(rest)
+        return _WAIT
+
+    def _after_end(self, pos: int) -> int:
+        raise http._MalformedChunkedDataError("data after the last chunk")
+
+    def _flush(self) -> None:
+        if self._parts:
+            self.on_chunks(b"".join(self._parts), self._count)
+            self._parts = []
+
+    def _consumed(self, pos: int) -> None:
+        """Drop the parsed prefix of the buffer; keep the offsets right."""
+        if pos:
+            del self._buf[:pos]
+            self._scan = max(0, self._scan - pos)
+            pos = 0
+        self._pos = pos
 
     def _line_end(self, pos: int, limit: int) -> int:
         """Index of the CRLF ending the line at ``pos``, or -1 until it arrives."""
@@ -176,9 +200,16 @@ class ChunkedBody:
         return end
 
 
+def _expect_crlf(buf: bytearray, at: int) -> None:
+    if buf[at] != 13 or buf[at + 1] != 10:
+        raise http._MalformedChunkedDataError("chunk not followed by CRLF")
+
+
 class DecoyRequest(server.Request):
     """A request that keeps at most ``max_body`` bytes of its body (and counts the rest)."""
 
+    channel: DecoyChannel
+    content: io.BytesIO  # type: ignore[assignment]  # twisted.web declares it None
     body_size = 0
     max_body = 0
 
@@ -218,7 +249,7 @@ def _credentials_from_basic(value: bytes | None) -> tuple[bytes, bytes] | None:
 
 
 def _credentials_from_form(body: bytes) -> tuple[bytes | None, bytes | None]:
-    fields = {}
+    fields: dict[str, bytes] = {}
     for key, value in parse_qsl(body, keep_blank_values=True):
         fields.setdefault(key.decode("utf-8", "replace").lower(), value)
     user = next((fields[k] for k in USER_FIELDS if k in fields), None)
@@ -234,9 +265,29 @@ class DecoyResource(Resource):
         self.runtime = runtime
 
     def render(self, request: DecoyRequest) -> bytes:
-        channel = request.channel
-        session = channel.session
         spec = self.runtime.spec
+        form_login = self._record(request)
+        request.setHeader(b"server", spec.option("server").encode())
+        realm = spec.option("realm")
+        path = request.path
+        if realm is not None:
+            request.setResponseCode(http.UNAUTHORIZED)
+            request.setHeader(b"www-authenticate", f'Basic realm="{realm}"'.encode())
+            return self._error(request, 401, "Unauthorized", _UNAUTHORIZED_TEXT)
+        if path in LOGIN_PATHS:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            failed = form_login or request.method == b"POST"
+            error = '<p class="err">Invalid username or password.</p>' if failed else ""
+            title = html.escape(spec.option("title"))
+            return LOGIN_PAGE.format(title=title, error=error).encode()
+        request.setResponseCode(http.NOT_FOUND)
+        return self._error(
+            request, 404, "Not Found", "The requested URL was not found on this server."
+        )
+
+    def _record(self, request: DecoyRequest) -> bool:
+        """The ``request`` event and any ``login``; whether a login form was posted."""
+        session = request.channel.session
         request.content.seek(0)
         body = request.content.read()
         headers = b"\n".join(
@@ -258,33 +309,15 @@ class DecoyResource(Resource):
         basic = _credentials_from_basic(request.getHeader(b"authorization"))
         if basic is not None:
             session.login(("method", "basic"), ("user", basic[0]), ("password", basic[1]))
-        form_login = False
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if request.method == b"POST" and content_type.startswith(
             b"application/x-www-form-urlencoded"
         ):
             user, password = _credentials_from_form(body)
             if user is not None or password is not None:
-                form_login = True
                 session.login(("method", "form"), ("user", user), ("password", password))
-
-        request.setHeader(b"server", spec.option("server").encode())
-        realm = spec.option("realm")
-        path = request.path
-        if realm is not None:
-            request.setResponseCode(http.UNAUTHORIZED)
-            request.setHeader(b"www-authenticate", f'Basic realm="{realm}"'.encode())
-            return self._error(request, 401, "Unauthorized", _UNAUTHORIZED_TEXT)
-        if path in LOGIN_PATHS:
-            request.setHeader(b"content-type", b"text/html; charset=utf-8")
-            failed = form_login or request.method == b"POST"
-            error = '<p class="err">Invalid username or password.</p>' if failed else ""
-            title = html.escape(spec.option("title"))
-            return LOGIN_PAGE.format(title=title, error=error).encode()
-        request.setResponseCode(http.NOT_FOUND)
-        return self._error(
-            request, 404, "Not Found", "The requested URL was not found on this server."
-        )
+                return True
+        return False
 
     def _error(self, request, code: int, phrase: str, text: str) -> bytes:
         spec = self.runtime.spec
@@ -361,7 +394,7 @@ class DecoyChannel(DecoyMixin, http.HTTPChannel):
 
 
 class DecoySite(server.Site):
-    protocol = DecoyChannel
+    protocol = DecoyChannel  # type: ignore[assignment]  # an HTTPChannel, as Site expects
     requestFactory = DecoyRequest
     displayTracebacks = False
     noisy = False

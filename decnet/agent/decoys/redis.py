@@ -57,36 +57,48 @@ class RespParser:
         self._scan = 0  # where the search for the next line end resumes
 
     def next_command(self) -> list[bytes] | int | None:
-        inbox = self.inbox
         if self._args is None:
-            if not len(inbox):
+            started = self._start_command()
+            if started is not None:
+                return started
+        return self._bulks()
+
+    def _start_command(self) -> list[bytes] | int | None:
+        """Parse up to the start of a multibulk request, or a whole simpler command.
+
+        ``None`` once a multibulk request is under way (or nothing is complete
+        yet: ``self._args`` tells which).
+        """
+        inbox = self.inbox
+        if not len(inbox):
+            return None
+        if end := inbox.match(_DEGENERATE):
+            # A run of blank lines / empty multibulks, counted in one go.
+            n = inbox.count(b"\n", end)
+            inbox.skip(end)
+            return n
+        if inbox.byte_at(0) != _STAR:
+            line_end = self._line_end(b"\n", MAX_INLINE, "too big inline request")
+            if line_end is None:
                 return None
-            if end := inbox.match(_DEGENERATE):
-                # A run of blank lines / empty multibulks, counted in one go.
-                n = inbox.count(b"\n", end)
-                inbox.skip(end)
-                return n
-            if inbox.byte_at(0) != _STAR:
-                end = self._line_end(b"\n", MAX_INLINE, "too big inline request")
-                if end is None:
-                    return None
-                line = inbox.take(end)
-                inbox.skip(1)
-                return line.split() or 1
-            end = self._line_end(b"\r\n", 32, "invalid multibulk length")
-            if end is None:
-                return None
-            header = inbox.take(end)
-            inbox.skip(2)
-            try:
-                count = int(header[1:])
-            except ValueError:
-                raise RespError("invalid multibulk length") from None
-            if count > MAX_ARGS:
-                raise RespError("invalid multibulk length")
-            if count <= 0:
-                return 1
-            self._args, self._remaining = [], count
+            line = inbox.take(line_end)
+            inbox.skip(1)
+            return line.split() or 1
+        count = self._header_number("invalid multibulk length")
+        if count is None:
+            return None
+        if count > MAX_ARGS:
+            raise RespError("invalid multibulk length")
+        if count <= 0:
+            return 1
+        self._args, self._remaining = [], count
+        return None
+
+    def _bulks(self) -> list[bytes] | None:
+        """Read the bulks of the multibulk request under way; its arguments once all are in."""
+        inbox, args = self.inbox, self._args
+        if args is None:
+            return None
         while self._remaining:
             if self._bulk is None:
                 if not len(inbox):
@@ -94,26 +106,32 @@ class RespParser:
                 if inbox.byte_at(0) != _DOLLAR:
                     got = chr(inbox.byte_at(0))
                     raise RespError(f"expected '$', got '{got}'")
-                end = self._line_end(b"\r\n", 32, "invalid bulk length")
-                if end is None:
+                size = self._header_number("invalid bulk length")
+                if size is None:
                     return None
-                header = inbox.take(end)
-                inbox.skip(2)
-                try:
-                    size = int(header[1:])
-                except ValueError:
-                    raise RespError("invalid bulk length") from None
                 if not 0 <= size <= MAX_BULK:
                     raise RespError("invalid bulk length")
                 self._bulk = size
             if len(inbox) < self._bulk + 2:
                 return None
-            self._args.append(inbox.take(self._bulk))
+            args.append(inbox.take(self._bulk))
             inbox.skip(2)
             self._bulk = None
             self._remaining -= 1
-        args, self._args = self._args, None
+        self._args = None
         return args
+
+    def _header_number(self, problem: str) -> int | None:
+        """The number of a ``*<n>`` or ``$<n>`` header line; ``None`` until it is complete."""
+        end = self._line_end(b"\r\n", 32, problem)
+        if end is None:
+            return None
+        header = self.inbox.take(end)
+        self.inbox.skip(2)
+        try:
+            return int(header[1:])
+        except ValueError:
+            raise RespError(problem) from None
 
     def _line_end(self, delimiter: bytes, limit: int, problem: str) -> int | None:
         """Relative index of the next ``delimiter`` within ``limit`` bytes, or ``None``."""

@@ -38,7 +38,7 @@ class SMTPDecoy(LineDecoy):
 
     def handle_line(self, line: bytes) -> None:
         if self.pending_auth is not None:
-            self._continue_auth(line)
+            self._continue_auth(line, self.pending_auth)
             return
         verb, rest = split_command(line)
         if not verb:
@@ -97,8 +97,8 @@ class SMTPDecoy(LineDecoy):
                 "535 5.7.8 Error: authentication failed: Invalid authentication mechanism"
             )
 
-    def _continue_auth(self, line: bytes) -> None:
-        mech, user = self.pending_auth
+    def _continue_auth(self, line: bytes, pending: tuple[str, bytes | None]) -> None:
+        mech, user = pending
         if line.strip() == b"*":
             self.pending_auth = None
             self.send_line("501 5.7.0 Authentication aborted")

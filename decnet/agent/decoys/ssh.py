@@ -121,6 +121,16 @@ class DecoyUserAuth(userauth.SSHUserAuthServer):
         return super().auth_publickey(packet)
 
 
+def _whole_plain_packet(packet_len: int, padding_len: int, available: int) -> bool:
+    """A well-formed unencrypted packet (block size 8) that has fully arrived."""
+    return (
+        packet_len <= MAX_PACKET
+        and (packet_len + 4) % 8 == 0
+        and packet_len >= padding_len + 2
+        and available >= packet_len + 4
+    )
+
+
 class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
     """Conch's server transport, fed one version line or one packet at a time.
 
@@ -194,29 +204,19 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
         built here and written at once; otherwise Conch encrypts each one, and
         the run stops after a turn's worth of them.
         """
-        ciphers = self.currentEncryptions
-        plain_out = (
-            ciphers.outCipType == b"none"
-            and ciphers.outMACType == b"none"
-            and not self.outgoingCompression
-        )
+        plain_out = self._sends_plain()
         buf, start, end = self.inbox.view()
-        pos, n, unanswered, sequence = start, 0, [], self.incomingPacketSequence
+        pos, n, sequence = start, 0, self.incomingPacketSequence
+        unanswered: list[int] = []
         header, header_size = _PLAIN_HEADER.unpack_from, _PLAIN_HEADER.size
-        known, service = transport.messages, self.service
         while n < RUN_STEP and end - pos >= header_size:
             if not plain_out and len(unanswered) >= TURN_ITEMS:
                 break
             packet_len, padding_len, message = header(buf, pos)
-            if (
-                packet_len > MAX_PACKET
-                or (packet_len + 4) % 8
-                or packet_len < padding_len + 2
-                or end - pos < packet_len + 4
-            ):
+            if not _whole_plain_packet(packet_len, padding_len, end - pos):
                 break
             noop = message in _NOOP_MESSAGES
-            if not noop and ((message < 50 and message in known) or service):
+            if not noop and self._has_meaning(message):
                 break  # a message with a meaning: the normal path
             pos += packet_len + 4
             sequence += 1
@@ -227,6 +227,19 @@ class SSHDecoyTransport(DecoyMixin, transport.SSHServerTransport):
         self.incomingPacketSequence = sequence
         self.inbox.advance(pos - start, header_size * (n + 1))
         return n, unanswered, plain_out
+
+    def _sends_plain(self) -> bool:
+        """Whether our side still sends in plain text (no cipher, MAC or compression yet)."""
+        ciphers = self.currentEncryptions
+        return (
+            ciphers.outCipType == b"none"
+            and ciphers.outMACType == b"none"
+            and not self.outgoingCompression
+        )
+
+    def _has_meaning(self, message: int) -> bool:
+        """A transport message Conch handles, or anything once a service runs."""
+        return (message < 50 and message in transport.messages) or bool(self.service)
 
     def _unimplemented(self, sequence_numbers: list[int], plain_out: bool) -> None:
         if not plain_out:

@@ -1,10 +1,10 @@
-"""What the master accepts from a worker's agent and updater: one declarative schema per reply.
+"""What a client accepts from a worker's agent and updater: one declarative schema per reply.
 
 A compromised worker holds a valid certificate and may answer anything.  Every
-reply is checked here before any code reads it (:class:`~decnet.master.http.PinnedClient`
-does it for every call), so the CLI, the rollout and the sandbox only ever see
-the types they expect; a reply that breaks its schema becomes
-:class:`~decnet.errors.BadReply` for that one host.
+reply is checked here before any code reads it (:class:`~decnet.httpclient.PinnedClient`
+does it for every call), so the CLI, the rollout, the sandbox and the updater's
+health probe only ever see the types they expect; a reply that breaks its schema
+becomes :class:`~decnet.errors.BadReply` for that one host.
 
 Same style as the spec validator (:mod:`decnet.agent.spec`): pure, and it
 reports *every* problem with where it is (``deckies.web-01.services.ssh.port:
@@ -19,6 +19,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from typing import Protocol
 
 import attrs
 
@@ -42,6 +43,12 @@ class _Problems(list):
     @property
     def full(self) -> bool:
         return len(self) >= MAX_PROBLEMS
+
+
+class Schema(Protocol):
+    """Anything that checks one JSON value: the field types below, and :class:`Obj`."""
+
+    def check(self, value: object, where: str, problems: _Problems) -> None: ...
 
 
 _KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"))
@@ -106,7 +113,7 @@ class Bool:
 
 @attrs.frozen
 class Nullable:
-    inner: object
+    inner: Schema
 
     def check(self, value, where: str, problems: _Problems) -> None:
         if value is not None:
@@ -115,7 +122,7 @@ class Nullable:
 
 @attrs.frozen
 class ListOf:
-    item: object
+    item: Schema
 
     def check(self, value, where: str, problems: _Problems) -> None:
         if not isinstance(value, list):
@@ -131,7 +138,7 @@ class ListOf:
 class MapOf:
     """An object used as a map: every key matches ``key``, every value ``value``."""
 
-    value: object
+    value: Schema
     key: Str = Str()
 
     def check(self, value, where: str, problems: _Problems) -> None:
@@ -149,8 +156,8 @@ class MapOf:
 class Obj:
     """An object with ``required`` and ``optional`` fields (others are allowed, unchecked)."""
 
-    required: Mapping[str, object] = attrs.field(factory=dict)
-    optional: Mapping[str, object] = attrs.field(factory=dict)
+    required: Mapping[str, Schema] = attrs.field(factory=dict)
+    optional: Mapping[str, Schema] = attrs.field(factory=dict)
 
     def check(self, value, where: str, problems: _Problems) -> None:
         if not isinstance(value, dict):
@@ -190,7 +197,7 @@ def _depth(value, level: int = 0) -> int:
     return max((_depth(c, level + 1) for c in children), default=level)
 
 
-def problems_of(schema, doc) -> list[str]:
+def problems_of(schema: Schema, doc: object) -> list[str]:
     """Every problem of ``doc`` against ``schema`` (at most :data:`MAX_PROBLEMS`), or ``[]``."""
     found = _Problems()
     schema.check(doc, "", found)
@@ -313,7 +320,7 @@ RELEASES = Obj(
     optional={"current": OPT_TEXT, "updater_release": OPT_TEXT},
 )
 
-_OUTCOME = {
+_OUTCOME: dict[str, Schema] = {
     "previous": OPT_TEXT,
     "detail": TEXT,
     "health": Free(),
