@@ -1,7 +1,7 @@
 """The master's host registry: one SQLite row per enrolled worker.
 
 Blocking by design (``sqlite3``): the CLI calls it directly; a daemon calls it
-through ``deferToThread``.  Each operation opens its own connection, so it is
+through :mod:`decnet.threads`.  Each operation opens its own connection, so it is
 safe from any thread, and the file uses WAL so readers never wait for a writer.
 
 Schema migrations are a list indexed by ``PRAGMA user_version``; opening a
