@@ -242,6 +242,23 @@ def test_the_runner_reraises_a_commands_error_once_the_reactor_has_stopped():
     assert run.stdout == "raised once the reactor stopped: True no host named 'w9'\n"
 
 
+def test_a_command_stopped_by_a_signal_exits_130_not_0():
+    """Ctrl-C during ``update`` must never look like a finished update to a script."""
+    code = """if True:
+        import os, signal, sys
+        from twisted.internet import defer
+        from decnet.cli.runtime import run_async
+
+        async def waits(reactor):
+            reactor.callLater(0, os.kill, os.getpid(), signal.SIGINT)
+            await defer.Deferred()
+
+        sys.exit(run_async(waits))
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert run.returncode == 130, run.stderr
+
+
 def test_every_expected_failure_is_reported_the_one_way(capsys):
     from decnet.cli.runtime import report_failure
 

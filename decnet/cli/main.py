@@ -7,7 +7,7 @@ import sys
 
 from decnet import __version__, config
 from decnet.cli import agents, hosts, sandbox, updates
-from decnet.cli.runtime import report_failure
+from decnet.cli.runtime import INTERRUPTED, report_failure
 from decnet.errors import DecnetError
 
 # Each module adds its sub-commands with register(subparsers).
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except DecnetError as exc:
         return report_failure(exc, as_json=getattr(args, "json", False))
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from decnet.cli import output
 from decnet.errors import DecnetError, ValidationError
 
 MIN_BUDGET = 0.1  # seconds a request gets even when start-up used up the whole --timeout
+INTERRUPTED = 130  # the exit code of a command stopped by SIGINT or SIGTERM (128 + SIGINT)
 
 Command = Callable[[Any], Coroutine[Any, Any, int | None]]
 
@@ -43,7 +44,8 @@ def budget(timeout: float, now: float | None = None) -> float:
 def run_async(fn: Command) -> int:
     """Run ``await fn(reactor)`` under ``task.react``; return its int, re-raise its error.
 
-    A command whose reactor is stopped before it ends (SIGINT, SIGTERM) returns 0.
+    A command whose reactor is stopped before it ends (SIGINT, SIGTERM) returns
+    :data:`INTERRUPTED`, so a script never takes an interrupted update for a done one.
     Its errors surface here, after the reactor stopped, for :func:`report_failure`
     (:func:`decnet.cli.main.main` does that for every command).
     """
@@ -57,7 +59,7 @@ def run_async(fn: Command) -> int:
         task.react(main)
     except SystemExit:
         pass
-    result = outcome[0] if outcome else 0
+    result = outcome[0] if outcome else INTERRUPTED
     if isinstance(result, Failure):
         result.raiseException()
     return int(result)

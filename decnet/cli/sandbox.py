@@ -376,5 +376,7 @@ async def _up(reactor: ISandboxReactor, sandbox, console: SandboxConsole) -> int
     )
     sandbox.live = live
     await live.start()
-    await defer.Deferred()  # until SIGINT / SIGTERM / SIGHUP stops the reactor
+    stopped: defer.Deferred[None] = defer.Deferred()
+    reactor.addSystemEventTrigger("before", "shutdown", stopped.callback, None)
+    await stopped  # SIGINT / SIGTERM / SIGHUP: the normal way to end `up`, not an interruption
     return 0
