@@ -7,49 +7,23 @@ import pytest
 from twisted.internet import defer
 
 from decnet import threads
+from tests.decoy_support import TurnReactor
 
 DECNET = Path(__file__).resolve().parent.parent / "decnet"
 
 
-class InlinePool:
-    """A thread pool that runs each call at once (``deferToThreadPool``'s side of it)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.calls.append(f)
-        try:
-            result = f(*args, **kwargs)
-        except Exception:
-            from twisted.python.failure import Failure
-
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class PoolReactor:
-    def __init__(self):
-        self.pool = InlinePool()
-
-    def getThreadPool(self):
-        return self.pool
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
 def test_the_pool_runner_runs_the_call_in_the_reactors_pool_with_its_arguments():
-    reactor = PoolReactor()
+    reactor = TurnReactor()  # its pool runs each call at once
+    pool = reactor.getThreadPool()
+    used = []
+    through_pool = pool.callInThreadWithCallback
+    pool.callInThreadWithCallback = lambda *a, **kw: used.append(a[1]) or through_pool(*a, **kw)
     run = threads.pool_runner(reactor)
-    got = []
-    d = run(lambda a, *, b: got.append((a, b)) or a + b, 1, b=2)
-    assert got == [(1, 2)] and len(reactor.pool.calls) == 1
-    assert d.result == 3
+    d = run(lambda a, *, b: a + b, 1, b=2)
+    assert d.result == 3 and len(used) == 1
     failed = threads.run_in_pool(reactor, lambda: 1 / 0)
     failed.addErrback(lambda f: f.trap(ZeroDivisionError))
-    assert failed.called
+    assert failed.called and len(used) == 2
 
 
 class Gate:
