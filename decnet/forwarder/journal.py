@@ -450,7 +450,20 @@ class _Planner:
                 item = attrs.evolve(item, record=attrs.evolve(item.record, seq=self.seq, base=None))
                 self._record(item.record)
                 self.seq += 1
-            self.planned.append(item)
+            self.planned.append(self._seen_empty(item))
+
+    def _seen_empty(self, item: Planned) -> Planned:
+        """A generation nothing was read of, found empty: whatever changed its
+        modification time is accounted for now (the files slotted before it), so
+        remember when it was last seen empty."""
+        found = self._named(item.name)
+        identity = item.record.identity
+        if found is None or identity.fp_len or found.stat.size:
+            return item
+        if identity.mtime_ns == found.stat.mtime_ns:
+            return item
+        identity = attrs.evolve(identity, mtime_ns=found.stat.mtime_ns)
+        return attrs.evolve(item, record=self._record(attrs.evolve(item.record, identity=identity)))
 
 
 def _delivered(rec: GenerationRecord, acked: int) -> bool:

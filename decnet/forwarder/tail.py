@@ -532,7 +532,10 @@ class Tailer:
         if fp_len == 0 and gen.pos == 0:
             # Nothing of it was read yet: were files rotated before what it holds now?
             if self._insert_rotated_before(gen, st):
-                gen.mtime = st.mtime_ns  # the change is explained: the content moved
+                # The change is explained (the content moved): seen empty from now.
+                gen.mtime = st.mtime_ns
+                gen.identity = attrs.evolve(gen.identity, mtime_ns=st.mtime_ns)
+                self._mark(gen)
                 return
             if st.size <= gen.seen and st.mtime_ns != gen.mtime:
                 # Written and truncated again between two looks, with no copy left.
