@@ -14,7 +14,7 @@ from twisted.test.iosim import connectedServerAndClient
 from decnet import config
 from decnet.listener.feedproc import InlineFeeds
 from decnet.listener.ingest import Ingest
-from decnet.listener.protocol import ListenerFactory
+from decnet.listener.protocol import ConnectionLimits, ListenerFactory
 from decnet.listener.service import listener_options
 from decnet.syslog import ackproto
 from decnet.syslog.framing import OctetCountingDecoder, encode_frame
@@ -65,7 +65,7 @@ class ListenerHarness:
         self.clock = Clock()
         self.ingest = Ingest(directory, self.clock, inline_runner, feeds=InlineFeeds(directory))
         self.ingest.prepare()
-        self.factory = ListenerFactory(self.ingest, self.clock, **factory_kw)
+        self.factory = ListenerFactory(self.ingest, self.clock, ConnectionLimits(**factory_kw))
         self.server_options = listener_options(master_identity, revocations)
         from decnet.tls import TLSServerFactory
 

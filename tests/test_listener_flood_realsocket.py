@@ -17,6 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import LogLevel
 
 from decnet import config, pki
+from decnet.listener.protocol import ConnectionLimits
 from decnet.listener.service import ListenerService
 from decnet.master import enrollment
 from decnet.revocation import RevocationSet
@@ -106,10 +107,12 @@ async def test_a_worker_gets_resume_while_ten_times_the_pre_tls_budget_is_held_a
         revocations=RevocationSet(master_home.revocations),
         ingest_dir=tmp_path / "ingest",
         listen="tcp:0:interface=127.0.0.1",
-        max_unauthenticated=BUDGET,
-        max_unauthenticated_per_address=PER_ADDRESS,
-        # Long, so that what the listener keeps stays held for the whole test.
-        handshake_timeout=120,
+        limits=ConnectionLimits(
+            max_unauthenticated=BUDGET,
+            max_unauthenticated_per_address=PER_ADDRESS,
+            # Long, so that what the listener keeps stays held for the whole test.
+            handshake_timeout=120,
+        ),
         feed=False,
     )
     hello = client_hello(identity)

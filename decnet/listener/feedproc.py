@@ -18,7 +18,7 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorProcess
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from decnet import process
@@ -34,25 +34,32 @@ STOP_GRACE = 10.0
 _log = Logger(namespace="decnet.listener.feed")
 
 
+# What a feed builder report other than a position says, by its key:
+# (level, text, the field that carries the report's detail).
+_REPORTS = {
+    "warn": (
+        LogLevel.warn,
+        "Rebuilding the JSON feed of {worker}/{stream} from the start: {why}",
+        "why",
+    ),
+    "error": (
+        LogLevel.error,
+        "JSON feed of {worker}/{stream} stopped (the mirror goes on): {error}",
+        "error",
+    ),
+}
+
+
 def log_report(message: dict, positions: dict) -> None:
     """Turn one feed builder report into log events and a position update."""
     key = (message.get("worker"), message.get("stream"))
     if "pos" in message:
         positions[key] = message["pos"]
-    elif "warn" in message:
-        _log.warn(
-            "Rebuilding the JSON feed of {worker}/{stream} from the start: {why}",
-            worker=key[0],
-            stream=key[1],
-            why=message["warn"],
-        )
-    elif "error" in message:
-        _log.error(
-            "JSON feed of {worker}/{stream} stopped (the mirror goes on): {error}",
-            worker=key[0],
-            stream=key[1],
-            error=message["error"],
-        )
+        return
+    for kind, (level, text, field) in _REPORTS.items():
+        if kind in message:
+            _log.emit(level, text, worker=key[0], stream=key[1], **{field: message[kind]})
+            return
 
 
 class _FeedChild(process.ChildProtocol):

@@ -23,6 +23,7 @@ aborted at once.  ``--max-connections`` counts authenticated connections only.
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -402,6 +403,22 @@ def _peer_text(addr) -> str:
     return f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}"
 
 
+@attrs.frozen
+class ConnectionLimits:
+    """The bounds on the listener's connections (each is a ``decnet-listener`` option)."""
+
+    max_frame: int = config.DEFAULT_MAX_FRAME
+    max_connections: int = config.DEFAULT_MAX_CONNECTIONS
+    max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER
+    idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT
+    max_unauthenticated: int = admission.DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = admission.DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+    handshake_timeout: float = admission.DEFAULT_HANDSHAKE_TIMEOUT
+
+
+DEFAULT_LIMITS = ConnectionLimits()
+
+
 class ListenerFactory(Factory):
     """Builds :class:`SyslogServerProtocol` and enforces the connection caps.
 
@@ -413,27 +430,18 @@ class ListenerFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(
-        self,
-        ingest: Ingest,
-        clock,
-        *,
-        max_frame: int = config.DEFAULT_MAX_FRAME,
-        max_connections: int = config.DEFAULT_MAX_CONNECTIONS,
-        max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
-        idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
-        max_unauthenticated: int = admission.DEFAULT_MAX_UNAUTHENTICATED,
-        max_unauthenticated_per_address: int = admission.DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
-        handshake_timeout: float = admission.DEFAULT_HANDSHAKE_TIMEOUT,
-    ):
+    def __init__(self, ingest: Ingest, clock, limits: ConnectionLimits = DEFAULT_LIMITS):
         self.ingest = ingest
         self.clock = clock
-        self.max_frame = max_frame
-        self.max_connections = max_connections
-        self.max_per_worker = max_per_worker
-        self.idle_timeout = idle_timeout
-        self.handshake_timeout = handshake_timeout
-        self.unauthenticated = PreTLSBudget(max_unauthenticated, max_unauthenticated_per_address)
+        self.limits = limits
+        self.max_frame = limits.max_frame
+        self.max_connections = limits.max_connections
+        self.max_per_worker = limits.max_per_worker
+        self.idle_timeout = limits.idle_timeout
+        self.handshake_timeout = limits.handshake_timeout
+        self.unauthenticated = PreTLSBudget(
+            limits.max_unauthenticated, limits.max_unauthenticated_per_address
+        )
         self.refusals = RefusalLog(clock)
         self.connections: set[SyslogServerProtocol] = set()
         self.authenticated: set[SyslogServerProtocol] = set()

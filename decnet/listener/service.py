@@ -11,10 +11,10 @@ from twisted.logger import Logger
 
 from decnet import config
 from decnet.daemon import TLSPortService
-from decnet.listener import admission, ingest
+from decnet.listener import ingest
 from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
-from decnet.listener.protocol import ListenerFactory
+from decnet.listener.protocol import DEFAULT_LIMITS, ConnectionLimits, ListenerFactory
 from decnet.revocation import RevocationSet, RevocationWatcher
 from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -59,13 +59,7 @@ class ListenerService(MultiService):
         ingest_dir: Path,
         listen: str,
         port_file: Path | None = None,
-        max_frame: int = config.DEFAULT_MAX_FRAME,
-        max_connections: int = config.DEFAULT_MAX_CONNECTIONS,
-        max_per_worker: int = config.DEFAULT_MAX_CONNECTIONS_PER_WORKER,
-        idle_timeout: float = config.DEFAULT_IDLE_TIMEOUT,
-        max_unauthenticated: int = admission.DEFAULT_MAX_UNAUTHENTICATED,
-        max_unauthenticated_per_address: int = admission.DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
-        handshake_timeout: float = admission.DEFAULT_HANDSHAKE_TIMEOUT,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
         max_streams_per_worker: int = ingest.DEFAULT_MAX_STREAMS_PER_WORKER,
         max_open_streams: int = ingest.DEFAULT_MAX_OPEN_STREAMS,
         feed: bool = True,
@@ -87,17 +81,7 @@ class ListenerService(MultiService):
             max_streams_per_worker=max_streams_per_worker,
             max_open_streams=max_open_streams,
         )
-        self.factory = ListenerFactory(
-            self.ingest,
-            reactor,
-            max_frame=max_frame,
-            max_connections=max_connections,
-            max_per_worker=max_per_worker,
-            idle_timeout=idle_timeout,
-            max_unauthenticated=max_unauthenticated,
-            max_unauthenticated_per_address=max_unauthenticated_per_address,
-            handshake_timeout=handshake_timeout,
-        )
+        self.factory = ListenerFactory(self.ingest, reactor, limits)
         self.revocations = revocations
         revocations.subscribe(self.factory.revoked)
         self.watcher = RevocationWatcher(revocations, reactor)

@@ -177,18 +177,26 @@ def load_listener_identity(paths: config.MasterPaths) -> TLSIdentity:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from decnet.listener.protocol import ConnectionLimits
     from decnet.listener.service import ListenerService, raise_nofile_limit
 
     raise_nofile_limit()
+    limits = ConnectionLimits(
+        max_per_worker=options["max-connections-per-worker"],
+        **keywords(
+            options,
+            "max-frame max-connections idle-timeout max-unauthenticated "
+            "max-unauthenticated-per-address handshake-timeout",
+        ),
+    )
     return ListenerService(
         reactor,
-        max_per_worker=options["max-connections-per-worker"],
+        limits=limits,
         feed=not options["no-feed"],
         sighup=True,
         **keywords(
             options,
-            "identity revocations ingest-dir listen port-file max-frame max-connections "
-            "idle-timeout max-unauthenticated max-unauthenticated-per-address "
-            "handshake-timeout max-streams-per-worker max-open-streams feed-encoders",
+            "identity revocations ingest-dir listen port-file max-streams-per-worker "
+            "max-open-streams feed-encoders",
         ),
     )

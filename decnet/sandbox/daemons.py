@@ -54,13 +54,17 @@ def listener_argv(layout: SandboxLayout) -> list[str]:
     )
 
 
+def worker_argv(log: Path, plugin: str, w: WorkerLayout, *args: str) -> list[str]:
+    """A worker daemon, with that worker's enrollment bundle."""
+    return twistd_argv(log, plugin, "--bundle", str(w.bundle), *args)
+
+
 def updater_argv(layout: SandboxLayout, w: WorkerLayout) -> list[str]:
     """The worker's updater, supervising the agent it runs from its current release."""
-    return twistd_argv(
+    return worker_argv(
         layout.log(updater_name(w.name)),
         "decnet-updater",
-        "--bundle",
-        str(w.bundle),
+        w,
         "--listen",
         f"tcp:{w.updater_port}:interface={w.address}",
         "--install-dir",
@@ -82,11 +86,10 @@ def updater_argv(layout: SandboxLayout, w: WorkerLayout) -> list[str]:
 
 def forwarder_argv(layout: SandboxLayout, w: WorkerLayout, listener_port: int) -> list[str]:
     """The worker's forwarder: its decoy log to this run's listener, acknowledged mode only."""
-    return twistd_argv(
+    return worker_argv(
         layout.log(forwarder_name(w.name)),
         "decnet-forwarder",
-        "--bundle",
-        str(w.bundle),
+        w,
         "--log-file",
         str(w.decoy_log),
         "--master-host",

@@ -22,7 +22,9 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import ClassVar
 
+import attrs
 from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 
@@ -71,26 +73,18 @@ def agent_argv(
     return argv
 
 
+@attrs.define
 class SystemdAgent:
     """``systemctl restart <unit>``; the unit's ExecStart runs from ``current``."""
 
-    control = "systemd"
-    log = Logger()
+    control: ClassVar[str] = "systemd"
+    log: ClassVar[Logger] = Logger()
 
-    def __init__(
-        self,
-        reactor: IReactorProcess,
-        unit: str = config.DEFAULT_AGENT_UNIT,
-        *,
-        systemctl: str = "systemctl",
-        journalctl: str = "journalctl",
-        timeout: float = 90.0,
-    ):
-        self.reactor = reactor
-        self.unit = unit
-        self.systemctl = systemctl
-        self.journalctl = journalctl
-        self.timeout = timeout
+    reactor: IReactorProcess
+    unit: str = config.DEFAULT_AGENT_UNIT
+    systemctl: str = attrs.field(default="systemctl", kw_only=True)
+    journalctl: str = attrs.field(default="journalctl", kw_only=True)
+    timeout: float = attrs.field(default=90.0, kw_only=True)
 
     async def _systemctl(self, verb: str) -> None:
         result = await run_process(
