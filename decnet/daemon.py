@@ -13,13 +13,14 @@ how tests and the sandbox learn the port of ``tcp:0`` without racing for one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from decnet import config
 from decnet.errors import DecnetError
 from decnet.fsutil import atomic_write
+from decnet.interfaces import IDecnetReactor
 from decnet.pki import WorkerBundle
 from decnet.tls import PolicyOptions, TLSIdentity, listen_tls
 
@@ -122,12 +124,12 @@ class TLSPortService(Service):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: IDecnetReactor,
         description: str,
         options: PolicyOptions,
         factory: IProtocolFactory,
         *,
-        port_file: str | Path | None = None,
+        port_file: str | os.PathLike | None = None,
         label: str = "connections",
         gate: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
     ):

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from decnet.errors import ConfigError, ValidationError
 from decnet.fsutil import atomic_write, lock_path_for, locked
+from decnet.interfaces import IDecnetReactor
 from decnet.pki import normalize_fingerprint
 from decnet.threads import run_in_pool
 
@@ -148,7 +149,9 @@ class RevocationWatcher(Service):
 
     log = Logger()
 
-    def __init__(self, revocations: RevocationSet, reactor, interval: float = RELOAD_INTERVAL):
+    def __init__(
+        self, revocations: RevocationSet, reactor: IDecnetReactor, interval: float = RELOAD_INTERVAL
+    ):
         self.revocations = revocations
         self._reactor = reactor
         self._loop = LoopingCall(self.check)

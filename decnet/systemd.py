@@ -18,6 +18,7 @@ import os
 import socket
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -84,9 +85,9 @@ class SystemdService(Service):
     guess readiness from its own start.
     """
 
-    name = "systemd-notify"
+    name = "systemd-notify"  # type: ignore[assignment]  # (Twisted types Service.name as None)
 
-    def __init__(self, clock, notifier: Notifier | None = None):
+    def __init__(self, clock: IReactorTime, notifier: Notifier | None = None):
         self.notifier = notifier or Notifier()
         self._clock = clock
         self._ping = LoopingCall(self.notifier.notify, "WATCHDOG=1")

@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from decnet import config, pki
 from decnet.errors import MissingFileError
+from decnet.interfaces import IDecnetReactor
 from decnet.pki import CertIdentity, identity_of
 from decnet.revocation import RevocationSet
 
@@ -412,7 +413,9 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         super().__init__(options, False, wrapped_factory, clock=clock)
 
 
-def listen_tls(reactor, description: str, options: PolicyOptions, factory, *, gate=None):
+def listen_tls(
+    reactor: IDecnetReactor, description: str, options: PolicyOptions, factory, *, gate=None
+):
     """Listen on an endpoint string (``tcp:…``, ``systemd:…``) with TLS; a Deferred port.
 
     ``gate``, when given, wraps the TLS factory: it sees each connection

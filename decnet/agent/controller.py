@@ -10,6 +10,7 @@ point re-applies the persisted state at the next start.
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 import decnet
@@ -23,7 +24,9 @@ from decnet.release import release_id
 class Controller:
     log = Logger()
 
-    def __init__(self, engine: IDeckyEngine, store: DesiredState, clock, *, host: str):
+    def __init__(
+        self, engine: IDeckyEngine, store: DesiredState, clock: IReactorTime, *, host: str
+    ):
         self.engine = engine
         self.store = store
         self.clock = clock

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from decnet.agent.spec import DeploymentSpec, parse_spec
 from decnet.errors import ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir
+from decnet.interfaces import IDecnetReactor
 from decnet.threads import run_in_pool
 
 FORMAT = "decnet-agent-state/1"
@@ -29,7 +30,7 @@ class DesiredState:
 
     log = Logger()
 
-    def __init__(self, path: str | os.PathLike, reactor):
+    def __init__(self, path: str | os.PathLike, reactor: IDecnetReactor):
         self.path = Path(path)
         self._reactor = reactor
 

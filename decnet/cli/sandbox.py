@@ -330,7 +330,7 @@ def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels: P
         _log_to(log_file)
         console = SandboxConsole(sys.stdout)
 
-        def start(reactor: ISandboxReactor) -> defer.Deferred:
+        async def start(reactor: ISandboxReactor) -> int:
             sandbox = Sandbox(
                 reactor,
                 layout,
@@ -340,7 +340,7 @@ def _run_up(layout: SandboxLayout, workers: int, net: int, root: Path, wheels: P
                 wheelhouse_dir=wheels,
                 report=console.show,
             )
-            return defer.ensureDeferred(_up(reactor, sandbox, console))
+            return await _up(reactor, sandbox, console)
 
         return run_async(start)
 

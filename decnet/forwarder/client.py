@@ -209,7 +209,8 @@ class ForwarderProtocol(Protocol):
 
     def __init__(self, factory: ForwarderFactory):
         self.factory = factory
-        self.shipper = factory.shipper
+        assert factory.shipper is not None, "connections start once the journal is read"
+        self.shipper: Shipper = factory.shipper
         self.mode: str | None = None
         self.lost = False
         self.decoder = OctetCountingDecoder(CONTROL_MAX_FRAME)
@@ -288,7 +289,7 @@ class ForwarderFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, shipper: Shipper, *, stream: str, mode: str, target: str):
+    def __init__(self, shipper: Shipper | None, *, stream: str, mode: str, target: str):
         self.shipper = shipper
         self.stream = stream
         self.mode = mode

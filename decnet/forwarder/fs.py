@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from typing import Protocol
 
 import attrs
 
@@ -25,6 +26,10 @@ FS_IOC_GETVERSION = 0x80087601
 # generation that only survives compressed is gone for us.
 GZIP_MAGIC = b"\x1f\x8b"
 COMPRESSED_MAGIC = (GZIP_MAGIC, b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+# What ``open`` returns: a descriptor for OsFiles (any int for a stand-in).
+Handle = int
 
 
 @attrs.frozen
@@ -44,6 +49,18 @@ class Entry:
     stat: Stat
 
 
+class Files(Protocol):
+    """What the tailer needs of a file system (:class:`OsFiles`, or a test's)."""
+
+    def stat(self, path: str) -> Stat | None: ...
+    def open(self, path: str) -> Handle | None: ...
+    def fstat(self, handle: Handle) -> Stat: ...
+    def pread(self, handle: Handle, size: int, offset: int) -> bytes: ...
+    def version(self, handle: Handle) -> int: ...
+    def close(self, handle: Handle) -> None: ...
+    def listdir(self, directory: str) -> list[Entry]: ...
+
+
 def _stat_of(st: os.stat_result) -> Stat:
     return Stat(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
 
@@ -57,7 +74,7 @@ class OsFiles:
         except OSError:
             return None
 
-    def open(self, path: str):
+    def open(self, path: str) -> Handle | None:
         """A read-only handle, or ``None`` when the file is not there (or not readable)."""
         flags = os.O_RDONLY | os.O_CLOEXEC
         try:
@@ -71,20 +88,20 @@ class OsFiles:
         except OSError:
             return None
 
-    def fstat(self, handle) -> Stat:
+    def fstat(self, handle: Handle) -> Stat:
         return _stat_of(os.fstat(handle))
 
-    def pread(self, handle, size: int, offset: int) -> bytes:
+    def pread(self, handle: Handle, size: int, offset: int) -> bytes:
         return os.pread(handle, size, offset)
 
-    def version(self, handle) -> int:
+    def version(self, handle: Handle) -> int:
         """The inode's generation number, or 0 where the file system has none."""
         try:
             return int.from_bytes(fcntl.ioctl(handle, FS_IOC_GETVERSION, bytes(8))[:4], "little")
         except OSError:
             return 0
 
-    def close(self, handle) -> None:
+    def close(self, handle: Handle) -> None:
         os.close(handle)
 
     def listdir(self, directory: str) -> list[Entry]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from collections.abc import Collection
 
 import attrs
 
@@ -218,7 +219,7 @@ def unknown_rotations(
     known: list[FileIdentity],
     basename: str,
     candidates: list[Candidate],
-    held: set[tuple[int, int]] = frozenset(),
+    held: Collection[tuple[int, int]] = frozenset(),
 ) -> list[Candidate]:
     """Files named like a rotation of ``basename`` that hold no known generation, oldest first.
 
@@ -335,7 +336,9 @@ class _Planner:
         else:
             self._follow_copy(rec, found, start, last=last)
 
-    def _follow_copy(self, rec: GenerationRecord, found: Candidate, start: int, *, last: bool):
+    def _follow_copy(
+        self, rec: GenerationRecord, found: Candidate, start: int, *, last: bool
+    ) -> None:
         """Found by content only (copytruncate's copy): follow it there from now on."""
         original = rec.identity
         moved = attrs.evolve(
@@ -384,13 +387,16 @@ class _Planner:
             slots.append(p)
         return slots, unknown
 
-    def _emptied(self, slots: list, current: Candidate | None, at_path) -> Candidate | None:
+    def _emptied(
+        self, slots: list, current: Candidate | None, at_path: Candidate | None
+    ) -> Candidate | None:
         """The last generation was empty when recorded, is still empty at the path,
         yet was modified since: what was written to it was truncated away again
         while we were down, with no copy left.  It is gone; the file is new."""
         last = slots[-1] if slots else None
         if (
             isinstance(last, Planned)
+            and at_path is not None
             and last.name == self.basename
             and (len(slots) < 2 or isinstance(slots[-2], Planned))
             and last.record.identity.emptied(at_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -19,6 +20,7 @@ from decnet.forwarder.core import DeliveryCore
 from decnet.forwarder.journal import Plan
 from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
+from decnet.interfaces import IDecnetReactor
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -58,7 +60,13 @@ class TailWatcher(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, path: Path, notify, poll_interval: float):
+    def __init__(
+        self,
+        reactor: IDecnetReactor,
+        path: Path,
+        notify: Callable[[], None],
+        poll_interval: float,
+    ):
         self.reactor = reactor
         self.path = path
         self.notify = notify
@@ -224,6 +232,7 @@ class ForwarderService(MultiService):
             offset=acked,
         )
         delivery = DeliveryCore(self.stream, acked=acked, max_payload=self.max_payload)
+        assert self.store is not None  # opened by _locate
         self.shipper = Shipper(delivery, self.tailer, self.store, self.reactor, self.run)
         self.factory.shipper = self.shipper
         self.watcher.setServiceParent(self)

@@ -42,7 +42,7 @@ import attrs
 from twisted.logger import Logger
 
 from decnet import config
-from decnet.forwarder.fs import GZIP_MAGIC, OsFiles, Stat
+from decnet.forwarder.fs import GZIP_MAGIC, Files, Handle, OsFiles, Stat
 from decnet.forwarder.journal import (
     ACTIVE,
     DONE,
@@ -90,7 +90,7 @@ class Piece:
 class _Generation:
     """One file of the stream, open by handle (``None``: the file is gone)."""
 
-    def __init__(self, record: GenerationRecord, handle, pos: int = 0):
+    def __init__(self, record: GenerationRecord, handle: Handle | None, pos: int = 0):
         self.seq = record.seq
         self.identity = record.identity
         self.base = record.base
@@ -109,10 +109,21 @@ class _Generation:
         return self.handle is None
 
     @property
+    def fd(self) -> Handle:
+        """The open file (only asked of a generation that is not lost)."""
+        assert self.handle is not None, "a lost generation has no file"
+        return self.handle
+
+    @property
     def end(self) -> int | None:
         if self.final_size is None or self.base is None:
             return None
         return self.base + self.final_size
+
+    def at(self, pos: int) -> int:
+        """The logical offset of byte ``pos`` of this file (its base is known by then)."""
+        assert self.base is not None, "a generation is read only once it is placed"
+        return self.base + pos
 
     def record(self, state: str = ACTIVE) -> GenerationRecord:
         if state == ACTIVE and self.vanished:
@@ -129,12 +140,12 @@ class Tailer:
         self,
         path: str | os.PathLike,
         *,
-        files=None,
+        files: Files | None = None,
         max_line: int = config.DEFAULT_MAX_LINE,
         chunk_size: int = DEFAULT_CHUNK,
         rotate_wait: float = DEFAULT_ROTATE_WAIT,
         marker: bytes = config.TRUNCATION_MARKER,
-    ):
+    ) -> None:
         if max_line < len(marker) + 2:
             raise ValueError("max_line is too small to hold the truncation marker")
         self.path = Path(path)
@@ -250,7 +261,9 @@ class Tailer:
             self._mark(gen)
         return gen
 
-    def _new_generation(self, identity: FileIdentity, handle, size: int, st: Stat):
+    def _new_generation(
+        self, identity: FileIdentity, handle: Handle | None, size: int, st: Stat
+    ) -> _Generation:
         gen = _Generation(GenerationRecord(self.next_seq, identity, None), handle)
         self.next_seq += 1
         gen.seen, gen.mtime = size, st.mtime_ns
@@ -270,7 +283,7 @@ class Tailer:
         self.log.info("Log file {path} appeared", path=str(self.path))
         return True
 
-    def _head(self, handle, size: int) -> bytes:
+    def _head(self, handle: Handle, size: int) -> bytes:
         n = min(size, FINGERPRINT_BYTES)
         return self.files.pread(handle, n, 0) if n else b""
 
@@ -323,7 +336,7 @@ class Tailer:
         if nxt.base is None:
             return []
         self._long = None
-        start = gen.base + gen.pos
+        start = gen.at(gen.pos)
         self.cur += 1
         nxt.pos = 0
         return [Piece(start, nxt.base, b"", gone=True)] if nxt.base > start else None
@@ -331,11 +344,11 @@ class Tailer:
     def _size(self, gen: _Generation) -> int:
         """How far ``gen`` may be read; checks the file at the path for truncation."""
         if gen.final_size is None and gen is self.gens[-1]:
-            self._check_content(gen, self.files.fstat(gen.handle))
+            self._check_content(gen, self.files.fstat(gen.fd))
         if gen.final_size is not None:
             self._fingerprint(gen, gen.final_size)
             return gen.final_size
-        size = self.files.fstat(gen.handle).size
+        size = self.files.fstat(gen.fd).size
         self._fingerprint(gen, size)
         gen.seen = max(gen.seen, size)
         return size
@@ -343,7 +356,7 @@ class Tailer:
     def _fingerprint(self, gen: _Generation, size: int) -> None:
         """Fingerprint more of a file we hold, so its copies (compressed) are recognized."""
         if gen.handle is not None and gen.identity.fp_len < min(size, FINGERPRINT_BYTES):
-            head = self._head(gen.handle, size)
+            head = self._head(gen.fd, size)
             gen.identity = attrs.evolve(gen.identity, fp_len=len(head), fp_hash=fingerprint(head))
             self._mark(gen)
 
@@ -352,7 +365,7 @@ class Tailer:
             remaining = size - gen.pos
             if remaining <= 0:
                 return []
-            data = self.files.pread(gen.handle, min(self.chunk_size, remaining), gen.pos)
+            data = self.files.pread(gen.fd, min(self.chunk_size, remaining), gen.pos)
             if not data:
                 return []
             pieces = self._lines(gen, data)
@@ -361,7 +374,7 @@ class Tailer:
             # Part of an over-long line was consumed; keep reading.
 
     def _lines(self, gen: _Generation, data: bytes) -> list[Piece]:
-        start = gen.base + gen.pos
+        start = gen.at(gen.pos)
         if self._long is not None:
             # Skipping the rest of an over-long line.
             nl = data.find(b"\n")
@@ -371,7 +384,7 @@ class Tailer:
             long_start, head = self._long
             self._long = None
             gen.pos += nl + 1
-            piece = Piece(long_start, gen.base + gen.pos, head, rewritten=True)
+            piece = Piece(long_start, gen.at(gen.pos), head, rewritten=True)
             return [piece, *self._lines(gen, data[nl + 1 :])] if nl + 1 < len(data) else [piece]
         cut = data.rfind(b"\n") + 1
         if cut == 0:
@@ -386,7 +399,7 @@ class Tailer:
         return pieces
 
     def _begin_long(self, gen: _Generation, data: bytes) -> None:
-        self._long = (gen.base + gen.pos, self._cut_line(data))
+        self._long = (gen.at(gen.pos), self._cut_line(data))
         self.truncated_lines += 1
         gen.pos += len(data)
 
@@ -424,14 +437,14 @@ class Tailer:
             long_start, head = self._long
             self._long = None
             gen.pos = size
-            pieces.append(Piece(long_start, gen.base + size, head, rewritten=True))
+            pieces.append(Piece(long_start, gen.at(size), head, rewritten=True))
         elif gen.pos < size:
             # The writer left an unfinished last line: ship it with an LF.
-            tail = self.files.pread(gen.handle, size - gen.pos, gen.pos)
-            start = gen.base + gen.pos
+            tail = self.files.pread(gen.fd, size - gen.pos, gen.pos)
+            start = gen.at(gen.pos)
             gen.pos = size
             line = self._cut_line(tail) if len(tail) >= self.max_line else tail + b"\n"
-            pieces.append(Piece(start, gen.base + size, line, rewritten=True))
+            pieces.append(Piece(start, gen.at(size), line, rewritten=True))
             self.completed_lines += 1
             self.log.warn(
                 "{path} was rotated with an unfinished last line ({count} bytes); "
@@ -482,7 +495,7 @@ class Tailer:
         self.gens += added
         if not gen.lost and gen.final_size is None:
             # The writer has moved on: what the old file holds now is all it will hold.
-            gen.final_size = self.files.fstat(gen.handle).size
+            gen.final_size = self.files.fstat(gen.fd).size
             self._mark(gen)
         self.rotations += 1
         self.log.info(
@@ -506,7 +519,7 @@ class Tailer:
             self._still = None
             return False
         if not gen.lost and st.size == 0:
-            size = self.files.fstat(gen.handle).size
+            size = self.files.fstat(gen.fd).size
             if self._still is None or self._still[0] != size:
                 self._still = (size, now)
                 return False
@@ -521,7 +534,7 @@ class Tailer:
         for gen in others:
             if gen.handle is not None:
                 # Up to date, so that a compressed copy of it is recognized as such.
-                self._fingerprint(gen, gen.final_size or self.files.fstat(gen.handle).size)
+                self._fingerprint(gen, gen.final_size or self.files.fstat(gen.fd).size)
         known = [g.identity for g in others] + self.done
         held = {(g.identity.dev, g.identity.ino) for g in others if not g.lost}
         return unknown_rotations(known, self.path.name, self._candidates(), held)
@@ -546,7 +559,7 @@ class Tailer:
             return
         changed = st.size != gen.seen or st.mtime_ns != gen.mtime
         if (fp_len < FINGERPRINT_BYTES and st.size > fp_len) or (fp_len and changed):
-            head = self._head(gen.handle, st.size)
+            head = self._head(gen.fd, st.size)
             if not gen.identity.content_matches(head):
                 self._truncated(gen, st)
                 return
@@ -559,7 +572,7 @@ class Tailer:
         """``gen`` was empty when opened and nothing of it was read, so what it
         holds was written later: rotated files we do not know, last modified
         before it (copytruncate's copies of it), go first."""
-        own = self._head(gen.handle, st.size)
+        own = self._head(gen.fd, st.size)
         fresh = [
             c
             for c in self._unknown_files()
@@ -607,7 +620,7 @@ class Tailer:
             for c in unknown[after_copy:]
             if c.stat.mtime_ns <= st.mtime_ns and not gen.identity.same_inode(c.stat)
         ]
-        handle = gen.handle
+        handle = gen.fd
         new = self._new_generation(
             identity_of(st, self._head(handle, st.size), gen.identity.version), handle, st.size, st
         )
@@ -631,12 +644,12 @@ class Tailer:
         gen.handle = None
         if copy is not None and copy.readable:
             gen.handle = self.files.open(str(self.path.parent / copy.name))
-        if gen.handle is not None:
-            gen.identity = attrs.evolve(
-                gen.identity, dev=copy.stat.dev, ino=copy.stat.ino, version=copy.version
-            )
-            gen.final_size = copy.size
-            return f"finishing its old content from {copy.name}"
+            if gen.handle is not None:
+                gen.identity = attrs.evolve(
+                    gen.identity, dev=copy.stat.dev, ino=copy.stat.ino, version=copy.version
+                )
+                gen.final_size = copy.size
+                return f"finishing its old content from {copy.name}"
         if copy is not None:
             gen.final_size = copy.size
             return f"its old content is only in {copy.name} (compressed): the rest is declared lost"
@@ -688,10 +701,10 @@ class Tailer:
             if not first.lost:
                 # Fingerprint it fully while it is open, so its file is recognized
                 # (and never shipped again) after the handle is closed.
-                st = self.files.fstat(first.handle)
-                head = self._head(first.handle, st.size)
+                st = self.files.fstat(first.fd)
+                head = self._head(first.fd, st.size)
                 first.identity = identity_of(st, head, first.identity.version)
-                self.files.close(first.handle)
+                self.files.close(first.fd)
             if first.identity.fp_len and not first.vanished:
                 self.done.append(first.identity)
             self._mark(first, DONE)
@@ -722,12 +735,12 @@ class Tailer:
                 continue
             if gen.lost:
                 return self._after_lost(i, logical)
-            size = self.files.fstat(gen.handle).size if end is None else gen.final_size
-            if logical - gen.base > size:
+            size = self.files.fstat(gen.fd).size if gen.final_size is None else gen.final_size
+            if logical - gen.at(0) > size:
                 # Beyond what this file holds: read on from where we are.
                 return self.logical
             self.cur = i
-            gen.pos = logical - gen.base
+            gen.pos = logical - gen.at(0)
             return logical
         return self.logical
 
@@ -736,8 +749,8 @@ class Tailer:
         declares what is gone of it from ``logical`` on."""
         gen = self.gens[i]
         self.cur = i
-        gen.pos = max(0, logical - gen.base)
-        return gen.base + gen.pos
+        gen.pos = max(0, logical - gen.at(0))
+        return gen.at(gen.pos)
 
     def close(self) -> None:
         for gen in self.gens:

@@ -23,9 +23,12 @@ aborted at once.  ``--max-connections`` counts authenticated connections only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -55,13 +58,24 @@ CLOSING = "closing"
 
 @implementer(IHandshakeListener)
 class SyslogServerProtocol(Protocol, TimeoutMixin):
+    # The TLS transport (also a producer we pause for backpressure).
+    transport: Any
     log = Logger()
+
+    def callLater(self, delay: float, f: Callable[..., object], *args: object) -> IDelayedCall:
+        """TimeoutMixin schedules on the global reactor unless told otherwise."""
+        return self.factory.clock.callLater(delay, f, *args)
+
+    @property
+    def attached(self) -> StreamSink:
+        """The stream's sink (there is one in every state that takes data)."""
+        assert self.sink is not None, "data before the stream was attached"
+        return self.sink
 
     def __init__(self, factory: ListenerFactory, addr):
         self.factory = factory
         self.addr = addr
         # TimeoutMixin schedules on the global reactor unless told otherwise.
-        self.callLater = factory.clock.callLater
         self.state = HANDSHAKING
         self.decoder = OctetCountingDecoder(factory.max_frame)
         self.worker: str | None = None
@@ -226,15 +240,15 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
                     self.escaped_lfs += frame.count(b"\n")
                     frames[i] = frame.replace(b"\n", ESCAPED_LF)
             lines = b"\n".join(frames)
-        self.sink.append_plain(lines)
+        self.attached.append_plain(lines)
         self._backpressure()
 
     def _ack_message(self, message) -> None:
         if self.state == STREAMING and isinstance(message, ackproto.Data):
-            self.sink.accept(message.start, message.end, message.payload)
+            self.attached.accept(message.start, message.end, message.payload)
             self._backpressure()
         elif self.state == STREAMING and isinstance(message, ackproto.Gap):
-            self.sink.accept_gap(message.start, message.end)
+            self.attached.accept_gap(message.start, message.end)
         elif self.state == AWAITING_HELLO and isinstance(message, ackproto.Hello):
             if message.stream == config.PLAIN_STREAM:
                 raise ackproto.ProtocolError(
@@ -254,7 +268,11 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
 
     def _attach(self, opening: defer.Deferred) -> None:
         opening.addCallbacks(self._sink_ready, self._sink_failed)
-        opening.addErrback(self.log.failure, "Attaching {peer} to its stream", peer=self.peer)
+        opening.addErrback(
+            lambda failure: self.log.failure(
+                "Attaching {peer} to its stream", failure, peer=self.peer
+            )
+        )
 
     def _sink_ready(self, sink: StreamSink) -> None:
         if self.state == CLOSING:
@@ -276,7 +294,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if self.state != RESUMING:
             return
         self.state = STREAMING
-        self.sink.commit_listeners.append(self._on_commit)
+        self.attached.commit_listeners.append(self._on_commit)
         self._write(ackproto.encode_resume(offset))
         self.log.info(
             "Resuming {worker}/{stream} at offset {offset} for {peer}",
@@ -302,9 +320,9 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._refuse(f"stream unavailable: {reason}", warn=False)
 
     def _backpressure(self) -> None:
-        if self.sink.over_limit and not self._paused:
+        if self.attached.over_limit and not self._paused:
             self._pause()
-            self.sink.when_drained(self._resume)
+            self.attached.when_drained(self._resume)
 
     def _pause(self) -> None:
         if not self._paused:
@@ -430,7 +448,9 @@ class ListenerFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, ingest: Ingest, clock, limits: ConnectionLimits = DEFAULT_LIMITS):
+    def __init__(
+        self, ingest: Ingest, clock: IReactorTime, limits: ConnectionLimits = DEFAULT_LIMITS
+    ):
         self.ingest = ingest
         self.clock = clock
         self.limits = limits
@@ -467,7 +487,7 @@ class ListenerFactory(Factory):
             self.refusals.refused("refused", address, _peer_text(addr), decision.reason)
             return False
         if decision.evict is not None:
-            victim = decision.evict
+            victim = cast(SyslogServerProtocol, decision.evict)
             self.drop_unauthenticated(
                 victim,
                 "evicted",
@@ -502,6 +522,7 @@ class ListenerFactory(Factory):
         if len(self.authenticated) >= self.max_connections:
             self.refused += 1
             return f"{len(self.authenticated)} authenticated connections open (--max-connections)"
+        assert proto.worker is not None  # (after the handshake)
         mine = self.by_worker.setdefault(proto.worker, set())
         if len(mine) >= self.max_per_worker:
             self.refused += 1
@@ -519,6 +540,7 @@ class ListenerFactory(Factory):
         A forwarder that was killed leaves a half-open connection behind; the
         newest HELLO wins so its restart is never locked out.
         """
+        assert proto.worker is not None and proto.stream is not None  # (after HELLO)
         key = (proto.worker, proto.stream)
         old = self.stream_owner.get(key)
         if old is not None and old is not proto:
@@ -535,9 +557,10 @@ class ListenerFactory(Factory):
                 mine.discard(proto)
                 if not mine:
                     del self.by_worker[proto.worker]
-            key = (proto.worker, proto.stream)
-            if self.stream_owner.get(key) is proto:
-                del self.stream_owner[key]
+            if proto.stream is not None:
+                key = (proto.worker, proto.stream)
+                if self.stream_owner.get(key) is proto:
+                    del self.stream_owner[key]
 
     def revoked(self, fingerprints: frozenset[str]) -> None:
         """Cut every live connection whose certificate was just revoked."""

@@ -238,14 +238,16 @@ class StreamFiles:
         files first if they were closed.
         """
         with self._lock:
-            if self._mirror_fd is None:
+            if self._mirror_fd is None or self._index_fd is None:
                 self._reopen()
+            mirror_fd, index_fd = self._mirror_fd, self._index_fd
+            assert mirror_fd is not None and index_fd is not None  # (just reopened)
             if data:
-                _write_all(self._mirror_fd, data)
-                os.fsync(self._mirror_fd)
-            _write_all(self._index_fd, b"".join(pack_record(r) for r in records))
-            os.fsync(self._index_fd)
-            self._expected = (_identity(self._mirror_fd), _identity(self._index_fd))
+                _write_all(mirror_fd, data)
+                os.fsync(mirror_fd)
+            _write_all(index_fd, b"".join(pack_record(r) for r in records))
+            os.fsync(index_fd)
+            self._expected = (_identity(mirror_fd), _identity(index_fd))
 
     def close(self) -> None:
         """Give the descriptors back (the next commit reopens them).  Blocking."""

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from decnet import config, replies
 from decnet.errors import BadReply, DecnetError
 from decnet.httpclient import DEFAULT_TIMEOUT
+from decnet.interfaces import IDecnetReactor
 from decnet.master.http import client_for_host
 from decnet.master.registry import Host, Registry
 from decnet.revocation import RevocationSet
@@ -105,7 +106,13 @@ class HealthResult:
 log = Logger(namespace="decnet.master.agent_client")
 
 
-async def check_host(reactor, identity, host: Host, revocations=None, timeout=DEFAULT_TIMEOUT):
+async def check_host(
+    reactor: IDecnetReactor,
+    identity: TLSIdentity,
+    host: Host,
+    revocations: RevocationSet | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+):
     """Probe one host's ``/health``; never raises for an expected failure."""
     try:
         client = AgentClient(reactor, identity, host, revocations=revocations, timeout=timeout)

@@ -8,17 +8,7 @@ The sandbox returns data (:mod:`.report`); what a person sees is decided in
 ``decnet.cli``.
 """
 
-from twisted.internet.interfaces import (
-    IReactorCore,
-    IReactorFromThreads,
-    IReactorProcess,
-    IReactorTCP,
-    IReactorThreads,
-    IReactorTime,
-)
+from decnet.interfaces import IDecnetReactor
 
-
-class ISandboxReactor(
-    IReactorCore, IReactorTime, IReactorThreads, IReactorFromThreads, IReactorProcess, IReactorTCP
-):
-    """What the sandbox needs of its reactor: a clock, the thread pool, processes, TCP."""
+# What the sandbox needs of its reactor: a clock, the thread pool, processes, TCP.
+ISandboxReactor = IDecnetReactor

@@ -26,7 +26,6 @@ import attrs
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import (
-    IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
     ITCPTransport,
@@ -38,6 +37,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from decnet.errors import SandboxError
+from decnet.interfaces import IDecnetReactor
 from decnet.sandbox import ISandboxReactor, feeds, state
 from decnet.sandbox.feeds import event_params
 from decnet.sandbox.layout import SandboxLayout
@@ -129,7 +129,7 @@ def pick_credentials(choice: Callable = secrets.choice) -> tuple[str, str]:
 class Dialogue(protocol.Protocol):
     """A scripted client: send bytes, wait (with a deadline) for expected bytes, close."""
 
-    def __init__(self, clock, timeout: float = STEP_TIMEOUT):
+    def __init__(self, clock: IReactorTime, timeout: float = STEP_TIMEOUT):
         self.clock = clock
         self.timeout = timeout
         self.received = b""
@@ -251,7 +251,7 @@ async def _banner(d: Dialogue, target: Target) -> str:
 DIALOGUES = {"telnet": _telnet, "ftp": _ftp, "smtp": _smtp, "redis": _redis}
 
 
-async def _raw(reactor, target: Target, user: str, password: str) -> Outcome:
+async def _raw(reactor: IDecnetReactor, target: Target, user: str, password: str) -> Outcome:
     endpoint = TCP4ClientEndpoint(reactor, target.address, target.port, timeout=STEP_TIMEOUT)
     d = await connectProtocol(endpoint, Dialogue(reactor))
     try:
@@ -287,7 +287,7 @@ class _RecordingEndpoint:
 class _RecordingEndpoints:
     """Plain TCP endpoints that note the local port of each connection (to find its events)."""
 
-    def __init__(self, reactor):
+    def __init__(self, reactor: IDecnetReactor):
         self.reactor = reactor
         self.ports: list[int] = []
 
@@ -296,7 +296,7 @@ class _RecordingEndpoints:
         return _RecordingEndpoint(inner, self.ports)
 
 
-async def _http(reactor, target: Target, user: str, password: str) -> Outcome:
+async def _http(reactor: IDecnetReactor, target: Target, user: str, password: str) -> Outcome:
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -320,7 +320,7 @@ async def _http(reactor, target: Target, user: str, password: str) -> Outcome:
 # -- ssh (Twisted Conch) -------------------------------------------------------------
 
 
-async def _ssh(reactor, target: Target, user: str, password: str) -> Outcome:
+async def _ssh(reactor: IDecnetReactor, target: Target, user: str, password: str) -> Outcome:
     from twisted.conch.ssh import connection, transport, userauth
 
     done: defer.Deferred = defer.Deferred()
@@ -376,7 +376,9 @@ async def _ssh(reactor, target: Target, user: str, password: str) -> Outcome:
 # -- one conversation ------------------------------------------------------------------
 
 
-async def converse(reactor, target: Target, choice: Callable = secrets.choice) -> Outcome:
+async def converse(
+    reactor: IDecnetReactor, target: Target, choice: Callable = secrets.choice
+) -> Outcome:
     """One attacker conversation with ``target``; failures are outcomes, not exceptions."""
     user, password = pick_credentials(choice)
     try:
@@ -492,7 +494,7 @@ def started(targets: list[Target]) -> PokeStarted:
 
 
 async def converse_all(
-    reactor: IReactorTCP, targets: list[Target], choice: Callable, report: Report
+    reactor: IDecnetReactor, targets: list[Target], choice: Callable, report: Report
 ) -> list[Outcome]:
     """Every conversation at once; each outcome is reported as it ends."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,6 +29,7 @@ from decnet import config, pki
 from decnet.daemon import TLSPortService
 from decnet.httpapi import make_site
 from decnet.httpclient import PinnedClient
+from decnet.interfaces import IDecnetReactor
 from decnet.systemd import SystemdService
 from decnet.threads import pool_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -90,7 +91,7 @@ def accepted_peers(bundle: pki.WorkerBundle) -> tuple[Accept, tuple[Accept, ...]
     return master, local
 
 
-def agent_control(reactor, bundle: pki.WorkerBundle, agent: LocalAgent):
+def agent_control(reactor: IDecnetReactor, bundle: pki.WorkerBundle, agent: LocalAgent):
     """The agent's restarter: ``systemctl`` on its unit, or a child process we supervise."""
     if agent.control != "spawn":
         return SystemdAgent(reactor, agent.unit)
@@ -136,7 +137,7 @@ class UpdaterService(service.MultiService):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: IDecnetReactor,
         *,
         bundle: pki.WorkerBundle,
         identity: TLSIdentity,

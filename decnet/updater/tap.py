@@ -13,7 +13,7 @@ The service and its restart policy live in :mod:`decnet.updater.service`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from hyperlink import URL
 from twisted.application.service import IService
@@ -22,6 +22,7 @@ from twisted.python import usage
 from decnet import config, pki
 from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
 from decnet.errors import DecnetError
+from decnet.interfaces import IDecnetReactor
 from decnet.options import positive_float, positive_int
 from decnet.updater.service import SELF_RESTARTS, LocalAgent
 
@@ -127,7 +128,7 @@ def makeService(options: Options) -> IService:
 
     pin_running_release()  # our own release: update-self's prune keeps it while we run
     return UpdaterService(
-        reactor,
+        cast(IDecnetReactor, reactor),  # (the global reactor provides them all)
         bundle=options["bundle-obj"],
         install_dir=Path(options["install-dir"]),
         agent=LocalAgent(

@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 
@@ -72,12 +73,12 @@ class RefusalReport:
 
     log = Logger()
 
-    def __init__(self, clock, interval: float = REFUSAL_SUMMARY_INTERVAL):
+    def __init__(self, clock: IReactorTime, interval: float = REFUSAL_SUMMARY_INTERVAL):
         self.clock = clock
         self.interval = interval
         self.total = 0
         self._counts: Counter = Counter()
-        self._call = None
+        self._call: IDelayedCall | None = None
 
     def refused(self, reason: str) -> None:
         self.total += 1
@@ -118,7 +119,7 @@ class ConnectionBudget:
 
     log = Logger()
 
-    def __init__(self, limit: int, clock, *, report: RefusalReport | None = None):
+    def __init__(self, limit: int, clock: IReactorTime, *, report: RefusalReport | None = None):
         if limit < 1:
             raise ValueError("the decoy connection budget must be at least 1")
         self.limit = limit

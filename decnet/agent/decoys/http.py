@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 
 from decnet.agent.decoys.base import DecoyMixin, ServiceRuntime
 from decnet.agent.decoys.inbox import TOO_LONG
+from decnet.interfaces import IDecnetReactor
 
 RAW_SLICE = 2048
 
@@ -399,7 +400,7 @@ class DecoySite(server.Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, runtime: ServiceRuntime, reactor):
+    def __init__(self, runtime: ServiceRuntime, reactor: IDecnetReactor):
         # No twisted.web idle timer: DecoyMixin's idle_timeout (reset on every
         # read) and max_lifetime apply, as for every decoy.
         super().__init__(DecoyResource(runtime), timeout=None, reactor=reactor)
@@ -418,5 +419,5 @@ class DecoySite(server.Site):
         return None
 
 
-def make_factory(runtime: ServiceRuntime, reactor) -> DecoySite:
+def make_factory(runtime: ServiceRuntime, reactor: IDecnetReactor) -> DecoySite:
     return DecoySite(runtime, reactor)

@@ -29,7 +29,7 @@ from twisted.conch.ssh.common import getNS
 from twisted.cred import credentials
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol
 from zope.interface import implementer
 
@@ -79,6 +79,7 @@ class RefuseEverything:
         return defer.fail(UnauthorizedLogin("decoy"))
 
 
+@implementer(IRealm)
 class _NoRealm:
     def requestAvatar(self, avatar_id, mind, *interfaces):  # pragma: no cover - unreachable
         raise conch_error.ConchError("a decoy has no accounts")
