@@ -5,13 +5,17 @@ import random
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from decnet import pki
 from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.service import ForwarderService
-from decnet.listener.service import ListenerService
+from decnet.listener.service import ListenerService, listener_options
 from decnet.master import enrollment
 from decnet.revocation import RevocationSet
+from decnet.syslog import ackproto
+from decnet.syslog.framing import encode_frame
 from decnet.tls import TLSIdentity
 from tests.logpipe_support import syslog_line
 from tests.support import eventually
@@ -72,3 +76,78 @@ async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener
     assert JournalStore(tmp_path / "f.sqlite", reactor.seconds).load("decnet").acked == len(
         first + more
     )
+
+
+class _StallingMaster(Protocol):
+    """Answers HELLO with RESUME 0, then reads nothing until told to close.
+
+    The forwarder fills its socket buffers and its transport pauses it; the
+    test then closes TLS from this side (close_notify) and reads again.
+    """
+
+    def __init__(self, connections: list):
+        self.connections = connections
+        self.resumed = False
+
+    def connectionMade(self):
+        self.connections.append(self)
+
+    def dataReceived(self, data):
+        if not self.resumed:
+            self.resumed = True
+            self.transport.write(encode_frame(ackproto.encode_resume(0)))
+            self.transport.pauseProducing()
+
+    def close_and_drain(self):
+        self.transport.loseConnection()
+        self.transport.resumeProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_master_closing_tls_while_the_forwarder_is_paused_is_noticed_and_reconnected(
+    master_home, tmp_path
+):
+    # Twisted's TCP transport does not finish a close while a producer is
+    # registered: the forwarder must let go of the connection itself when the
+    # master's close_notify arrives while it is paused, or it hangs for ever
+    # on a connection nobody reads (seen after a listener restart).
+    name = f"stall-{os.getpid()}-{random.randrange(10**6)}"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
+    bundle = pki.WorkerBundle.load(tmp_path / "b")
+    connections: list[_StallingMaster] = []
+    factory = Factory.forProtocol(lambda: _StallingMaster(connections))
+    options = listener_options(TLSIdentity.master(master_home), None)
+    port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, factory), interface="127.0.0.1")
+    log_file = tmp_path / "decnet.log"
+    line = syslog_line(0) + b"\n"
+    log_file.write_bytes(line * (32 * 1024 * 1024 // len(line)))
+    fwd = ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        master_host="127.0.0.1",
+        master_port=port.getHost().port,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=log_file,
+        state_file=tmp_path / "f.sqlite",
+        poll_interval=0.1,
+        max_retry_delay=0.5,
+    )
+    fwd.startService()
+    try:
+        await eventually(
+            lambda: fwd.shipper is not None and fwd.shipper.core.paused,
+            what="the forwarder to be paused",
+        )
+        connections[0].close_and_drain()
+        await eventually(lambda: len(connections) >= 2, what="the forwarder to reconnect")
+        # The new master stalls as well: stopping still ends (the close is cut after a grace).
+        await eventually(lambda: fwd.shipper.core.paused, what="the forwarder to be paused again")
+        stopped = fwd.stopService()
+        await eventually(lambda: stopped.called, timeout=15, what="the forwarder to stop")
+    finally:
+        if fwd.running:
+            await fwd.stopService()
+        for proto in connections:
+            if proto.transport.connected:
+                proto.transport.abortConnection()
+        await port.stopListening()

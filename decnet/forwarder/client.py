@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -85,6 +86,14 @@ class Shipper:
         self.execute(self.core.paused_producing())
 
     def resumeProducing(self):
+        proto = self.proto
+        if proto is not None and proto.master_closed_tls():
+            # Twisted's TCP transport finishes a close only once its producer
+            # is gone, and TLS does not tell us the master closed: we learn it
+            # here, when the drained transport wakes us.  Let go, or the
+            # connection hangs for ever with nobody reading it.
+            proto.close()
+            return
         self.execute(self.core.resumed_producing())
 
     def stopProducing(self):
@@ -266,6 +275,11 @@ class ForwarderProtocol(Protocol):
             else:
                 self.abandon(f"unexpected {type(message).__name__} from the master")
                 return
+
+    def master_closed_tls(self) -> bool:
+        """Whether the master has sent its TLS close_notify."""
+        handle = self.transport.getHandle() if self.transport is not None else None
+        return handle is not None and bool(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
 
     def abandon(self, reason: str) -> None:
         self.log.warn("Closing the connection to the master: {reason}", reason=reason)

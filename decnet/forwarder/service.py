@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorFDSet, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -24,6 +24,9 @@ from decnet.interfaces import IDecnetReactor
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
+
+# How long stopping waits for the master to answer our TLS close before cutting it.
+STOP_GRACE = 5.0
 
 _jitter = random.SystemRandom()
 
@@ -157,6 +160,12 @@ class TailWatcher(Service):
         return super().stopService()
 
 
+def _cancelled(result, call: IDelayedCall):
+    if call.active():
+        call.cancel()
+    return result
+
+
 class ForwarderService(MultiService):
     """Everything ``twistd decnet-forwarder`` runs."""
 
@@ -256,6 +265,11 @@ class ForwarderService(MultiService):
         if current is not None and not current.lost and self.shipper is not None:
             self.shipper.detach(current)
         d = super().stopService()
+        if current is not None and not current.lost:
+            # A graceful TLS close waits for the master's answer; a master
+            # that stopped reading never gives it.
+            abort = self.reactor.callLater(STOP_GRACE, current.transport.abortConnection)
+            d.addBoth(_cancelled, abort)
 
         def close(result):
             if self.shipper is None:

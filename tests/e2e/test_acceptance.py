@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -31,9 +33,31 @@ from tests.support import BIN, admin, wait_for
 
 pytestmark = pytest.mark.slow
 
-# worker i: 127.0.NET.i, its deckies 127.NET.i.j (override to run two checkouts at once)
-NET = int(os.environ.get("DECNET_E2E_NET", "77"))
 WORKERS = ("w1", "w2")
+
+
+def _free_net() -> int:
+    """A ``--net`` whose agent and updater ports are free on both workers.
+
+    Several checkouts may run this test at once: each starts its search at a
+    place of its own (its pid), so two runs rarely even try the same net.
+    """
+    start = os.getpid()
+    for step in range(200):
+        net = 20 + (start + step) % 200
+        try:
+            for index in range(1, len(WORKERS) + 1):
+                for port in (8765, 8766):
+                    with socket.socket() as probe:
+                        probe.bind((f"127.0.{net}.{index}", port))
+        except OSError:
+            continue
+        return net
+    raise AssertionError("no free sandbox network on 127.0.20-219.x")
+
+
+# worker i: 127.0.NET.i, its deckies 127.NET.i.j (DECNET_E2E_NET pins it)
+NET = int(os.environ.get("DECNET_E2E_NET") or _free_net())
 
 
 def sandbox(directory: Path, action: str, *args: str, timeout: float = 120):
@@ -321,7 +345,7 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
     up2 = Up(d, tmp_path / "up-2.out", "--workers", "2", "--wheelhouse", str(wheelhouse))
     doc = up2.wait_running(120)
     out = up2.output()
-    assert "CA reused" in out and f"w1       127.0.{NET}.1   reused" in out, out
+    assert "CA reused" in out and re.search(rf"w1 +127\.0\.{NET}\.1 +reused", out), out
     assert "w2       decommissioned" in out and "enrolled, bundle" not in out, out
     assert sorted(doc["workers"]) == ["w1"]
     releases_after = sorted(
