@@ -12,6 +12,8 @@ from twisted.python import usage
 from decnet import config
 from decnet.daemon import keywords, load_bundle
 from decnet.errors import ConfigError
+from decnet.interfaces import IDecnetReactor
+from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import port_number, positive_float
 from decnet.pki import WorkerBundle
 from decnet.syslog.ackproto import ProtocolError, validate_stream_name
@@ -23,7 +25,7 @@ class Options(usage.Options):
         "Tail the worker's RFC 5424 log and ship it to the master over mutual TLS: "
         "acknowledged, exactly-once delivery with our listener (ALPN "
         f"{config.ACK_ALPN.decode()}), plain RFC 5425 with a stock receiver.  "
-        "See docs/Logging.md."
+        "See docs/Logging.md.  " + metrics_epilog("forwarder")
     )
     optParameters: ClassVar[list] = [
         ["bundle", None, None, "Enrollment bundle directory (from `decnet-admin enroll`)"],
@@ -83,6 +85,7 @@ class Options(usage.Options):
             "Longest pause between reconnection attempts (s)",
             positive_float,
         ],
+        *metrics_options("forwarder"),
     ]
 
     def postOptions(self) -> None:
@@ -138,11 +141,13 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from decnet.forwarder.metrics import forwarder_registry
     from decnet.forwarder.service import ForwarderService
     from decnet.release import pin_running_release
+    from decnet.threads import pool_runner
 
     pin_running_release()  # the updater never prunes the release we run from
-    return ForwarderService(
+    service = ForwarderService(
         reactor,
         identity=options["identity"],
         master_fingerprint=options["bundle-obj"].listener_fingerprint,
@@ -153,3 +158,12 @@ def makeService(options: Options) -> IService:
             "max-retry-delay",
         ),
     )
+    typed = cast(IDecnetReactor, reactor)  # (the global reactor provides them all)
+    attach_metrics(
+        service,
+        typed,
+        options,
+        lambda: forwarder_registry(service, options["identity"]),
+        pool_runner(typed),
+    )
+    return service

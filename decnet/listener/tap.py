@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -11,7 +11,9 @@ from twisted.python import usage
 from decnet import config
 from decnet.daemon import PORT_FILE_OPTION, keywords
 from decnet.errors import DecnetError
+from decnet.interfaces import IDecnetReactor
 from decnet.listener import admission, ingest
+from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import between, positive_float, positive_int
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
@@ -25,7 +27,7 @@ class Options(usage.Options):
     longdesc = (
         "Receive worker logs over mutual TLS (RFC 5425; acknowledged mode via ALPN "
         f"{config.ACK_ALPN.decode()}) and ingest them: a byte-exact mirror and a JSON "
-        "lines feed per worker and stream.  See docs/Logging.md."
+        "lines feed per worker and stream.  See docs/Logging.md.  " + metrics_epilog("listener")
     )
     optParameters: ClassVar[list] = [
         [
@@ -114,6 +116,7 @@ class Options(usage.Options):
             positive_int,
         ],
         PORT_FILE_OPTION,
+        *metrics_options("listener"),
         [
             "feed-encoders",
             None,
@@ -177,8 +180,10 @@ def load_listener_identity(paths: config.MasterPaths) -> TLSIdentity:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from decnet.listener.metrics import listener_registry
     from decnet.listener.protocol import ConnectionLimits
     from decnet.listener.service import ListenerService, raise_nofile_limit
+    from decnet.threads import pool_runner
 
     raise_nofile_limit()
     limits = ConnectionLimits(
@@ -189,7 +194,7 @@ def makeService(options: Options) -> IService:
             "max-unauthenticated-per-address handshake-timeout",
         ),
     )
-    return ListenerService(
+    service = ListenerService(
         reactor,
         limits=limits,
         feed=not options["no-feed"],
@@ -200,3 +205,11 @@ def makeService(options: Options) -> IService:
             "max-open-streams feed-encoders",
         ),
     )
+    attach_metrics(
+        service,
+        cast(IDecnetReactor, reactor),  # (the global reactor provides them all)
+        options,
+        lambda: listener_registry(service.factory, service.ingest, reactor, options["identity"]),
+        pool_runner(cast(IDecnetReactor, reactor)),
+    )
+    return service

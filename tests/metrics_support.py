@@ -1,0 +1,76 @@
+"""Scraping ``/metrics`` in tests and reading it with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import wait_for
+
+
+class Scrape:
+    """One parsed scrape: every sample by name, and the family names."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.families = list(text_string_to_metric_families(text))
+        self.samples = [s for family in self.families for s in family.samples]
+
+    @property
+    def names(self) -> set[str]:
+        """Every name a query could use: family names and sample names (``_total``, ...)."""
+        return {f.name for f in self.families} | {s.name for s in self.samples}
+
+    def value(self, name: str, **labels: str) -> float:
+        """The one sample called ``name`` whose labels include ``labels``."""
+        found = [
+            s.value
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        assert len(found) == 1, f"{name} {labels}: {len(found)} samples\n{self.text}"
+        return found[0]
+
+    def get(self, name: str, **labels: str) -> float | None:
+        """Like :meth:`value`, ``None`` when there is no such sample (yet)."""
+        found = [
+            s.value
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        return found[0] if len(found) == 1 else None
+
+    def labels_of(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples if s.name == name}
+
+
+def scrape_url(url: str, timeout: float = 10.0) -> Scrape:
+    """``GET url`` (blocking: for subprocess tests, never inside the reactor)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return Scrape(response.read().decode())
+
+
+def port_from(path: Path, proc=None) -> int:
+    """The port a daemon wrote to ``path`` once bound (fails if the daemon died)."""
+
+    def bound():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited: {proc.stderr.read().decode()[-2000:]}")
+        return path.exists() and path.read_text().strip()
+
+    return int(wait_for(bound, what=f"a port in {path}"))
+
+
+def metrics_args(tmp_path: Path, name: str) -> tuple[list[str], Path]:
+    """``--metrics tcp:0`` on loopback with a port file; (argv, port file)."""
+    port_file = tmp_path / f"metrics-port-{name}"
+    return [
+        "--metrics",
+        "tcp:0:interface=127.0.0.1",
+        "--metrics-port-file",
+        str(port_file),
+    ], port_file
