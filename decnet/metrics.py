@@ -30,7 +30,7 @@ from typing import Any, Protocol, cast
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application.service import IServiceCollection
 from twisted.internet.endpoints import serverFromString
@@ -51,6 +51,8 @@ from decnet.tls import TLSIdentity
 SCRAPE_IDLE_TIMEOUT = 30
 NO_BODY = BodyLimits(max_size=0)
 METRICS_PATH = b"metrics"
+# The classic text format (what generate_latest writes), which every Prometheus reads.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 def metrics_endpoint(value: str) -> str:
@@ -238,7 +240,7 @@ class MetricsResource(Resource):
     def _encoded(self, body: bytes, request: server.Request, gone: list[bool]) -> None:
         if gone:
             return  # the scraper hung up meanwhile
-        request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode())
+        request.setHeader(b"content-type", CONTENT_TYPE)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)

@@ -74,3 +74,28 @@ def metrics_args(tmp_path: Path, name: str) -> tuple[list[str], Path]:
         "--metrics-port-file",
         str(port_file),
     ], port_file
+
+
+def render(registry) -> Scrape:
+    """What a scrape of ``registry`` would answer, encoded and parsed like Prometheus does."""
+    from prometheus_client.exposition import generate_latest
+
+    return Scrape(generate_latest(registry).decode())
+
+
+async def scrape_port(port: int, path: str = "/metrics") -> tuple[int, bytes, dict]:
+    """``GET http://127.0.0.1:port/path`` in the running reactor: (status, body, headers)."""
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, readBody
+
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    body = await readBody(response)
+    headers = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
+    return response.code, body, headers
+
+
+async def scrape_running(port: int) -> Scrape:
+    status, body, headers = await scrape_port(port)
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    return Scrape(body.decode())
