@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 
 from decnet import __version__, config
@@ -255,11 +256,18 @@ class MetricsResource(Resource):
         request.finish()
 
 
+class _Root(Resource):
+    """Everything but ``/metrics`` is a plain 404 (nothing echoed back)."""
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return cast(Resource, notFound("Not Found", "Metrics are at /metrics."))
+
+
 def metrics_site(
     registry: CollectorRegistry, run: Runner, reactor: IReactorTime | None = None
 ) -> server.Site:
     """The HTTP site: ``/metrics`` and 404 for everything else; no request bodies."""
-    root = Resource()
+    root = _Root()
     root.putChild(METRICS_PATH, MetricsResource(registry, run))
     return make_site(root, limits=NO_BODY, timeout=SCRAPE_IDLE_TIMEOUT, reactor=reactor)
 

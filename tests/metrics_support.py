@@ -85,11 +85,10 @@ def render(registry) -> Scrape:
 
 async def scrape_port(port: int, path: str = "/metrics") -> tuple[int, bytes, dict]:
     """``GET http://127.0.0.1:port/path`` in the running reactor: (status, body, headers)."""
-    from twisted.internet import reactor
-    from twisted.web.client import Agent, readBody
+    import treq
 
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
-    body = await readBody(response)
+    response = await treq.get(f"http://127.0.0.1:{port}{path}", persistent=False)
+    body = await treq.content(response)
     headers = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
     return response.code, body, headers
 
@@ -99,3 +98,17 @@ async def scrape_running(port: int) -> Scrape:
     assert status == 200, body
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
     return Scrape(body.decode())
+
+
+async def scrape_until(port: int, check, what: str, timeout: float = 20.0) -> Scrape:
+    """Scrape ``port`` until ``check(scrape)`` holds; the scrape that satisfied it."""
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        scrape = await scrape_running(port)
+        if check(scrape):
+            return scrape
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last scrape:\n{scrape.text}")
+        await task.deferLater(reactor, 0.05, lambda: None)

@@ -118,6 +118,7 @@ def test_the_certificate_expiry_is_the_listener_certificates_not_after(tmp_path,
     _harness, registry = harness_with_metrics(tmp_path, ids)
     scrape = render(registry)
     expiry = ids["master"].cert.not_valid_after_utc.timestamp()
-    assert scrape.value(
-        "decnet_certificate_expiry_timestamp_seconds", role=config.ROLE_MASTER
-    ) == expiry
+    assert (
+        scrape.value("decnet_certificate_expiry_timestamp_seconds", role=config.ROLE_MASTER)
+        == expiry
+    )

@@ -1,0 +1,202 @@
+"""``--metrics`` through each daemon's own tap, served on real loopback sockets in-process."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import pytest_twisted
+from twisted.python import usage
+
+from decnet import config
+from decnet.master import enrollment
+from decnet.metrics import MetricsService
+from tests.logpipe_support import syslog_line
+from tests.metrics_support import scrape_port, scrape_running, scrape_until
+from tests.support import free_port, raw_connect
+
+
+@pytest.fixture(scope="module")
+def bundle(master_home, tmp_path_factory):
+    """An enrolled worker with an updater identity."""
+    name = f"mx-{os.getpid()}-{random.randrange(10**6)}"
+    out = tmp_path_factory.mktemp("metrics") / "bundle"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", out, updater=True)
+    return name, out
+
+
+def build(tap, *argv: str):
+    options = tap.Options()
+    options.parseOptions([*argv, "--metrics", "tcp:0:interface=127.0.0.1"])
+    return tap.makeService(options)
+
+
+def metrics_port(service) -> int:
+    (metrics,) = [s for s in service if isinstance(s, MetricsService)]
+    assert metrics.port is not None
+    return metrics.port.getHost().port
+
+
+@pytest.mark.parametrize("daemon", ["listener", "forwarder", "agent", "updater"])
+def test_metrics_are_off_unless_asked_for_and_a_typo_is_a_usage_error(daemon):
+    import importlib
+
+    tap = importlib.import_module(f"decnet.{daemon}.tap")
+    assert ["metrics", None, None] == tap.Options.optParameters[
+        [row[0] for row in tap.Options.optParameters].index("metrics")
+    ][:3]
+    with pytest.raises(usage.UsageError, match="not an endpoint"):
+        tap.Options().parseOptions(["--metrics", "tcp:9465:interfce=127.0.0.1"])
+    port = config.METRICS_PORTS[daemon]
+    assert f"--metrics tcp:{port}:interface=127.0.0.1 serves" in " ".join(
+        tap.Options().getUsage().split()
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_forwarders_file_lag_grows_while_the_master_is_unreachable(bundle, tmp_path):
+    _name, bundle_dir = bundle
+    log_file = tmp_path / "decnet.log"
+    log_file.write_bytes(b"".join(syslog_line(i) + b"\n" for i in range(10)))
+    from decnet.forwarder import tap
+
+    service = build(
+        tap,
+        *("--bundle", str(bundle_dir), "--log-file", str(log_file)),
+        *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
+        *("--master-port", str(free_port()), "--poll-interval", "0.1", "--max-retry-delay", "0.5"),
+    )
+    service.startService()
+    try:
+        port = metrics_port(service)
+
+        def lag_is_the_file():
+            size = log_file.stat().st_size
+            return lambda s: s.get("decnet_forwarder_file_lag_bytes", stream="decnet") == size
+
+        first = await scrape_until(port, lag_is_the_file(), "the lag")
+        assert first.value("decnet_forwarder_shipped_lines_total", stream="decnet") == 0
+        await scrape_until(
+            port,
+            lambda s: s.value("decnet_forwarder_connection_state", state="failing") == 1,
+            "the first failed attempt",
+        )
+        with open(log_file, "ab") as f:
+            f.write(b"".join(syslog_line(i) + b"\n" for i in range(10, 30)))
+        await scrape_until(port, lag_is_the_file(), "the lag to grow")
+        failures = (await scrape_running(port)).value(
+            "decnet_forwarder_connect_failures_total", stream="decnet"
+        )
+        assert failures >= 1
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scanner_on_the_metrics_port_gets_404s_and_nothing_else(bundle, tmp_path):
+    _name, bundle_dir = bundle
+    from decnet.forwarder import tap
+
+    service = build(
+        tap,
+        *("--bundle", str(bundle_dir), "--log-file", str(tmp_path / "none.log")),
+        *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
+        *("--master-port", str(free_port())),
+    )
+    service.startService()
+    try:
+        port = metrics_port(service)
+        for path in ("/", "/metrics/../../etc/passwd", "/metrics/x", "/%00", "/admin"):
+            status, body, _ = await scrape_port(port, path)
+            assert status == 404, path
+            assert b"decnet_" not in body
+        raw = await raw_connect(port)
+        raw.transport.write(
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+        )
+        await raw.expect(b"413")
+        junk = await raw_connect(port)
+        junk.transport.write(b"\x16\x03\x01\x02\x00" + bytes(range(256)) * 4 + b"\r\n\r\n")
+        await junk.closed
+        # Still serving everyone else.
+        assert (await scrape_running(port)).value("decnet_build_info", daemon="forwarder") == 1
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_metrics_count_connections_and_events_per_decoy(bundle, tmp_path):
+    _name, bundle_dir = bundle
+    from decnet.agent import tap
+
+    service = build(
+        tap,
+        *("--bundle", str(bundle_dir), "--listen", "tcp:0:interface=127.0.0.1"),
+        *("--state-dir", str(tmp_path / "state"), "--log-file", str(tmp_path / "decnet.log")),
+    )
+    service.startService()
+    try:
+        await service.restored
+        port = metrics_port(service)
+        result = await service.controller.deploy(
+            {
+                "deckies": [
+                    {
+                        "name": "web-01",
+                        "services": [
+                            {"type": "tcp-banner", "bind": "127.0.0.1", "port": 0, "banner": "x"}
+                        ],
+                    }
+                ]
+            }
+        )
+        address = result["deckies"]["web-01"]["tcp-banner"]["address"]
+        decoy = await raw_connect(int(address.rsplit(":", 1)[1]))
+        await decoy.expect(b"x")
+        decoy.transport.write(b"\x1b[31m' OR 1=1 --\r\n")
+        decoy.transport.loseConnection()
+        labels = {"decky": "web-01", "service": "tcp-banner"}
+
+        def counted(scrape):
+            done = scrape.get("decnet_agent_decoy_connections_total", **labels) == 1
+            return done and (scrape.get("decnet_agent_events_written_total") or 0) >= 2
+
+        scrape = await scrape_until(port, counted, "the connection and its events")
+        assert scrape.value("decnet_agent_decoy_events_total", **labels) >= 2
+        assert scrape.value("decnet_agent_decoy_state", state="listening", **labels) == 1
+        assert scrape.value("decnet_agent_events_dropped_total") == 0
+        assert scrape.value("decnet_agent_log_queue_bytes") >= 0
+        assert scrape.value("decnet_certificate_expiry_timestamp_seconds", role="worker") > 0
+        # What the attacker sent and where from never becomes a label or a value.
+        assert "OR 1=1" not in scrape.text and "127.0.0.1" not in scrape.text
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_updater_serves_its_metrics_with_every_outcome_at_zero(bundle, tmp_path):
+    _name, bundle_dir = bundle
+    from decnet.updater import tap
+
+    service = build(
+        tap,
+        *("--bundle", str(bundle_dir), "--listen", "tcp:0:interface=127.0.0.1"),
+        *("--install-dir", str(tmp_path / "install"), "--agent-control", "spawn"),
+    )
+    service.startService()
+    try:
+        scrape = await scrape_running(metrics_port(service))
+        assert scrape.labels_of("decnet_updater_updates_total", "result") == {
+            "updated",
+            "rolled_back",
+            "rollback_failed",
+            "failed",
+            "busy",
+        }
+        assert scrape.value("decnet_updater_rollbacks_total", trigger="automatic") == 0
+        assert scrape.value("decnet_updater_install_duration_seconds_count") == 0
+        assert scrape.value("decnet_certificate_expiry_timestamp_seconds", role="updater") > 0
+        assert scrape.value("decnet_build_info", daemon="updater") == 1
+    finally:
+        await service.stopService()
