@@ -20,8 +20,14 @@ class Scrape:
 
     @property
     def names(self) -> set[str]:
-        """Every name a query could use: family names and sample names (``_total``, ...)."""
-        return {f.name for f in self.families} | {s.name for s in self.samples}
+        """Every name a query could use: family and sample names, ``_total`` of every counter
+        (one with no sample yet included), ``_bucket``/``_sum``/``_count`` of histograms."""
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+        return (
+            {f.name for f in self.families}
+            | {s.name for s in self.samples}
+            | {f.name + end for f in self.families for end in suffixes.get(f.type, ())}
+        )
 
     def value(self, name: str, **labels: str) -> float:
         """The one sample called ``name`` whose labels include ``labels``."""
@@ -112,3 +118,19 @@ async def scrape_until(port: int, check, what: str, timeout: float = 20.0) -> Sc
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out waiting for {what}; last scrape:\n{scrape.text}")
         await task.deferLater(reactor, 0.05, lambda: None)
+
+
+def build_daemon(tap, *argv: str):
+    """A daemon's service tree through its own tap, with ``--metrics`` on a loopback port 0."""
+    options = tap.Options()
+    options.parseOptions([*argv, "--metrics", "tcp:0:interface=127.0.0.1"])
+    return tap.makeService(options)
+
+
+def metrics_port(service) -> int:
+    """The port the service tree's :class:`~decnet.metrics.MetricsService` is bound to."""
+    from decnet.metrics import MetricsService
+
+    (metrics,) = [s for s in service if isinstance(s, MetricsService)]
+    assert metrics.port is not None
+    return metrics.port.getHost().port

@@ -11,9 +11,14 @@ from twisted.python import usage
 
 from decnet import config
 from decnet.master import enrollment
-from decnet.metrics import MetricsService
 from tests.logpipe_support import syslog_line
-from tests.metrics_support import scrape_port, scrape_running, scrape_until
+from tests.metrics_support import (
+    build_daemon,
+    metrics_port,
+    scrape_port,
+    scrape_running,
+    scrape_until,
+)
 from tests.support import free_port, raw_connect
 
 
@@ -24,18 +29,6 @@ def bundle(master_home, tmp_path_factory):
     out = tmp_path_factory.mktemp("metrics") / "bundle"
     enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", out, updater=True)
     return name, out
-
-
-def build(tap, *argv: str):
-    options = tap.Options()
-    options.parseOptions([*argv, "--metrics", "tcp:0:interface=127.0.0.1"])
-    return tap.makeService(options)
-
-
-def metrics_port(service) -> int:
-    (metrics,) = [s for s in service if isinstance(s, MetricsService)]
-    assert metrics.port is not None
-    return metrics.port.getHost().port
 
 
 @pytest.mark.parametrize("daemon", ["listener", "forwarder", "agent", "updater"])
@@ -61,7 +54,7 @@ async def test_the_forwarders_file_lag_grows_while_the_master_is_unreachable(bun
     log_file.write_bytes(b"".join(syslog_line(i) + b"\n" for i in range(10)))
     from decnet.forwarder import tap
 
-    service = build(
+    service = build_daemon(
         tap,
         *("--bundle", str(bundle_dir), "--log-file", str(log_file)),
         *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
@@ -98,7 +91,7 @@ async def test_a_scanner_on_the_metrics_port_gets_404s_and_nothing_else(bundle, 
     _name, bundle_dir = bundle
     from decnet.forwarder import tap
 
-    service = build(
+    service = build_daemon(
         tap,
         *("--bundle", str(bundle_dir), "--log-file", str(tmp_path / "none.log")),
         *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
@@ -130,7 +123,7 @@ async def test_agent_metrics_count_connections_and_events_per_decoy(bundle, tmp_
     _name, bundle_dir = bundle
     from decnet.agent import tap
 
-    service = build(
+    service = build_daemon(
         tap,
         *("--bundle", str(bundle_dir), "--listen", "tcp:0:interface=127.0.0.1"),
         *("--state-dir", str(tmp_path / "state"), "--log-file", str(tmp_path / "decnet.log")),
@@ -179,7 +172,7 @@ async def test_the_updater_serves_its_metrics_with_every_outcome_at_zero(bundle,
     _name, bundle_dir = bundle
     from decnet.updater import tap
 
-    service = build(
+    service = build_daemon(
         tap,
         *("--bundle", str(bundle_dir), "--listen", "tcp:0:interface=127.0.0.1"),
         *("--install-dir", str(tmp_path / "install"), "--agent-control", "spawn"),
