@@ -5,21 +5,21 @@ daemon serve ``GET /metrics`` in the Prometheus text exposition format on a
 plain HTTP endpoint string such as ``tcp:9465:interface=127.0.0.1``.  See
 docs/Metrics.md for what each daemon exports.
 
-* **One registry per daemon** (:func:`daemon_registry`), never
-  prometheus_client's global one, so several daemons in one test process
+* **One registry per daemon** (:func:`daemon_registry`, a :class:`DaemonMetrics`),
+  never prometheus_client's global one, so several daemons in one test process
   never collide.  It holds the process collector, ``decnet_build_info`` and
   the expiry of the daemon's own certificate.
-* **Counters are read at scrape time.**  The daemons already count what they
-  do; their collectors (``decnet/<daemon>/metrics.py``) turn those counts into
-  metric families when Prometheus asks, on the reactor thread, where the
-  counts live.  Nothing is shared with another thread.
-* **Rendering is off the reactor.**  prometheus_client's own Twisted resource
-  imports the global reactor and runs every collector in a thread (where
-  reactor-side dicts change under it); instead :class:`MetricsResource`
-  collects on the reactor (cheap: it copies numbers) and hands the text
-  encoding, which grows with the number of series, to the thread pool.
-* **The endpoint is unauthenticated plain HTTP**: loopback by default in the
-  units; a non-loopback address is logged as a warning at start-up.
+* **Counts are read at scrape time.**  The daemons already count what they
+  do; their collectors (``decnet/<daemon>/metrics.py``, :class:`Sampled`)
+  copy those numbers on the reactor thread, where they live and change.
+* **Building and encoding are off the reactor.**  prometheus_client's own
+  Twisted resource imports the global reactor and runs every collector in a
+  thread (where reactor-side dicts change under it); instead
+  :class:`MetricsResource` only copies numbers on the reactor and hands the
+  copy to the thread pool, which builds the metric families and the text
+  (both grow with the number of series).  ``bench/metrics.py`` measures both.
+* **The endpoint is unauthenticated plain HTTP**: loopback in the units; a
+  non-loopback address is logged as a warning at start-up.
 """
 
 from __future__ import annotations
@@ -127,10 +127,16 @@ def metrics_epilog(daemon: str) -> str:
 # -- the registry --------------------------------------------------------------
 
 
-class Collector(Protocol):
-    """What a registry asks of a custom collector (prometheus_client's protocol)."""
+Build = Callable[[], Iterable[Metric]]
 
-    def collect(self) -> Iterable[Metric]: ...
+
+class Sampled(Protocol):
+    """A daemon's own counts, sampled on the reactor and turned into families elsewhere."""
+
+    def sample(self) -> Build:
+        """Copy the numbers now (on the reactor, cheaply); the result builds the families
+        from that copy, on any thread, without touching the daemon's objects again."""
+        ...
 
 
 def certificate_expiry(role: str, cert: x509.Certificate) -> Metric:
@@ -180,7 +186,40 @@ class _StaticCollector:
         return iter(self.families)
 
 
-def daemon_registry(daemon: str, identity: TLSIdentity | None) -> CollectorRegistry:
+class DaemonMetrics:
+    """Everything one daemon exports.
+
+    ``registry`` (never prometheus_client's global one) holds what is safe to
+    collect from any thread: the process collector, the static families and
+    prometheus_client's own metric objects (histograms; they lock).  ``sampled``
+    holds the daemon's collectors, which read reactor-side state.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.sampled: list[Sampled] = []
+
+    def add(self, source: Sampled) -> None:
+        self.sampled.append(source)
+
+    def sample(self) -> Callable[[], list[Metric]]:
+        """On the reactor: sample every collector; the result builds all families (any thread)."""
+        builds = [source.sample() for source in self.sampled]
+
+        def build() -> list[Metric]:
+            families = list(self.registry.collect())
+            for one in builds:
+                families.extend(one())
+            return families
+
+        return build
+
+    def collect(self) -> list[Metric]:
+        """Everything at once, on this thread (tests; ``generate_latest(metrics)``)."""
+        return self.sample()()
+
+
+def daemon_registry(daemon: str, identity: TLSIdentity | None) -> DaemonMetrics:
     """A fresh registry for one daemon: process metrics, build info, certificate expiry."""
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
@@ -194,11 +233,11 @@ def daemon_registry(daemon: str, identity: TLSIdentity | None) -> CollectorRegis
     if identity is not None:
         families.append(certificate_expiry(identity.identity.role or daemon, identity.cert))
     registry.register(_StaticCollector(families))
-    return registry
+    return DaemonMetrics(registry)
 
 
 class Snapshot:
-    """Families already collected, for the text encoder (it only calls ``collect``)."""
+    """Families already built, for the text encoder (it only calls ``collect``)."""
 
     def __init__(self, families: list[Metric]):
         self.families = families
@@ -207,18 +246,23 @@ class Snapshot:
         return self.families
 
 
+def encode(build: Callable[[], list[Metric]]) -> bytes:
+    """The text exposition of what ``build`` makes (run in the thread pool)."""
+    return generate_latest(Snapshot(build()))
+
+
 # -- serving -------------------------------------------------------------------
 
 
 class MetricsResource(Resource):
-    """``GET /metrics``: collect on the reactor, encode in a thread, answer."""
+    """``GET /metrics``: sample on the reactor, build and encode in a thread, answer."""
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, registry: CollectorRegistry, run: Runner):
+    def __init__(self, metrics: DaemonMetrics, run: Runner):
         super().__init__()
-        self.registry = registry
+        self.metrics = metrics
         self.run = run
 
     def render_GET(self, request: server.Request) -> int | bytes:
@@ -226,15 +270,20 @@ class MetricsResource(Resource):
             request.setResponseCode(404)
             return b"not found: metrics are at /metrics\n"
         try:
-            families = list(self.registry.collect())
+            build = self.metrics.sample()
         except Exception:
             self.log.failure("Collecting metrics failed")
             request.setResponseCode(500)
             return b"collecting metrics failed (see the daemon's log)\n"
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = self.run(generate_latest, Snapshot(families))
-        d.addCallbacks(self._encoded, self._failed, callbackArgs=(request, gone))
+        d = self.run(encode, build)
+        d.addCallbacks(
+            self._encoded,
+            self._failed,
+            callbackArgs=(request, gone),
+            errbackArgs=(request, gone),
+        )
         d.addErrback(lambda failure: self.log.failure("Answering a scrape failed", failure))
         return server.NOT_DONE_YET
 
@@ -264,11 +313,11 @@ class _Root(Resource):
 
 
 def metrics_site(
-    registry: CollectorRegistry, run: Runner, reactor: IReactorTime | None = None
+    metrics: DaemonMetrics, run: Runner, reactor: IReactorTime | None = None
 ) -> server.Site:
     """The HTTP site: ``/metrics`` and 404 for everything else; no request bodies."""
     root = _Root()
-    root.putChild(METRICS_PATH, MetricsResource(registry, run))
+    root.putChild(METRICS_PATH, MetricsResource(metrics, run))
     return make_site(root, limits=NO_BODY, timeout=SCRAPE_IDLE_TIMEOUT, reactor=reactor)
 
 
@@ -279,7 +328,7 @@ class MetricsService(PortService):
         self,
         reactor: IDecnetReactor,
         description: str,
-        registry: CollectorRegistry,
+        metrics: DaemonMetrics,
         run: Runner,
         *,
         port_file: str | None = None,
@@ -287,11 +336,11 @@ class MetricsService(PortService):
         super().__init__(
             reactor,
             description,
-            metrics_site(registry, run, reactor),
+            metrics_site(metrics, run, reactor),
             port_file=port_file,
             label="Prometheus scrapes",
         )
-        self.registry = registry
+        self.metrics = metrics
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -315,7 +364,7 @@ def attach_metrics(
     parent: IServiceCollection,
     reactor: IDecnetReactor,
     options: Any,
-    registry_for: Callable[[], CollectorRegistry],
+    registry_for: Callable[[], DaemonMetrics],
     run: Runner,
 ) -> MetricsService | None:
     """From a tap's options: a :class:`MetricsService` under ``parent``, or ``None`` when off."""

@@ -10,7 +10,13 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from decnet.metrics import MetricsResource, daemon_registry, gauge, metrics_endpoint
+from decnet.metrics import (
+    DaemonMetrics,
+    MetricsResource,
+    daemon_registry,
+    gauge,
+    metrics_endpoint,
+)
 from tests.logpipe_support import LogCapture
 from tests.metrics_support import Scrape
 
@@ -67,19 +73,20 @@ class Deferring:
 
 
 class Counting:
-    """A collector whose value the test changes between collection and encoding."""
+    """A collector whose value the test changes between sampling and encoding."""
 
     def __init__(self):
         self.value = 1
 
-    def collect(self):
-        yield gauge("decnet_test_value", "A value", (), [((), self.value)])
+    def sample(self):
+        value = self.value
+        return lambda: [gauge("decnet_test_value", "A value", (), [((), value)])]
 
 
 def test_a_scrape_encodes_what_was_collected_on_the_reactor_not_what_changed_since():
     registry = daemon_registry("listener", None)
     counting = Counting()
-    registry.register(counting)
+    registry.add(counting)
     run = Deferring()
     request = DummyRequest([b""])
     assert MetricsResource(registry, run).render_GET(request) is NOT_DONE_YET
@@ -96,7 +103,7 @@ def test_a_scrape_encodes_what_was_collected_on_the_reactor_not_what_changed_sin
 
 
 def test_a_scraper_that_hangs_up_before_the_answer_is_ready_is_not_written_to():
-    registry = CollectorRegistry(auto_describe=False)
+    registry = DaemonMetrics(CollectorRegistry(auto_describe=False))
     run = Deferring()
     request = DummyRequest([b""])
     MetricsResource(registry, run).render_GET(request)
@@ -107,18 +114,18 @@ def test_a_scraper_that_hangs_up_before_the_answer_is_ready_is_not_written_to():
 
 
 def test_a_broken_collector_is_a_500_and_one_logged_failure_and_the_next_scrape_works():
-    registry = CollectorRegistry(auto_describe=False)
+    registry = DaemonMetrics(CollectorRegistry(auto_describe=False))
 
     class Broken:
         fail = True
 
-        def collect(self):
+        def sample(self):
             if self.fail:
                 raise RuntimeError("boom")
-            yield gauge("decnet_test_value", "A value", (), [((), 3)])
+            return lambda: [gauge("decnet_test_value", "A value", (), [((), 3)])]
 
     broken = Broken()
-    registry.register(broken)
+    registry.add(broken)
     with LogCapture() as logs:
         request = DummyRequest([b""])
         body = MetricsResource(registry, Deferring()).render_GET(request)
@@ -130,3 +137,24 @@ def test_a_broken_collector_is_a_500_and_one_logged_failure_and_the_next_scrape_
     MetricsResource(registry, run).render_GET(request)
     run.finish()
     assert Scrape(b"".join(request.written).decode()).value("decnet_test_value") == 3
+
+
+def test_a_family_that_fails_to_build_in_the_thread_is_a_500_and_logged():
+    registry = DaemonMetrics(CollectorRegistry(auto_describe=False))
+
+    class BrokenLater:
+        def sample(self):
+            def build():
+                raise ValueError("cannot build")
+
+            return build
+
+    registry.add(BrokenLater())
+    run = Deferring()
+    request = DummyRequest([b""])
+    MetricsResource(registry, run).render_GET(request)
+    with LogCapture() as logs:
+        run.finish()
+    assert request.responseCode == 500 and request.finished
+    assert b"cannot build" not in b"".join(request.written)
+    assert len(logs.events) == 1

@@ -27,9 +27,12 @@ def updates(metrics) -> dict[str, float]:
 def render_of(metrics):
     from prometheus_client import CollectorRegistry
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics)
-    return render(registry)
+    from decnet.metrics import DaemonMetrics
+
+    daemon = DaemonMetrics(CollectorRegistry(auto_describe=False))
+    daemon.registry.register(metrics.install_seconds)
+    daemon.add(metrics)
+    return render(daemon)
 
 
 def test_an_update_that_fails_its_health_check_counts_as_an_automatic_rollback(env, metrics):

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+import attrs
 from prometheus_client.metrics_core import Metric
 
 from decnet.agent.engine import FAILED, LISTENING, STARTING, RunningService
-from decnet.metrics import counter, daemon_registry, gauge
+from decnet.metrics import Build, DaemonMetrics, counter, daemon_registry, gauge
 from decnet.tls import TLSIdentity
 
 if TYPE_CHECKING:
@@ -31,83 +31,126 @@ class AgentMetrics:
     def __init__(self, service: AgentService):
         self.service = service
 
-    def _running(self) -> list[tuple[tuple[str, str], RunningService]]:
+    def sample(self) -> Build:
+        """Copy the counts (on the reactor); the families are built from the copy."""
         services: dict[tuple[str, str], RunningService] = getattr(
             self.service.engine, "services", {}
         )
-        return sorted(services.items())
+        log = self.service.eventlog
+        budget = self.service.decoy_budget
+        sample = AgentSample(
+            decoys=[
+                DecoyCounts(
+                    key,
+                    r.runtime.connections,
+                    len(r.runtime.active),
+                    r.runtime.refused,
+                    r.runtime.events,
+                    r.state,
+                )
+                for key, r in sorted(services.items())
+            ],
+            written=log.written_lines,
+            dropped=log.dropped,
+            write_errors=log.write_errors,
+            queued=log.pending_bytes,
+            sockets=budget.in_use,
+            socket_limit=budget.limit,
+        )
+        return sample.families
 
-    def collect(self) -> Iterator[Metric]:
-        running = self._running()
+
+@attrs.frozen
+class DecoyCounts:
+    key: tuple[str, str]  # (decky, service)
+    connections: int
+    active: int
+    refused: int
+    events: int
+    state: str
+
+
+@attrs.frozen
+class AgentSample:
+    """The agent's counts at one scrape (plain data)."""
+
+    decoys: list[DecoyCounts]
+    written: int
+    dropped: int
+    write_errors: int
+    queued: int
+    sockets: int
+    socket_limit: int
+
+    def families(self) -> Iterator[Metric]:
+        decoys = self.decoys
         yield counter(
             "decnet_agent_decoy_connections",
             "Connections each decoy service accepted (since it was last started)",
             DECOY_LABELS,
-            ((key, r.runtime.connections) for key, r in running),
+            ((d.key, d.connections) for d in decoys),
         )
         yield gauge(
             "decnet_agent_decoy_active_connections",
             "Connections each decoy service holds now",
             DECOY_LABELS,
-            ((key, len(r.runtime.active)) for key, r in running),
+            ((d.key, d.active) for d in decoys),
         )
         yield counter(
             "decnet_agent_decoy_refused_connections",
             "Connections a decoy service refused (its max_connections or the agent's budget)",
             DECOY_LABELS,
-            ((key, r.runtime.refused) for key, r in running),
+            ((d.key, d.refused) for d in decoys),
         )
         yield counter(
             "decnet_agent_decoy_events",
             "Events each decoy service emitted (since it was last started)",
             DECOY_LABELS,
-            ((key, r.runtime.events) for key, r in running),
+            ((d.key, d.events) for d in decoys),
         )
         yield gauge(
             "decnet_agent_decoy_state",
             "1 for the state each decoy service is in (failed: it could not listen)",
             (*DECOY_LABELS, "state"),
-            (((*key, s), 1 if r.state == s else 0) for key, r in running for s in SERVICE_STATES),
+            (((*d.key, s), 1 if d.state == s else 0) for d in decoys for s in SERVICE_STATES),
         )
         yield from self._eventlog()
 
     def _eventlog(self) -> Iterator[Metric]:
-        log = self.service.eventlog
-        budget = self.service.decoy_budget
         yield counter(
             "decnet_agent_events_written",
             "Event lines written to the log",
             (),
-            [((), log.written_lines)],
+            [((), self.written)],
         )
         yield counter(
             "decnet_agent_events_dropped",
             "Events dropped because the log's queue was full (the disk could not keep up)",
             (),
-            [((), log.dropped)],
+            [((), self.dropped)],
         )
         yield counter(
             "decnet_agent_event_write_errors",
             "Failed writes of the event log",
             (),
-            [((), log.write_errors)],
+            [((), self.write_errors)],
         )
         yield gauge(
             "decnet_agent_log_queue_bytes",
             "Event bytes queued for the log and not yet written",
             (),
-            [((), log.pending_bytes)],
+            [((), self.queued)],
         )
         yield gauge(
             "decnet_agent_decoy_sockets",
             "Sockets the deckies hold (listeners and connections) and the limit",
             ("kind",),
-            [(("in_use",), budget.in_use), (("limit",), budget.limit)],
+            [(("in_use",), self.sockets), (("limit",), self.socket_limit)],
         )
 
 
-def agent_registry(service: AgentService, identity: TLSIdentity) -> CollectorRegistry:
+def agent_registry(service: AgentService, identity: TLSIdentity) -> DaemonMetrics:
     """The agent's registry: the common metrics and :class:`AgentMetrics`."""
-    registry = daemon_registry("agent", identity)
-    registry.register(AgentMetrics(service))
-    return registry
+    metrics = daemon_registry("agent", identity)
+    metrics.add(AgentMetrics(service))
+    return metrics

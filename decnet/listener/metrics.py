@@ -12,17 +12,14 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    Metric,
-)
+import attrs
+from prometheus_client import Histogram
+from prometheus_client.metrics_core import Metric
 from twisted.internet.interfaces import IReactorTime
 
 from decnet.listener.ingest import Committed, Ingest
 from decnet.listener.protocol import STATES, ListenerFactory, Refused
-from decnet.metrics import daemon_registry
+from decnet.metrics import Build, DaemonMetrics, counter, daemon_registry, gauge
 from decnet.tls import TLSIdentity
 
 # From a lone line on an idle disk to a batch behind a slow fsync.
@@ -54,90 +51,96 @@ class ListenerMetrics:
         self.last_seen[done.worker] = self.clock.seconds()
         self.commit_seconds.observe(max(0.0, done.seconds))
 
-    def collect(self) -> Iterator[Metric]:
-        yield self._connections()
-        yield from self._workers()
-        refusals = CounterMetricFamily(
-            "decnet_listener_refusals",
-            "Connections the listener closed because it did not want them, by reason",
-            labels=["reason"],
+    def sample(self) -> Build:
+        """Copy the counts (on the reactor); the families are built from the copy."""
+        now = self.clock.seconds()
+        open_now = {worker: len(protos) for worker, protos in self.factory.by_worker.items()}
+        self.last_seen.update(dict.fromkeys(open_now, now))
+        feeds = self.ingest.feeds
+        lag: collections.Counter[str] = collections.Counter()
+        positions: dict[tuple[str, str], int] = getattr(feeds, "positions", {})
+        for (worker, stream), target in getattr(feeds, "targets", {}).items():
+            lag[worker] += max(0, target - positions.get((worker, stream), 0))
+        sample = ListenerSample(
+            states=collections.Counter(proto.state for proto in self.factory.connections),
+            refused=dict(self.factory.refused_by),
+            open_now=open_now,
+            last_seen=dict(self.last_seen),
+            lines=dict(self.lines),
+            bytes=dict(self.bytes),
+            feed_lag=dict(lag),
         )
-        for reason in Refused:
-            refusals.add_metric([reason.value], self.factory.refused_by[reason])
-        yield refusals
-        yield from self._ingested()
-        yield from self.commit_seconds.collect()
-        yield self._feed_lag()
+        return sample.families
 
-    def _connections(self) -> Metric:
-        states = collections.Counter(proto.state for proto in list(self.factory.connections))
-        family = GaugeMetricFamily(
+
+@attrs.frozen
+class ListenerSample:
+    """The listener's counts at one scrape (plain data: built into families on any thread)."""
+
+    states: collections.Counter[str]
+    refused: dict[Refused, int]
+    open_now: dict[str, int]
+    last_seen: dict[str, float]
+    lines: dict[str, int]
+    bytes: dict[str, int]
+    feed_lag: dict[str, int]
+
+    def families(self) -> Iterator[Metric]:
+        yield gauge(
             "decnet_listener_connections",
             "Connections open now, by state (handshaking: not yet authenticated)",
-            labels=["state"],
+            ["state"],
+            (([state], self.states[state]) for state in STATES),
         )
-        for state in STATES:
-            family.add_metric([state], states[state])
-        return family
-
-    def _workers(self) -> Iterator[Metric]:
-        now = self.clock.seconds()
-        open_now = GaugeMetricFamily(
-            "decnet_listener_worker_connections",
-            "Authenticated connections open now, per worker",
-            labels=["worker"],
+        yield counter(
+            "decnet_listener_refusals",
+            "Connections the listener closed because it did not want them, by reason",
+            ["reason"],
+            (([reason.value], self.refused.get(reason, 0)) for reason in Refused),
         )
-        for worker, protos in sorted(self.factory.by_worker.items()):
-            open_now.add_metric([worker], len(protos))
-            self.last_seen[worker] = now
-        yield open_now
-        seen = GaugeMetricFamily(
-            "decnet_listener_worker_last_seen_timestamp_seconds",
-            "When the worker last had a connection open or data committed (Unix time)",
-            labels=["worker"],
+        yield from (
+            kind(name, documentation, ["worker"], (([w], v) for w, v in sorted(values.items())))
+            for kind, name, documentation, values in (
+                (
+                    gauge,
+                    "decnet_listener_worker_connections",
+                    "Authenticated connections open now, per worker",
+                    self.open_now,
+                ),
+                (
+                    gauge,
+                    "decnet_listener_worker_last_seen_timestamp_seconds",
+                    "When the worker last had a connection open or data committed (Unix time)",
+                    self.last_seen,
+                ),
+                (
+                    counter,
+                    "decnet_listener_ingested_lines",
+                    "Log lines made durable in the mirror since the listener started, per worker",
+                    self.lines,
+                ),
+                (
+                    counter,
+                    "decnet_listener_ingested_bytes",
+                    "Bytes made durable in the mirror since the listener started, per worker",
+                    self.bytes,
+                ),
+                (
+                    gauge,
+                    "decnet_listener_feed_lag_bytes",
+                    "Durable mirror bytes the JSON feed has not encoded yet, per worker",
+                    self.feed_lag,
+                ),
+            )
         )
-        for worker, when in sorted(self.last_seen.items()):
-            seen.add_metric([worker], when)
-        yield seen
-
-    def _ingested(self) -> Iterator[Metric]:
-        lines = CounterMetricFamily(
-            "decnet_listener_ingested_lines",
-            "Log lines made durable in the mirror since the listener started, per worker",
-            labels=["worker"],
-        )
-        size = CounterMetricFamily(
-            "decnet_listener_ingested_bytes",
-            "Bytes made durable in the mirror since the listener started, per worker",
-            labels=["worker"],
-        )
-        for worker in sorted(self.bytes):
-            lines.add_metric([worker], self.lines[worker])
-            size.add_metric([worker], self.bytes[worker])
-        yield lines
-        yield size
-
-    def _feed_lag(self) -> Metric:
-        family = GaugeMetricFamily(
-            "decnet_listener_feed_lag_bytes",
-            "Durable mirror bytes the JSON feed has not encoded yet, per worker",
-            labels=["worker"],
-        )
-        feeds = self.ingest.feeds
-        targets: dict[tuple[str, str], int] = dict(getattr(feeds, "targets", {}))
-        positions: dict[tuple[str, str], int] = getattr(feeds, "positions", {})
-        lag: collections.Counter[str] = collections.Counter()
-        for (worker, stream), target in targets.items():
-            lag[worker] += max(0, target - positions.get((worker, stream), 0))
-        for worker in sorted(lag):
-            family.add_metric([worker], lag[worker])
-        return family
 
 
 def listener_registry(
     factory: ListenerFactory, ingest: Ingest, clock: IReactorTime, identity: TLSIdentity
-) -> CollectorRegistry:
+) -> DaemonMetrics:
     """The listener's registry: the common metrics and :class:`ListenerMetrics`."""
-    registry = daemon_registry("listener", identity)
-    registry.register(ListenerMetrics(factory, ingest, clock))
-    return registry
+    metrics = daemon_registry("listener", identity)
+    listener = ListenerMetrics(factory, ingest, clock)
+    metrics.registry.register(listener.commit_seconds)  # (it locks: safe in any thread)
+    metrics.add(listener)
+    return metrics

@@ -10,12 +10,12 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Histogram
 from prometheus_client.metrics_core import Metric
 from twisted.internet.interfaces import IReactorTime
 
 from decnet.errors import RollbackFailed, UpdaterBusy, UpdaterStarting
-from decnet.metrics import counter, daemon_registry, gauge
+from decnet.metrics import Build, DaemonMetrics, counter, daemon_registry, gauge
 from decnet.tls import TLSIdentity
 from decnet.updater.engine import OP_INSTALL, Outcome, Updater
 from decnet.updater.releases import OP_ROLLBACK, OP_UPDATE
@@ -70,39 +70,45 @@ class UpdaterMetrics:
         self.rollbacks[trigger] += 1
         self.last_rollback = self.clock.seconds()
 
-    def collect(self) -> Iterator[Metric]:
-        yield counter(
-            "decnet_updater_updates",
-            "POST /update calls, by outcome (busy: refused while another operation ran)",
-            ("result",),
-            (((r,), self.updates[r]) for r in UPDATE_RESULTS),
-        )
-        yield counter(
-            "decnet_updater_rollbacks",
-            "Rollbacks: automatic (a new release failed its health check) or requested",
-            ("trigger",),
-            (((t,), self.rollbacks[t]) for t in ROLLBACK_TRIGGERS),
-        )
-        if self.last_rollback is not None:
-            yield gauge(
-                "decnet_updater_last_rollback_timestamp_seconds",
-                "When the last rollback finished (Unix time)",
-                (),
-                [((), self.last_rollback)],
+    def sample(self) -> Build:
+        """Copy the counts (on the reactor); the families are built from the copy."""
+        updates, rollbacks = dict(self.updates), dict(self.rollbacks)
+        last_rollback, busy = self.last_rollback, self.updater.busy is not None
+
+        def families() -> Iterator[Metric]:
+            yield counter(
+                "decnet_updater_updates",
+                "POST /update calls, by outcome (busy: refused while another operation ran)",
+                ("result",),
+                (((r,), updates.get(r, 0)) for r in UPDATE_RESULTS),
             )
-        yield from self.install_seconds.collect()
-        yield gauge(
-            "decnet_updater_busy",
-            "1 while an update, rollback or self-update runs",
-            (),
-            [((), 1 if self.updater.busy is not None else 0)],
-        )
+            yield counter(
+                "decnet_updater_rollbacks",
+                "Rollbacks: automatic (a new release failed its health check) or requested",
+                ("trigger",),
+                (((t,), rollbacks.get(t, 0)) for t in ROLLBACK_TRIGGERS),
+            )
+            if last_rollback is not None:
+                yield gauge(
+                    "decnet_updater_last_rollback_timestamp_seconds",
+                    "When the last rollback finished (Unix time)",
+                    (),
+                    [((), last_rollback)],
+                )
+            yield gauge(
+                "decnet_updater_busy",
+                "1 while an update, rollback or self-update runs",
+                (),
+                [((), 1 if busy else 0)],
+            )
+
+        return families
 
 
-def updater_registry(
-    updater: Updater, clock: IReactorTime, identity: TLSIdentity
-) -> CollectorRegistry:
+def updater_registry(updater: Updater, clock: IReactorTime, identity: TLSIdentity) -> DaemonMetrics:
     """The updater's registry: the common metrics and :class:`UpdaterMetrics`."""
-    registry = daemon_registry("updater", identity)
-    registry.register(UpdaterMetrics(updater, clock))
-    return registry
+    metrics = daemon_registry("updater", identity)
+    updates = UpdaterMetrics(updater, clock)
+    metrics.registry.register(updates.install_seconds)  # (it locks: safe in any thread)
+    metrics.add(updates)
+    return metrics
