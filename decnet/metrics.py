@@ -45,7 +45,7 @@ from decnet import __version__, config
 from decnet.daemon import PortService, absolute_path
 from decnet.httpapi import BodyLimits, make_site
 from decnet.interfaces import IDecnetReactor
-from decnet.threads import Runner
+from decnet.threads import Runner, pool_runner
 from decnet.tls import TLSIdentity
 
 # A scrape is a GET without a body; a slow or idle client is dropped after this.
@@ -141,39 +141,38 @@ class Sampled(Protocol):
 
 def certificate_expiry(role: str, cert: x509.Certificate) -> Metric:
     """The notAfter of our own certificate, for the "certificate expiring" alert."""
-    family = GaugeMetricFamily(
+    return gauge(
         "decnet_certificate_expiry_timestamp_seconds",
         "When this daemon's own TLS certificate stops being valid (Unix time)",
-        labels=["role"],
+        ["role"],
+        [([role], cert.not_valid_after_utc.timestamp())],
     )
-    family.add_metric([role], cert.not_valid_after_utc.timestamp())
-    return family
 
 
-def counter(
+Rows = Iterable[tuple[Sequence[str], float]]
+
+
+def _family(
+    kind: type[CounterMetricFamily | GaugeMetricFamily],
     name: str,
     documentation: str,
     labels: Sequence[str],
-    rows: Iterable[tuple[Sequence[str], float]],
+    rows: Rows,
 ) -> Metric:
-    """A counter family (``name`` without ``_total``) with one sample per row."""
-    family = CounterMetricFamily(name, documentation, labels=list(labels))
+    family = kind(name, documentation, labels=list(labels))
     for values, value in rows:
         family.add_metric(list(values), value)
     return family
 
 
-def gauge(
-    name: str,
-    documentation: str,
-    labels: Sequence[str],
-    rows: Iterable[tuple[Sequence[str], float]],
-) -> Metric:
-    """A gauge family with one sample per row."""
-    family = GaugeMetricFamily(name, documentation, labels=list(labels))
-    for values, value in rows:
-        family.add_metric(list(values), value)
-    return family
+def counter(name: str, documentation: str, labels: Sequence[str], rows: Rows) -> Metric:
+    """A counter family (``name`` without ``_total``) with one sample per ``(labels, value)``."""
+    return _family(CounterMetricFamily, name, documentation, labels, rows)
+
+
+def gauge(name: str, documentation: str, labels: Sequence[str], rows: Rows) -> Metric:
+    """A gauge family with one sample per ``(label values, value)`` row."""
+    return _family(GaugeMetricFamily, name, documentation, labels, rows)
 
 
 class _StaticCollector:
@@ -223,13 +222,14 @@ def daemon_registry(daemon: str, identity: TLSIdentity | None) -> DaemonMetrics:
     """A fresh registry for one daemon: process metrics, build info, certificate expiry."""
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
-    info = GaugeMetricFamily(
-        "decnet_build_info",
-        "The DECNET daemon and version (always 1)",
-        labels=["daemon", "version"],
-    )
-    info.add_metric([daemon, __version__], 1)
-    families: list[Metric] = [info]
+    families = [
+        gauge(
+            "decnet_build_info",
+            "The DECNET daemon and version (always 1)",
+            ["daemon", "version"],
+            [([daemon, __version__], 1)],
+        )
+    ]
     if identity is not None:
         families.append(certificate_expiry(identity.identity.role or daemon, identity.cert))
     registry.register(_StaticCollector(families))
@@ -362,16 +362,23 @@ def _is_loopback(host: str) -> bool:
 
 def attach_metrics(
     parent: IServiceCollection,
-    reactor: IDecnetReactor,
+    reactor: object,
     options: Any,
     registry_for: Callable[[], DaemonMetrics],
-    run: Runner,
 ) -> MetricsService | None:
-    """From a tap's options: a :class:`MetricsService` under ``parent``, or ``None`` when off."""
+    """From a tap's options: a :class:`MetricsService` under ``parent``, or ``None`` when off.
+
+    ``reactor`` is the global one (a tap's): it provides every interface used here.
+    """
     if not options["metrics"]:
         return None
+    typed = cast(IDecnetReactor, reactor)
     service = MetricsService(
-        reactor, options["metrics"], registry_for(), run, port_file=options["metrics-port-file"]
+        typed,
+        options["metrics"],
+        registry_for(),
+        pool_runner(typed),
+        port_file=options["metrics-port-file"],
     )
     service.setServiceParent(parent)
     return service

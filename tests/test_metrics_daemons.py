@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 
+import attrs
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.python import usage
 
 from decnet import config
@@ -31,6 +33,18 @@ def bundle(master_home, tmp_path_factory):
     return name, out
 
 
+def unreachable_forwarder(bundle_dir, tmp_path, log_file):
+    """A forwarder (through its tap) whose master port refuses connections."""
+    from decnet.forwarder import tap
+
+    return build_daemon(
+        tap,
+        *("--bundle", str(bundle_dir), "--log-file", str(log_file)),
+        *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
+        *("--master-port", str(free_port()), "--poll-interval", "0.1", "--max-retry-delay", "0.5"),
+    )
+
+
 @pytest.mark.parametrize("daemon", ["listener", "forwarder", "agent", "updater"])
 def test_metrics_are_off_unless_asked_for_and_a_typo_is_a_usage_error(daemon):
     import importlib
@@ -52,14 +66,7 @@ async def test_the_forwarders_file_lag_grows_while_the_master_is_unreachable(bun
     _name, bundle_dir = bundle
     log_file = tmp_path / "decnet.log"
     log_file.write_bytes(b"".join(syslog_line(i) + b"\n" for i in range(10)))
-    from decnet.forwarder import tap
-
-    service = build_daemon(
-        tap,
-        *("--bundle", str(bundle_dir), "--log-file", str(log_file)),
-        *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
-        *("--master-port", str(free_port()), "--poll-interval", "0.1", "--max-retry-delay", "0.5"),
-    )
+    service = unreachable_forwarder(bundle_dir, tmp_path, log_file)
     service.startService()
     try:
         port = metrics_port(service)
@@ -89,14 +96,7 @@ async def test_the_forwarders_file_lag_grows_while_the_master_is_unreachable(bun
 @pytest_twisted.ensureDeferred
 async def test_a_scanner_on_the_metrics_port_gets_404s_and_nothing_else(bundle, tmp_path):
     _name, bundle_dir = bundle
-    from decnet.forwarder import tap
-
-    service = build_daemon(
-        tap,
-        *("--bundle", str(bundle_dir), "--log-file", str(tmp_path / "none.log")),
-        *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
-        *("--master-port", str(free_port())),
-    )
+    service = unreachable_forwarder(bundle_dir, tmp_path, tmp_path / "none.log")
     service.startService()
     try:
         port = metrics_port(service)
@@ -193,3 +193,62 @@ async def test_the_updater_serves_its_metrics_with_every_outcome_at_zero(bundle,
         assert scrape.value("decnet_build_info", daemon="updater") == 1
     finally:
         await service.stopService()
+
+
+def test_a_metrics_port_already_taken_fails_start_up_like_the_main_port():
+    import socket
+
+    from decnet.metrics import MetricsService, daemon_registry
+    from decnet.threads import inline_runner
+    from tests.logpipe_support import LogCapture
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = MetricsService(
+            reactor,
+            f"tcp:{port}:interface=127.0.0.1",
+            daemon_registry("agent", None),
+            inline_runner,
+        )
+        with LogCapture() as logs, pytest.raises(Exception, match="Address already in use"):
+            service.privilegedStartService()
+    assert "Cannot listen on" in logs.text() and "Prometheus scrapes" in logs.text()
+    assert service.port is None
+
+
+@pytest.mark.parametrize(
+    "interface, warned",
+    [
+        ("192.0.2.10", True),
+        ("0.0.0.0", True),  # noqa: S104 - never bound: a memory reactor
+        ("::", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+    ],
+)
+def test_metrics_on_a_non_loopback_address_are_started_with_a_warning(interface, warned):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from decnet.metrics import MetricsService, daemon_registry
+    from decnet.threads import inline_runner
+    from tests.logpipe_support import LogCapture
+
+    class Memory(MemoryReactorClock):
+        """Binding anything but loopback is not for tests: a port that says where it is."""
+
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            bound = super().listenTCP(port, factory, backlog, interface)
+            bound._hostAddress = attrs.evolve(bound._hostAddress, host=interface)
+            return bound
+
+    memory = Memory()
+    escaped = interface.replace(":", "\\:")
+    service = MetricsService(
+        memory, f"tcp:9465:interface={escaped}", daemon_registry("agent", None), inline_runner
+    )
+    with LogCapture() as logs:
+        service.privilegedStartService()
+    assert memory.tcpServers[0][3] == interface
+    assert ("without authentication" in logs.text()) is warned

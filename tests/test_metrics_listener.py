@@ -1,6 +1,5 @@
 """The listener's metrics, read from a listener driven over in-memory TLS (real certificates)."""
 
-import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
@@ -14,19 +13,9 @@ from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
 from tests.logpipe_support import ListenerHarness, syslog_line
 from tests.metrics_support import render
-from tests.support import write_identity
+from tests.test_listener_protocol import ids
 
-
-@pytest.fixture(scope="module")
-def ids(ca, foreign_ca, tmp_path_factory):
-    d = tmp_path_factory.mktemp("metricids")
-    return {
-        "master": write_identity(d / "m", ca, "master"),
-        "w1": write_identity(d / "w1", ca, "worker", "w1"),
-        "w2": write_identity(d / "w2", ca, "worker", "w2"),
-        "upd": write_identity(d / "u1", ca, "updater", "w1"),
-        "impostor": write_identity(d / "imp", foreign_ca, "worker", "w1", trust=ca),
-    }
+__all__ = ["ids"]  # (the identities fixture, shared with the protocol's tests)
 
 
 def harness_with_metrics(tmp_path, ids, **limits):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 
 import pytest
@@ -14,6 +13,7 @@ from decnet.master import enrollment
 from tests.logpipe_support import TWISTD, start_forwarder, start_listener, syslog_line
 from tests.metrics_support import metrics_args, port_from, scrape_url
 from tests.support import wait_for
+from tests.test_logpipe_subprocess import stop
 
 
 @pytest.fixture
@@ -22,16 +22,6 @@ def worker(master_home, tmp_path):
     name = f"mx-{os.getpid()}-{random.randrange(10**6)}"
     enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "bundle")
     return name, tmp_path / "bundle"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def append(path, first: int, count: int) -> None:
@@ -124,36 +114,3 @@ def test_a_bad_metrics_endpoint_is_a_one_line_usage_error(master_home, tmp_path)
     out = (result.stdout + result.stderr).decode()
     assert "--metrics 'tpc:9465' is not an endpoint" in out
     assert "Traceback" not in out
-
-
-def test_a_metrics_port_already_taken_stops_the_daemon(master_home, tmp_path):
-    import socket
-
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    try:
-        result = subprocess.run(
-            [
-                TWISTD,
-                "--nodaemon",
-                "--pidfile=",
-                "-l",
-                str(tmp_path / "l.log"),
-                "decnet-listener",
-                "--home",
-                str(master_home.home),
-                "--ingest-dir",
-                str(tmp_path / "ingest"),
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--metrics",
-                f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1",
-            ],
-            capture_output=True,
-            timeout=60,
-        )
-    finally:
-        taken.close()
-    assert result.returncode != 0
-    assert "Cannot listen" in (tmp_path / "l.log").read_text()

@@ -84,30 +84,35 @@ class AgentSample:
 
     def families(self) -> Iterator[Metric]:
         decoys = self.decoys
-        yield counter(
-            "decnet_agent_decoy_connections",
-            "Connections each decoy service accepted (since it was last started)",
-            DECOY_LABELS,
-            ((d.key, d.connections) for d in decoys),
-        )
-        yield gauge(
-            "decnet_agent_decoy_active_connections",
-            "Connections each decoy service holds now",
-            DECOY_LABELS,
-            ((d.key, d.active) for d in decoys),
-        )
-        yield counter(
-            "decnet_agent_decoy_refused_connections",
-            "Connections a decoy service refused (its max_connections or the agent's budget)",
-            DECOY_LABELS,
-            ((d.key, d.refused) for d in decoys),
-        )
-        yield counter(
-            "decnet_agent_decoy_events",
-            "Events each decoy service emitted (since it was last started)",
-            DECOY_LABELS,
-            ((d.key, d.events) for d in decoys),
-        )
+        for kind, name, documentation, field in (
+            (
+                counter,
+                "decnet_agent_decoy_connections",
+                "Connections each decoy service accepted (since it was last started)",
+                "connections",
+            ),
+            (
+                gauge,
+                "decnet_agent_decoy_active_connections",
+                "Connections each decoy service holds now",
+                "active",
+            ),
+            (
+                counter,
+                "decnet_agent_decoy_refused_connections",
+                "Connections a decoy service refused (its max_connections or the agent's budget)",
+                "refused",
+            ),
+            (
+                counter,
+                "decnet_agent_decoy_events",
+                "Events each decoy service emitted (since it was last started)",
+                "events",
+            ),
+        ):
+            yield kind(
+                name, documentation, DECOY_LABELS, ((d.key, getattr(d, field)) for d in decoys)
+            )
         yield gauge(
             "decnet_agent_decoy_state",
             "1 for the state each decoy service is in (failed: it could not listen)",
@@ -117,24 +122,20 @@ class AgentSample:
         yield from self._eventlog()
 
     def _eventlog(self) -> Iterator[Metric]:
-        yield counter(
-            "decnet_agent_events_written",
-            "Event lines written to the log",
-            (),
-            [((), self.written)],
-        )
-        yield counter(
-            "decnet_agent_events_dropped",
-            "Events dropped because the log's queue was full (the disk could not keep up)",
-            (),
-            [((), self.dropped)],
-        )
-        yield counter(
-            "decnet_agent_event_write_errors",
-            "Failed writes of the event log",
-            (),
-            [((), self.write_errors)],
-        )
+        for name, documentation, value in (
+            ("decnet_agent_events_written", "Event lines written to the log", self.written),
+            (
+                "decnet_agent_events_dropped",
+                "Events dropped because the log's queue was full (the disk could not keep up)",
+                self.dropped,
+            ),
+            (
+                "decnet_agent_event_write_errors",
+                "Failed writes of the event log",
+                self.write_errors,
+            ),
+        ):
+            yield counter(name, documentation, (), [((), value)])
         yield gauge(
             "decnet_agent_log_queue_bytes",
             "Event bytes queued for the log and not yet written",

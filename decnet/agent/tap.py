@@ -9,7 +9,7 @@ An enrolled bundle is mandatory: the agent has no unauthenticated mode.
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+from typing import ClassVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -23,7 +23,6 @@ from decnet.agent.decoys.budget import (
 )
 from decnet.agent.engine import ENGINES
 from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
-from decnet.interfaces import IDecnetReactor
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 
 
@@ -111,7 +110,6 @@ def makeService(options: Options) -> IService:
     from decnet.agent.metrics import agent_registry
     from decnet.agent.service import AgentService
     from decnet.release import pin_running_release
-    from decnet.threads import pool_runner
 
     pin_running_release()  # the updater never prunes the release we run from
     service = AgentService(
@@ -120,12 +118,5 @@ def makeService(options: Options) -> IService:
         identity=options["identity"],
         **keywords(options, "listen port-file state-dir log-file engine max-decoy-connections"),
     )
-    typed = cast(IDecnetReactor, reactor)  # (the global reactor provides them all)
-    attach_metrics(
-        service,
-        typed,
-        options,
-        lambda: agent_registry(service, options["identity"]),
-        pool_runner(typed),
-    )
+    attach_metrics(service, reactor, options, lambda: agent_registry(service, options["identity"]))
     return service

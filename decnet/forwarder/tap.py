@@ -12,7 +12,6 @@ from twisted.python import usage
 from decnet import config
 from decnet.daemon import keywords, load_bundle
 from decnet.errors import ConfigError
-from decnet.interfaces import IDecnetReactor
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import port_number, positive_float
 from decnet.pki import WorkerBundle
@@ -144,7 +143,6 @@ def makeService(options: Options) -> IService:
     from decnet.forwarder.metrics import forwarder_registry
     from decnet.forwarder.service import ForwarderService
     from decnet.release import pin_running_release
-    from decnet.threads import pool_runner
 
     pin_running_release()  # the updater never prunes the release we run from
     service = ForwarderService(
@@ -158,12 +156,7 @@ def makeService(options: Options) -> IService:
             "max-retry-delay",
         ),
     )
-    typed = cast(IDecnetReactor, reactor)  # (the global reactor provides them all)
     attach_metrics(
-        service,
-        typed,
-        options,
-        lambda: forwarder_registry(service, options["identity"]),
-        pool_runner(typed),
+        service, reactor, options, lambda: forwarder_registry(service, options["identity"])
     )
     return service

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import ClassVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -11,7 +11,6 @@ from twisted.python import usage
 from decnet import config
 from decnet.daemon import PORT_FILE_OPTION, keywords
 from decnet.errors import DecnetError
-from decnet.interfaces import IDecnetReactor
 from decnet.listener import admission, ingest
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import between, positive_float, positive_int
@@ -183,7 +182,6 @@ def makeService(options: Options) -> IService:
     from decnet.listener.metrics import listener_registry
     from decnet.listener.protocol import ConnectionLimits
     from decnet.listener.service import ListenerService, raise_nofile_limit
-    from decnet.threads import pool_runner
 
     raise_nofile_limit()
     limits = ConnectionLimits(
@@ -207,9 +205,8 @@ def makeService(options: Options) -> IService:
     )
     attach_metrics(
         service,
-        cast(IDecnetReactor, reactor),  # (the global reactor provides them all)
+        reactor,
         options,
         lambda: listener_registry(service.factory, service.ingest, reactor, options["identity"]),
-        pool_runner(cast(IDecnetReactor, reactor)),
     )
     return service

@@ -126,7 +126,6 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from decnet.release import pin_running_release
-    from decnet.threads import pool_runner
     from decnet.updater.metrics import updater_registry
     from decnet.updater.service import UpdaterService
 
@@ -153,9 +152,8 @@ def makeService(options: Options) -> IService:
     )
     attach_metrics(
         service,
-        typed,
+        reactor,
         options,
         lambda: updater_registry(service.updater, typed, options["identity"]),
-        pool_runner(typed),
     )
     return service
