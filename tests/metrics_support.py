@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from pathlib import Path
 
@@ -134,3 +135,51 @@ def metrics_port(service) -> int:
     (metrics,) = [s for s in service if isinstance(s, MetricsService)]
     assert metrics.port is not None
     return metrics.port.getHost().port
+
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+
+
+def daemon_argv(daemon: str, tmp: Path, *, bundle: Path | None = None, home=None) -> list[str]:
+    """Arguments that run ``daemon`` on loopback with its state under ``tmp``.
+
+    The forwarder's master port is closed (nothing listens there).
+    """
+    from tests.support import free_port
+
+    if daemon == "listener":
+        return ["--home", str(home), "--ingest-dir", str(tmp / "ingest"), "--listen", LOCAL]
+    if daemon == "forwarder":
+        return [
+            *("--bundle", str(bundle), "--log-file", str(tmp / "decnet.log")),
+            *("--state", str(tmp / "fw.sqlite"), "--master-host", "127.0.0.1"),
+            *("--master-port", str(free_port()), "--poll-interval", "0.1"),
+            *("--max-retry-delay", "0.5"),
+        ]
+    if daemon == "agent":
+        return [
+            *("--bundle", str(bundle), "--listen", LOCAL),
+            *("--state-dir", str(tmp / "state"), "--log-file", str(tmp / "agent.log")),
+        ]
+    return [
+        *("--bundle", str(bundle), "--listen", LOCAL),
+        *("--install-dir", str(tmp / "install"), "--agent-control", "spawn"),
+    ]
+
+
+def build_named(daemon: str, tmp: Path, **where):
+    """``daemon``'s service tree through its tap, on loopback, with ``--metrics``."""
+    import importlib
+
+    tap = importlib.import_module(f"decnet.{daemon}.tap")
+    return build_daemon(tap, *daemon_argv(daemon, tmp, **where))
+
+
+@contextlib.asynccontextmanager
+async def serving(service):
+    """Start ``service`` (a daemon's tree), yield its metrics port, stop it at the end."""
+    service.startService()
+    try:
+        yield metrics_port(service)
+    finally:
+        await service.stopService()

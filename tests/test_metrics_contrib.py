@@ -15,8 +15,7 @@ import pytest_twisted
 
 from decnet import config
 from decnet.master import enrollment
-from tests.metrics_support import build_daemon, metrics_port, scrape_running, scrape_until
-from tests.support import free_port
+from tests.metrics_support import build_named, metrics_port, scrape_running, scrape_until
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "contrib/prometheus/alerts.yml"
@@ -63,35 +62,12 @@ def bundle(master_home, tmp_path_factory):
 
 
 async def exported_by_every_daemon(master_home, bundle: Path, tmp: Path) -> set[str]:
-    from decnet.agent import tap as agent_tap
-    from decnet.forwarder import tap as forwarder_tap
-    from decnet.listener import tap as listener_tap
-    from decnet.updater import tap as updater_tap
-
-    local = "tcp:0:interface=127.0.0.1"
     (tmp / "decnet.log").write_bytes(b"")
     services = [
-        build_daemon(
-            listener_tap,
-            *("--home", str(master_home.home), "--ingest-dir", str(tmp / "ingest")),
-            *("--listen", local, "--no-feed"),
-        ),
-        build_daemon(
-            forwarder_tap,
-            *("--bundle", str(bundle), "--log-file", str(tmp / "decnet.log")),
-            *("--state", str(tmp / "fw.sqlite"), "--master-host", "127.0.0.1"),
-            *("--master-port", str(free_port())),
-        ),
-        build_daemon(
-            agent_tap,
-            *("--bundle", str(bundle), "--listen", local),
-            *("--state-dir", str(tmp / "state"), "--log-file", str(tmp / "agent.log")),
-        ),
-        build_daemon(
-            updater_tap,
-            *("--bundle", str(bundle), "--listen", local),
-            *("--install-dir", str(tmp / "install"), "--agent-control", "spawn"),
-        ),
+        build_named("listener", tmp / "listener", home=master_home.home),
+        build_named("forwarder", tmp, bundle=bundle),
+        build_named("agent", tmp, bundle=bundle),
+        build_named("updater", tmp, bundle=bundle),
     ]
     names: set[str] = set()
     try:

@@ -15,13 +15,13 @@ from decnet import config
 from decnet.master import enrollment
 from tests.logpipe_support import syslog_line
 from tests.metrics_support import (
-    build_daemon,
-    metrics_port,
+    build_named,
     scrape_port,
     scrape_running,
     scrape_until,
+    serving,
 )
-from tests.support import free_port, raw_connect
+from tests.support import raw_connect
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,6 @@ def bundle(master_home, tmp_path_factory):
     out = tmp_path_factory.mktemp("metrics") / "bundle"
     enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", out, updater=True)
     return name, out
-
-
-def unreachable_forwarder(bundle_dir, tmp_path, log_file):
-    """A forwarder (through its tap) whose master port refuses connections."""
-    from decnet.forwarder import tap
-
-    return build_daemon(
-        tap,
-        *("--bundle", str(bundle_dir), "--log-file", str(log_file)),
-        *("--state", str(tmp_path / "fw.sqlite"), "--master-host", "127.0.0.1"),
-        *("--master-port", str(free_port()), "--poll-interval", "0.1", "--max-retry-delay", "0.5"),
-    )
 
 
 @pytest.mark.parametrize("daemon", ["listener", "forwarder", "agent", "updater"])
@@ -66,10 +54,8 @@ async def test_the_forwarders_file_lag_grows_while_the_master_is_unreachable(bun
     _name, bundle_dir = bundle
     log_file = tmp_path / "decnet.log"
     log_file.write_bytes(b"".join(syslog_line(i) + b"\n" for i in range(10)))
-    service = unreachable_forwarder(bundle_dir, tmp_path, log_file)
-    service.startService()
-    try:
-        port = metrics_port(service)
+    service = build_named("forwarder", tmp_path, bundle=bundle_dir)
+    async with serving(service) as port:
 
         def lag_is_the_file():
             size = log_file.stat().st_size
@@ -89,17 +75,13 @@ async def test_the_forwarders_file_lag_grows_while_the_master_is_unreachable(bun
             "decnet_forwarder_connect_failures_total", stream="decnet"
         )
         assert failures >= 1
-    finally:
-        await service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_scanner_on_the_metrics_port_gets_404s_and_nothing_else(bundle, tmp_path):
     _name, bundle_dir = bundle
-    service = unreachable_forwarder(bundle_dir, tmp_path, tmp_path / "none.log")
-    service.startService()
-    try:
-        port = metrics_port(service)
+    service = build_named("forwarder", tmp_path, bundle=bundle_dir)
+    async with serving(service) as port:
         for path in ("/", "/metrics/../../etc/passwd", "/metrics/x", "/%00", "/admin"):
             status, body, _ = await scrape_port(port, path)
             assert status == 404, path
@@ -114,24 +96,14 @@ async def test_a_scanner_on_the_metrics_port_gets_404s_and_nothing_else(bundle, 
         await junk.closed
         # Still serving everyone else.
         assert (await scrape_running(port)).value("decnet_build_info", daemon="forwarder") == 1
-    finally:
-        await service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_agent_metrics_count_connections_and_events_per_decoy(bundle, tmp_path):
     _name, bundle_dir = bundle
-    from decnet.agent import tap
-
-    service = build_daemon(
-        tap,
-        *("--bundle", str(bundle_dir), "--listen", "tcp:0:interface=127.0.0.1"),
-        *("--state-dir", str(tmp_path / "state"), "--log-file", str(tmp_path / "decnet.log")),
-    )
-    service.startService()
-    try:
+    service = build_named("agent", tmp_path, bundle=bundle_dir)
+    async with serving(service) as port:
         await service.restored
-        port = metrics_port(service)
         result = await service.controller.deploy(
             {
                 "deckies": [
@@ -163,23 +135,14 @@ async def test_agent_metrics_count_connections_and_events_per_decoy(bundle, tmp_
         assert scrape.value("decnet_certificate_expiry_timestamp_seconds", role="worker") > 0
         # What the attacker sent and where from never becomes a label or a value.
         assert "OR 1=1" not in scrape.text and "127.0.0.1" not in scrape.text
-    finally:
-        await service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_updater_serves_its_metrics_with_every_outcome_at_zero(bundle, tmp_path):
     _name, bundle_dir = bundle
-    from decnet.updater import tap
-
-    service = build_daemon(
-        tap,
-        *("--bundle", str(bundle_dir), "--listen", "tcp:0:interface=127.0.0.1"),
-        *("--install-dir", str(tmp_path / "install"), "--agent-control", "spawn"),
-    )
-    service.startService()
-    try:
-        scrape = await scrape_running(metrics_port(service))
+    service = build_named("updater", tmp_path, bundle=bundle_dir)
+    async with serving(service) as port:
+        scrape = await scrape_running(port)
         assert scrape.labels_of("decnet_updater_updates_total", "result") == {
             "updated",
             "rolled_back",
@@ -191,8 +154,6 @@ async def test_the_updater_serves_its_metrics_with_every_outcome_at_zero(bundle,
         assert scrape.value("decnet_updater_install_duration_seconds_count") == 0
         assert scrape.value("decnet_certificate_expiry_timestamp_seconds", role="updater") > 0
         assert scrape.value("decnet_build_info", daemon="updater") == 1
-    finally:
-        await service.stopService()
 
 
 def test_a_metrics_port_already_taken_fails_start_up_like_the_main_port():

@@ -79,7 +79,7 @@ def test_a_flood_from_one_address_is_counted_without_a_label_per_address(tmp_pat
 
 def test_lines_and_bytes_are_counted_per_worker_once_durable(tmp_path, ids):
     harness, registry = harness_with_metrics(tmp_path, ids)
-    app, pump = harness.hello(ids["w1"])
+    app, pump = harness.hello(ids["w1"], stream="attacker-chosen-stream")
     payload = b"".join(syslog_line(i) + b"\n" for i in range(3))
     app.send(ackproto.encode_data(0, len(payload), payload))
     pump.flush()
@@ -99,8 +99,8 @@ def test_lines_and_bytes_are_counted_per_worker_once_durable(tmp_path, ids):
     assert scrape.value("decnet_listener_worker_last_seen_timestamp_seconds", worker="w2") == (
         harness.clock.seconds()
     )
-    # The syslog HOSTNAME a decoy wrote never becomes a label.
-    assert "decoy-7" not in scrape.text
+    # The syslog HOSTNAME a decoy wrote and the stream a worker named never become labels.
+    assert "decoy-7" not in scrape.text and "attacker-chosen-stream" not in scrape.text
 
 
 def test_the_certificate_expiry_is_the_listener_certificates_not_after(tmp_path, ids):
