@@ -11,7 +11,7 @@ from decnet.listener.metrics import listener_registry
 from decnet.listener.protocol import Refused
 from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
-from tests.logpipe_support import ListenerHarness, syslog_line
+from tests.logpipe_support import ListenerHarness, LogCapture, syslog_line
 from tests.metrics_support import render
 from tests.test_listener_protocol import ids
 
@@ -111,3 +111,22 @@ def test_the_certificate_expiry_is_the_listener_certificates_not_after(tmp_path,
         scrape.value("decnet_certificate_expiry_timestamp_seconds", role=config.ROLE_MASTER)
         == expiry
     )
+
+
+def test_a_broken_commit_observer_is_logged_and_the_data_is_still_acknowledged(tmp_path, ids):
+    harness, _registry = harness_with_metrics(tmp_path, ids)
+
+    def broken(_done):
+        raise RuntimeError("observer bug")
+
+    harness.ingest.commit_observers.insert(0, broken)
+    app, pump = harness.hello(ids["w1"])
+    with LogCapture() as logs:
+        app.send(ackproto.encode_data(0, 4, b"one\n"))
+        pump.flush()
+        harness.clock.advance(0)
+        pump.flush()
+    assert ackproto.Ack(4) in app.messages
+    assert harness.mirror("w1", "decnet") == b"one\n"
+    assert "A commit observer failed on w1" in logs.text()
+    harness.ingest.commit_observers.remove(broken)

@@ -102,3 +102,16 @@ def test_install_duration_is_measured_on_the_injected_clock_and_failures_left_ou
     assert scrape.value("decnet_updater_install_duration_seconds_bucket", le="60.0") == 1
     assert scrape.value("decnet_updater_install_duration_seconds_bucket", le="30.0") == 0
     assert updates(metrics)["failed"] == 1
+
+
+def test_a_broken_outcome_listener_is_logged_and_never_changes_the_outcome(env):
+    from tests.logpipe_support import LogCapture
+
+    def broken(_outcome):
+        raise RuntimeError("listener bug")
+
+    env.updater.outcome_listeners.append(broken)
+    with LogCapture() as logs:
+        result = push(env, GOOD1)
+    assert result["result"] == "updated" and env.updater.store.current() == rid(GOOD1)
+    assert "An outcome listener failed on update" in logs.text()

@@ -206,21 +206,27 @@ class StreamSink:
         for listener in list(self.commit_listeners):
             listener(last.stream_end)
         if self.ingest.commit_observers:
-            payloads = [i.payload for i in batch.items]
-            done = Committed(
-                self.worker,
-                self.stream,
-                sum(p.count(b"\n") for p in payloads),
-                sum(len(p) for p in payloads),
-                self.ingest.clock.seconds() - self._commit_started,
-            )
-            for observer in self.ingest.commit_observers:
-                observer(done)
+            self._tell_observers(batch)
         if not self.over_limit:
             drained, self._drain_waiters = self._drain_waiters, []
             for callback in drained:
                 callback()
         self.ingest.feed_kick(self)
+
+    def _tell_observers(self, batch: Batch[_Accepted]) -> None:
+        payloads = [i.payload for i in batch.items]
+        done = Committed(
+            self.worker,
+            self.stream,
+            sum(p.count(b"\n") for p in payloads),
+            sum(len(p) for p in payloads),
+            self.ingest.clock.seconds() - self._commit_started,
+        )
+        for observer in self.ingest.commit_observers:
+            try:
+                observer(done)
+            except Exception:  # the metrics never stand between a commit and its ACK
+                self.log.failure("A commit observer failed on {worker}", worker=self.worker)
 
     def _commit_failed(self, batch: Batch[_Accepted], failure: Failure) -> Exception:
         self.failed = f"commit failed: {failure.getErrorMessage()}"

@@ -157,15 +157,21 @@ class Updater:
         started = self.clock.seconds()
         try:
             done = await work
-        except UpdateError as exc:
-            self._tell(Outcome(op, exc.result, self.clock.seconds() - started, exc))
+        except Exception as exc:
+            typed = exc if isinstance(exc, UpdateError) else None
+            outcome = typed.result if typed is not None else "failed"
+            self._tell(Outcome(op, outcome, self.clock.seconds() - started, typed))
             raise
         self._tell(Outcome(op, result or str(done["result"]), self.clock.seconds() - started))
         return done
 
     def _tell(self, outcome: Outcome) -> None:
+        """Tell every listener; one that breaks is logged and never changes the outcome."""
         for listener in self.outcome_listeners:
-            listener(outcome)
+            try:
+                listener(outcome)
+            except Exception:
+                self.log.failure("An outcome listener failed on {op}", op=outcome.op)
 
     # -- start-up ----------------------------------------------------------
 
