@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
@@ -110,14 +111,14 @@ def load_bundle(
     return bundle, identity
 
 
-class TLSPortService(Service):
-    """Listen with TLS on an endpoint string; a failed bind fails start-up.
+class PortService(Service):
+    """Listen on an endpoint string; a failed bind fails start-up.
 
-    Endpoints that bind synchronously (``tcp:``, ``ssl:``-less ``unix:``,
-    ``systemd:``) are the only ones supported: the outcome must be known before
-    ``twistd`` starts the reactor.  The bound port is written to ``port_file``
-    when given (for port 0 in tests and the sandbox), and ``ready`` fires with
-    the listening port.
+    Endpoints that bind synchronously (``tcp:``, ``unix:``, ``systemd:``) are
+    the only ones supported: the outcome must be known before ``twistd``
+    starts the reactor.  The bound port is written to ``port_file`` when given
+    (for port 0 in tests and the sandbox), and ``ready`` fires with the
+    listening port.
     """
 
     log = Logger()
@@ -126,32 +127,28 @@ class TLSPortService(Service):
         self,
         reactor: IDecnetReactor,
         description: str,
-        options: PolicyOptions,
         factory: IProtocolFactory,
         *,
         port_file: str | os.PathLike | None = None,
         label: str = "connections",
-        gate: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
     ):
         self.reactor = reactor
         self.description = description
-        self.options = options
         self.factory = factory
         self.port_file = Path(port_file) if port_file else None
         self.label = label
-        # Wraps the TLS factory (see ``listen_tls``): the listener's pre-TLS budget.
-        self.gate = gate
         self.port: IListeningPort | None = None
         self.ready: defer.Deferred = defer.Deferred()
+
+    def _listen(self) -> defer.Deferred:
+        return serverFromString(self.reactor, self.description).listen(self.factory)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.port is not None:
             return
         outcome: list = []
-        listen_tls(
-            self.reactor, self.description, self.options, self.factory, gate=self.gate
-        ).addBoth(outcome.append)
+        self._listen().addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"listening on {self.description} did not complete synchronously")
         if isinstance(outcome[0], Failure):
@@ -184,3 +181,28 @@ class TLSPortService(Service):
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
+
+
+class TLSPortService(PortService):
+    """A :class:`PortService` whose connections speak TLS with ``options``."""
+
+    def __init__(
+        self,
+        reactor: IDecnetReactor,
+        description: str,
+        options: PolicyOptions,
+        factory: IProtocolFactory,
+        *,
+        port_file: str | os.PathLike | None = None,
+        label: str = "connections",
+        gate: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
+    ):
+        super().__init__(reactor, description, factory, port_file=port_file, label=label)
+        self.options = options
+        # Wraps the TLS factory (see ``listen_tls``): the listener's pre-TLS budget.
+        self.gate = gate
+
+    def _listen(self) -> defer.Deferred:
+        return listen_tls(
+            self.reactor, self.description, self.options, self.factory, gate=self.gate
+        )

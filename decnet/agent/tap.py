@@ -23,6 +23,7 @@ from decnet.agent.decoys.budget import (
 )
 from decnet.agent.engine import ENGINES
 from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
+from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 
 
 class Options(usage.Options):
@@ -34,7 +35,7 @@ class Options(usage.Options):
         "and this host's own updater (GET /health). It keeps no revocation list: the "
         "master's revoked.json never reaches workers, and for the master the pin is "
         "stricter (a different master certificate is refused even if valid and unrevoked). "
-        "See docs/Security.md."
+        "See docs/Security.md.  " + metrics_epilog("agent")
     )
     optParameters: ClassVar[list] = [
         ["bundle", "b", None, "enrolled worker bundle directory (from `decnet-admin enroll`)"],
@@ -62,6 +63,7 @@ class Options(usage.Options):
             "RLIMIT_NOFILE/8 (at least 32, at most 512) for the API and the log; at most "
             "RLIMIT_NOFILE - 32",
         ],
+        *metrics_options("agent"),
     ]
 
     def postOptions(self) -> None:
@@ -105,13 +107,16 @@ def decoy_budget(value: str | None, nofile: int) -> int:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from decnet.agent.metrics import agent_registry
     from decnet.agent.service import AgentService
     from decnet.release import pin_running_release
 
     pin_running_release()  # the updater never prunes the release we run from
-    return AgentService(
+    service = AgentService(
         reactor,
         bundle=options["bundle-obj"],
         identity=options["identity"],
         **keywords(options, "listen port-file state-dir log-file engine max-decoy-connections"),
     )
+    attach_metrics(service, reactor, options, lambda: agent_registry(service, options["identity"]))
+    return service

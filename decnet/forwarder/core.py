@@ -159,6 +159,7 @@ class DeliveryCore:
         self._journal: GroupCommit[JournalWork, None] = GroupCommit()
         self._gate = 0  # the ticket of the newest records that must be durable before a send
         self.bytes_sent = 0
+        self.lines_sent = 0
         self.frames_sent = 0
         self.empty_lines_skipped = 0
         self.gaps_declared = 0
@@ -388,6 +389,7 @@ class DeliveryCore:
             return []
         pieces, batch[:] = list(batch), []
         self.bytes_sent += sum(len(p.data) for p in pieces)
+        self.lines_sent += sum(p.data.count(b"\n") for p in pieces)
         if self.mode == ACK:
             frames = ack_frames(pieces, self.max_payload)
             self.frames_sent += len(frames) // 3

@@ -297,6 +297,19 @@ class Tailer:
         gen = self.gens[self.cur]
         return (gen.base if gen.base is not None else self.floor) + gen.pos
 
+    @property
+    def seen_end(self) -> int:
+        """Logical offset of the end of the stream as last looked at (read or observed).
+
+        Read on the reactor thread by the metrics while a job may run: it only
+        reads a copy of the list and plain ints.
+        """
+        for gen in reversed(list(self.gens)):
+            if gen.base is not None:
+                size = gen.final_size if gen.final_size is not None else gen.seen
+                return gen.base + size
+        return self.floor
+
     def read(self, now: float = 0.0) -> list[Piece]:
         """The next whole lines (possibly none).  ``now`` (seconds) drives ``rotate_wait``."""
         if not self.gens and not self._open_at_path():

@@ -12,6 +12,7 @@ from twisted.python import usage
 from decnet import config
 from decnet.daemon import keywords, load_bundle
 from decnet.errors import ConfigError
+from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import port_number, positive_float
 from decnet.pki import WorkerBundle
 from decnet.syslog.ackproto import ProtocolError, validate_stream_name
@@ -23,7 +24,7 @@ class Options(usage.Options):
         "Tail the worker's RFC 5424 log and ship it to the master over mutual TLS: "
         "acknowledged, exactly-once delivery with our listener (ALPN "
         f"{config.ACK_ALPN.decode()}), plain RFC 5425 with a stock receiver.  "
-        "See docs/Logging.md."
+        "See docs/Logging.md.  " + metrics_epilog("forwarder")
     )
     optParameters: ClassVar[list] = [
         ["bundle", None, None, "Enrollment bundle directory (from `decnet-admin enroll`)"],
@@ -83,6 +84,7 @@ class Options(usage.Options):
             "Longest pause between reconnection attempts (s)",
             positive_float,
         ],
+        *metrics_options("forwarder"),
     ]
 
     def postOptions(self) -> None:
@@ -138,11 +140,12 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from decnet.forwarder.metrics import forwarder_registry
     from decnet.forwarder.service import ForwarderService
     from decnet.release import pin_running_release
 
     pin_running_release()  # the updater never prunes the release we run from
-    return ForwarderService(
+    service = ForwarderService(
         reactor,
         identity=options["identity"],
         master_fingerprint=options["bundle-obj"].listener_fingerprint,
@@ -153,3 +156,7 @@ def makeService(options: Options) -> IService:
             "max-retry-delay",
         ),
     )
+    attach_metrics(
+        service, reactor, options, lambda: forwarder_registry(service, options["identity"])
+    )
+    return service

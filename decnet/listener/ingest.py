@@ -64,6 +64,17 @@ class _Accepted:
     stream_end: int
 
 
+@attrs.frozen
+class Committed:
+    """One durable commit, as :attr:`Ingest.commit_observers` are told (the metrics)."""
+
+    worker: str
+    stream: str
+    lines: int
+    bytes: int
+    seconds: float  # from handing the batch to the thread pool to its durability
+
+
 class StreamSink:
     """Accepts bytes for one (worker, stream) and makes them durable in order."""
 
@@ -85,6 +96,7 @@ class StreamSink:
         self.failure_listeners: list[Callable[[str], None]] = []
         self.failed: str | None = None
         self.commits = 0
+        self._commit_started = 0.0
         self.gaps = 0
         self.duplicates = 0
 
@@ -183,6 +195,7 @@ class StreamSink:
         if marks[-1:] != [last]:
             marks.append(last)
         records = [storage.IndexRecord(m, e, now_us) for m, e in marks]
+        self._commit_started = now_us / 1_000_000
         self.ingest.touch(self)
         return self.ingest.run(self.files.commit, data, records)
 
@@ -192,11 +205,28 @@ class StreamSink:
         self.committed_mirror, self.committed_end = last.mirror_end, last.stream_end
         for listener in list(self.commit_listeners):
             listener(last.stream_end)
+        if self.ingest.commit_observers:
+            self._tell_observers(batch)
         if not self.over_limit:
             drained, self._drain_waiters = self._drain_waiters, []
             for callback in drained:
                 callback()
         self.ingest.feed_kick(self)
+
+    def _tell_observers(self, batch: Batch[_Accepted]) -> None:
+        payloads = [i.payload for i in batch.items]
+        done = Committed(
+            self.worker,
+            self.stream,
+            sum(p.count(b"\n") for p in payloads),
+            sum(len(p) for p in payloads),
+            self.ingest.clock.seconds() - self._commit_started,
+        )
+        for observer in self.ingest.commit_observers:
+            try:
+                observer(done)
+            except Exception:  # the metrics never stand between a commit and its ACK
+                self.log.failure("A commit observer failed on {worker}", worker=self.worker)
 
     def _commit_failed(self, batch: Batch[_Accepted], failure: Failure) -> Exception:
         self.failed = f"commit failed: {failure.getErrorMessage()}"
@@ -244,6 +274,8 @@ class Ingest:
         # Sinks whose files are open, least recently used first.
         self._open: collections.OrderedDict[tuple[str, str], StreamSink] = collections.OrderedDict()
         self.files_closed = 0
+        # Told of each commit once it is durable (nothing is counted when empty).
+        self.commit_observers: list[Callable[[Committed], None]] = []
         self._closing = False
 
     def prepare(self) -> None:

@@ -23,6 +23,8 @@ aborted at once.  ``--max-connections`` counts authenticated connections only.
 
 from __future__ import annotations
 
+import collections
+import enum
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -54,6 +56,34 @@ RESUMING = "resuming"
 STREAMING = "streaming"
 PLAIN = "plain"
 CLOSING = "closing"
+STATES = (HANDSHAKING, AWAITING_HELLO, RESUMING, STREAMING, PLAIN, CLOSING)
+
+
+class Refused(enum.Enum):
+    """Why the listener closed a connection it did not want: a fixed set (metrics labels)."""
+
+    PRE_TLS_LIMIT = "pre_tls_limit"  # --max-unauthenticated(-per-address), before TLS
+    EVICTED = "evicted"  # an unauthenticated connection dropped for a newer one
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    TLS_UNTRUSTED = "tls_untrusted"  # another CA, expired, no client certificate, ...
+    TLS_POLICY = "tls_policy"  # our CA, but no role, the wrong role, ...
+    TLS_REVOKED = "tls_revoked"
+    TLS_FAILED = "tls_failed"  # not TLS, an old version, garbage
+    NOT_A_WORKER = "not_a_worker"
+    CONNECTION_LIMIT = "connection_limit"  # --max-connections
+    WORKER_CONNECTION_LIMIT = "worker_connection_limit"  # --max-connections-per-worker
+    FRAMING = "framing"
+    PROTOCOL = "protocol"
+    IDLE = "idle"
+    STREAM_LIMIT = "stream_limit"  # --max-streams-per-worker
+    STREAM_UNAVAILABLE = "stream_unavailable"  # its files could not be opened or committed
+    REVOKED = "revoked"  # cut when its certificate was revoked
+
+
+_TLS_REFUSALS = {
+    RefusalKind.UNTRUSTED: Refused.TLS_UNTRUSTED,
+    RefusalKind.REVOKED: Refused.TLS_REVOKED,
+}
 
 
 @implementer(IHandshakeListener)
@@ -141,12 +171,12 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self.factory.handshake_done(self, identity)
         if identity is None or identity.role != config.ROLE_WORKER:
             # The handshake policy already guarantees this; never trust a gap.
-            self._refuse("peer is not an authenticated worker")
+            self._refuse("peer is not an authenticated worker", Refused.NOT_A_WORKER)
             return
         self.worker, self.fingerprint = identity.cn, identity.fingerprint
-        reason = self.factory.admit(self)
-        if reason is not None:
-            self._refuse(reason)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._refuse(*refusal)
             return
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         if alpn == config.ACK_ALPN:
@@ -200,7 +230,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             frames = self.decoder.feed(data)
         except FramingError as exc:
             self._handle_frames(exc.frames)
-            self._refuse(f"framing error: {exc}", kept=len(exc.frames))
+            self._refuse(f"framing error: {exc}", Refused.FRAMING, kept=len(exc.frames))
             return
         if frames:
             self._handle_frames(frames)
@@ -227,7 +257,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             try:
                 self._ack_message(ackproto.decode(frame))
             except ackproto.ProtocolError as exc:
-                self._refuse(f"protocol error: {exc}")
+                self._refuse(f"protocol error: {exc}", Refused.PROTOCOL)
                 return
 
     def _append_plain(self, frames: list[bytes]) -> None:
@@ -312,12 +342,16 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
 
     def _sink_failed(self, failure) -> None:
         if failure.check(TooManyStreams):
-            self._refuse(failure.getErrorMessage())
+            self._refuse(failure.getErrorMessage(), Refused.STREAM_LIMIT)
             return
-        self._refuse(f"stream unavailable: {failure.getErrorMessage()}", warn=False)
+        self._refuse(
+            f"stream unavailable: {failure.getErrorMessage()}",
+            Refused.STREAM_UNAVAILABLE,
+            warn=False,
+        )
 
     def _sink_broke(self, reason: str) -> None:
-        self._refuse(f"stream unavailable: {reason}", warn=False)
+        self._refuse(f"stream unavailable: {reason}", Refused.STREAM_UNAVAILABLE, warn=False)
 
     def _backpressure(self) -> None:
         if self.attached.over_limit and not self._paused:
@@ -339,10 +373,13 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
     def _write(self, body: bytes) -> None:
         self.transport.write(encode_frame(body))
 
-    def _refuse(self, reason: str, *, kept: int | None = None, warn: bool = True) -> None:
+    def _refuse(
+        self, reason: str, why: Refused, *, kept: int | None = None, warn: bool = True
+    ) -> None:
         """Close this connection (only this one) and say why, once."""
         if self.state == CLOSING:
             return
+        self.factory.refused_by[why] += 1
         if self._inbox:
             # What arrived before the refusal is kept, as if processed at once.
             self._drain()
@@ -383,7 +420,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             what = f"an incomplete frame ({self.decoder.buffered} bytes buffered)"
         else:
             what = "no HELLO"
-        self._refuse(f"idle for {self.factory.idle_timeout:g}s with {what}")
+        self._refuse(f"idle for {self.factory.idle_timeout:g}s with {what}", Refused.IDLE)
 
     def cut(self, reason: str) -> None:
         """Drop this connection at once (revocation)."""
@@ -400,6 +437,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if self._close_call is not None and self._close_call.active():
             self._close_call.cancel()
         prev, self.state = self.state, CLOSING
+        if prev == HANDSHAKING:
+            self._count_handshake_failure()
         if self.sink is not None:
             for lst, fn in (
                 (self.sink.commit_listeners, self._on_commit),
@@ -415,6 +454,17 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
                 frames=self.frames,
                 bytes=self.bytes,
             )
+
+    def _count_handshake_failure(self) -> None:
+        """A handshake that failed here (not one we dropped: that is counted already)."""
+        handshake = handshake_of(self.transport)
+        if handshake is None or handshake.done:
+            return
+        refusal = handshake.refusal
+        if refusal is not None and refusal.kind is not RefusalKind.DROPPED:
+            self.factory.refused_by[_TLS_REFUSALS.get(refusal.kind, Refused.TLS_POLICY)] += 1
+        elif refusal is None and handshake.error is not None:
+            self.factory.refused_by[Refused.TLS_FAILED] += 1
 
 
 def _peer_text(addr) -> str:
@@ -468,6 +518,8 @@ class ListenerFactory(Factory):
         self.by_worker: dict[str, set[SyslogServerProtocol]] = {}
         self.stream_owner: dict[tuple[str, str], SyslogServerProtocol] = {}
         self.refused = 0
+        # Connections closed because we did not want them, by why (read by the metrics).
+        self.refused_by: collections.Counter[Refused] = collections.Counter()
 
     def outside_tls(self, tls_factory) -> PreTLSGate:
         """The factory to listen with: ``tls_factory`` behind the pre-TLS budget."""
@@ -484,6 +536,7 @@ class ListenerFactory(Factory):
         decision = self.unauthenticated.decide(address)
         if not isinstance(decision, Admit):
             self.refused += 1
+            self.refused_by[Refused.PRE_TLS_LIMIT] += 1
             self.refusals.refused("refused", address, _peer_text(addr), decision.reason)
             return False
         if decision.evict is not None:
@@ -498,6 +551,7 @@ class ListenerFactory(Factory):
 
     def drop_unauthenticated(self, proto: SyslogServerProtocol, kind: str, reason: str) -> None:
         """Abort a connection that has not finished its handshake (evicted, timed out)."""
+        self.refused_by[Refused.EVICTED if kind == "evicted" else Refused.HANDSHAKE_TIMEOUT] += 1
         address = address_key(getattr(proto.addr, "host", None))
         self.unauthenticated.remove(proto)
         self.refusals.refused(kind, address, proto.peer, reason)
@@ -517,18 +571,22 @@ class ListenerFactory(Factory):
 
     # -- after TLS -------------------------------------------------------
 
-    def admit(self, proto: SyslogServerProtocol) -> str | None:
+    def admit(self, proto: SyslogServerProtocol) -> tuple[str, Refused] | None:
         """Count ``proto`` against the caps of authenticated connections; the refusal if over."""
         if len(self.authenticated) >= self.max_connections:
             self.refused += 1
-            return f"{len(self.authenticated)} authenticated connections open (--max-connections)"
+            return (
+                f"{len(self.authenticated)} authenticated connections open (--max-connections)",
+                Refused.CONNECTION_LIMIT,
+            )
         assert proto.worker is not None  # (after the handshake)
         mine = self.by_worker.setdefault(proto.worker, set())
         if len(mine) >= self.max_per_worker:
             self.refused += 1
             return (
                 f"worker {proto.worker!r} already has {len(mine)} connections "
-                "(--max-connections-per-worker)"
+                "(--max-connections-per-worker)",
+                Refused.WORKER_CONNECTION_LIMIT,
             )
         mine.add(proto)
         self.authenticated.add(proto)
@@ -565,6 +623,7 @@ class ListenerFactory(Factory):
     def revoked(self, fingerprints: frozenset[str]) -> None:
         """Cut every live connection whose certificate was just revoked."""
         for proto in [p for p in self.connections if p.fingerprint in fingerprints]:
+            self.refused_by[Refused.REVOKED] += 1
             proto.cut("its certificate was revoked")
 
 

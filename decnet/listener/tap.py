@@ -12,6 +12,7 @@ from decnet import config
 from decnet.daemon import PORT_FILE_OPTION, keywords
 from decnet.errors import DecnetError
 from decnet.listener import admission, ingest
+from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import between, positive_float, positive_int
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
@@ -25,7 +26,7 @@ class Options(usage.Options):
     longdesc = (
         "Receive worker logs over mutual TLS (RFC 5425; acknowledged mode via ALPN "
         f"{config.ACK_ALPN.decode()}) and ingest them: a byte-exact mirror and a JSON "
-        "lines feed per worker and stream.  See docs/Logging.md."
+        "lines feed per worker and stream.  See docs/Logging.md.  " + metrics_epilog("listener")
     )
     optParameters: ClassVar[list] = [
         [
@@ -114,6 +115,7 @@ class Options(usage.Options):
             positive_int,
         ],
         PORT_FILE_OPTION,
+        *metrics_options("listener"),
         [
             "feed-encoders",
             None,
@@ -177,6 +179,7 @@ def load_listener_identity(paths: config.MasterPaths) -> TLSIdentity:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from decnet.listener.metrics import listener_registry
     from decnet.listener.protocol import ConnectionLimits
     from decnet.listener.service import ListenerService, raise_nofile_limit
 
@@ -189,7 +192,7 @@ def makeService(options: Options) -> IService:
             "max-unauthenticated-per-address handshake-timeout",
         ),
     )
-    return ListenerService(
+    service = ListenerService(
         reactor,
         limits=limits,
         feed=not options["no-feed"],
@@ -200,3 +203,10 @@ def makeService(options: Options) -> IService:
             "max-open-streams feed-encoders",
         ),
     )
+    attach_metrics(
+        service,
+        reactor,
+        options,
+        lambda: listener_registry(service.factory, service.ingest, reactor, options["identity"]),
+    )
+    return service

@@ -21,7 +21,7 @@ import hmac
 import platform
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import ensureDeferred
@@ -52,6 +52,23 @@ from decnet.updater.releases import (
 )
 
 _HEX = set("0123456789abcdef")
+# What ``Outcome.op`` names besides the release store's operations.
+OP_INSTALL = "install"
+
+
+@attrs.frozen
+class Outcome:
+    """How one operation ended, as :attr:`Updater.outcome_listeners` are told (the metrics).
+
+    ``result`` is the outcome the master sees (``updated``, ``rolled_back``,
+    ``restarting``, ``failed``, or ``installed`` for an install step), and
+    ``error`` the typed error when there was one.
+    """
+
+    op: str
+    result: str
+    seconds: float
+    error: UpdateError | None = None
 
 
 def normalize_sha256(value: str | None) -> str:
@@ -108,6 +125,7 @@ class Updater:
         self.busy: str | None = None
         self.restarting_onto: Path | None = None
         self.started_at = clock.seconds()
+        self.outcome_listeners: list[Callable[[Outcome], None]] = []
         # Read once: after update-self switches `current`, this process still
         # runs the old code until it restarts, and must say so.
         self.own_release = own_release_id()
@@ -130,6 +148,30 @@ class Updater:
 
     def _thread(self, f, *args, **kwargs):
         return self.to_thread(f, *args, **kwargs)
+
+    async def _observed(self, op: str, work: Awaitable[Any], result: str | None = None) -> Any:
+        """``await work``, telling the outcome listeners how it ended and how long it took.
+
+        The outcome is ``result``, else the ``"result"`` of the dict ``work`` returns.
+        """
+        started = self.clock.seconds()
+        try:
+            done = await work
+        except Exception as exc:
+            typed = exc if isinstance(exc, UpdateError) else None
+            outcome = typed.result if typed is not None else "failed"
+            self._tell(Outcome(op, outcome, self.clock.seconds() - started, typed))
+            raise
+        self._tell(Outcome(op, result or str(done["result"]), self.clock.seconds() - started))
+        return done
+
+    def _tell(self, outcome: Outcome) -> None:
+        """Tell every listener; one that breaks is logged and never changes the outcome."""
+        for listener in self.outcome_listeners:
+            try:
+                listener(outcome)
+            except Exception:
+                self.log.failure("An outcome listener failed on {op}", op=outcome.op)
 
     # -- start-up ----------------------------------------------------------
 
@@ -196,7 +238,9 @@ class Updater:
             await self._thread(
                 archive.extract, upload.file, directory / config.RELEASE_SRC_DIR, self.limits
             )
-            output = await self.installer.install(directory, with_pip=with_pip)
+            output = await self._observed(
+                OP_INSTALL, self.installer.install(directory, with_pip=with_pip), "installed"
+            )
             info = {
                 "installed_at": utc_iso(self.clock.seconds()),
                 "git_sha": summary.build_info.get("git_sha"),
@@ -219,6 +263,9 @@ class Updater:
 
     async def update(self, upload: Upload, expected_sha256: str | None) -> dict:
         """Install, switch, restart, confirm; roll back on any failure after the switch."""
+        return await self._observed(OP_UPDATE, self._update(upload, expected_sha256))
+
+    async def _update(self, upload: Upload, expected_sha256: str | None) -> dict:
         with self._exclusive("an update"):
             started = self.clock.seconds()
             release, summary = await self._verify(upload, expected_sha256)
@@ -257,6 +304,9 @@ class Updater:
 
     async def rollback(self, to: str | None = None) -> dict:
         """Go back to the previous release (top of the history) or a named one."""
+        return await self._observed(OP_ROLLBACK, self._rollback(to))
+
+    async def _rollback(self, to: str | None) -> dict:
         with self._exclusive("a rollback"):
             started = self.clock.seconds()
             target = await self._thread(self.store.rollback_target, to)

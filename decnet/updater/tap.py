@@ -23,6 +23,7 @@ from decnet import config, pki
 from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
 from decnet.errors import DecnetError
 from decnet.interfaces import IDecnetReactor
+from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import positive_float, positive_int
 from decnet.updater.service import SELF_RESTARTS, LocalAgent
 
@@ -35,7 +36,7 @@ class Options(usage.Options):
         "It accepts only the master certificate whose fingerprint is pinned in the bundle "
         "(every route), and this host's own worker and updater certificates (GET /health). "
         "It keeps no revocation list: the master's revoked.json never reaches workers, and "
-        "for the master the pin is stricter. See docs/Security.md."
+        "for the master the pin is stricter. See docs/Security.md.  " + metrics_epilog("updater")
     )
     optParameters: ClassVar[list] = [
         ["bundle", None, None, "worker bundle directory (needs updater.crt and updater.key)"],
@@ -82,6 +83,7 @@ class Options(usage.Options):
             "default: exit with --agent-control systemd, exec with spawn",
         ],
         PORT_FILE_OPTION,
+        *metrics_options("updater"),
     ]
     optFlags: ClassVar[list] = [
         ["no-compile", None, "do not byte-compile release venvs (faster installs)"]
@@ -124,11 +126,13 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from decnet.release import pin_running_release
+    from decnet.updater.metrics import updater_registry
     from decnet.updater.service import UpdaterService
 
     pin_running_release()  # our own release: update-self's prune keeps it while we run
-    return UpdaterService(
-        cast(IDecnetReactor, reactor),  # (the global reactor provides them all)
+    typed = cast(IDecnetReactor, reactor)  # (the global reactor provides them all)
+    service = UpdaterService(
+        typed,
         bundle=options["bundle-obj"],
         install_dir=Path(options["install-dir"]),
         agent=LocalAgent(
@@ -146,3 +150,10 @@ def makeService(options: Options) -> IService:
             options, "identity listen port-file health-timeout keep install-timeout max-upload"
         ),
     )
+    attach_metrics(
+        service,
+        reactor,
+        options,
+        lambda: updater_registry(service.updater, typed, options["identity"]),
+    )
+    return service
