@@ -16,6 +16,7 @@ import attrs
 AGENT_PORT = 8765
 UPDATER_PORT = 8766
 SYSLOG_PORT = 6514
+ENROLL_PORT = 8443  # twistd decnet-enroll (token enrollment, TLS without client certificates)
 
 # Environment variables.
 ENV_HOME = "DECNET_HOME"
