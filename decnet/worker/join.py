@@ -107,13 +107,15 @@ def _leaf_refusal(ca: x509.Certificate | None, leaf: x509.Certificate) -> Refusa
     if ca is None:
         return Refusal(
             RefusalKind.UNTRUSTED,
-            "the server did not present the CA certificate with the pinned fingerprint "
+            "the server's certificate is not issued by the CA with the pinned fingerprint "
             "(is this the master's decnet-enroll port?)",
         )
     try:
         leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        return Refusal(RefusalKind.UNTRUSTED, "the server certificate is not signed by the CA")
+        return Refusal(
+            RefusalKind.UNTRUSTED, "the server's certificate is not issued by the pinned CA"
+        )
     now = datetime.datetime.now(datetime.UTC)
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
         return Refusal(RefusalKind.UNTRUSTED, "the server certificate is expired or not yet valid")
