@@ -61,7 +61,7 @@ def server_options(identity: TLSIdentity) -> ssl.CertificateOptions:
     return ssl.CertificateOptions(
         privateKey=cast(Any, identity.key),
         certificate=cast(Any, identity.cert),
-        extraCertChain=[identity.ca.to_cryptography()],
+        extraCertChain=[cast(Any, identity.ca.to_cryptography())],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=AEAD_CIPHERS,
     )
