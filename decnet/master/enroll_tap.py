@@ -79,7 +79,10 @@ class Options(usage.Options):
             self["identity"] = TLSIdentity.master(paths)
             Registry(paths.registry)  # migrated now, not at the first join
         except DecnetError as exc:
-            raise usage.UsageError(f"unusable master home {paths.home}: {exc}") from None
+            raise usage.UsageError(
+                f"unusable master home {paths.home}: {exc} (run `decnet-admin init` there first, "
+                "or pass --home)"
+            ) from None
 
 
 def makeService(options: Options) -> IService:
