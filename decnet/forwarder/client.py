@@ -366,7 +366,8 @@ class ForwarderFactory(Factory):
             )
         self._set_state(
             "failing",
-            f"refused by the master {self.target}: this worker's certificate is revoked or unknown",
+            f"cannot connect to {self.target}: refused by the master: this worker's certificate "
+            "is revoked or unknown",
         )
         return True
 
