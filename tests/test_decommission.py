@@ -136,18 +136,11 @@ def test_on_a_terminal_the_operator_must_type_the_host_name(monkeypatch, typed, 
             cli_decommission.confirm(args, None)
 
 
-def test_the_help_has_examples_and_describes_name_yes_and_no_teardown():
-    import subprocess
-
-    text = subprocess.run(
-        [str(BIN / "decnet-admin"), "decommission", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert "examples:" in text and "--yes" in text and "--no-teardown" in text
-    assert "the host to retire" in text
+@pytest_twisted.ensureDeferred
+async def test_the_help_has_examples_and_describes_name_yes_and_no_teardown(master):
+    text, _, code = await admin(master, "decommission", "--help")
+    assert code == 0 and "examples:" in text and "the host to retire" in text
+    assert "--yes" in text and "--no-teardown" in text
 
 
 # -- the revoked worker's forwarder -------------------------------------------------------

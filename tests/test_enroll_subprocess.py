@@ -16,23 +16,12 @@ from decnet.master.registry import Registry
 from tests.enroll_support import fresh_master
 from tests.logpipe_support import run_twistd, start_forwarder, start_listener, syslog_line
 from tests.support import BIN, wait_for
+from tests.test_logpipe_subprocess import stop
 
 ADMIN = str(BIN / "decnet-admin")
 WORKER = str(BIN / "decnet-worker")
 
 pytestmark = pytest.mark.slow
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
 
 
 def run(*argv: str, check: int | None = 0) -> subprocess.CompletedProcess:
@@ -134,7 +123,6 @@ def test_a_worker_joins_ships_logs_and_once_decommissioned_is_told_it_is_refused
         listener.send_signal(signal.SIGHUP)  # reload the revocation list now
         forwarder.kill()
         forwarder.wait()
-        forwarder.stderr.close()
         forwarder_log = tmp_path / "forwarder-1.log"
         forwarder = start_forwarder(
             bundle, log_file, tmp_path / "fw.sqlite", syslog_port, forwarder_log

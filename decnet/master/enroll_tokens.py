@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import attrs
 from cryptography.hazmat.primitives import serialization
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from decnet import config, pki
 from decnet.clock import utc_iso
 from decnet.errors import ValidationError
-from decnet.master.enrollment import MasterState, _problems, _setting_problems, bundle_settings
+from decnet.master.enrollment import MasterState, bundle_settings, check_enrollment
 from decnet.master.registry import Host, PendingEnrollment, Registry, Tokens, token_digest
 
 DEFAULT_TTL = 15 * 60
@@ -85,16 +84,7 @@ def issue_token(
     registry: Registry | None = None,
 ) -> IssuedToken:
     """Record a one-time token for ``name`` and return it (the registry keeps its hash)."""
-    problems = _problems(
-        [
-            partial(pki.validate_host_name, name),
-            partial(pki.parse_address, address),
-            *[partial(pki.parse_address, s) for s in sans],
-        ]
-    )
-    problems += _setting_problems(agent_port, updater_port, validity_days, None)
-    if problems:
-        raise ValidationError(problems)
+    check_enrollment(name, address, sans, agent_port, updater_port, validity_days, None)
     registry = registry or Registry(master.paths.registry)
     token = secrets.token_urlsafe(TOKEN_BYTES)
     now = registry.now()

@@ -217,16 +217,7 @@ def enroll(
     The master keeps the fingerprints, never the private keys.
     """
     out_dir = Path(out_dir).absolute()
-    problems = _problems(
-        [
-            partial(pki.validate_host_name, name),
-            partial(pki.parse_address, address),
-            *[partial(pki.parse_address, s) for s in sans],
-        ]
-    )
-    problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
-    if problems:
-        raise ValidationError(problems)
+    check_enrollment(name, address, sans, agent_port, updater_port, validity_days, out_dir)
     registry = registry or Registry(master.paths.registry)
 
     def issue(role: str) -> pki.Leaf:
@@ -277,6 +268,29 @@ def enroll(
             registry.remove(name)
             raise
     return Enrollment(host=host, bundle_dir=out_dir)
+
+
+def check_enrollment(
+    name: str,
+    address: str,
+    sans: Sequence[str],
+    agent_port: int,
+    updater_port: int,
+    validity_days: int,
+    out_dir: Path | None,
+) -> None:
+    """:class:`ValidationError` with every problem of an enrollment's input (``out_dir``
+    ``None``: a token, whose bundle is written on the worker)."""
+    problems = _problems(
+        [
+            partial(pki.validate_host_name, name),
+            partial(pki.parse_address, address),
+            *[partial(pki.parse_address, s) for s in sans],
+        ]
+    )
+    problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
+    if problems:
+        raise ValidationError(problems)
 
 
 def bundle_settings(
