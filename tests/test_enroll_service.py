@@ -223,6 +223,19 @@ async def test_an_existing_bundle_is_never_overwritten(enroll, master, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_unwritable_bundle_place_is_refused_before_the_token_is_used(
+    enroll, master, tmp_path
+):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"a file where the parent directory should be")
+    secret = token(master, "join-09")
+    with pytest.raises(ValidationError, match="nothing was sent, the token is still valid"):
+        await join(reactor, enroll.url, secret, master.ca.fingerprint, blocker / "bundle")
+    result = await join(reactor, enroll.url, secret, master.ca.fingerprint, tmp_path / "b")
+    assert result.name == "join-09"
+
+
+@pytest_twisted.ensureDeferred
 async def test_garbage_and_oversized_bodies_get_400_and_413_and_change_nothing(enroll, master):
     token(master, "join-06")
     before = registry_dump(master.paths.registry)

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hmac
 import json
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +41,7 @@ from decnet.errors import (
     RemoteError,
     ValidationError,
 )
+from decnet.fsutil import write_new_file
 from decnet.httpclient import PinnedClient
 from decnet.interfaces import IDecnetReactor
 from decnet.threads import run_in_pool
@@ -178,6 +181,33 @@ def check_target(directory: Path) -> None:
         )
 
 
+#: What a bundle needs on disk, with room to spare: the probe written before the token is used.
+PROBE_SIZE = 64 * 1024
+
+
+def preflight(directory: Path) -> None:
+    """Prove the bundle can be written *before* the token is used up (a token is single use).
+
+    Creates the parent directory and writes, fsyncs and removes a probe file of
+    :data:`PROBE_SIZE` bytes next to where the bundle goes: a read-only file
+    system, a parent that is not a directory or a full disk is refused here,
+    with the token still valid.
+    """
+    check_target(directory)
+    probe = directory.with_name(f".{directory.name}.probe-{os.getpid()}")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        write_new_file(probe, b"\0" * PROBE_SIZE, 0o600)
+    except OSError as exc:
+        raise ValidationError(
+            f"cannot write the bundle next to {directory}: {exc.strerror or exc}; "
+            "nothing was sent, the token is still valid"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 @attrs.frozen
 class JoinResult:
     name: str
@@ -209,7 +239,7 @@ async def join(
     """Join the master at ``url`` with ``token``; the bundle is in ``directory`` on return."""
     directory = directory.absolute()
     pinned = pki.normalize_fingerprint(ca_fingerprint)
-    check_target(directory)
+    await run_in_pool(reactor, preflight, directory)
     keys = await run_in_pool(reactor, _make_keys, key_type)
     csrs = {role: pki.make_csr(key).decode("ascii") for role, key in keys.items()}
     client = EnrollClient(reactor, url, pinned, timeout=timeout)
