@@ -153,6 +153,38 @@ async def test_ten_concurrent_joins_with_distinct_tokens_all_succeed(enroll, mas
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_join_racing_a_decommission_ends_refused_or_enrolled_and_revoked(
+    enroll, master, tmp_path
+):
+    from twisted.internet import threads
+
+    from decnet.master import enrollment
+
+    for i in range(4):
+        name = f"race-{i}"
+        secret = token(master, name)
+        joined, retired = await defer.DeferredList(
+            [
+                defer.ensureDeferred(
+                    join(reactor, enroll.url, secret, master.ca.fingerprint, tmp_path / name)
+                ),
+                threads.deferToThread(enrollment.decommission, master, name),
+            ],
+            consumeErrors=True,
+        )
+        assert retired[0], retired[1]
+        registry = Registry(master.paths.registry)
+        if joined[0]:
+            host = registry.get(name)
+            revoked = revocation.RevocationSet(master.paths.revocations)
+            assert host.decommissioned and host.worker_fingerprint in revoked
+        else:
+            assert joined[1].check(EnrollmentRefused)
+            assert name not in {h.name for h in registry.list()}
+            assert not (tmp_path / name).exists()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_wrong_ca_fingerprint_is_refused_in_the_handshake_before_the_token_is_sent(
     enroll, master, tmp_path
 ):
