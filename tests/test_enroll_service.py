@@ -313,6 +313,17 @@ async def test_too_many_attempts_from_one_address_get_429_until_the_bucket_refil
         await client.close()
 
 
+def test_the_tap_passes_max_attempts_and_period_to_the_service(master):
+    """An empty limiter is falsy (it has a length): it must still be the one used."""
+    from decnet.master import enroll_tap
+
+    options = enroll_tap.Options()
+    options.parseOptions(["--home", str(master.paths.home), "--max-attempts", "2"])
+    service = enroll_tap.makeService(options)
+    limiter = service.enroller.limiter
+    assert (limiter.burst, limiter.rate) == (2, 2 / 60)
+
+
 @pytest_twisted.ensureDeferred
 async def test_plaintext_and_garbage_on_the_port_leave_the_service_serving(
     enroll, master, tmp_path

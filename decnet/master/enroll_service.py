@@ -160,7 +160,7 @@ class EnrollService(MultiService):
             Registry(master.paths.registry),
             clock=clock or reactor,
             run=serial_runner(reactor),
-            limiter=limiter or AttemptLimiter(),
+            limiter=limiter if limiter is not None else AttemptLimiter(),
         )
         site = make_site(make_app(self.enroller).resource(), limits=LIMITS, reactor=reactor)
         self.api = TLSPortService(
