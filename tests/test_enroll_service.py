@@ -313,6 +313,28 @@ async def test_too_many_attempts_from_one_address_get_429_until_the_bucket_refil
         await client.close()
 
 
+def test_an_ipv6_scanner_counts_by_its_64_and_ipv4_by_its_address(master):
+    from decnet.httpapi import HTTPError
+    from decnet.master.enroll_service import Enroller
+    from decnet.threads import inline_runner
+
+    enroller = Enroller(
+        master,
+        Registry(master.paths.registry),
+        clock=Clock(),
+        run=inline_runner,
+        limiter=AttemptLimiter(burst=2, period=60.0),
+    )
+    enroller.admit("2001:db8:1:2::1")
+    enroller.admit("2001:db8:1:2::ffff")
+    with pytest.raises(HTTPError) as refused:
+        enroller.admit("2001:db8:1:2:aaaa::7")  # another address, the same /64
+    assert refused.value.status == 429 and refused.value.extra["retry_after"] == 30
+    enroller.admit("2001:db8:1:3::1")  # the next /64 is someone else
+    enroller.admit("192.0.2.1")
+    enroller.admit("192.0.2.2")
+
+
 def test_the_tap_passes_max_attempts_and_period_to_the_service(master):
     """An empty limiter is falsy (it has a length): it must still be the one used."""
     from decnet.master import enroll_tap

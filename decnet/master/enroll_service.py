@@ -7,9 +7,11 @@ everything the worker needs next to the keys it made itself.
 * TLS with the master's own certificate and the CA in the chain; the worker
   checks the CA by the fingerprint the operator gave it.  No client
   certificate is asked for: the token is the credential.
-* Per source address, at most ``burst`` attempts per ``period`` (429 beyond,
+* Per source address (an IPv6 one by its /64), at most ``burst`` attempts per
+  ``period`` (429 beyond,
   :class:`~decnet.master.enroll_limits.AttemptLimiter`), counted before the body
-  is even parsed; bodies over :data:`MAX_BODY` are refused while they arrive (413).
+  is even parsed; bodies over :data:`MAX_BODY` are refused while they arrive (413);
+  a connection idle for :data:`IDLE_TIMEOUT` seconds is closed.
 * Refusals (400, 403, 429) are one warning line with the peer and the reason;
   the token itself is never logged.
 * SQLite and signing run off the reactor, one join at a time in this process
@@ -41,6 +43,7 @@ from decnet.httpapi import (
     respond,
 )
 from decnet.interfaces import IDecnetReactor
+from decnet.listener.admission import address_key
 from decnet.master.enroll_limits import AttemptLimiter
 from decnet.master.enroll_tokens import redeem
 from decnet.master.enrollment import MasterState
@@ -54,6 +57,8 @@ log = Logger(namespace="decnet.enroll")
 #: Two CSRs and a token fit in a few KiB; anything larger is not a join.
 MAX_BODY = 64 * 1024
 LIMITS = BodyLimits(max_size=MAX_BODY)
+#: A join is one request of a few KiB: a connection idle this long is closed (slowloris).
+IDLE_TIMEOUT = 15.0
 
 
 def server_options(identity: TLSIdentity) -> ssl.CertificateOptions:
@@ -87,9 +92,10 @@ class Enroller:
 
     def admit(self, source: str) -> None:
         """:class:`HTTPError` 429 when ``source`` has used up its attempts."""
-        if self.limiter.allow(source, self.clock.seconds()):
+        key = address_key(source)  # an IPv6 source counts by its /64
+        if self.limiter.allow(key, self.clock.seconds()):
             return
-        wait = max(1, round(self.limiter.retry_after(source)))
+        wait = max(1, round(self.limiter.retry_after(key)))
         raise HTTPError(
             429, f"too many enrollment attempts from {source}; retry in {wait} s", retry_after=wait
         )
@@ -162,7 +168,12 @@ class EnrollService(MultiService):
             run=serial_runner(reactor),
             limiter=limiter if limiter is not None else AttemptLimiter(),
         )
-        site = make_site(make_app(self.enroller).resource(), limits=LIMITS, reactor=reactor)
+        site = make_site(
+            make_app(self.enroller).resource(),
+            limits=LIMITS,
+            timeout=IDLE_TIMEOUT,
+            reactor=reactor,
+        )
         self.api = TLSPortService(
             reactor,
             listen,
