@@ -133,6 +133,42 @@ async def test_a_replayed_token_is_refused_with_403_and_nothing_is_written(
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_expired_token_gets_403_saying_so_and_changes_nothing(enroll, master, tmp_path):
+    import time
+
+    an_hour_ago = Registry(master.paths.registry, now=lambda: time.time() - 3600)
+    issued = enroll_tokens.issue_token(master, "join-10", "127.0.0.1", registry=an_hour_ago)
+    before = registry_dump(master.paths.registry)
+    with pytest.raises(EnrollmentRefused, match=r"refused the token: .*has expired"):
+        await join(reactor, enroll.url, issued.token, master.ca.fingerprint, tmp_path / "b")
+    assert registry_dump(master.paths.registry) == before
+    assert not (tmp_path / "b").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tampered_csr_over_the_wire_gets_the_masters_name_role_and_sans(enroll, master):
+    from cryptography import x509
+
+    from tests.enroll_support import hostile_csr, keys_and_csrs
+
+    keys, _ = keys_and_csrs()
+    csrs = {role: hostile_csr(key) for role, key in keys.items()}
+    client = EnrollClient(reactor, enroll.url, master.ca.fingerprint, timeout=10)
+    try:
+        reply = await client.call(
+            "POST", "enroll", json={"token": token(master, "join-11"), "csrs": csrs}
+        )
+    finally:
+        await client.close()
+    assert set(reply["certificates"]) == {"worker"}  # the token has no updater
+    cert = x509.load_pem_x509_certificate(reply["certificates"]["worker"].encode())
+    assert pki.identity_of(cert).role == "worker" and pki.identity_of(cert).cn == "join-11"
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in sans] == ["join-11", "127.0.0.1"]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_ten_concurrent_joins_with_distinct_tokens_all_succeed(enroll, master, tmp_path):
     names = [f"many-{i:02d}" for i in range(10)]
     tokens = {n: token(master, n, updater=True) for n in names}
