@@ -439,7 +439,7 @@ class PinnedHTTPSPolicy:
     only complete over a connection whose handshake passed that pin.
     """
 
-    def __init__(self, options: PolicyOptions):
+    def __init__(self, options: ssl.CertificateOptions):
         self.options = options
 
     def creatorForNetloc(self, hostname, port):

@@ -57,6 +57,15 @@ JOIN_TIMEOUT = 30.0
 ROLES = (config.ROLE_WORKER, config.ROLE_UPDATER)
 
 
+class _PinnedConnection(PolicyConnection):
+    """A connection of :class:`CAPinnedOptions`: it keeps the CA certificate its verify
+    callback matched at depth 1, for the check of the leaf at depth 0."""
+
+    def __init__(self, context: SSL.Context):
+        super().__init__(context)
+        self.pinned_ca: x509.Certificate | None = None
+
+
 class CAPinnedOptions(ssl.CertificateOptions):
     """A TLS client that trusts exactly one CA, known by its SHA-256 fingerprint.
 
@@ -80,21 +89,25 @@ class CAPinnedOptions(ssl.CertificateOptions):
         return ctx
 
     def clientConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        return PolicyConnection(self.getContext())
+        return _PinnedConnection(self.getContext())
 
     def _verify(
         self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
+        if not isinstance(conn, _PinnedConnection):
+            return False  # not a connection of ours: nothing to record the CA on
         refusal = self._refusal(conn, cert.to_cryptography(), depth)
-        if refusal is not None and isinstance(conn, PolicyConnection):
+        if refusal is not None:
             conn.handshake.refuse(refusal)
         return refusal is None
 
-    def _refusal(self, conn: SSL.Connection, cert: x509.Certificate, depth: int) -> Refusal | None:
+    def _refusal(
+        self, conn: _PinnedConnection, cert: x509.Certificate, depth: int
+    ) -> Refusal | None:
         if depth >= 1:
             found = pki.fingerprint(cert)
             if depth == 1 and hmac.compare_digest(found, self.ca_fingerprint):
-                conn.pinned_ca = cert  # type: ignore[attr-defined]
+                conn.pinned_ca = cert
                 return None
             return Refusal(
                 RefusalKind.FINGERPRINT,
@@ -102,7 +115,7 @@ class CAPinnedOptions(ssl.CertificateOptions):
                 f"{pki.colon_fingerprint(self.ca_fingerprint)} given with --ca-fingerprint "
                 "(check it against `decnet-admin enroll --token` on the master)",
             )
-        return _leaf_refusal(getattr(conn, "pinned_ca", None), cert)
+        return _leaf_refusal(conn.pinned_ca, cert)
 
 
 def _leaf_refusal(ca: x509.Certificate | None, leaf: x509.Certificate) -> Refusal | None:
@@ -146,7 +159,7 @@ class EnrollClient(PinnedClient):
         self.options = CAPinnedOptions(ca_fingerprint)
         self._agent = Agent(
             reactor,
-            contextFactory=PinnedHTTPSPolicy(self.options),  # type: ignore[arg-type]
+            contextFactory=PinnedHTTPSPolicy(self.options),
             connectTimeout=timeout,
             pool=self._pool,
         )
