@@ -26,6 +26,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from decnet import config
@@ -471,6 +472,13 @@ def certify(
 
 #: A CSR is a few hundred bytes; anything much larger is not one of ours.
 MAX_CSR_SIZE = 16 * 1024
+
+
+def spki(public: CertificatePublicKeyTypes) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo: how two keys are compared for equality."""
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def make_csr(key: LeafPrivateKey) -> bytes:

@@ -74,8 +74,35 @@ def test_a_token_is_redeemed_once_and_the_master_decides_every_field(master):
     assert joined.bundle["name"] == "web-01" and joined.bundle["ca_fingerprint"] == (
         master.ca.fingerprint
     )
+    _, others = keys_and_csrs()
+    before = registry_dump(master.paths.registry)
     with pytest.raises(EnrollmentRefused, match="already been used"):
-        enroll_tokens.redeem(master, Registry(master.paths.registry), issued.token, csrs)
+        enroll_tokens.redeem(master, Registry(master.paths.registry), issued.token, others)
+    assert registry_dump(master.paths.registry) == before
+
+
+def test_a_used_token_replayed_with_the_same_keys_gets_the_same_answer_and_nothing_changes(
+    master,
+):
+    """The worker retrying after a lost answer; anyone else (other keys) is refused."""
+    issued = enroll_tokens.issue_token(master, "web-07", "10.0.0.5", updater=True)
+    keys, csrs = keys_and_csrs()
+    registry = Registry(master.paths.registry)
+    first = enroll_tokens.redeem(master, registry, issued.token, csrs)
+    before = registry_dump(master.paths.registry)
+    fresh_csrs = {role: pki.make_csr(key).decode() for role, key in keys.items()}
+    again = enroll_tokens.redeem(master, registry, issued.token, fresh_csrs)
+    assert again.as_reply() == first.as_reply() and again.host == first.host
+    assert registry_dump(master.paths.registry) == before
+    # Only the worker key matching is not enough: every certified key must match.
+    _, others = keys_and_csrs()
+    with pytest.raises(EnrollmentRefused, match="already been used"):
+        enroll_tokens.redeem(
+            master, registry, issued.token, {"worker": csrs["worker"], "updater": others["updater"]}
+        )
+    enrollment.decommission(master, "web-07")
+    with pytest.raises(EnrollmentRefused, match="was decommissioned"):
+        enroll_tokens.redeem(master, registry, issued.token, csrs)
 
 
 def test_a_token_without_updater_ignores_an_updater_csr(master):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
 
 from decnet import config, pki
 from decnet.clock import utc_iso
-from decnet.errors import ValidationError
+from decnet.errors import EnrollmentRefused, ValidationError
 from decnet.master.enrollment import MasterState, bundle_settings, check_enrollment
 from decnet.master.registry import Host, PendingEnrollment, Registry, Tokens, token_digest
 
@@ -114,12 +115,18 @@ class Joined:
     """What a successful join sends back: certificates by role, the CA and ``bundle.json``."""
 
     host: Host
-    certificates: Mapping[str, str]
-    ca: str
-    bundle: Mapping[str, object]
+    reply: Mapping[str, Any]
+
+    @property
+    def certificates(self) -> Mapping[str, str]:
+        return self.reply["certificates"]
+
+    @property
+    def bundle(self) -> Mapping[str, object]:
+        return self.reply["bundle"]
 
     def as_reply(self) -> dict[str, object]:
-        return {"certificates": dict(self.certificates), "ca": self.ca, "bundle": dict(self.bundle)}
+        return dict(self.reply)
 
 
 def parse_csrs(doc: object) -> dict[str, pki.LeafPublicKey]:
@@ -135,16 +142,10 @@ def parse_csrs(doc: object) -> dict[str, pki.LeafPublicKey]:
         for role in (config.ROLE_WORKER, config.ROLE_UPDATER)
         if role in doc
     }
-    der = {role: _spki(key) for role, key in keys.items()}
+    der = {role: pki.spki(key) for role, key in keys.items()}
     if len(set(der.values())) != len(der):
         raise ValidationError("the worker and updater CSRs must have different keys")
     return keys
-
-
-def _spki(key: pki.LeafPublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def redeem(master: MasterState, registry: Registry, token: object, csrs: object) -> Joined:
@@ -153,48 +154,85 @@ def redeem(master: MasterState, registry: Registry, token: object, csrs: object)
     :class:`ValidationError` for a malformed request (nothing is looked up),
     :class:`decnet.errors.EnrollmentRefused` for a token that is unknown, used
     or expired, or a name that is taken.  Either way the registry is unchanged.
+
+    A used token presented again with CSRs for the very keys it was used with
+    (the worker retrying after a lost answer) gets the same answer again, and
+    nothing changes; with any other key it is refused as used.
     """
     if not isinstance(token, str) or not 1 <= len(token) <= 256:
         raise ValidationError("'token' must be a string of 1-256 characters")
     keys = parse_csrs(csrs)
-    issued: dict[str, str] = {}
-    out: dict[str, Mapping[str, object]] = {}
 
-    def complete(pending: PendingEnrollment) -> Host:
-        settings = pending.settings
-        bundle = dict(settings["bundle"])
-        wanted = [config.ROLE_WORKER] + ([config.ROLE_UPDATER] if settings["updater"] else [])
-        missing = [role for role in wanted if role not in keys]
-        if missing:
-            raise ValidationError(f"this token also needs a CSR for: {', '.join(missing)}")
-        fingerprints: dict[str, str] = {}
-        for role in wanted:
-            cert = pki.certify(
-                master.ca,
-                keys[role],
-                role,
-                pending.name,
-                addresses=settings["sans"],
-                validity_days=settings["validity_days"],
-            )
-            issued[role] = pki.cert_pem(cert).decode("ascii")
-            fingerprints[role] = pki.fingerprint(cert)
-        out["bundle"] = bundle
-        return Host(
-            name=pending.name,
-            address=str(bundle["address"]),
-            agent_port=int(bundle["agent_port"]),
-            updater_port=int(bundle["updater_port"]),
-            worker_fingerprint=fingerprints[config.ROLE_WORKER],
-            updater_fingerprint=fingerprints.get(config.ROLE_UPDATER),
-            enrolled_at=utc_iso(registry.now()),
-        )
+    def complete(pending: PendingEnrollment) -> tuple[Host, dict]:
+        return _sign(master, registry, pending, keys)
 
     with registry.lock():
-        host = Tokens(registry).redeem(token, complete)
-    return Joined(
-        host=host,
-        certificates=issued,
-        ca=pki.cert_pem(master.ca.cert).decode("ascii"),
-        bundle=out["bundle"],
+        tokens = Tokens(registry)
+        used = tokens.used(token)
+        if used is not None:
+            return _replay(registry, used, keys)
+        host, answer = tokens.redeem(token, complete)
+    return Joined(host=host, reply=answer)
+
+
+def _sign(
+    master: MasterState,
+    registry: Registry,
+    pending: PendingEnrollment,
+    keys: Mapping[str, pki.LeafPublicKey],
+) -> tuple[Host, dict]:
+    """The host row and the answer for ``pending``: every field decided here, not by the CSRs."""
+    settings = pending.settings
+    bundle = dict(settings["bundle"])
+    wanted = [config.ROLE_WORKER] + ([config.ROLE_UPDATER] if settings["updater"] else [])
+    missing = [role for role in wanted if role not in keys]
+    if missing:
+        raise ValidationError(f"this token also needs a CSR for: {', '.join(missing)}")
+    certs = {
+        role: pki.certify(
+            master.ca,
+            keys[role],
+            role,
+            pending.name,
+            addresses=settings["sans"],
+            validity_days=settings["validity_days"],
+        )
+        for role in wanted
+    }
+    host = Host(
+        name=pending.name,
+        address=str(bundle["address"]),
+        agent_port=int(bundle["agent_port"]),
+        updater_port=int(bundle["updater_port"]),
+        worker_fingerprint=pki.fingerprint(certs[config.ROLE_WORKER]),
+        updater_fingerprint=(
+            pki.fingerprint(certs[config.ROLE_UPDATER]) if config.ROLE_UPDATER in certs else None
+        ),
+        enrolled_at=utc_iso(registry.now()),
     )
+    answer = {
+        "certificates": {role: pki.cert_pem(c).decode("ascii") for role, c in certs.items()},
+        "ca": pki.cert_pem(master.ca.cert).decode("ascii"),
+        "bundle": bundle,
+    }
+    return host, answer
+
+
+def _replay(
+    registry: Registry, used: PendingEnrollment, keys: Mapping[str, pki.LeafPublicKey]
+) -> Joined:
+    """The stored answer of a used token, for the holder of the keys it was used with."""
+    refused = EnrollmentRefused("this enrollment token has already been used")
+    answer = used.answer
+    if answer is None:
+        raise refused
+    for role, pem in answer["certificates"].items():
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        if role not in keys or pki.spki(cert.public_key()) != pki.spki(keys[role]):
+            raise refused
+    host = registry.get(used.name)
+    if host.decommissioned:
+        raise EnrollmentRefused(
+            f"{used.name!r} was decommissioned at {host.revoked_at}; enroll under a new name"
+        )
+    return Joined(host=host, reply=answer)

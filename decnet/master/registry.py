@@ -53,7 +53,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # version 2: one-time enrollment tokens (``decnet-admin enroll --token``).  Only
     # the token's sha256 is stored; ``settings`` is the JSON the master decided for
-    # the bundle (addresses, ports, validity).  ``used_at`` is set once, when a join
+    # the bundle (addresses, ports, validity).  ``used_at`` and ``answer`` (the
+    # certificates and bundle.json sent back: public data) are set once, when a join
     # completes, in the transaction that adds the host.
     (
         """
@@ -63,7 +64,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         settings     TEXT NOT NULL,
         created_at   REAL NOT NULL,
         expires_at   REAL NOT NULL,
-        used_at      REAL
+        used_at      REAL,
+        answer       TEXT
     )
         """,
         "CREATE INDEX enroll_tokens_by_name ON enroll_tokens (name)",
@@ -249,6 +251,7 @@ class PendingEnrollment:
     created_at: float
     expires_at: float
     used_at: float | None = None
+    answer: dict | None = None
 
 
 def _add_token(db: sqlite3.Connection, pending: PendingEnrollment) -> None:
@@ -266,16 +269,27 @@ def _add_token(db: sqlite3.Connection, pending: PendingEnrollment) -> None:
     )
 
 
+_SELECT_ENROLLMENT = (
+    "SELECT token_sha256, name, settings, created_at, expires_at, used_at, answer "
+    "FROM enroll_tokens"
+)
+
+
+def _token_of(row: tuple) -> PendingEnrollment:
+    answer = json.loads(row[6]) if row[6] is not None else None
+    return PendingEnrollment(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], answer)
+
+
+def _lookup(db: sqlite3.Connection, digest: str) -> PendingEnrollment | None:
+    row = db.execute(f"{_SELECT_ENROLLMENT} WHERE token_sha256 = ?", (digest,)).fetchone()
+    return None if row is None else _token_of(row)
+
+
 def _pending(db: sqlite3.Connection, digest: str, now: float) -> PendingEnrollment:
     """The unused, unexpired token with ``digest``; :class:`EnrollmentRefused` otherwise."""
-    row = db.execute(
-        "SELECT token_sha256, name, settings, created_at, expires_at, used_at "
-        "FROM enroll_tokens WHERE token_sha256 = ?",
-        (digest,),
-    ).fetchone()
-    if row is None:
+    pending = _lookup(db, digest)
+    if pending is None:
         raise EnrollmentRefused("unknown enrollment token (ask the operator for a new one)")
-    pending = PendingEnrollment(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5])
     if pending.used_at is not None:
         raise EnrollmentRefused("this enrollment token has already been used")
     if now >= pending.expires_at:
@@ -302,8 +316,16 @@ class Tokens:
                 db.execute("ROLLBACK")
                 raise
 
-    def redeem(self, token: str, complete: Callable[[PendingEnrollment], Host]) -> Host:
-        """Use ``token`` once: ``complete(pending)`` signs, and its host is added.
+    def used(self, token: str) -> PendingEnrollment | None:
+        """The token, if it exists and has been used (with the answer its join got)."""
+        with self.registry._connect() as db:
+            found = _lookup(db, token_digest(token))
+        return found if found is not None and found.used_at is not None else None
+
+    def redeem(
+        self, token: str, complete: Callable[[PendingEnrollment], tuple[Host, dict]]
+    ) -> tuple[Host, dict]:
+        """Use ``token`` once: ``complete(pending)`` signs, its host is added, its answer kept.
 
         One transaction: the token is checked (known, unused, unexpired), the name
         is checked free, ``complete`` runs, the host row is inserted and the
@@ -320,17 +342,17 @@ class Tokens:
                     _refuse_taken_name(db, pending.name)
                 except DuplicateHost as exc:
                     raise EnrollmentRefused(str(exc)) from None
-                host = complete(pending)
+                host, answer = complete(pending)
                 db.execute(_INSERT, attrs.astuple(host))
                 db.execute(
-                    "UPDATE enroll_tokens SET used_at = ? WHERE token_sha256 = ?",
-                    (now, pending.token_sha256),
+                    "UPDATE enroll_tokens SET used_at = ?, answer = ? WHERE token_sha256 = ?",
+                    (now, json.dumps(answer, sort_keys=True), pending.token_sha256),
                 )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return host
+        return host, answer
 
     def cancel(self, name: str) -> int:
         """Delete every unused token issued for ``name``; how many there were."""
@@ -344,8 +366,7 @@ class Tokens:
         """The unused tokens issued for ``name`` (expired ones included)."""
         with self.registry._connect() as db:
             rows = db.execute(
-                "SELECT token_sha256, name, settings, created_at, expires_at, used_at "
-                "FROM enroll_tokens WHERE name = ? AND used_at IS NULL ORDER BY created_at",
+                f"{_SELECT_ENROLLMENT} WHERE name = ? AND used_at IS NULL ORDER BY created_at",
                 (name,),
             ).fetchall()
-        return [PendingEnrollment(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
+        return [_token_of(row) for row in rows]

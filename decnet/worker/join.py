@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from hyperlink import URL
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -315,19 +314,13 @@ def check_reply(
     return files, fingerprints, name
 
 
-def _spki(key: Any) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _check_cert(cert: x509.Certificate, ca: x509.Certificate, key: Any, cn: str, role: str) -> None:
     identity = pki.identity_of(cert)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise PKIError(f"the {role} certificate is not signed by the pinned CA") from None
-    if _spki(cert.public_key()) != _spki(key.public_key()):
+    if pki.spki(cert.public_key()) != pki.spki(key.public_key()):
         raise PKIError(f"the {role} certificate is not for the key this worker made")
     if identity.role != role or identity.cn != cn:
         raise PKIError(f"the {role} certificate names {identity.cn!r}, not {cn!r}")
