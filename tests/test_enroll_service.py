@@ -25,7 +25,13 @@ from decnet.master.enroll_limits import AttemptLimiter
 from decnet.master.enroll_service import MAX_BODY, EnrollService
 from decnet.master.registry import Registry
 from decnet.tls import Accept, PeerPolicy, TLSIdentity
-from decnet.worker.join import EnrollClient, join, parse_master_url
+from decnet.worker.join import (
+    EnrollClient,
+    join,
+    parse_master_url,
+    pending_dir,
+    prepare_keys,
+)
 from tests.enroll_support import fresh_master, registry_dump
 from tests.logpipe_support import LogCapture
 from tests.support import expired_kw, free_port, raw_connect, tls_pair, write_identity
@@ -166,6 +172,52 @@ async def test_a_tampered_csr_over_the_wire_gets_the_masters_name_role_and_sans(
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(n.value) for n in sans] == ["join-11", "127.0.0.1"]
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_whose_answer_was_lost_completes_when_run_again_with_the_same_keys(
+    enroll, master, tmp_path
+):
+    secret = token(master, "join-12", updater=True)
+    directory = tmp_path / "b"
+    keys, resumed = prepare_keys(directory, pki.DEFAULT_KEY_TYPE)
+    assert not resumed and (pending_dir(directory) / "worker.key").stat().st_mode & 0o777 == 0o600
+    csrs = {role: pki.make_csr(key).decode() for role, key in keys.items()}
+    client = EnrollClient(reactor, enroll.url, master.ca.fingerprint, timeout=10)
+    try:  # the master enrolls the host; its answer never reaches the bundle (a crash)
+        await client.call("POST", "enroll", json={"token": secret, "csrs": csrs})
+    finally:
+        await client.close()
+    before = registry_dump(master.paths.registry)
+    result = await join(reactor, enroll.url, secret, master.ca.fingerprint, directory)
+    assert result.resumed and registry_dump(master.paths.registry) == before
+    host = Registry(master.paths.registry).get("join-12")
+    assert result.fingerprints == {
+        "worker": host.worker_fingerprint,
+        "updater": host.updater_fingerprint,
+    }
+    bundle = pki.WorkerBundle.load(directory)
+    on_disk = pki.load_key(bundle.key_path("worker")).public_key()
+    assert pki.spki(on_disk) == pki.spki(keys["worker"].public_key())
+    assert not pending_dir(directory).exists()
+    # Another worker with the same token (other keys) is still refused.
+    with pytest.raises(EnrollmentRefused, match="already been used"):
+        await join(reactor, enroll.url, secret, master.ca.fingerprint, tmp_path / "other")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_without_updater_leaves_no_updater_key_in_the_bundle(
+    enroll, master, tmp_path
+):
+    result = await join(
+        reactor, enroll.url, token(master, "join-13"), master.ca.fingerprint, tmp_path / "b"
+    )
+    assert sorted(p.name for p in result.directory.iterdir()) == [
+        "bundle.json",
+        "ca.crt",
+        "worker.crt",
+        "worker.key",
+    ]
 
 
 @pytest_twisted.ensureDeferred

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from decnet import pki
+from decnet.master import enroll_tokens
 from decnet.master.registry import Registry
 from tests.enroll_support import fresh_master
 from tests.logpipe_support import run_twistd, start_forwarder, start_listener, syslog_line
@@ -144,6 +145,48 @@ def test_a_worker_joins_ships_logs_and_once_decommissioned_is_told_it_is_refused
         ADMIN, "--home", home, "enroll", "e2e-01", "--address", "127.0.0.1", "--token", check=1
     )
     assert "'e2e-01' was decommissioned at" in reuse.stderr
+
+
+def test_kill_9_of_decnet_worker_at_any_moment_then_the_same_command_completes_the_join(
+    enroll_daemon, tmp_path
+):
+    """Whatever step the kill hits (keys made, CSRs sent, answer received, bundle half
+    installed), running the same command again ends with the bundle the registry pins."""
+    import random
+    import time
+
+    master, port = enroll_daemon
+    rng = random.Random(13)
+    for i in range(4):
+        name = f"kill-{i}"
+        issued = enroll_tokens.issue_token(master, name, "127.0.0.1", updater=True)
+        bundle = tmp_path / name
+        argv = [
+            WORKER,
+            "join",
+            f"https://127.0.0.1:{port}",
+            "--token",
+            issued.token,
+            "--ca-fingerprint",
+            issued.ca_fingerprint,
+            "--dir",
+            str(bundle),
+        ]
+        victim = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.2))  # a random moment (fault schedule, not sync)
+        victim.kill()
+        victim.wait()
+        if not bundle.exists():
+            again = run(*argv, "--json")
+            assert json.loads(again.stdout)["name"] == name
+        host = Registry(master.paths.registry).get(name)
+        loaded = pki.WorkerBundle.load(bundle)
+        for role, fp in (
+            ("worker", host.worker_fingerprint),
+            ("updater", host.updater_fingerprint),
+        ):
+            assert pki.fingerprint(pki.load_cert(loaded.cert_path(role))) == fp
+        run(*argv, check=1)  # and a bundle is never overwritten
 
 
 def test_decnet_enroll_help_has_examples_and_a_bad_home_names_the_file_and_init(tmp_path):

@@ -33,9 +33,11 @@ examples:
   decnet-worker join https://master.example:8443 --token "$TOKEN" \\
       --ca-fingerprint "$FP" --dir /etc/decnet/bundle --json
 
-The keys are made on this host and never leave it; the bundle (default {DEFAULT_DIR})
-is written only once the master has answered, and an existing one is never overwritten.
-Then start the daemons with --bundle pointing at it (docs/Operations.md).
+The keys are made on this host and never leave it. They wait in .bundle.pending next to
+the bundle (default {DEFAULT_DIR}) until the master has answered; if a join is cut
+short (kill, power cut, lost connection), run the same command again: it completes
+with the same keys. An existing bundle is never overwritten. Then start the daemons
+with --bundle pointing at it (docs/Operations.md).
 """
 
 
@@ -98,7 +100,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         if args.json:
             output.print_json(result.as_dict())
             return 0
-        output.line(f"Joined as {result.name}; bundle written to {result.directory}")
+        resumed = " (completing an interrupted join)" if result.resumed else ""
+        output.line(f"Joined as {result.name}; bundle written to {result.directory}{resumed}")
         for role, fp in sorted(result.fingerprints.items()):
             output.line(f"  {role:<8} fingerprint  {pki.colon_fingerprint(fp)}")
         output.line(f"Start the daemons with --bundle {result.directory} (docs/Operations.md).")

@@ -1,20 +1,21 @@
 """``decnet-worker join``: enroll this worker with a one-time token; its keys never leave it.
 
 1. The bundle directory is checked first: an existing bundle is never overwritten.
-2. The worker and updater keys are made here, in memory (off the reactor).
+2. The worker and updater keys are made here and written first (0600,
+   ``O_EXCL``) to ``.<dir>.pending`` next to it, or taken from there when an
+   interrupted attempt left them (:func:`prepare_keys`).
 3. Their CSRs go to the master's ``twistd decnet-enroll`` over TLS.  The master
    is trusted by the CA fingerprint the operator copied from ``decnet-admin
    enroll --token``, inside the handshake (:class:`CAPinnedOptions`); the
    system's CAs are never consulted.
 4. The answer is checked (every certificate is the CA's, for our key, with
-   the role and name of ``bundle.json``) and the bundle is written atomically:
-   keys 0600 and ``O_EXCL`` (:func:`decnet.pki.write_bundle`), in the layout
-   ``decnet-admin enroll --out`` writes, so the daemons load it unchanged.
+   the role and name of ``bundle.json``), the certificates and ``bundle.json``
+   join the keys, and the directory is renamed into place (:func:`install`): the
+   layout ``decnet-admin enroll --out`` writes, so the daemons load it unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hmac
 import json
@@ -36,11 +37,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from decnet import config, pki
 from decnet.errors import (
     EnrollmentRefused,
+    MissingFileError,
     PKIError,
     RemoteError,
     ValidationError,
 )
-from decnet.fsutil import write_new_file
+from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, fsync_dir, write_new_file
 from decnet.httpclient import PinnedClient
 from decnet.interfaces import IDecnetReactor
 from decnet.threads import run_in_pool
@@ -193,31 +195,63 @@ def check_target(directory: Path) -> None:
         )
 
 
-#: What a bundle needs on disk, with room to spare: the probe written before the token is used.
-PROBE_SIZE = 64 * 1024
+def pending_dir(directory: Path) -> Path:
+    """Where the keys wait for their certificates: ``.<name>.pending`` next to the bundle."""
+    return directory.with_name(f".{directory.name}.pending")
 
 
-def preflight(directory: Path) -> None:
-    """Prove the bundle can be written *before* the token is used up (a token is single use).
+def prepare_keys(directory: Path, key_type: str) -> tuple[dict[str, Any], bool]:
+    """This worker's keys, on disk before anything is sent; whether they were there already.
 
-    Creates the parent directory and writes, fsyncs and removes a probe file of
-    :data:`PROBE_SIZE` bytes next to where the bundle goes: a read-only file
-    system, a parent that is not a directory or a full disk is refused here,
-    with the token still valid.
+    They are made (0600, ``O_EXCL``, fsynced) in :func:`pending_dir`, or read from
+    it when an earlier attempt left them: a join interrupted after the master
+    answered (kill, power cut, a lost connection) is completed by running the
+    same command again, because the master answers a used token again to the
+    holder of the same keys.  Writing them first also proves the disk takes the
+    bundle while the token is still unused.  A key a crash cut short was never
+    sent (keys are sent only once both are complete): it is made again.
     """
     check_target(directory)
-    probe = directory.with_name(f".{directory.name}.probe-{os.getpid()}")
+    pending = pending_dir(directory)
+    keys: dict[str, Any] = {}
+    resumed = pending.is_dir()
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        write_new_file(probe, b"\0" * PROBE_SIZE, 0o600)
+        ensure_private_dir(pending)
+        for role in ROLES:
+            path = pending / f"{role}.key"
+            try:
+                keys[role] = pki.load_key(path)
+                continue
+            except MissingFileError:
+                resumed = False
+            except PKIError:
+                path.unlink()
+                resumed = False
+            keys[role] = pki.generate_key(key_type)
+            write_new_file(path, pki.key_pem(keys[role]), PRIVATE_FILE_MODE)
+        fsync_dir(pending)
     except OSError as exc:
         raise ValidationError(
-            f"cannot write the bundle next to {directory}: {exc.strerror or exc}; "
+            f"cannot write the keys next to {directory}: {exc.strerror or exc}; "
             "nothing was sent, the token is still valid"
         ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
+    return keys, resumed
+
+
+def install(directory: Path, files: dict[str, bytes]) -> None:
+    """Add ``files`` (certificates, bundle.json) next to the keys and rename into place."""
+    pending = pending_dir(directory)
+    for role in ROLES:
+        if f"{role}.crt" not in files:  # not certified (a token without --updater)
+            (pending / f"{role}.key").unlink(missing_ok=True)
+    for name, data in files.items():
+        (pending / name).unlink(missing_ok=True)  # what an interrupted install left
+        write_new_file(pending / name, data)
+    fsync_dir(pending)
+    check_target(directory)  # again: the operator may have made one meanwhile
+    os.rename(pending, directory)  # replaces an empty directory atomically
+    fsync_dir(directory.parent)
+    pki.WorkerBundle.load(directory)
 
 
 @attrs.frozen
@@ -225,17 +259,15 @@ class JoinResult:
     name: str
     directory: Path
     fingerprints: dict[str, str]
+    resumed: bool = False  # completed an earlier, interrupted join with its keys
 
     def as_dict(self) -> dict[str, object]:
         return {
             "name": self.name,
             "bundle": str(self.directory),
             "fingerprints": dict(self.fingerprints),
+            "resumed": self.resumed,
         }
-
-
-def _make_keys(key_type: str) -> dict[str, Any]:
-    return {role: pki.generate_key(key_type) for role in ROLES}
 
 
 async def join(
@@ -251,8 +283,7 @@ async def join(
     """Join the master at ``url`` with ``token``; the bundle is in ``directory`` on return."""
     directory = directory.absolute()
     pinned = pki.normalize_fingerprint(ca_fingerprint)
-    await run_in_pool(reactor, preflight, directory)
-    keys = await run_in_pool(reactor, _make_keys, key_type)
+    keys, resumed = await run_in_pool(reactor, prepare_keys, directory, key_type)
     csrs = {role: pki.make_csr(key).decode("ascii") for role, key in keys.items()}
     client = EnrollClient(reactor, url, pinned, timeout=timeout)
     try:
@@ -262,15 +293,8 @@ async def join(
     finally:
         await client.close()
     files, fingerprints, name = check_reply(reply, keys, pinned)
-    private = {f"{role}.key" for role in ROLES}
-    await run_in_pool(reactor, _write, directory, files, private)
-    return JoinResult(name=name, directory=directory, fingerprints=fingerprints)
-
-
-def _write(directory: Path, files: dict[str, bytes], private: set[str]) -> None:
-    check_target(directory)  # again: the operator may have made one meanwhile
-    pki.write_bundle(directory, files, private=private)
-    pki.WorkerBundle.load(directory)
+    await run_in_pool(reactor, install, directory, files)
+    return JoinResult(name=name, directory=directory, fingerprints=fingerprints, resumed=resumed)
 
 
 def _refusal_of(exc: RemoteError) -> Exception:
@@ -285,7 +309,8 @@ def _refusal_of(exc: RemoteError) -> Exception:
 def check_reply(
     reply: dict, keys: dict[str, Any], pinned: str
 ) -> tuple[dict[str, bytes], dict[str, str], str]:
-    """The bundle files from the master's answer, once every part of it checks out."""
+    """The bundle files from the master's answer (all but the keys, already on disk),
+    once every part of it checks out."""
     try:
         ca = x509.load_pem_x509_certificate(reply["ca"].encode("ascii"))
         bundle = reply["bundle"]
@@ -309,7 +334,6 @@ def check_reply(
     for role, cert in certs.items():
         _check_cert(cert, ca, keys[role], pki.cn_for(role, name), role)
         files[f"{role}.crt"] = pki.cert_pem(cert)
-        files[f"{role}.key"] = pki.key_pem(keys[role])
         fingerprints[role] = pki.fingerprint(cert)
     return files, fingerprints, name
 
