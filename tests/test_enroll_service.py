@@ -303,7 +303,7 @@ async def test_a_server_that_is_not_the_masters_is_refused_even_with_our_ca_in_i
     d = tmp_path / "ids"
     identity = {
         "impostor": lambda: write_identity(d, foreign_ca, "master", trust=master.ca),
-        "worker": lambda: write_identity(d, master.ca, "worker", "evil-01"),
+        "worker": lambda: write_identity(d, master.ca, "worker", "rogue-01"),
         "expired": lambda: write_identity(d, master.ca, "master", **expired_kw()),
     }[who]()
     service = EnrollService(

@@ -56,13 +56,11 @@ def confirm(args: argparse.Namespace, host: Host | None) -> None:
             "terminal; pass --yes"
         )
     what = f"{args.name} ({host.address})" if host is not None else args.name
-    sys.stderr.write(
-        output.printable(
-            f"Decommission {what}? Its deckies are torn down and its certificates revoked; "
-            "this cannot be undone. Type the host name to confirm: "
-        )
+    output.line(
+        f"Decommission {what}? Its deckies are torn down and its certificates revoked; "
+        "this cannot be undone. Type the host name to confirm:",
+        sys.stderr,
     )
-    sys.stderr.flush()
     if sys.stdin.readline().strip() != args.name:
         raise ValidationError(f"not confirmed; {args.name!r} is unchanged")
 

@@ -113,9 +113,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 def report(error: DecnetError, *, as_json: bool) -> int:
     """One escaped line per problem on stderr, or ``{"problems": [...]}`` there with --json."""
     problems = problems_of(error)
-    if as_json:
-        sys.stderr.write(json.dumps({"problems": problems}, ensure_ascii=True) + "\n")
-        sys.stderr.flush()
+    if as_json:  # ASCII-only JSON: nothing in it for output.line to escape
+        output.line(json.dumps({"problems": problems}, ensure_ascii=True), sys.stderr)
     else:
         for problem in problems:
             output.line(f"{PROG}: error: {problem}", sys.stderr)
