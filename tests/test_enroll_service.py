@@ -4,6 +4,7 @@ worker's ``join`` against it: joins, replays, tampering, concurrency, floods, ba
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import pytest_twisted
@@ -134,7 +135,7 @@ async def test_a_replayed_token_is_refused_with_403_and_nothing_is_written(
     assert not (tmp_path / "second").exists()
     assert registry_dump(master.paths.registry) == before
     (event,) = [e for e in logs.events if "Refused enrollment" in e.get("log_format", "")]
-    assert event["status"] == 403 and secret not in logs.text()
+    assert event["kind"] == "403" and secret not in logs.text()
     assert "log_failure" not in event  # one line, no traceback
 
 
@@ -399,6 +400,31 @@ async def test_too_many_attempts_from_one_address_get_429_until_the_bucket_refil
         await join(reactor, enroll.url, secret, master.ca.fingerprint, tmp_path / "b")
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_refusals_is_logged_as_five_lines_then_one_summary(enroll, master):
+    enroll.service.enroller.limiter = AttemptLimiter(burst=1, period=60.0)
+    client = EnrollClient(reactor, enroll.url, master.ca.fingerprint, timeout=10)
+    try:
+        with LogCapture() as logs:
+            for _ in range(12):
+                with pytest.raises(RemoteError):
+                    await client.call("POST", "enroll", json={})
+            enroll.clock.advance(10.0)  # the summary interval ends
+    finally:
+        await client.close()
+    lines = logs.text().splitlines()
+    assert len(lines) == 6, lines
+    assert re.fullmatch(
+        r"Refused enrollment from 127\.0\.0\.1:\d+ \(400\): 'token' must be a string .*",
+        lines[0],
+    )
+    assert all(" (429): too many enrollment attempts" in line for line in lines[1:5])
+    assert lines[-1] == (
+        "Refused 7 more enrollment attempts in 10s "
+        "(429: 7; from 1 addresses, most from 127.0.0.1: 7)"
+    )
 
 
 def test_an_ipv6_scanner_counts_by_its_64_and_ipv4_by_its_address(master):

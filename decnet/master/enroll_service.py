@@ -12,8 +12,9 @@ everything the worker needs next to the keys it made itself.
   :class:`~decnet.master.enroll_limits.AttemptLimiter`), counted before the body
   is even parsed; bodies over :data:`MAX_BODY` are refused while they arrive (413);
   a connection idle for :data:`IDLE_TIMEOUT` seconds is closed.
-* Refusals (400, 403, 429) are one warning line with the peer and the reason;
-  the token itself is never logged.
+* Refusals (400, 403, 429) are one warning line with the peer and the reason,
+  until a flood: then one summary line per interval (the listener's
+  :class:`~decnet.listener.admission.RefusalLog`); the token is never logged.
 * SQLite and signing run off the reactor, one join at a time in this process
   (:func:`decnet.threads.serial_runner`); the registry's lock and SQLite's
   write lock order them against ``decnet-admin`` in other processes.
@@ -43,7 +44,7 @@ from decnet.httpapi import (
     respond,
 )
 from decnet.interfaces import IDecnetReactor
-from decnet.listener.admission import address_key
+from decnet.listener.admission import RefusalLog, address_key
 from decnet.master.enroll_limits import AttemptLimiter
 from decnet.master.enroll_tokens import redeem
 from decnet.master.enrollment import MasterState
@@ -89,6 +90,12 @@ class Enroller:
         self.clock = clock
         self.run = run
         self.limiter = limiter
+        # A scanner's flood of refusals is summed up, not logged line by line.
+        self.refusals = RefusalLog(
+            clock,
+            each="Refused enrollment from {peer} ({kind}): {reason}",
+            more="Refused {count} more enrollment attempts",
+        )
 
     def admit(self, source: str) -> None:
         """:class:`HTTPError` 429 when ``source`` has used up its attempts."""
@@ -125,17 +132,14 @@ def make_app(enroller: Enroller) -> Klein:
     @app.route("/enroll", methods=["POST"])
     async def enroll(request: server.Request) -> bytes:
         peer = peer_label(request)
+        source = getattr(request.getClientAddress(), "host", "?")
         try:
-            enroller.admit(getattr(request.getClientAddress(), "host", "?"))
+            enroller.admit(source)
             reply = await enroller.join(read_json(request))
         except (HTTPError, ValidationError) as exc:
-            problems = exc.problems
             status = exc.status if isinstance(exc, HTTPError) else 400
-            log.warn(
-                "Refused enrollment from {peer} ({status}): {reason}",
-                peer=peer,
-                status=status,
-                reason="; ".join(problems),
+            enroller.refusals.refused(
+                str(status), address_key(source), peer, "; ".join(exc.problems)
             )
             if isinstance(exc, HTTPError) and "retry_after" in exc.extra:
                 request.setHeader(b"retry-after", b"%d" % cast(int, exc.extra["retry_after"]))
