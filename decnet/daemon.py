@@ -22,6 +22,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -31,7 +32,7 @@ from decnet.errors import DecnetError
 from decnet.fsutil import atomic_write
 from decnet.interfaces import IDecnetReactor
 from decnet.pki import WorkerBundle
-from decnet.tls import PolicyOptions, TLSIdentity, listen_tls
+from decnet.tls import TLSIdentity, listen_tls
 
 
 def absolute_path(value: str) -> Path:
@@ -190,7 +191,7 @@ class TLSPortService(PortService):
         self,
         reactor: IDecnetReactor,
         description: str,
-        options: PolicyOptions,
+        options: CertificateOptions,
         factory: IProtocolFactory,
         *,
         port_file: str | os.PathLike | None = None,

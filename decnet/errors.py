@@ -58,6 +58,10 @@ class UnknownHost(RegistryError):
     """No host with this name is enrolled."""
 
 
+class EnrollmentRefused(RegistryError):
+    """A join was refused: the token is unknown, used or expired, or the name is taken."""
+
+
 class HostDecommissioned(RegistryError):
     """The host was decommissioned; nobody talks to it any more."""
 

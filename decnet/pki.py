@@ -26,6 +26,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from decnet import config
@@ -347,7 +348,11 @@ class Leaf:
         return fingerprint(self.cert)
 
 
-def generate_key(key_type: str = DEFAULT_KEY_TYPE):
+LeafPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> LeafPrivateKey:
     if key_type == "ec-p256":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type in ("rsa-2048", "rsa-3072"):
@@ -371,7 +376,20 @@ def issue_leaf(
     calls), the role marker in ``OU``, and SANs: the host name (or
     ``decnet-master``) as a DNS name plus each address as an IP or DNS SAN.
     """
-    cn = cn_for(role, name)
+    key = generate_key(key_type)
+    cert = certify(
+        ca,
+        key.public_key(),
+        role,
+        name,
+        addresses=addresses,
+        validity_days=validity_days,
+        not_before=not_before,
+    )
+    return Leaf(cert=cert, key=key)
+
+
+def _sans(role: str, name: str | None, addresses: Iterable[str]) -> list[x509.GeneralName]:
     dns_names: list[str] = [config.MASTER_CN if role == config.ROLE_MASTER else str(name)]
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for raw in addresses:
@@ -381,10 +399,27 @@ def issue_leaf(
                 dns_names.append(parsed)
         elif parsed not in ips:
             ips.append(parsed)
-    key = generate_key(key_type)
-    public = key.public_key()
+    return [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(ip) for ip in ips]
+
+
+def certify(
+    ca: CertificateAuthority,
+    public: LeafPublicKey,
+    role: str,
+    name: str | None = None,
+    *,
+    addresses: Iterable[str] = (),
+    validity_days: int = config.LEAF_VALIDITY_DAYS,
+    not_before: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """The CA's certificate for ``public`` as ``role`` / ``name``: every field is decided here.
+
+    Subject, SANs, EKUs, key usage and ``CA:FALSE`` come from the arguments and
+    this module's rules, never from what a requester asked for.
+    """
+    cn = cn_for(role, name)
     start = not_before or (_utcnow() - datetime.timedelta(minutes=5))
-    is_rsa = isinstance(key, rsa.RSAPrivateKey)
+    is_rsa = isinstance(public, rsa.RSAPublicKey)
     builder = (
         x509.CertificateBuilder()
         .subject_name(
@@ -422,19 +457,62 @@ def issue_leaf(
             ),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(ip) for ip in ips]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.SubjectAlternativeName(_sans(role, name, addresses)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
         )
     )
-    return Leaf(cert=builder.sign(ca.key, hashes.SHA256()), key=key)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+# ---------------------------------------------------------------------------
+# Certificate signing requests (token enrollment: the worker keeps its keys)
+
+#: A CSR is a few hundred bytes; anything much larger is not one of ours.
+MAX_CSR_SIZE = 16 * 1024
+
+
+def spki(public: CertificatePublicKeyTypes) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo: how two keys are compared for equality."""
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def make_csr(key: LeafPrivateKey) -> bytes:
+    """A PEM CSR proving possession of ``key``; it asks for nothing (the master decides)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def csr_public_key(pem: object) -> LeafPublicKey:
+    """The public key of a PEM CSR whose self-signature is valid; everything else is ignored.
+
+    Refused (:class:`ValidationError`): not a string, too large, not a PEM CSR,
+    a bad signature (no proof of possession), a key type other than EC P-256
+    or RSA 2048-4096.  The subject, SANs, extensions and attributes the CSR
+    asks for are never read: :func:`certify` decides them.
+    """
+    if not isinstance(pem, str) or len(pem) > MAX_CSR_SIZE:
+        raise ValidationError(f"a CSR must be a PEM string of at most {MAX_CSR_SIZE} characters")
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise ValidationError("not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise ValidationError("the CSR's signature does not verify (no proof of key possession)")
+    public = csr.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        return public
+    if isinstance(public, rsa.RSAPublicKey) and 2048 <= public.key_size <= 4096:
+        return public
+    raise ValidationError("unsupported CSR key: use EC P-256 or RSA 2048-4096")
 
 
 # ---------------------------------------------------------------------------

@@ -409,12 +409,17 @@ class TLSServerFactory(TLSMemoryBIOFactory):
 
     protocol = _HandshakeLoggingTLSProtocol
 
-    def __init__(self, options: PolicyOptions, wrapped_factory, clock=None):
+    def __init__(self, options: ssl.CertificateOptions, wrapped_factory, clock=None):
         super().__init__(options, False, wrapped_factory, clock=clock)
 
 
 def listen_tls(
-    reactor: IDecnetReactor, description: str, options: PolicyOptions, factory, *, gate=None
+    reactor: IDecnetReactor,
+    description: str,
+    options: ssl.CertificateOptions,
+    factory,
+    *,
+    gate=None,
 ):
     """Listen on an endpoint string (``tcp:…``, ``systemd:…``) with TLS; a Deferred port.
 
@@ -434,7 +439,7 @@ class PinnedHTTPSPolicy:
     only complete over a connection whose handshake passed that pin.
     """
 
-    def __init__(self, options: PolicyOptions):
+    def __init__(self, options: ssl.CertificateOptions):
         self.options = options
 
     def creatorForNetloc(self, hostname, port):

@@ -238,7 +238,7 @@ def test_decommission_revokes_both_certificates(home, tmp_path):
         str(tmp_path / "g"),
         check=0,
     )
-    result = admin(home, "decommission", "gone-01", check=0)
+    result = admin(home, "decommission", "gone-01", "--yes", "--no-teardown", check=0)
     assert "Decommissioned gone-01" in result.stdout
     listed = revocation.read_entries(home / "listener" / "revoked.json")
     revoked = {e["fingerprint"]: e for e in listed}
@@ -250,7 +250,7 @@ def test_decommission_revokes_both_certificates(home, tmp_path):
         ln for ln in admin(home, "hosts", check=0).stdout.splitlines() if ln.startswith("gone-01")
     )
     assert "decommissioned" in line
-    again = admin(home, "decommission", "gone-01", check=0)
+    again = admin(home, "decommission", "gone-01", "--yes", "--no-teardown", check=0)
     assert "already decommissioned" in again.stdout and "2 revocation entries are in place" in (
         again.stdout
     )
@@ -279,7 +279,7 @@ def test_twelve_parallel_decommissions_leave_twelve_revocation_entries(home, tmp
     }
     procs = [
         subprocess.Popen(
-            [ADMIN, "--home", str(paths.home), "decommission", n],
+            [ADMIN, "--home", str(paths.home), "decommission", n, "--yes", "--no-teardown"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -310,7 +310,7 @@ def test_decommissioning_again_restores_a_lost_revocation_entry_and_says_so(home
     paths = _fresh_home(home, tmp_path)
     master = enrollment.load_master(paths)
     host = enrollment.enroll(master, "lost-01", "10.0.0.1", tmp_path / "b", updater=True).host
-    admin(paths.home, "decommission", "lost-01", check=0)
+    admin(paths.home, "decommission", "lost-01", "--yes", "--no-teardown", check=0)
     first = revocation.read_entries(paths.revocations)
     # What the unlocked race left behind: the host is decommissioned, one entry is gone.
     doc = json.loads(paths.revocations.read_text())
@@ -318,7 +318,7 @@ def test_decommissioning_again_restores_a_lost_revocation_entry_and_says_so(home
     paths.revocations.write_text(json.dumps(doc))
     assert host.worker_fingerprint not in revocation.RevocationSet(paths.revocations)
 
-    again = admin(paths.home, "decommission", "lost-01", check=0)
+    again = admin(paths.home, "decommission", "lost-01", "--yes", "--no-teardown", check=0)
     assert "already decommissioned" in again.stdout
     assert "restored 1 missing revocation entry" in again.stdout
     assert "worker" in again.stdout and output.short_fp(host.worker_fingerprint) in again.stdout
@@ -327,7 +327,7 @@ def test_decommissioning_again_restores_a_lost_revocation_entry_and_says_so(home
 
 
 def test_decommission_of_an_unknown_host_is_an_error(home):
-    result = admin(home, "decommission", "nobody", check=1)
+    result = admin(home, "decommission", "nobody", "--yes", check=1)
     assert "no host named 'nobody'" in result.stderr
 
 

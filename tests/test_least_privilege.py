@@ -357,7 +357,7 @@ def master(scratch, accounts):
         ["init", "--master-host", "127.0.0.1"],
         ["enroll", "w1", "--address", "127.0.0.1", "--updater", "--out", out / "w1"],
         ["enroll", "gone", "--address", "127.0.0.1", "--out", out / "gone"],
-        ["decommission", "gone"],
+        ["decommission", "gone", "--yes", "--no-teardown"],
     ):
         argv = [BIN / "decnet-admin", "--home", home, *args]
         run_as(admin, argv, scratch, python=True, check=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DAEMONS = ["decnet-agent", "decnet-updater", "decnet-forwarder", "decnet-listener"]
+DAEMONS = ["decnet-agent", "decnet-updater", "decnet-forwarder", "decnet-listener", "decnet-enroll"]
 
 pytestmark = pytest.mark.slow
 

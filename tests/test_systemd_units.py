@@ -23,13 +23,18 @@ EXPOSURE_GOALS = {
     "decnet-forwarder.service": 2.5,
     "decnet-listener.service": 2.5,
     "decnet-updater.service": 2.5,
+    "decnet-enroll.service": 2.5,
 }
 TAPS = {
     "decnet-agent": "decnet.agent.tap",
     "decnet-updater": "decnet.updater.tap",
     "decnet-forwarder": "decnet.forwarder.tap",
     "decnet-listener": "decnet.listener.tap",
+    "decnet-enroll": "decnet.master.enroll_tap",
 }
+# Units that run as another daemon's user, and why: decnet-enroll signs with the CA key and
+# writes the registry, which is exactly what decnet-admin (the CA's owner) does.
+RUNS_AS = {"decnet-enroll": "decnet-admin"}
 
 
 def directives(unit: Path) -> dict[str, list[str]]:
@@ -95,7 +100,7 @@ def test_units_are_notify_watchdogged_hardened_and_run_twistd_in_the_foreground(
     assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
     assert d["WatchdogSec"] and d["Restart"][0] in ("on-failure", "always")
     # One system user per daemon (contrib/sysusers.d/decnet.conf): no two units share one.
-    assert d["User"] == [unit.stem]
+    assert d["User"] == [RUNS_AS.get(unit.stem, unit.stem)]
     for key in ("ProtectProc", "ProcSubset"):
         assert d[key] == [{"ProtectProc": "invisible", "ProcSubset": "pid"}[key]], key
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
@@ -136,7 +141,7 @@ def test_the_agent_and_the_forwarder_agree_on_the_log_file():
 def test_no_two_units_share_a_user_and_every_user_and_group_they_name_is_declared():
     declared = sysusers_entries()
     users = [directives(u)["User"][0] for u in SERVICES]
-    assert len(set(users)) == len(users) == 4
+    assert len(set(users)) == len(users) == 5
     for unit in SERVICES:
         d = directives(unit)
         assert d["User"][0] in declared["u"], unit.name

@@ -6,9 +6,20 @@ import argparse
 
 from decnet import config, pki
 from decnet.cli import output
-from decnet.cli.arguments import command, flag, json_flag
-from decnet.master import enrollment
+from decnet.cli.arguments import command, flag, json_flag, timeout_option
+from decnet.cli.decommission import DECOMMISSION_EPILOG, TEARDOWN_TIMEOUT, cmd_decommission
+from decnet.master import enroll_tokens, enrollment
 from decnet.master.registry import Registry
+
+ENROLL_EPILOG = """\
+examples:
+  decnet-admin enroll web-01 --address 10.0.0.5 --updater --token
+  decnet-admin enroll web-01 --address 10.0.0.5 --token --token-ttl 1h --json
+  decnet-admin enroll dmz-07 --address 192.0.2.7 --updater --out /media/usb/dmz-07
+
+With --token, run the printed `decnet-worker join` line on the worker while
+`twistd decnet-enroll` runs on the master (docs/SWARM-Mode.md).
+"""
 
 
 def register(sub, parents) -> None:
@@ -34,11 +45,16 @@ def register(sub, parents) -> None:
         parents,
         "enroll",
         cmd_enroll,
-        summary="issue a worker's certificates and write its bundle",
-        description="Issue the worker certificate (and with --updater the updater certificate), "
-        "record their fingerprints in the registry and write the worker bundle to --out. "
-        "Copy that directory to the worker; the master keeps no private key.",
+        summary="enroll a worker: a one-time token (--token) or an offline bundle (--out)",
+        description="With --token: record a one-time enrollment token for NAME and print it "
+        "with the CA fingerprint; on the worker, `decnet-worker join` makes the keys there and "
+        "sends CSRs to `twistd decnet-enroll` (the master never holds the worker's keys). "
+        "With --out (air-gapped hosts): issue the worker certificate (and with --updater the "
+        "updater certificate), record their fingerprints in the registry and write the worker "
+        "bundle, keys included, to DIR; copy it to the worker.",
     )
+    p.epilog = ENROLL_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("name", help="worker host name (a-z, 0-9, '.', '-'; max 63)")
     p.add_argument("--address", required=True, help="IP or DNS name the master uses to reach it")
     _san_option(p, "extra DNS name or IP for the worker certificate (repeatable)")
@@ -53,14 +69,35 @@ def register(sub, parents) -> None:
         f"(default: ${config.ENV_SYSLOG_PORT} or {config.SYSLOG_PORT})",
     )
     p.add_argument("--master-host", default=None, help="override the master address from init")
-    p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    p.add_argument(
+        "--key-type",
+        choices=pki.KEY_TYPES,
+        default=pki.DEFAULT_KEY_TYPE,
+        help="key type of an --out bundle (default: %(default)s; with --token the worker chooses)",
+    )
     p.add_argument(
         "--validity-days",
         type=int,
         default=config.LEAF_VALIDITY_DAYS,
         help="certificate lifetime in days (default: %(default)s)",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="new directory for the bundle")
+    how = p.add_mutually_exclusive_group(required=True)
+    flag(how, "--token", "print a one-time enrollment token for `decnet-worker join`")
+    how.add_argument("--out", metavar="DIR", help="new directory for an offline bundle")
+    p.add_argument(
+        "--token-ttl",
+        type=enroll_tokens.parse_ttl,
+        default=enroll_tokens.DEFAULT_TTL,
+        metavar="DURATION",
+        help="how long the token may be used: 15m, 900s, 2h, 1d (default: 15m)",
+    )
+    p.add_argument(
+        "--enroll-port",
+        type=int,
+        default=config.ENROLL_PORT,
+        help="port of twistd decnet-enroll shown in the join command (default: %(default)s)",
+    )
+    json_flag(p)
 
     p = command(
         sub,
@@ -77,13 +114,28 @@ def register(sub, parents) -> None:
         parents,
         "decommission",
         cmd_decommission,
-        summary="retire a host and revoke its certificates",
-        description="Mark NAME decommissioned and add its worker and updater certificates to "
-        "the revocation list (the log listener refuses them from then on, and decnet-admin "
-        "never contacts the host again). Running it again for a decommissioned host "
-        "re-asserts its revocation entries and restores any that are missing.",
+        summary="retire a host: tear down its deckies, then revoke its certificates",
+        description="Ask for confirmation (--yes skips it), then, best effort, tear down "
+        "NAME's deckies through its agent (the outcome is reported; --no-teardown skips it "
+        "for a machine that is gone), then mark NAME decommissioned and add its worker and "
+        "updater certificates to the revocation list (the log listener refuses them from then "
+        "on, and decnet-admin never contacts the host again). Unused enrollment tokens for "
+        "NAME are cancelled. Running it again for a decommissioned host re-asserts its "
+        "revocation entries and restores any that are missing. A decommissioned name is never "
+        "enrolled again.",
     )
-    p.add_argument("name")
+    p.epilog = DECOMMISSION_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("name", help="the host to retire (see `decnet-admin hosts`)")
+    flag(p, "--yes", "do not ask for confirmation (required when stdin is not a terminal)")
+    flag(p, "--no-teardown", "only revoke: do not contact the worker first")
+    json_flag(p)
+    timeout_option(
+        p,
+        TEARDOWN_TIMEOUT,
+        "seconds the teardown through the agent may take before revoking anyway "
+        "(default: %(default)s)",
+    )
 
 
 def _san_option(parser: argparse.ArgumentParser, text: str) -> None:
@@ -122,14 +174,48 @@ _ENROLL_OPTIONS = (
 def cmd_enroll(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
     options = {name: getattr(args, name) for name in _ENROLL_OPTIONS}
+    if args.token:
+        del options["key_type"]
+        issued = enroll_tokens.issue_token(
+            master, args.name, args.address, sans=args.san, ttl=args.token_ttl, **options
+        )
+        _show_token(args, master, issued)
+        return 0
     result = enrollment.enroll(master, args.name, args.address, args.out, sans=args.san, **options)
     host = result.host
+    if args.json:
+        output.print_json({**host.as_dict(), "bundle": str(result.bundle_dir)})
+        return 0
     output.line(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")
     output.line(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")
     if host.updater_fingerprint:
         output.line(f"  updater fingerprint  {pki.colon_fingerprint(host.updater_fingerprint)}")
     output.line("Copy the bundle directory to the worker (it holds private keys: keep it 0700).")
     return 0
+
+
+def _show_token(
+    args: argparse.Namespace, master: enrollment.MasterState, issued: enroll_tokens.IssuedToken
+) -> None:
+    fp = pki.colon_fingerprint(issued.ca_fingerprint)
+    where = args.master_host or master.master_host
+    url = (
+        f"https://{where}:{args.enroll_port}"
+        if ":" not in where
+        else f"https://[{where}]:{args.enroll_port}"
+    )
+    command_line = f"decnet-worker join {url} --token {issued.token} --ca-fingerprint {fp}"
+    if args.json:
+        output.print_json({**issued.as_dict(), "join_command": command_line})
+        return
+    output.line(
+        f"Enrollment token for {issued.name} ({issued.address}), "
+        f"usable once, until {issued.expires_at}:"
+    )
+    output.line(f"  token           {issued.token}")
+    output.line(f"  CA fingerprint  {fp}")
+    output.line("On the worker (with `twistd decnet-enroll` running on this master):")
+    output.line(f"  {command_line}")
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
@@ -154,32 +240,4 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     ]
     headers = ("NAME", "ADDRESS", "STATUS", "WORKER FP", "UPDATER FP", "UPDATER", "ENROLLED")
     output.print_table(headers, rows)
-    return 0
-
-
-def cmd_decommission(args: argparse.Namespace) -> int:
-    master = enrollment.load_master(args.paths)
-    done = enrollment.decommission(master, args.name)
-    host = done.host
-    if not done.already:
-        output.line(
-            f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked"
-        )
-    elif done.restored:
-        output.line(
-            f"{host.name} was already decommissioned at {host.revoked_at}; "
-            f"restored {len(done.restored)} missing revocation "
-            f"{'entry' if len(done.restored) == 1 else 'entries'}:"
-        )
-        for entry in done.restored:
-            output.line(
-                f"  {entry['role']:<8} {entry['cn']}  {output.short_fp(entry['fingerprint'])}"
-            )
-    else:
-        output.line(
-            f"{host.name} was already decommissioned at {host.revoked_at}; "
-            f"its {len(done.entries)} revocation "
-            f"{'entry is' if len(done.entries) == 1 else 'entries are'} in place"
-        )
-    output.line(f"  revocation list  {args.paths.revocations}")
     return 0

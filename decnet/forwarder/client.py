@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
@@ -28,7 +29,7 @@ from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import Tailer
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder
-from decnet.tls import PeerCertificateRefused
+from decnet.tls import PeerCertificateRefused, tls_error_text
 
 # The listener only sends small control frames.
 CONTROL_MAX_FRAME = 4096
@@ -263,6 +264,7 @@ class ForwarderProtocol(Protocol):
             if isinstance(message, ackproto.Ack):
                 self.shipper.acked_to(message.offset)
             elif isinstance(message, ackproto.Resume):
+                self.factory.admitted()
                 self.log.info(
                     "Master resumes stream {stream} at offset {offset}",
                     stream=self.factory.stream,
@@ -313,6 +315,7 @@ class ForwarderFactory(Factory):
         self.state_listeners: list = []
         self._last_failure: str | None = None
         self._failures = 0
+        self._refusals = RefusalStreak()
         self.current: ForwarderProtocol | None = None
 
     def _set_state(self, state: str, detail: str) -> None:
@@ -327,6 +330,10 @@ class ForwarderFactory(Factory):
 
     def connected(self, proto: ForwarderProtocol, mode: str) -> None:
         self.current = proto
+        if self._refusals.reported:
+            # TLS 1.3: the client's handshake ends before the master has judged our
+            # certificate; a worker known to be refused is not "connected" yet.
+            return
         self.log.info(
             "Connected to {target} ({mode}){after}",
             target=self.target,
@@ -336,12 +343,19 @@ class ForwarderFactory(Factory):
         self._last_failure, self._failures = None, 0
         self._set_state("connected", f"shipping to {self.target} ({mode})")
 
+    def admitted(self) -> None:
+        """The master accepted this worker (it answered our HELLO): refusals are over."""
+        self._refusals = RefusalStreak()
+
     def disconnected(self, proto: ForwarderProtocol, reason) -> None:
         if proto.mode is None:
             self.failed_attempt(_handshake_failure(reason))
             return
         if self.current is proto:
             self.current = None
+        alert = refusal_alert(reason)
+        if alert is not None and self._refused(f"TLS handshake failed: {alert}"):
+            return
         self.log.warn(
             "Disconnected from {target}: {reason}; reconnecting",
             target=self.target,
@@ -349,8 +363,31 @@ class ForwarderFactory(Factory):
         )
         self._set_state("disconnected", f"reconnecting to {self.target}")
 
+    def _refused(self, reason: str) -> bool:
+        """Count a refusal by the master; ``True`` once it has been reported (log nothing more)."""
+        if not self._refusals.add(reason):
+            return False
+        if not self._refusals.reported:
+            self._refusals.reported = True
+            self.log.error(
+                "Cannot connect to {target}: refused by the master: this worker's certificate "
+                "is revoked or unknown ({reason}, {count} times in a row); enroll this worker "
+                "again under a new name (docs/SWARM-Mode.md)",
+                target=self.target,
+                reason=reason,
+                count=self._refusals.count,
+            )
+        self._set_state(
+            "failing",
+            f"cannot connect to {self.target}: refused by the master: this worker's certificate "
+            "is revoked or unknown",
+        )
+        return True
+
     def failed_attempt(self, reason: str) -> None:
         self._failures += 1
+        if reason.startswith("TLS handshake failed: ") and self._refused(reason):
+            return
         if reason != self._last_failure:
             self.log.warn(
                 "Cannot connect to {target}: {reason} (retrying with backoff)",
@@ -359,6 +396,46 @@ class ForwarderFactory(Factory):
             )
             self._last_failure = reason
         self._set_state("failing", f"cannot connect to {self.target}: {reason}")
+
+
+#: The TLS alerts a DECNET listener answers a client certificate it refuses with
+#: (OpenSSL's words; which one depends on the TLS version and the refusal).
+REFUSAL_ALERTS = (
+    "alert internal error",
+    "alert bad certificate",
+    "alert certificate revoked",
+    "alert certificate unknown",
+    "alert unknown ca",
+    "alert access denied",
+)
+#: Identical refusals in a row after which the forwarder says what they mean.
+REFUSED_AFTER = 3
+
+
+def refusal_alert(reason: Failure) -> str | None:
+    """OpenSSL's text when ``reason`` is the peer refusing our certificate, else ``None``."""
+    if not reason.check(SSL.Error) or reason.check(PeerCertificateRefused):
+        return None
+    text = tls_error_text(reason.value)
+    return text if any(alert in text for alert in REFUSAL_ALERTS) else None
+
+
+@attrs.define
+class RefusalStreak:
+    """Identical certificate refusals by the master in a row, and whether they were reported."""
+
+    reason: str | None = None
+    count: int = 0
+    reported: bool = False
+
+    def add(self, reason: str) -> bool:
+        """Count ``reason``; ``True`` when it is a refusal seen :data:`REFUSED_AFTER` times."""
+        if not any(alert in reason for alert in REFUSAL_ALERTS):
+            return False
+        if reason != self.reason:
+            self.reason, self.count, self.reported = reason, 0, False
+        self.count += 1
+        return self.count >= REFUSED_AFTER
 
 
 def _handshake_failure(reason: Failure) -> str:

@@ -175,10 +175,15 @@ class RefusalLog:
         *,
         burst: int = REFUSAL_LOG_BURST,
         interval: float = REFUSAL_LOG_INTERVAL,
+        each: str = "Closing unauthenticated connection from {peer}: {reason}",
+        more: str = "Closed {count} more unauthenticated connections",
     ):
         self.clock = clock
         self.burst = burst
         self.interval = interval
+        # What one refusal and the summary say (twisted.logger formats, fields as below).
+        self.each = each
+        self.more = more
         self.total = 0
         self._window_end: float | None = None
         self._logged = 0
@@ -197,7 +202,7 @@ class RefusalLog:
         if self._logged < self.burst:
             self._logged += 1
             self.log.warn(
-                "Closing unauthenticated connection from {peer}: {reason}",
+                self.each,
                 peer=peer,
                 reason=reason,
                 address=address,
@@ -223,7 +228,7 @@ class RefusalLog:
             return
         top, top_count = self._addresses.most_common(1)[0]
         self.log.warn(
-            "Closed {count} more unauthenticated connections in {interval:g}s "
+            self.more + " in {interval:g}s "
             "({kinds}; from {addresses} addresses, most from {top}: {top_count})",
             count=count,
             interval=self.interval,

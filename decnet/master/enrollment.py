@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
 import attrs
 
 from decnet import config, pki, revocation
-from decnet.errors import ValidationError
+from decnet.errors import UnknownHost, ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, write_new_file
-from decnet.master.registry import Host, Registry, utc_now_iso
+from decnet.master.registry import Host, Registry, Tokens, utc_now_iso
 
 LISTENER_DIR_MODE = 0o750
 LISTENER_KEY_MODE = 0o640
@@ -217,16 +217,7 @@ def enroll(
     The master keeps the fingerprints, never the private keys.
     """
     out_dir = Path(out_dir).absolute()
-    problems = _problems(
-        [
-            partial(pki.validate_host_name, name),
-            partial(pki.parse_address, address),
-            *[partial(pki.parse_address, s) for s in sans],
-        ]
-    )
-    problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
-    if problems:
-        raise ValidationError(problems)
+    check_enrollment(name, address, sans, agent_port, updater_port, validity_days, out_dir)
     registry = registry or Registry(master.paths.registry)
 
     def issue(role: str) -> pki.Leaf:
@@ -251,18 +242,10 @@ def enroll(
         files[config.BUNDLE_UPDATER_CERT] = pki.cert_pem(upd.cert)
         files[config.BUNDLE_UPDATER_KEY] = pki.key_pem(upd.key)
         updater_fp = upd.fingerprint
-    settings = {
-        "name": name,
-        "address": address,
-        "agent_port": agent_port,
-        "updater_port": updater_port,
-        "master_host": master_host or master.master_host,
-        "syslog_port": syslog_port or config.syslog_port(),
-        "master_fingerprint": master.master_cert_fingerprint,
-        "listener_fingerprint": master.listener_cert_fingerprint,
-        "ca_fingerprint": master.ca.fingerprint,
-    }
-    files[config.BUNDLE_CONFIG] = (json.dumps(settings, indent=2) + "\n").encode()
+    settings = bundle_settings(
+        master, name, address, agent_port, updater_port, syslog_port, master_host
+    )
+    files[config.BUNDLE_CONFIG] = bundle_json(settings)
 
     host = Host(
         name=name,
@@ -287,8 +270,58 @@ def enroll(
     return Enrollment(host=host, bundle_dir=out_dir)
 
 
+def check_enrollment(
+    name: str,
+    address: str,
+    sans: Sequence[str],
+    agent_port: int,
+    updater_port: int,
+    validity_days: int,
+    out_dir: Path | None,
+) -> None:
+    """:class:`ValidationError` with every problem of an enrollment's input (``out_dir``
+    ``None``: a token, whose bundle is written on the worker)."""
+    problems = _problems(
+        [
+            partial(pki.validate_host_name, name),
+            partial(pki.parse_address, address),
+            *[partial(pki.parse_address, s) for s in sans],
+        ]
+    )
+    problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
+    if problems:
+        raise ValidationError(problems)
+
+
+def bundle_settings(
+    master: MasterState,
+    name: str,
+    address: str,
+    agent_port: int,
+    updater_port: int,
+    syslog_port: int | None,
+    master_host: str | None,
+) -> dict[str, object]:
+    """``bundle.json`` of a worker: what its daemons read (the same for both enrollment paths)."""
+    return {
+        "name": name,
+        "address": address,
+        "agent_port": agent_port,
+        "updater_port": updater_port,
+        "master_host": master_host or master.master_host,
+        "syslog_port": syslog_port or config.syslog_port(),
+        "master_fingerprint": master.master_cert_fingerprint,
+        "listener_fingerprint": master.listener_cert_fingerprint,
+        "ca_fingerprint": master.ca.fingerprint,
+    }
+
+
+def bundle_json(settings: Mapping[str, object]) -> bytes:
+    return (json.dumps(dict(settings), indent=2) + "\n").encode()
+
+
 def _setting_problems(
-    agent_port: int, updater_port: int, validity_days: int, out_dir: Path
+    agent_port: int, updater_port: int, validity_days: int, out_dir: Path | None
 ) -> list[str]:
     """What is wrong with an enrollment's ports, validity and bundle directory."""
     problems = [
@@ -298,6 +331,8 @@ def _setting_problems(
     ]
     if not 1 <= validity_days <= config.CA_VALIDITY_DAYS:
         problems.append(f"validity of {validity_days} days is not in 1-{config.CA_VALIDITY_DAYS}")
+    if out_dir is None:  # a token: the bundle is written on the worker
+        return problems
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         problems.append(f"{out_dir} already exists and is not empty; choose a new --out directory")
     return problems
@@ -306,12 +341,17 @@ def _setting_problems(
 @attrs.frozen
 class Decommission:
     """What ``decommission`` did: ``already`` when the host was decommissioned before,
-    ``restored`` the revocation entries that were missing and have been written again."""
+    ``restored`` the revocation entries that were missing and have been written again,
+    ``cancelled_tokens`` the unused enrollment tokens issued for the name.
 
-    host: Host
+    ``host`` is ``None`` when the name had only pending tokens (it never joined).
+    """
+
+    host: Host | None
     already: bool
     entries: tuple[dict, ...]
     restored: tuple[dict, ...]
+    cancelled_tokens: int = 0
 
 
 def revocation_entries(host: Host, when: str) -> list[dict]:
@@ -339,14 +379,24 @@ def revocation_entries(host: Host, when: str) -> list[dict]:
 def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Decommission:
     """Mark ``name`` decommissioned and revoke its worker and updater certificates.
 
+    Unused enrollment tokens for ``name`` are cancelled first, so a join cannot
+    complete after this returns.  The whole read-decide-write runs under the
+    registry's lock, which a join holds too: a join and a decommission of the
+    same name happen one after the other, never interleaved (docs/SWARM-Mode.md).
+
     Idempotent: for a host that is already decommissioned it re-asserts the
     revocation entries, which repairs one that an interrupted or racing run
-    lost (``restored`` says which).  The whole read-decide-write runs under the
-    registry's lock; ``revoked.json`` has its own lock inside it.
+    lost (``restored`` says which).  ``revoked.json`` has its own lock inside.
     """
     registry = registry or Registry(master.paths.registry)
     with registry.lock():
-        host = registry.get(name)
+        cancelled = Tokens(registry).cancel(name)
+        try:
+            host = registry.get(name)
+        except UnknownHost:
+            if cancelled:
+                return Decommission(None, False, (), (), cancelled)
+            raise
         already = host.decommissioned
         entries = revocation_entries(host, host.revoked_at or utc_now_iso())
         # Revoke first: if we crash before the registry update, the certificates
@@ -359,4 +409,5 @@ def decommission(master: MasterState, name: str, registry: Registry | None = Non
         already=already,
         entries=tuple(entries),
         restored=tuple(added) if already else (),
+        cancelled_tokens=cancelled,
     )

@@ -16,6 +16,8 @@ on ``.registry.sqlite.lock`` next to the database.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import sqlite3
 import time
@@ -25,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from decnet.clock import utc_iso
-from decnet.errors import DuplicateHost, RegistryError, UnknownHost
+from decnet.errors import DuplicateHost, EnrollmentRefused, RegistryError, UnknownHost
 from decnet.fsutil import lock_path_for, locked
 
 STATUSES = ("enrolled", "active", "unreachable", "decommissioned")
@@ -48,6 +50,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         revoked_at          TEXT
     )
         """,
+    ),
+    # version 2: one-time enrollment tokens (``decnet-admin enroll --token``).  Only
+    # the token's sha256 is stored; ``settings`` is the JSON the master decided for
+    # the bundle (addresses, ports, validity).  ``used_at`` and ``answer`` (the
+    # certificates and bundle.json sent back: public data) are set once, when a join
+    # completes, in the transaction that adds the host.
+    (
+        """
+    CREATE TABLE enroll_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        name         TEXT NOT NULL,
+        settings     TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        used_at      REAL,
+        answer       TEXT
+    )
+        """,
+        "CREATE INDEX enroll_tokens_by_name ON enroll_tokens (name)",
     ),
 ]
 
@@ -144,6 +165,7 @@ class Registry:
     def add(self, host: Host) -> None:
         """Insert a new host; :class:`DuplicateHost` if the name (or a fingerprint) exists."""
         with self._connect() as db:
+            _refuse_taken_name(db, host.name)
             try:
                 db.execute(_INSERT, attrs.astuple(host))
             except sqlite3.IntegrityError as exc:
@@ -193,3 +215,158 @@ class Registry:
                 (when, name),
             )
         return self.get(name)
+
+
+def _refuse_taken_name(db: sqlite3.Connection, name: str) -> None:
+    """:class:`DuplicateHost` if ``name`` is enrolled, or was and has been decommissioned."""
+    row = db.execute("SELECT status, revoked_at FROM hosts WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        return
+    if row[0] == "decommissioned":
+        raise DuplicateHost(
+            f"{name!r} was decommissioned at {row[1]}; a decommissioned name is never "
+            "enrolled again (its certificates stay revoked): choose another name"
+        )
+    raise DuplicateHost(
+        f"a host named {name!r} is already enrolled; choose another name (see `decnet-admin hosts`)"
+    )
+
+
+def token_digest(token: str) -> str:
+    """How a token is stored and looked up: the sha256 of its text, lowercase hex."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@attrs.frozen
+class PendingEnrollment:
+    """What an enrollment token was issued for (the token itself is never stored).
+
+    ``settings`` holds what the master decided for the joining host: ``address``,
+    ``sans``, ``updater``, ports, ``validity_days`` and the bundle's master values.
+    """
+
+    token_sha256: str
+    name: str
+    settings: dict
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    answer: dict | None = None
+
+
+def _add_token(db: sqlite3.Connection, pending: PendingEnrollment) -> None:
+    _refuse_taken_name(db, pending.name)
+    db.execute(
+        "INSERT INTO enroll_tokens (token_sha256, name, settings, created_at, expires_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (
+            pending.token_sha256,
+            pending.name,
+            json.dumps(pending.settings, sort_keys=True),
+            pending.created_at,
+            pending.expires_at,
+        ),
+    )
+
+
+_SELECT_ENROLLMENT = (
+    "SELECT token_sha256, name, settings, created_at, expires_at, used_at, answer "
+    "FROM enroll_tokens"
+)
+
+
+def _token_of(row: tuple) -> PendingEnrollment:
+    answer = json.loads(row[6]) if row[6] is not None else None
+    return PendingEnrollment(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], answer)
+
+
+def _lookup(db: sqlite3.Connection, digest: str) -> PendingEnrollment | None:
+    row = db.execute(f"{_SELECT_ENROLLMENT} WHERE token_sha256 = ?", (digest,)).fetchone()
+    return None if row is None else _token_of(row)
+
+
+def _pending(db: sqlite3.Connection, digest: str, now: float) -> PendingEnrollment:
+    """The unused, unexpired token with ``digest``; :class:`EnrollmentRefused` otherwise."""
+    pending = _lookup(db, digest)
+    if pending is None:
+        raise EnrollmentRefused("unknown enrollment token (ask the operator for a new one)")
+    if pending.used_at is not None:
+        raise EnrollmentRefused("this enrollment token has already been used")
+    if now >= pending.expires_at:
+        raise EnrollmentRefused(
+            "this enrollment token has expired (issue a new one with `decnet-admin enroll --token`)"
+        )
+    return pending
+
+
+class Tokens:
+    """The enrollment-token half of a :class:`Registry` (same database, same lock)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def add(self, pending: PendingEnrollment) -> None:
+        """Store a new token; refused if its name is enrolled or was decommissioned."""
+        with self.registry._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                _add_token(db, pending)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def used(self, token: str) -> PendingEnrollment | None:
+        """The token, if it exists and has been used (with the answer its join got)."""
+        with self.registry._connect() as db:
+            found = _lookup(db, token_digest(token))
+        return found if found is not None and found.used_at is not None else None
+
+    def redeem(
+        self, token: str, complete: Callable[[PendingEnrollment], tuple[Host, dict]]
+    ) -> tuple[Host, dict]:
+        """Use ``token`` once: ``complete(pending)`` signs, its host is added, its answer kept.
+
+        One transaction: the token is checked (known, unused, unexpired), the name
+        is checked free, ``complete`` runs, the host row is inserted and the
+        token marked used; any refusal or error rolls all of it back.  SQLite's
+        write lock (``BEGIN IMMEDIATE``) makes two redemptions of one token
+        strictly one after the other: the second sees ``used_at`` and is refused.
+        """
+        now = self.registry.now()
+        with self.registry._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                pending = _pending(db, token_digest(token), now)
+                try:
+                    _refuse_taken_name(db, pending.name)
+                except DuplicateHost as exc:
+                    raise EnrollmentRefused(str(exc)) from None
+                host, answer = complete(pending)
+                db.execute(_INSERT, attrs.astuple(host))
+                db.execute(
+                    "UPDATE enroll_tokens SET used_at = ?, answer = ? WHERE token_sha256 = ?",
+                    (now, json.dumps(answer, sort_keys=True), pending.token_sha256),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return host, answer
+
+    def cancel(self, name: str) -> int:
+        """Delete every unused token issued for ``name``; how many there were."""
+        with self.registry._connect() as db:
+            cur = db.execute(
+                "DELETE FROM enroll_tokens WHERE name = ? AND used_at IS NULL", (name,)
+            )
+            return cur.rowcount
+
+    def pending(self, name: str) -> list[PendingEnrollment]:
+        """The unused tokens issued for ``name`` (expired ones included)."""
+        with self.registry._connect() as db:
+            rows = db.execute(
+                f"{_SELECT_ENROLLMENT} WHERE name = ? AND used_at IS NULL ORDER BY created_at",
+                (name,),
+            ).fetchall()
+        return [_token_of(row) for row in rows]

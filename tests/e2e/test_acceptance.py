@@ -296,7 +296,8 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
 
     # -- decommission w2: refused by the listener and by the master's AgentClient ------
     refusals = listener_refusals(d, "w2")
-    result = admin(paths, "decommission", "w2")
+    # --no-teardown: w2's deckies stay up, so a new event there shows the log is cut.
+    result = admin(paths, "decommission", "w2", "--yes", "--no-teardown")
     assert result.returncode == 0, result.stderr
     wait_for(
         lambda: (

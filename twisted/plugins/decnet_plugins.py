@@ -27,3 +27,9 @@ decnet_listener = ServiceMaker(
     "DECNET log listener: ingests worker logs on the master (RFC 5425)",
     "decnet-listener",
 )
+decnet_enroll = ServiceMaker(
+    "DECNET enroll",
+    "decnet.master.enroll_tap",
+    "DECNET token enrollment on the master: signs worker CSRs for one-time tokens (TLS)",
+    "decnet-enroll",
+)
