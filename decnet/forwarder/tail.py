@@ -297,6 +297,16 @@ class Tailer:
         gen = self.gens[self.cur]
         return (gen.base if gen.base is not None else self.floor) + gen.pos
 
+    @property
+    def file_end(self) -> int:
+        """Logical offset of the end of the newest file as last seen: what the worker wrote."""
+        if not self.gens:
+            return self.floor
+        last = self.gens[-1]
+        if last.base is None:
+            return self.logical
+        return max(self.logical, last.base + max(last.seen, last.pos))
+
     def read(self, now: float = 0.0) -> list[Piece]:
         """The next whole lines (possibly none).  ``now`` (seconds) drives ``rotate_wait``."""
         if not self.gens and not self._open_at_path():
