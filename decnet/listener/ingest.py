@@ -38,6 +38,7 @@ from decnet.errors import DecnetError
 from decnet.fsutil import ensure_private_dir
 from decnet.groupcommit import Batch, Committer
 from decnet.listener import storage
+from decnet.listener.workers import WorkerStates
 from decnet.syslog.ackproto import ProtocolError
 from decnet.threads import Runner, pool_runner
 
@@ -190,6 +191,7 @@ class StreamSink:
         last = batch.items[-1]
         self.commits += 1
         self.committed_mirror, self.committed_end = last.mirror_end, last.stream_end
+        self._note_commit(batch)
         for listener in list(self.commit_listeners):
             listener(last.stream_end)
         if not self.over_limit:
@@ -197,6 +199,16 @@ class StreamSink:
             for callback in drained:
                 callback()
         self.ingest.feed_kick(self)
+
+    def _note_commit(self, batch: Batch[_Accepted]) -> None:
+        """Tell the per-worker state (:mod:`decnet.listener.workers`) what became durable."""
+        workers = self.ingest.workers
+        if workers is None:
+            return
+        lines = sum(i.payload.count(b"\n") for i in batch.items)
+        size = sum(len(i.payload) for i in batch.items)
+        now = self.ingest.clock.seconds()
+        workers.committed(self.worker, self.stream, self.committed_end, lines, size, now)
 
     def _commit_failed(self, batch: Batch[_Accepted], failure: Failure) -> Exception:
         self.failed = f"commit failed: {failure.getErrorMessage()}"
@@ -245,6 +257,8 @@ class Ingest:
         self._open: collections.OrderedDict[tuple[str, str], StreamSink] = collections.OrderedDict()
         self.files_closed = 0
         self._closing = False
+        # Per-worker state (lines, high-water marks); set by the listener service.
+        self.workers: WorkerStates | None = None
 
     def prepare(self) -> None:
         """Create the ingest directory (0700).  Blocking; called once at start-up."""
