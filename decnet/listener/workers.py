@@ -384,11 +384,12 @@ def log_health(
     lag = w.get("lag")
     lag = lag if isinstance(lag, int) and not isinstance(lag, bool) and lag >= 0 else None
     error = w.get("last_error") if isinstance(w.get("last_error"), str) else None
+    live = connected and not silent  # connected as of a recent write: seen now
     return LogHealth(
-        CONNECTED if connected and not silent else (SEEN if last_seen is not None else NEVER),
+        CONNECTED if live else (SEEN if last_seen is not None else NEVER),
         last_seen,
         lag,
-        last_seen is None or now - last_seen > stale_after,
+        not live and (last_seen is None or now - last_seen > stale_after),
         error,
         silent,
     )
