@@ -17,7 +17,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
 from decnet import config, pki
@@ -26,7 +26,7 @@ from decnet.fsutil import atomic_write
 from decnet.listener.workers import WorkerStates, _encode, state_path
 from decnet.master import enrollment
 from decnet.tls import TLSIdentity
-from tests.support import BIN, LocalUpdater, record_ports
+from tests.support import BIN, LocalUpdater, eventually, record_ports
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,96 @@ async def test_hosts_and_check_show_last_seen_and_log_lag_and_flag_stale_workers
 
     _out, err, code = await admin(fleet, "hosts", "--stale", "5 minutes")
     assert code == 2 and "is not a duration" in err
+
+
+# -- top ------------------------------------------------------------------------------------
+
+
+class Watched(protocol.ProcessProtocol):
+    """A ``decnet-admin top`` subprocess: its output as it arrives, and how it ended."""
+
+    def __init__(self):
+        self.out = b""
+        self.err = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+def start_top(fleet, *args) -> tuple[Watched, object]:
+    paths = fleet[0]
+    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
+    watched = Watched()
+    argv = [str(BIN / "decnet-admin"), "--home", str(paths.home), "top", "--interval", "1", *args]
+    transport = reactor.spawnProcess(watched, argv[0], argv, env=env)
+    return watched, transport
+
+
+def feed_entry(worker: str, user: str) -> bytes:
+    entry = {
+        "source_worker": worker,
+        "timestamp": "2026-11-30T16:00:00.123Z",
+        "hostname": "web-01",
+        "app_name": "ssh",
+        "msgid": "login",
+        "structured_data": [{"id": "decnet@32473", "params": [["user", user]]}],
+        "mirror_offset": 0,
+    }
+    return json.dumps(entry).encode() + b"\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_top_shows_the_hosts_above_new_events_of_old_and_new_workers_until_ctrl_c(
+    fleet, agents
+):
+    paths = fleet[0]
+    feed = paths.ingest_dir / "hc-ok" / "decnet.jsonl"
+    feed.parent.mkdir(parents=True, exist_ok=True)
+    feed.write_bytes(feed_entry("hc-ok", "before-top-started"))
+    watched, transport = start_top(fleet)
+    try:
+        await eventually(lambda: b"hc-off" in watched.out and b"DOWN" in watched.out, what="rows")
+        with open(feed, "ab") as f:
+            f.write(feed_entry("hc-ok", "root\x1b]0;owned\x07"))
+        late = paths.ingest_dir / "hc-late" / "decnet.jsonl"
+        late.parent.mkdir()
+        late.write_bytes(feed_entry("hc-late", "admin"))
+        await eventually(lambda: b"user=admin" in watched.out, what="the new worker's event")
+        await eventually(lambda: b"owned" in watched.out, what="the hostile event")
+    finally:
+        transport.signalProcess("INT")
+    code = await watched.ended
+    out = watched.out.decode()
+    assert code == 130, watched.err
+    assert "Traceback" not in watched.err.decode()
+    header = next(line for line in out.splitlines() if line.startswith("WORKER"))
+    assert header.split() == [
+        *("WORKER", "ADDRESS", "AGENT", "RELEASE", "DECKIES", "LISTENING"),
+        *("LAST", "SEEN", "LOG", "LAG"),
+    ]
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("hc-")}
+    assert rows["hc-ok"].split()[2] == "healthy"
+    assert rows["hc-busy"].split()[2] == "degraded" and "address already in use" in out
+    assert rows["hc-off"].split()[2] == "DOWN"
+    assert "before-top-started" not in out  # only what arrives after it started
+    assert "\x1b" not in out and "user=root\\x1b]0;owned\\x07" in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_top_json_is_one_valid_json_document_per_line(fleet, agents):
+    watched, transport = start_top(fleet, "--json")
+    try:
+        await eventually(lambda: b'"hosts"' in watched.out, what="a host table")
+    finally:
+        transport.signalProcess("INT")
+    assert await watched.ended == 130
+    docs = [json.loads(line) for line in watched.out.decode().splitlines()]
+    hosts = next(d for d in docs if d["type"] == "hosts")["hosts"]
+    assert {h["worker"] for h in hosts} == {"hc-ok", "hc-busy", "hc-off"}

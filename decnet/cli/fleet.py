@@ -10,18 +10,26 @@ healthy, 1 when any is degraded, 2 when any is unreachable.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import attrs
+from twisted.internet import defer
 
 from decnet.cli import output
 from decnet.cli.arguments import command, duration, json_flag, timeout_option
 from decnet.cli.runtime import budget, run_async
-from decnet.cli.sandbox_live import human_bytes
-from decnet.listener import workers
+from decnet.cli.sandbox_live import event_header, event_line, host_table, last_seen, log_lag
 from decnet.listener.workers import LogHealth, log_health, read_state, state_path
 from decnet.master import health as rules
 from decnet.master.registry import Host
+from decnet.sandbox import report
 
 DEFAULT_STALE = 300.0
 
@@ -75,6 +83,7 @@ def register(sub, parents) -> None:
         "seconds, from the command's start, by which every host must have answered "
         "(default: %(default)s)",
     )
+    register_top(sub, parents)
 
 
 # -- the listener's state -----------------------------------------------------------------
@@ -94,26 +103,6 @@ def log_healths(directory: Path, names: list[str], stale: float) -> dict[str, Lo
         doc = None
     now = time.time()
     return {name: log_health(doc, name, now, stale) for name in names}
-
-
-def last_seen(logs: LogHealth | None, now: float) -> str:
-    """The LAST SEEN cell: ``now``, ``42s ago``, ``never``; ``STALE`` when flagged."""
-    if logs is None or logs.state == workers.NO_STATE:
-        return "-"
-    if logs.state == workers.CONNECTED:
-        text = "now"
-    elif logs.last_seen is None:
-        text = "never"
-    else:
-        text = f"{rules.duration(now - logs.last_seen)} ago"
-    return f"{text} STALE" if logs.stale else text
-
-
-def log_lag(logs: LogHealth | None) -> str:
-    """The LOG LAG cell: bytes, ``unknown`` (plain mode, no STATUS yet), ``-`` (no state)."""
-    if logs is None or logs.state == workers.NO_STATE:
-        return "-"
-    return "unknown" if logs.lag is None else human_bytes(logs.lag)
 
 
 # -- check --------------------------------------------------------------------------------
@@ -213,3 +202,132 @@ def summary(results) -> str:
         f"{counts[rules.HEALTHY]} healthy, {counts[rules.DEGRADED]} degraded, "
         f"{counts[rules.UNREACHABLE]} unreachable"
     )
+
+
+# -- top ----------------------------------------------------------------------------------
+
+TOP_EPILOG = """\
+examples:
+  decnet-admin top                       the host table above every new event; Ctrl-C ends it
+  decnet-admin top --stale 1m            flag workers whose logs were not seen for a minute
+  decnet-admin top | tee watch.log       not a terminal: plain lines, the table when it changes
+  decnet-admin top --json | jq -c .      NDJSON: {"type": "hosts"|"event", ...} per line
+"""
+
+
+def register_top(sub, parents) -> None:
+    p = command(
+        sub,
+        parents,
+        "top",
+        cmd_top,
+        summary="watch the fleet: host health above a stream of events",
+        description="The sandbox's live view for the real fleet: every enrolled host's health "
+        "(agent, release, deckies, LAST SEEN, LOG LAG, as `check` probes them) above every "
+        "event that reaches the master's feeds, as it arrives. In a terminal the screen is "
+        "redrawn; otherwise plain lines are printed. Ctrl-C ends it (exit 130).",
+        epilog=TOP_EPILOG,
+    )
+    stale_option(p)
+    p.add_argument(
+        "--interval",
+        type=duration,
+        default=3.0,
+        metavar="DURATION",
+        help="how often every host is probed (default: 3s)",
+    )
+    json_flag(p, "NDJSON: one host table or one event per line")
+    timeout_option(p, 5.0, "seconds each host gets to answer one probe (default: %(default)s)")
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from decnet.cli.agents import Context
+    from decnet.cli.sandbox_view import SandboxConsole
+    from decnet.master.top import FleetView
+
+    ctx = Context(args)  # the master identity and registry, checked before anything starts
+    if args.json:
+        show = NDJSONConsole().show
+    elif sys.stdout.isatty():
+        show = ScreenConsole().show
+    else:
+        show = SandboxConsole().show
+
+    async def main(reactor) -> int:
+        view = FleetView(
+            reactor,
+            show,
+            identity=ctx.identity,
+            registry=args.paths.registry,
+            revocations=ctx.revocations,
+            ingest_dir=ingest_dir(args),
+            stale=args.stale,
+            interval=args.interval,
+            timeout=args.timeout,
+        )
+        reactor.addSystemEventTrigger("before", "shutdown", view.stop)
+        await view.start()
+        forever: defer.Deferred[int] = defer.Deferred()
+        return await forever  # until Ctrl-C stops the reactor: run_async returns 130
+
+    return run_async(main)
+
+
+class NDJSONConsole:
+    """``top --json``: each host table and each event as one line of ASCII JSON."""
+
+    def show(self, event: object) -> None:
+        docs: list[dict[str, object]]
+        if isinstance(event, report.HostTable):
+            docs = [{"type": "hosts", "hosts": [_row_doc(r) for r in event.rows]}]
+        elif isinstance(event, report.FeedEvents):
+            docs = [{"type": "event", "event": entry} for entry in event.entries]
+        else:
+            return
+        for doc in docs:
+            sys.stdout.write(json.dumps(doc, sort_keys=True, ensure_ascii=True) + "\n")
+        sys.stdout.flush()
+
+
+def _row_doc(row: report.HostRow) -> dict:
+    doc = attrs.asdict(row, recurse=False)
+    doc["logs"] = None if row.logs is None else row.logs.as_dict()
+    return doc
+
+
+# Our own terminal control: home, clear to the end of the screen.  Everything else written
+# went through the output layer (escaped), so no worker text can move the cursor.
+HOME_CLEAR = "\x1b[H\x1b[J"
+
+
+class ScreenConsole:
+    """``top`` in a terminal: the host table on top, the newest events below, redrawn."""
+
+    def __init__(self, stream=None, size: Callable[[], os.terminal_size] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.size = size or (lambda: shutil.get_terminal_size((120, 40)))
+        self.table = ""
+        self.events: collections.deque[str] = collections.deque(maxlen=500)
+
+    def show(self, event: object) -> None:
+        if isinstance(event, report.HostTable):
+            self.table = host_table(event.rows)
+        elif isinstance(event, report.FeedEvents):
+            self.events.extend(event_line(entry) for entry in event.entries)
+        else:
+            return
+        self.draw()
+
+    def lines(self) -> list[str]:
+        cols, rows = self.size()
+        top = [output.printable(line)[:cols] for line in self.table.split("\n") if self.table]
+        room = max(0, rows - len(top) - 3)
+        shown = list(self.events)[-room:] if room else []
+        return [*top, "", event_header()[:cols], *(line[:cols] for line in shown)]
+
+    def draw(self) -> None:
+        try:
+            self.stream.write(HOME_CLEAR + "\n".join(self.lines()) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # the terminal went away; Ctrl-C / SIGHUP ends the command
