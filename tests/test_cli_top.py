@@ -3,7 +3,8 @@
 import io
 import os
 
-from decnet.cli.fleet import HOME_CLEAR, ScreenConsole
+from decnet.cli.fleet import ScreenConsole
+from decnet.cli.output import HOME_CLEAR
 from decnet.listener.workers import CONNECTED, LogHealth
 from decnet.sandbox.report import FeedEvents, HostRow, HostTable
 

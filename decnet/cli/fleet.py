@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import sys
@@ -285,19 +284,13 @@ class NDJSONConsole:
         else:
             return
         for doc in docs:
-            sys.stdout.write(json.dumps(doc, sort_keys=True, ensure_ascii=True) + "\n")
-        sys.stdout.flush()
+            output.print_ndjson(doc)
 
 
 def _row_doc(row: report.HostRow) -> dict:
     doc = attrs.asdict(row, recurse=False)
     doc["logs"] = None if row.logs is None else row.logs.as_dict()
     return doc
-
-
-# Our own terminal control: home, clear to the end of the screen.  Everything else written
-# went through the output layer (escaped), so no worker text can move the cursor.
-HOME_CLEAR = "\x1b[H\x1b[J"
 
 
 class ScreenConsole:
@@ -320,14 +313,13 @@ class ScreenConsole:
 
     def lines(self) -> list[str]:
         cols, rows = self.size()
-        top = [output.printable(line)[:cols] for line in self.table.split("\n") if self.table]
+        top = [line[:cols] for line in self.table.split("\n") if self.table]
         room = max(0, rows - len(top) - 3)
         shown = list(self.events)[-room:] if room else []
         return [*top, "", event_header()[:cols], *(line[:cols] for line in shown)]
 
     def draw(self) -> None:
         try:
-            self.stream.write(HOME_CLEAR + "\n".join(self.lines()) + "\n")
-            self.stream.flush()
+            output.screen(self.lines(), self.stream)
         except (OSError, ValueError):
             pass  # the terminal went away; Ctrl-C / SIGHUP ends the command
