@@ -323,3 +323,17 @@ async def test_the_listener_state_shows_the_exact_lag_of_a_partly_shipped_file(
         await lst.stopService()
     doc = read_state(path)["workers"][name]
     assert doc["connected"] is False and doc["lines_today"] == 51
+
+
+def test_what_this_run_recorded_before_the_old_file_was_read_wins_over_it():
+    old = WorkerStates()
+    old.connected("w1", NOON - 100)
+    old.committed("w1", "decnet", 10, 1, 10, NOON - 100)
+    old.error("w1", "old trouble", NOON - 100)
+    fresh = WorkerStates()
+    fresh.connected("w1", NOON)  # connected while the file was still being read
+    fresh.load(old.document(NOON - 99))
+    w = fresh.document(NOON)["workers"]["w1"]
+    assert w["last_connected"] == NOON and w["connections"] == 1
+    assert w["last_data"] == NOON - 100 and w["lines_today"] == 1
+    assert w["last_error"] == "old trouble"

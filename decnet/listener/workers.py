@@ -184,23 +184,42 @@ class WorkerStates:
         }
 
     def load(self, doc: dict[str, Any]) -> None:
-        """Carry over a previous run's times, counters and streams (not its connections)."""
+        """Carry over a previous run's times, counters and streams (not its connections).
+
+        What this run already recorded (a worker that connected before the
+        file was read) wins over the file.
+        """
         for name, w in (doc.get("workers") or {}).items():
-            state = self._worker(str(name))
-            for key in ("last_connected", "last_disconnected", "last_data", "last_error_at"):
-                setattr(state, key, _number(w.get(key)))
-            state.day = w.get("day") if isinstance(w.get("day"), str) else None
+            if isinstance(w, dict):
+                self._load_worker(self._worker(str(name)), w)
+
+    @staticmethod
+    def _load_worker(state: WorkerState, w: dict[str, Any]) -> None:
+        for key in ("last_connected", "last_disconnected", "last_data"):
+            old, mine = _number(w.get(key)), getattr(state, key)
+            setattr(state, key, mine if old is None or (mine is not None and mine > old) else old)
+        if state.day is None and isinstance(w.get("day"), str):
+            state.day = w["day"]
             state.lines_today = int(_number(w.get("lines_today")) or 0)
             state.bytes_today = int(_number(w.get("bytes_today")) or 0)
-            state.last_error = w.get("last_error") if isinstance(w.get("last_error"), str) else None
-            for sname, s in (w.get("streams") or {}).items():
-                if isinstance(s, dict) and s.get("mode") in (ACK, PLAIN):
-                    state.streams[str(sname)] = StreamState(
-                        s["mode"],
-                        int(_number(s.get("high_water")) or 0),
-                        _int_or_none(s.get("reported_end")),
-                        _number(s.get("reported_at")),
-                    )
+        if state.last_error is None and isinstance(w.get("last_error"), str):
+            state.last_error = w["last_error"][:MAX_REASON]
+            state.last_error_at = _number(w.get("last_error_at"))
+        for sname, s in (w.get("streams") or {}).items():
+            stream = _stream_of(s)
+            if stream is not None:
+                state.streams.setdefault(str(sname), stream)
+
+
+def _stream_of(s: object) -> StreamState | None:
+    if not isinstance(s, dict) or s.get("mode") not in (ACK, PLAIN):
+        return None
+    return StreamState(
+        s["mode"],
+        int(_number(s.get("high_water")) or 0),
+        _int_or_none(s.get("reported_end")),
+        _number(s.get("reported_at")),
+    )
 
 
 def _number(value: object) -> float | None:
