@@ -124,19 +124,9 @@ async def test_check_reports_every_host_and_fails_when_one_is_down(home, agent):
     out, _err, code = await admin(home, "check")
     assert code == 2  # one host unreachable
     lines = out.splitlines()
-    assert lines[0].split() == [
-        "NAME",
-        "ADDRESS",
-        "HEALTH",
-        "RELEASE",
-        "DECKIES",
-        "UPDATER",
-        "LAST",
-        "SEEN",
-        "LOG",
-        "LAG",
-        "DETAIL",
-    ]
+    assert lines[0].split() == (
+        "NAME ADDRESS HEALTH RELEASE DECKIES UPDATER LAST SEEN LOG LAG DETAIL".split()
+    )
     rows = {line.split()[0]: line for line in lines[2:4]}  # in the order they answered
     assert sorted(rows) == ["cli-down", "cli-up"]
     assert rows["cli-down"].startswith("cli-down  127.0.0.1  DOWN")

@@ -2,28 +2,27 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from decnet import pki
-from decnet.forwarder.service import ForwarderService
 from decnet.listener import workers
-from decnet.listener.service import ListenerService
 from decnet.listener.workers import StateFile, WorkerStates, log_health, read_state, state_path
-from decnet.master import enrollment
-from decnet.revocation import RevocationSet
 from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Ack, Error, Resume
 from decnet.threads import inline_runner
-from decnet.tls import TLSIdentity
-from tests.logpipe_support import ListenerHarness, LogCapture, syslog_line
+from tests.logpipe_support import (
+    ListenerHarness,
+    LogCapture,
+    enroll_worker,
+    loopback_forwarder,
+    loopback_listener,
+    syslog_line,
+)
 from tests.support import eventually, write_identity
 
 NOON = 1_795_000_000.0  # a fixed UTC moment (2026-11-18 10:13:20)
@@ -277,32 +276,14 @@ def test_the_state_file_survives_kill_9_in_the_middle_of_a_write(tmp_path):
 async def test_the_listener_state_shows_the_exact_lag_of_a_partly_shipped_file(
     master_home, tmp_path
 ):
-    name = f"lag-{os.getpid()}-{random.randrange(10**6)}"
-    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
-    bundle = pki.WorkerBundle.load(tmp_path / "b")
-    lst = ListenerService(
-        reactor,
-        identity=TLSIdentity.master(master_home),
-        revocations=RevocationSet(master_home.revocations),
-        ingest_dir=tmp_path / "ingest",
-        listen="tcp:0:interface=127.0.0.1",
-        feed=False,
-    )
+    name, bundle = enroll_worker(master_home, tmp_path / "b", "lag")
+    lst = loopback_listener(master_home, tmp_path / "ingest", feed=False)
     lst.startService()
     log_file = tmp_path / "decnet.log"
     whole = b"".join(syslog_line(i) + b"\n" for i in range(50))
     log_file.write_bytes(whole + b"<14>1 an unfinished line")  # the forwarder ships whole lines
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        master_host="127.0.0.1",
-        master_port=lst.port_service.port.getHost().port,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=log_file,
-        state_file=tmp_path / "f.sqlite",
-        poll_interval=0.1,
-        max_retry_delay=0.5,
-    )
+    port = lst.port_service.port.getHost().port
+    fwd = loopback_forwarder(bundle, port, log_file, tmp_path / "f.sqlite")
     fwd.startService()
     path = state_path(tmp_path / "ingest")
 
