@@ -289,3 +289,14 @@ async def test_top_json_is_one_valid_json_document_per_line(fleet, agents):
     docs = [json.loads(line) for line in watched.out.decode().splitlines()]
     hosts = next(d for d in docs if d["type"] == "hosts")["hosts"]
     assert {h["worker"] for h in hosts} == {"hc-ok", "hc-busy", "hc-off"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mistyped_host_name_says_so_and_json_stays_json(fleet):
+    _out, err, code = await admin(fleet, "check", "hc-okk")
+    assert code == 1
+    assert err == (
+        "decnet-admin: error: no host named 'hc-okk' is enrolled (see `decnet-admin hosts`)\n"
+    )
+    out, _err, code = await admin(fleet, "check", "hc-okk", "--json")
+    assert code == 1 and json.loads(out) == {"problems": [err.split("error: ", 1)[1].strip()]}

@@ -352,3 +352,42 @@ async def test_escape_sequences_from_a_worker_never_reach_the_terminal(rogue_fle
             assert EVIL in json.dumps(doc, ensure_ascii=False) or quoted in run.out, label
         else:
             assert shown_escaped in run.out + run.err or quoted in run.out + run.err, label
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_lying_about_hundreds_of_failed_services_is_one_bounded_degraded_row(
+    rogue_fleet,
+):
+    home, bundles = rogue_fleet
+    failed = {
+        "type": "redis",
+        "bind": "0.0.0.0",
+        "port": 6379,
+        "state": "failed",
+        "reason": EVIL,
+        "connections": 0,
+        "events": 0,
+    }
+    deckies = {f"d{i}": {"services": {"redis": failed}} for i in range(300)}
+    liar = {
+        ("agent", "health"): Reply(health()),
+        ("agent", "status"): Reply(
+            {"deckies": deckies, "summary": {"deckies": 300, "services": 300, "listening": 0}}
+        ),
+        ("updater", "health"): Reply({"status": "ok", "release": None}),
+    }
+    fakes = await start(bundles, {"rogue": liar, "rogue2": HEALTHY})
+    try:
+        run = await admin(home, "check", "--timeout", "10", deadline=20)
+        as_json = await admin(home, "check", "--json", "--timeout", "10", deadline=20)
+    finally:
+        for fake in fakes:
+            await fake.stop()
+    assert run.code == 1 and not run.killed, run
+    assert run.rows["rogue"][2] == "degraded" and run.rows["rogue2"][2] == "healthy"
+    assert "300 services failed: d0/redis:" in run.out
+    assert no_control_characters(run.out) == []
+    assert max(len(line) for line in run.out.splitlines()) < 400  # one cut cell, not 300 reasons
+    rogue = next(r for r in json.loads(as_json.out) if r["name"] == "rogue")
+    assert len(rogue["failed"]) == 300 and rogue["failed"][0]["reason"] == EVIL
+    assert rogue["updater"]["state"] == "waiting"

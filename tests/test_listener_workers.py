@@ -318,3 +318,21 @@ def test_what_this_run_recorded_before_the_old_file_was_read_wins_over_it():
     assert w["last_connected"] == NOON and w["connections"] == 1
     assert w["last_data"] == NOON - 100 and w["lines_today"] == 1
     assert w["last_error"] == "old trouble"
+
+
+def test_a_state_file_that_cannot_be_written_is_logged_and_written_with_the_next_change(
+    tmp_path,
+):
+    """A full disk (here: a missing directory) costs the file's freshness, never the listener."""
+    clock = Clock()
+    clock.advance(NOON)
+    missing = tmp_path / "gone"
+    sf = StateFile(missing / "workers.json", clock, inline_runner)
+    sf.start()
+    with LogCapture() as logs:
+        clock.advance(0)
+    assert sf.writes == 0 and "Cannot write the worker state" in logs.text()
+    missing.mkdir()
+    sf.states.connected("w1", NOON)
+    clock.advance(1.0)
+    assert sf.writes == 1 and read_state(missing / "workers.json")["workers"]["w1"]["connected"]
