@@ -361,7 +361,7 @@ async def test_a_worker_lying_about_hundreds_of_failed_services_is_one_bounded_d
     home, bundles = rogue_fleet
     failed = {
         "type": "redis",
-        "bind": "0.0.0.0",
+        "bind": "127.0.0.1",
         "port": 6379,
         "state": "failed",
         "reason": EVIL,
