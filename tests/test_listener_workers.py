@@ -11,7 +11,14 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from decnet.listener import workers
-from decnet.listener.workers import StateFile, WorkerStates, log_health, read_state, state_path
+from decnet.listener.workers import (
+    StateFile,
+    WorkerStates,
+    _encode,
+    log_health,
+    read_state,
+    state_path,
+)
 from decnet.syslog import ackproto
 from decnet.syslog.ackproto import Ack, Error, Resume
 from decnet.threads import inline_runner
@@ -336,3 +343,22 @@ def test_a_state_file_that_cannot_be_written_is_logged_and_written_with_the_next
     sf.states.connected("w1", NOON)
     clock.advance(1.0)
     assert sf.writes == 1 and read_state(missing / "workers.json")["workers"]["w1"]["connected"]
+
+
+def test_the_writer_re_encodes_only_changed_workers_and_gives_the_same_bytes(tmp_path):
+    from decnet.listener.workers import StateWriter, document_of
+
+    states = WorkerStates()
+    writer = StateWriter(tmp_path / "workers.json")
+    for w in range(50):
+        states.stream(f"w{w}", "decnet", "ack", w)
+        states.error(f"w{w}", '"quoted" \x1b \u202e', NOON)
+    for step in range(3):
+        states.committed(f"w{step}", "decnet", 100 + step, 1, 1, NOON + step)
+        snapshot = states.snapshot()
+        assert writer.encode(snapshot, NOON + step) == _encode(document_of(snapshot, NOON + step))
+    writer.write(states.snapshot(), NOON + 9)
+    assert (
+        read_state(tmp_path / "workers.json")["workers"]["w2"]["streams"]["decnet"]["high_water"]
+        == 102
+    )

@@ -66,15 +66,15 @@ class StreamState:
     reported_end: int | None = None
     reported_at: float | None = None
 
-    @property
-    def lag(self) -> int | None:
-        """Bytes the worker has and the master does not yet have durably; None: unknown."""
-        if self.mode != ACK or self.reported_end is None:
-            return None
-        return max(0, self.reported_end - self.high_water)
+    def snapshot(self) -> tuple:
+        return (self.mode, self.high_water, self.reported_end, self.reported_at)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**attrs.asdict(self), "lag": self.lag}
+
+def _lag(mode: str, high_water: int, reported_end: int | None) -> int | None:
+    """Bytes the worker has and the master does not yet have durably; None: unknown."""
+    if mode != ACK or reported_end is None:
+        return None
+    return max(0, reported_end - high_water)
 
 
 @attrs.define
@@ -90,14 +90,61 @@ class WorkerState:
     last_error_at: float | None = None
     streams: dict[str, StreamState] = attrs.field(factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        doc = attrs.asdict(self, recurse=False)
-        doc["connected"] = self.connections > 0
-        doc["streams"] = {name: s.as_dict() for name, s in sorted(self.streams.items())}
-        lags = [s.lag for s in self.streams.values()]
-        known = [lag for lag in lags if lag is not None]
-        doc["lag"] = sum(known) if known and len(known) == len(lags) else None
-        return doc
+    def snapshot(self) -> tuple:
+        """The values, copied cheaply on the reactor; :func:`worker_doc` makes the JSON of it."""
+        return (
+            self.connections,
+            self.last_connected,
+            self.last_disconnected,
+            self.last_data,
+            self.day,
+            self.lines_today,
+            self.bytes_today,
+            self.last_error,
+            self.last_error_at,
+            tuple((name, s.snapshot()) for name, s in self.streams.items()),
+        )
+
+
+_WORKER_FIELDS = (
+    "connections",
+    "last_connected",
+    "last_disconnected",
+    "last_data",
+    "day",
+    "lines_today",
+    "bytes_today",
+    "last_error",
+    "last_error_at",
+)
+_STREAM_FIELDS = ("mode", "high_water", "reported_end", "reported_at")
+
+
+def worker_doc(snapshot: tuple) -> dict[str, Any]:
+    """One worker's entry of ``workers.json`` from :meth:`WorkerState.snapshot` (pure)."""
+    doc = dict(zip(_WORKER_FIELDS, snapshot[:-1], strict=True))
+    doc["connected"] = doc["connections"] > 0
+    streams = {}
+    for name, values in sorted(snapshot[-1]):
+        streams[name] = dict(zip(_STREAM_FIELDS, values, strict=True))
+        streams[name]["lag"] = _lag(*values[:3])
+    doc["streams"] = streams
+    lags = [s["lag"] for s in streams.values()]
+    known = [lag for lag in lags if lag is not None]
+    doc["lag"] = sum(known) if known and len(known) == len(lags) else None
+    return doc
+
+
+Snapshot = list[tuple[str, tuple]]
+
+
+def document_of(snapshot: Snapshot, now: float) -> dict[str, Any]:
+    """The whole ``workers.json`` document (pure; runs in the thread pool)."""
+    return {
+        "format": FORMAT,
+        "written_at": now,
+        "workers": {name: worker_doc(w) for name, w in sorted(snapshot)},
+    }
 
 
 class WorkerStates:
@@ -107,11 +154,16 @@ class WorkerStates:
         self.workers: dict[str, WorkerState] = {}
         self.changed = changed or (lambda: None)
         self.status_ignored = 0
+        # Snapshots of the workers unchanged since the last snapshot(), and the changed ones.
+        self._snapshots: dict[str, tuple] = {}
+        self._dirty: set[str] = set()
 
     def _worker(self, worker: str) -> WorkerState:
+        """``worker``'s state, to be changed (every change goes through here)."""
         state = self.workers.get(worker)
         if state is None:
             state = self.workers[worker] = WorkerState()
+        self._dirty.add(worker)
         return state
 
     def connected(self, worker: str, now: float) -> None:
@@ -176,12 +228,15 @@ class WorkerStates:
         state.last_error, state.last_error_at = reason[:MAX_REASON], now
         self.changed()
 
+    def snapshot(self) -> Snapshot:
+        """Every worker's values; only those changed since the last call are copied again."""
+        for name in self._dirty:
+            self._snapshots[name] = self.workers[name].snapshot()
+        self._dirty.clear()
+        return list(self._snapshots.items())
+
     def document(self, now: float) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "written_at": now,
-            "workers": {name: w.as_dict() for name, w in sorted(self.workers.items())},
-        }
+        return document_of(self.snapshot(), now)
 
     def load(self, doc: dict[str, Any]) -> None:
         """Carry over a previous run's times, counters and streams (not its connections).
@@ -257,6 +312,35 @@ def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, ensure_ascii=True).encode("ascii") + b"\n"
 
 
+class StateWriter:
+    """Writes snapshots to the state file (blocking, one call at a time: the writer's lane).
+
+    Each worker's JSON is made again only when its snapshot changed, so a write
+    costs what changed, not the size of the fleet.  The bytes are those of
+    ``_encode(document_of(snapshot, now))``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fragments: dict[str, tuple[tuple, bytes]] = {}
+
+    def _fragment(self, name: str, snap: tuple) -> bytes:
+        cached = self._fragments.get(name)
+        if cached is None or cached[0] is not snap:
+            body = {name: worker_doc(snap)}
+            text = json.dumps(body, sort_keys=True, ensure_ascii=True)[1:-1]
+            cached = self._fragments[name] = (snap, text.encode("ascii"))
+        return cached[1]
+
+    def encode(self, snapshot: Snapshot, now: float) -> bytes:
+        parts = b", ".join(self._fragment(name, snap) for name, snap in sorted(snapshot))
+        head = b'{"format": %d, "workers": {' % FORMAT
+        return head + parts + b'}, "written_at": ' + json.dumps(now).encode() + b"}\n"
+
+    def write(self, snapshot: Snapshot, now: float) -> None:
+        atomic_write(self.path, self.encode(snapshot, now), PRIVATE_FILE_MODE)
+
+
 class StateFile:
     """Keeps ``<ingest>/workers.json`` up to date with a :class:`WorkerStates` (see above)."""
 
@@ -267,6 +351,7 @@ class StateFile:
         self.clock = clock
         self.run = run
         self.states = WorkerStates(self.changed)
+        self._writer = StateWriter(self.path)
         self.writes = 0
         self._timer: IDelayedCall | None = None
         self._heartbeat: IDelayedCall | None = None
@@ -308,10 +393,10 @@ class StateFile:
         self._committer.add(None)
 
     def _write(self, batch: Batch[None]) -> defer.Deferred:
+        # Only a copy of the values is taken on the reactor; the JSON is made in the pool.
         now = self.clock.seconds()
         self._last_write = now
-        data = _encode(self.states.document(now))
-        return self.run(atomic_write, self.path, data, PRIVATE_FILE_MODE)
+        return self.run(self._writer.write, self.states.snapshot(), now)
 
     def _written(self, batch: Batch[None]) -> None:
         self.writes += 1
