@@ -274,6 +274,10 @@ def test_the_state_file_survives_kill_9_in_the_middle_of_a_write(tmp_path):
         doc = read_state(path)  # whole, and ours, after every kill
         assert len(doc["workers"]) == 2000
         seen.add(doc["written_at"])
+    # A writer killed mid-write leaves its temporary file; the next start removes them all.
+    (tmp_path / ".workers.json.tmp-1").write_bytes(b"{torn")
+    StateFile(path, Clock(), inline_runner).start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workers.json"]
 
 
 # -- over real sockets ----------------------------------------------------------------------

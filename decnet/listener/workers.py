@@ -308,6 +308,13 @@ def read_state(path: Path) -> dict[str, Any] | None:
     return doc
 
 
+def _recover(path: Path) -> dict[str, Any] | None:
+    """Remove what a killed writer left (its temporary files); the last whole state (blocking)."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    return read_state(path)
+
+
 def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, ensure_ascii=True).encode("ascii") + b"\n"
 
@@ -363,7 +370,7 @@ class StateFile:
 
     def start(self) -> defer.Deferred:
         """Load the previous run's state (in the pool), then write on every change."""
-        d = self.run(read_state, self.path)
+        d = self.run(_recover, self.path)
         d.addCallbacks(self._loaded, self._load_failed)
         return d
 
