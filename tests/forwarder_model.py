@@ -480,6 +480,8 @@ class World:
             elif isinstance(message, ackproto.Gap):
                 assert self.hello_seen
                 self.listener.accept_gap(message.start, message.end)
+            elif isinstance(message, ackproto.Status):
+                assert self.hello_seen  # (never below the listener's mark: tested in the core)
             else:
                 assert isinstance(message, ackproto.Data) and self.hello_seen
                 self.listener.accept(message.start, message.end, message.payload)

@@ -199,3 +199,57 @@ def start_forwarder(bundle, log_file: Path, state: Path, port: int, log_path: Pa
         ],
         log_path,
     )
+
+
+# -- both services in-process, over real loopback sockets -------------------------------------
+
+
+def enroll_worker(master_home: config.MasterPaths, directory: Path, prefix: str):
+    """Enroll a worker of a unique name; its name and loaded bundle (in ``directory``)."""
+    import os
+    import random
+
+    from decnet import pki
+    from decnet.master import enrollment
+
+    name = f"{prefix}-{os.getpid()}-{random.randrange(10**6)}"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", directory)
+    return name, pki.WorkerBundle.load(directory)
+
+
+def loopback_listener(master_home: config.MasterPaths, ingest_dir: Path, port: int = 0, **kw):
+    """A ListenerService of ``master_home`` on 127.0.0.1 (not started)."""
+    from twisted.internet import reactor
+
+    from decnet.listener.service import ListenerService
+    from decnet.revocation import RevocationSet
+    from decnet.tls import TLSIdentity
+
+    return ListenerService(
+        reactor,
+        identity=TLSIdentity.master(master_home),
+        revocations=RevocationSet(master_home.revocations),
+        ingest_dir=ingest_dir,
+        listen=f"tcp:{port}:interface=127.0.0.1",
+        **kw,
+    )
+
+
+def loopback_forwarder(bundle, port: int, log_file: Path, state_file: Path):
+    """A ForwarderService shipping ``log_file`` to 127.0.0.1:``port``, quick to poll and retry."""
+    from twisted.internet import reactor
+
+    from decnet.forwarder.service import ForwarderService
+    from decnet.tls import TLSIdentity
+
+    return ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        master_host="127.0.0.1",
+        master_port=port,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=log_file,
+        state_file=state_file,
+        poll_interval=0.1,
+        max_retry_delay=0.5,
+    )

@@ -105,6 +105,7 @@ async def start(bundles, routes_by_host) -> list[FakeWorker]:
 HEALTHY = {
     ("agent", "health"): Reply(health(release="good-release")),
     ("agent", "status"): Reply(status()),
+    ("updater", "health"): Reply({"status": "ok", "release": "good-release"}),
 }
 STALLED = {
     ("agent", "health"): Reply(health(), stall=True),
@@ -130,12 +131,12 @@ async def test_a_stalled_worker_never_delays_the_line_of_a_healthy_one(stall_fle
         for fake in fakes:
             await fake.stop()
     assert not run.killed, f"{command} did not exit within its timeout + 1 s: {run}"
-    assert run.code == 1
+    assert run.code == 2  # one host unreachable
     lines = run.out.splitlines()
     # The healthy host's line came first: printed as soon as it answered, not after the
     # stalled one's deadline.
-    assert [line.split()[0] for line in lines[2:]] == ["good", "stuck"]
-    assert ("up" if command == "check" else "listening") in run.rows["good"]
+    assert [line.split()[0] for line in lines[2:4]] == ["good", "stuck"]
+    assert ("healthy" if command == "check" else "listening") in run.rows["good"]
     assert "stuck at 127.0.0.1:" in lines[3] and "did not answer within" in lines[3]
     assert run.err == ""
 
@@ -180,10 +181,10 @@ async def test_a_bad_reply_is_that_hosts_row_and_every_other_host_is_printed(lia
     finally:
         for fake in fakes:
             await fake.stop()
-    assert check.code == 1 and check.rows["good"][2] == "up"
+    assert check.code == 2 and check.rows["good"][2] == "healthy"  # a bad reply: unreachable
     assert check.rows["liar"][2:4] == ["BAD", "REPLY"]
     assert "uptime: must be a number, not a string" in check.out
-    assert state.code == 1 and "listening" in state.rows["good"]
+    assert state.code == 2 and "listening" in state.rows["good"]
     assert state.rows["liar"][4:6] == ["BAD", "REPLY"]
     assert "deckies: is required" in state.out
     doc = json.loads(state_json.out)
@@ -351,3 +352,42 @@ async def test_escape_sequences_from_a_worker_never_reach_the_terminal(rogue_fle
             assert EVIL in json.dumps(doc, ensure_ascii=False) or quoted in run.out, label
         else:
             assert shown_escaped in run.out + run.err or quoted in run.out + run.err, label
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_lying_about_hundreds_of_failed_services_is_one_bounded_degraded_row(
+    rogue_fleet,
+):
+    home, bundles = rogue_fleet
+    failed = {
+        "type": "redis",
+        "bind": "127.0.0.1",
+        "port": 6379,
+        "state": "failed",
+        "reason": EVIL,
+        "connections": 0,
+        "events": 0,
+    }
+    deckies = {f"d{i}": {"services": {"redis": failed}} for i in range(300)}
+    liar = {
+        ("agent", "health"): Reply(health()),
+        ("agent", "status"): Reply(
+            {"deckies": deckies, "summary": {"deckies": 300, "services": 300, "listening": 0}}
+        ),
+        ("updater", "health"): Reply({"status": "ok", "release": None}),
+    }
+    fakes = await start(bundles, {"rogue": liar, "rogue2": HEALTHY})
+    try:
+        run = await admin(home, "check", "--timeout", "10", deadline=20)
+        as_json = await admin(home, "check", "--json", "--timeout", "10", deadline=20)
+    finally:
+        for fake in fakes:
+            await fake.stop()
+    assert run.code == 1 and not run.killed, run
+    assert run.rows["rogue"][2] == "degraded" and run.rows["rogue2"][2] == "healthy"
+    assert "300 services failed: d0/redis:" in run.out
+    assert no_control_characters(run.out) == []
+    assert max(len(line) for line in run.out.splitlines()) < 400  # one cut cell, not 300 reasons
+    rogue = next(r for r in json.loads(as_json.out) if r["name"] == "rogue")
+    assert len(rogue["failed"]) == 300 and rogue["failed"][0]["reason"] == EVIL
+    assert rogue["updater"]["state"] == "waiting"

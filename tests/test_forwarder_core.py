@@ -23,7 +23,7 @@ from decnet.forwarder.journal import FileIdentity, GenerationRecord
 from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import Piece, Tailer
 from decnet.syslog import ackproto
-from decnet.syslog.framing import encode_frame
+from decnet.syslog.framing import OctetCountingDecoder, encode_frame
 from decnet.threads import inline_runner
 
 STREAM = "decnet"
@@ -256,3 +256,87 @@ def test_a_failed_journal_write_is_retried_and_loses_nothing(mode):
     (persist,) = [c for c in out if isinstance(c, core.Persist)]
     assert delivery.persist_failed(persist.acked, persist.records) == []
     assert delivery.retry_persist() == [core.Persist(3, (), persist.token)]
+
+
+# -- STATUS (S <end>) --------------------------------------------------------------------
+
+
+def status_frame(end: int) -> bytes:
+    return encode_frame(ackproto.encode_status(end))
+
+
+def test_status_reports_the_file_end_an_interval_after_streaming_began_byte_for_byte():
+    delivery = streaming()
+    assert delivery.file_end(10, now=0.0) == []  # the first report waits one interval
+    assert delivery.file_end(10, now=0.5) == []
+    assert delivery.file_end(10, now=1.0) == [core.Send((b"4 S 10",))]
+
+
+def test_status_is_sent_only_when_the_end_changed_and_at_most_once_per_interval():
+    delivery = streaming()
+    delivery.file_end(10, now=0.0)
+    assert delivery.file_end(10, now=1.0) == [core.Send((status_frame(10),))]
+    assert delivery.file_end(10, now=5.0) == []  # unchanged: nothing to say
+    assert delivery.file_end(20, now=5.5) == [core.Send((status_frame(20),))]
+    assert delivery.file_end(30, now=6.0) == []  # changed, but too soon
+    assert delivery.file_end(40, now=6.5) == [core.Send((status_frame(40),))]  # caught up
+
+
+def test_status_never_reports_less_than_was_sent():
+    delivery = streaming()
+    delivery.read_done([Piece(0, 30, b"x" * 29 + b"\n")], [], delivery.epoch)
+    delivery.file_end(0, now=0.0)
+    assert delivery.file_end(5, now=1.0) == [core.Send((status_frame(30),))]
+
+
+def test_status_is_never_sent_in_plain_mode_or_before_resume():
+    plain = streaming(core.PLAIN)
+    assert plain.file_end(10, 0.0) == plain.file_end(10, 9.0) == []
+    hello = core.DeliveryCore(STREAM, acked=0, max_payload=4096)
+    hello.connected(core.ACK)
+    assert hello.file_end(10, 0.0) == hello.file_end(10, 9.0) == []
+
+
+def test_a_new_connection_reports_again_even_an_unchanged_end():
+    delivery = streaming()
+    delivery.file_end(10, 0.0)
+    assert delivery.file_end(10, 1.0) == [core.Send((status_frame(10),))]
+    delivery.disconnected()
+    delivery.connected(core.ACK)
+    delivery.resume(0)
+    settle(delivery, delivery.rewound(0, [], delivery.epoch))
+    delivery.file_end(10, 2.0)
+    assert delivery.file_end(10, 3.0) == [core.Send((status_frame(10),))]
+
+
+def test_a_listener_that_predates_status_stops_it_for_good(tmp_path):
+    """An old listener answers ``S`` with ERROR "unknown message type b'S'" and closes."""
+    rig = Rig(tmp_path)
+    rig.connect()
+    rig.say(b"R 0")
+    rig.write(b"one\n")
+    rig.take()
+    rig.clock.advance(1.0)
+    rig.shipper.notify()
+    rig.clock.advance(1.0)
+    rig.write(b"two\n")
+    assert rig.take() == status_frame(4) + data_frame(4, 8, b"two\n") + status_frame(8)
+    rig.say(b"E protocol error: unknown message type b'S'")
+    assert rig.shipper.core.status_supported is False
+    rig.connect()
+    rig.say(b"R 8")
+    for _ in range(3):
+        rig.clock.advance(1.0)
+        rig.write(b"more\n")
+    frames = OctetCountingDecoder(4096).feed(rig.take())
+    assert frames and not [f for f in frames if f.startswith(b"S ")]
+
+
+def test_the_shell_reports_the_tailers_file_end_including_an_unfinished_line(tmp_path):
+    rig = Rig(tmp_path)
+    rig.connect()
+    rig.say(b"R 0")
+    rig.write(b"one\n")
+    rig.clock.advance(1.0)
+    rig.write(b"two\npart")
+    assert rig.take() == data_frame(0, 4, b"one\n") + data_frame(4, 8, b"two\n") + status_frame(12)

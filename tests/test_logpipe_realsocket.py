@@ -1,23 +1,21 @@
 """Both services in-process over real loopback sockets with real certificates."""
 
-import os
-import random
-
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from decnet import pki
 from decnet.forwarder.offsets import JournalStore
-from decnet.forwarder.service import ForwarderService
-from decnet.listener.service import ListenerService, listener_options
-from decnet.master import enrollment
-from decnet.revocation import RevocationSet
+from decnet.listener.service import listener_options
 from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
 from decnet.tls import TLSIdentity
-from tests.logpipe_support import syslog_line
+from tests.logpipe_support import (
+    enroll_worker,
+    loopback_forwarder,
+    loopback_listener,
+    syslog_line,
+)
 from tests.support import eventually
 
 
@@ -25,18 +23,10 @@ from tests.support import eventually
 async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener_restart(
     master_home, tmp_path
 ):
-    name = f"rsock-{os.getpid()}-{random.randrange(10**6)}"
-    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
-    bundle = pki.WorkerBundle.load(tmp_path / "b")
+    name, bundle = enroll_worker(master_home, tmp_path / "b", "rsock")
 
     def listener(port=0):
-        return ListenerService(
-            reactor,
-            identity=TLSIdentity.master(master_home),
-            revocations=RevocationSet(master_home.revocations),
-            ingest_dir=tmp_path / "ingest",
-            listen=f"tcp:{port}:interface=127.0.0.1",
-        )
+        return loopback_listener(master_home, tmp_path / "ingest", port)
 
     lst = listener()
     lst.startService()
@@ -44,17 +34,7 @@ async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener
     log_file = tmp_path / "decnet.log"
     first = b"".join(syslog_line(i) + b"\n" for i in range(2000))
     log_file.write_bytes(first)
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        master_host="127.0.0.1",
-        master_port=port,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=log_file,
-        state_file=tmp_path / "f.sqlite",
-        poll_interval=0.1,
-        max_retry_delay=0.5,
-    )
+    fwd = loopback_forwarder(bundle, port, log_file, tmp_path / "f.sqlite")
     fwd.startService()
     mirror = tmp_path / "ingest" / name / "decnet.log"
     try:
@@ -111,9 +91,7 @@ async def test_a_master_closing_tls_while_the_forwarder_is_paused_is_noticed_and
     # registered: the forwarder must let go of the connection itself when the
     # master's close_notify arrives while it is paused, or it hangs for ever
     # on a connection nobody reads (seen after a listener restart).
-    name = f"stall-{os.getpid()}-{random.randrange(10**6)}"
-    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
-    bundle = pki.WorkerBundle.load(tmp_path / "b")
+    _, bundle = enroll_worker(master_home, tmp_path / "b", "stall")
     connections: list[_StallingMaster] = []
     factory = Factory.forProtocol(lambda: _StallingMaster(connections))
     options = listener_options(TLSIdentity.master(master_home), None)
@@ -121,17 +99,7 @@ async def test_a_master_closing_tls_while_the_forwarder_is_paused_is_noticed_and
     log_file = tmp_path / "decnet.log"
     line = syslog_line(0) + b"\n"
     log_file.write_bytes(line * (32 * 1024 * 1024 // len(line)))
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        master_host="127.0.0.1",
-        master_port=port.getHost().port,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=log_file,
-        state_file=tmp_path / "f.sqlite",
-        poll_interval=0.1,
-        max_retry_delay=0.5,
-    )
+    fwd = loopback_forwarder(bundle, port.getHost().port, log_file, tmp_path / "f.sqlite")
     fwd.startService()
     try:
         await eventually(

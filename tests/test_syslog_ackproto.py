@@ -75,7 +75,7 @@ def test_each_refusal_names_what_is_wrong(frame, reason):
 
 
 _NEAR_VALID = st.tuples(
-    st.sampled_from([b"D ", b"G ", b"A ", b"R ", b"H ", b"E ", b"E", b""]),
+    st.sampled_from([b"D ", b"G ", b"A ", b"R ", b"H ", b"E ", b"E", b"S ", b""]),
     st.lists(st.sampled_from(list(b" 0123456789\n-x\xff")), max_size=48).map(bytes),
 ).map(b"".join)
 
@@ -86,4 +86,25 @@ def test_any_frame_decodes_to_a_message_or_is_a_protocol_error(frame):
         message = decode(frame)
     except ProtocolError:
         return
-    assert isinstance(message, Ack | Data | Error | Gap | Hello | Resume)
+    assert isinstance(message, Ack | Data | Error | Gap | Hello | Resume | ackproto.Status)
+
+
+def test_status_is_s_space_end_byte_for_byte():
+    assert ackproto.encode_status(0) == b"S 0"
+    assert ackproto.encode_status(1234) == b"S 1234"
+    assert decode(b"S 1234") == ackproto.Status(1234)
+    assert decode(b"S %d" % ackproto.MAX_OFFSET) == ackproto.Status(ackproto.MAX_OFFSET)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"S", b"S ", b"S -1", b"S 01", b"S 1 2", b"S x", b"S 9223372036854775808", b"S 1\n"],
+)
+def test_a_malformed_status_is_a_protocol_error(frame):
+    with pytest.raises(ProtocolError):
+        decode(frame)
+
+
+@given(st.integers(0, ackproto.MAX_OFFSET))
+def test_status_round_trips(end):
+    assert decode(ackproto.encode_status(end)) == ackproto.Status(end)

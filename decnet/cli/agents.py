@@ -1,9 +1,10 @@
-"""``decnet-admin status / check / deploy / teardown``: commanding worker agents.
+"""``decnet-admin status / deploy / teardown``: commanding worker agents (``check``: fleet.py).
 
 Each command reads the registry and the master identity first (blocking, before
 the reactor runs), then talks to the agents with :class:`AgentClient` inside
-``react``.  Failures are printed as one line per problem; the exit code is
-non-zero when any host or service failed.
+``react``.  Failures are printed as one line per problem; ``status`` exits 1
+when a service failed (the host is degraded) and 2 when a host is unreachable,
+as ``check`` does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from decnet.cli import output
 from decnet.cli.arguments import command, flag, json_flag, timeout_option
 from decnet.cli.runtime import budget, run_async
 from decnet.errors import BadReply, DecnetError, ValidationError
+from decnet.master import health as health_rules
 from decnet.master.registry import Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
@@ -39,22 +41,12 @@ def register(sub, parents) -> None:
         cmd_status,
         summary="show the deckies a worker runs (or every worker's)",
         description="Ask the agent of NAME (or, with --all or no NAME, of every enrolled "
-        "host) for its deployed spec and the live state of each decky and service.",
+        "host) for its deployed spec and the live state of each decky and service. Exits 0 "
+        "when every service listens, 1 when one failed (degraded), 2 when a host is "
+        "unreachable.",
     )
     p.add_argument("name", nargs="?", help="host name (default: every host)")
     flag(p, "--all", "every enrolled host (the default)")
-    _json_and_timeout(p, config.HTTP_TIMEOUT)
-
-    p = command(
-        sub,
-        parents,
-        "check",
-        cmd_check,
-        summary="probe every agent's health and record it in the registry",
-        description="Probe GET /health of every enrolled (not decommissioned) host "
-        "concurrently, record active/unreachable in the registry, print a table. Exits 1 "
-        "if any host is down.",
-    )
     _json_and_timeout(p, config.HTTP_TIMEOUT)
 
     p = command(
@@ -89,7 +81,7 @@ def _json_and_timeout(parser: argparse.ArgumentParser, timeout: float) -> None:
     timeout_option(parser, timeout, TIMEOUT_HELP)
 
 
-class _Context:
+class Context:
     """What every command needs, loaded before the reactor runs."""
 
     def __init__(self, args: argparse.Namespace):
@@ -137,7 +129,7 @@ STATUS_WIDTHS = (10, 10, 10, 9, 21, 5, 6)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    ctx = _Context(args)
+    ctx = Context(args)
     if args.name and args.all:
         raise ValidationError("give a host NAME or --all, not both")
     hosts = [ctx.registry.get(args.name)] if args.name else ctx.registry.list()
@@ -172,11 +164,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                     table.row(row)
 
         await _each(hosts, one)
+        verdicts = {h.name: _status_verdict(docs.get(h.name)) for h in hosts}
         if args.json:
-            output.print_json({"hosts": docs, "errors": errors})
-        return 1 if errors else 0
+            output.print_json({"hosts": docs, "errors": errors, "verdicts": verdicts})
+        else:
+            for name, doc in sorted(docs.items()):
+                failed = health_rules.failed_services(doc)
+                if failed:
+                    output.line(
+                        f"{name}: degraded: {len(failed)} of "
+                        f"{doc['summary']['services']} services failed"
+                    )
+        return health_rules.exit_code(verdicts.values())
 
     return run_async(main)
+
+
+def _status_verdict(doc: dict | None) -> str:
+    """``unreachable`` without a reply, ``degraded`` when a service failed, else ``healthy``."""
+    if doc is None:
+        return health_rules.UNREACHABLE
+    return health_rules.DEGRADED if health_rules.failed_services(doc) else health_rules.HEALTHY
 
 
 def _status_rows(host: str, doc: dict) -> list[tuple]:
@@ -202,63 +210,6 @@ def _status_rows(host: str, doc: dict) -> list[tuple]:
     return rows
 
 
-CHECK_HEADERS = ("NAME", "ADDRESS", "HEALTH", "RELEASE", "VERSION", "UPTIME", "DETAIL")
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    ctx = _Context(args)
-    hosts = [h for h in ctx.registry.list() if not h.decommissioned]
-    if not hosts:
-        output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
-        return 0
-
-    async def main(reactor):
-        from decnet.master.agent_client import check_hosts
-
-        arrived = lambda result: None  # noqa: E731
-        if not args.json:
-            widths = (max(len(h.name) for h in hosts), max(len(h.address) for h in hosts))
-            table = output.StreamTable(CHECK_HEADERS, (*widths, 9, 16, 8, 8))
-            arrived = lambda result: table.row(_check_row(result))  # noqa: E731
-        results = await check_hosts(
-            reactor,
-            ctx.identity,
-            ctx.registry,
-            hosts,
-            revocations=ctx.revocations,
-            timeout=budget(args.timeout),
-            arrived=arrived,
-        )
-        if args.json:
-            output.print_json([r.as_dict() for r in results])
-        return 0 if all(r.ok for r in results) else 1
-
-    return run_async(main)
-
-
-def _check_row(r) -> tuple:
-    health = "up" if r.ok else ("BAD REPLY" if r.bad_reply else "DOWN")
-    return (
-        r.name,
-        r.address,
-        health,
-        r.health.get("release") or "-",
-        r.health.get("version") or "-",
-        _uptime(r.health.get("uptime")),
-        r.detail,
-    )
-
-
-def _uptime(seconds) -> str:
-    if not isinstance(seconds, int | float):
-        return "-"
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{days}d{hours:02d}h" if days else f"{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
 def _load_spec(path: str) -> dict:
     try:
         text = Path(path).read_text()
@@ -276,7 +227,7 @@ def _load_spec(path: str) -> dict:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     doc = _load_spec(args.spec)
-    ctx = _Context(args)
+    ctx = Context(args)
     host = ctx.registry.get(args.name)
 
     async def main(reactor):
@@ -318,7 +269,7 @@ def _show_apply(args, host: str, result: dict) -> None:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    ctx = _Context(args)
+    ctx = Context(args)
     host = ctx.registry.get(args.name)
 
     async def main(reactor):

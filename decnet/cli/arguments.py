@@ -23,10 +23,19 @@ def command(
     *,
     summary: str,
     description: str,
+    epilog: str | None = None,
 ) -> argparse.ArgumentParser:
     """Add sub-command ``name`` (``summary`` in the command list, ``description`` in its
-    ``--help``), run by ``run(args)``; returns its parser for the command's own options."""
-    parser = sub.add_parser(name, parents=list(parents), help=summary, description=description)
+    ``--help``, then ``epilog``: examples, kept as written), run by ``run(args)``; returns
+    its parser for the command's own options."""
+    parser = sub.add_parser(
+        name,
+        parents=list(parents),
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter,
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -44,3 +53,22 @@ def json_flag(parser: argparse.ArgumentParser, text: str = JSON_HELP) -> None:
 def timeout_option(parser: argparse.ArgumentParser, default: float, text: str) -> None:
     """``--timeout SECONDS`` (a float), explained by ``text``."""
     parser.add_argument("--timeout", type=float, default=default, help=text)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``--stale 5m``: seconds from ``90``, ``90s``, ``5m``, ``2h`` or ``1d`` (an argparse type)."""
+    raw = text.strip().lower()
+    unit = _UNITS.get(raw[-1:], None)
+    number = raw[:-1] if unit is not None else raw
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (use e.g. 90s, 5m, 2h, 1d)"
+        ) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return value

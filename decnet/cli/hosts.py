@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from decnet import config, pki
-from decnet.cli import output
+from decnet.cli import fleet, output
 from decnet.cli.arguments import command, flag, json_flag, timeout_option
 from decnet.cli.decommission import DECOMMISSION_EPILOG, TEARDOWN_TIMEOUT, cmd_decommission
 from decnet.master import enroll_tokens, enrollment
@@ -104,9 +105,14 @@ def register(sub, parents) -> None:
         parents,
         "hosts",
         cmd_hosts,
-        summary="list enrolled hosts",
-        description="List every enrolled host with its status and certificate fingerprints.",
+        summary="list enrolled hosts, when their logs were last seen and their log lag",
+        description="List every enrolled host with its status, certificate fingerprints, "
+        "and from the log listener's state (<ingest>/workers.json, no network): LAST SEEN "
+        "(STALE when longer ago than --stale) and LOG LAG (bytes on the worker not yet "
+        "durable on the master; unknown for plain RFC 5425 senders).",
+        epilog=HOSTS_EPILOG,
     )
+    fleet.stale_option(p)
     json_flag(p)
 
     p = command(
@@ -218,14 +224,35 @@ def _show_token(
     output.line(f"  {command_line}")
 
 
+HOSTS_EPILOG = """\
+examples:
+  decnet-admin hosts                 the table
+  decnet-admin hosts --stale 1m      flag workers whose logs were not seen for a minute
+  decnet-admin hosts --json          one object per host, with its "logs"
+"""
+HOSTS_HEADERS = (
+    "NAME",
+    "ADDRESS",
+    "STATUS",
+    "WORKER FP",
+    "UPDATER FP",
+    "UPDATER",
+    "ENROLLED",
+    "LAST SEEN",
+    "LOG LAG",
+)
+
+
 def cmd_hosts(args: argparse.Namespace) -> int:
     hosts = Registry(args.paths.registry).list() if args.paths.registry.exists() else []
+    logs = fleet.log_healths(fleet.ingest_dir(args), [h.name for h in hosts], args.stale)
     if args.json:
-        output.print_json([h.as_dict() for h in hosts])
+        output.print_json([{**h.as_dict(), "logs": logs[h.name].as_dict()} for h in hosts])
         return 0
     if not hosts:
         output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
         return 0
+    now = time.time()
     rows = [
         (
             h.name,
@@ -235,9 +262,10 @@ def cmd_hosts(args: argparse.Namespace) -> int:
             output.short_fp(h.updater_fingerprint),
             "yes" if h.has_updater else "no",
             h.enrolled_at,
+            "-" if h.decommissioned else fleet.last_seen(logs[h.name], now),
+            "-" if h.decommissioned else fleet.log_lag(logs[h.name]),
         )
         for h in hosts
     ]
-    headers = ("NAME", "ADDRESS", "STATUS", "WORKER FP", "UPDATER FP", "UPDATER", "ENROLLED")
-    output.print_table(headers, rows)
+    output.print_table(HOSTS_HEADERS, rows)
     return 0

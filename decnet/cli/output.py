@@ -125,6 +125,24 @@ def print_json(doc) -> None:
     sys.stdout.flush()
 
 
+def print_ndjson(doc, stream=None) -> None:
+    """``doc`` as one line of ASCII-only JSON (NDJSON for streaming commands)."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps(doc, sort_keys=True, ensure_ascii=True) + "\n")
+    stream.flush()
+
+
+# The one terminal control this layer sends: cursor home, clear to the end of the screen.
+HOME_CLEAR = "\x1b[H\x1b[J"
+
+
+def screen(lines: Sequence[str], stream=None) -> None:
+    """Redraw a whole terminal screen (``top``): home, clear, then ``lines``, each escaped."""
+    stream = stream or sys.stdout
+    stream.write(HOME_CLEAR + "".join(printable(line) + "\n" for line in lines))
+    stream.flush()
+
+
 def error(message: object) -> None:
     line(f"decnet-admin: error: {message}", sys.stderr)
 

@@ -15,9 +15,13 @@ reaches a terminal: an escape sequence in a user name must never repaint the scr
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable, Sequence
 
 from decnet.cli import output
+from decnet.listener import workers
+from decnet.listener.workers import LogHealth
+from decnet.master.health import duration
 from decnet.sandbox.feeds import event_params
 from decnet.sandbox.report import FeedEvents, HostRow, HostTable
 
@@ -37,6 +41,8 @@ DETAILS_WIDTH = 62  # the DETAILS column at most: a line fits 120 columns (the f
 EVENT_HEADERS = ("TIME (UTC)", "WORKER", "DECKY", "SERVICE", "EVENT", "DETAILS")
 EVENT_WIDTHS = (12, 6, 10, 10, 10)
 HOST_HEADERS = ("WORKER", "ADDRESS", "AGENT", "RELEASE", "DECKIES", "LISTENING", "LOG LAG")
+FLEET_HEADERS = (*HOST_HEADERS[:-1], "LAST SEEN", "LOG LAG")
+HEALTHY = ("up", "healthy")  # an AGENT cell that needs no detail after it
 
 
 def _value(text: str) -> str:
@@ -136,24 +142,51 @@ def human_bytes(count: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def host_table(rows: Sequence[HostRow]) -> str:
-    """The workers' table: agent health, release, deckies, listening services, log lag."""
+def last_seen(logs: LogHealth | None, now: float) -> str:
+    """The LAST SEEN cell: ``now``, ``42s ago``, ``never``; ``STALE`` when flagged."""
+    if logs is None or logs.state == workers.NO_STATE:
+        return "-"
+    if logs.state == workers.CONNECTED:
+        text = "now"
+    elif logs.last_seen is None:
+        text = "never"
+    else:
+        text = f"{duration(now - logs.last_seen)} ago"
+    return f"{text} STALE" if logs.stale else text
+
+
+def log_lag(logs: LogHealth | None) -> str:
+    """The LOG LAG cell: bytes, ``unknown`` (plain mode, no STATUS yet), ``-`` (no state)."""
+    if logs is None or logs.state == workers.NO_STATE:
+        return "-"
+    return "unknown" if logs.lag is None else human_bytes(logs.lag)
+
+
+def host_table(rows: Sequence[HostRow], now: float | None = None) -> str:
+    """The workers' table: agent health, release, deckies, listening services, log lag.
+
+    Rows that carry the listener's view (``top``) add LAST SEEN, and their LOG
+    LAG is the listener's (``now``: the time LAST SEEN is counted to).
+    """
+    fleet = any(r.logs is not None for r in rows)
+    moment = time.time() if now is None else now
     cells = []
     for r in rows:
         listening = "-" if r.listening is None else f"{r.listening}/{r.services}"
-        agent = r.agent + (f" ({r.detail})" if r.detail and r.agent != "up" else "")
+        agent = r.agent + (f" ({r.detail})" if r.detail and r.agent not in HEALTHY else "")
         cells.append(
             (
                 r.worker,
                 r.address,
-                output.printable(agent, 60),
+                output.printable(agent, 120 if fleet else 60),
                 r.release or "-",
                 "-" if r.deckies is None else r.deckies,
                 listening,
-                human_bytes(r.lag),
+                *((last_seen(r.logs, moment), log_lag(r.logs)) if fleet else ()),
+                *(() if fleet else (human_bytes(r.lag),)),
             )
         )
-    return output.table(HOST_HEADERS, cells)
+    return output.table(FLEET_HEADERS if fleet else HOST_HEADERS, cells)
 
 
 class LiveLines:

@@ -130,7 +130,7 @@ class Shipper:
 
     def _do_Read(self, command: core.Read) -> None:
         def read(now):
-            return self.tailer.read(now), self.tailer.take_records()
+            return self.tailer.read(now), self.tailer.take_records(), self.tailer.file_end
 
         def failed(failure):
             self.execute(self.core.read_failed())
@@ -141,17 +141,31 @@ class Shipper:
             )
 
         d = self.run(read, self.clock.seconds())
-        d.addCallbacks(
-            lambda r: self.execute(self.core.read_done(r[0], r[1], command.epoch)), failed
-        )
+        d.addCallbacks(lambda r: self._read_done(r, command.epoch), failed)
         d.addErrback(self.log.failure, "Shipping loop failed")
+
+    def _read_done(self, result: tuple, epoch: int) -> None:
+        pieces, records, end = result
+        self.execute(self.core.read_done(pieces, records, epoch))
+        self._report_end(end)
+
+    def _report_end(self, end: int) -> None:
+        """The tailer saw the files reach ``end``: the core may send a STATUS."""
+        self.execute(self.core.file_end(end, self.clock.seconds()))
 
     def _do_Observe(self, command: core.Observe) -> None:
         def observe(now):
             self.tailer.observe(now)
-            return (self.tailer.take_records(),)
+            return self.tailer.take_records(), self.tailer.file_end
 
-        self._tailer_job(observe, self.core.observed, self.clock.seconds())
+        def observed(result: tuple) -> None:
+            records, end = result
+            self.execute(self.core.observed(records))
+            self._report_end(end)
+
+        d = self.run(observe, self.clock.seconds())
+        d.addCallback(observed)
+        d.addErrback(self.log.failure, "Forwarder step {job} failed", job="observe")
 
     def _do_Rewind(self, command: core.Rewind) -> None:
         def rewind(offset):
@@ -272,6 +286,7 @@ class ForwarderProtocol(Protocol):
                 )
                 self.shipper.resume(message.offset)
             elif isinstance(message, ackproto.Error):
+                self._refused_status(message.reason)
                 self.abandon(f"master refused: {message.reason}")
                 return
             else:
@@ -282,6 +297,15 @@ class ForwarderProtocol(Protocol):
         """Whether the master has sent its TLS close_notify."""
         handle = self.transport.getHandle() if self.transport is not None else None
         return handle is not None and bool(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+
+    def _refused_status(self, reason: str) -> None:
+        """A listener older than STATUS refuses ``S``: the next connections go without it."""
+        if ackproto.UNKNOWN_STATUS in reason and self.shipper.core.status_supported:
+            self.log.warn(
+                "The master's listener predates STATUS messages; not sending them (log lag "
+                "stays unknown there until the listener is upgraded, see docs/Logging.md)"
+            )
+            self.shipper.execute(self.shipper.core.status_refused())
 
     def abandon(self, reason: str) -> None:
         self.log.warn("Closing the connection to the master: {reason}", reason=reason)

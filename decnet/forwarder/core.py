@@ -17,6 +17,8 @@ event              meaning
 ``notify``         the file may have changed (inotify, the poll timer)
 ``paused`` ...     the transport's flow control
 ``disconnected``   the connection is gone
+``file_end``       the tailer saw the files reach a logical offset (STATUS)
+``status_refused`` the listener is older than STATUS and refused it
 =================  ==========================================================
 
 =================  ==========================================================
@@ -59,6 +61,8 @@ from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
 
 DEFAULT_WINDOW = 16 * 1024 * 1024
+# At most one STATUS per this many seconds per connection (the listener's lag is that fresh).
+STATUS_INTERVAL = 1.0
 
 ACK = "ack"
 PLAIN = "plain"
@@ -163,12 +167,17 @@ class DeliveryCore:
         self.frames_sent = 0
         self.empty_lines_skipped = 0
         self.gaps_declared = 0
+        # STATUS (``S <end>``): what was last reported on this connection, and when next.
+        self.status_supported = True
+        self.reported_end: int | None = None
+        self.status_due: float | None = None
 
     # -- connection ------------------------------------------------------
 
     def connected(self, mode: str) -> list[Command]:
         self.epoch += 1
         self.mode, self.paused, self._held, self.skip_until = mode, False, [], 0
+        self.reported_end = self.status_due = None
         if mode == ACK:
             self.phase = HELLO
             return [Send((encode_frame(ackproto.encode_hello(self.stream)),))]
@@ -214,6 +223,33 @@ class DeliveryCore:
             return [Close(f"ACK {offset} is beyond what was sent ({self.sent_end})")]
         self.acked = offset
         return self._queue(acked=offset) + self._next_persist() + self._pump()
+
+    # -- STATUS ----------------------------------------------------------
+
+    def file_end(self, end: int, now: float) -> list[Command]:
+        """The worker's files reach logical offset ``end`` (seconds ``now``): maybe a STATUS.
+
+        Acknowledged mode only, once streaming; sent when the end changed since
+        the last report on this connection, at most once per
+        :data:`STATUS_INTERVAL` (the first one an interval after the first
+        call): a later call (the poll timer's) reports what was held back.
+        Never below what was sent, so an honest STATUS is never below the
+        listener's high-water mark.
+        """
+        if self.mode != ACK or self.phase != STREAMING or not self.status_supported:
+            return []
+        if self.status_due is None:
+            self.status_due = now + STATUS_INTERVAL
+        end = max(end, self.sent_end)
+        if end == self.reported_end or now < self.status_due:
+            return []
+        self.reported_end, self.status_due = end, now + STATUS_INTERVAL
+        return [Send((encode_frame(ackproto.encode_status(end)),))]
+
+    def status_refused(self) -> list[Command]:
+        """The listener predates STATUS (it refused ``S``): stop sending it for good."""
+        self.status_supported = False
+        return []
 
     # -- flow control ----------------------------------------------------
 

@@ -58,7 +58,7 @@ class ForwarderMetrics:
                 core.gaps_declared,
                 core.sent_end,
                 core.acked,
-                tailer.seen_end,
+                tailer.file_end,
             ),
         )
         return sample.families

@@ -298,17 +298,19 @@ class Tailer:
         return (gen.base if gen.base is not None else self.floor) + gen.pos
 
     @property
-    def seen_end(self) -> int:
-        """Logical offset of the end of the stream as last looked at (read or observed).
+    def file_end(self) -> int:
+        """Logical offset of the end of the newest file as last seen: what the worker wrote.
 
-        Read on the reactor thread by the metrics while a job may run: it only
-        reads a copy of the list and plain ints.
+        Also read on the reactor thread by the metrics while a job may run: it
+        only reads a copy of the list and plain ints.
         """
-        for gen in reversed(list(self.gens)):
-            if gen.base is not None:
-                size = gen.final_size if gen.final_size is not None else gen.seen
-                return gen.base + size
-        return self.floor
+        gens = list(self.gens)
+        if not gens:
+            return self.floor
+        last = gens[-1]
+        if last.base is None:
+            return self.logical
+        return max(self.logical, last.base + max(last.seen, last.pos))
 
     def read(self, now: float = 0.0) -> list[Piece]:
         """The next whole lines (possibly none).  ``now`` (seconds) drives ``rotate_wait``."""

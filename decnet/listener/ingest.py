@@ -66,13 +66,16 @@ class _Accepted:
 
 @attrs.frozen
 class Committed:
-    """One durable commit, as :attr:`Ingest.commit_observers` are told (the metrics)."""
+    """One durable commit, as :attr:`Ingest.commit_observers` are told (the metrics, the
+    per-worker state)."""
 
     worker: str
     stream: str
     lines: int
     bytes: int
     seconds: float  # from handing the batch to the thread pool to its durability
+    end: int  # the stream's logical offset now durable (its high-water mark)
+    at: float  # when it became durable (the ingest's clock)
 
 
 class StreamSink:
@@ -215,12 +218,15 @@ class StreamSink:
 
     def _tell_observers(self, batch: Batch[_Accepted]) -> None:
         payloads = [i.payload for i in batch.items]
+        now = self.ingest.clock.seconds()
         done = Committed(
             self.worker,
             self.stream,
             sum(p.count(b"\n") for p in payloads),
             sum(len(p) for p in payloads),
-            self.ingest.clock.seconds() - self._commit_started,
+            now - self._commit_started,
+            self.committed_end,
+            now,
         )
         for observer in self.ingest.commit_observers:
             try:

@@ -38,8 +38,10 @@ from zope.interface import implementer
 
 from decnet import config
 from decnet.listener import admission
+from decnet.listener import workers as worker_state
 from decnet.listener.admission import Admit, PreTLSBudget, RefusalLog, address_key
 from decnet.listener.ingest import Ingest, StreamSink, TooManyStreams
+from decnet.listener.workers import WorkerStates
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
 from decnet.tls import Refusal, RefusalKind, handshake_of, peer_identity
@@ -121,6 +123,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._close_call = None
         self._handshake_call = None
+        self._counted = False  # counted as connected in the per-worker state
+        self._status_warned = False
 
     # -- identity --------------------------------------------------------
 
@@ -178,6 +182,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if refusal is not None:
             self._refuse(*refusal)
             return
+        self._note_connected()
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         if alpn == config.ACK_ALPN:
             # DATA payloads are whole lines: their final LF is data, not a stock sender's extra.
@@ -279,6 +284,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             self._backpressure()
         elif self.state == STREAMING and isinstance(message, ackproto.Gap):
             self.attached.accept_gap(message.start, message.end)
+        elif self.state == STREAMING and isinstance(message, ackproto.Status):
+            self._note_status(message.end)
         elif self.state == AWAITING_HELLO and isinstance(message, ackproto.Hello):
             if message.stream == config.PLAIN_STREAM:
                 raise ackproto.ProtocolError(
@@ -310,6 +317,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self.sink = sink
         sink.failure_listeners.append(self._sink_broke)
         if self.state == PLAIN:
+            self._note_stream(worker_state.PLAIN, sink.committed_end)
             queued, self._queued = self._queued, []
             if queued:
                 self._append_plain(queued)
@@ -325,6 +333,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             return
         self.state = STREAMING
         self.attached.commit_listeners.append(self._on_commit)
+        self._note_stream(worker_state.ACK, offset)
         self._write(ackproto.encode_resume(offset))
         self.log.info(
             "Resuming {worker}/{stream} at offset {offset} for {peer}",
@@ -368,6 +377,42 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             self._paused = False
             self.transport.resumeProducing()
 
+    # -- the per-worker state (decnet.listener.workers) -------------------
+
+    def _note_connected(self) -> None:
+        assert self.worker is not None
+        self._counted = True
+        self.factory.workers.connected(self.worker, self.factory.clock.seconds())
+
+    def _note_disconnected(self) -> None:
+        if self._counted and self.worker is not None:
+            self._counted = False
+            self.factory.workers.disconnected(self.worker, self.factory.clock.seconds())
+
+    def _note_stream(self, mode: str, high_water: int) -> None:
+        if self.worker is not None and self.stream is not None:
+            self.factory.workers.stream(self.worker, self.stream, mode, high_water)
+
+    def _note_error(self, reason: str) -> None:
+        if self.worker is not None:
+            self.factory.workers.error(self.worker, reason, self.factory.clock.seconds())
+
+    def _note_status(self, end: int) -> None:
+        """A STATUS: recorded for the log lag; an impossible one is ignored (logged once)."""
+        assert self.worker is not None and self.stream is not None
+        ignored = self.factory.workers.status(
+            self.worker, self.stream, end, self.attached.accepted_end, self.factory.clock.seconds()
+        )
+        if ignored is not None and not self._status_warned:
+            self._status_warned = True
+            self.log.warn(
+                "Ignoring STATUS from {peer}: {reason} (further ones on this connection "
+                "are ignored silently)",
+                peer=self.peer,
+                reason=ignored,
+                worker=self.worker,
+            )
+
     # -- closing ---------------------------------------------------------
 
     def _write(self, body: bytes) -> None:
@@ -388,6 +433,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if self.state in (AWAITING_HELLO, RESUMING, STREAMING):
             self._write(ackproto.encode_error(reason))
         self.state = CLOSING
+        self._note_error(reason)
         emit = self.log.warn if warn else self.log.error
         emit(
             "Closing connection from {peer}: {reason}"
@@ -447,6 +493,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
                 if fn in lst:
                     lst.remove(fn)
         self.factory.forget(self)
+        self._note_disconnected()
         if self.worker and prev != CLOSING:
             self.log.info(
                 "Connection from {peer} closed ({frames} frames, {bytes} bytes)",
@@ -499,7 +546,11 @@ class ListenerFactory(Factory):
     noisy = False
 
     def __init__(
-        self, ingest: Ingest, clock: IReactorTime, limits: ConnectionLimits = DEFAULT_LIMITS
+        self,
+        ingest: Ingest,
+        clock: IReactorTime,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+        workers: WorkerStates | None = None,
     ):
         self.ingest = ingest
         self.clock = clock
@@ -520,6 +571,8 @@ class ListenerFactory(Factory):
         self.refused = 0
         # Connections closed because we did not want them, by why (read by the metrics).
         self.refused_by: collections.Counter[Refused] = collections.Counter()
+        # Per-worker state (last seen, lag, counters); the service shares it with the ingest.
+        self.workers = workers if workers is not None else WorkerStates()
 
     def outside_tls(self, tls_factory) -> PreTLSGate:
         """The factory to listen with: ``tls_factory`` behind the pre-TLS budget."""

@@ -15,8 +15,10 @@ from decnet.listener import ingest
 from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import DEFAULT_LIMITS, ConnectionLimits, ListenerFactory
+from decnet.listener.workers import StateFile, state_path
 from decnet.revocation import RevocationSet, RevocationWatcher
 from decnet.systemd import SystemdService
+from decnet.threads import pool_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 
 
@@ -29,8 +31,11 @@ def listener_options(identity: TLSIdentity, revocations: RevocationSet | None) -
 class IngestService(Service):
     """Owns the :class:`Ingest`: creates its directory, closes files on stop."""
 
-    def __init__(self, ingest: Ingest):
+    log = Logger()
+
+    def __init__(self, ingest: Ingest, state_file: StateFile | None = None):
         self.ingest = ingest
+        self.state_file = state_file
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -39,10 +44,17 @@ class IngestService(Service):
     def startService(self):
         super().startService()
         self.ingest.start()
+        if self.state_file is not None:
+            self.state_file.start().addErrback(
+                lambda f: self.log.failure("Starting the worker state file", f)
+            )
 
+    @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
-        return self.ingest.close()
+        yield self.ingest.close()
+        if self.state_file is not None:
+            yield self.state_file.stop()
 
 
 class ListenerService(MultiService):
@@ -81,11 +93,14 @@ class ListenerService(MultiService):
             max_streams_per_worker=max_streams_per_worker,
             max_open_streams=max_open_streams,
         )
-        self.factory = ListenerFactory(self.ingest, reactor, limits)
+        # Per-worker state: <ingest>/workers.json (decnet-admin hosts / check / top read it).
+        self.worker_state = StateFile(state_path(ingest_dir), reactor, pool_runner(reactor))
+        self.ingest.commit_observers.append(self.worker_state.states.on_commit)
+        self.factory = ListenerFactory(self.ingest, reactor, limits, self.worker_state.states)
         self.revocations = revocations
         revocations.subscribe(self.factory.revoked)
         self.watcher = RevocationWatcher(revocations, reactor)
-        IngestService(self.ingest).setServiceParent(self)
+        IngestService(self.ingest, self.worker_state).setServiceParent(self)
         self.watcher.setServiceParent(self)
         self.port_service = TLSPortService(
             reactor,

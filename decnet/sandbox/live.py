@@ -19,7 +19,9 @@ Two timers on the injected clock:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
@@ -100,26 +102,22 @@ async def host_rows(
     return list(rows)
 
 
-class LiveView:
-    """Reports the host table and the event stream until :meth:`stop`."""
+class LiveLoop:
+    """Reports a host table and the event stream until :meth:`stop` (the sandbox's, ``top``'s).
+
+    A subclass says how one round of host probes starts (:meth:`round`); the
+    timers, the per-row updates, when the table is due and the feed reading are
+    shared.  ``tail`` is the event source: ``skip_to_end()`` and ``read_new()``
+    (blocking, run in the pool), as :class:`~decnet.sandbox.feeds.FeedTail` has.
+    """
 
     log = Logger()
 
-    def __init__(
-        self,
-        reactor: ISandboxReactor,
-        report: Report,
-        layout: SandboxLayout,
-        identity: TLSIdentity,
-        workers: dict,
-    ):
+    def __init__(self, reactor: ISandboxReactor, report: Report, tail, addresses: dict[str, str]):
         self.reactor = reactor
         self.report = report
-        self.layout = layout
-        self.identity = identity
-        self.workers = workers
-        self.tail = feeds.FeedTail({name: layout.feed(name) for name in workers})
-        self.clients: dict[str, AgentClient] = {}
+        self.tail = tail
+        self.addresses = addresses  # worker -> address, for the rows not answered yet
         self.last_keys: tuple | None = None
         self.last_table_at = -1e9
         self.events_since_table = 0
@@ -130,6 +128,7 @@ class LiveView:
         self.probing: set[str] = set()
         self.pending_table: IDelayedCall | None = None
         self.stopped = False
+        self.hosts_poll = config.SANDBOX_HOSTS_POLL
 
     def start(self) -> defer.Deferred:
         d = run_in_pool(self.reactor, self.tail.skip_to_end)
@@ -138,7 +137,7 @@ class LiveView:
 
     def _start_loops(self) -> None:
         for interval, fn in (
-            (config.SANDBOX_HOSTS_POLL, self.poll_hosts),
+            (self.hosts_poll, self.poll_hosts),
             (config.SANDBOX_FEED_POLL, self.poll_feeds),
         ):
             loop = task.LoopingCall(lambda fn=fn: defer.ensureDeferred(fn()))
@@ -156,9 +155,10 @@ class LiveView:
             if loop.running:
                 loop.stop()
         self._loops = []
-        for client in self.clients.values():
-            defer.ensureDeferred(client.close()).addErrback(lambda f: None)
-        self.clients = {}
+
+    async def round(self) -> dict[str, Callable[[], Coroutine[Any, Any, HostRow]]]:
+        """One probe per worker to run now, by name (subclasses)."""
+        raise NotImplementedError
 
     async def poll_hosts(self) -> None:
         """Start a probe of every worker that is not still being probed; do not wait for them.
@@ -167,20 +167,15 @@ class LiveView:
         stalls (until its deadline) never holds back the rows of the others.
         """
         try:
-            hosts, sizes = await run_in_pool(self.reactor, read_hosts, self.layout, self.workers)
+            probes = await self.round()
         except Exception:
             self.log.failure("Cannot read the registry or the workers' logs")
             return
-        for name, info in sorted(self.workers.items()):
+        for name, probe_fn in sorted(probes.items()):
             if name in self.probing:
                 continue  # the last probe has not ended yet (it will, by its deadline)
             self.probing.add(name)
-            lag = log_lag(*sizes[name])
-            probe = defer.ensureDeferred(
-                host_row(
-                    self.reactor, self.identity, name, info, hosts.get(name), lag, self.clients
-                )
-            )
+            probe = defer.ensureDeferred(probe_fn())
             probe.addCallback(self.arrived)
             probe.addErrback(self._probe_failed, name)
             probe.addBoth(self._probe_ended, name)
@@ -202,8 +197,8 @@ class LiveView:
 
     def current_rows(self) -> list[HostRow]:
         return [
-            self.rows.get(name) or HostRow(name, info["address"], "waiting")
-            for name, info in sorted(self.workers.items())
+            self.rows.get(name) or HostRow(name, address, "waiting")
+            for name, address in sorted(self.addresses.items())
         ]
 
     def show(self) -> None:
@@ -238,3 +233,39 @@ class LiveView:
         self.report(FeedEvents(tuple(sorted(entries, key=feeds.entry_order))))
         self.events_since_table += len(entries)
         self.last_event_at = self.reactor.seconds()
+
+
+class LiveView(LiveLoop):
+    """The live view of ``sandbox up``: the sandbox's workers, their agents, their feeds."""
+
+    def __init__(
+        self,
+        reactor: ISandboxReactor,
+        report: Report,
+        layout: SandboxLayout,
+        identity: TLSIdentity,
+        workers: dict,
+    ):
+        tail = feeds.FeedTail({name: layout.feed(name) for name in workers})
+        super().__init__(reactor, report, tail, {n: i["address"] for n, i in workers.items()})
+        self.layout = layout
+        self.identity = identity
+        self.workers = workers
+        self.clients: dict[str, AgentClient] = {}
+
+    def stop(self) -> None:
+        super().stop()
+        for client in self.clients.values():
+            defer.ensureDeferred(client.close()).addErrback(lambda f: None)
+        self.clients = {}
+
+    async def round(self) -> dict[str, Callable[[], Coroutine[Any, Any, HostRow]]]:
+        hosts, sizes = await run_in_pool(self.reactor, read_hosts, self.layout, self.workers)
+
+        def probe(name: str, info: dict) -> Callable[[], Coroutine[Any, Any, HostRow]]:
+            lag = log_lag(*sizes[name])
+            return lambda: host_row(
+                self.reactor, self.identity, name, info, hosts.get(name), lag, self.clients
+            )
+
+        return {name: probe(name, info) for name, info in self.workers.items()}

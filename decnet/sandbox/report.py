@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from decnet.listener.workers import LogHealth
+
 #: Where the sandbox hands each progress object (``decnet.cli.sandbox_view.SandboxConsole.show``).
 Report = Callable[[Any], None]
 
@@ -49,10 +51,14 @@ class HostRow:
     listening: int | None = None
     lag: int | None = None  # bytes of the decoy log not yet in the master's mirror
     detail: str = ""
+    # ``decnet-admin top``: the listener's view of the worker (LAST SEEN, LOG LAG); None
+    # in the sandbox, whose lag is measured from the files themselves.
+    logs: LogHealth | None = None
 
     def key(self) -> tuple:
         """What counts as a change worth reprinting the table for (not the lag)."""
-        return (self.agent, self.release, self.deckies, self.services, self.listening)
+        seen = None if self.logs is None else (self.logs.state, self.logs.stale)
+        return (self.agent, self.release, self.deckies, self.services, self.listening, seen)
 
 
 def log_lag(local_size: int | None, mirror_size: int | None) -> int:

@@ -17,7 +17,13 @@ GAP        F → L      ``G <start> <end>``: stream offsets ``[start, end)``
                       or compressed before it was shipped)
 ACK        L → F      ``A <offset>``: everything below is durable
 ERROR      L → F      ``E <reason>``: sent before the listener closes
+STATUS     F → L      ``S <end>``: the stream's end on the worker (how far
+                      the forwarder's files reach), for the listener's
+                      log lag; informational, never acknowledged
 =========  =========  ==================================================
+
+A listener older than STATUS refuses ``S`` as an unknown message (ERROR, then
+it closes): upgrade the listener before the forwarders (``docs/Logging.md``).
 """
 
 from __future__ import annotations
@@ -72,7 +78,15 @@ class Error:
     reason: str
 
 
-Message = Hello | Resume | Data | Gap | Ack | Error
+@attrs.frozen
+class Status:
+    end: int
+
+
+Message = Hello | Resume | Data | Gap | Ack | Error | Status
+
+#: What a listener older than STATUS answers to ``S`` (its ERROR reason contains this).
+UNKNOWN_STATUS = "unknown message type b'S'"
 
 
 def validate_stream_name(name: str) -> str:
@@ -107,6 +121,10 @@ def encode_gap(start: int, end: int) -> bytes:
 
 def encode_ack(offset: int) -> bytes:
     return b"A %d" % offset
+
+
+def encode_status(end: int) -> bytes:
+    return b"S %d" % end
 
 
 def encode_error(reason: str) -> bytes:
@@ -176,6 +194,7 @@ _DECODERS: dict[bytes, Callable[[bytes], Message]] = {
     b"R ": lambda body: Resume(_number(body, "RESUME offset")),
     b"H ": _decode_hello,
     b"E ": lambda body: Error(body.decode("utf-8", "replace")),
+    b"S ": lambda body: Status(_number(body, "STATUS end")),
 }
 
 

@@ -28,6 +28,7 @@ import pytest
 
 from decnet import config
 from decnet.listener.feed import read_feed
+from decnet.listener.workers import read_state, state_path
 from decnet.sandbox.feeds import event_params
 from tests.support import BIN, admin, wait_for
 
@@ -223,7 +224,10 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
             20,
             what=f"{worker}'s log at the master",
         )
-    assert sorted(p.name for p in (d / "master" / "ingest").iterdir()) == list(WORKERS)
+    ingest = d / "master" / "ingest"
+    assert sorted(p.name for p in ingest.iterdir() if p.is_dir()) == list(WORKERS)
+    # ... and the listener's per-worker state (workers.json) knows exactly these workers.
+    assert sorted(read_state(state_path(ingest))["workers"]) == list(WORKERS)
     for i, worker in enumerate(WORKERS, start=1):
         entries = wait_for(
             lambda w=worker: (
@@ -325,7 +329,7 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
     assert mirror(d, "w2") == before_mirror
     assert len(feed(d, "w2")) == before_feed
     status_w2 = admin(paths, "status", "w2")
-    assert status_w2.returncode == 1
+    assert status_w2.returncode == 2  # not contacted: as an unreachable host
     said = status_w2.stdout + status_w2.stderr
     assert "'w2' was decommissioned" in said and "refusing to contact it" in said, said
     # w1 is untouched.
