@@ -40,6 +40,11 @@ def register(sub, parents) -> None:
         summary="show the deckies a worker runs (or every worker's)",
         description="Ask the agent of NAME (or, with --all or no NAME, of every enrolled "
         "host) for its deployed spec and the live state of each decky and service.",
+        examples=[
+            "decnet-admin status",
+            "decnet-admin status web-01 --json | jq '.hosts[\"web-01\"].deckies'",
+            "decnet-admin status | head      # a closed pipe ends it quietly",
+        ],
     )
     p.add_argument("name", nargs="?", help="host name (default: every host)")
     flag(p, "--all", "every enrolled host (the default)")
@@ -54,6 +59,7 @@ def register(sub, parents) -> None:
         description="Probe GET /health of every enrolled (not decommissioned) host "
         "concurrently, record active/unreachable in the registry, print a table. Exits 1 "
         "if any host is down.",
+        examples=["decnet-admin check", "decnet-admin check --timeout 5 --json"],
     )
     _json_and_timeout(p, config.HTTP_TIMEOUT)
 
@@ -66,6 +72,10 @@ def register(sub, parents) -> None:
         description="Validate the spec locally, send it to NAME's agent and print the "
         "result of every service. Deploying the same spec again changes nothing; a changed "
         "spec starts and stops only what changed. Exits 1 if any service failed.",
+        examples=[
+            "decnet-admin deploy web-01 --spec docs/example-spec.json",
+            "decnet-admin deploy web-01 --spec spec.json --json",
+        ],
     )
     p.add_argument("name", help="host name")
     p.add_argument("--spec", required=True, metavar="FILE", help="deployment spec (JSON)")
@@ -78,6 +88,10 @@ def register(sub, parents) -> None:
         cmd_teardown,
         summary="stop one decky, or every decky, on a worker",
         description="Stop decky --decky on NAME's agent, or every decky without it.",
+        examples=[
+            "decnet-admin teardown web-01 --decky fake-nas",
+            "decnet-admin teardown web-01          # every decky",
+        ],
     )
     p.add_argument("name", help="host name")
     p.add_argument("--decky", default=None, help="the decky to stop (default: all)")

@@ -19,15 +19,24 @@ def register(sub, parents) -> None:
         cmd_init,
         summary="create the CA and the master identity (idempotent)",
         description="Create the private CA and the master identity under --home. Running it "
-        "again keeps both and only updates --master-host.",
+        "again keeps both and the stored master address; --master-host changes that address "
+        "(printed as old -> new) for bundles enrolled from then on.",
+        examples=[
+            "decnet-admin --home /var/lib/decnet-master init --master-host 10.0.0.1",
+            "decnet-admin init --master-host master.example --san 10.0.0.1",
+            "decnet-admin init        # again: keeps the CA, identities and master address",
+        ],
+        needs_home=False,
     )
     p.add_argument(
         "--master-host",
-        default="127.0.0.1",
-        help="address workers use to reach this master's log listener (default: %(default)s)",
+        default=None,
+        help="address workers use to reach this master's log listener (default: the one "
+        "stored by an earlier init, else 127.0.0.1)",
     )
     _san_option(p, "extra DNS name or IP for the master certificate (repeatable)")
-    p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    _key_type_option(p, "key type of the CA and master identities made now (existing keys stay)")
+    json_flag(p)
 
     p = command(
         sub,
@@ -38,13 +47,29 @@ def register(sub, parents) -> None:
         description="Issue the worker certificate (and with --updater the updater certificate), "
         "record their fingerprints in the registry and write the worker bundle to --out. "
         "Copy that directory to the worker; the master keeps no private key.",
+        examples=[
+            "decnet-admin enroll web-01 --address 10.0.0.21 --updater --out /tmp/web-01",
+            "decnet-admin enroll db-02 --address db-02.example --san 10.0.0.22 --updater "
+            "--out /tmp/db-02 --json",
+        ],
     )
     p.add_argument("name", help="worker host name (a-z, 0-9, '.', '-'; max 63)")
     p.add_argument("--address", required=True, help="IP or DNS name the master uses to reach it")
     _san_option(p, "extra DNS name or IP for the worker certificate (repeatable)")
     flag(p, "--updater", "also issue the updater certificate")
-    p.add_argument("--agent-port", type=int, default=config.AGENT_PORT)
-    p.add_argument("--updater-port", type=int, default=config.UPDATER_PORT)
+    p.add_argument(
+        "--agent-port",
+        type=int,
+        default=config.AGENT_PORT,
+        help="port of the worker's agent API, recorded in the registry and the bundle "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--updater-port",
+        type=int,
+        default=config.UPDATER_PORT,
+        help="port of the worker's updater API (default: %(default)s)",
+    )
     p.add_argument(
         "--syslog-port",
         type=int,
@@ -52,8 +77,10 @@ def register(sub, parents) -> None:
         help="master log listener port "
         f"(default: ${config.ENV_SYSLOG_PORT} or {config.SYSLOG_PORT})",
     )
-    p.add_argument("--master-host", default=None, help="override the master address from init")
-    p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    p.add_argument(
+        "--master-host", default=None, help="override the master address from init (default: it)"
+    )
+    _key_type_option(p, "key type of the worker's keys")
     p.add_argument(
         "--validity-days",
         type=int,
@@ -61,6 +88,7 @@ def register(sub, parents) -> None:
         help="certificate lifetime in days (default: %(default)s)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="new directory for the bundle")
+    json_flag(p)
 
     p = command(
         sub,
@@ -69,6 +97,7 @@ def register(sub, parents) -> None:
         cmd_hosts,
         summary="list enrolled hosts",
         description="List every enrolled host with its status and certificate fingerprints.",
+        examples=["decnet-admin hosts", "decnet-admin hosts --json | jq -r '.[].name'"],
     )
     json_flag(p)
 
@@ -82,12 +111,23 @@ def register(sub, parents) -> None:
         "the revocation list (the log listener refuses them from then on, and decnet-admin "
         "never contacts the host again). Running it again for a decommissioned host "
         "re-asserts its revocation entries and restores any that are missing.",
+        examples=["decnet-admin decommission web-01"],
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the enrolled host to retire")
+    json_flag(p)
 
 
 def _san_option(parser: argparse.ArgumentParser, text: str) -> None:
     parser.add_argument("--san", action="append", default=[], metavar="ADDR", help=text)
+
+
+def _key_type_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument(
+        "--key-type",
+        choices=pki.KEY_TYPES,
+        default=pki.DEFAULT_KEY_TYPE,
+        help=f"{text}: {', '.join(pki.KEY_TYPES)} (default: %(default)s)",
+    )
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -95,6 +135,23 @@ def cmd_init(args: argparse.Namespace) -> int:
         args.paths, master_host=args.master_host, addresses=args.san, key_type=args.key_type
     )
     paths = state.paths
+    previous = state.previous_master_host
+    if args.json:
+        output.print_json(
+            {
+                "home": str(paths.home),
+                "ca_certificate": str(paths.ca_cert),
+                "ca_fingerprint": state.ca.fingerprint,
+                "master_certificate": str(paths.master_cert),
+                "master_fingerprint": state.master_cert_fingerprint,
+                "listener_dir": str(paths.listener_dir),
+                "listener_fingerprint": state.listener_cert_fingerprint,
+                "registry": str(paths.registry),
+                "master_host": state.master_host,
+                "previous_master_host": previous,
+            }
+        )
+        return 0
     output.line(f"DECNET master initialised in {paths.home}")
     output.line(f"  CA certificate      {paths.ca_cert}")
     output.line(f"  CA fingerprint      {pki.colon_fingerprint(state.ca.fingerprint)}")
@@ -104,6 +161,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     output.line(f"  listener fingerprint {pki.colon_fingerprint(state.listener_cert_fingerprint)}")
     output.line(f"  registry            {paths.registry}")
     output.line(f"  master host         {state.master_host}")
+    if previous is not None and previous != state.master_host:
+        output.line(
+            f"Master host changed: {previous} -> {state.master_host} (bundles enrolled from "
+            "now on use it; re-enroll, or pass --master-host to forwarders, for older ones)"
+        )
     return 0
 
 
