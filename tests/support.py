@@ -6,6 +6,7 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.internet.interfaces import IHandshakeListener
@@ -340,7 +341,14 @@ class LocalUpdater:
     """A ``twistd decnet-updater`` subprocess on loopback, supervising its agent (spawn)."""
 
     def __init__(
-        self, base: Path, paths: config.MasterPaths, name: str, *, health_timeout=8, compile=False
+        self,
+        base: Path,
+        paths: config.MasterPaths,
+        name: str,
+        *,
+        health_timeout=8,
+        compile=False,
+        extra: Sequence[str] = (),
     ):
         from decnet.master import enrollment
 
@@ -367,6 +375,7 @@ class LocalUpdater:
         self.log = self.base / "updater.log"
         self.health_timeout = health_timeout
         self.compile = compile
+        self.extra = list(extra)  # more decnet-updater options
         self.process = None
 
     def argv(self) -> list[str]:
@@ -394,6 +403,7 @@ class LocalUpdater:
             "--health-timeout",
             str(self.health_timeout),
             *([] if self.compile else ["--no-compile"]),
+            *self.extra,
         ]
 
     def start(self, wait: bool = True):

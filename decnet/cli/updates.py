@@ -239,12 +239,41 @@ def _show_results(
             r.result,
             r.release or "-",
             "-" if r.seconds is None else f"{r.seconds:.1f}",
-            r.detail,
+            _detail(r),
         )
         for r in results
     ]
     output.line()
     output.print_table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows)
+    for r in results:
+        _show_agent_tail(r)
+
+
+# How many of the agent's last output lines a failed host shows under the table.
+AGENT_TAIL_LINES = 12
+
+
+def _tail(text: str, count: int) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][-count:]
+
+
+def _detail(result: HostResult) -> str:
+    """The DETAIL cell: the updater's reason, then the agent's last line (its error)."""
+    last = _tail(result.output.get("agent", ""), 1)
+    return f"{result.detail}; agent: {last[0].strip()}" if last else result.detail
+
+
+def _show_agent_tail(result: HostResult) -> None:
+    """The last lines the failed release's agent printed (all of them: --json)."""
+    lines = _tail(result.output.get("agent", ""), AGENT_TAIL_LINES)
+    if not lines:
+        return
+    output.line()
+    output.line(
+        f"{result.host}: the agent's last output lines (all of it: --json, results[].output.agent):"
+    )
+    for text in lines:
+        output.line(f"  {text}")
 
 
 def _dry_run(args: argparse.Namespace, plan: RolloutPlan, archive: ReleaseArchive) -> int:

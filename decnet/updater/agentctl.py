@@ -124,6 +124,38 @@ class SystemdAgent:
         return {"control": self.control, "unit": self.unit}
 
 
+class CopiedOutput(OutputTail):
+    """The agent's output tail, also appended to its twistd log file (``--agent-twistd-log``).
+
+    With ``--logfile`` twistd writes everything to that file once its logging has
+    started; what it prints before (a traceback from importing or building the
+    agent, a usage error) goes to its stderr only.  Copying the output makes the
+    reason a release failed readable where the operator looks: the agent's log.
+    The writes are small and rare (twistd prints nothing else there).
+    """
+
+    log = Logger()
+
+    def __init__(self, copy_to: Path, limit: int = config.OUTPUT_TAIL_BYTES):
+        super().__init__(limit)
+        self.copy_to = copy_to
+        self.copy_failed = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        try:
+            with open(self.copy_to, "ab") as fh:
+                fh.write(data)
+        except OSError as exc:
+            if not self.copy_failed:  # once, not per chunk
+                self.log.warn(
+                    "Cannot copy the agent's output to {path}: {reason}",
+                    path=str(self.copy_to),
+                    reason=exc.strerror,
+                )
+            self.copy_failed = True
+
+
 class SpawnedAgent:
     """The agent as our child process, restarted with a backoff when it dies unasked."""
 
@@ -139,6 +171,7 @@ class SpawnedAgent:
         grace: float = config.AGENT_STOP_GRACE,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        twistd_log: str | None = None,
     ):
         self.reactor = reactor
         self.argv_for = argv_for
@@ -148,7 +181,7 @@ class SpawnedAgent:
         self.policy = RestartPolicy(
             first=min_backoff, maximum=max_backoff, healthy_after=10 * min_backoff + 5
         )
-        self.output = OutputTail()
+        self.output = CopiedOutput(Path(twistd_log)) if twistd_log else OutputTail()
         self.supervisor: Supervisor | None = None
         self.restarts = 0
 

@@ -106,6 +106,7 @@ def agent_control(reactor: IDecnetReactor, bundle: pki.WorkerBundle, agent: Loca
             log_file=agent.log_file,
             twistd_log=agent.twistd_log,
         ),
+        twistd_log=agent.twistd_log,
     )
 
 

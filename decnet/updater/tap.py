@@ -103,6 +103,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--self-restart must be one of {', '.join(SELF_RESTARTS)}")
         self["agent-host"], self["agent-port"] = agent_address(self["agent-url"])
         self["install-dir"] = str(Path(self["install-dir"]).absolute())
+        # The agent runs from its release directory: a relative path must mean ours.
+        for name in ("agent-state-dir", "agent-log-file", "agent-twistd-log"):
+            if self[name]:
+                self[name] = str(Path(self[name]).absolute())
 
 
 def agent_address(text: str) -> tuple[str, int]:
