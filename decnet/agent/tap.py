@@ -22,10 +22,11 @@ from decnet.agent.decoys.budget import (
     nofile_limit,
 )
 from decnet.agent.engine import ENGINES
-from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords, load_bundle
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    endpoint_options = ("listen",)
     synopsis = "--bundle DIR [options]"
     longdesc = (
         "The DECNET worker agent: runs this worker's deckies and answers the master "

@@ -26,7 +26,7 @@ from decnet.cli.arguments import HelpFormatter, command, examples_epilog, json_f
 from decnet.cli.runtime import run_async
 from decnet.cli.sandbox_view import SandboxConsole
 from decnet.errors import DecnetError, SandboxError, ValidationError
-from decnet.fsutil import ensure_private_dir
+from decnet.fsutil import ensure_private_dir, write_new_file
 from decnet.sandbox import ISandboxReactor, state
 from decnet.sandbox import layout as sandbox_layout
 from decnet.sandbox.layout import SandboxLayout
@@ -294,9 +294,23 @@ def _refuse_leftovers(doc: dict | None, directory: str) -> None:
         )
 
 
+# Written into every sandbox directory: it holds a CA key, worker keys and live state,
+# which git must never pick up, whatever the directory is called (``--dir state3``).
+SELF_IGNORE = b"# made by `decnet-admin sandbox up`: keys and state, never to be committed\n*\n"
+
+
+def _ignore_in_git(root: Path) -> None:
+    """``DIR/.gitignore`` with ``*``: the directory ignores itself (as venvs and caches do)."""
+    try:
+        write_new_file(root / ".gitignore", SELF_IGNORE)
+    except FileExistsError:
+        pass
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     layout = SandboxLayout.at(args.dir)
     ensure_private_dir(layout.root)
+    _ignore_in_git(layout.root)
     doc = state.load(layout.state_file)
     net = _net_of(layout, doc, args.net)
     sandbox_layout.validate(args.workers, net)

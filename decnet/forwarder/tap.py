@@ -10,14 +10,14 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import keywords, load_bundle
+from decnet.daemon import DaemonOptions, keywords, load_bundle
 from decnet.errors import ConfigError
 from decnet.options import port_number, positive_float
 from decnet.pki import WorkerBundle
 from decnet.syslog.ackproto import ProtocolError, validate_stream_name
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
     synopsis = "--bundle DIR [options]"
     longdesc = (
         "Tail the worker's RFC 5424 log and ship it to the master over mutual TLS: "

@@ -20,14 +20,15 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config, pki
-from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords, load_bundle
 from decnet.errors import DecnetError
 from decnet.interfaces import IDecnetReactor
 from decnet.options import positive_float, positive_int
 from decnet.updater.service import SELF_RESTARTS, LocalAgent
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    endpoint_options = ("listen",)
     synopsis = "--bundle DIR --install-dir DIR [options]"
     longdesc = (
         "The DECNET updater: owns the agent's release directory, installs releases the "
