@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 
 import pytest_twisted
 from twisted.internet import reactor
@@ -72,3 +73,48 @@ async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener
     assert JournalStore(tmp_path / "f.sqlite", reactor.seconds).load("decnet").acked == len(
         first + more
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnecting_forwarder_logs_retries_a_person_can_read(master_home, tmp_path):
+    """No listener: each retry line names the master's address and a rounded delay,
+    not ``<_ReportingEndpoint object at 0x...> in 1.9603283599477868 seconds``."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.support import free_port
+
+    name = f"retry-{os.getpid()}-{random.randrange(10**6)}"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
+    bundle = pki.WorkerBundle.load(tmp_path / "b")
+    port = free_port()
+    (tmp_path / "decnet.log").write_bytes(syslog_line(1) + b"\n")
+    lines = []
+
+    def observe(event):
+        if "Scheduling retry" in (event.get("log_format") or ""):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    fwd = ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        master_host="127.0.0.1",
+        master_port=port,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=tmp_path / "decnet.log",
+        state_file=tmp_path / "f.sqlite",
+        max_retry_delay=0.3,
+    )
+    fwd.startService()
+    try:
+        await eventually(lambda: len(lines) >= 3, what="three retry lines")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await fwd.stopService()
+    for line in lines:
+        assert "object at 0x" not in line, line
+        assert re.fullmatch(
+            rf"Scheduling retry \d+ to connect the master's listener at 127\.0\.0\.1:{port} "
+            r"\(TLS\) in \d+\.\d seconds\.",
+            line,
+        ), line
