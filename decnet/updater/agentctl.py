@@ -1,7 +1,7 @@
 """Starting and restarting the agent: through systemd, or as the updater's own child.
 
 Two controls with one interface (``restart``, ``stop``, ``exited_since_start``,
-``recent_output``):
+``recent_output``, ``release_ready``):
 
 * :class:`SystemdAgent` runs ``systemctl restart decnet-agent.service`` (and
   ``journalctl`` for the output when a release fails) through ``spawnProcess``;
@@ -85,6 +85,9 @@ class SystemdAgent:
     systemctl: str = attrs.field(default="systemctl", kw_only=True)
     journalctl: str = attrs.field(default="journalctl", kw_only=True)
     timeout: float = attrs.field(default=90.0, kw_only=True)
+    # Units whose ExecStart runs from ``current`` too (the forwarder): started once a
+    # release is current and healthy, so none is started before the first release exists.
+    companions: tuple[str, ...] = attrs.field(default=(), kw_only=True)
 
     async def _systemctl(self, verb: str) -> None:
         result = await run_process(
@@ -111,6 +114,21 @@ class SystemdAgent:
 
     def exited_since_start(self) -> str | None:
         return None  # systemd restarts it; the health probe's deadline decides
+
+    async def release_ready(self) -> None:
+        """A release is current and healthy: ``systemctl start`` each companion unit (a
+        no-op for one that runs).  A failure is logged; the update itself succeeded."""
+        for unit in self.companions:
+            result = await run_process(
+                self.reactor, [self.systemctl, "start", unit], timeout=self.timeout
+            )
+            if not result.ok:
+                self.log.warn(
+                    "Cannot start {unit} ({how}): {output}",
+                    unit=unit,
+                    how=result.describe(),
+                    output=result.output.strip()[-500:],
+                )
 
     async def recent_output(self) -> str:
         result = await run_process(
@@ -246,6 +264,9 @@ class SpawnedAgent:
 
     async def recent_output(self) -> str:
         return self.output.text()
+
+    async def release_ready(self) -> None:
+        """Nothing else to start: whoever spawned the updater runs the forwarder."""
 
     def describe(self) -> dict:
         return {

@@ -45,6 +45,13 @@ class Options(DaemonOptions):
         ["agent-url", None, config.DEFAULT_AGENT_URL, "where the local agent answers /health"],
         ["agent-control", None, "systemd", "how to restart the agent: systemd or spawn"],
         ["agent-unit", None, config.DEFAULT_AGENT_UNIT, "systemd unit of the agent"],
+        [
+            "forwarder-unit",
+            None,
+            config.DEFAULT_FORWARDER_UNIT,
+            "systemd: the forwarder's unit, started once a release is current and healthy "
+            "(it runs from that release); '' for none",
+        ],
         ["agent-state-dir", None, None, "spawn: the agent's --state-dir"],
         ["agent-log-file", None, None, "spawn: the agent's --log-file"],
         [
@@ -144,6 +151,7 @@ def makeService(options: Options) -> IService:
             state_dir=options["agent-state-dir"],
             log_file=options["agent-log-file"],
             twistd_log=options["agent-twistd-log"],
+            forwarder_unit=options["forwarder-unit"],
         ),
         compile_bytecode=not options["no-compile"],
         restart=options["self-restart"],
