@@ -208,7 +208,9 @@ DEFAULT_MAX_CONNECTIONS_PER_WORKER = 16
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 # Forwarder defaults.
-FORWARDER_STATE_FILE = "forwarder.sqlite"
+FORWARDER_STATE_FILE = "forwarder.sqlite"  # in a sandbox worker's directory
+# The forwarder's journal on a real worker: its unit's StateDirectory=decnet/forwarder.
+DEFAULT_FORWARDER_STATE = WORKER_STATE_DIR + "/forwarder/offsets.sqlite"
 DEFAULT_POLL_INTERVAL = 1.0
 
 

@@ -89,7 +89,7 @@ def register(sub, parents) -> None:
         summary="stop one decky, or every decky, on a worker",
         description="Stop decky --decky on NAME's agent, or every decky without it.",
         examples=[
-            "decnet-admin teardown web-01 --decky fake-nas",
+            "decnet-admin teardown web-01 --decky intranet",
             "decnet-admin teardown web-01          # every decky",
         ],
     )

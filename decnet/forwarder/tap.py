@@ -38,15 +38,15 @@ class Options(DaemonOptions):
             "master-port",
             None,
             None,
-            f"Listener port [default: ${config.ENV_SYSLOG_PORT}, else {config.SYSLOG_PORT}]",
+            f"Listener port [default: ${config.ENV_SYSLOG_PORT}, else the bundle's "
+            f"syslog_port, else {config.SYSLOG_PORT}]",
             port_number,
         ],
         [
             "state",
             None,
             None,
-            "SQLite offsets file "
-            f"[default: {config.WORKER_STATE_DIR}/{config.FORWARDER_STATE_FILE}]",
+            f"SQLite offsets file [default: {config.DEFAULT_FORWARDER_STATE}]",
         ],
         [
             "mode",
@@ -100,9 +100,7 @@ class Options(DaemonOptions):
         if self["master-port"] is None:
             self["master-port"] = self._master_port(bundle)
         self["log-file"] = Path(self["log-file"]).absolute()
-        self["state"] = Path(
-            self["state"] or Path(config.WORKER_STATE_DIR) / config.FORWARDER_STATE_FILE
-        ).absolute()
+        self["state"] = Path(self["state"] or config.DEFAULT_FORWARDER_STATE).absolute()
 
     def _check_stream(self) -> None:
         try:
