@@ -315,7 +315,13 @@ def minimal_release(extra=(), *, name: str = "demo") -> bytes:
     return make_tarball(members)
 
 
-def https_get_json(port: int, paths: config.MasterPaths, route: str = "health", timeout=5.0):
+def https_get_json(
+    port: int,
+    paths: config.MasterPaths,
+    route: str = "health",
+    timeout=5.0,
+    host: str = "127.0.0.1",
+):
     """``GET /route`` as the master, synchronously (subprocess tests); ``None`` if it fails."""
     import http.client
     import json
@@ -325,7 +331,7 @@ def https_get_json(port: int, paths: config.MasterPaths, route: str = "health", 
     ctx.check_hostname = False
     ctx.load_verify_locations(paths.ca_cert)
     ctx.load_cert_chain(paths.master_cert, paths.master_key)
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
     try:
         conn.request("GET", "/" + route)
         response = conn.getresponse()
