@@ -109,10 +109,19 @@ def test_a_failed_update_shows_the_agents_last_lines_in_the_table_and_all_of_it_
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("w1"))
     assert row.endswith("HTTP 409: release x failed; agent: RuntimeError: broken \\x1b[2J")
-    shown = out.split("the agent's last output lines")[1].splitlines()[1:]
+    shown = out.split("Last output lines of the agent on w1")[1].splitlines()[1:]
     assert len(shown) == AGENT_TAIL_LINES and shown[-1].strip().startswith("RuntimeError")
     assert "\x1b" not in out and "line 28" not in out and "line 29" in out
     output.begin(as_json=True)
     _show_results(argparse.Namespace(json=True), archive, [failed, ok])
     doc = json.loads(capsys.readouterr().out)
+    output.begin(as_json=False)
     assert doc["results"][0]["output"]["agent"] == agent
+
+
+def test_a_json_command_run_in_process_leaves_text_output_to_the_next_caller(home, capsys):
+    from decnet.cli import output
+
+    assert main(["--home", home, "update", "--host", "alpha", "--dry-run", "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    assert not output.json_mode()

@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:
             quiet_broken_pipe()
         raise
+    finally:
+        output.begin(as_json=False)  # the mode is this command's, not a later caller's
     return code
 
 

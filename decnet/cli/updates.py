@@ -270,7 +270,8 @@ def _show_agent_tail(result: HostResult) -> None:
         return
     output.line()
     output.line(
-        f"{result.host}: the agent's last output lines (all of it: --json, results[].output.agent):"
+        f"Last output lines of the agent on {result.host} "
+        "(all of it: --json, results[].output.agent):"
     )
     for text in lines:
         output.line(f"  {text}")
