@@ -18,14 +18,29 @@ from tests.logpipe_support import syslog_line
 from tests.support import eventually
 
 
+def enrolled_forwarder(master_home, tmp_path, prefix: str, port: int, **kw) -> tuple:
+    """A worker enrolled under a fresh name, and its forwarder (not started) of
+    ``tmp_path/decnet.log`` towards the listener on ``127.0.0.1:port``."""
+    name = f"{prefix}-{os.getpid()}-{random.randrange(10**6)}"
+    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
+    bundle = pki.WorkerBundle.load(tmp_path / "b")
+    fwd = ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        master_host="127.0.0.1",
+        master_port=port,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=tmp_path / "decnet.log",
+        state_file=tmp_path / "f.sqlite",
+        **kw,
+    )
+    return name, fwd
+
+
 @pytest_twisted.ensureDeferred
 async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener_restart(
     master_home, tmp_path
 ):
-    name = f"rsock-{os.getpid()}-{random.randrange(10**6)}"
-    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
-    bundle = pki.WorkerBundle.load(tmp_path / "b")
-
     def listener(port=0):
         return ListenerService(
             reactor,
@@ -41,16 +56,8 @@ async def test_forwarder_ships_to_listener_over_loopback_and_survives_a_listener
     log_file = tmp_path / "decnet.log"
     first = b"".join(syslog_line(i) + b"\n" for i in range(2000))
     log_file.write_bytes(first)
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        master_host="127.0.0.1",
-        master_port=port,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=log_file,
-        state_file=tmp_path / "f.sqlite",
-        poll_interval=0.1,
-        max_retry_delay=0.5,
+    name, fwd = enrolled_forwarder(
+        master_home, tmp_path, "rsock", port, poll_interval=0.1, max_retry_delay=0.5
     )
     fwd.startService()
     mirror = tmp_path / "ingest" / name / "decnet.log"
@@ -83,9 +90,6 @@ async def test_a_reconnecting_forwarder_logs_retries_a_person_can_read(master_ho
 
     from tests.support import free_port
 
-    name = f"retry-{os.getpid()}-{random.randrange(10**6)}"
-    enrollment.enroll(enrollment.load_master(master_home), name, "127.0.0.1", tmp_path / "b")
-    bundle = pki.WorkerBundle.load(tmp_path / "b")
     port = free_port()
     (tmp_path / "decnet.log").write_bytes(syslog_line(1) + b"\n")
     lines = []
@@ -95,16 +99,7 @@ async def test_a_reconnecting_forwarder_logs_retries_a_person_can_read(master_ho
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        master_host="127.0.0.1",
-        master_port=port,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=tmp_path / "decnet.log",
-        state_file=tmp_path / "f.sqlite",
-        max_retry_delay=0.3,
-    )
+    _name, fwd = enrolled_forwarder(master_home, tmp_path, "retry", port, max_retry_delay=0.3)
     fwd.startService()
     try:
         await eventually(lambda: len(lines) >= 3, what="three retry lines")
