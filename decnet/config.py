@@ -213,7 +213,9 @@ DEFAULT_MAX_CONNECTIONS_PER_WORKER = 16
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 # Forwarder defaults.
-FORWARDER_STATE_FILE = "forwarder.sqlite"
+FORWARDER_STATE_FILE = "forwarder.sqlite"  # in a sandbox worker's directory
+# The forwarder's journal on a real worker: its unit's StateDirectory=decnet/forwarder.
+DEFAULT_FORWARDER_STATE = WORKER_STATE_DIR + "/forwarder/offsets.sqlite"
 DEFAULT_POLL_INTERVAL = 1.0
 
 
@@ -242,6 +244,9 @@ RELEASE_ID_LENGTH = 16
 
 DEFAULT_AGENT_URL = f"https://127.0.0.1:{AGENT_PORT}"
 DEFAULT_AGENT_UNIT = "decnet-agent.service"
+# Started by the updater (systemd control) once a release is current and healthy: its
+# ExecStart runs from that release (contrib/systemd, docs/Operations.md).
+DEFAULT_FORWARDER_UNIT = "decnet-forwarder.service"
 AGENT_CONTROLS = ("systemd", "spawn")
 DEFAULT_HEALTH_TIMEOUT = 30.0  # seconds for a restarted agent to report the new release
 HEALTH_PROBE_INTERVAL = 0.25  # seconds between two /health probes

@@ -1,4 +1,11 @@
-"""Pieces every DECNET daemon shares: its identity, its TLS port and its port file.
+"""Pieces every DECNET daemon shares: its options' start-up errors, its identity, its TLS
+port and its port file.
+
+Every ``tap.py``'s ``Options`` derives from :class:`DaemonOptions`, the one place
+that decides how ``twistd decnet-*`` reports a bad command line (one line on
+stderr, exit 2, never the whole ``--help``), checks endpoint options (a
+``--listen bogus:endpoint`` is a usage error, not a traceback) and answers
+``--version`` with DECNET's version.
 
 Every ``tap.py`` loads its identity in ``postOptions`` (:func:`load_bundle`), so
 a bad bundle is one usage line, never a traceback from ``makeService``.
@@ -14,9 +21,10 @@ how tests and the sandbox learn the port of ``tcp:0`` without racing for one.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -27,12 +35,67 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from decnet import config
+from decnet import __version__, config
 from decnet.errors import DecnetError
 from decnet.fsutil import atomic_write
 from decnet.interfaces import IDecnetReactor
 from decnet.pki import WorkerBundle
 from decnet.tls import TLSIdentity, listen_tls
+
+USAGE_ERROR = 2  # the exit code of a bad command line (as argparse's)
+START_FAILED = 1  # the exit code of a daemon that could not start (a port in use)
+
+
+def check_endpoint(description: str) -> None:
+    """Refuse a server endpoint string Twisted cannot parse (``bogus:endpoint``,
+    ``tcp:notaport``) with a :class:`usage.UsageError` naming it.  Nothing is bound:
+    the endpoint object is only built (``systemd:`` ones, whose descriptors exist only
+    under systemd, are left to start-up)."""
+    if description.startswith("systemd:"):
+        return
+    try:
+        serverFromString(None, description)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise usage.UsageError(
+            f"{description!r} is not an endpoint DECNET can listen on ({exc}); "
+            "e.g. tcp:PORT:interface=ADDRESS"
+        ) from None
+
+
+class DaemonOptions(usage.Options):
+    """The base of every daemon's ``Options``: how ``twistd decnet-*`` starts up.
+
+    Under ``twistd`` (``self.parent`` is twistd's own options) a usage error is one
+    line on stderr and exit code :data:`USAGE_ERROR` (twistd itself would print the
+    whole ``--help`` first and exit 1).  Parsed directly (tests), it stays a
+    :class:`usage.UsageError`.  ``endpoint_options`` name the options holding a
+    server endpoint string, checked once ``postOptions`` has filled in defaults.
+    """
+
+    endpoint_options: ClassVar[tuple[str, ...]] = ()
+
+    def opt_version(self) -> NoReturn:
+        """Print DECNET's version and exit"""
+        print(f"{self._command()} (DECNET) {__version__}")
+        sys.exit(0)
+
+    def _command(self) -> str:
+        name = getattr(getattr(self, "parent", None), "subCommand", None)
+        return f"twistd {name}" if name else "twistd"
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+            for name in self.endpoint_options:
+                if self[name]:
+                    check_endpoint(self[name])
+        except usage.UsageError as exc:
+            if getattr(self, "parent", None) is None:
+                raise
+            command = self._command()
+            sys.stderr.write(f"{command}: error: {exc} (see `{command} --help`)\n")
+            sys.stderr.flush()
+            sys.exit(USAGE_ERROR)
 
 
 def absolute_path(value: str) -> Path:
@@ -149,17 +212,16 @@ class PortService(Service):
         if self.port is not None:
             return
         outcome: list = []
-        self._listen().addBoth(outcome.append)
+        try:
+            listening = self._listen()
+        except Exception:  # an endpoint string that only fails when used
+            outcome.append(Failure())
+        else:
+            listening.addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"listening on {self.description} did not complete synchronously")
         if isinstance(outcome[0], Failure):
-            self.log.critical(
-                "Cannot listen on {endpoint} for {label}: {error}",
-                label=self.label,
-                endpoint=self.description,
-                error=outcome[0].getErrorMessage(),
-            )
-            outcome[0].raiseException()
+            self._cannot_listen(outcome[0])
         self.port = outcome[0]
         host = self.port.getHost()
         self.log.info(
@@ -172,6 +234,17 @@ class PortService(Service):
             # Start-up only, before the reactor serves anyone: a tiny write.
             atomic_write(self.port_file, b"%d\n" % getattr(host, "port"))  # noqa: B009 - TCP only
         self.ready.callback(self.port)
+
+    def _cannot_listen(self, failure: Failure) -> NoReturn:
+        """One clear line, then stop ``twistd`` with :data:`START_FAILED`, no traceback:
+        a port in use is an operator's problem, not a bug."""
+        self.log.critical(
+            "Cannot listen on {endpoint} for {label}: {error}",
+            label=self.label,
+            endpoint=self.description,
+            error=failure.getErrorMessage(),
+        )
+        raise SystemExit(START_FAILED)
 
     def startService(self) -> None:
         if self.port is None:

@@ -55,6 +55,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -83,6 +84,21 @@ from decnet.tls import (
 DEFAULT_TIMEOUT = config.HTTP_TIMEOUT
 MAX_RESPONSE = 8 * 1024 * 1024
 PREVIEW = 120  # characters of a non-JSON body or a redirect target quoted in the error
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """Twisted's per-connection HTTP client factory, minus "Starting factory ..." /
+    "Stopping factory ..." at every request (a fleet ``check`` or a health probe)."""
+
+    noisy = False
+
+
+def quiet_pool(reactor: IReactorTCP, *, persistent: bool = False) -> HTTPConnectionPool:
+    """An :class:`HTTPConnectionPool` whose connections do not log their factory."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietHTTP11ClientFactory  # Twisted's documented hook for this
+    return pool
+
 
 _UNREACHABLE = (
     error.ConnectError,
@@ -121,7 +137,7 @@ class PinnedClient:
         self.timeout = timeout
         self.clock: IReactorTime = clock or IReactorTime(reactor)
         self.policy = PeerPolicy([accept])
-        pool = HTTPConnectionPool(reactor, persistent=persistent)
+        pool = quiet_pool(reactor, persistent=persistent)
         self._agent = Agent(
             reactor,
             contextFactory=PinnedHTTPSPolicy(PolicyOptions(identity, self.policy)),

@@ -6,6 +6,7 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.internet.interfaces import IHandshakeListener
@@ -314,7 +315,13 @@ def minimal_release(extra=(), *, name: str = "demo") -> bytes:
     return make_tarball(members)
 
 
-def https_get_json(port: int, paths: config.MasterPaths, route: str = "health", timeout=5.0):
+def https_get_json(
+    port: int,
+    paths: config.MasterPaths,
+    route: str = "health",
+    timeout=5.0,
+    host: str = "127.0.0.1",
+):
     """``GET /route`` as the master, synchronously (subprocess tests); ``None`` if it fails."""
     import http.client
     import json
@@ -324,7 +331,7 @@ def https_get_json(port: int, paths: config.MasterPaths, route: str = "health", 
     ctx.check_hostname = False
     ctx.load_verify_locations(paths.ca_cert)
     ctx.load_cert_chain(paths.master_cert, paths.master_key)
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
     try:
         conn.request("GET", "/" + route)
         response = conn.getresponse()
@@ -340,7 +347,14 @@ class LocalUpdater:
     """A ``twistd decnet-updater`` subprocess on loopback, supervising its agent (spawn)."""
 
     def __init__(
-        self, base: Path, paths: config.MasterPaths, name: str, *, health_timeout=8, compile=False
+        self,
+        base: Path,
+        paths: config.MasterPaths,
+        name: str,
+        *,
+        health_timeout=8,
+        compile=False,
+        extra: Sequence[str] = (),
     ):
         from decnet.master import enrollment
 
@@ -367,6 +381,7 @@ class LocalUpdater:
         self.log = self.base / "updater.log"
         self.health_timeout = health_timeout
         self.compile = compile
+        self.extra = list(extra)  # more decnet-updater options
         self.process = None
 
     def argv(self) -> list[str]:
@@ -394,6 +409,7 @@ class LocalUpdater:
             "--health-timeout",
             str(self.health_timeout),
             *([] if self.compile else ["--no-compile"]),
+            *self.extra,
         ]
 
     def start(self, wait: bool = True):

@@ -208,3 +208,20 @@ async def test_check_hosts_probes_concurrently_and_records_status(
     assert results[0].health["host"] == "client-w1"
     assert registry.get("client-w1").status == "active"
     assert registry.get("client-down").status == "unreachable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_health_probe_logs_no_factory_start_or_stop(agent, identities):
+    """`check` runs a probe per host: Twisted's "Starting factory _HTTP11ClientFactory"
+    and "Stopping factory" lines would be two log lines per host per run."""
+    formats = []
+    observer = lambda event: formats.append(event.get("log_format") or "")  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        c = client(agent, identities)
+        for _ in range(2):
+            assert (await c.health())["status"] == "ok"
+        await c.close()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not [f for f in formats if "factory" in f.lower()], formats

@@ -17,7 +17,9 @@ def parser_with(declare) -> tuple[argparse.ArgumentParser, argparse.ArgumentPars
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home")
     sub = top.add_subparsers(dest="command", required=True)
-    probe = command(sub, [common], "probe", run, summary="probe a host", description="Probe.")
+    probe = command(
+        sub, [common], "probe", run, summary="probe a host", description="Probe.", examples=["x"]
+    )
     declare(probe)
     return top, probe
 

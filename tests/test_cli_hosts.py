@@ -222,7 +222,7 @@ def test_enroll_before_init_says_what_to_do(tmp_path):
         str(tmp_path / "o"),
         check=1,
     )
-    assert "not found" in result.stderr and "ca" in result.stderr
+    assert "does not exist" in result.stderr and "init`" in result.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -341,3 +341,17 @@ def test_every_command_has_help(command):
 def test_missing_arguments_are_usage_errors():
     result = subprocess.run([ADMIN, "enroll"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "required" in result.stderr
+
+
+def test_a_second_init_keeps_the_master_address_and_prints_a_change_as_old_to_new(tmp_path):
+    home = tmp_path / "home"
+    admin(home, "init", "--master-host", "10.0.0.1", check=0)
+    again = admin(home, "init", check=0)  # no --master-host: the stored one stays
+    assert "10.0.0.1" in again.stdout and "->" not in again.stdout
+    bundle = tmp_path / "w1"
+    admin(home, "enroll", "w1", "--address", "10.0.0.2", "--out", str(bundle), check=0)
+    assert json.loads((bundle / "bundle.json").read_text())["master_host"] == "10.0.0.1"
+    changed = admin(home, "init", "--master-host", "10.0.0.9", check=0)
+    assert "Master host changed: 10.0.0.1 -> 10.0.0.9" in changed.stdout
+    doc = json.loads(admin(home, "init", "--json", check=0).stdout)
+    assert (doc["master_host"], doc["previous_master_host"]) == ("10.0.0.9", "10.0.0.9")

@@ -262,10 +262,13 @@ def test_a_command_stopped_by_a_signal_exits_130_not_0():
 def test_every_expected_failure_is_reported_the_one_way(capsys):
     from decnet.cli.runtime import report_failure
 
+    output.begin(as_json=True)  # what decnet-admin does for a command given --json
     assert report_failure(ValidationError(["a: bad", "b: \x1b[2Jbad"]), as_json=True) == 1
     out, err = capsys.readouterr()
     assert json.loads(out) == {"problems": ["a: bad", "b: \x1b[2Jbad"]}
-    assert "\x1b" not in err and err.count("\n") == 2
+    assert "\x1b" not in err and err.count("\n") == 1  # one JSON object on stderr
+    assert json.loads(err) == {"error": "a: bad", "problems": ["a: bad", "b: \x1b[2Jbad"]}
+    output.begin(as_json=False)
     assert report_failure(UnknownHost("no host named 'w9'")) == 1
     out, err = capsys.readouterr()
     assert out == "" and "no host named 'w9'" in err

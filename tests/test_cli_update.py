@@ -1,5 +1,6 @@
 """``decnet-admin update / rollback / releases``: argument handling and --dry-run (no network)."""
 
+import argparse
 import json
 
 import pytest
@@ -89,3 +90,38 @@ def test_the_default_root_is_this_checkout():
     from decnet.cli.updates import default_root
 
     assert default_root() == REPO_ROOT
+
+
+def test_a_failed_update_shows_the_agents_last_lines_in_the_table_and_all_of_it_in_json(capsys):
+    from decnet.cli import output
+    from decnet.cli.updates import AGENT_TAIL_LINES, _show_results
+    from decnet.master.rollout import HostResult
+    from decnet.master.tar_tree import ReleaseArchive
+
+    archive = ReleaseArchive(None, "ab" * 32, 1, (), (), None, None)
+    agent = "".join(f"line {i}\n" for i in range(40)) + "RuntimeError: broken \x1b[2J\n"
+    failed = HostResult(
+        "w1", "rolled_back", "old", 1.0, "HTTP 409: release x failed", output={"agent": agent}
+    )
+    ok = HostResult("w2", "updated", "new", 1.0, "installed and healthy")
+    output.begin(as_json=False)
+    _show_results(argparse.Namespace(json=False), archive, [failed, ok])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("w1"))
+    assert row.endswith("HTTP 409: release x failed; agent: RuntimeError: broken \\x1b[2J")
+    shown = out.split("Last output lines of the agent on w1")[1].splitlines()[1:]
+    assert len(shown) == AGENT_TAIL_LINES and shown[-1].strip().startswith("RuntimeError")
+    assert "\x1b" not in out and "line 28" not in out and "line 29" in out
+    output.begin(as_json=True)
+    _show_results(argparse.Namespace(json=True), archive, [failed, ok])
+    doc = json.loads(capsys.readouterr().out)
+    output.begin(as_json=False)
+    assert doc["results"][0]["output"]["agent"] == agent
+
+
+def test_a_json_command_run_in_process_leaves_text_output_to_the_next_caller(home, capsys):
+    from decnet.cli import output
+
+    assert main(["--home", home, "update", "--host", "alpha", "--dry-run", "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    assert not output.json_mode()

@@ -1,5 +1,7 @@
 """Both services in-process over real loopback sockets with real certificates."""
 
+import re
+
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -119,3 +121,37 @@ async def test_a_master_closing_tls_while_the_forwarder_is_paused_is_noticed_and
             if proto.transport.connected:
                 proto.transport.abortConnection()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnecting_forwarder_logs_retries_a_person_can_read(master_home, tmp_path):
+    """No listener: each retry line names the master's address and a rounded delay,
+    not ``<_ReportingEndpoint object at 0x...> in 1.9603283599477868 seconds``."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.support import free_port
+
+    port = free_port()
+    (tmp_path / "decnet.log").write_bytes(syslog_line(1) + b"\n")
+    lines = []
+
+    def observe(event):
+        if "Scheduling retry" in (event.get("log_format") or ""):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    _, bundle = enroll_worker(master_home, tmp_path / "b", "retry")
+    fwd = loopback_forwarder(bundle, port, tmp_path / "decnet.log", tmp_path / "f.sqlite")
+    fwd.startService()
+    try:
+        await eventually(lambda: len(lines) >= 3, what="three retry lines")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await fwd.stopService()
+    for line in lines:
+        assert "object at 0x" not in line, line
+        assert re.fullmatch(
+            rf"Scheduling retry \d+ to connect the master's listener at 127\.0\.0\.1:{port} "
+            r"\(TLS\) in \d+\.\d seconds\.",
+            line,
+        ), line

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -128,3 +129,30 @@ def test_twistd_lists_every_daemon_after_an_editable_install(tmp_path):
         cwd=tmp_path,
     ).stdout
     assert str(src) not in where
+
+
+def test_make_dist_builds_a_wheel_and_an_sdist_that_ship_the_plugin_and_the_license(tmp_path):
+    """Hosts install from the wheel (Operations.md): pip would build a checkout in place,
+    which the installing user (decnet-updater) cannot write."""
+    src = project_copy(tmp_path / "src")
+    bin_dir = Path(sys.executable).parent
+    subprocess.run(
+        ["make", "-C", str(src), "-o", ".venv/.installed", f"BIN={bin_dir}", "dist"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = (src / "dist").glob("decnet_swarm-*.whl")
+    (sdist,) = (src / "dist").glob("decnet_swarm-*.tar.gz")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "twisted/plugins/decnet_plugins.py" in names and "twisted/__init__.py" not in names
+    assert any(".dist-info/" in n and n.endswith("/LICENSE") for n in names), sorted(names)
+    with tarfile.open(sdist) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert {"LICENSE", "setup.cfg", "twisted/plugins/decnet_plugins.py"} <= members
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    rebuilt = tmp_path / "rebuilt"
+    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(rebuilt), str(unpacked))
+    (again,) = rebuilt.glob("*.whl")
+    assert "twisted/plugins/decnet_plugins.py" in zipfile.ZipFile(again).namelist()

@@ -46,6 +46,11 @@ class FakeClient:
                 raise RemoteError(
                     409, ["release x failed"], {"result": "rolled_back", "current": "old"}
                 )
+            if self.behaviour == "crashed":
+                output = {"agent": "Traceback ...\nRuntimeError: boom\n", "install": "ok", "x": 7}
+                raise RemoteError(
+                    409, ["release x failed"], {"result": "rolled_back", "output": output}
+                )
             if self.behaviour == "failed":
                 raise RemoteError(422, ["pip failed"], {"result": "failed"})
             if self.behaviour == "unreachable":
@@ -161,3 +166,12 @@ def test_include_self_only_follows_a_successful_agent_update():
 def test_a_zero_concurrency_is_refused():
     with pytest.raises(ValueError):
         Rollout(Clock(), None, ARCHIVE, concurrency=0)
+
+
+def test_a_failed_release_keeps_the_updaters_captured_output_and_only_its_text():
+    world = World(a="crashed", b="failed")
+    d = run(world, [host("a"), host("b")])
+    results = {r.host: r for r in d.result}
+    assert results["a"].output == {"agent": "Traceback ...\nRuntimeError: boom\n", "install": "ok"}
+    assert results["a"].as_dict()["output"]["agent"].endswith("RuntimeError: boom\n")
+    assert results["b"].output == {}

@@ -166,7 +166,7 @@ def test_the_agent_log_is_shared_through_a_group_the_agent_writes_and_the_forwar
     assert agent["LogsDirectory"] == ["decnet"] and agent["LogsDirectoryMode"] == ["0750"]
     assert agent["UMask"] == ["0027"]  # the log is created 0640: group-readable, no more
     assert log_group in forwarder["SupplementaryGroups"][0].split()
-    assert "/var/log/decnet" in forwarder["ReadOnlyPaths"][0].split()
+    assert "-/var/log/decnet" in forwarder["ReadOnlyPaths"][0].split()  # made by the agent
     assert f"decnet-forwarder:{log_group}" in sysusers_entries()["m"]
 
 
@@ -271,7 +271,7 @@ POLKIT_HARNESS = textwrap.dedent(
 )
 
 
-def test_the_polkit_rule_lets_only_the_updaters_user_start_stop_or_restart_only_the_agent():
+def test_the_polkit_rule_lets_only_the_updaters_user_manage_the_agent_and_start_the_forwarder():
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("node is needed to evaluate the polkit rule (JavaScript)")
@@ -284,6 +284,10 @@ def test_the_polkit_rule_lets_only_the_updaters_user_start_stop_or_restart_only_
         (manage, updater_user, agent_unit, "stop"): "yes",
         (manage, updater_user, agent_unit, "reload-or-restart"): "unhandled",
         (manage, updater_user, "decnet-updater.service", "restart"): "unhandled",
+        (manage, updater_user, "decnet-forwarder.service", "start"): "yes",
+        (manage, updater_user, "decnet-forwarder.service", "stop"): "unhandled",
+        (manage, updater_user, "decnet-forwarder.service", "restart"): "unhandled",
+        (manage, "decnet-agent", "decnet-forwarder.service", "start"): "unhandled",
         (manage, updater_user, "sshd.service", "stop"): "unhandled",
         (manage, "decnet-agent", agent_unit, "restart"): "unhandled",
         (manage, "decnet", agent_unit, "restart"): "unhandled",
@@ -299,3 +303,40 @@ def test_the_polkit_rule_lets_only_the_updaters_user_start_stop_or_restart_only_
     )
     assert result.returncode == 0, result.stderr
     assert dict(zip(cases, json.loads(result.stdout), strict=True)) == cases
+
+
+def _path_entries(d: dict[str, list[str]], key: str) -> list[str]:
+    return [p for value in d.get(key, []) for p in value.split()]
+
+
+# Worker units that run the agent's release (the updater installs the first one).
+WORKER_RELEASE_UNITS = ("decnet-agent", "decnet-forwarder")
+
+
+def test_worker_units_start_in_any_order_before_the_first_release_without_failing():
+    """The documented order (docs/Operations.md): updater and forwarder enabled before any
+    release exists, the agent's log directory made only at the agent's first start."""
+    units = {u.stem: directives(u) for u in SERVICES}
+    made_by: dict[str, str] = {}
+    for name, d in units.items():
+        for key, base in (("LogsDirectory", "/var/log"), ("StateDirectory", "/var/lib")):
+            for rel in d.get(key, []):
+                made_by[f"{base}/{rel.split(':')[0]}"] = name
+    for name, d in units.items():
+        # A path another unit creates at its first start is optional ('-') here.
+        for key in ("ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths"):
+            for entry in _path_entries(d, key):
+                path = entry.lstrip("-+")
+                other = made_by.get(path)
+                if other is not None and other != name:
+                    assert entry.startswith("-"), f"{name}: {key}={entry} is made by {other}"
+        # Code under /opt/decnet/current: skipped cleanly until the first release exists.
+        program = shlex.split(d["ExecStart"][0])[0]
+        if name in WORKER_RELEASE_UNITS:
+            assert program.startswith("/opt/decnet/current/"), name
+            assert d["ConditionPathExists"] == [program], name
+        # Restarting never runs into the start limit and leaves the daemon dead.
+        interval = d.get("StartLimitIntervalSec", ["10s"])[0]
+        burst = int(d.get("StartLimitBurst", ["5"])[0])
+        restart_sec = float(d["RestartSec"][0].rstrip("s"))
+        assert interval == "0" or restart_sec * burst > float(interval.rstrip("s")), name

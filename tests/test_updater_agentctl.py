@@ -157,3 +157,36 @@ def test_a_crash_looping_agent_backs_off_and_a_long_run_resets_the_backoff(tmp_p
     assert agent.describe() == {"control": "spawn", "running": False, "pid": None, "restarts": 4}
     stopped = defer.ensureDeferred(agent.stop())
     assert stopped.called and fake.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_systemd_control_starts_the_forwarder_only_once_a_release_is_ready(tmp_path):
+    """The forwarder's ExecStart runs from `current`: the updater starts its unit after a
+    release is current and healthy (not at restart), and a failure to do so is only logged."""
+    from twisted.logger import globalLogPublisher
+
+    agent = SystemdAgent(
+        reactor,
+        systemctl=fake_tool(tmp_path, "systemctl"),
+        companions=("decnet-forwarder.service",),
+    )
+    await agent.restart(tmp_path)
+    assert calls(tmp_path, "systemctl") == ["restart decnet-agent.service"]
+    await agent.release_ready()
+    assert calls(tmp_path, "systemctl")[1:] == ["start decnet-forwarder.service"]
+
+    warnings = []
+    globalLogPublisher.addObserver(warnings.append)
+    try:
+        failing = tmp_path / "failing"
+        failing.mkdir()
+        broken = SystemdAgent(
+            reactor,
+            systemctl=fake_tool(failing, "systemctl", 1, "Access denied"),
+            companions=("decnet-forwarder.service",),
+        )
+        await broken.release_ready()  # does not raise: the update itself succeeded
+    finally:
+        globalLogPublisher.removeObserver(warnings.append)
+    (warned,) = [e for e in warnings if "Cannot start" in (e.get("log_format") or "")]
+    assert warned["unit"] == "decnet-forwarder.service" and "Access denied" in warned["output"]

@@ -210,3 +210,27 @@ def test_update_all_with_a_canary_across_several_updaters(
     canary = next(n for n, result in rows.items() if result == "rolled_back")
     others = [u for u in fleet if u.name != canary]
     assert all(len(list((u.install / "releases").iterdir())) == 1 for u in others)
+
+
+def test_the_reason_a_release_failed_reaches_the_operator_and_the_agents_log(
+    tmp_path, updaters, master_home, wheelhouse
+):
+    """An agent that dies with a traceback at start: the traceback is in update --json
+    (results[].output.agent) and in the agent's twistd log (--agent-twistd-log)."""
+    from tests.support import copy_release_tree
+
+    tree = copy_release_tree(tmp_path / "traceback")
+    with open(tree / "decnet" / "agent" / "tap.py", "a") as fh:
+        fh.write('\nraise RuntimeError("this agent is broken on purpose")\n')
+    agent_log = tmp_path / "agent-twistd.log"
+    (u,) = updaters(1, extra=["--agent-twistd-log", str(agent_log)])
+    r = update(master_home, "--host", u.name, "--json", root=tree, wheelhouse=wheelhouse)
+    assert r.returncode == 1, r.stdout + r.stderr + u.tail()
+    (result,) = json.loads(r.stdout)["results"]
+    assert result["result"] == "failed", result
+    agent = result["output"]["agent"]
+    assert "Traceback (most recent call last)" in agent, result
+    assert "RuntimeError: this agent is broken on purpose" in agent
+    logged = agent_log.read_text()
+    assert "Traceback (most recent call last)" in logged
+    assert "RuntimeError: this agent is broken on purpose" in logged

@@ -67,6 +67,7 @@ class FakeAgent:
         self.crashing = set()
         self.sick = set()
         self.stopped = 0
+        self.ready_for = None  # the release running when release_ready() was last called
 
     async def start(self, release_dir):
         await self.restart(release_dir)
@@ -86,6 +87,9 @@ class FakeAgent:
 
     async def recent_output(self):
         return f"agent output of {self.running}"
+
+    async def release_ready(self):
+        self.ready_for = self.running
 
     def describe(self):
         return {"control": "fake", "running": self.running}
@@ -411,3 +415,14 @@ def test_an_unexpected_error_after_the_switch_still_reverts(env):
     assert env.updater.store.current() == rid(GOOD1)
     assert env.agent.running == rid(GOOD1)
     assert env.updater.store.journal.state == "idle"
+
+
+def test_the_forwarders_start_waits_for_a_healthy_current_release(env):
+    """release_ready (systemd: start decnet-forwarder.service) follows only a release
+    that is current and healthy, never the switch to one that then fails."""
+    env.agent.crashing.add(rid(BAD))
+    with pytest.raises(HealthCheckFailed):
+        push(env, BAD)  # a first release that fails: nothing to run the forwarder from
+    assert env.agent.ready_for is None
+    push(env, GOOD1)
+    assert env.agent.ready_for == rid(GOOD1)

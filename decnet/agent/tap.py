@@ -22,11 +22,12 @@ from decnet.agent.decoys.budget import (
     nofile_limit,
 )
 from decnet.agent.engine import ENGINES
-from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords, load_bundle
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    endpoint_options = ("listen",)
     synopsis = "--bundle DIR [options]"
     longdesc = (
         "The DECNET worker agent: runs this worker's deckies and answers the master "

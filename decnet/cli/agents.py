@@ -44,6 +44,11 @@ def register(sub, parents) -> None:
         "host) for its deployed spec and the live state of each decky and service. Exits 0 "
         "when every service listens, 1 when one failed (degraded), 2 when a host is "
         "unreachable.",
+        examples=[
+            "decnet-admin status",
+            "decnet-admin status web-01 --json | jq '.hosts[\"web-01\"].deckies'",
+            "decnet-admin status | head      # a closed pipe ends it quietly",
+        ],
     )
     p.add_argument("name", nargs="?", help="host name (default: every host)")
     flag(p, "--all", "every enrolled host (the default)")
@@ -58,6 +63,10 @@ def register(sub, parents) -> None:
         description="Validate the spec locally, send it to NAME's agent and print the "
         "result of every service. Deploying the same spec again changes nothing; a changed "
         "spec starts and stops only what changed. Exits 1 if any service failed.",
+        examples=[
+            "decnet-admin deploy web-01 --spec docs/example-spec.json",
+            "decnet-admin deploy web-01 --spec spec.json --json",
+        ],
     )
     p.add_argument("name", help="host name")
     p.add_argument("--spec", required=True, metavar="FILE", help="deployment spec (JSON)")
@@ -70,6 +79,10 @@ def register(sub, parents) -> None:
         cmd_teardown,
         summary="stop one decky, or every decky, on a worker",
         description="Stop decky --decky on NAME's agent, or every decky without it.",
+        examples=[
+            "decnet-admin teardown web-01 --decky intranet",
+            "decnet-admin teardown web-01          # every decky",
+        ],
     )
     p.add_argument("name", help="host name")
     p.add_argument("--decky", default=None, help="the decky to stop (default: all)")

@@ -1,10 +1,11 @@
 """Declaring ``decnet-admin`` sub-commands: the parser, its handler and the shared options.
 
 Every command module's ``register(sub, parents)`` adds its commands with
-:func:`command`, which also binds the function that runs it, and spells the
-options several commands take (``--json``, ``--timeout``, on/off flags) with
-the helpers below, so each is declared, and reads in ``--help``, the same
-everywhere.
+:func:`command`, which also binds the function that runs it and gives its
+``--help`` an ``examples:`` epilog, and spells the options several commands take
+(``--json``, ``--timeout``, on/off flags) with the helpers below, so each is
+declared, and reads in ``--help``, the same everywhere.  ``tests/test_cli_help.py``
+walks the parser: every command has examples and ``--json``, every option has help.
 """
 
 from __future__ import annotations
@@ -15,6 +16,23 @@ from collections.abc import Callable, Sequence
 JSON_HELP = "machine-readable output"
 
 
+EXAMPLES = "examples:"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, except for an ``examples:`` epilog, kept line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(EXAMPLES):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+def examples_epilog(examples: Sequence[str]) -> str:
+    """The ``--help`` epilog listing ``examples`` (command lines, ``#`` comments allowed)."""
+    return "\n".join([EXAMPLES, *("  " + example for example in examples)])
+
+
 def command(
     sub: argparse._SubParsersAction,
     parents: Sequence[argparse.ArgumentParser],
@@ -23,20 +41,27 @@ def command(
     *,
     summary: str,
     description: str,
-    epilog: str | None = None,
+    examples: Sequence[str],
+    needs_home: bool = True,
+    streams: bool = False,
 ) -> argparse.ArgumentParser:
-    """Add sub-command ``name`` (``summary`` in the command list, ``description`` in its
-    ``--help``, then ``epilog``: examples, kept as written), run by ``run(args)``; returns
-    its parser for the command's own options."""
+    """Add sub-command ``name`` (``summary`` in the command list, ``description`` and
+    ``examples`` in its ``--help``), run by ``run(args)``; returns its parser for the
+    command's own options.
+
+    ``needs_home``: the command reads the master's ``--home`` (refused unless ``init``
+    made it; :func:`decnet.cli.runtime.require_home`).  ``streams``: under ``--json``
+    it prints NDJSON, one record per line, as things happen.
+    """
     parser = sub.add_parser(
         name,
         parents=list(parents),
         help=summary,
         description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter,
+        epilog=examples_epilog(examples),
+        formatter_class=HelpFormatter,
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, needs_home=needs_home, streams=streams)
     return parser
 
 

@@ -27,12 +27,11 @@ from decnet.tls import TLSIdentity
 
 TEARDOWN_TIMEOUT = 15.0
 
-DECOMMISSION_EPILOG = """\
-examples:
-  decnet-admin decommission web-01                # asks first, on a terminal
-  decnet-admin decommission web-01 --yes --json   # scripts: no question, JSON out
-  decnet-admin decommission dead-03 --yes --no-teardown   # the machine is gone
-"""
+DECOMMISSION_EXAMPLES = [
+    "decnet-admin decommission web-01   # asks first, on a terminal",
+    "decnet-admin decommission web-01 --yes --json   # scripts: no question, JSON out",
+    "decnet-admin decommission dead-03 --yes --no-teardown   # the machine is gone",
+]
 
 
 @attrs.frozen

@@ -32,13 +32,12 @@ from decnet.sandbox import report
 
 DEFAULT_STALE = 300.0
 
-CHECK_EPILOG = """\
-examples:
-  decnet-admin check                      every enrolled host
-  decnet-admin check web-01 db-01         only these
-  decnet-admin check --stale 2m --json    flag workers silent for 2 minutes; JSON
-  decnet-admin check || page-oncall       exit 1: degraded, exit 2: unreachable
-"""
+CHECK_EXAMPLES = [
+    "decnet-admin check   # every enrolled host",
+    "decnet-admin check web-01 db-01   # only these",
+    "decnet-admin check --stale 2m --json   # flag workers silent for 2 minutes; JSON",
+    "decnet-admin check || page-oncall   # exit 1: degraded, exit 2: unreachable",
+]
 
 
 def stale_option(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +70,7 @@ def register(sub, parents) -> None:
         "the updater's /health and release, and the log listener's state (LAST SEEN, LOG "
         "LAG). Records active/unreachable in the registry. Exits 0 when every host is "
         "healthy, 1 when any is degraded, 2 when any is unreachable.",
-        epilog=CHECK_EPILOG,
+        examples=CHECK_EXAMPLES,
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="host names (default: every host)")
     stale_option(p)
@@ -205,13 +204,12 @@ def summary(results) -> str:
 
 # -- top ----------------------------------------------------------------------------------
 
-TOP_EPILOG = """\
-examples:
-  decnet-admin top                       the host table above every new event; Ctrl-C ends it
-  decnet-admin top --stale 1m            flag workers whose logs were not seen for a minute
-  decnet-admin top | tee watch.log       not a terminal: plain lines, the table when it changes
-  decnet-admin top --json | jq -c .      NDJSON: {"type": "hosts"|"event", ...} per line
-"""
+TOP_EXAMPLES = [
+    "decnet-admin top   # the host table above every new event; Ctrl-C ends it",
+    "decnet-admin top --stale 1m   # flag workers whose logs were not seen for a minute",
+    "decnet-admin top | tee watch.log   # not a terminal: plain lines, the table when it changes",
+    'decnet-admin top --json | jq -c .   # NDJSON: {"type": "hosts"|"event", ...} per line',
+]
 
 
 def register_top(sub, parents) -> None:
@@ -225,7 +223,7 @@ def register_top(sub, parents) -> None:
         "(agent, release, deckies, LAST SEEN, LOG LAG, as `check` probes them) above every "
         "event that reaches the master's feeds, as it arrives. In a terminal the screen is "
         "redrawn; otherwise plain lines are printed. Ctrl-C ends it (exit 130).",
-        epilog=TOP_EPILOG,
+        examples=TOP_EXAMPLES,
     )
     stale_option(p)
     p.add_argument(

@@ -8,19 +8,15 @@ import time
 from decnet import config, pki
 from decnet.cli import fleet, output
 from decnet.cli.arguments import command, flag, json_flag, timeout_option
-from decnet.cli.decommission import DECOMMISSION_EPILOG, TEARDOWN_TIMEOUT, cmd_decommission
+from decnet.cli.decommission import DECOMMISSION_EXAMPLES, TEARDOWN_TIMEOUT, cmd_decommission
 from decnet.master import enroll_tokens, enrollment
 from decnet.master.registry import Registry
 
-ENROLL_EPILOG = """\
-examples:
-  decnet-admin enroll web-01 --address 10.0.0.5 --updater --token
-  decnet-admin enroll web-01 --address 10.0.0.5 --token --token-ttl 1h --json
-  decnet-admin enroll dmz-07 --address 192.0.2.7 --updater --out /media/usb/dmz-07
-
-With --token, run the printed `decnet-worker join` line on the worker while
-`twistd decnet-enroll` runs on the master (docs/SWARM-Mode.md).
-"""
+ENROLL_EXAMPLES = [
+    "decnet-admin enroll web-01 --address 10.0.0.5 --updater --token",
+    "decnet-admin enroll web-01 --address 10.0.0.5 --token --token-ttl 1h --json",
+    "decnet-admin enroll dmz-07 --address 192.0.2.7 --updater --out /media/usb/dmz-07",
+]
 
 
 def register(sub, parents) -> None:
@@ -31,15 +27,24 @@ def register(sub, parents) -> None:
         cmd_init,
         summary="create the CA and the master identity (idempotent)",
         description="Create the private CA and the master identity under --home. Running it "
-        "again keeps both and only updates --master-host.",
+        "again keeps both and the stored master address; --master-host changes that address "
+        "(printed as old -> new) for bundles enrolled from then on.",
+        examples=[
+            "decnet-admin --home /var/lib/decnet-master init --master-host 10.0.0.1",
+            "decnet-admin init --master-host master.example --san 10.0.0.1",
+            "decnet-admin init        # again: keeps the CA, identities and master address",
+        ],
+        needs_home=False,
     )
     p.add_argument(
         "--master-host",
-        default="127.0.0.1",
-        help="address workers use to reach this master's log listener (default: %(default)s)",
+        default=None,
+        help="address workers use to reach this master's log listener (default: the one "
+        "stored by an earlier init, else 127.0.0.1)",
     )
     _san_option(p, "extra DNS name or IP for the master certificate (repeatable)")
-    p.add_argument("--key-type", choices=pki.KEY_TYPES, default=pki.DEFAULT_KEY_TYPE)
+    _key_type_option(p, "key type of the CA and master identities made now (existing keys stay)")
+    json_flag(p)
 
     p = command(
         sub,
@@ -52,16 +57,28 @@ def register(sub, parents) -> None:
         "sends CSRs to `twistd decnet-enroll` (the master never holds the worker's keys). "
         "With --out (air-gapped hosts): issue the worker certificate (and with --updater the "
         "updater certificate), record their fingerprints in the registry and write the worker "
-        "bundle, keys included, to DIR; copy it to the worker.",
+        "bundle, keys included, to DIR; copy it to the worker. With --token, run the printed "
+        "`decnet-worker join` line on the worker while `twistd decnet-enroll` runs on the "
+        "master (docs/SWARM-Mode.md).",
+        examples=ENROLL_EXAMPLES,
     )
-    p.epilog = ENROLL_EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("name", help="worker host name (a-z, 0-9, '.', '-'; max 63)")
     p.add_argument("--address", required=True, help="IP or DNS name the master uses to reach it")
     _san_option(p, "extra DNS name or IP for the worker certificate (repeatable)")
     flag(p, "--updater", "also issue the updater certificate")
-    p.add_argument("--agent-port", type=int, default=config.AGENT_PORT)
-    p.add_argument("--updater-port", type=int, default=config.UPDATER_PORT)
+    p.add_argument(
+        "--agent-port",
+        type=int,
+        default=config.AGENT_PORT,
+        help="port of the worker's agent API, recorded in the registry and the bundle "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--updater-port",
+        type=int,
+        default=config.UPDATER_PORT,
+        help="port of the worker's updater API (default: %(default)s)",
+    )
     p.add_argument(
         "--syslog-port",
         type=int,
@@ -110,7 +127,7 @@ def register(sub, parents) -> None:
         "and from the log listener's state (<ingest>/workers.json, no network): LAST SEEN "
         "(STALE when longer ago than --stale) and LOG LAG (bytes on the worker not yet "
         "durable on the master; unknown for plain RFC 5425 senders).",
-        epilog=HOSTS_EPILOG,
+        examples=HOSTS_EXAMPLES,
     )
     fleet.stale_option(p)
     json_flag(p)
@@ -129,9 +146,8 @@ def register(sub, parents) -> None:
         "NAME are cancelled. Running it again for a decommissioned host re-asserts its "
         "revocation entries and restores any that are missing. A decommissioned name is never "
         "enrolled again.",
+        examples=DECOMMISSION_EXAMPLES,
     )
-    p.epilog = DECOMMISSION_EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("name", help="the host to retire (see `decnet-admin hosts`)")
     flag(p, "--yes", "do not ask for confirmation (required when stdin is not a terminal)")
     flag(p, "--no-teardown", "only revoke: do not contact the worker first")
@@ -148,11 +164,37 @@ def _san_option(parser: argparse.ArgumentParser, text: str) -> None:
     parser.add_argument("--san", action="append", default=[], metavar="ADDR", help=text)
 
 
+def _key_type_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument(
+        "--key-type",
+        choices=pki.KEY_TYPES,
+        default=pki.DEFAULT_KEY_TYPE,
+        help=f"{text}: {', '.join(pki.KEY_TYPES)} (default: %(default)s)",
+    )
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     state = enrollment.init_master(
         args.paths, master_host=args.master_host, addresses=args.san, key_type=args.key_type
     )
     paths = state.paths
+    previous = state.previous_master_host
+    if args.json:
+        output.print_json(
+            {
+                "home": str(paths.home),
+                "ca_certificate": str(paths.ca_cert),
+                "ca_fingerprint": state.ca.fingerprint,
+                "master_certificate": str(paths.master_cert),
+                "master_fingerprint": state.master_cert_fingerprint,
+                "listener_dir": str(paths.listener_dir),
+                "listener_fingerprint": state.listener_cert_fingerprint,
+                "registry": str(paths.registry),
+                "master_host": state.master_host,
+                "previous_master_host": previous,
+            }
+        )
+        return 0
     output.line(f"DECNET master initialised in {paths.home}")
     output.line(f"  CA certificate      {paths.ca_cert}")
     output.line(f"  CA fingerprint      {pki.colon_fingerprint(state.ca.fingerprint)}")
@@ -162,6 +204,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     output.line(f"  listener fingerprint {pki.colon_fingerprint(state.listener_cert_fingerprint)}")
     output.line(f"  registry            {paths.registry}")
     output.line(f"  master host         {state.master_host}")
+    if previous is not None and previous != state.master_host:
+        output.line(
+            f"Master host changed: {previous} -> {state.master_host} (bundles enrolled from "
+            "now on use it; re-enroll, or pass --master-host to forwarders, for older ones)"
+        )
     return 0
 
 
@@ -224,12 +271,11 @@ def _show_token(
     output.line(f"  {command_line}")
 
 
-HOSTS_EPILOG = """\
-examples:
-  decnet-admin hosts                 the table
-  decnet-admin hosts --stale 1m      flag workers whose logs were not seen for a minute
-  decnet-admin hosts --json          one object per host, with its "logs"
-"""
+HOSTS_EXAMPLES = [
+    "decnet-admin hosts   # the table",
+    "decnet-admin hosts --stale 1m   # flag workers whose logs were not seen for a minute",
+    'decnet-admin hosts --json   # one object per host, with its "logs"',
+]
 HOSTS_HEADERS = (
     "NAME",
     "ADDRESS",

@@ -15,6 +15,12 @@ right-to-left override that makes ``txt.exe`` read ``exe.txt``).  So:
 * :func:`print_json` writes ASCII-only JSON (``ensure_ascii``), in which every control
   character is a ``\\u`` escape.
 
+Under ``--json`` (:func:`begin`, called once per command by :func:`decnet.cli.main.main`)
+stdout is always JSON: the lines a command would print for a person are kept and end
+up in the ``messages`` of one closing document (:func:`finish`) unless the command
+printed its own; a command that streams (``sandbox up``) writes one JSON object per
+line (NDJSON) instead; and every error is a JSON object on stderr.
+
 Domain code returns data; only this module decides what reaches the terminal.
 """
 
@@ -22,7 +28,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, Any
+
+import attrs
 
 # Escaped even where Python calls them printable (it does not, today: belt and braces,
 # and the list the operator can check against docs/Security.md).
@@ -33,6 +42,53 @@ UNSAFE = _C0 | {0x7F} | _C1 | _BIDI
 
 #: A table cell shows at most this many characters (``--json`` has the whole value).
 CELL_MAX = 200
+
+
+@attrs.define
+class _Mode:
+    """How the running command prints: text, one JSON document, or NDJSON."""
+
+    as_json: bool = False
+    streaming: bool = False
+    documents: int = 0  # JSON documents (or NDJSON records) written to stdout
+    messages: list[str] = attrs.Factory(list)
+
+
+_mode = _Mode()
+
+
+def begin(*, as_json: bool, streaming: bool = False) -> None:
+    """Start a command's output: text, or (``as_json``) JSON only on stdout."""
+    global _mode
+    _mode = _Mode(as_json=as_json, streaming=streaming)
+
+
+def json_mode() -> bool:
+    """Whether the running command was given ``--json``."""
+    return _mode.as_json
+
+
+def printed_json() -> bool:
+    """Whether the running command has written a JSON document to stdout already."""
+    return _mode.documents > 0
+
+
+def finish(code: int) -> None:
+    """End a ``--json`` command that printed no document of its own with one that says
+    how it ended and what it would have told a person."""
+    if _mode.as_json and not _mode.documents:
+        print_json({"ok": code == 0, "exit_code": code, "messages": _mode.messages})
+
+
+def _keep(message: str, stream: IO[str] | None) -> bool:
+    """Under ``--json``, a line meant for a person on stdout is kept (or streamed) as JSON."""
+    if not _mode.as_json or (stream is not None and stream is not sys.stdout):
+        return False
+    if _mode.streaming:
+        print_json({"message": message})
+    else:
+        _mode.messages.append(message)
+    return True
 
 
 def _escape(ch: str) -> str:
@@ -89,7 +145,12 @@ class StreamTable:
     its row wider instead of being cut further than :data:`CELL_MAX`.
     """
 
-    def __init__(self, headers: Sequence[str], widths: Sequence[int] = (), write=None):
+    def __init__(
+        self,
+        headers: Sequence[str],
+        widths: Sequence[int] = (),
+        write: Callable[[str], None] | None = None,
+    ):
         self.write = write or line
         self.widths = [
             max(len(h), widths[i] if i < len(widths) else 0) for i, h in enumerate(headers[:-1])
@@ -101,15 +162,21 @@ class StreamTable:
         self.write(_join([cell(v) for v in values], self.widths))
 
 
-def line(message: object = "", stream=None) -> None:
+def line(message: object = "", stream: IO[str] | None = None) -> None:
     """Print one line: a newline or tab in ``message`` is escaped, never obeyed."""
+    if _keep(str(message), stream):
+        return
     stream = stream or sys.stdout
     stream.write(printable(str(message)) + "\n")
     stream.flush()
 
 
-def text(block: str, stream=None) -> None:
+def text(block: str, stream: IO[str] | None = None) -> None:
     """Print several lines (a table this module built): each line is escaped on its own."""
+    if _mode.as_json and (stream is None or stream is sys.stdout):
+        for part in block.split("\n"):
+            _keep(part, stream)
+        return
     stream = stream or sys.stdout
     stream.write("".join(printable(part) + "\n" for part in block.split("\n")))
     stream.flush()
@@ -119,9 +186,17 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
     text(table(headers, rows))
 
 
-def print_json(doc) -> None:
-    """``doc`` as indented JSON: ASCII only, so no control character leaves unescaped."""
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
+def _dumps(doc: Any, *, indent: int | None) -> str:
+    return json.dumps(doc, indent=indent, sort_keys=True, ensure_ascii=True) + "\n"
+
+
+def print_json(doc: Any) -> None:
+    """``doc`` as JSON: ASCII only, so no control character leaves unescaped.
+
+    Indented, except in a streaming command, where it is one NDJSON record.
+    """
+    _mode.documents += 1
+    sys.stdout.write(_dumps(doc, indent=None if _mode.streaming else 2))
     sys.stdout.flush()
 
 
@@ -143,7 +218,18 @@ def screen(lines: Sequence[str], stream=None) -> None:
     stream.flush()
 
 
+def json_error(problems: Sequence[str], **fields: Any) -> None:
+    """An error under ``--json``: one JSON object on stderr (``error`` is the first problem)."""
+    doc = {"error": problems[0] if problems else "failed", "problems": list(problems), **fields}
+    sys.stderr.write(_dumps(doc, indent=None))
+    sys.stderr.flush()
+
+
 def error(message: object) -> None:
+    """One error line on stderr; under ``--json`` a JSON object."""
+    if _mode.as_json:
+        json_error([str(message)])
+        return
     line(f"decnet-admin: error: {message}", sys.stderr)
 
 

@@ -5,7 +5,11 @@
   stopped;
 * :func:`report_failure` is how an expected failure (:class:`DecnetError`) reaches
   the operator, whichever command raised it: one escaped line per problem on
-  stderr and, with ``--json``, ``{"problems": [...]}`` on stdout;
+  stderr or, with ``--json``, one JSON object on stderr and (unless the command
+  already printed its document) ``{"problems": [...]}`` on stdout;
+* :func:`require_home` refuses a ``--home`` that ``init`` never set up;
+* :func:`quiet_broken_pipe` ends a command whose reader went away (``| head``)
+  without a traceback;
 * :func:`budget` is what is left of a command's ``--timeout``, counted from when
   the command started (:data:`decnet.cli.STARTED`, the monotonic clock read once,
   before anything else of ``decnet-admin`` was imported).
@@ -13,6 +17,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -20,12 +26,13 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from decnet import cli
+from decnet import cli, config
 from decnet.cli import output
-from decnet.errors import DecnetError, ValidationError
+from decnet.errors import ConfigError, DecnetError, ValidationError
 
 MIN_BUDGET = 0.1  # seconds a request gets even when start-up used up the whole --timeout
 INTERRUPTED = 130  # the exit code of a command stopped by SIGINT or SIGTERM (128 + SIGINT)
+BROKEN_PIPE = 141  # the exit code of a command whose reader went away (128 + SIGPIPE)
 
 Command = Callable[[Any], Coroutine[Any, Any, int | None]]
 
@@ -71,10 +78,54 @@ def problems_of(error: DecnetError) -> list[str]:
 
 
 def report_failure(error: DecnetError, *, as_json: bool = False) -> int:
-    """One escaped line per problem on stderr; with ``--json``, stdout is still JSON.  Returns 1."""
+    """One escaped line per problem on stderr; with ``--json``, a JSON object on stderr and
+    ``{"problems": [...]}`` on stdout (unless the command printed its document).  Returns 1."""
     problems = problems_of(error)
-    for problem in problems:
-        output.error(problem)
-    if as_json:
+    if not as_json:
+        for problem in problems:
+            output.error(problem)
+        return 1
+    output.json_error(problems)
+    if not output.printed_json():
         output.print_json({"problems": problems})
     return 1
+
+
+def require_home(paths: config.MasterPaths) -> None:
+    """Refuse a ``--home`` (or ``$DECNET_HOME``) that ``decnet-admin init`` never set up.
+
+    Without this a typo in ``--home`` reads as an empty fleet ("No hosts enrolled
+    yet", exit 0).  Every command but ``init`` (and the sandbox's, which use
+    ``--dir``) calls it before it reads anything.
+    """
+    home = paths.home
+    fix = (
+        f"give the right --home (or ${config.ENV_HOME}), or create a master there with "
+        f"`decnet-admin --home {home} init`"
+    )
+    try:
+        if not home.is_dir():
+            raise ConfigError(f"{home} does not exist or is not a directory; {fix}")
+        missing = [p for p in (paths.ca_cert, paths.master_cert) if not p.is_file()]
+    except PermissionError:
+        raise ConfigError(
+            f"cannot read {home}: permission denied (run decnet-admin as the user that owns it)"
+        ) from None
+    if missing:
+        names = ", ".join(str(p.relative_to(home)) for p in missing)
+        raise ConfigError(f"{home} is not an initialised DECNET master home (no {names}); {fix}")
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``decnet-admin status | head``): stop quietly.
+
+    Later writes, and the interpreter's flush at exit, go to ``/dev/null`` instead of
+    raising again.  Returns :data:`BROKEN_PIPE`, as a process killed by SIGPIPE would.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests capture it)
+        pass
+    return BROKEN_PIPE

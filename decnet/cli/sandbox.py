@@ -22,11 +22,11 @@ from twisted.logger import ILogFilterPredicate, ILogObserver
 
 from decnet import config
 from decnet.cli import output, sandbox_view
-from decnet.cli.arguments import command, json_flag
+from decnet.cli.arguments import HelpFormatter, command, examples_epilog, json_flag
 from decnet.cli.runtime import run_async
 from decnet.cli.sandbox_view import SandboxConsole
 from decnet.errors import DecnetError, SandboxError, ValidationError
-from decnet.fsutil import ensure_private_dir
+from decnet.fsutil import ensure_private_dir, write_new_file
 from decnet.sandbox import ISandboxReactor, state
 from decnet.sandbox import layout as sandbox_layout
 from decnet.sandbox.layout import SandboxLayout
@@ -59,6 +59,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         help="run a complete local swarm on loopback (up, status, down, poke)",
         description="A master and N workers on this machine, every daemon a real twistd "
         "process on loopback: the fastest way to see DECNET work. See docs/Sandbox.md.",
+        epilog=examples_epilog(
+            ["decnet-admin sandbox up --workers 2", "decnet-admin sandbox down"]
+        ),
+        formatter_class=HelpFormatter,
     )
     sandbox = p.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
 
@@ -76,6 +80,13 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         "Worker i answers on 127.0.NET.i, its deckies on 127.NET.i.j. Ctrl-C (or SIGTERM, "
         "SIGHUP) stops every process it started and exits 0. Running it again on the same "
         "DIR reuses the CA, the registry, the bundles and the installed release.",
+        examples=[
+            "decnet-admin sandbox up",
+            "decnet-admin sandbox up --workers 3 --dir state2 --net 43   # a second sandbox",
+            "decnet-admin sandbox up --json     # NDJSON, one record per line",
+        ],
+        needs_home=False,
+        streams=True,
     )
     up.add_argument(
         "--workers",
@@ -98,6 +109,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         default=None,
         help="use these wheels for the release instead of building a wheelhouse in DIR/cache",
     )
+    json_flag(up, "NDJSON: one JSON object per line, as things happen")
 
     st = command(
         sandbox,
@@ -108,6 +120,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         description="Read DIR/sandbox.json, check that `sandbox up` and every process it "
         "started are still alive (by recorded PID and start time), and ask each agent for "
         "its health and deckies. Exits 1 if anything is down.",
+        examples=["decnet-admin sandbox status", "decnet-admin sandbox status --dir state2 --json"],
+        needs_home=False,
     )
     _dir_option(st)
     json_flag(st)
@@ -121,8 +135,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         description="Ask `sandbox up` to stop and wait for it; if it is gone but processes it "
         "started survive (it was killed), stop those by their recorded PIDs. Safe to run "
         "again; exits 0 once nothing of the sandbox runs.",
+        examples=["decnet-admin sandbox down", "decnet-admin sandbox down --dir state2"],
+        needs_home=False,
     )
     _dir_option(dn)
+    json_flag(dn)
 
     pk = command(
         sandbox,
@@ -135,6 +152,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         "command, raw bytes to the TCP banner), print what was done, then wait until each "
         "conversation has reached the master's feed under the right worker. Exits 1 if a "
         "conversation failed, did not arrive within --wait, or arrived as another worker.",
+        examples=["decnet-admin sandbox poke", "decnet-admin sandbox poke --worker w1 --json"],
+        needs_home=False,
     )
     _dir_option(pk)
     pk.add_argument(
@@ -275,9 +294,23 @@ def _refuse_leftovers(doc: dict | None, directory: str) -> None:
         )
 
 
+# Written into every sandbox directory: it holds a CA key, worker keys and live state,
+# which git must never pick up, whatever the directory is called (``--dir state3``).
+SELF_IGNORE = b"# made by `decnet-admin sandbox up`: keys and state, never to be committed\n*\n"
+
+
+def _ignore_in_git(root: Path) -> None:
+    """``DIR/.gitignore`` with ``*``: the directory ignores itself (as venvs and caches do)."""
+    try:
+        write_new_file(root / ".gitignore", SELF_IGNORE)
+    except FileExistsError:
+        pass
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     layout = SandboxLayout.at(args.dir)
     ensure_private_dir(layout.root)
+    _ignore_in_git(layout.root)
     doc = state.load(layout.state_file)
     net = _net_of(layout, doc, args.net)
     sandbox_layout.validate(args.workers, net)

@@ -44,6 +44,11 @@ def register(sub, parents) -> None:
         ".env, databases, logs, VCS data or caches), push it to each host's updater over "
         "mutual TLS, and report per host: updated, rolled_back (the new release failed its "
         "health check and the previous one is running again) or failed.",
+        examples=[
+            "decnet-admin update --all --dry-run",
+            "decnet-admin update --host web-01 --host db-02",
+            "decnet-admin update --all --canary 1 --include-self --json",
+        ],
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
@@ -86,8 +91,12 @@ def register(sub, parents) -> None:
         summary="switch a host's agent back to a previous release",
         description="Ask NAME's updater to switch back to the previous release (or --to a "
         "named installed one), restart the agent and confirm it is healthy.",
+        examples=[
+            "decnet-admin rollback web-01",
+            "decnet-admin rollback web-01 --to 20260101T120000Z-1a2b3c4d5e6f",
+        ],
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the host whose agent to roll back")
     p.add_argument("--to", metavar="RELEASE", help="an installed release id (see `releases`)")
     json_flag(p, "machine-readable result")
     timeout_option(p, config.DEFAULT_UPDATE_TIMEOUT, DEADLINE_HELP)
@@ -101,8 +110,9 @@ def register(sub, parents) -> None:
         description="List the agent releases NAME's updater keeps: which one is current, the "
         "rollback target, releases that failed their health check (pruned first) and releases "
         "a running process uses (never pruned).",
+        examples=["decnet-admin releases web-01", "decnet-admin releases web-01 --json"],
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the host whose releases to list")
     json_flag(p)
     timeout_option(p, config.RELEASES_TIMEOUT, DEADLINE_HELP)
 
@@ -229,12 +239,42 @@ def _show_results(
             r.result,
             r.release or "-",
             "-" if r.seconds is None else f"{r.seconds:.1f}",
-            r.detail,
+            _detail(r),
         )
         for r in results
     ]
     output.line()
     output.print_table(("HOST", "RESULT", "RELEASE", "SECONDS", "DETAIL"), rows)
+    for r in results:
+        _show_agent_tail(r)
+
+
+# How many of the agent's last output lines a failed host shows under the table.
+AGENT_TAIL_LINES = 12
+
+
+def _tail(text: str, count: int) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][-count:]
+
+
+def _detail(result: HostResult) -> str:
+    """The DETAIL cell: the updater's reason, then the agent's last line (its error)."""
+    last = _tail(result.output.get("agent", ""), 1)
+    return f"{result.detail}; agent: {last[0].strip()}" if last else result.detail
+
+
+def _show_agent_tail(result: HostResult) -> None:
+    """The last lines the failed release's agent printed (all of them: --json)."""
+    lines = _tail(result.output.get("agent", ""), AGENT_TAIL_LINES)
+    if not lines:
+        return
+    output.line()
+    output.line(
+        f"Last output lines of the agent on {result.host} "
+        "(all of it: --json, results[].output.agent):"
+    )
+    for text in lines:
+        output.line(f"  {text}")
 
 
 def _dry_run(args: argparse.Namespace, plan: RolloutPlan, archive: ReleaseArchive) -> int:

@@ -41,12 +41,27 @@ def forwarder_options(
 
 
 @implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """Tells the factory about failed connection attempts (refused, unreachable)."""
+def readable_delays(policy: Callable[[int], float]) -> Callable[[int], float]:
+    """``policy`` with its delays rounded to 0.1 s: the retry log line says "in 1.9
+    seconds", not "in 1.9603283599477868 seconds" (the jitter stays, to a tenth)."""
+    return lambda attempt: max(0.1, round(policy(attempt), 1))
 
-    def __init__(self, endpoint, factory: ForwarderFactory):
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Tells the factory about failed connection attempts (refused, unreachable).
+
+    Its ``repr`` is what Twisted's ClientService names in "Scheduling retry 1 to
+    connect {endpoint} in {delay} seconds.": the master's listener, not an object id.
+    """
+
+    def __init__(self, endpoint, factory: ForwarderFactory, target: str = "the master"):
         self._endpoint = endpoint
         self._factory = factory
+        self._target = target
+
+    def __repr__(self) -> str:
+        return f"the master's listener at {self._target} (TLS)"
 
     def connect(self, protocol_factory):
         d = self._endpoint.connect(protocol_factory)
@@ -203,10 +218,12 @@ class ForwarderService(MultiService):
         self.factory = ForwarderFactory(None, stream=stream, mode=mode, target=target)
         endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
         self.client = ClientService(
-            _ReportingEndpoint(endpoint, self.factory),
+            _ReportingEndpoint(endpoint, self.factory, target),
             self.factory,
-            retryPolicy=backoffPolicy(
-                initialDelay=0.5, maxDelay=max_retry_delay, factor=2.0, jitter=_jitter.random
+            retryPolicy=readable_delays(
+                backoffPolicy(
+                    initialDelay=0.5, maxDelay=max_retry_delay, factor=2.0, jitter=_jitter.random
+                )
             ),
             clock=reactor,
         )

@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import keywords, load_bundle
+from decnet.daemon import DaemonOptions, keywords, load_bundle
 from decnet.errors import ConfigError
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import port_number, positive_float
@@ -18,7 +18,7 @@ from decnet.pki import WorkerBundle
 from decnet.syslog.ackproto import ProtocolError, validate_stream_name
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
     synopsis = "--bundle DIR [options]"
     longdesc = (
         "Tail the worker's RFC 5424 log and ship it to the master over mutual TLS: "
@@ -39,15 +39,15 @@ class Options(usage.Options):
             "master-port",
             None,
             None,
-            f"Listener port [default: ${config.ENV_SYSLOG_PORT}, else {config.SYSLOG_PORT}]",
+            f"Listener port [default: ${config.ENV_SYSLOG_PORT}, else the bundle's "
+            f"syslog_port, else {config.SYSLOG_PORT}]",
             port_number,
         ],
         [
             "state",
             None,
             None,
-            "SQLite offsets file "
-            f"[default: {config.WORKER_STATE_DIR}/{config.FORWARDER_STATE_FILE}]",
+            f"SQLite offsets file [default: {config.DEFAULT_FORWARDER_STATE}]",
         ],
         [
             "mode",
@@ -102,9 +102,7 @@ class Options(usage.Options):
         if self["master-port"] is None:
             self["master-port"] = self._master_port(bundle)
         self["log-file"] = Path(self["log-file"]).absolute()
-        self["state"] = Path(
-            self["state"] or Path(config.WORKER_STATE_DIR) / config.FORWARDER_STATE_FILE
-        ).absolute()
+        self["state"] = Path(self["state"] or config.DEFAULT_FORWARDER_STATE).absolute()
 
     def _check_stream(self) -> None:
         try:

@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import PORT_FILE_OPTION, keywords
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords
 from decnet.errors import DecnetError
 from decnet.listener import admission, ingest
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
@@ -21,7 +21,8 @@ from decnet.tls import TLSIdentity
 MAX_HANDSHAKE_TIMEOUT = 300.0
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    endpoint_options = ("listen",)
     synopsis = "[options]"
     longdesc = (
         "Receive worker logs over mutual TLS (RFC 5425; acknowledged mode via ALPN "

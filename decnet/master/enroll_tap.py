@@ -15,14 +15,15 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import PORT_FILE_OPTION, keywords
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords
 from decnet.errors import DecnetError
 from decnet.interfaces import IDecnetReactor
 from decnet.master.enroll_limits import DEFAULT_BURST, DEFAULT_PERIOD
 from decnet.options import positive_float, positive_int
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    endpoint_options = ("listen",)
     synopsis = "[--home DIR] [options]"
     longdesc = (
         "The DECNET token-enrollment service, on the master. A worker runs "

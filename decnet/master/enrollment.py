@@ -23,6 +23,7 @@ from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, w
 from decnet.master.registry import Host, Registry, Tokens, utc_now_iso
 
 LISTENER_DIR_MODE = 0o750
+DEFAULT_MASTER_HOST = "127.0.0.1"  # what a first init without --master-host stores
 LISTENER_KEY_MODE = 0o640
 
 
@@ -35,6 +36,8 @@ class MasterState:
     master_cert_fingerprint: str
     listener_cert_fingerprint: str
     settings: dict
+    # What ``init`` found stored before it ran (None: a new home); see init_master.
+    previous_master_host: str | None = None
 
     @property
     def master_host(self) -> str:
@@ -44,7 +47,7 @@ class MasterState:
 def init_master(
     paths: config.MasterPaths,
     *,
-    master_host: str = "127.0.0.1",
+    master_host: str | None = None,
     addresses: Sequence[str] = (),
     key_type: str = pki.DEFAULT_KEY_TYPE,
 ) -> MasterState:
@@ -53,24 +56,29 @@ def init_master(
     ``master_host`` is the address workers use to reach the listener; it and
     ``addresses`` become SANs of the master and listener certificates.  On a
     second run the existing CA and identities are kept; ``master_host`` is
-    updated if given, and a home made before ``listener/`` existed gets it.
+    updated if given, else the stored one is kept (a new home gets
+    :data:`DEFAULT_MASTER_HOST`), and a home made before ``listener/`` existed
+    gets it.  The result's ``previous_master_host`` is what was stored before.
     """
-    problems = _problems([partial(pki.parse_address, a) for a in (master_host, *addresses)])
+    given = [master_host] if master_host is not None else []
+    problems = _problems([partial(pki.parse_address, a) for a in (*given, *addresses)])
     if problems:
         raise ValidationError(problems)
     _ensure_home(paths.home)
     ca = pki.ensure_ca(paths.ca_dir)
-    sans = [master_host, *addresses]
     ensure_private_dir(paths.master_dir)
     with locked(paths.master_dir / ".lock"):
-        _ensure_identity(ca, paths.master_cert, paths.master_key, sans, key_type)
         settings = _read_settings(paths)
-        if settings.get("master_host") != master_host:
-            settings["master_host"] = master_host
+        previous = settings.get("master_host")
+        chosen = master_host or previous or DEFAULT_MASTER_HOST
+        sans = [chosen, *addresses]
+        _ensure_identity(ca, paths.master_cert, paths.master_key, sans, key_type)
+        if previous != chosen:
+            settings["master_host"] = chosen
             atomic_write(paths.master_config, (json.dumps(settings, indent=2) + "\n").encode())
     _ensure_listener(paths, ca, sans, key_type)
     Registry(paths.registry)  # create and migrate
-    return load_master(paths)
+    return attrs.evolve(load_master(paths), previous_master_host=previous)
 
 
 def _ensure_home(home: Path) -> None:
@@ -180,7 +188,7 @@ def load_master(paths: config.MasterPaths) -> MasterState:
         "listener certificate (run `decnet-admin init`; it also upgrades an older home)",
     )
     settings = _read_settings(paths)
-    settings.setdefault("master_host", "127.0.0.1")
+    settings.setdefault("master_host", DEFAULT_MASTER_HOST)
     return MasterState(
         paths=paths,
         ca=ca,

@@ -36,6 +36,9 @@ class HostResult:
     seconds: float | None = None
     detail: str = ""
     updater_release: str | None = None  # after --include-self
+    # What the updater captured of a failed release (``install``: pip, ``agent``: the
+    # agent's last output, ``rollback``): the whole text, for --json and the table's tail.
+    output: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -75,6 +78,15 @@ def plan_rollout(hosts: Sequence[Host], canary: int = 0) -> RolloutPlan:
 
 def _problems(exc: RemoteError) -> str:
     return "; ".join(exc.problems) or str(exc)
+
+
+def captured_output(body: object) -> dict[str, str]:
+    """The ``output`` map of an updater's error answer: text values only (a lying worker
+    may send anything there; what is not a string is left out)."""
+    output = body.get("output") if isinstance(body, dict) else None
+    if not isinstance(output, dict):
+        return {}
+    return {k: v for k, v in output.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 class ReleaseTarget(Protocol):
@@ -164,7 +176,12 @@ class Rollout:
                 current = exc.body.get("current") if isinstance(exc.body, dict) else None
                 self.progress(host.name, f"{result}: {_problems(exc)}")
                 return HostResult(
-                    host.name, result, current, elapsed(), f"HTTP {exc.status}: {_problems(exc)}"
+                    host.name,
+                    result,
+                    current,
+                    elapsed(),
+                    f"HTTP {exc.status}: {_problems(exc)}",
+                    output=captured_output(exc.body),
                 )
             except DecnetError as exc:
                 self.progress(host.name, f"failed: {exc}")

@@ -298,10 +298,12 @@ class _RecordingEndpoints:
 
 async def _http(reactor: IDecnetReactor, target: Target, user: str, password: str) -> Outcome:
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
+
+    from decnet.httpclient import quiet_pool
 
     endpoints = _RecordingEndpoints(reactor)
-    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool = quiet_pool(reactor)
     client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
     url = f"http://{target.address}:{target.port}/login"
     response = await client.post(

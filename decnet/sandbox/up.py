@@ -73,6 +73,17 @@ from decnet.tls import TLSIdentity
 PROGRESS_EVERY = 10.0  # seconds between "still installing" lines during a release push
 
 
+def port_in_use_hint(words: str) -> str:
+    """What to do when a daemon of the sandbox found its address taken."""
+    if "Address already in use" not in words:
+        return ""
+    return (
+        "; another sandbox or program holds that address: run this one on another "
+        "loopback network with --net N (and its own --dir), or stop the other one "
+        "(`decnet-admin sandbox down --dir DIR`)"
+    )
+
+
 class Sandbox:
     """One ``sandbox up`` run: its children, its state file, its live view."""
 
@@ -156,7 +167,7 @@ class Sandbox:
                 words = await self._thread(child.last_words)
                 raise SandboxError(
                     f"{child.name} {child.how} while waiting for {what}: "
-                    f"{words} (see {short(child.log)})"
+                    f"{words} (see {short(child.log)}){port_in_use_hint(words)}"
                 )
             value = await probe()
             if value:

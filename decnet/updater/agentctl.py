@@ -1,7 +1,7 @@
 """Starting and restarting the agent: through systemd, or as the updater's own child.
 
 Two controls with one interface (``restart``, ``stop``, ``exited_since_start``,
-``recent_output``):
+``recent_output``, ``release_ready``):
 
 * :class:`SystemdAgent` runs ``systemctl restart decnet-agent.service`` (and
   ``journalctl`` for the output when a release fails) through ``spawnProcess``;
@@ -85,6 +85,9 @@ class SystemdAgent:
     systemctl: str = attrs.field(default="systemctl", kw_only=True)
     journalctl: str = attrs.field(default="journalctl", kw_only=True)
     timeout: float = attrs.field(default=90.0, kw_only=True)
+    # Units whose ExecStart runs from ``current`` too (the forwarder): started once a
+    # release is current and healthy, so none is started before the first release exists.
+    companions: tuple[str, ...] = attrs.field(default=(), kw_only=True)
 
     async def _systemctl(self, verb: str) -> None:
         result = await run_process(
@@ -112,6 +115,21 @@ class SystemdAgent:
     def exited_since_start(self) -> str | None:
         return None  # systemd restarts it; the health probe's deadline decides
 
+    async def release_ready(self) -> None:
+        """A release is current and healthy: ``systemctl start`` each companion unit (a
+        no-op for one that runs).  A failure is logged; the update itself succeeded."""
+        for unit in self.companions:
+            result = await run_process(
+                self.reactor, [self.systemctl, "start", unit], timeout=self.timeout
+            )
+            if not result.ok:
+                self.log.warn(
+                    "Cannot start {unit} ({how}): {output}",
+                    unit=unit,
+                    how=result.describe(),
+                    output=result.output.strip()[-500:],
+                )
+
     async def recent_output(self) -> str:
         result = await run_process(
             self.reactor,
@@ -122,6 +140,38 @@ class SystemdAgent:
 
     def describe(self) -> dict:
         return {"control": self.control, "unit": self.unit}
+
+
+class CopiedOutput(OutputTail):
+    """The agent's output tail, also appended to its twistd log file (``--agent-twistd-log``).
+
+    With ``--logfile`` twistd writes everything to that file once its logging has
+    started; what it prints before (a traceback from importing or building the
+    agent, a usage error) goes to its stderr only.  Copying the output makes the
+    reason a release failed readable where the operator looks: the agent's log.
+    The writes are small and rare (twistd prints nothing else there).
+    """
+
+    log = Logger()
+
+    def __init__(self, copy_to: Path, limit: int = config.OUTPUT_TAIL_BYTES):
+        super().__init__(limit)
+        self.copy_to = copy_to
+        self.copy_failed = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        try:
+            with open(self.copy_to, "ab") as fh:
+                fh.write(data)
+        except OSError as exc:
+            if not self.copy_failed:  # once, not per chunk
+                self.log.warn(
+                    "Cannot copy the agent's output to {path}: {reason}",
+                    path=str(self.copy_to),
+                    reason=exc.strerror,
+                )
+            self.copy_failed = True
 
 
 class SpawnedAgent:
@@ -139,6 +189,7 @@ class SpawnedAgent:
         grace: float = config.AGENT_STOP_GRACE,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        twistd_log: str | None = None,
     ):
         self.reactor = reactor
         self.argv_for = argv_for
@@ -148,7 +199,7 @@ class SpawnedAgent:
         self.policy = RestartPolicy(
             first=min_backoff, maximum=max_backoff, healthy_after=10 * min_backoff + 5
         )
-        self.output = OutputTail()
+        self.output = CopiedOutput(Path(twistd_log)) if twistd_log else OutputTail()
         self.supervisor: Supervisor | None = None
         self.restarts = 0
 
@@ -213,6 +264,9 @@ class SpawnedAgent:
 
     async def recent_output(self) -> str:
         return self.output.text()
+
+    async def release_ready(self) -> None:
+        """Nothing else to start: whoever spawned the updater runs the forwarder."""
 
     def describe(self) -> dict:
         return {

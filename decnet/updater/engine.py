@@ -344,6 +344,7 @@ class Updater:
         await self._thread(self.store.commit)
         await self._prune(self.store)
         self.log.info("Release {release} is current and healthy", release=release)
+        await self.agent.release_ready()
         return health
 
     async def _prune(self, store: ReleaseStore) -> None:

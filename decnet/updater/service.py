@@ -79,6 +79,7 @@ class LocalAgent:
     state_dir: str | None = None
     log_file: str | None = None
     twistd_log: str | None = None
+    forwarder_unit: str = config.DEFAULT_FORWARDER_UNIT  # "" for none
 
 
 def accepted_peers(bundle: pki.WorkerBundle) -> tuple[Accept, tuple[Accept, ...]]:
@@ -94,7 +95,8 @@ def accepted_peers(bundle: pki.WorkerBundle) -> tuple[Accept, tuple[Accept, ...]
 def agent_control(reactor: IDecnetReactor, bundle: pki.WorkerBundle, agent: LocalAgent):
     """The agent's restarter: ``systemctl`` on its unit, or a child process we supervise."""
     if agent.control != "spawn":
-        return SystemdAgent(reactor, agent.unit)
+        companions = (agent.forwarder_unit,) if agent.forwarder_unit else ()
+        return SystemdAgent(reactor, agent.unit, companions=companions)
     interface = agent.host.replace(":", "\\:")
     return SpawnedAgent(
         reactor,
@@ -106,6 +108,7 @@ def agent_control(reactor: IDecnetReactor, bundle: pki.WorkerBundle, agent: Loca
             log_file=agent.log_file,
             twistd_log=agent.twistd_log,
         ),
+        twistd_log=agent.twistd_log,
     )
 
 

@@ -20,7 +20,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config, pki
-from decnet.daemon import PORT_FILE_OPTION, keywords, load_bundle
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords, load_bundle
 from decnet.errors import DecnetError
 from decnet.interfaces import IDecnetReactor
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
@@ -28,7 +28,8 @@ from decnet.options import positive_float, positive_int
 from decnet.updater.service import SELF_RESTARTS, LocalAgent
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    endpoint_options = ("listen",)
     synopsis = "--bundle DIR --install-dir DIR [options]"
     longdesc = (
         "The DECNET updater: owns the agent's release directory, installs releases the "
@@ -45,6 +46,13 @@ class Options(usage.Options):
         ["agent-url", None, config.DEFAULT_AGENT_URL, "where the local agent answers /health"],
         ["agent-control", None, "systemd", "how to restart the agent: systemd or spawn"],
         ["agent-unit", None, config.DEFAULT_AGENT_UNIT, "systemd unit of the agent"],
+        [
+            "forwarder-unit",
+            None,
+            config.DEFAULT_FORWARDER_UNIT,
+            "systemd: the forwarder's unit, started once a release is current and healthy "
+            "(it runs from that release); '' for none",
+        ],
         ["agent-state-dir", None, None, "spawn: the agent's --state-dir"],
         ["agent-log-file", None, None, "spawn: the agent's --log-file"],
         [
@@ -105,6 +113,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--self-restart must be one of {', '.join(SELF_RESTARTS)}")
         self["agent-host"], self["agent-port"] = agent_address(self["agent-url"])
         self["install-dir"] = str(Path(self["install-dir"]).absolute())
+        # The agent runs from its release directory: a relative path must mean ours.
+        for name in ("agent-state-dir", "agent-log-file", "agent-twistd-log"):
+            if self[name]:
+                self[name] = str(Path(self[name]).absolute())
 
 
 def agent_address(text: str) -> tuple[str, int]:
@@ -143,6 +155,7 @@ def makeService(options: Options) -> IService:
             state_dir=options["agent-state-dir"],
             log_file=options["agent-log-file"],
             twistd_log=options["agent-twistd-log"],
+            forwarder_unit=options["forwarder-unit"],
         ),
         compile_bytecode=not options["no-compile"],
         restart=options["self-restart"],
