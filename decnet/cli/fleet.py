@@ -224,6 +224,7 @@ def register_top(sub, parents) -> None:
         "event that reaches the master's feeds, as it arrives. In a terminal the screen is "
         "redrawn; otherwise plain lines are printed. Ctrl-C ends it (exit 130).",
         examples=TOP_EXAMPLES,
+        streams=True,
     )
     stale_option(p)
     p.add_argument(
