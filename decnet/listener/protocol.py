@@ -38,6 +38,7 @@ from decnet import config
 from decnet.listener import admission
 from decnet.listener.admission import Admit, PreTLSBudget, RefusalLog, address_key
 from decnet.listener.ingest import Ingest, StreamSink, TooManyStreams
+from decnet.listener.publisherproc import BrokerMarks
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
 from decnet.tls import Refusal, RefusalKind, handshake_of, peer_identity
@@ -91,6 +92,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._close_call = None
         self._handshake_call = None
+        self._resume_wait: defer.Deferred[int] | None = None
 
     # -- identity --------------------------------------------------------
 
@@ -288,13 +290,40 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         # Acknowledged mode: everything an earlier connection of this stream
         # handed over must be durable before we name the resume point.
         flushed = sink.when_flushed()
+        if self.factory.broker is not None:
+            flushed.addCallback(self._broker_resume_point)
         flushed.addCallbacks(self._send_resume, self._sink_failed)
 
+    def _broker_resume_point(self, offset: int) -> defer.Deferred[int]:
+        """Broker mode: RESUME names the broker's mark, once it holds all we hold.
+
+        Until then the forwarder waits (it keeps its data); that wait is the
+        broker's, not the peer's idleness, so the idle timeout is off.
+        """
+        assert self.factory.broker is not None and self.worker and self.stream
+        self.setTimeout(None)
+        self.factory.ingest.feed_kick(self.attached)
+        waiting = self.factory.broker.when_reaches(self.worker, self.stream, offset)
+        if not waiting.called:
+            self.log.info(
+                "Holding RESUME for {worker}/{stream} until JetStream confirms offset {offset}",
+                worker=self.worker,
+                stream=self.stream,
+                offset=offset,
+            )
+        self._resume_wait = waiting
+        return waiting
+
     def _send_resume(self, offset: int) -> None:
+        self._resume_wait = None
         if self.state != RESUMING:
             return
         self.state = STREAMING
-        self.attached.commit_listeners.append(self._on_commit)
+        if self.factory.broker is not None:
+            assert self.worker and self.stream
+            self.factory.broker.listen(self.worker, self.stream, self._on_commit)
+        else:
+            self.attached.commit_listeners.append(self._on_commit)
         self._write(ackproto.encode_resume(offset))
         self.log.info(
             "Resuming {worker}/{stream} at offset {offset} for {peer}",
@@ -400,6 +429,11 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if self._close_call is not None and self._close_call.active():
             self._close_call.cancel()
         prev, self.state = self.state, CLOSING
+        if self._resume_wait is not None:
+            waiting, self._resume_wait = self._resume_wait, None
+            waiting.cancel()
+        if self.factory.broker is not None and self.worker and self.stream:
+            self.factory.broker.unlisten(self.worker, self.stream, self._on_commit)
         if self.sink is not None:
             for lst, fn in (
                 (self.sink.commit_listeners, self._on_commit),
@@ -449,9 +483,15 @@ class ListenerFactory(Factory):
     noisy = False
 
     def __init__(
-        self, ingest: Ingest, clock: IReactorTime, limits: ConnectionLimits = DEFAULT_LIMITS
+        self,
+        ingest: Ingest,
+        clock: IReactorTime,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+        broker: BrokerMarks | None = None,
     ):
         self.ingest = ingest
+        # Broker mode (--ack-after broker): ACK and RESUME follow JetStream's marks.
+        self.broker = broker
         self.clock = clock
         self.limits = limits
         self.max_frame = limits.max_frame

@@ -548,16 +548,18 @@ async def serve(args: argparse.Namespace, reporter: Reporter) -> int:
         if publisher.nc is not None and publisher.payload_limit == 0:
             await publisher.close()
     reporter.broker_state("up")
-    reporter.send(
-        {
-            "ready": {
-                "servers": args.servers,
-                "stream": args.stream,
-                "max_payload": publisher.nc.max_payload,
-                "payload_limit": publisher.payload_limit,
-            }
+    ready = {
+        "ready": {
+            "servers": args.servers,
+            "stream": args.stream,
+            "max_payload": publisher.nc.max_payload,
+            "payload_limit": publisher.payload_limit,
         }
-    )
+    }
+    reporter.send(ready)
+    if args.check:
+        await publisher.close()
+        return 0
     publisher.scan()
     try:
         await _read_input(publisher, args.stdin)
@@ -584,6 +586,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-msg", type=int, default=pub.DEFAULT_MAX_MSG)
     parser.add_argument("--no-events", action="store_true")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="connect, set up or check the stream, report, exit (0: usable)",
+    )
     parser.add_argument("--stdin", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

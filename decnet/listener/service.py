@@ -15,6 +15,7 @@ from decnet.listener import ingest
 from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import DEFAULT_LIMITS, ConnectionLimits, ListenerFactory
+from decnet.listener.publisherproc import NatsOptions, PublisherProcess, PublisherRefused
 from decnet.revocation import RevocationSet, RevocationWatcher
 from decnet.systemd import SystemdService
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -29,12 +30,23 @@ def listener_options(identity: TLSIdentity, revocations: RevocationSet | None) -
 class IngestService(Service):
     """Owns the :class:`Ingest`: creates its directory, closes files on stop."""
 
+    log = Logger()
+
     def __init__(self, ingest: Ingest):
         self.ingest = ingest
 
     def privilegedStartService(self):
         super().privilegedStartService()
         self.ingest.prepare()
+        publisher = self.ingest.publisher
+        if publisher is not None:
+            # Before the reactor runs: a broker we cannot use stops the daemon here,
+            # with its one-line reason, like a port we cannot bind.
+            try:
+                publisher.check()
+            except PublisherRefused as exc:
+                self.log.critical("Cannot publish into JetStream: {error}", error=str(exc))
+                raise
 
     def startService(self):
         super().startService()
@@ -64,6 +76,8 @@ class ListenerService(MultiService):
         max_open_streams: int = ingest.DEFAULT_MAX_OPEN_STREAMS,
         feed: bool = True,
         feed_encoders: int | None = None,
+        publish: NatsOptions | None = None,
+        ack_after: str = "local",
         sighup: bool = False,
     ):
         super().__init__()
@@ -74,14 +88,21 @@ class ListenerService(MultiService):
             if feed
             else None
         )
+        self.publisher = (
+            PublisherProcess(reactor, ingest_dir, publish) if publish is not None else None
+        )
         self.ingest = Ingest(
             ingest_dir,
             reactor,
             feeds=feeds,
+            publisher=self.publisher,
             max_streams_per_worker=max_streams_per_worker,
             max_open_streams=max_open_streams,
         )
-        self.factory = ListenerFactory(self.ingest, reactor, limits)
+        if ack_after == "broker" and self.publisher is None:
+            raise ValueError("--ack-after broker needs --publish")
+        broker = self.publisher.marks if ack_after == "broker" and self.publisher else None
+        self.factory = ListenerFactory(self.ingest, reactor, limits, broker)
         self.revocations = revocations
         revocations.subscribe(self.factory.revoked)
         self.watcher = RevocationWatcher(revocations, reactor)
