@@ -93,6 +93,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._close_call = None
         self._handshake_call = None
         self._resume_wait: defer.Deferred[int] | None = None
+        self._acked = -1  # the last offset named in RESUME or ACK
 
     # -- identity --------------------------------------------------------
 
@@ -324,6 +325,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             self.factory.broker.listen(self.worker, self.stream, self._on_commit)
         else:
             self.attached.commit_listeners.append(self._on_commit)
+        self._acked = offset
         self._write(ackproto.encode_resume(offset))
         self.log.info(
             "Resuming {worker}/{stream} at offset {offset} for {peer}",
@@ -336,7 +338,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._resume()
 
     def _on_commit(self, offset: int) -> None:
-        if self.state == STREAMING:
+        if self.state == STREAMING and offset > self._acked:
+            self._acked = offset
             self._write(ackproto.encode_ack(offset))
 
     def _sink_failed(self, failure) -> None:

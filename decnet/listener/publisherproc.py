@@ -96,12 +96,14 @@ class BrokerMarks:
         if end <= self.marks.get(key, -1):
             return
         self.marks[key] = end
+        # (Those listening before this mark: a waiter below may add one that must not hear it.)
+        listeners = list(self._listeners.get(key, ()))
         waiting = self._waiters.get(key, [])
         ready = [(o, d) for o, d in waiting if end >= o]
         self._waiters[key] = [(o, d) for o, d in waiting if end < o]
         for _, d in ready:
             d.callback(end)
-        for listener in list(self._listeners.get(key, ())):
+        for listener in listeners:
             listener(end)
 
     def when_reaches(self, worker: str, stream: str, offset: int) -> defer.Deferred[int]:
@@ -281,7 +283,9 @@ class PublisherProcess:
         previous, self.broker = self.broker, state
         if state == previous:
             return
-        if state == "up":
+        if state == "up" and previous == "starting":
+            _log.info("JetStream broker reachable")
+        elif state == "up":
             _log.info("JetStream broker reachable again; acknowledging resumes")
         else:
             _log.warn(
