@@ -118,7 +118,9 @@ class NatsServer:
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"nats-server {self.name} exited:\n{self.tail()}")
-        url = f"http://127.0.0.1:{self.http_port}/healthz?js-enabled-only=true"
+        # A cluster node is healthy once it knows the JetStream meta leader.
+        query = "" if self.cluster_port is not None else "?js-enabled-only=true"
+        url = f"http://127.0.0.1:{self.http_port}/healthz{query}"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200

@@ -215,3 +215,43 @@ def test_a_message_limit_above_the_brokers_max_payload_is_refused_before_publish
     finally:
         writer.close()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_cluster_node_killed_while_publishing_loses_nothing(tmp_path):
+    """Three nats-servers, replicas 3; one node is killed mid-stream; the rest goes on."""
+    from tests.nats_support import start_cluster
+
+    nodes = start_cluster(tmp_path / "cluster")
+    servers = ",".join(n.url for n in nodes)
+    writer = IngestWriter(tmp_path / "ingest", "w1", "auth")
+    run = None
+    try:
+        for i in range(10):
+            writer.commit(lines(10 * i, 10))
+        writer.build_feed()
+        run = PublisherRun(tmp_path / "ingest", servers, "--replicas", "3", "--max-msg", "3072")
+        wait_for(lambda: run.confirmed("w1", "auth") >= 1, timeout=60, what="first publish")
+        for i in range(10, 40):
+            writer.commit(lines(10 * i, 10))
+            if i == 15:
+                nodes[1].kill9()
+            writer.build_feed()
+            run.notify("w1", "auth")
+        wait_for(
+            lambda: run.confirmed("w1", "auth") == writer.offset, timeout=90, what="all stored"
+        )
+        wait_for(
+            lambda: len(stream_messages(nodes[0].url, subject="decnet.events.>")) == 400,
+            timeout=90,
+            what="every event",
+        )
+        code, err = run.finish()
+        assert code == 0, err
+        check_broker(stream_messages(nodes[0].url), "w1", "auth", bytes(writer.written), 400)
+    finally:
+        if run is not None:
+            run.kill9()
+        writer.close()
+        for node in nodes:
+            node.stop()

@@ -60,6 +60,8 @@ PUBLISH_TIMEOUT = 5.0
 # Retry delays after an error: first, doubling to the maximum.
 RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
+# How long a JetStream that does not answer is waited for at start.
+STARTUP_PATIENCE = 20.0
 # Streams are looked at this often even without a notification (the feed
 # has no notification of its own).
 POLL_INTERVAL = 0.25
@@ -109,6 +111,8 @@ class Reporter:
         state = {"broker": self.broker, "since": self.since, "error": self.error}
         path = self.directory / STATE_FILE
         tmp = path.with_name(path.name + ".tmp")
+        if not self.directory.is_dir():
+            return  # (a check before the listener made its ingest directory)
         try:
             tmp.write_text(json.dumps(state) + "\n")
             os.replace(tmp, path)
@@ -355,12 +359,14 @@ class Publisher:
         self.jobs: dict[tuple[str, str], StreamJob] = {}
         self.tasks: set[asyncio.Task] = set()
         self.last_error: str | None = None
+        self.closing = False
 
     async def _error_cb(self, exc: Exception) -> None:
         self.last_error = str(exc) or type(exc).__name__
 
     async def _disconnected(self) -> None:
-        self.reporter.broker_state("down", self.last_error or "disconnected")
+        if not self.closing:
+            self.reporter.broker_state("down", self.last_error or "disconnected")
 
     async def _reconnected(self) -> None:
         self.reporter.broker_state("up")
@@ -507,6 +513,7 @@ class Publisher:
                 self.job(worker_dir.name, stream)
 
     async def close(self) -> None:
+        self.closing = True
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -535,11 +542,27 @@ async def _read_input(publisher: Publisher, stdin: int) -> None:
             publisher.reporter.send({"warn": "ignored a malformed notification"})
 
 
+async def _set_up(publisher: Publisher) -> None:
+    """Connect and set up the stream; a JetStream that does not answer yet gets a while.
+
+    (A cluster that just lost or started a node elects its meta leader first.)
+    """
+    await publisher.connect()
+    deadline = time.monotonic() + STARTUP_PATIENCE
+    while True:
+        try:
+            await publisher.ensure_stream()
+            return
+        except BrokerDown:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(RETRY_MAX / 5)
+
+
 async def serve(args: argparse.Namespace, reporter: Reporter) -> int:
     publisher = Publisher(args, reporter)
     try:
-        await publisher.connect()
-        await publisher.ensure_stream()
+        await _set_up(publisher)
     except pub.PublishError as exc:
         raise Fatal(str(exc)) from None
     except BrokerDown as exc:
