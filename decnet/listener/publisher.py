@@ -41,6 +41,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,17 +194,29 @@ class StreamJob:
         self.warned: str | None = None
 
     async def run(self) -> None:
+        """Raw batches and events in two loops: a backlog of events never delays a batch."""
+        loops = [self._loop(self.publish_raw, self.wake, self._forget_raw)]
+        if self.owner.events:
+            loops.append(self._loop(self.publish_events, asyncio.Event(), self._forget_events))
+        await asyncio.gather(*loops)
+
+    async def _loop(
+        self,
+        step: Callable[[], Awaitable[bool]],
+        wake: asyncio.Event,
+        forget: Callable[[], None],
+    ) -> None:
         delay = RETRY_FIRST
         while True:
             try:
-                busy = await self.step()
+                busy = await step()
             except pub.PublishError as exc:
-                self._forget()
+                forget()
                 self._warn(str(exc))
                 await asyncio.sleep(RETRY_MAX)
                 continue
             except BrokerDown as exc:
-                self._forget()
+                forget()
                 self.owner.reporter.broker_state("down", str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
@@ -211,30 +224,25 @@ class StreamJob:
             delay = RETRY_FIRST
             self.warned = None
             if not busy:
-                self.wake.clear()
+                wake.clear()
                 try:
-                    await asyncio.wait_for(self.wake.wait(), POLL_INTERVAL)
+                    await asyncio.wait_for(wake.wait(), POLL_INTERVAL)
                 except TimeoutError:
                     pass
 
-    def _forget(self) -> None:
+    def _forget_raw(self) -> None:
         """After any error: the position is read from the broker again."""
         self.raw_seq.fenced()
-        self.ev_seq.fenced()
         self.cursor = None
+
+    def _forget_events(self) -> None:
+        self.ev_seq.fenced()
         self.event_pos = None
 
     def _warn(self, text: str) -> None:
         if text != self.warned:
             self.warned = text
             self.owner.reporter.send({"warn": text, "worker": self.worker, "stream": self.stream})
-
-    async def step(self) -> bool:
-        """One round: some raw messages, then some events; whether there may be more."""
-        more = await self.publish_raw()
-        if self.owner.events:
-            more = await self.publish_events() or more
-        return more
 
     # -- raw -------------------------------------------------------------------
 
