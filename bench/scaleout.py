@@ -127,6 +127,12 @@ def raw_payloads(url: str, name: str) -> bytes:
     return b"".join(m[3] for m in stream_messages(url, subject=raw_subject(name, STREAM)))
 
 
+def raw_count(url: str, name: str) -> int:
+    from tests.nats_support import stream_messages
+
+    return len(stream_messages(url, subject=raw_subject(name, STREAM)))
+
+
 def run_reference(fleet: Fleet, data: dict[str, bytes]) -> dict:
     run = "1-reference"
     (fleet.base / run).mkdir()
@@ -204,11 +210,17 @@ def run_scaleout(fleet: Fleet, data: dict[str, bytes], nodes) -> dict:
         elapsed = time.monotonic() - t0
         after = cpu_of(pids)
         ok = all(raw_payloads(nodes[0].url, n) == data[n] for n in fleet.names)
+        messages = sum(raw_count(nodes[0].url, n) for n in fleet.names)
     finally:
         fleet.stop_forwarders()
         for proc in listeners:
             stop(proc)
-    return {"elapsed": elapsed, "cpu": {k: after[k] - before[k] for k in pids}, "ok": ok}
+    return {
+        "elapsed": elapsed,
+        "cpu": {k: after[k] - before[k] for k in pids},
+        "ok": ok,
+        "messages": messages,
+    }
 
 
 def run_lag(fleet: Fleet, nodes, rate: int, seconds: float) -> dict:
@@ -346,6 +358,11 @@ def main() -> None:
         print(
             "      CPU per line: "
             + ", ".join(f"{k} {1e6 * v / n:.2f} us" for k, v in out["cpu"].items()),
+            flush=True,
+        )
+        print(
+            f"      raw messages: {out['messages']:,} "
+            f"(mean {n * LINE_LEN / max(out['messages'], 1) / 1024:.0f} KiB)",
             flush=True,
         )
         lag = run_lag(fleet, nodes, args.rate, args.seconds)
