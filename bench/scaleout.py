@@ -223,70 +223,80 @@ def run_scaleout(fleet: Fleet, data: dict[str, bytes], nodes) -> dict:
     }
 
 
-def run_lag(fleet: Fleet, nodes, rate: int, seconds: float) -> dict:
-    """Append at ``rate`` lines/s (over all workers) and time each line into the broker."""
-    run = "3-lag"
-    fleet.enroll("bench-lag-w")
-    urls = ",".join(n.url for n in nodes)
-    listeners = start_scaleout(fleet, run, urls)
-    total = int(rate * seconds)
-    per = total // len(fleet.names)
-    data = {name: make_lines(per, f"lag-{name}") for name in fleet.names}
-    appended = {name: [0.0] * per for name in fleet.names}
-    stored = {name: [0.0] * per for name in fleet.names}
-    done = threading.Event()
+def follow_broker(url: str, names: list[str], per: int, stored: dict, done) -> None:
+    """Record when each line's raw message becomes readable from the stream (a thread)."""
+    import nats
+    import nats.errors
+    from nats.js.api import DeliverPolicy
 
-    def watch() -> None:
-        import nats
-        import nats.errors
-        from nats.js.api import DeliverPolicy
+    async def follow() -> None:
+        nc = await nats.connect(url)
+        seen = dict.fromkeys(names, 0)
+        subjects = {raw_subject(n, STREAM): n for n in names}
+        sub = await nc.jetstream().subscribe(
+            "decnet.raw.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+        )
+        try:
+            while not done.is_set() and any(seen[n] < per for n in names):
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    continue  # (look at the stop flag again)
+                now = time.monotonic()
+                name = subjects.get(msg.subject)
+                if name is None:
+                    continue
+                end = int(msg.headers["Decnet-End"]) // LINE_LEN
+                for i in range(seen[name], min(end, per)):
+                    stored[name][i] = now
+                seen[name] = max(seen[name], end)
+        finally:
+            await nc.close()
 
-        async def follow() -> None:
-            nc = await nats.connect(nodes[0].url)
-            seen = dict.fromkeys(fleet.names, 0)
-            subjects = {raw_subject(n, STREAM): n for n in fleet.names}
-            sub = await nc.jetstream().subscribe(
-                "decnet.raw.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
-            )
-            try:
-                while not done.is_set() and any(seen[n] < per for n in fleet.names):
-                    try:
-                        msg = await sub.next_msg(timeout=0.5)
-                    except nats.errors.TimeoutError:
-                        continue  # (look at the stop flag again)
-                    now = time.monotonic()
-                    name = subjects.get(msg.subject)
-                    if name is None:
-                        continue
-                    end = int(msg.headers["Decnet-End"]) // LINE_LEN
-                    for i in range(seen[name], min(end, per)):
-                        stored[name][i] = now
-                    seen[name] = max(seen[name], end)
-            finally:
-                await nc.close()
+    asyncio.run(follow())
 
-        asyncio.run(follow())
 
-    watcher = threading.Thread(target=watch, daemon=True)
+def append_at_rate(files: dict[str, Path], data: dict[str, bytes], rate: int) -> dict:
+    """Append every worker's lines, 10 at a time, at ``rate`` lines/s in all; when each went."""
+    per = len(next(iter(data.values()))) // LINE_LEN
+    appended = {name: [0.0] * per for name in files}
+    fds = {name: open(path, "ab", buffering=0) for name, path in files.items()}
+    start = time.monotonic()
+    batch, step = 10, 0
     try:
-        watcher.start()
-        time.sleep(1.0)  # (the consumer is set up; a benchmark, not a test)
-        fds = {name: open(fleet.log_file(name, run), "ab", buffering=0) for name in fleet.names}
-        start = time.monotonic()
-        batch = 10
-        step = 0
         for i in range(0, per, batch):
-            for name in fleet.names:
+            for name, fd in fds.items():
                 target = start + step * batch / rate
                 step += 1
                 while (now := time.monotonic()) < target:
                     time.sleep(max(0.0, min(target - now, 0.0005)))
-                fds[name].write(data[name][i * LINE_LEN : (i + batch) * LINE_LEN])
+                fd.write(data[name][i * LINE_LEN : (i + batch) * LINE_LEN])
                 t = time.monotonic()
                 for j in range(i, min(i + batch, per)):
                     appended[name][j] = t
+    finally:
         for fd in fds.values():
             fd.close()
+    return appended
+
+
+def run_lag(fleet: Fleet, nodes, rate: int, seconds: float) -> dict:
+    """Append at ``rate`` lines/s (over all workers) and time each line into the broker."""
+    run = "3-lag"
+    fleet.enroll("bench-lag-w")
+    listeners = start_scaleout(fleet, run, ",".join(n.url for n in nodes))
+    per = int(rate * seconds) // len(fleet.names)
+    data = {name: make_lines(per, f"lag-{name}") for name in fleet.names}
+    stored = {name: [0.0] * per for name in fleet.names}
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=follow_broker, args=(nodes[0].url, fleet.names, per, stored, done), daemon=True
+    )
+    try:
+        watcher.start()
+        time.sleep(1.0)  # (the consumer is set up; a benchmark, not a test)
+        files = {name: fleet.log_file(name, run) for name in fleet.names}
+        appended = append_at_rate(files, data, rate)
         watcher.join(120)
     finally:
         done.set()
