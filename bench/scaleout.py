@@ -320,6 +320,11 @@ def run_lag(fleet: Fleet, nodes, rate: int, seconds: float) -> dict:
     }
 
 
+def print_cpu(cpu: dict[str, float], lines: int) -> None:
+    per_line = ", ".join(f"{k} {1e6 * v / lines:.2f} us" for k, v in cpu.items())
+    print(f"      CPU per line: {per_line}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
@@ -350,11 +355,7 @@ def main() -> None:
             f"{ref_rate:>10,.0f} lines/s",
             flush=True,
         )
-        print(
-            "      CPU per line: "
-            + ", ".join(f"{k} {1e6 * v / n:.2f} us" for k, v in ref["cpu"].items()),
-            flush=True,
-        )
+        print_cpu(ref["cpu"], n)
         out_data = {name: make_lines(args.lines, f"out-{name}") for name in fleet.names}
         out = run_scaleout(fleet, out_data, nodes)
         out_rate = n / out["elapsed"]
@@ -365,11 +366,7 @@ def main() -> None:
             f"{'raw payloads == files' if out['ok'] else 'MISMATCH'}",
             flush=True,
         )
-        print(
-            "      CPU per line: "
-            + ", ".join(f"{k} {1e6 * v / n:.2f} us" for k, v in out["cpu"].items()),
-            flush=True,
-        )
+        print_cpu(out["cpu"], n)
         print(
             f"      raw messages: {out['messages']:,} "
             f"(mean {n * LINE_LEN / max(out['messages'], 1) / 1024:.0f} KiB)",

@@ -247,19 +247,24 @@ def _subject_matches(pattern: str, subject: str) -> bool:
     return pattern == subject
 
 
+def publisher_argv(ingest: Path, servers: str, *extra: str) -> list[str]:
+    """``python -m decnet.listener.publisher INGEST --servers SERVERS ...``."""
+    return [
+        sys.executable,
+        "-m",
+        "decnet.listener.publisher",
+        str(ingest),
+        "--servers",
+        servers,
+        *extra,
+    ]
+
+
 class PublisherRun:
     """``python -m decnet.listener.publisher`` as a child with pipes (tests drive its stdin)."""
 
     def __init__(self, ingest: Path, servers: str, *extra: str):
-        self.argv = [
-            sys.executable,
-            "-m",
-            "decnet.listener.publisher",
-            str(ingest),
-            "--servers",
-            servers,
-            *extra,
-        ]
+        self.argv = publisher_argv(ingest, servers, *extra)
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )

@@ -3,15 +3,13 @@
 import json
 import os
 import random
-import signal
 import sqlite3
-import subprocess
 
 import pytest
 
 from decnet.listener.publisher import STATE_FILE
 from decnet.master import enrollment
-from tests.logpipe_support import TWISTD, start_forwarder, start_listener
+from tests.logpipe_support import run_twistd, start_forwarder, start_listener
 from tests.nats_support import (
     NatsServer,
     nats_server_binary,
@@ -19,6 +17,7 @@ from tests.nats_support import (
     syslog_line,
 )
 from tests.support import free_port, wait_for
+from tests.test_logpipe_subprocess import stop
 from tests.test_publisher_nats import check_broker
 
 pytestmark = pytest.mark.skipif(
@@ -56,16 +55,6 @@ def acked(state) -> int:
     finally:
         db.close()
     return row[0] if row else 0
-
-
-def stop(proc) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def kill9(proc) -> None:
@@ -109,27 +98,10 @@ def broker_end(url: str, name: str) -> int:
 
 def test_the_listener_refuses_to_start_when_the_broker_is_unreachable(master_home, tmp_path):
     port = free_port()
-    result = subprocess.run(
-        [
-            TWISTD,
-            "--nodaemon",
-            "--pidfile=",
-            "-l",
-            str(tmp_path / "l.log"),
-            "decnet-listener",
-            "--home",
-            str(master_home.home),
-            "--ingest-dir",
-            str(tmp_path / "ingest"),
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--publish",
-            f"nats://127.0.0.1:{port}",
-        ],
-        capture_output=True,
-        timeout=90,
-    )
-    assert result.returncode != 0
+    args = ["--home", master_home.home, "--ingest-dir", tmp_path / "ingest"]
+    args += ["--listen", "tcp:0:interface=127.0.0.1", "--publish", f"nats://127.0.0.1:{port}"]
+    proc = run_twistd("decnet-listener", args, tmp_path / "l.log")
+    assert proc.wait(timeout=90) != 0
     log = (tmp_path / "l.log").read_text(errors="replace")
     refusals = [line for line in log.splitlines() if "Cannot publish into JetStream" in line]
     assert len(refusals) == 1
@@ -150,6 +122,13 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
     forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f.log")
     first = lines(0, 100)
     try:
+        # Its state is read only once it has it open (see broker_end: a reader
+        # that opens it first can upset the forwarder's own start-up).
+        flog = tmp_path / "f.log"
+        wait_for(
+            lambda: flog.exists() and "Connected" in flog.read_text(errors="replace"),
+            what="the forwarder to connect",
+        )
         wait_for(lambda: acked(state) == len(first), timeout=60, what="the first ACK")
         assert raw_bytes(nats.url, name) == first
         nats.kill9()

@@ -4,7 +4,6 @@ import asyncio
 import collections
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -14,6 +13,7 @@ from tests.nats_support import (
     NatsServer,
     PublisherRun,
     nats_server_binary,
+    publisher_argv,
     stream_messages,
     syslog_line,
 )
@@ -50,20 +50,9 @@ def check_broker(messages: list, worker: str, stream: str, expected: bytes, even
 
 
 def run_check(ingest, servers: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "decnet.listener.publisher",
-            str(ingest),
-            "--servers",
-            servers,
-            "--check",
-            *extra,
-        ],
-        capture_output=True,
-        timeout=60,
-    )
+    """The publisher's start-up check (what the listener runs before it binds)."""
+    argv = publisher_argv(ingest, servers, "--check", *extra)
+    return subprocess.run(argv, capture_output=True, timeout=60)
 
 
 def test_every_batch_gap_and_event_reaches_jetstream_once_and_resumes_after_kill_9(

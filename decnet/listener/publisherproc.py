@@ -31,15 +31,13 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from decnet import process
 from decnet.errors import DecnetError
 from decnet.listener import publishing
+from decnet.listener.feedproc import helper_spec, supervise_helper
 from decnet.listener.feedworker import decode_messages, encode_message
 
-RESTART = process.RestartPolicy(first=0.5, maximum=30.0)
-STOP_GRACE = 10.0
 # The start-up check: connect, set up the stream, give up after this long.
 CHECK_TIMEOUT = 30.0
 
@@ -128,40 +126,6 @@ class BrokerMarks:
             listeners.remove(listener)
 
 
-class _PublisherChild(process.ChildProtocol):
-    """The pipes of one publisher process: notifications in, reports out, stderr logged."""
-
-    def __init__(self, owner: PublisherProcess):
-        super().__init__()
-        self.owner = owner
-        self._out = bytearray()
-        self._err = bytearray()
-
-    def outReceived(self, data: bytes) -> None:
-        self._out += data
-        try:
-            messages = decode_messages(self._out)
-        except ValueError:
-            _log.error("Publisher process sent garbage; restarting it")
-            self.signal("KILL")
-            return
-        for message in messages:
-            self.owner.report(message)
-
-    def errReceived(self, data: bytes) -> None:
-        self._err += data
-        end = self._err.rfind(b"\n") + 1
-        if end:
-            text = self._err[:end].decode("utf-8", "replace").rstrip("\n")
-            del self._err[:end]
-            _log.error("Publisher process: {text}", text=text)
-
-    def processEnded(self, reason: Failure) -> None:
-        if self._err:
-            self.errReceived(b"\n")
-        super().processEnded(reason)
-
-
 class PublisherProcess:
     """Supervises ``python -m decnet.listener.publisher <ingest-dir> ...``."""
 
@@ -220,27 +184,11 @@ class PublisherProcess:
         ready = [r["ready"] for r in reports if "ready" in r]
         return ready[-1] if ready else {}
 
-    def spec(self) -> process.ProcessSpec:
-        return process.ProcessSpec(
-            "Publisher process",
-            self.argv(),
-            env=process.child_env(same_python=True),
-            child_fds={0: "w", 1: "r", 2: "r"},
-            stop_by=process.CLOSE_STDIN,
-            grace=STOP_GRACE,
-        )
-
     def start(self) -> None:
         if self.supervisor is not None or self._closing:
             return
-        self.supervisor = process.Supervisor(
-            self.reactor,
-            self.spec(),
-            policy=RESTART,
-            protocol=lambda: _PublisherChild(self),
-            observer=self._observe,
-        )
-        self.supervisor.start()
+        spec = helper_spec("Publisher process", self.argv())
+        self.supervisor = supervise_helper(self.reactor, spec, self.report, self._observe, _log)
 
     def notify(self, worker: str, stream: str) -> None:
         """``worker/stream`` has new durable commits (or a forwarder waits for its mark)."""

@@ -228,17 +228,9 @@ def publish_options(options: usage.Options) -> NatsOptions | None:
             f"{publishing.HEADER_ROOM} ({options['max-frame'] + publishing.HEADER_ROOM}): "
             "a whole line must fit in one message"
         )
-    return NatsOptions(
-        servers=servers,
-        creds=options["nats-creds"],
-        tls_ca=options["nats-tls-ca"],
-        tls_cert=options["nats-tls-cert"],
-        tls_key=options["nats-tls-key"],
-        stream=options["nats-stream"],
-        replicas=options["nats-replicas"],
-        max_msg=options["nats-max-msg"],
-        events=not options["no-feed"],
-    )
+    names = "creds tls-ca tls-cert tls-key stream replicas max-msg"
+    given = {name.replace("-", "_"): options[f"nats-{name}"] for name in names.split()}
+    return NatsOptions(servers=servers, events=not options["no-feed"], **given)
 
 
 def ack_mode(value: str | None, publishing_on: bool) -> str:
