@@ -52,8 +52,11 @@ from decnet.listener.feedworker import encode_message
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 3
 STATE_FILE = ".publisher-state.json"
-# Mirror bytes read per publishing round of one stream (bounded memory).
-READ_LIMIT = 8 * 1024 * 1024
+# Mirror bytes read per publishing round of one stream, and rounds (raw or
+# events) under way at once over all streams: together they bound the memory
+# of a publisher that catches up thousands of streams after an outage.
+READ_LIMIT = 2 * 1024 * 1024
+MAX_ROUNDS = 64
 # Feed bytes read per events round of one stream.
 EVENTS_READ_LIMIT = 1024 * 1024
 # How long one publish may wait for its PubAck before the broker counts as down.
@@ -209,7 +212,8 @@ class StreamJob:
         delay = RETRY_FIRST
         while True:
             try:
-                busy = await step()
+                async with self.owner.rounds:
+                    busy = await step()
             except pub.PublishError as exc:
                 forget()
                 self._warn(str(exc))
@@ -366,6 +370,7 @@ class Publisher:
         self.js: Any = None
         self.jobs: dict[tuple[str, str], StreamJob] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.rounds = asyncio.Semaphore(MAX_ROUNDS)
         self.last_error: str | None = None
         self.closing = False
 

@@ -218,6 +218,9 @@ def publish_options(options: usage.Options) -> NatsOptions | None:
                 f"--publish: {server!r} is not nats://HOST:PORT (or tls://HOST:PORT); "
                 "separate several with commas"
             )
+    for name in nats_given:
+        if not Path(options[name]).is_file():
+            raise usage.UsageError(f"--{name} {options[name]}: no such file")
     if bool(options["nats-tls-cert"]) != bool(options["nats-tls-key"]):
         raise usage.UsageError("--nats-tls-cert and --nats-tls-key go together")
     if not publishing.STREAM_NAME_RE.fullmatch(options["nats-stream"]):
