@@ -167,3 +167,27 @@ def test_ack_after_follows_publish_by_default(master_home):
 def test_an_operator_typo_in_the_nats_options_is_refused_with_what_to_do(master_home, argv, why):
     with pytest.raises(usage.UsageError, match=why):
         parse(master_home, *argv)
+
+
+def test_help_shows_the_publishing_options_and_an_example():
+    import subprocess
+
+    from tests.support import BIN
+
+    out = subprocess.run(
+        [str(BIN / "twistd"), "decnet-listener", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    flat = " ".join(out.split())
+    for option in (
+        "--publish=",
+        "--nats-creds=",
+        "--nats-tls-ca=",
+        "--nats-stream=",
+        "--ack-after=",
+    ):
+        assert option in out
+    assert "[default: DECNET]" in flat and "[default: 1048576]" in flat
+    assert "Example: twistd -n decnet-" in flat and "--publish nats://10.0.0.5:4222," in flat
