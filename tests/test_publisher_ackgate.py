@@ -170,16 +170,9 @@ def test_an_operator_typo_in_the_nats_options_is_refused_with_what_to_do(master_
 
 
 def test_help_shows_the_publishing_options_and_an_example():
-    import subprocess
+    from tests.test_listener_tap import listener_help
 
-    from tests.support import BIN
-
-    out = subprocess.run(
-        [str(BIN / "twistd"), "decnet-listener", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = listener_help()
     flat = " ".join(out.split())
     for option in (
         "--publish=",
