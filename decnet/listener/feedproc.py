@@ -14,6 +14,7 @@ so it is only for tests on a fake clock and for tools.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet import defer
@@ -62,12 +63,19 @@ def log_report(message: dict, positions: dict) -> None:
             return
 
 
-class _FeedChild(process.ChildProtocol):
-    """The pipes of one feed process: targets in, reports out, its stderr logged."""
+class JsonLinesChild(process.ChildProtocol):
+    """The pipes of a helper process that reports one JSON object per line on stdout.
 
-    def __init__(self, owner: FeedProcess):
+    Each report goes to ``report``; its stderr is logged line by line; garbage
+    on stdout kills it (its supervisor starts it again).  The feed process and
+    the publisher process (:mod:`decnet.listener.publisherproc`) both use it.
+    """
+
+    def __init__(self, name: str, report: Callable[[dict], None], log: Logger = _log):
         super().__init__()
-        self.owner = owner
+        self.name = name
+        self.report = report
+        self.log = log
         self._out = bytearray()
         self._err = bytearray()
 
@@ -76,11 +84,11 @@ class _FeedChild(process.ChildProtocol):
         try:
             messages = decode_messages(self._out)
         except ValueError:
-            _log.error("Feed process sent garbage; restarting it")
+            self.log.error("{name} sent garbage; restarting it", name=self.name)
             self.signal("KILL")
             return
         for message in messages:
-            self.owner._report(message)
+            self.report(message)
 
     def errReceived(self, data: bytes) -> None:
         self._err += data
@@ -88,12 +96,43 @@ class _FeedChild(process.ChildProtocol):
         if end:
             text = self._err[:end].decode("utf-8", "replace").rstrip("\n")
             del self._err[:end]
-            _log.error("Feed process: {text}", text=text)
+            self.log.error("{name}: {text}", name=self.name, text=text)
 
     def processEnded(self, reason: Failure) -> None:
         if self._err:
             self.errReceived(b"\n")
         super().processEnded(reason)
+
+
+def helper_spec(name: str, argv: list[str]) -> process.ProcessSpec:
+    """A helper process of the listener: our interpreter, three pipes, stopped by end of input."""
+    return process.ProcessSpec(
+        name,
+        argv,
+        env=process.child_env(same_python=True),
+        child_fds={0: "w", 1: "r", 2: "r"},
+        stop_by=process.CLOSE_STDIN,
+        grace=STOP_GRACE,
+    )
+
+
+def supervise_helper(
+    reactor: IReactorProcess,
+    spec: process.ProcessSpec,
+    report: Callable[[dict], None],
+    observer: Callable[[process.SupervisorEvent], None],
+    log: Logger = _log,
+) -> process.Supervisor:
+    """Start ``spec`` under a :class:`~decnet.process.Supervisor` (restarted with backoff)."""
+    supervisor = process.Supervisor(
+        reactor,
+        spec,
+        policy=RESTART,
+        protocol=lambda: JsonLinesChild(spec.name, report, log),
+        observer=observer,
+    )
+    supervisor.start()
+    return supervisor
 
 
 class FeedProcess:
@@ -124,26 +163,12 @@ class FeedProcess:
         if self.encoders is not None:
             argv += ["--encoders", str(self.encoders)]
         argv += ["--max-open", str(self.max_open)]
-        return process.ProcessSpec(
-            "Feed process",
-            argv,
-            env=process.child_env(same_python=True),
-            child_fds={0: "w", 1: "r", 2: "r"},
-            stop_by=process.CLOSE_STDIN,
-            grace=STOP_GRACE,
-        )
+        return helper_spec("Feed process", argv)
 
     def start(self) -> None:
         if self.supervisor is not None or self._closing:
             return
-        self.supervisor = process.Supervisor(
-            self.reactor,
-            self.spec(),
-            policy=RESTART,
-            protocol=lambda: _FeedChild(self),
-            observer=self._observe,
-        )
-        self.supervisor.start()
+        self.supervisor = supervise_helper(self.reactor, self.spec(), self._report, self._observe)
 
     def notify(self, worker: str, stream: str, mirror_end: int) -> None:
         """The mirror of ``worker/stream`` is durable up to ``mirror_end``."""

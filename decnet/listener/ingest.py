@@ -261,6 +261,7 @@ class Ingest:
         run: Runner | None = None,
         *,
         feeds=None,
+        publisher=None,
         max_streams_per_worker: int = DEFAULT_MAX_STREAMS_PER_WORKER,
         max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS,
     ):
@@ -270,6 +271,8 @@ class Ingest:
         self.run = run or pool_runner(cast(IReactorThreads, clock))
         # Who builds the JSON feeds (a FeedProcess, InlineFeeds in tests); None: no feed.
         self.feeds = feeds
+        # Who publishes the mirrors into JetStream (a PublisherProcess); None: nobody.
+        self.publisher = publisher
         self.max_streams_per_worker = max_streams_per_worker
         self.max_open_streams = max_open_streams
         self._sinks: dict[tuple[str, str], StreamSink] = {}
@@ -292,6 +295,8 @@ class Ingest:
         """Start the feed builder (after privileges are dropped)."""
         if self.feeds is not None:
             self.feeds.start()
+        if self.publisher is not None:
+            self.publisher.start()
 
     def sink_for(self, worker: str, stream: str) -> defer.Deferred:
         """The sink of ``(worker, stream)``, recovering its files on first use.
@@ -423,9 +428,13 @@ class Ingest:
     # -- the JSON feed ---------------------------------------------------
 
     def feed_kick(self, sink: StreamSink) -> None:
-        """Tell the feed builder how far ``sink``'s mirror is durable."""
-        if self.feeds is not None and not sink.failed and not self._closing:
+        """Tell the feed builder how far ``sink``'s mirror is durable (and the publisher)."""
+        if sink.failed or self._closing:
+            return
+        if self.feeds is not None:
             self.feeds.notify(sink.worker, sink.stream, sink.committed_mirror)
+        if self.publisher is not None:
+            self.publisher.notify(sink.worker, sink.stream)
 
     # -- shutdown --------------------------------------------------------
 
@@ -443,3 +452,5 @@ class Ingest:
         self._open.clear()
         if self.feeds is not None:
             yield self.feeds.close()
+        if self.publisher is not None:
+            yield self.publisher.close()

@@ -41,6 +41,7 @@ from decnet.listener import admission
 from decnet.listener import workers as worker_state
 from decnet.listener.admission import Admit, PreTLSBudget, RefusalLog, address_key
 from decnet.listener.ingest import Ingest, StreamSink, TooManyStreams
+from decnet.listener.publisherproc import BrokerMarks
 from decnet.listener.workers import WorkerStates
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
@@ -125,6 +126,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._handshake_call = None
         self._counted = False  # counted as connected in the per-worker state
         self._status_warned = False
+        self._resume_wait: defer.Deferred[int] | None = None
+        self._acked = -1  # the last offset named in RESUME or ACK
 
     # -- identity --------------------------------------------------------
 
@@ -326,13 +329,41 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         # Acknowledged mode: everything an earlier connection of this stream
         # handed over must be durable before we name the resume point.
         flushed = sink.when_flushed()
+        if self.factory.broker is not None:
+            flushed.addCallback(self._broker_resume_point)
         flushed.addCallbacks(self._send_resume, self._sink_failed)
 
+    def _broker_resume_point(self, offset: int) -> defer.Deferred[int]:
+        """Broker mode: RESUME names the broker's mark, once it holds all we hold.
+
+        Until then the forwarder waits (it keeps its data); that wait is the
+        broker's, not the peer's idleness, so the idle timeout is off.
+        """
+        assert self.factory.broker is not None and self.worker and self.stream
+        self.setTimeout(None)
+        self.factory.ingest.feed_kick(self.attached)
+        waiting = self.factory.broker.when_reaches(self.worker, self.stream, offset)
+        if not waiting.called:
+            self.log.info(
+                "Holding RESUME for {worker}/{stream} until JetStream confirms offset {offset}",
+                worker=self.worker,
+                stream=self.stream,
+                offset=offset,
+            )
+        self._resume_wait = waiting
+        return waiting
+
     def _send_resume(self, offset: int) -> None:
+        self._resume_wait = None
         if self.state != RESUMING:
             return
         self.state = STREAMING
-        self.attached.commit_listeners.append(self._on_commit)
+        if self.factory.broker is not None:
+            assert self.worker and self.stream
+            self.factory.broker.listen(self.worker, self.stream, self._on_commit)
+        else:
+            self.attached.commit_listeners.append(self._on_commit)
+        self._acked = offset
         self._note_stream(worker_state.ACK, offset)
         self._write(ackproto.encode_resume(offset))
         self.log.info(
@@ -346,7 +377,8 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self._resume()
 
     def _on_commit(self, offset: int) -> None:
-        if self.state == STREAMING:
+        if self.state == STREAMING and offset > self._acked:
+            self._acked = offset
             self._write(ackproto.encode_ack(offset))
 
     def _sink_failed(self, failure) -> None:
@@ -485,6 +517,11 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         prev, self.state = self.state, CLOSING
         if prev == HANDSHAKING:
             self._count_handshake_failure()
+        if self._resume_wait is not None:
+            waiting, self._resume_wait = self._resume_wait, None
+            waiting.cancel()
+        if self.factory.broker is not None and self.worker and self.stream:
+            self.factory.broker.unlisten(self.worker, self.stream, self._on_commit)
         if self.sink is not None:
             for lst, fn in (
                 (self.sink.commit_listeners, self._on_commit),
@@ -551,8 +588,11 @@ class ListenerFactory(Factory):
         clock: IReactorTime,
         limits: ConnectionLimits = DEFAULT_LIMITS,
         workers: WorkerStates | None = None,
+        broker: BrokerMarks | None = None,
     ):
         self.ingest = ingest
+        # Broker mode (--ack-after broker): ACK and RESUME follow JetStream's marks.
+        self.broker = broker
         self.clock = clock
         self.limits = limits
         self.max_frame = limits.max_frame

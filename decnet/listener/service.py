@@ -15,6 +15,7 @@ from decnet.listener import ingest
 from decnet.listener.feedproc import FeedProcess
 from decnet.listener.ingest import Ingest
 from decnet.listener.protocol import DEFAULT_LIMITS, ConnectionLimits, ListenerFactory
+from decnet.listener.publisherproc import NatsOptions, PublisherProcess, PublisherRefused
 from decnet.listener.workers import StateFile, state_path
 from decnet.revocation import RevocationSet, RevocationWatcher
 from decnet.systemd import SystemdService
@@ -40,6 +41,15 @@ class IngestService(Service):
     def privilegedStartService(self):
         super().privilegedStartService()
         self.ingest.prepare()
+        publisher = self.ingest.publisher
+        if publisher is not None:
+            # Before the reactor runs: a broker we cannot use stops the daemon here,
+            # with its one-line reason, like a port we cannot bind.
+            try:
+                publisher.check()
+            except PublisherRefused as exc:
+                self.log.critical("Cannot publish into JetStream: {error}", error=str(exc))
+                raise
 
     def startService(self):
         super().startService()
@@ -76,6 +86,8 @@ class ListenerService(MultiService):
         max_open_streams: int = ingest.DEFAULT_MAX_OPEN_STREAMS,
         feed: bool = True,
         feed_encoders: int | None = None,
+        publish: NatsOptions | None = None,
+        ack_after: str = "local",
         sighup: bool = False,
     ):
         super().__init__()
@@ -86,17 +98,26 @@ class ListenerService(MultiService):
             if feed
             else None
         )
+        self.publisher = (
+            PublisherProcess(reactor, ingest_dir, publish) if publish is not None else None
+        )
         self.ingest = Ingest(
             ingest_dir,
             reactor,
             feeds=feeds,
+            publisher=self.publisher,
             max_streams_per_worker=max_streams_per_worker,
             max_open_streams=max_open_streams,
         )
         # Per-worker state: <ingest>/workers.json (decnet-admin hosts / check / top read it).
         self.worker_state = StateFile(state_path(ingest_dir), reactor, pool_runner(reactor))
         self.ingest.commit_observers.append(self.worker_state.states.on_commit)
-        self.factory = ListenerFactory(self.ingest, reactor, limits, self.worker_state.states)
+        if ack_after == "broker" and self.publisher is None:
+            raise ValueError("--ack-after broker needs --publish")
+        broker = self.publisher.marks if ack_after == "broker" and self.publisher else None
+        self.factory = ListenerFactory(
+            self.ingest, reactor, limits, workers=self.worker_state.states, broker=broker
+        )
         self.revocations = revocations
         revocations.subscribe(self.factory.revoked)
         self.watcher = RevocationWatcher(revocations, reactor)

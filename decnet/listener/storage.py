@@ -93,6 +93,12 @@ def unpack_feed_slot(raw: bytes) -> FeedPosition | None:
     return FeedPosition(mirror_pos, feed_len, idx_pos, seq)
 
 
+def best_feed_position(slots: list[bytes]) -> FeedPosition:
+    """The newest valid of a position file's two slots (the start when neither is valid)."""
+    valid = [s for s in map(unpack_feed_slot, slots) if s is not None]
+    return max(valid, key=lambda s: s.sequence) if valid else FeedPosition()
+
+
 def _open(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -9,14 +10,17 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from decnet import config
-from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, keywords
+from decnet.daemon import PORT_FILE_OPTION, DaemonOptions, absolute_path, keywords
 from decnet.errors import DecnetError
-from decnet.listener import admission, ingest
+from decnet.listener import admission, ingest, publishing
+from decnet.listener.publisherproc import NatsOptions
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import between, positive_float, positive_int
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
+# A --publish server: nats:// or tls:// (user:password@ allowed), a host and a port.
+NATS_URL_RE = re.compile(r"(nats|tls)://([^\s/@]+@)?[A-Za-z0-9.:\[\]_-]+:[0-9]{1,5}")
 # The longest handshake deadline accepted: beyond it, slow sockets are a budget leak again.
 MAX_HANDSHAKE_TIMEOUT = 300.0
 
@@ -27,7 +31,12 @@ class Options(DaemonOptions):
     longdesc = (
         "Receive worker logs over mutual TLS (RFC 5425; acknowledged mode via ALPN "
         f"{config.ACK_ALPN.decode()}) and ingest them: a byte-exact mirror and a JSON "
-        "lines feed per worker and stream.  See docs/Logging.md.  " + metrics_epilog("listener")
+        "lines feed per worker and stream.  See docs/Logging.md.  With --publish, every "
+        "committed batch and event also goes into NATS JetStream, and forwarders are "
+        "acknowledged once JetStream stored their data (docs/Scale-Out.md).  Example: "
+        "twistd -n decnet-listener --publish nats://10.0.0.5:4222,nats://10.0.0.6:4222 "
+        "--nats-tls-ca /etc/decnet/nats-ca.pem --nats-creds /etc/decnet/listener.creds "
+        "--nats-replicas 3" + "  " + metrics_epilog("listener")
     )
     optParameters: ClassVar[list] = [
         [
@@ -118,6 +127,39 @@ class Options(DaemonOptions):
         PORT_FILE_OPTION,
         *metrics_options("listener"),
         [
+            "publish",
+            None,
+            None,
+            "Publish every committed batch and event into NATS JetStream: "
+            "nats://HOST:PORT[,nats://HOST:PORT...] (see docs/Scale-Out.md)",
+        ],
+        ["nats-creds", None, None, "NATS credentials file (JWT and NKey seed)", absolute_path],
+        ["nats-tls-ca", None, None, "CA certificate(s) of the broker (TLS to NATS)", absolute_path],
+        ["nats-tls-cert", None, None, "Our client certificate for the broker", absolute_path],
+        ["nats-tls-key", None, None, "Its private key", absolute_path],
+        [
+            "nats-stream",
+            None,
+            publishing.DEFAULT_STREAM,
+            "JetStream stream (created when absent; never changed when present)",
+        ],
+        ["nats-replicas", None, 1, "Replicas of a stream we create (1-5)", between(int, 1, 5)],
+        [
+            "nats-max-msg",
+            None,
+            publishing.DEFAULT_MAX_MSG,
+            "Largest message published (bytes, headers included); at most the "
+            "broker's max_payload, at least --max-frame plus 1 KiB",
+            positive_int,
+        ],
+        [
+            "ack-after",
+            None,
+            None,
+            "When a forwarder's batch is acknowledged: 'local' (durable here) or 'broker' "
+            "(stored by JetStream too) [default: broker with --publish, local without]",
+        ],
+        [
             "feed-encoders",
             None,
             None,
@@ -142,6 +184,8 @@ class Options(DaemonOptions):
                 "--max-unauthenticated-per-address cannot exceed --max-unauthenticated "
                 f"({self['max-unauthenticated']})"
             )
+        self["publish-options"] = publish_options(self)
+        self["ack-after"] = ack_mode(self["ack-after"], self["publish-options"] is not None)
 
     def _load_home(self) -> None:
         """Everything read from the master's home: identity and revocations (once, here)."""
@@ -157,6 +201,53 @@ class Options(DaemonOptions):
         self["ingest-dir"] = (
             Path(self["ingest-dir"]).absolute() if self["ingest-dir"] else paths.ingest_dir
         )
+
+
+def publish_options(options: usage.Options) -> NatsOptions | None:
+    """The ``--publish``/``--nats-*`` options as one value (``None`` without ``--publish``)."""
+    nats_given = [
+        name
+        for name in ("nats-creds", "nats-tls-ca", "nats-tls-cert", "nats-tls-key")
+        if options[name]
+    ]
+    if not options["publish"]:
+        if nats_given:
+            raise usage.UsageError(f"--{nats_given[0]} needs --publish")
+        return None
+    servers = tuple(s.strip() for s in options["publish"].split(",") if s.strip())
+    for server in servers:
+        if not NATS_URL_RE.fullmatch(server):
+            raise usage.UsageError(
+                f"--publish: {server!r} is not nats://HOST:PORT (or tls://HOST:PORT); "
+                "separate several with commas"
+            )
+    for name in nats_given:
+        if not Path(options[name]).is_file():
+            raise usage.UsageError(f"--{name} {options[name]}: no such file")
+    if bool(options["nats-tls-cert"]) != bool(options["nats-tls-key"]):
+        raise usage.UsageError("--nats-tls-cert and --nats-tls-key go together")
+    if not publishing.STREAM_NAME_RE.fullmatch(options["nats-stream"]):
+        raise usage.UsageError("--nats-stream: 1-64 characters of A-Z, a-z, 0-9, '_', '-'")
+    if options["nats-max-msg"] < options["max-frame"] + publishing.HEADER_ROOM:
+        raise usage.UsageError(
+            f"--nats-max-msg {options['nats-max-msg']} must be at least --max-frame plus "
+            f"{publishing.HEADER_ROOM} ({options['max-frame'] + publishing.HEADER_ROOM}): "
+            "a whole line must fit in one message"
+        )
+    names = "creds tls-ca tls-cert tls-key stream replicas max-msg"
+    given = {name.replace("-", "_"): options[f"nats-{name}"] for name in names.split()}
+    return NatsOptions(servers=servers, events=not options["no-feed"], **given)
+
+
+def ack_mode(value: str | None, publishing_on: bool) -> str:
+    """``--ack-after``: its default follows ``--publish``; ``broker`` needs it."""
+    if value is None:
+        return "broker" if publishing_on else "local"
+    if value not in ("local", "broker"):
+        raise usage.UsageError(f"--ack-after is 'local' or 'broker', not {value!r}")
+    if value == "broker" and not publishing_on:
+        raise usage.UsageError("--ack-after broker needs --publish (there is no broker)")
+    return value
 
 
 def load_listener_identity(paths: config.MasterPaths) -> TLSIdentity:
@@ -197,6 +288,8 @@ def makeService(options: Options) -> IService:
         reactor,
         limits=limits,
         feed=not options["no-feed"],
+        publish=options["publish-options"],
+        ack_after=options["ack-after"],
         sighup=True,
         **keywords(
             options,

@@ -1,0 +1,650 @@
+"""The JetStream publisher process: ``python -m decnet.listener.publisher INGEST_DIR ...``.
+
+asyncio and nats-py live only in this process, never in the listener's (see
+:mod:`decnet.listener.publisherproc` for the reactor side).  It publishes the
+durable mirror of every (worker, stream) under the ingest directory, and the
+JSON feed built from it, into one JetStream stream; what it publishes is
+decided by :mod:`decnet.listener.publishing` (pure), this module only moves
+bytes.
+
+Pipes, one JSON object per line (the feed process's encoding):
+
+* listener → publisher: ``{"worker": W, "stream": S}``: ``W/S`` has new durable
+  commits (the index is the truth; the message only says "look now");
+* publisher → listener: ``{"ready": {...}}`` once the broker and the stream
+  are usable; ``{"worker", "stream", "confirmed": N}`` each time JetStream has
+  stored everything of ``W/S`` up to the commit end ``N``;
+  ``{"broker": "down", "error": ...}`` / ``{"broker": "up"}`` on a change;
+  ``{"warn": ..., "worker", "stream"}`` for one stream's trouble;
+  ``{"fatal": ...}`` just before it exits non-zero.
+
+The publisher keeps no position of its own: for each subject it reads the
+last message and goes on after its ``Decnet-End`` (``Decnet-Offset`` for
+events), on start and after any error.  Every message names the subject's
+last sequence (``Nats-Expected-Last-Subject-Sequence``), so a second
+publisher racing on the same stream is refused and re-reads.
+
+Exit status: 0 when its input closed (stop), 2 for a configuration the broker
+refuses (wrong credentials, a stream with another configuration, a message
+limit above the broker's), 3 when no broker could be reached at start.
+It also keeps ``<ingest-dir>/.publisher-state.json`` (atomically replaced):
+whether the broker is reachable, since when, and the last error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from decnet.listener import publishing as pub
+from decnet.listener import storage
+from decnet.listener.feedworker import encode_message
+
+EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
+STATE_FILE = ".publisher-state.json"
+# Mirror bytes read per publishing round of one stream, and rounds (raw or
+# events) under way at once over all streams: together they bound the memory
+# of a publisher that catches up thousands of streams after an outage.
+READ_LIMIT = 2 * 1024 * 1024
+MAX_ROUNDS = 64
+# Feed bytes read per events round of one stream.
+EVENTS_READ_LIMIT = 1024 * 1024
+# How long one publish may wait for its PubAck before the broker counts as down.
+PUBLISH_TIMEOUT = 5.0
+# Retry delays after an error: first, doubling to the maximum.
+RETRY_FIRST = 0.2
+RETRY_MAX = 5.0
+# How long a JetStream that does not answer is waited for at start.
+STARTUP_PATIENCE = 20.0
+# Streams are looked at this often even without a notification (the feed
+# has no notification of its own).
+POLL_INTERVAL = 0.25
+
+
+class Fatal(Exception):
+    """Stop with ``code`` and this one-line reason."""
+
+    def __init__(self, reason: str, code: int = EXIT_CONFIG):
+        super().__init__(reason)
+        self.code = code
+
+
+class BrokerDown(Exception):
+    """The broker did not answer (timeout, no connection, no responders)."""
+
+
+def _now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Reporter:
+    """Reports to the listener (stdout) and keeps the state file."""
+
+    def __init__(self, directory: Path, out: int = 1):
+        self.directory = directory
+        self.out = out
+        self.broker = "starting"
+        self.error: str | None = None
+        self.since = _now_text()
+
+    def send(self, message: dict) -> None:
+        try:
+            os.write(self.out, encode_message(message))
+        except BrokenPipeError:
+            raise SystemExit(0) from None  # the listener is gone
+
+    def broker_state(self, state: str, error: str | None = None) -> None:
+        if state == self.broker:
+            return
+        self.broker, self.error, self.since = state, error, _now_text()
+        self.send({"broker": state, **({"error": error} if error else {})})
+        self.write_state()
+
+    def write_state(self) -> None:
+        """``<ingest-dir>/.publisher-state.json``, replaced atomically."""
+        state = {"broker": self.broker, "since": self.since, "error": self.error}
+        path = self.directory / STATE_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        if not self.directory.is_dir():
+            return  # (a check before the listener made its ingest directory)
+        try:
+            tmp.write_text(json.dumps(state) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.send({"warn": f"cannot write {path}: {exc}"})
+
+
+def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The client TLS context for the broker (``None`` when no option asks for TLS)."""
+    if not (ca or cert):
+        return None
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def find_event_start(path: Path, feed_len: int, after: int) -> int:
+    """Byte position in a feed of the first line whose ``mirror_offset`` exceeds ``after``.
+
+    The feed's lines are in ``mirror_offset`` order: a binary search over line
+    starts (a few small reads of a large feed).  Blocking.
+    """
+    if after < 0:
+        return 0
+    with open(path, "rb") as feed:
+
+        def line_from(pos: int) -> tuple[int, int] | None:
+            """(start, offset) of the first line starting at or after ``pos``."""
+            if pos:
+                feed.seek(pos - 1)
+                head = feed.read(1 << 16)
+                lf = head.find(b"\n")
+                while lf < 0 and len(head) and pos - 1 + len(head) < feed_len:
+                    more = feed.read(1 << 16)
+                    if not more:
+                        break
+                    head += more
+                    lf = head.find(b"\n")
+                if lf < 0:
+                    return None
+                pos = pos + lf
+            if pos >= feed_len:
+                return None
+            feed.seek(pos)
+            line = feed.readline(min(feed_len - pos, 1 << 24))
+            return pos, pub.event_offset(line.rstrip(b"\n"))
+
+        lo, hi = 0, feed_len
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = line_from(mid)
+            if found is None or found[1] > after:
+                hi = mid
+            else:
+                lo = found[0] + 1
+        found = line_from(lo)
+        return feed_len if found is None else found[0]
+
+
+class StreamJob:
+    """Publishing of one (worker, stream): raw batches, then events."""
+
+    def __init__(self, owner: Publisher, worker: str, stream: str):
+        self.owner = owner
+        self.worker = worker
+        self.stream = stream
+        self.files = storage.StreamFiles(owner.directory / worker, stream)
+        self.raw_subject = pub.raw_subject(worker, stream)
+        self.events_subject = pub.events_subject(worker, stream)
+        self.raw_seq = pub.SubjectSequence()
+        self.ev_seq = pub.SubjectSequence()
+        self.cursor: pub.Cursor | None = None
+        self.event_pos: int | None = None
+        self.wake = asyncio.Event()
+        self.wake.set()
+        self.confirmed = -1
+        self.warned: str | None = None
+
+    async def run(self) -> None:
+        """Raw batches and events in two loops: a backlog of events never delays a batch."""
+        loops = [self._loop(self.publish_raw, self.wake, self._forget_raw)]
+        if self.owner.events:
+            loops.append(self._loop(self.publish_events, asyncio.Event(), self._forget_events))
+        await asyncio.gather(*loops)
+
+    async def _loop(
+        self,
+        step: Callable[[], Awaitable[bool]],
+        wake: asyncio.Event,
+        forget: Callable[[], None],
+    ) -> None:
+        delay = RETRY_FIRST
+        while True:
+            try:
+                async with self.owner.rounds:
+                    busy = await step()
+            except pub.PublishError as exc:
+                forget()
+                self._warn(str(exc))
+                await asyncio.sleep(RETRY_MAX)
+                continue
+            except BrokerDown as exc:
+                forget()
+                self.owner.reporter.broker_state("down", str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_FIRST
+            self.warned = None
+            if not busy:
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), POLL_INTERVAL)
+                except TimeoutError:
+                    pass
+
+    def _forget_raw(self) -> None:
+        """After any error: the position is read from the broker again."""
+        self.raw_seq.fenced()
+        self.cursor = None
+
+    def _forget_events(self) -> None:
+        self.ev_seq.fenced()
+        self.event_pos = None
+
+    def _warn(self, text: str) -> None:
+        if text != self.warned:
+            self.warned = text
+            self.owner.reporter.send({"warn": text, "worker": self.worker, "stream": self.stream})
+
+    # -- raw -------------------------------------------------------------------
+
+    def _records(self) -> list[storage.IndexRecord]:
+        if not self.files.index_path.exists():
+            return []
+        return storage.read_records(self.files.index_path)
+
+    async def _sync_raw(self) -> pub.Cursor:
+        seq, headers = await self.owner.last_message(self.raw_subject)
+        end = pub.header_end(headers) if seq else 0
+        records = await asyncio.to_thread(self._records)
+        cursor = pub.locate(end, records.__getitem__, len(records))
+        self.raw_seq.learned(seq)
+        self.cursor = cursor
+        if cursor.record and records[cursor.record - 1].stream_end == cursor.offset:
+            self._confirm(cursor.offset)
+        elif not cursor.record:
+            self._confirm(0)
+        return cursor
+
+    def _confirm(self, end: int) -> None:
+        if end > self.confirmed or (end == 0 and self.confirmed < 0):
+            self.confirmed = end
+            self.owner.reporter.send(
+                {"worker": self.worker, "stream": self.stream, "confirmed": end}
+            )
+
+    def _read_round(self, cursor: pub.Cursor) -> tuple[list[storage.IndexRecord], bytes]:
+        if not self.files.index_path.exists():
+            return [], b""
+        records = storage.read_records(
+            self.files.index_path, cursor.record, cursor.mirror + READ_LIMIT
+        )
+        if not records:
+            return [], b""
+        end = records[-1].mirror_end
+        with open(self.files.mirror_path, "rb") as mirror:
+            mirror.seek(cursor.mirror)
+            data = mirror.read(end - cursor.mirror)
+        return records, data
+
+    async def publish_raw(self) -> bool:
+        cursor = self.cursor if self.cursor is not None else await self._sync_raw()
+        records, data = await asyncio.to_thread(self._read_round, cursor)
+        pieces = pub.plan_raw(cursor, records, data, self.owner.payload_limit)
+        for piece in pieces:
+            headers = pub.raw_headers(self.worker, self.stream, piece, self.raw_seq.expected())
+            payload = data[piece.mirror_start - cursor.mirror : piece.mirror_end - cursor.mirror]
+            seq = await self.owner.publish(self.raw_subject, payload, headers)
+            if seq is None:
+                self.raw_seq.fenced()
+                self.cursor = None
+                self.owner.fenced(self.raw_subject)
+                return True
+            self.raw_seq.published(seq)
+            self.cursor = piece.after
+            if piece.exact:
+                self._confirm(piece.end)
+        return bool(pieces)
+
+    # -- events ----------------------------------------------------------------
+
+    def _feed_len(self) -> int:
+        try:
+            with open(self.files.feed_pos_path, "rb") as f:
+                raw = f.read(128)
+        except FileNotFoundError:
+            return 0
+        size = storage.FEED_SLOT.size
+        return storage.best_feed_position([raw[0:size], raw[64 : 64 + size]]).feed_len
+
+    async def _sync_events(self) -> int:
+        seq, headers = await self.owner.last_message(self.events_subject)
+        after = pub.header_offset(headers) if seq else -1
+        feed_len = await asyncio.to_thread(self._feed_len)
+        pos = 0
+        if after >= 0 and feed_len:
+            pos = await asyncio.to_thread(find_event_start, self.files.feed_path, feed_len, after)
+        self.ev_seq.learned(seq)
+        self.event_pos = pos
+        return pos
+
+    def _read_events(self, pos: int) -> bytes:
+        feed_len = self._feed_len()
+        if feed_len <= pos:
+            return b""
+        with open(self.files.feed_path, "rb") as feed:
+            feed.seek(pos)
+            return feed.read(min(feed_len - pos, EVENTS_READ_LIMIT))
+
+    async def publish_events(self) -> bool:
+        pos = self.event_pos if self.event_pos is not None else await self._sync_events()
+        chunk = await asyncio.to_thread(self._read_events, pos)
+        lines, _ = pub.split_lines(chunk)
+        for line in lines:
+            offset = pub.event_offset(line)
+            headers = pub.event_headers(self.worker, self.stream, offset, self.ev_seq.expected())
+            seq = await self.owner.publish(self.events_subject, line, headers)
+            if seq is None:
+                self.ev_seq.fenced()
+                self.event_pos = None
+                self.owner.fenced(self.events_subject)
+                return True
+            self.ev_seq.published(seq)
+            pos += len(line) + 1
+            self.event_pos = pos
+        return bool(lines)
+
+
+class Publisher:
+    """One broker connection, the stream, and a :class:`StreamJob` per (worker, stream)."""
+
+    def __init__(self, args: argparse.Namespace, reporter: Reporter):
+        self.args = args
+        self.directory: Path = args.ingest_dir
+        self.reporter = reporter
+        self.events = not args.no_events
+        self.payload_limit = 0
+        self.nc: Any = None
+        self.js: Any = None
+        self.jobs: dict[tuple[str, str], StreamJob] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.rounds = asyncio.Semaphore(MAX_ROUNDS)
+        self.last_error: str | None = None
+        self.closing = False
+
+    async def _error_cb(self, exc: Exception) -> None:
+        self.last_error = str(exc) or type(exc).__name__
+
+    async def _disconnected(self) -> None:
+        if not self.closing:
+            self.reporter.broker_state("down", self.last_error or "disconnected")
+
+    async def _reconnected(self) -> None:
+        self.reporter.broker_state("up")
+
+    async def connect(self) -> None:
+        import nats
+        import nats.errors
+
+        options: dict[str, Any] = {
+            "servers": self.args.servers,
+            "allow_reconnect": True,
+            # Each server once at start: an unreachable broker is an error then.
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 3,
+            "error_cb": self._error_cb,
+            "disconnected_cb": self._disconnected,
+            "reconnected_cb": self._reconnected,
+            "name": "decnet-listener-publisher",
+        }
+        context = tls_context(self.args.tls_ca, self.args.tls_cert, self.args.tls_key)
+        if context is not None:
+            options["tls"] = context
+        if self.args.creds:
+            options["user_credentials"] = self.args.creds
+        try:
+            self.nc = await nats.connect(**options)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            reason = self.last_error or str(exc) or type(exc).__name__
+            where = ",".join(self.args.servers)
+            if "authorization" in reason.lower() or "authentication" in reason.lower():
+                raise Fatal(f"the broker at {where} refused our credentials: {reason}") from None
+            raise Fatal(f"cannot reach the broker at {where}: {reason}", EXIT_UNREACHABLE) from None
+        # Connected once: from now on reconnect for ever (the listener holds
+        # its acknowledgements meanwhile).
+        self.nc.options["max_reconnect_attempts"] = -1
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        self.payload_limit = pub.payload_limit(self.args.max_msg, self.nc.max_payload)
+
+    async def api(self, subject: str, body: dict | None = None) -> dict:
+        import nats.errors
+
+        try:
+            msg = await self.nc.request(
+                "$JS.API." + subject,
+                json.dumps(body).encode() if body is not None else b"",
+                timeout=PUBLISH_TIMEOUT,
+            )
+        except nats.errors.NoRespondersError:
+            raise Fatal("the broker has no JetStream (start nats-server with -js)") from None
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise BrokerDown(f"JetStream API {subject}: no answer ({exc})") from None
+        return json.loads(msg.data)
+
+    async def ensure_stream(self) -> None:
+        name = self.args.stream
+        wanted = pub.stream_config(name, self.args.replicas, self.args.max_msg)
+        info = await self.api("STREAM.INFO." + name)
+        if "error" in info:
+            if info["error"].get("err_code") != 10059:  # stream not found
+                raise Fatal(f"JetStream refused STREAM.INFO {name}: {info['error']}")
+            created = await self.api("STREAM.CREATE." + name, wanted)
+            if "error" in created:
+                raise Fatal(f"cannot create JetStream stream {name}: {created['error']}")
+            return
+        differences = pub.config_differences(info.get("config", {}), wanted)
+        if differences:
+            raise Fatal(
+                f"JetStream stream {name} exists with another configuration ("
+                + "; ".join(differences)
+                + "); it is left unchanged: fix it by hand or choose another --nats-stream"
+            )
+
+    async def last_message(self, subject: str) -> tuple[int, dict[str, str] | None]:
+        """``(sequence, headers)`` of the subject's last message; ``(0, None)`` if none."""
+        import nats.errors
+        import nats.js.errors
+
+        try:
+            msg = await self.js.get_last_msg(self.args.stream, subject)
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        except (nats.errors.TimeoutError, TimeoutError, nats.js.errors.ServiceUnavailableError):
+            raise BrokerDown(f"reading the last message of {subject}: no answer") from None
+        except nats.errors.ConnectionClosedError:
+            raise BrokerDown("the broker connection is closed") from None
+        return int(msg.seq), msg.headers
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> int | None:
+        """The stream sequence JetStream stored the message at; ``None`` if fenced out."""
+        import nats.errors
+        import nats.js.errors
+
+        try:
+            ack = await self.js.publish(subject, payload, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == pub.ERR_WRONG_LAST_SEQUENCE:
+                return None
+            if exc.code in (503, 408):
+                raise BrokerDown(f"publishing on {subject}: {exc.description}") from None
+            raise pub.PublishError(f"JetStream refused a message on {subject}: {exc}") from None
+        except (
+            nats.errors.TimeoutError,
+            TimeoutError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.OutboundBufferLimitError,
+            nats.js.errors.NoStreamResponseError,
+        ) as exc:
+            raise BrokerDown(f"publishing on {subject}: {type(exc).__name__}") from None
+        except nats.errors.MaxPayloadError as exc:
+            raise pub.PublishError(f"a message on {subject} is too large: {exc}") from None
+        self.reporter.broker_state("up")
+        return int(ack.seq)
+
+    def fenced(self, subject: str) -> None:
+        self.reporter.send({"fenced": subject})
+
+    def job(self, worker: str, stream: str) -> StreamJob:
+        key = (worker, stream)
+        job = self.jobs.get(key)
+        if job is None:
+            job = self.jobs[key] = StreamJob(self, worker, stream)
+            task = asyncio.ensure_future(job.run())
+            self.tasks.add(task)
+            task.add_done_callback(self._job_ended)
+        return job
+
+    def _job_ended(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.reporter.send({"warn": f"a stream job died: {task.exception()!r}"})
+
+    def notify(self, worker: str, stream: str) -> None:
+        self.job(worker, stream).wake.set()
+
+    def scan(self) -> None:
+        """A job for every stream on disk (published from where the broker stands)."""
+        try:
+            workers = [p for p in self.directory.iterdir() if p.is_dir()]
+        except FileNotFoundError:
+            return
+        for worker_dir in sorted(workers):
+            for stream in sorted(storage.list_streams(worker_dir)):
+                self.job(worker_dir.name, stream)
+
+    async def close(self) -> None:
+        self.closing = True
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.nc is not None:
+            try:
+                await self.nc.close()
+            except Exception as exc:  # closing is best effort at exit
+                self.reporter.send({"warn": f"closing the broker connection: {exc}"})
+
+
+async def _read_input(publisher: Publisher, stdin: int) -> None:
+    """Notifications from the listener until its end of the pipe closes."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(stdin, "rb", 0)
+    )
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        try:
+            message = json.loads(line)
+            publisher.notify(str(message["worker"]), str(message["stream"]))
+        except (ValueError, KeyError, TypeError):
+            publisher.reporter.send({"warn": "ignored a malformed notification"})
+
+
+async def _set_up(publisher: Publisher) -> None:
+    """Connect and set up the stream; a JetStream that does not answer yet gets a while.
+
+    (A cluster that just lost or started a node elects its meta leader first.)
+    """
+    await publisher.connect()
+    deadline = time.monotonic() + STARTUP_PATIENCE
+    while True:
+        try:
+            await publisher.ensure_stream()
+            return
+        except BrokerDown:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(RETRY_MAX / 5)
+
+
+async def serve(args: argparse.Namespace, reporter: Reporter) -> int:
+    publisher = Publisher(args, reporter)
+    try:
+        await _set_up(publisher)
+    except pub.PublishError as exc:
+        raise Fatal(str(exc)) from None
+    except BrokerDown as exc:
+        raise Fatal(f"the broker does not answer: {exc}", EXIT_UNREACHABLE) from None
+    finally:
+        if publisher.nc is not None and publisher.payload_limit == 0:
+            await publisher.close()
+    reporter.broker_state("up")
+    ready = {
+        "ready": {
+            "servers": args.servers,
+            "stream": args.stream,
+            "max_payload": publisher.nc.max_payload,
+            "payload_limit": publisher.payload_limit,
+        }
+    }
+    reporter.send(ready)
+    if args.check:
+        await publisher.close()
+        return 0
+    publisher.scan()
+    try:
+        await _read_input(publisher, args.stdin)
+    finally:
+        await publisher.close()
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m decnet.listener.publisher",
+        description="Publish the listener's durable mirrors and feeds into NATS JetStream "
+        "(started by `twistd decnet-listener --publish`; see docs/Scale-Out.md).",
+        epilog="example: python -m decnet.listener.publisher /var/lib/decnet/ingest "
+        "--servers nats://10.0.0.5:4222,nats://10.0.0.6:4222 --stream DECNET --replicas 3",
+    )
+    parser.add_argument("ingest_dir", type=Path)
+    parser.add_argument("--servers", required=True, type=lambda v: [s for s in v.split(",") if s])
+    parser.add_argument("--creds")
+    parser.add_argument("--tls-ca")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--stream", default=pub.DEFAULT_STREAM)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--max-msg", type=int, default=pub.DEFAULT_MAX_MSG)
+    parser.add_argument("--no-events", action="store_true")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="connect, set up or check the stream, report, exit (0: usable)",
+    )
+    parser.add_argument("--stdin", type=int, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Its life is the listener's: it stops when its stdin closes, not on a
+    # Ctrl-C meant for the listener's terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reporter = Reporter(args.ingest_dir)
+    try:
+        return asyncio.run(serve(args, reporter))
+    except Fatal as exc:
+        reporter.broker_state("refused" if exc.code == EXIT_CONFIG else "down", str(exc))
+        reporter.send({"fatal": str(exc), "code": exc.code})
+        sys.stderr.write(f"publisher: {exc}\n")
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

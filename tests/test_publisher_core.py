@@ -1,0 +1,277 @@
+"""The publisher's pure decisions (decnet.listener.publishing), byte by byte."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decnet.listener import publishing as pub
+from decnet.listener.publisher import find_event_start
+from decnet.listener.storage import IndexRecord
+from tests.nats_support import IngestWriter, syslog_line
+
+# -- subject tokens ----------------------------------------------------------------
+
+
+def test_a_worker_name_with_dots_becomes_one_subject_token_and_back():
+    assert pub.encode_token("web-01.dmz") == "web-01_2edmz"
+    assert pub.decode_token("web-01_2edmz") == "web-01.dmz"
+    assert pub.raw_subject("web-01.dmz", "auth.log") == "decnet.raw.web-01_2edmz.auth_2elog"
+    assert pub.events_subject("w1", "a_b") == "decnet.events.w1.a_5fb"
+    assert pub.parse_subject("decnet.raw.web-01_2edmz.auth_2elog") == (
+        "raw",
+        "web-01.dmz",
+        "auth.log",
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_every_name_round_trips_through_a_subject_safe_token(name):
+    token = pub.encode_token(name)
+    assert pub.decode_token(token) == name
+    assert all(c.isascii() and (c.isalnum() or c in "-_") for c in token)
+    assert not any(c in token for c in ".*> \t\r\n")
+
+
+@pytest.mark.parametrize("token", ["", "a.b", "a_2", "a_zz", "A", "a>b", "a*", "a_2E"])
+def test_a_token_that_is_not_a_canonical_encoding_is_refused(token):
+    with pytest.raises(ValueError):
+        pub.decode_token(token)
+
+
+def test_an_escaped_character_that_needs_no_escape_is_not_canonical():
+    with pytest.raises(ValueError, match="canonical"):
+        pub.decode_token("_61")  # "a" spelled escaped
+
+
+def test_message_ids_keep_raw_and_event_ids_apart():
+    assert pub.raw_msg_id("w1", "auth", 120) == "raw/w1/auth/120"
+    assert pub.event_msg_id("w1", "auth", 120) == "ev/w1/auth/120"
+
+
+# -- planning raw messages ----------------------------------------------------------------
+
+
+def _lines(n: int, start: int = 0) -> bytes:
+    return b"".join(syslog_line(i) for i in range(start, start + n))
+
+
+def _records(commits: list[tuple[int, int]]) -> list[IndexRecord]:
+    """Index records from (mirror bytes, logical bytes) per commit (0 mirror: a gap)."""
+    out, m, s = [], 0, 0
+    for mirror, logical in commits:
+        m += mirror
+        s += logical
+        out.append(IndexRecord(m, s, 7))
+    return out
+
+
+def test_small_commits_share_one_message_whose_end_is_the_last_commit_end():
+    a, b = _lines(2), _lines(3, 2)
+    records = _records([(len(a), len(a)), (len(b), len(b))])
+    pieces = pub.plan_raw(pub.Cursor(), records, a + b, max_payload=10_000)
+    assert pieces == [
+        pub.RawPiece(
+            0, len(a + b), 0, len(a + b), False, True, pub.Cursor(2, len(a + b), len(a + b))
+        )
+    ]
+
+
+def test_a_commit_larger_than_the_limit_is_split_at_line_ends():
+    data = _lines(10)
+    line = len(syslog_line(0))
+    records = _records([(len(data), len(data))])
+    pieces = pub.plan_raw(pub.Cursor(), records, data, max_payload=3 * line + 5)
+    assert [(p.start, p.end, p.exact) for p in pieces] == [
+        (0, 3 * line, False),
+        (3 * line, 6 * line, False),
+        (6 * line, 9 * line, False),
+        (9 * line, 10 * line, True),
+    ]
+    assert pieces[0].after == pub.Cursor(0, 3 * line, 3 * line)
+    assert pieces[-1].after == pub.Cursor(1, 10 * line, 10 * line)
+    assert b"".join(data[p.mirror_start : p.mirror_end] for p in pieces) == data
+
+
+def test_a_gap_is_an_empty_message_of_its_own_between_data():
+    a, b = _lines(1), _lines(1, 1)
+    records = [
+        IndexRecord(len(a), len(a), 1),
+        IndexRecord(len(a), len(a) + 500, 1),  # bytes lost on the worker
+        IndexRecord(len(a + b), len(a + b) + 500, 1),
+    ]
+    pieces = pub.plan_raw(pub.Cursor(), records, a + b, max_payload=10_000)
+    assert [(p.start, p.end, p.gap, p.size) for p in pieces] == [
+        (0, len(a), False, len(a)),
+        (len(a), len(a) + 500, True, 0),
+        (len(a) + 500, len(a + b) + 500, False, len(b)),
+    ]
+    gap = pieces[1]
+    assert pub.raw_headers("w1", "auth", gap, 41) == {
+        "Decnet-Worker": "w1",
+        "Decnet-Stream": "auth",
+        "Decnet-Start": str(len(a)),
+        "Decnet-End": str(len(a) + 500),
+        "Nats-Msg-Id": f"raw/w1/auth/{len(a) + 500}",
+        "Nats-Expected-Last-Subject-Sequence": "41",
+        "Decnet-Gap": "true",
+    }
+
+
+def test_planning_goes_on_from_a_cursor_inside_a_commit():
+    data = _lines(6)
+    line = len(syslog_line(0))
+    records = _records([(len(data), len(data))])
+    cursor = pub.Cursor(0, 2 * line, 2 * line)
+    pieces = pub.plan_raw(cursor, records, data[2 * line :], max_payload=10_000)
+    assert [(p.start, p.end, p.mirror_start, p.exact) for p in pieces] == [
+        (2 * line, 6 * line, 2 * line, True)
+    ]
+
+
+def test_a_commit_with_truncated_lines_splits_at_mirror_lengths_below_its_end():
+    data = _lines(4)
+    line = len(syslog_line(0))
+    records = _records([(len(data), len(data) + 1000)])  # the worker's lines were longer
+    pieces = pub.plan_raw(pub.Cursor(), records, data, max_payload=2 * line)
+    assert [(p.start, p.end, p.exact) for p in pieces] == [
+        (0, 2 * line, False),
+        (2 * line, 4 * line + 1000, True),
+    ]
+
+
+def test_an_index_that_goes_backwards_is_an_error_not_a_guess():
+    records = [IndexRecord(100, 100, 1), IndexRecord(50, 150, 1)]
+    with pytest.raises(pub.PublishError, match="backwards"):
+        pub.plan_raw(pub.Cursor(), records, b"x" * 100, max_payload=1000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    commits=st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 300), st.integers(0, 40)),
+        min_size=1,
+        max_size=12,
+    ),
+    limit_lines=st.integers(1, 8),
+)
+def test_pieces_concatenate_to_the_mirror_and_every_end_locates_its_cursor(commits, limit_lines):
+    """(lines, gap before, truncated bytes) per commit; any max payload of whole lines."""
+    data, records, m, s, line_no = bytearray(), [], 0, 0, 0
+    for lines, gap, extra in commits:
+        if gap:
+            s += gap
+            records.append(IndexRecord(m, s, 1))
+        chunk = _lines(lines, line_no)
+        line_no += lines
+        if not chunk and not gap:
+            continue
+        data += chunk
+        m += len(chunk)
+        s += len(chunk) + (extra if chunk else 0)
+        if chunk:
+            records.append(IndexRecord(m, s, 1))
+    limit = limit_lines * len(syslog_line(0))
+    pieces = pub.plan_raw(pub.Cursor(), records, bytes(data), max_payload=limit)
+    assert b"".join(data[p.mirror_start : p.mirror_end] for p in pieces) == data
+    assert all(p.size <= limit for p in pieces)
+    previous = 0
+    for piece in pieces:
+        assert piece.start == previous and piece.end > piece.start
+        previous = piece.end
+        assert pub.locate(piece.end, records.__getitem__, len(records)) == piece.after
+        # Resuming from any piece's end plans exactly the rest.
+        after = piece.after
+        rest = pub.plan_raw(after, records[after.record :], bytes(data[after.mirror :]), limit)
+        assert rest == pieces[pieces.index(piece) + 1 :]
+    assert previous == (records[-1].stream_end if records else 0)
+
+
+def test_the_broker_ahead_of_this_mirror_is_reported():
+    records = [IndexRecord(10, 10, 1)]
+    with pytest.raises(pub.BrokerAhead, match="offset 20"):
+        pub.locate(20, records.__getitem__, 1)
+    assert pub.locate(0, records.__getitem__, 0) == pub.Cursor()
+
+
+def test_header_end_refuses_a_message_without_a_number():
+    assert pub.header_end({"Decnet-End": "42"}) == 42
+    for headers in (None, {}, {"Decnet-End": "-1"}, {"Decnet-End": "4 2"}):
+        with pytest.raises(pub.PublishError, match="Decnet-End"):
+            pub.header_end(headers)
+
+
+# -- compare-and-set -------------------------------------------------------------------
+
+
+def test_the_subject_sequence_is_named_read_again_after_a_fence():
+    seq = pub.SubjectSequence()
+    with pytest.raises(pub.PublishError):
+        seq.expected()
+    seq.learned(0)
+    assert seq.expected() == 0
+    seq.published(5)
+    assert seq.expected() == 5
+    with pytest.raises(pub.PublishError, match="after 5"):
+        seq.published(5)
+    seq.fenced()
+    assert not seq.known and seq.fences == 1
+
+
+# -- events -----------------------------------------------------------------------------
+
+
+def test_event_headers_and_offsets():
+    assert pub.event_headers("w1", "auth", 77, 3) == {
+        "Decnet-Worker": "w1",
+        "Decnet-Stream": "auth",
+        "Decnet-Offset": "77",
+        "Nats-Msg-Id": "ev/w1/auth/77",
+        "Nats-Expected-Last-Subject-Sequence": "3",
+    }
+    assert pub.event_offset(b'{"mirror_offset":12,"x":1}') == 12
+    for bad in (b"{}", b"nope", b'{"mirror_offset":-1}', b'{"mirror_offset":"1"}'):
+        with pytest.raises(pub.PublishError):
+            pub.event_offset(bad)
+    assert pub.split_lines(b"a\nb\nc") == ([b"a", b"b"], 4)
+    assert pub.split_lines(b"abc") == ([], 0)
+
+
+def test_the_event_after_a_mirror_offset_is_found_in_the_feed(tmp_path):
+    writer = IngestWriter(tmp_path)
+    for i in range(30):
+        writer.commit(_lines(3, 3 * i))
+    writer.build_feed()
+    feed = writer.files.feed_path.read_bytes()
+    starts = [0, *[i + 1 for i, c in enumerate(feed) if c == 10][:-1]]
+    offsets = [pub.event_offset(feed[a:].split(b"\n", 1)[0]) for a in starts]
+    for k, offset in enumerate(offsets):
+        assert find_event_start(writer.files.feed_path, len(feed), offset) == (
+            starts[k + 1] if k + 1 < len(starts) else len(feed)
+        )
+    assert find_event_start(writer.files.feed_path, len(feed), -1) == 0
+    # Only the durable length counts: a longer file changes nothing.
+    assert find_event_start(writer.files.feed_path, starts[5], offsets[10]) == starts[5]
+    writer.close()
+
+
+# -- the stream ----------------------------------------------------------------------------
+
+
+def test_the_stream_we_create_and_how_another_differs():
+    wanted = pub.stream_config("DECNET", 3, 1 << 20)
+    assert wanted["subjects"] == ["decnet.>"] and wanted["storage"] == "file"
+    assert wanted["num_replicas"] == 3 and wanted["duplicate_window"] == 600 * 10**9
+    assert pub.config_differences(dict(wanted, max_msg_size=-1), wanted) == []
+    other = dict(wanted, subjects=["other.>"], num_replicas=1, max_msg_size=1000)
+    assert pub.config_differences(other, wanted) == [
+        'subjects is ["other.>"], not ["decnet.>"]',
+        "num_replicas is 1, not 3",
+        "max_msg_size is 1000, below --nats-max-msg 1048576",
+    ]
+
+
+def test_a_message_limit_above_the_brokers_is_refused():
+    assert pub.payload_limit(1 << 20, 1 << 20) == (1 << 20) - pub.HEADER_ROOM
+    with pytest.raises(pub.PublishError, match="larger than the broker's max_payload 65536"):
+        pub.payload_limit(1 << 20, 65536)
