@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.internet import task
 
 from decnet import config, replies
-from decnet.errors import DecnetError, Unreachable
+from decnet.errors import BadReply, DecnetError, Unreachable
 from decnet.master.http import client_for_host
 from decnet.master.registry import Host
 from decnet.master.tar_tree import ReleaseArchive
@@ -54,6 +54,16 @@ class UpdaterClient:
 
     async def releases(self, timeout: float = config.RELEASES_TIMEOUT) -> dict:
         return await self.http.call("GET", "releases", timeout=timeout, reply=replies.RELEASES)
+
+    async def wheels(self, timeout: float = config.RELEASES_TIMEOUT) -> dict:
+        """The dependency wheels and environments the host already has (``GET /wheels``)."""
+        doc = await self.http.call("GET", "wheels", timeout=timeout, reply=replies.WHEELS)
+        for key in ("wheels", "deps"):
+            if len(doc[key]) > config.MAX_INVENTORY_WHEELS:
+                raise BadReply(
+                    self.host.name, [f"{key}: more than {config.MAX_INVENTORY_WHEELS} entries"]
+                )
+        return doc
 
     async def _push(
         self, route: str, archive: ReleaseArchive, timeout: float | None, reply

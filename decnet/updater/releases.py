@@ -437,6 +437,16 @@ class ReleaseStore:
             raise UnknownRelease(f"no complete release {release}") from None
         return info if isinstance(info, dict) else {}
 
+    def deps_refs(self) -> set[str]:
+        """The dependency environments (``deps/<id>``) the complete releases here refer to."""
+        refs = set()
+        for release in self.scan().complete:
+            with contextlib.suppress(UnknownRelease):
+                deps = self.release_info(release).get("deps")
+                if isinstance(deps, str):
+                    refs.add(deps)
+        return refs
+
     def current(self) -> str | None:
         """The release ``current`` names, or ``None`` (missing link, or not a release path)."""
         try:
@@ -531,6 +541,7 @@ class ReleaseStore:
                     "installed_at": info.get("installed_at"),
                     "git_sha": info.get("git_sha"),
                     "sha256": info.get("sha256"),
+                    "deps": info.get("deps"),
                     "current": release == current,
                     "rollback_target": release == rollback_to,
                     "failed": release in self.journal.failed,
