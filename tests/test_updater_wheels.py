@@ -257,3 +257,17 @@ def test_the_manifest_checks_are_pure_and_name_the_problem():
     assert check_wheels(m, only_decnet, [], have_env=True) == ()
     assert missing_wheels(m, [], [m.deps_id]) == []
     assert missing_wheels(m, [m.deps[0].sha256], []) == list(m.deps[1:])
+
+
+@pytest.mark.parametrize("length", [40, 200])
+def test_console_scripts_are_moved_onto_the_release_interpreter_in_either_shebang_form(length):
+    from decnet.updater.installer import script_body, shebang
+
+    deps_python = ("/opt/decnet/deps/" + "d" * length + "/bin/python").encode()
+    release_python = ("/opt/decnet/releases/" + "r" * length + "/venv/bin/python").encode()
+    body = b"import sys\nfrom twisted.scripts.twistd import run\nsys.exit(run())\n"
+    script = shebang(deps_python) + body
+    assert (script.startswith(b"#!/bin/sh\n")) == (length > 100)
+    assert script_body(script, deps_python) == body
+    assert script_body(script, release_python) is None  # not ours to move
+    assert script_body(shebang(release_python) + body, release_python) == body

@@ -208,19 +208,38 @@ def link_deps(venv: Path, deps_site: Path, deps_bin: Path) -> int:
         raise InstallFailed(f"{venv} has no site-packages", output={"install": ""})
     line = f"import site; site.addsitedir({str(deps_site)!r})\n"
     (sites[0] / DEPS_PTH).write_text(line)
-    old = f"#!{deps_bin.parent / 'bin' / 'python'}".encode()
-    new = f"#!{venv / 'bin' / 'python'}".encode()
+    old = str(deps_bin.parent / "bin" / "python").encode()
+    new = str(venv / "bin" / "python").encode()
     copied = 0
     for script in sorted(deps_bin.iterdir()) if deps_bin.is_dir() else []:
         target = venv / "bin" / script.name
         if target.exists() or target.is_symlink() or not script.is_file() or script.is_symlink():
             continue
-        data = script.read_bytes()
-        first, _, rest = data.partition(b"\n")
-        if first.strip() != old:
+        body = script_body(script.read_bytes(), old)
+        if body is None:
             continue
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(new + b"\n" + rest)
+            fh.write(shebang(new) + body)
         copied += 1
     return copied
+
+
+# pip's form for an interpreter path too long for a #! line (Linux truncates at 127 bytes).
+_SH_EXEC = b"#!/bin/sh\n" + b"'" * 3 + b'exec\' %s "$0" "$@"\n\' ' + b"'" * 3 + b"\n"
+_MAX_SHEBANG = 127
+
+
+def shebang(python: bytes) -> bytes:
+    """The first line(s) of a console script run by ``python``, as pip writes them."""
+    if len(python) + 2 <= _MAX_SHEBANG:
+        return b"#!" + python + b"\n"
+    return _SH_EXEC % python
+
+
+def script_body(data: bytes, python: bytes) -> bytes | None:
+    """The script without its interpreter line(s), if ``python`` runs it; else ``None``."""
+    for head in (b"#!" + python + b"\n", _SH_EXEC % python):
+        if data.startswith(head):
+            return data[len(head) :]
+    return None
