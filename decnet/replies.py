@@ -295,6 +295,7 @@ UPDATER_HEALTH = Obj(
         "version": OPT_TEXT,
         "release": OPT_TEXT,
         "busy": OPT_TEXT,
+        "phase": OPT_TEXT,
         "agent": Free(),
         "uptime": Nullable(NUMBER),
     },

@@ -120,6 +120,8 @@ class Updater:
         self.restart_delay = restart_delay
         self.ready = False
         self.busy: str | None = None
+        # What the operation in flight is doing (GET /health): the master shows it as progress.
+        self.phase: str | None = None
         self.restarting_onto: Path | None = None
         self.started_at = clock.seconds()
         # Read once: after update-self switches `current`, this process still
@@ -137,10 +139,11 @@ class Updater:
         if self.busy is not None:
             raise UpdaterBusy(f"busy with {self.busy}; try again when it has finished")
         self.busy = what
+        self.phase = "verifying"
         try:
             yield
         finally:
-            self.busy = None
+            self.busy = self.phase = None
 
     def _thread(self, f, *args, **kwargs):
         return self.to_thread(f, *args, **kwargs)
@@ -179,6 +182,7 @@ class Updater:
             "version": __version__,
             "release": self.own_release,
             "busy": self.busy,
+            "phase": self.phase,
             "agent": self.agent.describe(),
             "uptime": round(self.clock.seconds() - self.started_at, 3),
         }
@@ -230,6 +234,7 @@ class Updater:
     ) -> str:
         """Extract and install into ``releases/<id>``; on failure remove it again."""
         release, summary, manifest = verified.release, verified.summary, verified.manifest
+        self.phase = "installing"
         directory = await self._thread(store.begin_install, release, op)
         try:
             src = directory / config.RELEASE_SRC_DIR
@@ -371,6 +376,7 @@ class Updater:
     async def _activate(self, release: str, op: str, install_output: str) -> dict:
         """Switch ``current``, restart the agent, wait for its health; revert on failure."""
         previous = await self._thread(self.store.switch_to, release, op)
+        self.phase = "health-checking"
         try:
             await self.agent.restart(self.store.release_dir(release))
             health = await self.probe.wait_for(
@@ -408,6 +414,7 @@ class Updater:
     ) -> UpdateError:
         """Put ``previous`` back and confirm it; the error that describes the outcome."""
         agent_output = await self.agent.recent_output()
+        self.phase = "rolling back"
         self.log.warn(
             "Release {release} failed ({cause}); going back to {previous}",
             release=release,
