@@ -6,11 +6,9 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorThreads
-from twisted.python.failure import Failure
 
 from decnet import config
 from decnet.cli import output
@@ -28,16 +26,10 @@ from decnet.master.rollout import (
     RolloutPlan,
     plan_rollout,
 )
-from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.wheel_release import WheelRelease
 from decnet.options import non_negative_int, positive_int
 from decnet.revocation import RevocationSet
-from decnet.threads import run_in_pool
 from decnet.tls import TLSIdentity
-from decnet.updater.manifest import Wheel, missing_wheels
-
-if TYPE_CHECKING:
-    from decnet.master.updater_client import UpdaterClient
 
 T = TypeVar("T")
 
@@ -220,46 +212,6 @@ def _failed(result: HostResult, *, explicit: bool) -> bool:
     return result.result == SKIPPED and (explicit or result.detail.startswith("rollout stopped"))
 
 
-class Tarballs:
-    """Each host's tarball: the wheels its inventory lacks; hosts lacking the same share one."""
-
-    def __init__(self, reactor: IReactorThreads, release: WheelRelease):
-        self.reactor = reactor
-        self.release = release
-        self._built: dict[frozenset[str], defer.Deferred[ReleaseArchive]] = {}
-
-    async def lacking(self, client: UpdaterClient) -> tuple[list[Wheel], str | None]:
-        """The dependency wheels the host lacks, and why all are sent when it cannot say."""
-        try:
-            inventory = await client.wheels()
-        except DecnetError as exc:
-            return list(self.release.manifest.deps), f"no inventory ({exc}): every wheel is sent"
-        return missing_wheels(self.release.manifest, inventory["wheels"], inventory["deps"]), None
-
-    async def for_client(self, client: UpdaterClient) -> ReleaseArchive:
-        wheels, _why = await self.lacking(client)
-        key = frozenset(w.file for w in wheels)
-        if key not in self._built:
-            self._built[key] = run_in_pool(self.reactor, self.release.tarball_for, wheels)
-        built: ReleaseArchive = await _shared(self._built[key])
-        return built
-
-
-def _shared(d: defer.Deferred[T]) -> defer.Deferred[T]:
-    """A Deferred with ``d``'s result that leaves ``d`` usable by the next waiter."""
-    out: defer.Deferred[T] = defer.Deferred()
-
-    def relay(result: Any) -> Any:
-        if isinstance(result, Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return result
-
-    d.addBoth(relay)
-    return out
-
-
 def _push(args: argparse.Namespace, plan: RolloutPlan, release: WheelRelease) -> list[HostResult]:
     """Run the rollout of ``release`` to the hosts of ``plan``; the per-host results."""
     identity = TLSIdentity.master(args.paths)
@@ -277,7 +229,7 @@ def _push(args: argparse.Namespace, plan: RolloutPlan, release: WheelRelease) ->
     async def go(reactor):
         from decnet.master.updater_client import UpdaterClient
 
-        tarballs = Tarballs(reactor, release)
+        tarballs = wheel_release.Tarballs(reactor, release)
         rollout = Rollout(
             reactor,
             lambda host: UpdaterClient(
@@ -365,7 +317,7 @@ def _dry_run(args: argparse.Namespace, plan: RolloutPlan, release: WheelRelease)
     async def go(reactor):
         from decnet.master.updater_client import UpdaterClient
 
-        tarballs = Tarballs(reactor, release)
+        tarballs = wheel_release.Tarballs(reactor, release)
 
         async def one(host: Host) -> dict:
             try:

@@ -33,14 +33,31 @@ import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
+from twisted.python.failure import Failure
 
 from decnet import config
-from decnet.errors import ConfigError
+from decnet.errors import ConfigError, DecnetError
 from decnet.master import tar_tree, wheelhouse
 from decnet.master.tar_tree import ReleaseArchive
-from decnet.updater.manifest import Manifest, Wheel, make_manifest, normal_name, wheel_of
+from decnet.threads import run_in_pool
+from decnet.updater.manifest import (
+    Manifest,
+    Wheel,
+    make_manifest,
+    missing_wheels,
+    normal_name,
+    wheel_of,
+)
+
+if TYPE_CHECKING:
+    from decnet.master.updater_client import UpdaterClient
+
+T = TypeVar("T")
 
 OWN_DISTRIBUTION = wheelhouse.OWN_DISTRIBUTION
 # Zip timestamps cannot go below 1980; the same tree gives the same wheel.
@@ -223,3 +240,44 @@ def prepare(root: Path | None, wheels: Path, *, git: bool = True) -> WheelReleas
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+class Tarballs:
+    """Each host's tarball, built in a thread: the decnet wheel and the dependency wheels
+    its inventory (``GET /wheels``) lacks.  Hosts lacking the same wheels share one."""
+
+    def __init__(self, reactor: IReactorThreads, release: WheelRelease):
+        self.reactor = reactor
+        self.release = release
+        self._built: dict[frozenset[str], defer.Deferred[ReleaseArchive]] = {}
+
+    async def lacking(self, client: UpdaterClient) -> tuple[list[Wheel], str | None]:
+        """The dependency wheels the host lacks, and why all are sent when it cannot say."""
+        try:
+            inventory = await client.wheels()
+        except DecnetError as exc:
+            return list(self.release.manifest.deps), f"no inventory ({exc}): every wheel is sent"
+        return missing_wheels(self.release.manifest, inventory["wheels"], inventory["deps"]), None
+
+    async def for_client(self, client: UpdaterClient) -> ReleaseArchive:
+        wheels, _why = await self.lacking(client)
+        key = frozenset(w.file for w in wheels)
+        if key not in self._built:
+            self._built[key] = run_in_pool(self.reactor, self.release.tarball_for, wheels)
+        built: ReleaseArchive = await _shared(self._built[key])
+        return built
+
+
+def _shared(d: defer.Deferred[T]) -> defer.Deferred[T]:
+    """A Deferred with ``d``'s result that leaves ``d`` usable by the next waiter."""
+    out: defer.Deferred[T] = defer.Deferred()
+
+    def relay(result: Any) -> Any:
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+        return result
+
+    d.addBoth(relay)
+    return out
