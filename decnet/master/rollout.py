@@ -36,6 +36,7 @@ class HostResult:
     seconds: float | None = None
     detail: str = ""
     updater_release: str | None = None  # after --include-self
+    sent: int | None = None  # bytes of the tarball pushed to this host (agent update)
 
     @property
     def ok(self) -> bool:
@@ -199,7 +200,7 @@ class Rollout:
             )
             self.progress(host.name, f"updated to {release} ({elapsed():.1f}s)")
             if not self.include_self:
-                return HostResult(host.name, UPDATED, release, elapsed(), detail)
+                return HostResult(host.name, UPDATED, release, elapsed(), detail, sent=archive.size)
             return await self._self_update(client, host, elapsed, detail, archive)
         except Exception as exc:  # a bug must not take the other hosts down with it
             self.log.failure("Rollout to {host} crashed", host=host.name)
