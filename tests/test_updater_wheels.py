@@ -271,3 +271,26 @@ def test_console_scripts_are_moved_onto_the_release_interpreter_in_either_sheban
     assert script_body(script, deps_python) == body
     assert script_body(script, release_python) is None  # not ours to move
     assert script_body(shebang(release_python) + body, release_python) == body
+
+
+class FailingInstaller(WheelInstaller):
+    """pip dies half-way through the dependency environment (a full disk, a broken wheel)."""
+
+    async def build_deps(self, env_dir, wheels):
+        (env_dir / "lib").mkdir()
+        (env_dir / "lib" / "half-written.py").write_text("x" * 100)
+        from decnet.errors import InstallFailed
+
+        raise InstallFailed("pip install the dependency wheels failed (No space left on device)")
+
+
+def test_a_dependency_environment_that_fails_to_build_leaves_the_directory_as_it_was(wenv):
+    push(wenv, release("1"))
+    before = tree_snapshot(wenv.root)
+    wenv.updater.installer = FailingInstaller()
+    from decnet.errors import InstallFailed
+
+    with pytest.raises(InstallFailed, match="No space left"):
+        push(wenv, release("2", deps={**DEPS, "six": "1.17"}, ship=["six"]))
+    assert tree_snapshot(wenv.root) == before  # no half env, no orphan wheel, same current
+    assert wenv.agent.running == manifest_of(release("1")).release

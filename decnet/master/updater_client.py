@@ -89,7 +89,7 @@ class UpdaterClient:
         for key in ("wheels", "deps"):
             if len(doc[key]) > config.MAX_INVENTORY_WHEELS:
                 raise BadReply(
-                    self.host.name, [f"{key}: more than {config.MAX_INVENTORY_WHEELS} entries"]
+                    self.http.where, [f"{key}: more than {config.MAX_INVENTORY_WHEELS} entries"]
                 )
         return doc
 

@@ -269,6 +269,9 @@ class Updater:
                 "Install of {release} failed, removing it: {error}", release=release, error=exc
             )
             await self._thread(store.abort_install, release)
+            if manifest is not None:
+                # Wheels stored for it that no retained environment uses go again.
+                await self._thread(self._prune_deps)
             raise
         return output
 
