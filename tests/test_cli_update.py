@@ -103,3 +103,19 @@ def test_the_default_root_is_this_checkout():
     from decnet.cli.updates import default_root
 
     assert default_root() == REPO_ROOT
+
+
+def test_a_master_installed_from_a_wheel_releases_its_installed_distribution(
+    monkeypatch, tmp_path
+):
+    """No checkout around decnet (site-packages): the release is built from what is installed;
+    ``--root`` still releases a checkout."""
+    import argparse
+
+    from decnet.cli import updates
+
+    monkeypatch.setattr(updates, "default_root", lambda: tmp_path)  # site-packages: no setup.cfg
+    assert updates.release_root(argparse.Namespace(root=None)) is None
+    assert updates.release_root(argparse.Namespace(root=str(REPO_ROOT))) == REPO_ROOT
+    monkeypatch.setattr(updates, "default_root", lambda: REPO_ROOT)
+    assert updates.release_root(argparse.Namespace(root=None)) == REPO_ROOT
