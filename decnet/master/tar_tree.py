@@ -296,7 +296,7 @@ def write_archive(
                     tar.addfile(_info(directory, directory=True))
                 for name in sorted(members):
                     _add(tar, name, members[name])
-    sha256 = _sha256_file(partial)
+    sha256 = sha256_file(partial)
     final = out_dir / f"decnet-release-{sha256[: config.RELEASE_ID_LENGTH]}.tar.gz"
     os.replace(partial, final)
     return ReleaseArchive(
@@ -320,7 +320,8 @@ def _add(tar: tarfile.TarFile, name: str, source: Path | bytes) -> None:
         tar.addfile(info, fh)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (blocking)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1024 * 1024):

@@ -69,14 +69,6 @@ BUILD_WHEEL_SCRIPT = (
 _SKIPPED_DIST_FILES = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @attrs.frozen
 class WheelRelease:
     """A release built on the master: its manifest and where each of its wheels is."""
@@ -117,7 +109,7 @@ def dependency_wheels(directory: Path) -> list[tuple[Wheel, Path]]:
     """Every wheel of the wheelhouse but DECNET's own, hashed."""
     found = []
     for path in wheelhouse.wheels(directory):
-        wheel = wheel_of(path.name, sha256_of(path))
+        wheel = wheel_of(path.name, tar_tree.sha256_file(path))
         if normal_name(wheel.name) != normal_name(OWN_DISTRIBUTION):
             found.append((wheel, path))
     if not found:
@@ -232,7 +224,7 @@ def prepare(root: Path | None, wheels: Path, *, git: bool = True) -> WheelReleas
         else:
             path = wheel_from_installed(work)
             build = {"source": "installed"}
-        decnet = wheel_of(path.name, sha256_of(path))
+        decnet = wheel_of(path.name, tar_tree.sha256_file(path))
         deps = dependency_wheels(Path(wheels))
         manifest = make_manifest(decnet, [w for w, _ in deps], build)
         paths = {decnet.file: path, **{w.file: p for w, p in deps}}

@@ -42,6 +42,7 @@ import attrs
 from decnet import config
 from decnet.fsutil import atomic_write, fsync_dir
 from decnet.updater.manifest import Wheel, wheel_file_problem
+from decnet.updater.releases import discard_via_trash
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _TRASH = ".trash"
@@ -249,18 +250,9 @@ class DepsStore:
     def discard_env(self, env: str) -> None:
         """Delete an environment: rename it into ``deps/.trash`` (atomic), then remove it."""
         source = self.env_dir(env)
-        if not source.exists():
-            return
-        self.trash_dir.mkdir(mode=0o700, exist_ok=True)
-        target = self.trash_dir / f"{env}-{os.getpid()}"
-        if target.exists():
-            _rmtree(target)
-        self._step(f"deps-discard:{env}")
-        _chmod(source, 0o755)  # renaming a directory moves its ".." entry: it must be writable
-        os.rename(source, target)
-        fsync_dir(self.deps_dir)
-        self._step(f"deps-discard-rm:{env}")
-        _rmtree(target)
+        if source.exists():
+            _chmod(source, 0o755)  # renaming a directory moves its ".." entry: it must be writable
+        discard_via_trash(source, self.trash_dir, env, "deps-discard", self._step, _rmtree)
 
     def discard_wheel(self, sha256: str) -> None:
         if not is_sha256(sha256):
