@@ -17,7 +17,7 @@ For each: wall seconds, bytes sent (the tarballs pushed, from ``update --json``)
 and CPU seconds (``decnet-admin`` plus every updater with its pip and agent
 children).  All updaters share this machine's cores.
 
-    .venv/bin/python bench/update.py [--hosts 10] [--compile] [--keep]
+    .venv/bin/python bench/update.py [--hosts 10] [--no-compile] [--keep]
 """
 
 from __future__ import annotations
@@ -149,7 +149,9 @@ def update(paths, *args, root, wheelhouse):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="updaters byte-compile")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="updaters skip byte-compiling (not the default)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
 
@@ -171,7 +173,7 @@ def main() -> int:
         enrollment.init_master(paths)
         return paths
 
-    kw = {"health_timeout": 30, "compile": args.compile}
+    kw = {"health_timeout": 30, "compile": not args.no_compile}
     figures = Figures()
     started: list[LocalUpdater] = []
 
@@ -228,7 +230,10 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"decnet-admin update, end to end (compile={args.compile}, {os.cpu_count()} cores):")
+    print(
+        f"decnet-admin update, end to end (compile={not args.no_compile}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}):"
+    )
     figures.show()
     one_first = figures.seconds("1 host: first release")
     one_next = figures.seconds("1 host: next release, same deps")

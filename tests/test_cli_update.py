@@ -105,9 +105,7 @@ def test_the_default_root_is_this_checkout():
     assert default_root() == REPO_ROOT
 
 
-def test_a_master_installed_from_a_wheel_releases_its_installed_distribution(
-    monkeypatch, tmp_path
-):
+def test_a_master_installed_from_a_wheel_releases_its_installed_distribution(monkeypatch, tmp_path):
     """No checkout around decnet (site-packages): the release is built from what is installed;
     ``--root`` still releases a checkout."""
     import argparse

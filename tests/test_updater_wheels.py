@@ -294,3 +294,15 @@ def test_a_dependency_environment_that_fails_to_build_leaves_the_directory_as_it
         push(wenv, release("2", deps={**DEPS, "six": "1.17"}, ship=["six"]))
     assert tree_snapshot(wenv.root) == before  # no half env, no orphan wheel, same current
     assert wenv.agent.running == manifest_of(release("1")).release
+
+
+def test_a_dependency_environment_is_byte_compiled_even_with_no_compile(tmp_path):
+    """It is read-only: no daemon can write its bytecode later, every start would recompile."""
+    from decnet.updater.installer import Installer
+
+    installer = Installer(None, compile_bytecode=False, use_own_pip=True)
+    (_, create), (_, install), _ = installer.deps_commands(tmp_path / "env", [tmp_path / "a.whl"])
+    assert "--no-compile" not in install and "--no-deps" in install and "--no-index" in install
+    assert "--without-pip" in create
+    venv_install = installer._venv_and_pip(tmp_path / "venv", with_pip=False)[1]
+    assert "--no-compile" in venv_install

@@ -143,7 +143,9 @@ class Installer:
 
     # -- wheel releases ------------------------------------------------------
 
-    def _venv_and_pip(self, venv: Path, *, with_pip: bool) -> tuple[list[str], list[str]]:
+    def _venv_and_pip(
+        self, venv: Path, *, with_pip: bool, compile_bytecode: bool | None = None
+    ) -> tuple[list[str], list[str]]:
         """The argv creating ``venv`` and the pip prefix that installs into it."""
         own_pip = self.use_own_pip and not with_pip
         create = [self.python, "-m", "venv", *(["--without-pip"] if own_pip else []), str(venv)]
@@ -155,13 +157,18 @@ class Installer:
         )
         install = [*pip, "install", "--disable-pip-version-check", "--no-input"]
         install += ["--no-index", "--no-deps"]
-        if not self.compile_bytecode:
+        if not (self.compile_bytecode if compile_bytecode is None else compile_bytecode):
             install.append("--no-compile")
         return create, install
 
     def deps_commands(self, env_dir: Path, wheels: list[Path]) -> list[tuple[str, list[str]]]:
-        """``(step, argv)`` pairs :meth:`build_deps` runs, in order."""
-        create, install = self._venv_and_pip(env_dir, with_pip=False)
+        """``(step, argv)`` pairs :meth:`build_deps` runs, in order.
+
+        Always byte-compiled, whatever ``compile_bytecode`` says: the environment is
+        read-only, so no daemon could ever write the bytecode itself, and every start
+        would compile Twisted and cryptography's Python again.
+        """
+        create, install = self._venv_and_pip(env_dir, with_pip=False, compile_bytecode=True)
         cache = [str(env_dir / "bin" / "python"), "-c", PLUGIN_CACHE_SCRIPT]
         return [
             ("create the dependency environment", create),
