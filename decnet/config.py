@@ -300,3 +300,14 @@ SANDBOX_TABLE_QUIET = 2.0  # ... and only once no event arrived for this long (n
 SANDBOX_TABLE_SETTLE = 0.2  # rows arriving within this long of each other make one table
 SANDBOX_AGENT_TIMEOUT = 5.0  # the live view's deadline for one request to an agent
 SANDBOX_FORWARDER_RETRY = 5.0  # forwarders' --max-retry-delay: reconnect quickly on loopback
+
+# Wheel releases (issue 14, ``docs/Remote-Updates.md``): one built wheel of DECNET, a manifest,
+# and the dependency wheels the worker lacks; dependencies live in content-addressed envs.
+RELEASE_MANIFEST = "release.json"  # at the top of a wheel release tarball
+RELEASE_WHEELS_DIR = "wheels"  # inside a wheel release tarball: the wheels shipped (flat)
+DEPS_DIR = "deps"  # <install-dir>/deps/<sha256 of the wheel set>/: one read-only environment
+WHEEL_STORE_DIR = "wheels"  # <install-dir>/wheels/<sha256>/<file>.whl: the worker's wheels
+DEPS_ENV_FILE = "deps.json"  # written last into a dependency environment: it is complete
+MAX_MANIFEST_BYTES = 256 * 1024  # a release.json larger than this is refused (400)
+MAX_MANIFEST_WHEELS = 500  # dependency wheels one manifest may list
+MAX_INVENTORY_WHEELS = 5000  # sha256s a worker's GET /wheels may report (master side cap)

@@ -158,6 +158,13 @@ class MalformedArchive(UnsafeArchive):
     status = 400
 
 
+class BadManifest(UpdateError):
+    """A wheel release's ``release.json`` is malformed, lies about its wheels, or names a
+    wheel that is neither shipped nor stored on the worker: refused before any install."""
+
+    status = 400
+
+
 class InstallFailed(UpdateError):
     """Creating the release's virtualenv or installing into it failed."""
 

@@ -295,6 +295,7 @@ UPDATER_HEALTH = Obj(
         "version": OPT_TEXT,
         "release": OPT_TEXT,
         "busy": OPT_TEXT,
+        "phase": OPT_TEXT,
         "agent": Free(),
         "uptime": Nullable(NUMBER),
     },
@@ -319,6 +320,10 @@ RELEASES = Obj(
     },
     optional={"current": OPT_TEXT, "updater_release": OPT_TEXT},
 )
+
+SHA256 = Str(pattern=re.compile(r"[0-9a-f]{64}"), what="a sha256 (64 lowercase hex digits)")
+
+WHEELS = Obj(required={"wheels": ListOf(SHA256), "deps": ListOf(SHA256)})
 
 _OUTCOME: dict[str, Schema] = {
     "previous": OPT_TEXT,

@@ -308,8 +308,9 @@ def rogue_fleet(master_home, tmp_path_factory):
     return enroll_all(master_home, tmp_path_factory, "cli-rogue", ["rogue", "rogue2"])
 
 
-def _commands(spec) -> list[tuple[str, ...]]:
-    fleet = [("check",), ("status",), ("update", "--host", "rogue", "--host", "rogue2")]
+def _commands(spec, wheelhouse) -> list[tuple[str, ...]]:
+    update = ("update", "--host", "rogue", "--host", "rogue2", "--wheelhouse", str(wheelhouse))
+    fleet = [("check",), ("status",), update]
     single = [
         ("rollback",),
         ("releases",),
@@ -320,12 +321,14 @@ def _commands(spec) -> list[tuple[str, ...]]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_escape_sequences_from_a_worker_never_reach_the_terminal(rogue_fleet, tmp_path):
+async def test_escape_sequences_from_a_worker_never_reach_the_terminal(
+    rogue_fleet, tmp_path, wheelhouse
+):
     home, bundles = rogue_fleet
     fakes = await start(bundles, {"rogue": _evil_routes(False), "rogue2": _evil_routes(True)})
     spec = tmp_path / "spec.json"
     spec.write_text('{"deckies": []}')
-    commands = _commands(spec)
+    commands = _commands(spec, wheelhouse)
     try:
         # A few at a time: the machine has two cores.
         limit = defer.DeferredSemaphore(3)

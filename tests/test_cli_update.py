@@ -32,27 +32,41 @@ def home(tmp_path_factory, master_home):
     return str(target)
 
 
-def test_dry_run_lists_hosts_files_size_and_sha256_and_contacts_nothing(home, capsys):
-    code = main(["--home", home, "update", "--all", "--dry-run", "--canary", "1"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "Dry run: nothing was contacted." in out
-    assert "alpha  (canary)" in out and "\n  beta\n" in out
-    assert "gamma  skipped: no updater certificate" in out
-    assert "delta  skipped: decommissioned" in out
-    assert "decnet/updater/engine.py" in out and "sha256" in out
+def dry_run(home, wheelhouse, *args):
+    from decnet.config import MasterPaths
+    from tests.support import admin
+
+    return admin(
+        MasterPaths.resolve(home), "update", "--dry-run", "--wheelhouse", str(wheelhouse), *args
+    )
 
 
-def test_dry_run_json_is_reproducible(home, capsys):
+def test_dry_run_shows_per_host_what_would_be_sent_and_changes_nothing(home, wheelhouse):
+    """No updater answers here: every wheel would be sent, and the table says why."""
+    r = dry_run(home, wheelhouse, "--all", "--canary", "1")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "Dry run: each updater was asked what it has; nothing was changed." in out
+    assert "decnet_swarm-" in out and "sha256" in out
+    rows = {line.split()[0]: line for line in out.splitlines()[4:] if line.strip()}
+    assert "(canary)" in rows["alpha"] and "every wheel is sent" in rows["alpha"]
+    assert "MiB" in rows["beta"]
+    assert "skipped: no updater certificate" in rows["gamma"]
+    assert "skipped: decommissioned" in rows["delta"]
+
+
+def test_dry_run_json_is_reproducible_and_lists_every_wheel_per_host(home, wheelhouse):
     docs = []
     for _ in range(2):
-        assert main(["--home", home, "update", "--host", "alpha", "--dry-run", "--json"]) == 0
-        docs.append(json.loads(capsys.readouterr().out))
-    assert docs[0]["sha256"] == docs[1]["sha256"]
-    assert docs[0]["release"] == docs[0]["sha256"][:16]
-    assert docs[0]["hosts"] == ["alpha"]
-    assert "setup.cfg" in docs[0]["files"]
-    assert not any(f.endswith(".key") or f.startswith("tests/") for f in docs[0]["files"])
+        r = dry_run(home, wheelhouse, "--host", "alpha", "--json")
+        assert r.returncode == 0, r.stderr
+        docs.append(json.loads(r.stdout))
+    assert docs[0]["release"] == docs[1]["release"]
+    assert docs[0]["wheel"] == docs[1]["wheel"]
+    (alpha,) = docs[0]["hosts"]
+    assert alpha["host"] == "alpha" and alpha["wheels"][0] == docs[0]["wheel"]["file"]
+    assert len(alpha["wheels"]) == 1 + len(docs[0]["dependencies"])
+    assert alpha["bytes"] > 1024 * 1024 and alpha["note"]
 
 
 def test_unknown_hosts_are_all_named(home, capsys):
@@ -125,3 +139,17 @@ def test_a_json_command_run_in_process_leaves_text_output_to_the_next_caller(hom
     assert main(["--home", home, "update", "--host", "alpha", "--dry-run", "--json"]) == 0
     json.loads(capsys.readouterr().out)
     assert not output.json_mode()
+
+
+def test_a_master_installed_from_a_wheel_releases_its_installed_distribution(monkeypatch, tmp_path):
+    """No checkout around decnet (site-packages): the release is built from what is installed;
+    ``--root`` still releases a checkout."""
+    import argparse
+
+    from decnet.cli import updates
+
+    monkeypatch.setattr(updates, "default_root", lambda: tmp_path)  # site-packages: no setup.cfg
+    assert updates.release_root(argparse.Namespace(root=None)) is None
+    assert updates.release_root(argparse.Namespace(root=str(REPO_ROOT))) == REPO_ROOT
+    monkeypatch.setattr(updates, "default_root", lambda: REPO_ROOT)
+    assert updates.release_root(argparse.Namespace(root=None)) == REPO_ROOT

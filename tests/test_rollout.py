@@ -33,8 +33,11 @@ class FakeClient:
         self.world, self.host = world, h
         self.behaviour = world.behaviour.get(h.name, "ok")
 
-    async def update(self, archive, timeout=None):
+    async def update(self, archive, timeout=None, sent=None):
         w = self.world
+        if sent is not None:
+            for part in (1, 2, 3, 10):
+                sent(archive.size * part // 10)
         w.active += 1
         w.peak = max(w.peak, w.active)
         w.order.append(self.host.name)
@@ -65,6 +68,12 @@ class FakeClient:
             raise RemoteError(422, ["no pip"], {"result": "failed"})
         return {"result": "restarting", "release": archive.release_id}
 
+    async def health(self, timeout=None):
+        return {"status": "ok", "phase": self.world.phases.get(self.host.name)}
+
+    async def wheels(self, timeout=None):
+        return self.world.inventory
+
     async def wait_for_release(self, release, timeout=None):
         return {"status": "ok", "release": release}
 
@@ -80,12 +89,14 @@ class World:
         self.order = []
         self.self_updates = []
         self.progress = []
+        self.phases = {}
+        self.inventory = {"wheels": [], "deps": []}
 
 
-def run(world, hosts, **kw):
+def run(world, hosts, clock=None, **kw):
     canary = kw.pop("canary", 0)
     rollout = Rollout(
-        Clock(),
+        clock or Clock(),
         lambda h: FakeClient(world, h),
         ARCHIVE,
         progress=lambda h, m: world.progress.append((h, m)),
@@ -175,3 +186,34 @@ def test_a_failed_release_keeps_the_updaters_captured_output_and_only_its_text()
     assert results["a"].output == {"agent": "Traceback ...\nRuntimeError: boom\n", "install": "ok"}
     assert results["a"].as_dict()["output"]["agent"].endswith("RuntimeError: boom\n")
     assert results["b"].output == {}
+
+
+def test_each_host_shows_its_upload_in_steps_then_the_updaters_phases():
+    world = World()
+    gate = defer.Deferred()
+    world.gates = {"a": gate}
+    clock = Clock()
+    d = run(world, [host("a")], clock=clock)
+    ups = [m for h, m in world.progress if m.startswith("uploading")]
+    assert ups == ["uploading 0%", "uploading 10%", "uploading 20%", "uploading 100%"]
+    for phase in ("installing", "installing", "health-checking"):
+        world.phases["a"] = phase
+        clock.advance(1.0)
+    gate.callback(None)
+    clock.advance(1.0)  # the watcher stops with the update; no phase after the outcome
+    shown = [m for h, m in world.progress if h == "a" and not m.startswith(("uploading", "push"))]
+    assert shown[:2] == ["installing", "health-checking"]
+    assert shown[2].startswith("updated to") and len(shown) == 3
+    assert outcome(d) == {"a": "updated"} and clock.getDelayedCalls() == []
+
+
+def test_each_host_gets_the_tarball_chosen_for_it():
+    world = World()
+    chosen = []
+
+    async def archive_for(client):
+        chosen.append(client.host.name)
+        return ARCHIVE
+
+    d = run(world, [host(n) for n in "ab"], archive_for=archive_for)
+    assert sorted(chosen) == ["a", "b"] and outcome(d) == {"a": "updated", "b": "updated"}

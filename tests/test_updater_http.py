@@ -223,10 +223,20 @@ async def test_update_self_answers_202_then_restarts(world, served, tmp_path):
 async def test_this_hosts_worker_certificate_may_only_read_health(world, served):
     worker = raw_client(world, served, "worker-a")
     assert (await worker.call("GET", "health"))["status"] == "ok"
-    for method, route in (("GET", "releases"), ("POST", "rollback"), ("POST", "update")):
+    routes = (("GET", "releases"), ("GET", "wheels"), ("POST", "rollback"), ("POST", "update"))
+    for method, route in routes:
         with pytest.raises(RemoteError) as info:
             await worker.call(method, route, data=b"x")
         assert info.value.status == 403, route
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_reads_the_wheel_inventory_over_mtls(world, served):
+    client = client_for(world, served)
+    try:
+        assert await client.wheels() == {"wheels": [], "deps": []}
+    finally:
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred

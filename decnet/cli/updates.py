@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
+
+from twisted.internet import defer
 
 from decnet import config
 from decnet.cli import output
 from decnet.cli.arguments import command, flag, json_flag, timeout_option
 from decnet.cli.runtime import budget, run_async
 from decnet.errors import DecnetError, RemoteError, ValidationError
-from decnet.master import tar_tree
+from decnet.master import tar_tree, wheel_release, wheelhouse
 from decnet.master.registry import Host, Registry
 from decnet.master.rollout import (
     FAILED,
@@ -24,7 +26,7 @@ from decnet.master.rollout import (
     RolloutPlan,
     plan_rollout,
 )
-from decnet.master.tar_tree import ReleaseArchive
+from decnet.master.wheel_release import WheelRelease
 from decnet.options import non_negative_int, positive_int
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
@@ -38,30 +40,45 @@ def register(sub, parents) -> None:
         parents,
         "update",
         cmd_update,
-        summary="push a release of this source tree to workers' updaters",
-        description="Build one release tarball from --root (an allow-list: the package, "
-        "setup.cfg, pyproject.toml, README/LICENSE and an optional wheelhouse; never keys, "
-        ".env, databases, logs, VCS data or caches), push it to each host's updater over "
-        "mutual TLS, and report per host: updated, rolled_back (the new release failed its "
-        "health check and the previous one is running again) or failed.",
+        summary="push a release of DECNET to workers' updaters",
+        description="Build one wheel of DECNET (from --root, a checkout: an allow-list of the "
+        "package, setup.cfg, pyproject.toml, README/LICENSE, never keys, .env, databases, logs, "
+        "VCS data or caches; without --root on a master installed from a wheel, from the "
+        "installed distribution), ask each host's updater which dependency wheels it already "
+        "has, send it the release manifest, the wheel and only the wheels it lacks over mutual "
+        "TLS, and report per host: updated, rolled_back (the new release failed its health "
+        "check and the previous one is running again) or failed.",
         examples=[
             "decnet-admin update --all --dry-run",
             "decnet-admin update --host web-01 --host db-02",
             "decnet-admin update --all --canary 1 --include-self --json",
         ],
     )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = UPDATE_EXAMPLES
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--host", action="append", metavar="NAME", help="a host to update (repeatable)"
     )
     flag(which, "--all", "every enrolled host with an updater")
     flag(p, "--include-self", "also update each updater (only where the agent update succeeded)")
-    flag(p, "--dry-run", "list the hosts and the tarball's files, size and sha256; contact nothing")
-    p.add_argument("--root", metavar="DIR", help="source tree to release (default: this one)")
+    flag(
+        p,
+        "--dry-run",
+        "build the release and show, per host, which wheels would be sent and how many "
+        "bytes (asks each updater GET /wheels; changes nothing)",
+    )
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        help="checkout to release (default: the checkout this decnet-admin runs from, or the "
+        "installed distribution when it was installed from a wheel)",
+    )
     p.add_argument(
         "--wheelhouse",
         metavar="DIR",
-        help="ship these wheels for offline installs (pip wheel -w DIR . setuptools wheel)",
+        help="the dependency wheels of the release (default: built once with pip wheel from "
+        "this environment's pins, cached under HOME/cache)",
     )
     p.add_argument(
         "--concurrency",
@@ -117,6 +134,13 @@ def register(sub, parents) -> None:
     timeout_option(p, config.RELEASES_TIMEOUT, DEADLINE_HELP)
 
 
+UPDATE_EXAMPLES = """examples:
+  decnet-admin update --all --dry-run          what each host would be sent, and how much
+  decnet-admin update --host web-01            one host, from this checkout or installation
+  decnet-admin update --all --canary 1         one host first; the rest only if it ends updated
+  decnet-admin update --all --root ~/decnet --wheelhouse ~/wheels --json
+"""
+
 DEADLINE_HELP = (
     "seconds, from the command's start, by which the host must have answered in "
     "full (default: %(default)s)"
@@ -151,29 +175,43 @@ def _registry(args) -> Registry:
     return Registry(args.paths.registry)
 
 
-def _progress(host: str, message: str) -> None:
-    output.line(f"[{host}] {message}")
+def release_root(args: argparse.Namespace) -> Path | None:
+    """The checkout to release: ``--root``, this checkout, or ``None`` (installed from a wheel)."""
+    if args.root:
+        return Path(args.root)
+    root = default_root()
+    return root if (root / "setup.cfg").is_file() else None
+
+
+def _wheels_dir(args: argparse.Namespace, root: Path | None) -> Path:
+    if args.wheelhouse:
+        return Path(args.wheelhouse)
+    cache = args.paths.home / "cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    return wheelhouse.build(root, cache)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
     hosts = _select(_registry(args), args)
     plan = plan_rollout(hosts, args.canary)
-    root = Path(args.root) if args.root else default_root()
-    archive = tar_tree.build_release(root, wheelhouse=args.wheelhouse)
+    if not args.dry_run and not plan.canaries and not plan.rest:
+        for skipped in plan.skipped:
+            output.error(f"{skipped.host}: skipped, {skipped.detail}")
+        output.error("no host to update")
+        return 1
+    root = release_root(args)
+    if root is not None:
+        tar_tree.collect(root)  # not a source tree: say so before building anything
+    release = wheel_release.prepare(root, _wheels_dir(args, root))
     try:
         if args.dry_run:
-            return _dry_run(args, plan, archive)
-        if not plan.canaries and not plan.rest:
-            for skipped in plan.skipped:
-                output.error(f"{skipped.host}: skipped, {skipped.detail}")
-            output.error("no host to update")
-            return 1
-        results = _push(args, plan, archive)
+            return _dry_run(args, plan, release)
+        results = _push(args, plan, release)
     finally:
-        _remove(archive)
+        release.remove()
     order = {h.name: i for i, h in enumerate(hosts)}
     results.sort(key=lambda r: order.get(r.host, len(order)))
-    _show_results(args, archive, results)
+    _show_results(args, release, results)
     return 1 if any(_failed(r, explicit=bool(args.host)) for r in results) else 0
 
 
@@ -184,51 +222,84 @@ def _failed(result: HostResult, *, explicit: bool) -> bool:
     return result.result == SKIPPED and (explicit or result.detail.startswith("rollout stopped"))
 
 
-def _push(args: argparse.Namespace, plan: RolloutPlan, archive: ReleaseArchive) -> list[HostResult]:
-    """Run the rollout of ``archive`` to the hosts of ``plan``; the per-host results."""
+def _push(args: argparse.Namespace, plan: RolloutPlan, release: WheelRelease) -> list[HostResult]:
+    """Run the rollout of ``release`` to the hosts of ``plan``; the per-host results."""
     identity = TLSIdentity.master(args.paths)
     revocations = RevocationSet(args.paths.revocations)
-    git = f", git {archive.git_sha[:12]}" if archive.git_sha else ""
+    manifest = release.manifest
     if not args.json:  # --json prints one document, at the end
+        git = f", git {manifest.build['git_sha']!s:.12}" if manifest.build.get("git_sha") else ""
         output.line(
-            f"Release {archive.release_id}: {len(archive.files)} files, {archive.size} "
-            f"bytes, sha256 {archive.sha256}{git}"
+            f"Release {release.release_id}: {manifest.decnet.file} "
+            f"({release.size_of([manifest.decnet])} bytes), {len(manifest.deps)} dependency "
+            f"wheels (set {manifest.deps_id[:16]}){git}"
         )
+    progress = Progress.for_terminal(sys.stdout) if not args.json else None
 
     async def go(reactor):
         from decnet.master.updater_client import UpdaterClient
 
+        tarballs = wheel_release.Tarballs(reactor, release)
         rollout = Rollout(
             reactor,
             lambda host: UpdaterClient(
                 reactor, identity, host, timeout=args.timeout, revocations=revocations
             ),
-            archive,
+            release.tarball_for([]),
             concurrency=args.concurrency,
             include_self=args.include_self,
-            progress=(lambda h, m: None) if args.json else _progress,
+            progress=progress.show if progress else (lambda h, m: None),
             timeout=args.timeout,
+            archive_for=tarballs.for_client,  # type: ignore[arg-type]
         )
         return await rollout.run(plan)
 
-    return _result_of(go, [])
+    try:
+        return _result_of(go, [])
+    finally:
+        if progress:
+            progress.close()
 
 
-def _remove(archive: ReleaseArchive) -> None:
-    """Delete the built tarball and its temporary directory (if nothing else is in it)."""
-    archive.path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        archive.path.parent.rmdir()
+class Progress:
+    """Per-host progress of a rollout: a live line per host on a terminal, else a plain
+    line per phase.  Messages carry worker text: :func:`output.printable` escapes it."""
+
+    def __init__(self, stream: TextIO, live: bool):
+        self.stream = stream
+        self.live = live
+        self.lines: dict[str, str] = {}
+
+    @classmethod
+    def for_terminal(cls, stream: TextIO) -> Progress:
+        return cls(stream, live=stream.isatty())
+
+    def show(self, host: str, message: str) -> None:
+        text = output.printable(f"[{host}] {message}", output.CELL_MAX)
+        if not self.live or host == "-":
+            self.close()
+            self.stream.write(text + "\n")
+        else:
+            if self.lines:
+                self.stream.write(f"\x1b[{len(self.lines)}F")  # up to the first live line
+            self.lines[host] = text
+            self.stream.write("".join(f"\x1b[2K{line}\n" for line in self.lines.values()))
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Leave the live lines as they are; later lines go below them."""
+        self.lines = {}
 
 
 def _show_results(
-    args: argparse.Namespace, archive: ReleaseArchive, results: list[HostResult]
+    args: argparse.Namespace, release: WheelRelease, results: list[HostResult]
 ) -> None:
     if args.json:
         output.print_json(
             {
-                "release": archive.release_id,
-                "sha256": archive.sha256,
+                "release": release.release_id,
+                "wheel": release.manifest.decnet.as_dict(),
+                "deps": release.manifest.deps_id,
                 "results": [r.as_dict() for r in results],
             }
         )
@@ -277,55 +348,82 @@ def _show_agent_tail(result: HostResult) -> None:
         output.line(f"  {text}")
 
 
-def _dry_run(args: argparse.Namespace, plan: RolloutPlan, archive: ReleaseArchive) -> int:
+def _dry_run(args: argparse.Namespace, plan: RolloutPlan, release: WheelRelease) -> int:
+    """What each host would be sent: its inventory asked (``GET /wheels``), nothing changed."""
+    identity = TLSIdentity.master(args.paths)
+    revocations = RevocationSet(args.paths.revocations)
+    hosts = [*plan.canaries, *plan.rest]
+
+    async def go(reactor):
+        from decnet.master.updater_client import UpdaterClient
+
+        tarballs = wheel_release.Tarballs(reactor, release)
+
+        async def one(host: Host) -> dict:
+            try:
+                client = UpdaterClient(
+                    reactor, identity, host, timeout=args.timeout, revocations=revocations
+                )
+            except DecnetError as exc:
+                wheels, why = list(release.manifest.deps), f"{exc}: every wheel is sent"
+            else:
+                try:
+                    wheels, why = await tarballs.lacking(client)
+                finally:
+                    await client.close()
+            sent = [release.manifest.decnet, *wheels]
+            return {
+                "host": host.name,
+                "canary": host in plan.canaries,
+                "wheels": [w.file for w in sent],
+                "bytes": release.size_of(sent),
+                "note": why,
+            }
+
+        runs = [defer.ensureDeferred(one(h)) for h in hosts]
+        return list(await defer.gatherResults(runs, consumeErrors=True))
+
+    per_host: list[dict] = _result_of(go, []) if hosts else []
+    manifest = release.manifest
     if args.json:
         output.print_json(
             {
-                "release": archive.release_id,
-                "sha256": archive.sha256,
-                "size": archive.size,
-                "git_sha": archive.git_sha,
-                "git_dirty": archive.git_dirty,
-                "files": list(archive.files),
-                "excluded": [{"path": s.path, "reason": s.reason} for s in archive.skipped],
-                "canaries": [h.name for h in plan.canaries],
-                "hosts": [h.name for h in plan.rest],
+                "release": release.release_id,
+                "wheel": manifest.decnet.as_dict(),
+                "deps": manifest.deps_id,
+                "dependencies": [w.as_dict() for w in manifest.deps],
+                "build": dict(manifest.build),
+                "hosts": per_host,
                 "skipped": [{"host": s.host, "reason": s.detail} for s in plan.skipped],
                 "include_self": args.include_self,
             }
         )
         return 0
-    output.line("Dry run: nothing was contacted.")
-    _show_release(archive)
-    output.line("Hosts:")
-    for host in plan.canaries:
-        output.line(f"  {host.name}  (canary)")
-    for host in plan.rest:
-        output.line(f"  {host.name}")
-    for s in plan.skipped:
-        output.line(f"  {s.host}  skipped: {s.detail}")
+    output.line("Dry run: each updater was asked what it has; nothing was changed.")
+    output.line(f"Release {release.release_id}")
+    output.line(f"  wheel    {manifest.decnet.file}  sha256 {manifest.decnet.sha256}")
+    output.line(f"  deps     {len(manifest.deps)} wheels, set {manifest.deps_id}")
+    if manifest.build.get("git_sha"):
+        dirty = " (uncommitted changes)" if manifest.build.get("git_dirty") else ""
+        output.line(f"  git      {manifest.build['git_sha']}{dirty}")
+    rows: list[tuple[str, object, str, str]] = [
+        (
+            h["host"] + ("  (canary)" if h["canary"] else ""),
+            len(h["wheels"]),
+            _size(h["bytes"]),
+            h["note"] or "",
+        )
+        for h in per_host
+    ]
+    rows += [(s.host, "-", "-", f"skipped: {s.detail}") for s in plan.skipped]
+    output.print_table(("HOST", "WHEELS", "SIZE", "NOTE"), rows)
     if args.include_self:
         output.line("Then /update-self on every host whose agent update succeeded.")
     return 0
 
 
-def _show_release(archive: ReleaseArchive) -> None:
-    """What a dry run would push: the tarball, its files and what was left out."""
-    output.line(f"Release {archive.release_id}")
-    output.line(f"  sha256   {archive.sha256}")
-    output.line(f"  size     {archive.size} bytes, {len(archive.files)} files")
-    if archive.git_sha:
-        output.line(
-            f"  git      {archive.git_sha}"
-            + (" (uncommitted changes)" if archive.git_dirty else "")
-        )
-    output.line("Files:")
-    for name in archive.files:
-        output.line(f"  {name}")
-    if archive.skipped:
-        output.line("Left out:")
-        for s in archive.skipped:
-            output.line(f"  {s.path}  ({s.reason})")
+def _size(count: int) -> str:
+    return f"{count / 1024 / 1024:.1f} MiB" if count >= 1024 * 1024 else f"{count / 1024:.0f} KiB"
 
 
 def _result_of(fn: Callable[[Any], Awaitable[T]], stopped: T) -> T:

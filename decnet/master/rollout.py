@@ -9,11 +9,11 @@ canary that did not end ``updated`` stops the rollout before the rest begins.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -39,6 +39,7 @@ class HostResult:
     # What the updater captured of a failed release (``install``: pip, ``agent``: the
     # agent's last output, ``rollback``): the whole text, for --json and the table's tail.
     output: dict[str, str] = attrs.field(factory=dict)
+    sent: int | None = None  # bytes of the tarball pushed to this host (agent update)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +93,14 @@ def captured_output(body: object) -> dict[str, str]:
 class ReleaseTarget(Protocol):
     """What :class:`Rollout` needs of one host's updater (an ``UpdaterClient``)."""
 
-    async def update(self, archive: ReleaseArchive, timeout: float | None = None) -> dict: ...
+    async def update(
+        self,
+        archive: ReleaseArchive,
+        timeout: float | None = None,
+        sent: Callable[[int], None] | None = None,
+    ) -> dict: ...
+
+    async def health(self, timeout: float = ...) -> dict: ...
 
     async def update_self(self, archive: ReleaseArchive, timeout: float | None = None) -> dict: ...
 
@@ -101,8 +109,21 @@ class ReleaseTarget(Protocol):
     async def close(self) -> None: ...
 
 
+#: Seconds between two looks at a host's ``/health`` phase while its update runs.
+PHASE_POLL = 1.0
+#: Upload progress is reported in steps of this many percent.
+UPLOAD_STEP = 10
+
+
 class Rollout:
-    """Run a :class:`RolloutPlan`; ``progress(host, message)`` is called as hosts advance."""
+    """Run a :class:`RolloutPlan`; ``progress(host, message)`` is called as hosts advance.
+
+    ``archive_for(client)``, when given, chooses each host's tarball (a wheel release
+    carries only the dependency wheels that host lacks); otherwise every host gets
+    ``archive``.  Progress phases per host: ``uploading N%``, then the updater's own
+    phase from its ``/health`` (``installing``, ``health-checking``, ``rolling back``),
+    then the outcome.
+    """
 
     log = Logger()
 
@@ -117,6 +138,8 @@ class Rollout:
         progress: Callable[[str, str], None] = lambda host, message: None,
         timeout: float = config.DEFAULT_UPDATE_TIMEOUT,
         self_wait: float = config.DEFAULT_SELF_UPDATE_WAIT,
+        archive_for: Callable[[ReleaseTarget], Awaitable[ReleaseArchive]] | None = None,
+        phase_poll: float = PHASE_POLL,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -128,6 +151,8 @@ class Rollout:
         self.progress = progress
         self.timeout = timeout
         self.self_wait = self_wait
+        self.archive_for = archive_for
+        self.phase_poll = phase_poll
 
     async def run(self, plan: RolloutPlan) -> list[HostResult]:
         results: list[HostResult] = list(plan.skipped)
@@ -167,9 +192,10 @@ class Rollout:
         except DecnetError as exc:
             return HostResult(host.name, FAILED, seconds=elapsed(), detail=str(exc))
         try:
-            self.progress(host.name, f"pushing release {release} ({self.archive.size} bytes)")
             try:
-                body = await client.update(self.archive, timeout=self.timeout)
+                archive = await self._archive_for(client)
+                self.progress(host.name, f"pushing release {release} ({archive.size} bytes)")
+                body = await self._update(client, host.name, archive)
             except RemoteError as exc:
                 outcome = exc.body.get("result") if isinstance(exc.body, dict) else None
                 result = ROLLED_BACK if outcome == ROLLED_BACK else FAILED
@@ -191,21 +217,75 @@ class Rollout:
             )
             self.progress(host.name, f"updated to {release} ({elapsed():.1f}s)")
             if not self.include_self:
-                return HostResult(host.name, UPDATED, release, elapsed(), detail)
-            return await self._self_update(client, host, elapsed, detail)
+                return HostResult(host.name, UPDATED, release, elapsed(), detail, sent=archive.size)
+            return await self._self_update(client, host, elapsed, detail, archive)
         except Exception as exc:  # a bug must not take the other hosts down with it
             self.log.failure("Rollout to {host} crashed", host=host.name)
             return HostResult(host.name, FAILED, None, elapsed(), f"internal error: {exc!r}")
         finally:
             await client.close()
 
+    async def _archive_for(self, client: ReleaseTarget) -> ReleaseArchive:
+        if self.archive_for is None:
+            return self.archive
+        return await self.archive_for(client)
+
+    async def _update(self, client: ReleaseTarget, host: str, archive: ReleaseArchive) -> dict:
+        """``client.update``, reporting the upload in steps and then the updater's phase."""
+        shown = [-1]
+        total = max(archive.size, 1)
+
+        def sent(count: int) -> None:
+            percent = min(100, count * 100 // total)
+            step = 100 if percent == 100 else percent - percent % UPLOAD_STEP
+            if step > shown[0]:
+                shown[0] = step
+                self.progress(host, f"uploading {step}%")
+
+        push = defer.ensureDeferred(client.update(archive, timeout=self.timeout, sent=sent))
+        sleeping: list[defer.Deferred] = []
+        watch = defer.ensureDeferred(self._watch_phase(client, host, push, sleeping))
+        watch.addErrback(lambda f: self.log.failure("Watching {host} failed", f, host=host))
+        try:
+            return await push
+        finally:
+            for pending in sleeping:
+                pending.cancel()  # the watcher ends now, not a poll interval later
+
+    async def _watch_phase(
+        self, client: ReleaseTarget, host: str, push: defer.Deferred, sleeping: list
+    ) -> None:
+        """While ``push`` runs, show each new phase the updater reports on ``/health``."""
+        last = None
+        while not push.called:
+            nap = task.deferLater(self.clock, self.phase_poll, lambda: None)
+            sleeping[:] = [nap]
+            try:
+                await nap
+            except defer.CancelledError:
+                return
+            sleeping.clear()
+            try:
+                doc = await client.health(timeout=max(self.phase_poll * 2, 1.0))
+            except DecnetError:
+                continue
+            phase = doc.get("phase")
+            if isinstance(phase, str) and phase != last and not push.called:
+                last = phase
+                self.progress(host, phase)
+
     async def _self_update(
-        self, client: ReleaseTarget, host: Host, elapsed: Callable[[], float], detail: str
+        self,
+        client: ReleaseTarget,
+        host: Host,
+        elapsed: Callable[[], float],
+        detail: str,
+        archive: ReleaseArchive,
     ) -> HostResult:
-        release = self.archive.release_id
+        release = archive.release_id
         self.progress(host.name, "updating the updater itself")
         try:
-            await client.update_self(self.archive, timeout=self.timeout)
+            await client.update_self(archive, timeout=self.timeout)
             self.progress(host.name, "waiting for the new updater to answer")
             await client.wait_for_release(release, timeout=self.self_wait)
         except RemoteError as exc:

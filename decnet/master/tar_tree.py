@@ -105,10 +105,12 @@ class ReleaseArchive:
     skipped: tuple[Skipped, ...]
     git_sha: str | None
     git_dirty: bool | None
+    #: A wheel release's id (from its manifest); a source release's is its sha256 prefix.
+    release: str | None = None
 
     @property
     def release_id(self) -> str:
-        return self.sha256[: config.RELEASE_ID_LENGTH]
+        return self.release or self.sha256[: config.RELEASE_ID_LENGTH]
 
     def open(self):
         return open(self.path, "rb")  # the caller closes it
@@ -270,32 +272,31 @@ def build_release(
     info_bytes = (json.dumps(build_info, indent=2, sort_keys=True) + "\n").encode()
 
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="decnet-release-"))
+    members: dict[str, Path | bytes] = dict(files)
+    members[config.RELEASE_BUILD_INFO] = info_bytes
+    archive = write_archive(members, out_dir)
+    return attrs.evolve(archive, skipped=tuple(skipped), git_sha=git_sha, git_dirty=dirty)
+
+
+def write_archive(
+    members: dict[str, Path | bytes], out_dir: Path, *, compresslevel: int = GZIP_LEVEL
+) -> ReleaseArchive:
+    """Write ``members`` (name -> file or content) reproducibly into
+    ``out_dir/decnet-release-<sha256 prefix>.tar.gz``."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / ".decnet-release.partial.tar.gz"
-    members: dict[str, Path | None] = dict(files)
-    members[config.RELEASE_BUILD_INFO] = None
     with open(partial, "wb") as raw:
         # filename="" and mtime=0: no name or timestamp in the gzip header.
         with gzip.GzipFile(
-            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL
+            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel
         ) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for directory in _dirs_of(members):
                     tar.addfile(_info(directory, directory=True))
                 for name in sorted(members):
-                    path = members[name]
-                    if path is None:
-                        tar.addfile(_info(name, size=len(info_bytes)), io.BytesIO(info_bytes))
-                        continue
-                    st = path.stat()
-                    info = _info(name, size=st.st_size, executable=bool(st.st_mode & 0o111))
-                    with open(path, "rb") as fh:
-                        tar.addfile(info, fh)
-    digest = hashlib.sha256()
-    with open(partial, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    sha256 = digest.hexdigest()
+                    _add(tar, name, members[name])
+    sha256 = sha256_file(partial)
     final = out_dir / f"decnet-release-{sha256[: config.RELEASE_ID_LENGTH]}.tar.gz"
     os.replace(partial, final)
     return ReleaseArchive(
@@ -303,7 +304,26 @@ def build_release(
         sha256=sha256,
         size=final.stat().st_size,
         files=tuple(sorted(members)),
-        skipped=tuple(skipped),
-        git_sha=git_sha,
-        git_dirty=dirty,
+        skipped=(),
+        git_sha=None,
+        git_dirty=None,
     )
+
+
+def _add(tar: tarfile.TarFile, name: str, source: Path | bytes) -> None:
+    if isinstance(source, bytes):
+        tar.addfile(_info(name, size=len(source)), io.BytesIO(source))
+        return
+    st = source.stat()
+    info = _info(name, size=st.st_size, executable=bool(st.st_mode & 0o111))
+    with open(source, "rb") as fh:
+        tar.addfile(info, fh)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (blocking)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

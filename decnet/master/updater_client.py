@@ -11,16 +11,44 @@ within one deadline per request, and no redirect is followed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import BinaryIO
+
 from twisted.internet import task
 
 from decnet import config, replies
-from decnet.errors import DecnetError, Unreachable
+from decnet.errors import BadReply, DecnetError, Unreachable
 from decnet.master.http import client_for_host
 from decnet.master.registry import Host
 from decnet.master.tar_tree import ReleaseArchive
 from decnet.tls import TLSIdentity
 
 HEALTH_TIMEOUT = 10.0
+
+
+class CountingReader:
+    """A file for :class:`~twisted.web.client.FileBodyProducer` that reports what it read."""
+
+    def __init__(self, fh: BinaryIO, sent: Callable[[int], None]):
+        self._fh = fh
+        self._sent = sent
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        if data:
+            self.count += len(data)
+            self._sent(self.count)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class UpdaterClient:
@@ -55,23 +83,47 @@ class UpdaterClient:
     async def releases(self, timeout: float = config.RELEASES_TIMEOUT) -> dict:
         return await self.http.call("GET", "releases", timeout=timeout, reply=replies.RELEASES)
 
+    async def wheels(self, timeout: float = config.RELEASES_TIMEOUT) -> dict:
+        """The dependency wheels and environments the host already has (``GET /wheels``)."""
+        doc = await self.http.call("GET", "wheels", timeout=timeout, reply=replies.WHEELS)
+        for key in ("wheels", "deps"):
+            if len(doc[key]) > config.MAX_INVENTORY_WHEELS:
+                raise BadReply(
+                    self.http.where, [f"{key}: more than {config.MAX_INVENTORY_WHEELS} entries"]
+                )
+        return doc
+
     async def _push(
-        self, route: str, archive: ReleaseArchive, timeout: float | None, reply
+        self,
+        route: str,
+        archive: ReleaseArchive,
+        timeout: float | None,
+        reply,
+        sent: Callable[[int], None] | None = None,
     ) -> dict:
-        with archive.open() as body:
+        with archive.open() as fh:
+            body = fh if sent is None else CountingReader(fh, sent)
             return await self.http.call(
                 "POST",
                 route,
-                data=body,
+                data=body,  # type: ignore[arg-type]  # a file, as far as the producer cares
                 headers={"content-type": ["application/gzip"]},
                 query={"sha256": archive.sha256},
                 timeout=timeout or self.timeout,
                 reply=reply,
             )
 
-    async def update(self, archive: ReleaseArchive, timeout: float | None = None) -> dict:
-        """Push and activate a release; ``RemoteError`` carries a rolled-back/failed body."""
-        return await self._push("update", archive, timeout, replies.UPDATE)
+    async def update(
+        self,
+        archive: ReleaseArchive,
+        timeout: float | None = None,
+        sent: Callable[[int], None] | None = None,
+    ) -> dict:
+        """Push and activate a release; ``RemoteError`` carries a rolled-back/failed body.
+
+        ``sent(n)`` is called as the upload advances (``n`` bytes read for sending).
+        """
+        return await self._push("update", archive, timeout, replies.UPDATE, sent)
 
     async def update_self(self, archive: ReleaseArchive, timeout: float | None = None) -> dict:
         """Push the updater's own next release; it answers, then restarts onto it."""

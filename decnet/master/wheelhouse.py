@@ -46,6 +46,12 @@ def install_requires(root: Path) -> list[str]:
     return [line for line in lines if line]
 
 
+def installed_requires() -> list[str]:
+    """The runtime requirements of the installed DECNET (no extras): a master with no checkout."""
+    requirements = importlib.metadata.requires(OWN_DISTRIBUTION) or []
+    return [r for r in requirements if "extra" not in r.partition(";")[2]]
+
+
 def installed_pins() -> list[str]:
     """``name==version`` of every distribution in this environment but DECNET itself."""
     pins = {}
@@ -113,14 +119,16 @@ class Plan:
         return Path(cache_dir) / f"wheelhouse-{self.key}"
 
 
-def plan(root: Path) -> Plan:
-    """The wheelhouse the tree at ``root`` needs (blocking: reads setup.cfg and metadata)."""
-    requirements = [*install_requires(root), *BUILD_REQUIREMENTS]
+def plan(root: Path | None) -> Plan:
+    """The wheelhouse the tree at ``root`` needs (blocking: reads setup.cfg and metadata);
+    with ``root`` ``None``, what the installed DECNET requires."""
+    own = install_requires(root) if root is not None else installed_requires()
+    requirements = [*own, *BUILD_REQUIREMENTS]
     pins = installed_pins()
     return Plan(requirements, pins, cache_key(requirements, pins))
 
 
-def build(root: Path, cache_dir: Path, timeout: float = 900) -> Path:
+def build(root: Path | None, cache_dir: Path, timeout: float = 900) -> Path:
     """Build (or reuse) the wheelhouse for ``root`` under ``cache_dir``; blocking."""
     wanted = plan(root)
     target = wanted.target(cache_dir)

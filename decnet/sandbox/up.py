@@ -8,7 +8,7 @@ The sequence (each step printed as it happens):
    then per worker ``decnet-updater --agent-control spawn`` (it supervises the
    agent from its installed release) and ``decnet-forwarder`` tailing the
    agent's event log (:mod:`.children`), and wait until every updater answers;
-3. **release**: build one release tarball of this checkout with an offline
+3. **release**: build one wheel release of this checkout with an offline
    wheelhouse (:mod:`.wheelhouse`) and push it with the same code path as
    ``decnet-admin update --all`` (:class:`~decnet.master.rollout.Rollout`) to
    every worker whose current release is not already that one;
@@ -35,11 +35,10 @@ from twisted.logger import Logger
 
 from decnet import config
 from decnet.errors import DecnetError, SandboxError
-from decnet.master import tar_tree, wheelhouse
+from decnet.master import wheel_release, wheelhouse
 from decnet.master.agent_client import AgentClient
 from decnet.master.registry import Host
 from decnet.master.rollout import UPDATED, Rollout, plan_rollout
-from decnet.master.tar_tree import ReleaseArchive
 from decnet.master.updater_client import UpdaterClient
 from decnet.sandbox import ISandboxReactor, daemons, state
 from decnet.sandbox.children import Child, Children
@@ -335,17 +334,18 @@ class Sandbox:
     async def push_release(self) -> None:
         self.report(ReleaseStarting())
         wheels = await self.ensure_wheelhouse()
-        out_dir = self.layout.cache_dir / "releases"
-        archive = await self._thread(tar_tree.build_release, self.root, out_dir, wheelhouse=wheels)
+        release = await self._thread(wheel_release.prepare, self.root, wheels)
         try:
-            self.release = archive.release_id
-            self.doc["release"] = archive.release_id
-            self.report(ReleaseBuilt(archive.release_id, len(archive.files), archive.size))
-            todo = await self._not_current(archive.release_id)
+            self.release = release.release_id
+            self.doc["release"] = release.release_id
+            everything = release.manifest.wheels
+            size = await self._thread(release.size_of, everything)
+            self.report(ReleaseBuilt(release.release_id, 1 + len(everything), size))
+            todo = await self._not_current(release.release_id)
             if todo:
-                await self._rollout(self.identity, archive, todo)
+                await self._rollout(self.identity, release, todo)
         finally:
-            await self._thread(archive.path.unlink, missing_ok=True)
+            await self._thread(release.remove)
         await self.wait_for_agents()
 
     async def _not_current(self, release: str) -> list[Host]:
@@ -370,7 +370,7 @@ class Sandbox:
             await client.close()
 
     async def _rollout(
-        self, identity: TLSIdentity, archive: ReleaseArchive, hosts: list[Host]
+        self, identity: TLSIdentity, release: wheel_release.WheelRelease, hosts: list[Host]
     ) -> None:
         names = tuple(h.name for h in hosts)
         started = self.reactor.seconds()
@@ -385,12 +385,14 @@ class Sandbox:
         ticker.clock = self.reactor
         ticker.start(PROGRESS_EVERY, now=False)
         try:
+            tarballs = wheel_release.Tarballs(self.reactor, release)
             rollout = Rollout(
                 self.reactor,
                 lambda host: UpdaterClient(self.reactor, identity, host),
-                archive,
+                await self._thread(release.tarball_for, []),
                 concurrency=len(hosts),
                 progress=progress,
+                archive_for=tarballs.for_client,  # type: ignore[arg-type]
             )
             results = await rollout.run(plan_rollout(hosts))
         finally:

@@ -6,6 +6,7 @@ route                  who                    what
 ``GET /health``        master, this host's    the updater's own version and release
                        worker and updater
 ``GET /releases``      master                 installed releases, which is current
+``GET /wheels``        master                 stored dependency wheels and environments
 ``POST /update``       master                 body: the tarball; ``?sha256=<hex>``
 ``POST /rollback``     master                 ``{"to": "<id>"}`` or empty: the previous
 ``POST /update-self``  master                 body: the tarball; ``?sha256=<hex>``
@@ -105,6 +106,11 @@ def build_app(updater: Updater, *, master: Accept, local: tuple[Accept, ...] = (
     async def releases(request):
         authorize(request, master)
         return respond(request, await updater.releases())
+
+    @app.route("/wheels", methods=["GET"])
+    async def wheels(request):
+        authorize(request, master)
+        return respond(request, await updater.wheels())
 
     @app.route("/update", methods=["POST"])
     async def update(request):

@@ -34,6 +34,7 @@ Both block: call them in a thread.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -47,7 +48,7 @@ from typing import BinaryIO
 import attrs
 
 from decnet import config
-from decnet.errors import UnsafeArchive
+from decnet.errors import BadManifest, UnsafeArchive
 from decnet.updater.tarscan import TarHeaderScanner
 
 CHUNK = 256 * 1024
@@ -86,6 +87,10 @@ class Summary:
     build_info: dict
     has_wheelhouse: bool
     has_project: bool
+    #: A wheel release: the raw ``release.json`` (``None`` for a source release) ...
+    manifest: bytes | None = None
+    #: ... and every file under ``wheels/``: name below it -> sha256, hashed as it streamed.
+    wheels: dict[str, str] = attrs.field(factory=dict)
 
 
 def safe_name(member: tarfile.TarInfo) -> str | None:
@@ -222,6 +227,8 @@ class _Walk:
         self.members = self.files = self.total_bytes = 0
         self.build_info: dict = {}
         self.has_wheelhouse = self.has_project = False
+        self.manifest: bytes | None = None
+        self.wheels: dict[str, str] = {}
         self.seen: dict[str, str] = {}  # name -> "file" | "dir"
         self.name = ""  # the member being checked or written
 
@@ -272,8 +279,16 @@ class _Walk:
             data = source.read()
             self.build_info = _parse_build_info(data)
             chunks: Iterable[bytes] = [data]
+        elif name == config.RELEASE_MANIFEST:
+            if member.size > config.MAX_MANIFEST_BYTES:
+                raise BadManifest(f"release.json is larger than {config.MAX_MANIFEST_BYTES} bytes")
+            self.manifest = source.read()
+            chunks = [self.manifest]
         else:
             chunks = iter(partial(source.read, CHUNK), b"")
+        prefix = config.RELEASE_WHEELS_DIR + "/"
+        if name.startswith(prefix):
+            chunks = _hashed(chunks, self.wheels, name[len(prefix) :])
         if self.dest is None:
             for _ in chunks:
                 pass
@@ -282,6 +297,15 @@ class _Walk:
 
     def summary(self) -> Summary:
         return Summary(**{field.name: getattr(self, field.name) for field in attrs.fields(Summary)})
+
+
+def _hashed(chunks: Iterable[bytes], into: dict[str, str], key: str) -> Iterable[bytes]:
+    """``chunks`` unchanged; once they are all read, ``into[key]`` is their sha256."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+    into[key] = digest.hexdigest()
 
 
 def _short(exc: BaseException) -> str:

@@ -43,6 +43,8 @@ from decnet.errors import (
 )
 from decnet.release import release_id as own_release_id
 from decnet.updater import archive
+from decnet.updater.deps import DepsStore
+from decnet.updater.manifest import Manifest, check_wheels, parse_manifest
 from decnet.updater.releases import (
     OP_ROLLBACK,
     OP_SELF,
@@ -88,8 +90,18 @@ class Upload:
     size: int
 
 
+@attrs.frozen
+class Verified:
+    """An upload that passed every check: its release id, what it holds, and for a wheel
+    release its manifest and the dependency wheels it ships."""
+
+    release: str
+    summary: archive.Summary
+    manifest: Manifest | None = None
+
+
 class Updater:
-    """Owns the agent's release directory and the updater's own one."""
+    """Owns the agent's release directory, the updater's own one, and the dependency store."""
 
     log = Logger()
 
@@ -108,10 +120,12 @@ class Updater:
         limits: archive.Limits = archive.DEFAULT_LIMITS,
         restart_self: Callable[[Path], object] | None = None,
         restart_delay: float = 0.5,
+        deps: DepsStore | None = None,
     ):
         self.clock = clock
         self.store = store
         self.self_store = self_store
+        self.deps = deps if deps is not None else DepsStore(store.root)
         self.installer = installer
         self.agent = agent
         self.probe = probe
@@ -123,6 +137,8 @@ class Updater:
         self.restart_delay = restart_delay
         self.ready = False
         self.busy: str | None = None
+        # What the operation in flight is doing (GET /health): the master shows it as progress.
+        self.phase: str | None = None
         self.restarting_onto: Path | None = None
         self.started_at = clock.seconds()
         self.outcome_listeners: list[Callable[[Outcome], None]] = []
@@ -141,10 +157,11 @@ class Updater:
         if self.busy is not None:
             raise UpdaterBusy(f"busy with {self.busy}; try again when it has finished")
         self.busy = what
+        self.phase = "verifying"
         try:
             yield
         finally:
-            self.busy = None
+            self.busy = self.phase = None
 
     def _thread(self, f, *args, **kwargs):
         return self.to_thread(f, *args, **kwargs)
@@ -181,6 +198,8 @@ class Updater:
             plan = await self._thread(store.reconcile)
             for note in plan.notes:
                 self.log.warn("Reconciled {what} releases: {note}", what=what, note=note)
+        for note in await self._thread(self._reconcile_deps):
+            self.log.warn("Reconciled the dependency store: {note}", note=note)
         current = await self._thread(self.store.current_dir)
         if current is None:
             self.log.info("No agent release installed yet; waiting for a push")
@@ -205,9 +224,21 @@ class Updater:
             "version": __version__,
             "release": self.own_release,
             "busy": self.busy,
+            "phase": self.phase,
             "agent": self.agent.describe(),
             "uptime": round(self.clock.seconds() - self.started_at, 3),
         }
+
+    def _deps_refs(self) -> set[str]:
+        """Dependency environments a retained release of either store refers to (blocking)."""
+        return self.store.deps_refs() | self.self_store.deps_refs()
+
+    def _reconcile_deps(self) -> list[str]:
+        return self.deps.reconcile(self._deps_refs())
+
+    async def wheels(self) -> dict:
+        """``GET /wheels``: the dependency wheels and environments this worker already has."""
+        return await self._thread(self.deps.inventory)
 
     async def releases(self) -> dict:
         listing = await self._thread(self.store.list_releases)
@@ -216,8 +247,9 @@ class Updater:
 
     # -- update --------------------------------------------------------------
 
-    async def _verify(self, upload: Upload, expected: str | None) -> tuple[str, archive.Summary]:
-        """sha256 first (no byte is parsed before it matches), then the allow-list walk."""
+    async def _verify(self, upload: Upload, expected: str | None) -> Verified:
+        """sha256 first (no byte is parsed before it matches), then the allow-list walk, then
+        (a wheel release) the manifest against the wheels shipped and stored."""
         expected = normalize_sha256(expected)
         if not hmac.compare_digest(upload.sha256, expected):
             raise DigestMismatch(
@@ -225,22 +257,36 @@ class Updater:
                 "refused before reading it"
             )
         summary = await self._thread(archive.inspect, upload.file, self.limits)
+        if summary.manifest is not None:
+            manifest = parse_manifest(summary.manifest)
+            await self._thread(self._check_wheels, manifest, summary)
+            return Verified(manifest.release, summary, manifest)
         if not summary.has_project:
-            raise UnsafeArchive("not a release: no setup.cfg / pyproject.toml at the top")
-        return release_id_for(expected), summary
+            raise UnsafeArchive(
+                "not a release: no release.json, setup.cfg or pyproject.toml at the top"
+            )
+        return Verified(release_id_for(expected), summary)
+
+    def _check_wheels(self, manifest: Manifest, summary: archive.Summary) -> None:
+        have_env = self.deps.is_complete(manifest.deps_id)
+        check_wheels(manifest, summary.wheels, self.deps.wheels(), have_env=have_env)
 
     async def _install(
-        self, store: ReleaseStore, release: str, upload: Upload, summary, *, op: str, with_pip
+        self, store: ReleaseStore, verified: Verified, upload: Upload, *, op: str, with_pip: bool
     ) -> str:
         """Extract and install into ``releases/<id>``; on failure remove it again."""
+        release, summary, manifest = verified.release, verified.summary, verified.manifest
+        self.phase = "installing"
         directory = await self._thread(store.begin_install, release, op)
         try:
-            await self._thread(
-                archive.extract, upload.file, directory / config.RELEASE_SRC_DIR, self.limits
+            src = directory / config.RELEASE_SRC_DIR
+            await self._thread(archive.extract, upload.file, src, self.limits)
+            installing: Awaitable[Any] = (
+                self.installer.install(directory, with_pip=with_pip)
+                if manifest is None
+                else self._install_wheels(directory, manifest, with_pip=with_pip)
             )
-            output = await self._observed(
-                OP_INSTALL, self.installer.install(directory, with_pip=with_pip), "installed"
-            )
+            output = await self._observed(OP_INSTALL, installing, "installed")
             info = {
                 "installed_at": utc_iso(self.clock.seconds()),
                 "git_sha": summary.build_info.get("git_sha"),
@@ -252,14 +298,65 @@ class Updater:
                 "python": platform.python_version(),
                 "wheelhouse": summary.has_wheelhouse,
             }
+            if manifest is not None:
+                info.update(
+                    deps=manifest.deps_id,
+                    wheel=manifest.decnet.file,
+                    wheel_sha256=manifest.decnet.sha256,
+                    git_sha=manifest.build.get("git_sha"),
+                    git_dirty=manifest.build.get("git_dirty"),
+                    source=manifest.build.get("source"),
+                )
             await self._thread(store.finish_install, release, info, output)
         except BaseException as exc:
             self.log.warn(
                 "Install of {release} failed, removing it: {error}", release=release, error=exc
             )
             await self._thread(store.abort_install, release)
+            if manifest is not None:
+                # Wheels stored for it that no retained environment uses go again.
+                await self._thread(self._prune_deps)
             raise
         return output
+
+    async def _install_wheels(self, directory: Path, manifest: Manifest, *, with_pip: bool) -> str:
+        """Store the shipped dependency wheels, build the dependency environment unless it
+        exists, then the release's small venv with the decnet wheel."""
+        wheels_dir = directory / config.RELEASE_SRC_DIR / config.RELEASE_WHEELS_DIR
+        for wheel in manifest.deps:
+            shipped = wheels_dir / wheel.file
+            if shipped.is_file():
+                await self._thread(self.deps.store_wheel, shipped, wheel)
+        outputs = []
+        env = manifest.deps_id
+        if not await self._thread(self.deps.is_complete, env):
+            self.log.info("Building dependency environment {env}", env=env)
+            paths = [await self._thread(self.deps.wheel_path, w.sha256) for w in manifest.deps]
+            if any(p is None for p in paths):
+                raise InstallFailed(
+                    "a dependency wheel vanished from the store", output={"install": ""}
+                )
+            env_dir = await self._thread(self.deps.begin_env, env)
+            try:
+                outputs.append(await self.installer.build_deps(env_dir, paths))
+                await self._thread(self.deps.finish_env, env, manifest.deps)
+            except BaseException:
+                await self._thread(self.deps.discard_env, env)
+                raise
+        else:
+            self.log.info("Reusing dependency environment {env}", env=env)
+        env_dir = self.deps.env_dir(env)
+        site = await self._thread(self.deps.site_packages, env)
+        outputs.append(
+            await self.installer.install_wheel(
+                directory,
+                site,
+                env_dir / "bin",
+                wheels_dir / manifest.decnet.file,
+                with_pip=with_pip,
+            )
+        )
+        return "\n".join(outputs)
 
     async def update(self, upload: Upload, expected_sha256: str | None) -> dict:
         """Install, switch, restart, confirm; roll back on any failure after the switch."""
@@ -268,7 +365,8 @@ class Updater:
     async def _update(self, upload: Upload, expected_sha256: str | None) -> dict:
         with self._exclusive("an update"):
             started = self.clock.seconds()
-            release, summary = await self._verify(upload, expected_sha256)
+            verified = await self._verify(upload, expected_sha256)
+            release = verified.release
             current = await self._thread(self.store.current)
             if release == current:
                 # Nothing to install or switch; still only "updated" if it is healthy.
@@ -289,7 +387,7 @@ class Updater:
             if not await self._thread(self.store.is_complete, release):
                 self.log.info("Installing release {release}", release=release)
                 install_output = await self._install(
-                    self.store, release, upload, summary, op=OP_UPDATE, with_pip=False
+                    self.store, verified, upload, op=OP_UPDATE, with_pip=False
                 )
                 installed = True
             health = await self._activate(release, OP_UPDATE, install_output)
@@ -331,6 +429,7 @@ class Updater:
     async def _activate(self, release: str, op: str, install_output: str) -> dict:
         """Switch ``current``, restart the agent, wait for its health; revert on failure."""
         previous = await self._thread(self.store.switch_to, release, op)
+        self.phase = "health-checking"
         try:
             await self.agent.restart(self.store.release_dir(release))
             health = await self.probe.wait_for(
@@ -353,12 +452,23 @@ class Updater:
         pruned = await self._thread(store.prune, self.keep)
         if pruned:
             self.log.info("Removed old releases {pruned}", pruned=pruned)
+        deps = await self._thread(self._prune_deps)
+        if deps.envs or deps.wheels:
+            self.log.info(
+                "Removed {envs} unreferenced dependency environment(s) and {wheels} wheel(s)",
+                envs=len(deps.envs),
+                wheels=len(deps.wheels),
+            )
+
+    def _prune_deps(self):
+        return self.deps.prune(self._deps_refs())
 
     async def _revert(
         self, release: str, previous: str | None, cause, install_output
     ) -> UpdateError:
         """Put ``previous`` back and confirm it; the error that describes the outcome."""
         agent_output = await self.agent.recent_output()
+        self.phase = "rolling back"
         self.log.warn(
             "Release {release} failed ({cause}); going back to {previous}",
             release=release,
@@ -424,12 +534,11 @@ class Updater:
             raise InstallFailed("this updater has no way to restart itself")
         with self._exclusive("a self-update"):
             started = self.clock.seconds()
-            release, summary = await self._verify(upload, expected_sha256)
+            verified = await self._verify(upload, expected_sha256)
+            release = verified.release
             if not await self._thread(self.self_store.is_complete, release):
                 self.log.info("Installing updater release {release}", release=release)
-                await self._install(
-                    self.self_store, release, upload, summary, op=OP_SELF, with_pip=True
-                )
+                await self._install(self.self_store, verified, upload, op=OP_SELF, with_pip=True)
             previous = await self._thread(self.self_store.switch_to, release, OP_SELF)
             await self._thread(self.self_store.commit)
             await self._prune(self.self_store)

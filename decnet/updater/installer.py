@@ -18,19 +18,38 @@ release), the venv is created with pip and that pip is used.
 Last, the new venv's Python builds Twisted's plugin cache (``dropin.cache``):
 the agent and the forwarder run from the release as users that cannot write it
 (docs/Operations.md), so without it every start would rescan and warn.
+
+A *wheel release* (``release.json``, :mod:`decnet.updater.manifest`) installs
+in two parts instead, both offline (``--no-index``, ``--no-deps``, local wheel
+files only, never the network):
+
+* :meth:`Installer.build_deps`: a dependency environment ``deps/<id>`` (a venv
+  without pip) gets every dependency wheel, is byte-compiled once and gets its
+  own plugin cache; the store then makes it read-only (:mod:`decnet.updater.deps`);
+* :meth:`Installer.install_wheel`: the release's small venv gets a ``.pth``
+  file that adds the environment's ``site-packages`` (with
+  ``site.addsitedir``, so the ``.pth`` files of the dependencies work too),
+  the console scripts of the dependencies (``twistd``) with its own
+  interpreter, and the decnet wheel with ``--no-deps``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
 from decnet import config
 from decnet.errors import InstallFailed
+from decnet.interfaces import IDecnetReactor
 from decnet.process import ProcessResult, child_env, run_process
+
+DEPS_PTH = "decnet-deps.pth"
 
 # Run by the release's own Python; a release without Twisted has no cache to build.
 PLUGIN_CACHE_SCRIPT = (
@@ -53,18 +72,20 @@ class Installer:
 
     def __init__(
         self,
-        reactor,
+        reactor: IDecnetReactor,
         *,
         python: str = sys.executable,
         timeout: float = config.DEFAULT_INSTALL_TIMEOUT,
         compile_bytecode: bool = True,
         use_own_pip: bool | None = None,
+        to_thread: Callable[..., Awaitable[Any]] | None = None,
     ):
         self.reactor = reactor
         self.python = python
         self.timeout = timeout
         self.compile_bytecode = compile_bytecode
         self.use_own_pip = has_pip() if use_own_pip is None else use_own_pip
+        self.to_thread = to_thread
 
     def commands(self, release_dir: Path, *, with_pip: bool = False) -> list[tuple[str, list[str]]]:
         """``(step, argv)`` pairs :meth:`install` runs, in order."""
@@ -97,14 +118,19 @@ class Installer:
     async def install(self, release_dir: Path, *, with_pip: bool = False) -> str:
         """Run every step; the combined output, or :class:`InstallFailed` carrying it."""
         release_dir = Path(release_dir)
+        return await self._run(self.commands(release_dir, with_pip=with_pip), release_dir)
+
+    async def _run(
+        self, steps: list[tuple[str, list[str]]], cwd: Path, outputs: list[str] | None = None
+    ) -> str:
         env = child_env({"PIP_NO_INPUT": "1", "PYTHONDONTWRITEBYTECODE": "1"})
-        outputs: list[str] = []
+        outputs = [] if outputs is None else outputs
         deadline = self.reactor.seconds() + self.timeout
-        for step, argv in self.commands(release_dir, with_pip=with_pip):
+        for step, argv in steps:
             remaining = max(1.0, deadline - self.reactor.seconds())
             self.log.info("Running {command}", command=" ".join(argv[:4]) + " ...")
             result: ProcessResult = await run_process(
-                self.reactor, argv, env=env, path=str(release_dir), timeout=remaining
+                self.reactor, argv, env=env, path=str(cwd), timeout=remaining
             )
             outputs.append(f"$ {' '.join(argv)}\n{result.output}")
             if not result.ok:
@@ -114,3 +140,113 @@ class Installer:
                     output={"install": text},
                 )
         return "\n".join(outputs)
+
+    # -- wheel releases ------------------------------------------------------
+
+    def _venv_and_pip(
+        self, venv: Path, *, with_pip: bool, compile_bytecode: bool | None = None
+    ) -> tuple[list[str], list[str]]:
+        """The argv creating ``venv`` and the pip prefix that installs into it."""
+        own_pip = self.use_own_pip and not with_pip
+        create = [self.python, "-m", "venv", *(["--without-pip"] if own_pip else []), str(venv)]
+        venv_python = str(venv / "bin" / "python")
+        pip = (
+            [self.python, "-m", "pip", "--python", venv_python]
+            if own_pip
+            else [venv_python, "-m", "pip"]
+        )
+        install = [*pip, "install", "--disable-pip-version-check", "--no-input"]
+        install += ["--no-index", "--no-deps"]
+        if not (self.compile_bytecode if compile_bytecode is None else compile_bytecode):
+            install.append("--no-compile")
+        return create, install
+
+    def deps_commands(self, env_dir: Path, wheels: list[Path]) -> list[tuple[str, list[str]]]:
+        """``(step, argv)`` pairs :meth:`build_deps` runs, in order.
+
+        Always byte-compiled, whatever ``compile_bytecode`` says: the environment is
+        read-only, so no daemon could ever write the bytecode itself, and every start
+        would compile Twisted and cryptography's Python again.
+        """
+        create, install = self._venv_and_pip(env_dir, with_pip=False, compile_bytecode=True)
+        cache = [str(env_dir / "bin" / "python"), "-c", PLUGIN_CACHE_SCRIPT]
+        return [
+            ("create the dependency environment", create),
+            ("pip install the dependency wheels", [*install, *map(str, wheels)]),
+            ("build the plugin cache", cache),
+        ]
+
+    async def build_deps(self, env_dir: Path, wheels: list[Path]) -> str:
+        """Install ``wheels`` (every dependency, offline, no resolution) into ``env_dir``."""
+        return await self._run(self.deps_commands(Path(env_dir), wheels), Path(env_dir))
+
+    async def install_wheel(
+        self, release_dir: Path, deps_site: Path, deps_bin: Path, wheel: Path, *, with_pip: bool
+    ) -> str:
+        """The release's small venv: linked to ``deps_site``, plus ``wheel`` with ``--no-deps``."""
+        release_dir = Path(release_dir)
+        venv = release_dir / config.RELEASE_VENV_DIR
+        create, install = self._venv_and_pip(venv, with_pip=with_pip)
+        outputs: list[str] = []
+        await self._run([("create the venv", create)], release_dir, outputs)
+        linked = await self._blocking(link_deps, venv, deps_site, deps_bin)
+        outputs.append(f"linked {deps_site} and {linked} console scripts")
+        cache = [str(venv / "bin" / "python"), "-c", PLUGIN_CACHE_SCRIPT]
+        steps = [("pip install the decnet wheel", [*install, str(wheel)])]
+        return await self._run([*steps, ("build the plugin cache", cache)], release_dir, outputs)
+
+    async def _blocking(self, f: Callable[..., Any], *args: Any) -> Any:
+        if self.to_thread is None:
+            return f(*args)
+        return await self.to_thread(f, *args)
+
+
+def link_deps(venv: Path, deps_site: Path, deps_bin: Path) -> int:
+    """Make ``venv`` use the dependency environment; the number of console scripts copied.
+
+    A ``.pth`` line that starts with ``import`` is executed by :mod:`site`;
+    ``site.addsitedir`` adds the directory *and* processes its own ``.pth``
+    files.  The dependencies' console scripts (``twistd``) are copied with the
+    release's interpreter in their ``#!`` line: run from the environment they
+    would miss decnet.  Blocking.
+    """
+    sites = sorted(venv.glob("lib/python*/site-packages"))
+    if not sites:
+        raise InstallFailed(f"{venv} has no site-packages", output={"install": ""})
+    line = f"import site; site.addsitedir({str(deps_site)!r})\n"
+    (sites[0] / DEPS_PTH).write_text(line)
+    old = str(deps_bin.parent / "bin" / "python").encode()
+    new = str(venv / "bin" / "python").encode()
+    copied = 0
+    for script in sorted(deps_bin.iterdir()) if deps_bin.is_dir() else []:
+        target = venv / "bin" / script.name
+        if target.exists() or target.is_symlink() or not script.is_file() or script.is_symlink():
+            continue
+        body = script_body(script.read_bytes(), old)
+        if body is None:
+            continue
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(shebang(new) + body)
+        copied += 1
+    return copied
+
+
+# pip's form for an interpreter path too long for a #! line (Linux truncates at 127 bytes).
+_SH_EXEC = b"#!/bin/sh\n" + b"'" * 3 + b'exec\' %s "$0" "$@"\n\' ' + b"'" * 3 + b"\n"
+_MAX_SHEBANG = 127
+
+
+def shebang(python: bytes) -> bytes:
+    """The first line(s) of a console script run by ``python``, as pip writes them."""
+    if len(python) + 2 <= _MAX_SHEBANG:
+        return b"#!" + python + b"\n"
+    return _SH_EXEC % python
+
+
+def script_body(data: bytes, python: bytes) -> bytes | None:
+    """The script without its interpreter line(s), if ``python`` runs it; else ``None``."""
+    for head in (b"#!" + python + b"\n", _SH_EXEC % python):
+        if data.startswith(head):
+            return data[len(head) :]
+    return None

@@ -387,6 +387,29 @@ def _protected(
 # The store (blocking I/O)
 
 
+def discard_via_trash(
+    source: Path,
+    trash_dir: Path,
+    name: str,
+    step_name: str,
+    step: Callable[[str], None],
+    rmtree: Callable[[Path], None] = shutil.rmtree,
+) -> None:
+    """Delete directory ``source``: rename it into ``trash_dir`` (atomic, so it never looks
+    half there), make the rename durable, then remove it.  ``step`` is the crash hook."""
+    if not source.exists():
+        return
+    trash_dir.mkdir(mode=0o700, exist_ok=True)
+    target = trash_dir / f"{name}-{os.getpid()}"
+    if target.exists():
+        rmtree(target)
+    step(f"{step_name}:{name}")
+    os.rename(source, target)
+    fsync_dir(source.parent)
+    step(f"{step_name}-rm:{name}")
+    rmtree(target)
+
+
 class ReleaseStore:
     """One release directory on disk.  Every method blocks; call them from a thread.
 
@@ -436,6 +459,16 @@ class ReleaseStore:
         except (FileNotFoundError, ValueError):
             raise UnknownRelease(f"no complete release {release}") from None
         return info if isinstance(info, dict) else {}
+
+    def deps_refs(self) -> set[str]:
+        """The dependency environments (``deps/<id>``) the complete releases here refer to."""
+        refs = set()
+        for release in self.scan().complete:
+            with contextlib.suppress(UnknownRelease):
+                deps = self.release_info(release).get("deps")
+                if isinstance(deps, str):
+                    refs.add(deps)
+        return refs
 
     def current(self) -> str | None:
         """The release ``current`` names, or ``None`` (missing link, or not a release path)."""
@@ -531,6 +564,7 @@ class ReleaseStore:
                     "installed_at": info.get("installed_at"),
                     "git_sha": info.get("git_sha"),
                     "sha256": info.get("sha256"),
+                    "deps": info.get("deps"),
                     "current": release == current,
                     "rollback_target": release == rollback_to,
                     "failed": release in self.journal.failed,
@@ -563,18 +597,7 @@ class ReleaseStore:
 
     def _discard(self, release: str) -> None:
         """Delete a release: rename it into ``.trash`` (atomic), then remove it."""
-        source = self.release_dir(release)
-        if not source.exists():
-            return
-        self.trash_dir.mkdir(mode=0o700, exist_ok=True)
-        target = self.trash_dir / f"{release}-{os.getpid()}"
-        if target.exists():
-            shutil.rmtree(target)
-        self._step(f"discard:{release}")
-        os.rename(source, target)
-        fsync_dir(self.releases_dir)
-        self._step(f"discard-rm:{release}")
-        shutil.rmtree(target)
+        discard_via_trash(self.release_dir(release), self.trash_dir, release, "discard", self._step)
         with contextlib.suppress(OSError):
             self.trash_dir.rmdir()  # only when empty
 

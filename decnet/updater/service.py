@@ -157,16 +157,20 @@ class UpdaterService(service.MultiService):
     ):
         super().__init__()
         self.reactor = reactor
+        to_thread = pool_runner(IReactorThreads(reactor))
         self.updater = Updater(
             clock=reactor,
             store=ReleaseStore(install_dir),
             self_store=ReleaseStore(install_dir / config.UPDATER_SELF_DIR),
             installer=Installer(
-                reactor, timeout=install_timeout, compile_bytecode=compile_bytecode
+                reactor,
+                timeout=install_timeout,
+                compile_bytecode=compile_bytecode,
+                to_thread=to_thread,
             ),
             agent=agent_control(reactor, bundle, agent),
             probe=HealthProbe(reactor, agent_health_client(reactor, identity, bundle, agent)),
-            to_thread=pool_runner(IReactorThreads(reactor)),
+            to_thread=to_thread,
             health_timeout=health_timeout,
             keep=keep,
             limits=archive.Limits(),
