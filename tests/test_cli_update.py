@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,9 +111,11 @@ def test_a_failed_update_shows_the_agents_last_lines_in_the_table_and_all_of_it_
     from decnet.cli import output
     from decnet.cli.updates import AGENT_TAIL_LINES, _show_results
     from decnet.master.rollout import HostResult
-    from decnet.master.tar_tree import ReleaseArchive
+    from decnet.master.wheel_release import WheelRelease
+    from decnet.updater.manifest import Manifest, wheel_of
 
-    archive = ReleaseArchive(None, "ab" * 32, 1, (), (), None, None)
+    decnet_wheel = wheel_of("decnet_swarm-0.1.0-py3-none-any.whl", "ab" * 32)
+    archive = WheelRelease(Manifest(decnet_wheel, ()), {}, Path("."))
     agent = "".join(f"line {i}\n" for i in range(40)) + "RuntimeError: broken \x1b[2J\n"
     failed = HostResult(
         "w1", "rolled_back", "old", 1.0, "HTTP 409: release x failed", output={"agent": agent}
@@ -136,7 +139,7 @@ def test_a_failed_update_shows_the_agents_last_lines_in_the_table_and_all_of_it_
 def test_a_json_command_run_in_process_leaves_text_output_to_the_next_caller(home, capsys):
     from decnet.cli import output
 
-    assert main(["--home", home, "update", "--host", "alpha", "--dry-run", "--json"]) == 0
+    assert main(["--home", home, "hosts", "--json"]) == 0
     json.loads(capsys.readouterr().out)
     assert not output.json_mode()
 
