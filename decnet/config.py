@@ -93,6 +93,7 @@ class MasterPaths:
             listener.crt .key      the listener's own identity (key 0640)
             revoked.json           the revocation list
           master.json              master host name/addresses given at init
+          listeners.json           the listener list for new bundles (optional)
           registry.sqlite          the host registry
           ingest/                  log listener output (mirror + JSON feed)
 
@@ -138,6 +139,11 @@ class MasterPaths:
     @property
     def registry(self) -> Path:
         return self.home / "registry.sqlite"
+
+    @property
+    def listeners(self) -> Path:
+        """The listener list new bundles get (``decnet-admin listeners``)."""
+        return self.home / "listeners.json"
 
     @property
     def listener_dir(self) -> Path:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from decnet import pki
+from decnet.errors import ValidationError
+
 JSON_HELP = "machine-readable output"
 
 
@@ -44,3 +47,18 @@ def json_flag(parser: argparse.ArgumentParser, text: str = JSON_HELP) -> None:
 def timeout_option(parser: argparse.ArgumentParser, default: float, text: str) -> None:
     """``--timeout SECONDS`` (a float), explained by ``text``."""
     parser.add_argument("--timeout", type=float, default=default, help=text)
+
+
+def listener_address(value: str) -> str:
+    """An argparse ``type``: ``HOST:PORT`` of a log listener, in its canonical spelling;
+    a typo is a usage error that says what was expected."""
+    try:
+        return pki.format_listener(*pki.parse_listener(value))
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def examples(parser: argparse.ArgumentParser, *lines: str) -> None:
+    """Show ``lines`` as an "examples:" epilog of ``parser``'s ``--help``, as written."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "examples:\n" + "\n".join("  " + line for line in lines)

@@ -6,7 +6,7 @@ import argparse
 
 from decnet import config, pki
 from decnet.cli import output
-from decnet.cli.arguments import command, flag, json_flag
+from decnet.cli.arguments import command, examples, flag, json_flag, listener_address
 from decnet.master import enrollment
 from decnet.master.registry import Registry
 
@@ -61,6 +61,21 @@ def register(sub, parents) -> None:
         help="certificate lifetime in days (default: %(default)s)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="new directory for the bundle")
+    p.add_argument(
+        "--listener",
+        action="append",
+        type=listener_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="a log listener the worker may ship to (repeatable, in order; default: the list "
+        "of `decnet-admin listeners`, else the master's own listener)",
+    )
+    examples(
+        p,
+        "decnet-admin enroll web-01 --address 10.0.1.7 --updater --out ./web-01",
+        "decnet-admin enroll web-02 --address 10.0.1.8 --out ./web-02 \\",
+        "    --listener 10.0.0.5:6514 --listener 10.0.0.6:6514",
+    )
 
     p = command(
         sub,
@@ -116,18 +131,22 @@ _ENROLL_OPTIONS = (
     "master_host",
     "key_type",
     "validity_days",
+    "listener",
 )
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
     options = {name: getattr(args, name) for name in _ENROLL_OPTIONS}
+    options["listeners"] = options.pop("listener")
     result = enrollment.enroll(master, args.name, args.address, args.out, sans=args.san, **options)
     host = result.host
     output.line(f"Enrolled {host.name} ({host.address}); bundle written to {result.bundle_dir}")
     output.line(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")
     if host.updater_fingerprint:
         output.line(f"  updater fingerprint  {pki.colon_fingerprint(host.updater_fingerprint)}")
+    listed = pki.WorkerBundle.load(result.bundle_dir).listeners
+    output.line(f"  listeners            {', '.join(pki.format_listener(*x) for x in listed)}")
     output.line("Copy the bundle directory to the worker (it holds private keys: keep it 0700).")
     return 0
 

@@ -20,6 +20,7 @@ import attrs
 from decnet import config, pki, revocation
 from decnet.errors import ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, write_new_file
+from decnet.master.listeners import read_listeners
 from decnet.master.registry import Host, Registry, utc_now_iso
 
 LISTENER_DIR_MODE = 0o750
@@ -211,17 +212,23 @@ def enroll(
     key_type: str = pki.DEFAULT_KEY_TYPE,
     validity_days: int = config.LEAF_VALIDITY_DAYS,
     registry: Registry | None = None,
+    listeners: Sequence[str] | None = None,
 ) -> Enrollment:
     """Issue a worker (and optionally updater) identity and write its bundle to ``out_dir``.
 
-    The master keeps the fingerprints, never the private keys.
+    The master keeps the fingerprints, never the private keys.  ``listeners``
+    (``HOST:PORT``, in order) go into the bundle; without them the master's list
+    (``decnet-admin listeners``) does, and without that the bundle names the
+    master's own listener only, as bundles always have.
     """
     out_dir = Path(out_dir).absolute()
+    chosen = list(listeners) if listeners else read_listeners(master.paths)
     problems = _problems(
         [
             partial(pki.validate_host_name, name),
             partial(pki.parse_address, address),
             *[partial(pki.parse_address, s) for s in sans],
+            *([partial(pki.validate_listeners, chosen)] if chosen else []),
         ]
     )
     problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
@@ -262,6 +269,8 @@ def enroll(
         "listener_fingerprint": master.listener_cert_fingerprint,
         "ca_fingerprint": master.ca.fingerprint,
     }
+    if chosen:
+        settings["listeners"] = pki.validate_listeners(chosen)
     files[config.BUNDLE_CONFIG] = (json.dumps(settings, indent=2) + "\n").encode()
 
     host = Host(
