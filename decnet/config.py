@@ -205,6 +205,13 @@ TRUNCATION_MARKER = b"...[decnet: line truncated]"
 # TLS ALPN id of the acknowledged protocol; a peer that does not offer it gets
 # plain RFC 5425.
 ACK_ALPN = b"decnet-syslog/1"
+# ... and of its second version: HELLO may carry the worker's acknowledged offset, so a
+# listener the worker moves to starts a new mirror segment there (docs/Logging.md).  A
+# forwarder offers it only when its bundle names several listeners.
+ACK_ALPN_MOVES = b"decnet-syslog/2"
+# A forwarder shipping to a listener other than its preferred one goes back after this
+# many seconds (docs/SWARM-Mode.md, "Several listeners").
+DEFAULT_LISTENER_RETURN = 300.0
 
 # Stream names: ack-mode forwarders name theirs (``--stream``); everything
 # received in plain RFC 5425 lands in PLAIN_STREAM of the sending worker.

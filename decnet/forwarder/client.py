@@ -16,7 +16,12 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +30,9 @@ from zope.interface import implementer
 from decnet import config
 from decnet.forwarder import core
 from decnet.forwarder.offsets import JournalStore
+from decnet.forwarder.rendezvous import Listener, ListenerChoice
 from decnet.forwarder.tail import Tailer
+from decnet.pki import format_listener
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder
 from decnet.tls import PeerCertificateRefused
@@ -58,10 +65,14 @@ class Shipper:
 
     # -- events in -------------------------------------------------------
 
-    def attach(self, proto: ForwarderProtocol, mode: str) -> None:
+    def attach(self, proto: ForwarderProtocol, mode: str, moves: bool = False) -> None:
         self.proto = proto
         proto.transport.registerProducer(self, True)
-        self.execute(self.core.connected(mode))
+        self.execute(self.core.connected(mode, moves))
+
+    def drain(self) -> None:
+        """Close the connection once everything sent is acknowledged (see ``core.drain``)."""
+        self.execute(self.core.drain())
 
     def detach(self, proto: ForwarderProtocol) -> None:
         if self.proto is not proto:
@@ -232,10 +243,10 @@ class ForwarderProtocol(Protocol):
     def handshakeCompleted(self):
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         wanted = self.factory.mode
-        if alpn == config.ACK_ALPN:
+        if alpn in (config.ACK_ALPN, config.ACK_ALPN_MOVES):
             self.mode = core.ACK
             self.factory.connected(self, "acknowledged")
-            self.shipper.attach(self, core.ACK)
+            self.shipper.attach(self, core.ACK, moves=alpn == config.ACK_ALPN_MOVES)
         elif wanted == "ack":
             self.factory.failed_attempt(
                 "the receiver does not speak decnet-syslog/1 and --mode is ack"
@@ -282,7 +293,14 @@ class ForwarderProtocol(Protocol):
         return handle is not None and bool(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
 
     def abandon(self, reason: str) -> None:
-        self.log.warn("Closing the connection to the master: {reason}", reason=reason)
+        if reason == core.DRAINED:
+            self.log.info(
+                "Closing the connection to {target}: {reason}",
+                target=self.factory.target,
+                reason=reason,
+            )
+        else:
+            self.log.warn("Closing the connection to the master: {reason}", reason=reason)
         self.close()
 
     def close(self) -> None:
@@ -303,11 +321,27 @@ class ForwarderFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, shipper: Shipper | None, *, stream: str, mode: str, target: str):
+    def __init__(
+        self,
+        shipper: Shipper | None,
+        *,
+        stream: str,
+        mode: str,
+        target: str,
+        choice: ListenerChoice | None = None,
+        clock: IReactorTime | None = None,
+    ):
         self.shipper = shipper
         self.stream = stream
         self.mode = mode
         self.target = target
+        # Several listeners: where the next attempt goes, and the timer that hands a
+        # connection to a non-preferred listener back (``clock`` is then required).
+        self.choice = choice
+        self.clock = clock
+        self._return_call: IDelayedCall | None = None
+        self._returning = False
+        self.moves = 0
         self.state = "connecting"
         # Told (state, detail) on every change: systemd's STATUS line, for one.
         self.state_listeners: list = []
@@ -335,6 +369,41 @@ class ForwarderFactory(Factory):
         )
         self._last_failure, self._failures = None, 0
         self._set_state("connected", f"shipping to {self.target} ({mode})")
+        if self.choice is not None and self.choice.connected() and self.clock is not None:
+            self._return_call = self.clock.callLater(
+                self.choice.return_after, self._return_to_preferred
+            )
+
+    def _return_to_preferred(self) -> None:
+        """Time to go back to the preferred listener: hand this connection back."""
+        self._return_call = None
+        if self.current is None or self.shipper is None or self.choice is None:
+            return
+        self._returning = True
+        self.log.info(
+            "Returning to the preferred listener {preferred}: closing {target} once "
+            "everything sent to it is acknowledged",
+            preferred=_spelled(self.choice.preferred),
+            target=self.target,
+        )
+        self.shipper.drain()
+
+    def _cancel_return(self) -> None:
+        if self._return_call is not None and self._return_call.active():
+            self._return_call.cancel()
+        self._return_call = None
+
+    def _move(self, before: Listener, after: Listener, reason: str) -> None:
+        self.target = _spelled(after)
+        if before == after:
+            return
+        self.moves += 1
+        self.log.warn(
+            "Moving from {source} to {destination}: {reason}",
+            source=_spelled(before),
+            destination=self.target,
+            reason=reason,
+        )
 
     def disconnected(self, proto: ForwarderProtocol, reason) -> None:
         if proto.mode is None:
@@ -342,11 +411,18 @@ class ForwarderFactory(Factory):
             return
         if self.current is proto:
             self.current = None
+        self._cancel_return()
         self.log.warn(
             "Disconnected from {target}: {reason}; reconnecting",
             target=self.target,
             reason=reason.getErrorMessage(),
         )
+        if self.choice is not None:
+            was = self.choice.disconnected()
+            why = "returning to the preferred listener" if self._returning else "disconnected"
+            self._returning = False
+            if was is not None:
+                self._move(was, self.choice.target, why)
         self._set_state("disconnected", f"reconnecting to {self.target}")
 
     def failed_attempt(self, reason: str) -> None:
@@ -359,6 +435,16 @@ class ForwarderFactory(Factory):
             )
             self._last_failure = reason
         self._set_state("failing", f"cannot connect to {self.target}: {reason}")
+        if self.choice is not None:
+            self._move(*self.choice.failed(), reason)
+
+    def stop(self) -> None:
+        """The service stops: no more returns."""
+        self._cancel_return()
+
+
+def _spelled(listener: Listener) -> str:
+    return format_listener(*listener)
 
 
 def _handshake_failure(reason: Failure) -> str:

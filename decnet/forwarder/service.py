@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -19,8 +19,10 @@ from decnet.forwarder.client import ForwarderFactory, Shipper
 from decnet.forwarder.core import DeliveryCore
 from decnet.forwarder.journal import Plan
 from decnet.forwarder.offsets import JournalStore
+from decnet.forwarder.rendezvous import Listener, ListenerChoice
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
 from decnet.interfaces import IDecnetReactor
+from decnet.pki import format_listener
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -32,24 +34,35 @@ _jitter = random.SystemRandom()
 
 
 def forwarder_options(
-    identity: TLSIdentity, master_fingerprint: str | None, mode: str
+    identity: TLSIdentity, master_fingerprint: str | None, mode: str, *, several: bool = False
 ) -> tuple[PolicyOptions, PeerPolicy]:
-    """Client TLS options: the master only (pinned when we know its fingerprint)."""
+    """Client TLS options: the master only (pinned when we know its fingerprint).
+
+    ``several``: the bundle names several listeners, so the worker may move between
+    them; it then offers ``decnet-syslog/2`` as well (an older listener picks /1).
+    """
     policy = PeerPolicy([Accept(config.ROLE_MASTER, fingerprint=master_fingerprint)])
-    alpn = None if mode == "plain" else [config.ACK_ALPN]
+    protocols = [config.ACK_ALPN_MOVES, config.ACK_ALPN] if several else [config.ACK_ALPN]
+    alpn = None if mode == "plain" else protocols
     return PolicyOptions(identity, policy, acceptable_protocols=alpn), policy
 
 
 @implementer(IStreamClientEndpoint)
 class _ReportingEndpoint:
-    """Tells the factory about failed connection attempts (refused, unreachable)."""
+    """Connects to the factory's current choice of listener and tells the factory
+    about failed attempts (refused, unreachable), which may move it to the next."""
 
-    def __init__(self, endpoint, factory: ForwarderFactory):
-        self._endpoint = endpoint
+    def __init__(self, reactor: IDecnetReactor, options: PolicyOptions, factory: ForwarderFactory):
+        self._reactor = reactor
+        self._options = options
         self._factory = factory
 
     def connect(self, protocol_factory):
-        d = self._endpoint.connect(protocol_factory)
+        choice = self._factory.choice
+        assert choice is not None  # the service always gives its factory one
+        host, port = choice.target
+        endpoint = wrapClientTLS(self._options, HostnameEndpoint(self._reactor, host, port))
+        d = endpoint.connect(protocol_factory)
 
         def failed(failure):
             self._factory.failed_attempt(failure.getErrorMessage())
@@ -176,8 +189,9 @@ class ForwarderService(MultiService):
         reactor,
         *,
         identity: TLSIdentity,
-        master_host: str,
-        master_port: int,
+        master_host: str | None = None,
+        master_port: int | None = None,
+        listeners: Sequence[Listener] = (),
         master_fingerprint: str | None,
         log_file: Path,
         state_file: Path,
@@ -187,7 +201,10 @@ class ForwarderService(MultiService):
         poll_interval: float = config.DEFAULT_POLL_INTERVAL,
         rotate_wait: float = DEFAULT_ROTATE_WAIT,
         max_retry_delay: float = 30.0,
+        return_after: float = config.DEFAULT_LISTENER_RETURN,
     ):
+        """Ships to ``listeners`` (several: chosen by rendezvous hashing of the worker's
+        CN, see :mod:`decnet.forwarder.rendezvous`), or to ``master_host:master_port``."""
         super().__init__()
         self.reactor = reactor
         self.stream = stream
@@ -198,12 +215,22 @@ class ForwarderService(MultiService):
         self.max_payload = max_line
         self.store: JournalStore | None = None
         self.shipper: Shipper | None = None  # once the journal is read
-        options, _ = forwarder_options(identity, master_fingerprint, mode)
-        target = f"{master_host}:{master_port}"
-        self.factory = ForwarderFactory(None, stream=stream, mode=mode, target=target)
-        endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
+        if not listeners:
+            if master_host is None or master_port is None:
+                raise TypeError("give listeners, or master_host and master_port")
+            listeners = [(master_host, master_port)]
+        choice = ListenerChoice(identity.identity.cn, listeners, return_after)
+        options, _ = forwarder_options(identity, master_fingerprint, mode, several=choice.several)
+        self.factory = ForwarderFactory(
+            None,
+            stream=stream,
+            mode=mode,
+            target=format_listener(*choice.target),
+            choice=choice,
+            clock=reactor,
+        )
         self.client = ClientService(
-            _ReportingEndpoint(endpoint, self.factory),
+            _ReportingEndpoint(reactor, options, self.factory),
             self.factory,
             retryPolicy=backoffPolicy(
                 initialDelay=0.5, maxDelay=max_retry_delay, factor=2.0, jitter=_jitter.random
@@ -261,6 +288,7 @@ class ForwarderService(MultiService):
         self.reactor.stop()
 
     def stopService(self):
+        self.factory.stop()
         current = self.factory.current
         if current is not None and not current.lost and self.shipper is not None:
             self.shipper.detach(current)
