@@ -212,6 +212,8 @@ ACK_ALPN_MOVES = b"decnet-syslog/2"
 # A forwarder shipping to a listener other than its preferred one goes back after this
 # many seconds (docs/SWARM-Mode.md, "Several listeners").
 DEFAULT_LISTENER_RETURN = 300.0
+# How often a forwarder re-reads its bundle's listener list (``bundle refresh``), seconds.
+DEFAULT_BUNDLE_CHECK = 10.0
 
 # Stream names: ack-mode forwarders name theirs (``--stream``); everything
 # received in plain RFC 5425 lands in PLAIN_STREAM of the sending worker.

@@ -33,8 +33,10 @@ from decnet import config
 from decnet.errors import InvalidName, MissingFileError, PKIError, ValidationError
 from decnet.fsutil import (
     PRIVATE_FILE_MODE,
+    atomic_write,
     ensure_private_dir,
     fsync_dir,
+    lock_path_for,
     locked,
     write_new_file,
 )
@@ -594,3 +596,26 @@ class WorkerBundle:
     @property
     def has_updater(self) -> bool:
         return self.cert_path(config.ROLE_UPDATER).exists()
+
+
+def replace_bundle_listeners(
+    directory: str | os.PathLike, listeners: object
+) -> tuple[list[str], bool]:
+    """Replace only the listener list of the bundle in ``directory``.  Blocking.
+
+    ``listeners`` is validated first (:func:`validate_listeners`): a hostile list
+    changes nothing.  Every other field of ``bundle.json`` is kept as it is; the
+    file is replaced atomically and durably, under its lock, so two refreshes at
+    once leave one of the two lists, never a mix.  Returns the list now in force
+    and whether it changed.
+    """
+    wanted = validate_listeners(listeners)
+    path = Path(directory) / config.BUNDLE_CONFIG
+    with locked(lock_path_for(path)):
+        settings = WorkerBundle.load(directory).settings
+        if settings.get("listeners") == wanted:
+            return wanted, False
+        updated = {**settings, "listeners": wanted}
+        atomic_write(path, (json.dumps(updated, indent=2) + "\n").encode(), 0o644)
+        fsync_dir(path.parent)
+    return wanted, True

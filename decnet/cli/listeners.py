@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import argparse
 
+from decnet import config
 from decnet.cli import output
-from decnet.cli.arguments import command, examples, json_flag, listener_address
+from decnet.cli.arguments import (
+    command,
+    examples,
+    flag,
+    json_flag,
+    listener_address,
+    timeout_option,
+)
+from decnet.cli.runtime import run_async
+from decnet.errors import ValidationError
 from decnet.master import enrollment
 from decnet.master.listeners import ListenerEdit, add_listener, read_listeners, remove_listener
+from decnet.master.refresh import RefreshResult, refresh_listeners
+from decnet.master.registry import Host, Registry
+from decnet.options import positive_int
+from decnet.revocation import RevocationSet
+from decnet.tls import TLSIdentity
+
+REFRESH_TIMEOUT = 20.0
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -67,6 +84,45 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     json_flag(ls)
     examples(ls, "decnet-admin listeners list", "decnet-admin listeners list --json")
 
+    b = sub.add_parser(
+        "bundle",
+        parents=parents,
+        help="change enrolled workers' bundles (refresh)",
+        description="Change what enrolled workers' bundles say, through their updaters.",
+    )
+    bundle = b.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    refresh = command(
+        bundle,
+        parents,
+        "refresh",
+        cmd_refresh,
+        summary="push the listener list to workers",
+        description="Send the listener list (`decnet-admin listeners list`) to NAME's "
+        "updater, or every enrolled host's with --all, over mutual TLS. The updater "
+        "replaces only the list in the worker's bundle.json, and the forwarder picks it up "
+        "within its bundle check interval without a restart. One line per host as it "
+        "answers (NDJSON with --json), then a table; the exit status is 1 if any named "
+        "host was not refreshed.",
+    )
+    which = refresh.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", help="the host to refresh")
+    flag(which, "--all", "every enrolled host with an updater")
+    refresh.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=config.DEFAULT_UPDATE_CONCURRENCY,
+        help="hosts contacted at once (default: %(default)s)",
+    )
+    timeout_option(
+        refresh, REFRESH_TIMEOUT, "seconds one host gets to answer (default: %(default)s)"
+    )
+    json_flag(refresh, "one JSON object per host as it answers (NDJSON), then a summary")
+    examples(
+        refresh,
+        "decnet-admin listeners add 10.0.0.6:6514 && decnet-admin bundle refresh --all",
+        "decnet-admin bundle refresh web-01 --json",
+    )
+
 
 def _show(edit: ListenerEdit, what: str, as_json: bool) -> int:
     if as_json:
@@ -103,3 +159,63 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     _print_list(listeners)
     return 0
+
+
+def _hosts(args: argparse.Namespace) -> list[Host]:
+    if not args.paths.registry.exists():
+        raise ValidationError(f"no registry at {args.paths.registry} (run `decnet-admin init`)")
+    registry = Registry(args.paths.registry)
+    if args.all:
+        return registry.list()
+    return [registry.get(args.name)]
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    listeners = read_listeners(args.paths)
+    if not listeners:
+        raise ValidationError(
+            "the listener list is empty: add listeners first (`decnet-admin listeners add "
+            "HOST:PORT`); a bundle without a list keeps shipping to the master alone"
+        )
+    hosts = _hosts(args)
+    identity = TLSIdentity.master(args.paths)
+    revocations = RevocationSet(args.paths.revocations)
+    if not args.json:
+        output.line(
+            f"Pushing {len(listeners)} listener(s) to {len(hosts)} host(s): " + ", ".join(listeners)
+        )
+
+    def progress(result: RefreshResult) -> None:
+        if args.json:
+            output.print_ndjson(result.as_dict())
+        else:
+            output.line(
+                f"[{result.host}] {result.result}" + (f": {result.detail}" if result.detail else "")
+            )
+
+    async def go(reactor) -> int:
+        from decnet.master.updater_client import UpdaterClient
+
+        def client_for(host: Host) -> UpdaterClient:
+            return UpdaterClient(
+                reactor, identity, host, timeout=args.timeout, revocations=revocations
+            )
+
+        results = await refresh_listeners(
+            hosts, listeners, client_for, concurrency=args.concurrency, progress=progress
+        )
+        return _summary(args, results)
+
+    return run_async(go)
+
+
+def _summary(args: argparse.Namespace, results: list[RefreshResult]) -> int:
+    failed = [r for r in results if not r.ok and (r.result != "skipped" or not args.all)]
+    if args.json:
+        output.print_ndjson({"summary": True, "hosts": len(results), "failed": len(failed)})
+    else:
+        output.line()
+        output.print_table(
+            ("HOST", "RESULT", "DETAIL"), [(r.host, r.result, r.detail) for r in results]
+        )
+    return 1 if failed else 0

@@ -125,6 +125,12 @@ def print_json(doc) -> None:
     sys.stdout.flush()
 
 
+def print_ndjson(doc) -> None:
+    """``doc`` as one line of JSON (a streamed result): ASCII only, like :func:`print_json`."""
+    sys.stdout.write(json.dumps(doc, sort_keys=True, ensure_ascii=True) + "\n")
+    sys.stdout.flush()
+
+
 def error(message: object) -> None:
     line(f"decnet-admin: error: {message}", sys.stderr)
 

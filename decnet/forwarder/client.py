@@ -438,6 +438,31 @@ class ForwarderFactory(Factory):
         if self.choice is not None:
             self._move(*self.choice.failed(), reason)
 
+    def replace_listeners(self, choice: ListenerChoice) -> None:
+        """The bundle's listener list changed: follow ``choice`` from now on.
+
+        A connection to the new preferred listener is kept; any other is handed
+        back (closed once everything sent is acknowledged), so the next attempt
+        goes to the new preferred one.
+        """
+        old, self.choice = self.choice, choice
+        connected = old.connected_to if old is not None else None
+        self.log.info(
+            "Listener list changed: now {listeners} (preferred {preferred})",
+            listeners=", ".join(_spelled(x) for x in choice.order),
+            preferred=_spelled(choice.preferred),
+        )
+        if connected is None:
+            self.target = _spelled(choice.target)
+            return
+        choice.connected_to = connected
+        if connected == choice.preferred:
+            return
+        self._cancel_return()
+        if connected in choice.order:
+            choice.index = choice.order.index(connected)
+        self._return_to_preferred()
+
     def stop(self) -> None:
         """The service stops: no more returns."""
         self._cancel_return()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
@@ -22,7 +23,7 @@ from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.rendezvous import Listener, ListenerChoice
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
 from decnet.interfaces import IDecnetReactor
-from decnet.pki import format_listener
+from decnet.pki import WorkerBundle, format_listener
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -52,16 +53,22 @@ class _ReportingEndpoint:
     """Connects to the factory's current choice of listener and tells the factory
     about failed attempts (refused, unreachable), which may move it to the next."""
 
-    def __init__(self, reactor: IDecnetReactor, options: PolicyOptions, factory: ForwarderFactory):
+    def __init__(
+        self,
+        reactor: IDecnetReactor,
+        options: Callable[[bool], PolicyOptions],
+        factory: ForwarderFactory,
+    ):
         self._reactor = reactor
-        self._options = options
+        self._options = options  # TLS options for one listener or several
         self._factory = factory
 
     def connect(self, protocol_factory):
         choice = self._factory.choice
         assert choice is not None  # the service always gives its factory one
         host, port = choice.target
-        endpoint = wrapClientTLS(self._options, HostnameEndpoint(self._reactor, host, port))
+        options = self._options(choice.several)
+        endpoint = wrapClientTLS(options, HostnameEndpoint(self._reactor, host, port))
         d = endpoint.connect(protocol_factory)
 
         def failed(failure):
@@ -202,6 +209,8 @@ class ForwarderService(MultiService):
         rotate_wait: float = DEFAULT_ROTATE_WAIT,
         max_retry_delay: float = 30.0,
         return_after: float = config.DEFAULT_LISTENER_RETURN,
+        bundle_dir: Path | None = None,
+        bundle_check: float = config.DEFAULT_BUNDLE_CHECK,
     ):
         """Ships to ``listeners`` (several: chosen by rendezvous hashing of the worker's
         CN, see :mod:`decnet.forwarder.rendezvous`), or to ``master_host:master_port``."""
@@ -220,7 +229,10 @@ class ForwarderService(MultiService):
                 raise TypeError("give listeners, or master_host and master_port")
             listeners = [(master_host, master_port)]
         choice = ListenerChoice(identity.identity.cn, listeners, return_after)
-        options, _ = forwarder_options(identity, master_fingerprint, mode, several=choice.several)
+        tls = {
+            several: forwarder_options(identity, master_fingerprint, mode, several=several)[0]
+            for several in (False, True)
+        }
         self.factory = ForwarderFactory(
             None,
             stream=stream,
@@ -230,7 +242,7 @@ class ForwarderService(MultiService):
             clock=reactor,
         )
         self.client = ClientService(
-            _ReportingEndpoint(reactor, options, self.factory),
+            _ReportingEndpoint(reactor, tls.__getitem__, self.factory),
             self.factory,
             retryPolicy=backoffPolicy(
                 initialDelay=0.5, maxDelay=max_retry_delay, factor=2.0, jitter=_jitter.random
@@ -238,6 +250,14 @@ class ForwarderService(MultiService):
             clock=reactor,
         )
         self.watcher = TailWatcher(reactor, Path(log_file), self._notify, poll_interval)
+        # The bundle's listener list may be replaced (``decnet-admin bundle refresh``).
+        self.bundle_dir = bundle_dir
+        self.bundle_poll = LoopingCall(self._check_bundle)
+        self.bundle_poll.clock = reactor
+        self.bundle_check = bundle_check
+        self.return_after = return_after
+        self.cn = identity.identity.cn
+        self._bundle_problem: str | None = None
         self.systemd = SystemdService(reactor)
         self.systemd.setServiceParent(self)
         self.factory.state_listeners.append(lambda _state, detail: self.systemd.status(detail))
@@ -273,6 +293,8 @@ class ForwarderService(MultiService):
         self.factory.shipper = self.shipper
         self.watcher.setServiceParent(self)
         self.client.setServiceParent(self)
+        if self.bundle_dir is not None:
+            self.bundle_poll.start(self.bundle_check, now=False)
         # Ready once the file is being followed; the connection comes and goes
         # (STATUS says which), and a master that is down must not fail the unit.
         self.systemd.ready(f"following {self.tailer.path}")
@@ -287,7 +309,34 @@ class ForwarderService(MultiService):
         )
         self.reactor.stop()
 
+    def _check_bundle(self) -> defer.Deferred:
+        """Read the bundle's listener list (off the reactor) and follow a change."""
+        directory = self.bundle_dir
+        assert directory is not None  # (only polled with a bundle)
+        d = self.run(lambda: WorkerBundle.load(directory).listeners)
+        d.addCallbacks(self._listeners_read, self._bundle_unreadable)
+        return d
+
+    def _listeners_read(self, listeners: list[Listener]) -> None:
+        choice = self.factory.choice
+        if choice is None or not listeners or sorted(listeners) == sorted(choice.order):
+            return
+        self._bundle_problem = None
+        self.factory.replace_listeners(ListenerChoice(self.cn, listeners, self.return_after))
+
+    def _bundle_unreadable(self, failure) -> None:
+        problem = failure.getErrorMessage()
+        if problem != self._bundle_problem:
+            self.log.warn(
+                "Cannot read the listener list of {bundle}: {problem}; keeping the current one",
+                bundle=str(self.bundle_dir),
+                problem=problem,
+            )
+        self._bundle_problem = problem
+
     def stopService(self):
+        if self.bundle_poll.running:
+            self.bundle_poll.stop()
         self.factory.stop()
         current = self.factory.current
         if current is not None and not current.lost and self.shipper is not None:

@@ -96,6 +96,14 @@ class Options(usage.Options):
             "going back to the preferred one",
             positive_float,
         ],
+        [
+            "bundle-check",
+            None,
+            config.DEFAULT_BUNDLE_CHECK,
+            "Seconds between reads of the bundle's listener list (changed by `decnet-admin "
+            "bundle refresh`; not with --master-host/--master-port)",
+            positive_float,
+        ],
         *metrics_options("forwarder"),
     ]
 
@@ -135,6 +143,9 @@ class Options(usage.Options):
             or os.environ.get(config.ENV_MASTER_HOST, "").strip()
             or os.environ.get(config.ENV_SYSLOG_PORT, "").strip()
         )
+        if not explicit:
+            # The bundle decides, and may change (``decnet-admin bundle refresh``).
+            self["bundle-dir"] = bundle.directory
         if "listeners" in bundle.settings and not explicit:
             return bundle.listeners
         self["master-host"] = self._master_host(bundle)
@@ -177,6 +188,7 @@ def makeService(options: Options) -> IService:
         master_fingerprint=options["bundle-obj"].listener_fingerprint,
         state_file=options["state"],
         listeners=options["listeners"],
+        bundle_dir=options.get("bundle-dir"),
         **keywords(
             options,
             "log-file stream mode max-line poll-interval rotate-wait max-retry-delay return-after",
