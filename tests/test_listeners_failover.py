@@ -153,3 +153,68 @@ async def test_a_worker_moves_to_the_second_listener_and_back_with_every_line_on
     assert f"Moving from {first_at} to {second_at}:" in text
     assert f"Moving from {second_at} to {first_at}: returning to the preferred listener" in text
     assert f"Worker {name} arrived on stream decnet" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refreshed_bundle_moves_the_worker_without_a_restart_and_loses_nothing(
+    master_home, tmp_path
+):
+    identity = TLSIdentity.master(master_home)
+    services = []
+
+    def listener(tag: str) -> ListenerService:
+        service = ListenerService(
+            reactor,
+            identity=identity,
+            revocations=RevocationSet(master_home.revocations),
+            ingest_dir=tmp_path / f"ingest-{tag}",
+            listen="tcp:0:interface=127.0.0.1",
+        )
+        service.startService()
+        services.append(service)
+        return service
+
+    old, new = listener("old"), listener("new")
+    old_at = f"127.0.0.1:{old.port_service.port.getHost().port}"
+    new_at = f"127.0.0.1:{new.port_service.port.getHost().port}"
+    name = f"refresh-{os.getpid()}-{random.randrange(10**6)}"
+    master = enrollment.load_master(master_home)
+    enrollment.enroll(master, name, "127.0.0.1", tmp_path / "b", listeners=[old_at])
+    bundle = pki.WorkerBundle.load(tmp_path / "b")
+    mirrors = [tmp_path / f"ingest-{t}" / name / "decnet.log" for t in ("old", "new")]
+    log_file = tmp_path / "decnet.log"
+    log_file.write_bytes(_lines(0, 1000))
+    fwd = ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        listeners=bundle.listeners,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=log_file,
+        state_file=tmp_path / "f.sqlite",
+        poll_interval=0.1,
+        max_retry_delay=0.5,
+        bundle_dir=bundle.directory,
+        bundle_check=0.2,
+    )
+    fwd.startService()
+    try:
+        first = log_file.read_bytes()
+        await eventually(
+            lambda: fwd.shipper is not None and fwd.shipper.core.acked == len(first),
+            what="the first lines",
+        )
+        pki.replace_bundle_listeners(bundle.directory, [new_at])
+        await eventually(
+            lambda: fwd.factory.target == new_at and fwd.factory.current is not None,
+            what="the move to the new listener",
+        )
+        with open(log_file, "ab") as f:
+            f.write(_lines(1000, 1000))
+        expected = log_file.read_bytes()
+        await eventually(lambda: fwd.shipper.core.acked == len(expected), what="the rest")
+        assert_exactly_once(expected, *mirrors)
+        assert segments(mirrors[1])[0][0] == len(first)  # the new listener starts there
+    finally:
+        await fwd.stopService()
+        for service in services:
+            await service.stopService()

@@ -447,6 +447,7 @@ class ForwarderFactory(Factory):
         """
         old, self.choice = self.choice, choice
         connected = old.connected_to if old is not None else None
+        choice.moved = old is not None and (old.moved or set(old.order) != set(choice.order))
         self.log.info(
             "Listener list changed: now {listeners} (preferred {preferred})",
             listeners=", ".join(_spelled(x) for x in choice.order),

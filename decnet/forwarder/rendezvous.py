@@ -58,6 +58,7 @@ class ListenerChoice:
         self.return_after = return_after
         self.index = 0
         self.connected_to: Listener | None = None
+        self.moved = False
 
     @property
     def preferred(self) -> Listener:
@@ -70,7 +71,10 @@ class ListenerChoice:
 
     @property
     def several(self) -> bool:
-        return len(self.order) > 1
+        """Whether the worker may move between listeners: several are listed, or the list
+        was replaced while running (``moved``).  Connections then speak
+        ``decnet-syslog/2``, whose HELLO tells a listener what is acknowledged elsewhere."""
+        return len(self.order) > 1 or self.moved
 
     def failed(self) -> tuple[Listener, Listener]:
         """An attempt at :attr:`target` failed: ``(from, to)`` for the next attempt."""
