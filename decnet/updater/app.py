@@ -165,7 +165,15 @@ def build_app(
             pki.validate_listeners(doc["listeners"])
         except ValidationError as exc:
             raise HTTPError(400, exc.problems) from None
-        listed, changed = await run(pki.replace_bundle_listeners, bundle_dir, doc["listeners"])
+        try:
+            listed, changed = await run(pki.replace_bundle_listeners, bundle_dir, doc["listeners"])
+        except OSError as exc:
+            log.warn("Cannot replace the bundle's listener list: {error}", error=str(exc))
+            raise HTTPError(
+                500,
+                f"cannot replace bundle.json ({exc.strerror or exc}): the updater needs write "
+                "access to the bundle directory (docs/SWARM-Mode.md, Several listeners)",
+            ) from None
         log.info(
             "Listener list of the bundle {changed}: {listeners}",
             changed="replaced" if changed else "unchanged",
