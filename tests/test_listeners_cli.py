@@ -152,3 +152,38 @@ def test_every_listeners_action_has_help_with_examples(action):
     )
     assert result.returncode == 0
     assert "examples:" in result.stdout and "decnet-admin listeners" in result.stdout
+
+
+def _forwarder_options(bundle, *argv, env=None):
+    from decnet.forwarder import tap
+
+    options = tap.Options()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in (config.ENV_MASTER_HOST, config.ENV_SYSLOG_PORT):
+            mp.delenv(name, raising=False)
+        for name, value in (env or {}).items():
+            mp.setenv(name, value)
+        options.parseOptions(["--bundle", str(bundle), *argv])
+    return options
+
+
+def test_the_forwarder_ships_to_the_bundle_list_unless_given_one_master(paths, tmp_path):
+    master = enrollment.load_master(paths)
+    listed = ["10.0.0.6:6514", "10.0.0.5:6514"]
+    out = enrollment.enroll(master, "fw1", "10.0.1.1", tmp_path / "b", listeners=listed)
+    bundle = out.bundle_dir
+    options = _forwarder_options(bundle)
+    assert options["listeners"] == [("10.0.0.6", 6514), ("10.0.0.5", 6514)]
+    assert options["bundle-dir"] == bundle  # followed for `bundle refresh`
+    options = _forwarder_options(bundle, "--master-host", "10.9.9.9", "--master-port", "7000")
+    assert options["listeners"] == [("10.9.9.9", 7000)]
+    assert "bundle-dir" not in options
+    options = _forwarder_options(bundle, env={config.ENV_MASTER_HOST: "10.8.8.8"})
+    assert options["listeners"] == [("10.8.8.8", config.syslog_port())]
+
+
+def test_an_old_bundle_ships_to_its_master_as_before(paths, tmp_path):
+    master = enrollment.load_master(paths)
+    bundle = enrollment.enroll(master, "fw2", "10.0.1.2", tmp_path / "b").bundle_dir
+    options = _forwarder_options(bundle)
+    assert options["listeners"] == [(master.master_host, config.syslog_port())]
