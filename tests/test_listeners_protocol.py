@@ -178,3 +178,46 @@ def test_an_older_forwarder_still_gets_version_1(harness, ids):
     app.send(ackproto.encode_hello("decnet"))
     pump.flush()
     assert app.messages == [Resume(0)]
+
+
+def _rig_on_second_choice(tmp_path):
+    """A rig whose factory has two listeners and is connected to its second choice."""
+    from decnet.forwarder.rendezvous import ListenerChoice
+
+    rig = Rig(tmp_path)
+    choice = ListenerChoice("w1", [("10.0.0.1", 6514), ("10.0.0.2", 6514)], return_after=300)
+    rig.factory.choice, rig.factory.clock = choice, rig.clock
+    rig.factory.failed_attempt("connection refused")  # the preferred one is down
+    assert choice.index == 1
+    rig.connect()
+    rig.say(b"R 0")
+    return rig
+
+
+def test_on_another_listener_the_connection_is_handed_back_after_return_after(tmp_path):
+    rig = _rig_on_second_choice(tmp_path)
+    rig.write(b"one\n")
+    rig.take()
+    rig.clock.advance(299)
+    assert not rig.transport.disconnecting
+    rig.clock.advance(1)
+    assert not rig.transport.disconnecting  # "one\n" is not acknowledged yet
+    rig.say(b"A 4")
+    assert rig.transport.disconnecting
+    rig.proto.connectionLost(Failure(ConnectionDone()))
+    assert rig.factory.choice.target == rig.factory.choice.preferred
+    assert rig.factory.moves == 2  # away, and back
+
+
+def test_a_listener_that_never_acknowledges_the_hand_back_is_closed_after_a_grace(tmp_path):
+    from decnet.forwarder.client import DRAIN_GRACE
+
+    rig = _rig_on_second_choice(tmp_path)
+    rig.write(b"one\n")
+    rig.take()
+    rig.clock.advance(300)
+    rig.clock.advance(DRAIN_GRACE - 0.5)
+    assert not rig.transport.disconnecting
+    rig.clock.advance(0.5)
+    assert rig.transport.disconnecting
+    assert rig.acked_on_disk() == 0  # nothing unacknowledged counts as delivered

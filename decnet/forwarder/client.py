@@ -43,6 +43,8 @@ CONTROL_MAX_FRAME = 4096
 PERSIST_RETRY = 1.0
 
 MODES = ("auto", "ack", "plain")
+# How long a connection being handed back may wait for the ACK of what it sent.
+DRAIN_GRACE = 30.0
 
 
 @implementer(IPushProducer)
@@ -340,6 +342,7 @@ class ForwarderFactory(Factory):
         self.choice = choice
         self.clock = clock
         self._return_call: IDelayedCall | None = None
+        self._drain_call: IDelayedCall | None = None
         self._returning = False
         self.moves = 0
         self.state = "connecting"
@@ -380,6 +383,8 @@ class ForwarderFactory(Factory):
         if self.current is None or self.shipper is None or self.choice is None:
             return
         self._returning = True
+        if self.clock is not None:
+            self._drain_call = self.clock.callLater(DRAIN_GRACE, self._drain_expired)
         self.log.info(
             "Returning to the preferred listener {preferred}: closing {target} once "
             "everything sent to it is acknowledged",
@@ -388,10 +393,20 @@ class ForwarderFactory(Factory):
         )
         self.shipper.drain()
 
+    def _drain_expired(self) -> None:
+        """The listener did not acknowledge what was sent within the grace: close anyway
+        (it may then hold bytes the next listener receives again; nothing is lost)."""
+        self._drain_call = None
+        if self.current is not None:
+            self.current.abandon(
+                f"no acknowledgement within {DRAIN_GRACE:g}s of handing the connection back"
+            )
+
     def _cancel_return(self) -> None:
-        if self._return_call is not None and self._return_call.active():
-            self._return_call.cancel()
-        self._return_call = None
+        for call in (self._return_call, self._drain_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._return_call = self._drain_call = None
 
     def _move(self, before: Listener, after: Listener, reason: str) -> None:
         self.target = _spelled(after)
