@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 import subprocess
 
 import attrs
@@ -15,6 +14,7 @@ from decnet import config, pki
 from decnet.cli.main import main
 from decnet.master import enrollment
 from decnet.master.listeners import read_listeners
+from tests.listeners_support import own_master_home
 from tests.support import BIN
 
 ADMIN = str(BIN / "decnet-admin")
@@ -45,12 +45,7 @@ def admin(home, *args, check=None) -> Result:
 @pytest.fixture
 def paths(master_home, tmp_path) -> config.MasterPaths:
     """A master home of its own (the session's CA and identities, copied: no keygen)."""
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    for sub in ("ca", "master", "listener"):
-        shutil.copytree(master_home.home / sub, home / sub)
-    shutil.copy(master_home.master_config, home / "master.json")
-    return config.MasterPaths.resolve(home)
+    return own_master_home(master_home, tmp_path)
 
 
 def test_add_remove_and_list_keep_an_ordered_list_in_the_master_state(paths):

@@ -55,6 +55,23 @@ def assert_exactly_once(expected: bytes, *mirrors: Path) -> None:
     assert at == len(expected)
 
 
+def forwarder(bundle: pki.WorkerBundle, log_file: Path, state: Path, **kw) -> ForwarderService:
+    """A started forwarder shipping ``log_file`` to the bundle's listeners."""
+    fwd = ForwarderService(
+        reactor,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        listeners=bundle.listeners,
+        master_fingerprint=bundle.master_fingerprint,
+        log_file=log_file,
+        state_file=state,
+        poll_interval=0.1,
+        max_retry_delay=0.5,
+        **kw,
+    )
+    fwd.startService()
+    return fwd
+
+
 def _lines(first: int, count: int) -> bytes:
     return b"".join(syslog_line(i) + b"\n" for i in range(first, first + count))
 
@@ -101,18 +118,7 @@ async def test_a_worker_moves_to_the_second_listener_and_back_with_every_line_on
     globalLogPublisher.addObserver(observe)
     log_file = tmp_path / "decnet.log"
     log_file.write_bytes(_lines(0, 3000))
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listeners=bundle.listeners,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=log_file,
-        state_file=tmp_path / "f.sqlite",
-        poll_interval=0.1,
-        max_retry_delay=0.5,
-        return_after=3.0,
-    )
-    fwd.startService()
+    fwd = forwarder(bundle, log_file, tmp_path / "f.sqlite", return_after=3.0)
     try:
         # Mid-stream: the preferred listener has some lines, not all, when it stops.
         await eventually(
@@ -184,19 +190,9 @@ async def test_a_refreshed_bundle_moves_the_worker_without_a_restart_and_loses_n
     mirrors = [tmp_path / f"ingest-{t}" / name / "decnet.log" for t in ("old", "new")]
     log_file = tmp_path / "decnet.log"
     log_file.write_bytes(_lines(0, 1000))
-    fwd = ForwarderService(
-        reactor,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listeners=bundle.listeners,
-        master_fingerprint=bundle.master_fingerprint,
-        log_file=log_file,
-        state_file=tmp_path / "f.sqlite",
-        poll_interval=0.1,
-        max_retry_delay=0.5,
-        bundle_dir=bundle.directory,
-        bundle_check=0.2,
+    fwd = forwarder(
+        bundle, log_file, tmp_path / "f.sqlite", bundle_dir=bundle.directory, bundle_check=0.2
     )
-    fwd.startService()
     try:
         first = log_file.read_bytes()
         await eventually(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import pytest_twisted
@@ -25,11 +24,10 @@ from decnet.master.updater_client import UpdaterClient
 from decnet.threads import pool_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity, listen_tls
 from decnet.updater.app import build_app, upload_limits
-from decnet.updater.engine import Updater
-from decnet.updater.health import HealthProbe
-from decnet.updater.releases import ReleaseStore
+from tests.listeners_support import own_master_home
 from tests.support import BIN, free_port, write_identity
-from tests.test_updater_engine import FakeAgent, FakeAgentHealth, FakeInstaller
+from tests.test_updater_engine import FakeAgent
+from tests.test_updater_http import fake_updater
 
 ADMIN = str(BIN / "decnet-admin")
 
@@ -37,14 +35,7 @@ ADMIN = str(BIN / "decnet-admin")
 @pytest.fixture
 def paths(master_home, tmp_path) -> config.MasterPaths:
     """A master home of its own (the session's CA and identities, copied: no keygen)."""
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    for sub in ("ca", "master", "listener"):
-        shutil.copytree(master_home.home / sub, home / sub)
-    shutil.copy(master_home.master_config, home / "master.json")
-    paths = config.MasterPaths.resolve(home)
-    enrollment.init_master(paths)  # the registry
-    return paths
+    return own_master_home(master_home, tmp_path)
 
 
 @pytest_twisted.async_yield_fixture
@@ -59,18 +50,7 @@ async def worker(paths, tmp_path):
     identity = TLSIdentity.from_bundle(bundle, "updater")
     master_rule = Accept("master", cn=config.MASTER_CN, fingerprint=bundle.master_fingerprint)
     local = (Accept("worker", cn=bundle.name), Accept("updater", cn=f"updater@{bundle.name}"))
-    agent = FakeAgent()
-    updater = Updater(
-        clock=reactor,
-        store=ReleaseStore(tmp_path / "install"),
-        self_store=ReleaseStore(tmp_path / "install" / "updater"),
-        installer=FakeInstaller(),
-        agent=agent,
-        probe=HealthProbe(reactor, FakeAgentHealth(agent), interval=0.01),
-        to_thread=pool_runner(reactor),
-        health_timeout=0.3,
-        restart_self=lambda _: None,
-    )
+    updater = fake_updater(tmp_path, FakeAgent(), lambda _: None)
     await updater.start()
     app = build_app(
         updater,
