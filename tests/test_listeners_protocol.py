@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
@@ -68,12 +67,7 @@ def test_on_a_version_2_connection_hello_names_the_acknowledged_offset(tmp_path)
     rig.write(b"one\ntwo\n")
     rig.say(b"A 8")
     rig.proto.connectionLost(Failure(ConnectionDone()))
-    rig.proto = rig.factory.buildProtocol(None)
-    rig.transport = StringTransport()
-    rig.transport.negotiatedProtocol = config.ACK_ALPN_MOVES
-    rig.proto.makeConnection(rig.transport)
-    rig.proto.handshakeCompleted()
-    assert rig.take() == encode_frame(b"H 2 decnet 8")
+    assert rig.connect(config.ACK_ALPN_MOVES) == encode_frame(b"H 2 decnet 8")
     rig.say(b"R 8")  # the new listener starts its segment there
     rig.write(b"three\n")
     assert rig.take() == data_frame(8, 14, b"three\n")
