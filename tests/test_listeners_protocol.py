@@ -104,6 +104,7 @@ def ids(ca, tmp_path_factory):
     return {
         "master": write_identity(d / "m", ca, "master"),
         "w1": write_identity(d / "w1", ca, "worker", "w1"),
+        "w2": write_identity(d / "w2", ca, "worker", "w2"),
     }
 
 
@@ -158,6 +159,24 @@ def test_a_segment_start_survives_a_restart_of_the_listener(harness, ids, tmp_pa
     recovered = files.open()
     files.close()
     assert (recovered.mirror_end, recovered.stream_end) == (4, 504)
+
+
+def test_a_worker_claiming_an_absurd_offset_moves_only_its_own_stream(harness, ids):
+    """A compromised worker with a valid certificate can only skip its own stream ahead
+    (as a GAP could); other workers are untouched and nothing already stored changes."""
+    app, pump = _moves(harness, ids["w1"], b"H 2 decnet 0")
+    app.send(ackproto.encode_data(0, 2, b"a\n"))
+    pump.flush()
+    liar, liar_pump = _moves(harness, ids["w1"], b"H 2 decnet %d" % ackproto.MAX_OFFSET)
+    assert liar.messages == [Resume(ackproto.MAX_OFFSET)]
+    liar.send(ackproto.encode_data(0, 4, b"b\nc\n"))  # below the claimed mark: dropped
+    liar_pump.flush()
+    assert harness.mirror("w1", "decnet") == b"a\n"
+    other, other_pump = _moves(harness, ids["w2"], b"H 2 decnet 0")
+    other.send(ackproto.encode_data(0, 2, b"z\n"))
+    other_pump.flush()
+    assert other.messages == [Resume(0), Ack(2)]
+    assert harness.mirror("w2", "decnet") == b"z\n"
 
 
 def test_a_version_1_hello_on_a_version_2_connection_is_refused(harness, ids):
