@@ -182,3 +182,21 @@ def test_an_old_bundle_ships_to_its_master_as_before(paths, tmp_path):
     bundle = enrollment.enroll(master, "fw2", "10.0.1.2", tmp_path / "b").bundle_dir
     options = _forwarder_options(bundle)
     assert options["listeners"] == [(master.master_host, config.syslog_port())]
+
+
+def test_a_full_disk_leaves_the_old_list_and_says_so(paths, monkeypatch):
+    import errno
+
+    from decnet.master import listeners
+
+    admin(paths.home, "listeners", "add", "10.0.0.5:6514", check=0)
+
+    def full(path, data, mode=0o644):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(listeners, "atomic_write", full)
+    result = admin(paths.home, "listeners", "add", "10.0.0.6:6514", "--json")
+    assert result.returncode == 1
+    assert "No space left on device" in result.stderr and "unchanged" in result.stderr
+    assert json.loads(result.stdout)["problems"]
+    assert read_listeners(paths) == ["10.0.0.5:6514"]

@@ -14,7 +14,7 @@ import json
 import attrs
 
 from decnet import config, pki
-from decnet.errors import ValidationError
+from decnet.errors import ConfigError, ValidationError
 from decnet.fsutil import atomic_write, lock_path_for, locked
 
 
@@ -48,7 +48,12 @@ def read_listeners(paths: config.MasterPaths) -> list[str]:
 
 def _write(paths: config.MasterPaths, listeners: list[str]) -> None:
     doc = {"listeners": listeners}
-    atomic_write(paths.listeners, (json.dumps(doc, indent=2) + "\n").encode())
+    try:
+        atomic_write(paths.listeners, (json.dumps(doc, indent=2) + "\n").encode())
+    except OSError as exc:  # a full disk, a read-only home: the old list stays in force
+        raise ConfigError(
+            f"cannot write {paths.listeners} ({exc.strerror or exc}); the list is unchanged"
+        ) from None
 
 
 def add_listener(
