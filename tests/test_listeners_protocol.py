@@ -234,3 +234,18 @@ def test_a_listener_that_never_acknowledges_the_hand_back_is_closed_after_a_grac
     rig.clock.advance(0.5)
     assert rig.transport.disconnecting
     assert rig.acked_on_disk() == 0  # nothing unacknowledged counts as delivered
+
+
+def test_a_receiver_refused_for_want_of_the_ack_protocol_is_one_failed_attempt(tmp_path):
+    """One refusal moves the worker one listener on, not two."""
+    from decnet.forwarder.rendezvous import ListenerChoice
+
+    rig = Rig(tmp_path)
+    rig.factory.mode = "ack"
+    choice = ListenerChoice("w1", [(f"10.0.0.{i}", 6514) for i in (1, 2, 3)], return_after=300)
+    rig.factory.choice, rig.factory.clock = choice, rig.clock
+    rig.connect(alpn=None)
+    assert rig.transport.disconnecting
+    rig.proto.connectionLost(Failure(ConnectionDone()))
+    assert choice.index == 1 and rig.factory.moves == 1
+    assert rig.factory.state == "failing"

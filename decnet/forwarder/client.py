@@ -234,6 +234,7 @@ class ForwarderProtocol(Protocol):
         assert factory.shipper is not None, "connections start once the journal is read"
         self.shipper: Shipper = factory.shipper
         self.mode: str | None = None
+        self.refusal: str | None = None  # why we closed it before it carried anything
         self.lost = False
         self.decoder = OctetCountingDecoder(CONTROL_MAX_FRAME)
 
@@ -250,9 +251,8 @@ class ForwarderProtocol(Protocol):
             self.factory.connected(self, "acknowledged")
             self.shipper.attach(self, core.ACK, moves=alpn == config.ACK_ALPN_MOVES)
         elif wanted == "ack":
-            self.factory.failed_attempt(
-                "the receiver does not speak decnet-syslog/1 and --mode is ack"
-            )
+            # Counted once, as the attempt's failure, when the connection is gone.
+            self.refusal = "the receiver does not speak decnet-syslog/1 and --mode is ack"
             self.close()
         else:
             self.mode = core.PLAIN
@@ -422,7 +422,7 @@ class ForwarderFactory(Factory):
 
     def disconnected(self, proto: ForwarderProtocol, reason) -> None:
         if proto.mode is None:
-            self.failed_attempt(_handshake_failure(reason))
+            self.failed_attempt(proto.refusal or _handshake_failure(reason))
             return
         if self.current is proto:
             self.current = None
