@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 
 import pytest
 
@@ -19,22 +17,11 @@ from decnet.master import enrollment
 from tests.logpipe_support import run_twistd, start_listener, syslog_line
 from tests.support import wait_for
 from tests.test_listeners_failover import segments
+from tests.test_logpipe_subprocess import stop
 
 
 def _lines(first: int, count: int) -> bytes:
     return b"".join(syslog_line(i) + b"\n" for i in range(first, first + count))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
 
 
 def _covered(expected: bytes, mirrors) -> int:
@@ -107,6 +94,6 @@ def test_kill_9_of_the_preferred_listener_moves_the_worker_and_loses_nothing(mas
         text = fwd_log.read_text(errors="replace")
         assert f"Moving from 127.0.0.1:{ports[first]} to 127.0.0.1:{ports[1 - first]}" in text
     finally:
-        _stop(fwd)
+        stop(fwd)
         for proc in procs:
-            _stop(proc)
+            stop(proc)
