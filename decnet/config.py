@@ -94,6 +94,7 @@ class MasterPaths:
             listener.crt .key      the listener's own identity (key 0640)
             revoked.json           the revocation list
           master.json              master host name/addresses given at init
+          listeners.json           the listener list for new bundles (optional)
           registry.sqlite          the host registry
           ingest/                  log listener output (mirror + JSON feed)
 
@@ -139,6 +140,11 @@ class MasterPaths:
     @property
     def registry(self) -> Path:
         return self.home / "registry.sqlite"
+
+    @property
+    def listeners(self) -> Path:
+        """The listener list new bundles get (``decnet-admin listeners``)."""
+        return self.home / "listeners.json"
 
     @property
     def listener_dir(self) -> Path:
@@ -200,6 +206,15 @@ TRUNCATION_MARKER = b"...[decnet: line truncated]"
 # TLS ALPN id of the acknowledged protocol; a peer that does not offer it gets
 # plain RFC 5425.
 ACK_ALPN = b"decnet-syslog/1"
+# ... and of its second version: HELLO may carry the worker's acknowledged offset, so a
+# listener the worker moves to starts a new mirror segment there (docs/Logging.md).  A
+# forwarder offers it only when its bundle names several listeners.
+ACK_ALPN_MOVES = b"decnet-syslog/2"
+# A forwarder shipping to a listener other than its preferred one goes back after this
+# many seconds (docs/SWARM-Mode.md, "Several listeners").
+DEFAULT_LISTENER_RETURN = 300.0
+# How often a forwarder re-reads its bundle's listener list (``bundle refresh``), seconds.
+DEFAULT_BUNDLE_CHECK = 10.0
 
 # Stream names: ack-mode forwarders name theirs (``--stream``); everything
 # received in plain RFC 5425 lands in PLAIN_STREAM of the sending worker.

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import cast
 
 import attrs
 from cryptography import x509
@@ -33,8 +34,10 @@ from decnet import config
 from decnet.errors import InvalidName, MissingFileError, PKIError, ValidationError
 from decnet.fsutil import (
     PRIVATE_FILE_MODE,
+    atomic_write,
     ensure_private_dir,
     fsync_dir,
+    lock_path_for,
     locked,
     write_new_file,
 )
@@ -105,6 +108,57 @@ def parse_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
     if not _DNS_NAME_RE.fullmatch(lowered):
         raise ValidationError(f"invalid address {value!r}: expected an IP address or a DNS name")
     return lowered
+
+
+# A bundle names at most this many listeners (a hostile list is refused, not truncated).
+MAX_LISTENERS = 32
+
+
+def parse_listener(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as ``(host, port)``; the host is validated
+    like every other address (:func:`parse_address`), the port is 1-65535."""
+    text = value if isinstance(value, str) else ""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            host = ""  # brackets are for IPv6 only
+    elif ":" in host:
+        host = ""  # an IPv6 address needs its brackets: [::1]:6514
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValidationError(
+            f"invalid listener {value!r}: expected HOST:PORT (an IPv6 address in brackets: "
+            "[2001:db8::1]:6514) with a port in 1-65535"
+        )
+    return str(parse_address(host)), int(port)
+
+
+def format_listener(host: str, port: int) -> str:
+    """The ``HOST:PORT`` spelling of a listener (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def validate_listeners(values: object) -> list[str]:
+    """An ordered listener list: each ``HOST:PORT`` valid, no duplicates, at most
+    :data:`MAX_LISTENERS`; returned in canonical spelling, order kept."""
+    if not isinstance(values, list) or not values:
+        raise ValidationError("the listener list must be a non-empty list of HOST:PORT strings")
+    if len(values) > MAX_LISTENERS:
+        raise ValidationError(f"{len(values)} listeners is more than {MAX_LISTENERS}")
+    problems: list[str] = []
+    canonical: list[str] = []
+    for value in values:
+        try:
+            spelled = format_listener(*parse_listener(value))
+        except ValidationError as exc:
+            problems.extend(exc.problems)
+            continue
+        if spelled in canonical:
+            problems.append(f"listener {spelled} is listed twice")
+        canonical.append(spelled)
+    if problems:
+        raise ValidationError(problems)
+    return canonical
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -582,6 +636,8 @@ class WorkerBundle:
         try:
             master_fp = normalize_fingerprint(settings["master_fingerprint"])
             listener_fp = settings.get("listener_fingerprint")
+            if "listeners" in settings:
+                validate_listeners(settings["listeners"])
             return cls(
                 directory=directory,
                 name=validate_host_name(settings["name"]),
@@ -593,6 +649,17 @@ class WorkerBundle:
             )
         except (KeyError, TypeError, ValidationError) as exc:
             raise PKIError(f"{cfg_path} is incomplete or invalid: {exc}") from None
+
+    @property
+    def listeners(self) -> list[tuple[str, int]]:
+        """The ordered listener list (``listeners`` in bundle.json); a bundle without one
+        names the single master listener (``master_host`` and ``syslog_port``)."""
+        listed = self.settings.get("listeners")
+        if listed is None:
+            host = self.settings.get("master_host")
+            port = self.settings.get("syslog_port") or config.SYSLOG_PORT
+            return [] if not host else [(str(host), int(cast(int, port)))]
+        return [parse_listener(item) for item in validate_listeners(listed)]
 
     @property
     def ca_path(self) -> Path:
@@ -607,3 +674,26 @@ class WorkerBundle:
     @property
     def has_updater(self) -> bool:
         return self.cert_path(config.ROLE_UPDATER).exists()
+
+
+def replace_bundle_listeners(
+    directory: str | os.PathLike, listeners: object
+) -> tuple[list[str], bool]:
+    """Replace only the listener list of the bundle in ``directory``.  Blocking.
+
+    ``listeners`` is validated first (:func:`validate_listeners`): a hostile list
+    changes nothing.  Every other field of ``bundle.json`` is kept as it is; the
+    file is replaced atomically and durably, under its lock, so two refreshes at
+    once leave one of the two lists, never a mix.  Returns the list now in force
+    and whether it changed.
+    """
+    wanted = validate_listeners(listeners)
+    path = Path(directory) / config.BUNDLE_CONFIG
+    with locked(lock_path_for(path)):
+        settings = WorkerBundle.load(directory).settings
+        if settings.get("listeners") == wanted:
+            return wanted, False
+        updated = {**settings, "listeners": wanted}
+        atomic_write(path, (json.dumps(updated, indent=2) + "\n").encode(), 0o644)
+        fsync_dir(path.parent)
+    return wanted, True

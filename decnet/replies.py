@@ -346,3 +346,6 @@ ROLLBACK = Obj(
     required={"result": Str(choices=("rolled_back",)), "release": TEXT},
     optional=_OUTCOME,
 )
+
+# POST /listeners on an updater: the bundle's listener list now, and whether it changed.
+LISTENERS = Obj(required={"listeners": ListOf(TEXT), "changed": BOOL})

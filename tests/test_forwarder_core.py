@@ -46,10 +46,10 @@ class Rig:
         self.shipper = Shipper(delivery, self.tailer, self.store, self.clock, inline_runner)
         self.factory = ForwarderFactory(self.shipper, stream=STREAM, mode="ack", target="m")
 
-    def connect(self):
+    def connect(self, alpn: bytes = config.ACK_ALPN):
         self.proto = self.factory.buildProtocol(None)
         self.transport = StringTransport()
-        self.transport.negotiatedProtocol = config.ACK_ALPN
+        self.transport.negotiatedProtocol = alpn
         self.proto.makeConnection(self.transport)
         self.proto.handshakeCompleted()
         return self.take()

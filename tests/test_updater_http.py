@@ -64,6 +64,22 @@ class Served:
     pass
 
 
+def fake_updater(base, agent: FakeAgent, restart_self) -> Updater:
+    """The real :class:`Updater` over ``base/install`` with a fake installer and agent."""
+    return Updater(
+        clock=reactor,
+        store=ReleaseStore(base / "install"),
+        self_store=ReleaseStore(base / "install" / "updater"),
+        installer=FakeInstaller(),
+        agent=agent,
+        probe=HealthProbe(reactor, FakeAgentHealth(agent), interval=0.01),
+        to_thread=pool_runner(reactor),
+        health_timeout=0.3,
+        restart_self=restart_self,
+        restart_delay=0.01,
+    )
+
+
 @pytest_twisted.async_yield_fixture
 async def served(world, tmp_path):
     bundle = world["bundles"]["a"]
@@ -78,18 +94,7 @@ async def served(world, tmp_path):
         restarts.append(release_dir)
         restarted.callback(release_dir)
 
-    updater = Updater(
-        clock=reactor,
-        store=ReleaseStore(tmp_path / "install"),
-        self_store=ReleaseStore(tmp_path / "install" / "updater"),
-        installer=FakeInstaller(),
-        agent=agent,
-        probe=HealthProbe(reactor, FakeAgentHealth(agent), interval=0.01),
-        to_thread=pool_runner(reactor),
-        health_timeout=0.3,
-        restart_self=restart_self,
-        restart_delay=0.01,
-    )
+    updater = fake_updater(tmp_path, agent, restart_self)
     await updater.start()
     site = make_site(
         build_app(updater, master=master, local=local).resource(),

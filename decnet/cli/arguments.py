@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from decnet import pki
+from decnet.errors import ValidationError
+
 JSON_HELP = "machine-readable output"
 
 
@@ -97,3 +100,12 @@ def duration(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
     return value
+
+
+def listener_address(value: str) -> str:
+    """An argparse ``type``: ``HOST:PORT`` of a log listener, in its canonical spelling;
+    a typo is a usage error that says what was expected."""
+    try:
+        return pki.format_listener(*pki.parse_listener(value))
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

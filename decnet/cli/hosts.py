@@ -7,8 +7,9 @@ import time
 
 from decnet import config, pki
 from decnet.cli import fleet, output
-from decnet.cli.arguments import command, flag, json_flag, timeout_option
+from decnet.cli.arguments import command, flag, json_flag, listener_address, timeout_option
 from decnet.cli.decommission import DECOMMISSION_EXAMPLES, TEARDOWN_TIMEOUT, cmd_decommission
+from decnet.errors import ValidationError
 from decnet.master import enroll_tokens, enrollment
 from decnet.master.registry import Registry
 
@@ -16,6 +17,8 @@ ENROLL_EXAMPLES = [
     "decnet-admin enroll web-01 --address 10.0.0.5 --updater --token",
     "decnet-admin enroll web-01 --address 10.0.0.5 --token --token-ttl 1h --json",
     "decnet-admin enroll dmz-07 --address 192.0.2.7 --updater --out /media/usb/dmz-07",
+    "decnet-admin enroll web-02 --address 10.0.1.8 --out ./web-02 --listener 10.0.0.5:6514 "
+    "--listener 10.0.0.6:6514",
 ]
 
 
@@ -116,6 +119,16 @@ def register(sub, parents) -> None:
         help="port of twistd decnet-enroll shown in the join command (default: %(default)s)",
     )
     json_flag(p)
+    p.add_argument(
+        "--listener",
+        action="append",
+        type=listener_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="with --out: a log listener the worker may ship to (repeatable, in order; "
+        "default: the list of `decnet-admin listeners`, else the master's own listener; "
+        "token bundles always get that default)",
+    )
 
     p = command(
         sub,
@@ -221,19 +234,29 @@ _ENROLL_OPTIONS = (
     "master_host",
     "key_type",
     "validity_days",
+    "listener",
 )
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
     options = {name: getattr(args, name) for name in _ENROLL_OPTIONS}
+    listeners = options.pop("listener")
     if args.token:
+        if listeners:
+            raise ValidationError(
+                [
+                    "--listener goes with --out; a token's bundle gets the master's list "
+                    "(decnet-admin listeners add HOST:PORT first)"
+                ]
+            )
         del options["key_type"]
         issued = enroll_tokens.issue_token(
             master, args.name, args.address, sans=args.san, ttl=args.token_ttl, **options
         )
         _show_token(args, master, issued)
         return 0
+    options["listeners"] = listeners
     result = enrollment.enroll(master, args.name, args.address, args.out, sans=args.san, **options)
     host = result.host
     if args.json:
@@ -243,6 +266,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     output.line(f"  worker fingerprint   {pki.colon_fingerprint(host.worker_fingerprint)}")
     if host.updater_fingerprint:
         output.line(f"  updater fingerprint  {pki.colon_fingerprint(host.updater_fingerprint)}")
+    listed = pki.WorkerBundle.load(result.bundle_dir).listeners
+    output.line(f"  listeners            {', '.join(pki.format_listener(*x) for x in listed)}")
     output.line("Copy the bundle directory to the worker (it holds private keys: keep it 0700).")
     return 0
 

@@ -17,7 +17,12 @@ from typing import Any
 import attrs
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,7 +31,9 @@ from zope.interface import implementer
 from decnet import config
 from decnet.forwarder import core
 from decnet.forwarder.offsets import JournalStore
+from decnet.forwarder.rendezvous import Listener, ListenerChoice
 from decnet.forwarder.tail import Tailer
+from decnet.pki import format_listener
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder
 from decnet.tls import PeerCertificateRefused, tls_error_text
@@ -37,6 +44,8 @@ CONTROL_MAX_FRAME = 4096
 PERSIST_RETRY = 1.0
 
 MODES = ("auto", "ack", "plain")
+# How long a connection being handed back may wait for the ACK of what it sent.
+DRAIN_GRACE = 30.0
 
 
 @implementer(IPushProducer)
@@ -59,10 +68,14 @@ class Shipper:
 
     # -- events in -------------------------------------------------------
 
-    def attach(self, proto: ForwarderProtocol, mode: str) -> None:
+    def attach(self, proto: ForwarderProtocol, mode: str, moves: bool = False) -> None:
         self.proto = proto
         proto.transport.registerProducer(self, True)
-        self.execute(self.core.connected(mode))
+        self.execute(self.core.connected(mode, moves))
+
+    def drain(self) -> None:
+        """Close the connection once everything sent is acknowledged (see ``core.drain``)."""
+        self.execute(self.core.drain())
 
     def detach(self, proto: ForwarderProtocol) -> None:
         if self.proto is not proto:
@@ -236,6 +249,7 @@ class ForwarderProtocol(Protocol):
         assert factory.shipper is not None, "connections start once the journal is read"
         self.shipper: Shipper = factory.shipper
         self.mode: str | None = None
+        self.refusal: str | None = None  # why we closed it before it carried anything
         self.lost = False
         self.decoder = OctetCountingDecoder(CONTROL_MAX_FRAME)
 
@@ -247,14 +261,13 @@ class ForwarderProtocol(Protocol):
     def handshakeCompleted(self):
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         wanted = self.factory.mode
-        if alpn == config.ACK_ALPN:
+        if alpn in (config.ACK_ALPN, config.ACK_ALPN_MOVES):
             self.mode = core.ACK
             self.factory.connected(self, "acknowledged")
-            self.shipper.attach(self, core.ACK)
+            self.shipper.attach(self, core.ACK, moves=alpn == config.ACK_ALPN_MOVES)
         elif wanted == "ack":
-            self.factory.failed_attempt(
-                "the receiver does not speak decnet-syslog/1 and --mode is ack"
-            )
+            # Counted once, as the attempt's failure, when the connection is gone.
+            self.refusal = "the receiver does not speak decnet-syslog/1 and --mode is ack"
             self.close()
         else:
             self.mode = core.PLAIN
@@ -308,7 +321,14 @@ class ForwarderProtocol(Protocol):
             self.shipper.execute(self.shipper.core.status_refused())
 
     def abandon(self, reason: str) -> None:
-        self.log.warn("Closing the connection to the master: {reason}", reason=reason)
+        if reason == core.DRAINED:
+            self.log.info(
+                "Closing the connection to {target}: {reason}",
+                target=self.factory.target,
+                reason=reason,
+            )
+        else:
+            self.log.warn("Closing the connection to the master: {reason}", reason=reason)
         self.close()
 
     def close(self) -> None:
@@ -329,11 +349,28 @@ class ForwarderFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, shipper: Shipper | None, *, stream: str, mode: str, target: str):
+    def __init__(
+        self,
+        shipper: Shipper | None,
+        *,
+        stream: str,
+        mode: str,
+        target: str,
+        choice: ListenerChoice | None = None,
+        clock: IReactorTime | None = None,
+    ):
         self.shipper = shipper
         self.stream = stream
         self.mode = mode
         self.target = target
+        # Several listeners: where the next attempt goes, and the timer that hands a
+        # connection to a non-preferred listener back (``clock`` is then required).
+        self.choice = choice
+        self.clock = clock
+        self._return_call: IDelayedCall | None = None
+        self._drain_call: IDelayedCall | None = None
+        self._returning = False
+        self.moves = 0
         self.state = "connecting"
         # Told (state, detail) on every change: systemd's STATUS line, for one.
         self.state_listeners: list = []
@@ -366,6 +403,53 @@ class ForwarderFactory(Factory):
         )
         self._last_failure, self._failures = None, 0
         self._set_state("connected", f"shipping to {self.target} ({mode})")
+        if self.choice is not None and self.choice.connected() and self.clock is not None:
+            self._return_call = self.clock.callLater(
+                self.choice.return_after, self._return_to_preferred
+            )
+
+    def _return_to_preferred(self) -> None:
+        """Time to go back to the preferred listener: hand this connection back."""
+        self._return_call = None
+        if self.current is None or self.shipper is None or self.choice is None:
+            return
+        self._returning = True
+        if self.clock is not None:
+            self._drain_call = self.clock.callLater(DRAIN_GRACE, self._drain_expired)
+        self.log.info(
+            "Returning to the preferred listener {preferred}: closing {target} once "
+            "everything sent to it is acknowledged",
+            preferred=_spelled(self.choice.preferred),
+            target=self.target,
+        )
+        self.shipper.drain()
+
+    def _drain_expired(self) -> None:
+        """The listener did not acknowledge what was sent within the grace: close anyway
+        (it may then hold bytes the next listener receives again; nothing is lost)."""
+        self._drain_call = None
+        if self.current is not None:
+            self.current.abandon(
+                f"no acknowledgement within {DRAIN_GRACE:g}s of handing the connection back"
+            )
+
+    def _cancel_return(self) -> None:
+        for call in (self._return_call, self._drain_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._return_call = self._drain_call = None
+
+    def _move(self, before: Listener, after: Listener, reason: str) -> None:
+        self.target = _spelled(after)
+        if before == after:
+            return
+        self.moves += 1
+        self.log.warn(
+            "Moving from {source} to {destination}: {reason}",
+            source=_spelled(before),
+            destination=self.target,
+            reason=reason,
+        )
 
     def admitted(self) -> None:
         """The master accepted this worker (it answered our HELLO): refusals are over."""
@@ -373,10 +457,11 @@ class ForwarderFactory(Factory):
 
     def disconnected(self, proto: ForwarderProtocol, reason) -> None:
         if proto.mode is None:
-            self.failed_attempt(_handshake_failure(reason))
+            self.failed_attempt(proto.refusal or _handshake_failure(reason))
             return
         if self.current is proto:
             self.current = None
+        self._cancel_return()
         alert = refusal_alert(reason)
         if alert is not None and self._refused(f"TLS handshake failed: {alert}"):
             return
@@ -385,6 +470,12 @@ class ForwarderFactory(Factory):
             target=self.target,
             reason=reason.getErrorMessage(),
         )
+        if self.choice is not None:
+            was = self.choice.disconnected()
+            why = "returning to the preferred listener" if self._returning else "disconnected"
+            self._returning = False
+            if was is not None:
+                self._move(was, self.choice.target, why)
         self._set_state("disconnected", f"reconnecting to {self.target}")
 
     def _refused(self, reason: str) -> bool:
@@ -420,6 +511,42 @@ class ForwarderFactory(Factory):
             )
             self._last_failure = reason
         self._set_state("failing", f"cannot connect to {self.target}: {reason}")
+        if self.choice is not None:
+            self._move(*self.choice.failed(), reason)
+
+    def replace_listeners(self, choice: ListenerChoice) -> None:
+        """The bundle's listener list changed: follow ``choice`` from now on.
+
+        A connection to the new preferred listener is kept; any other is handed
+        back (closed once everything sent is acknowledged), so the next attempt
+        goes to the new preferred one.
+        """
+        old, self.choice = self.choice, choice
+        connected = old.connected_to if old is not None else None
+        choice.moved = old is not None and (old.moved or set(old.order) != set(choice.order))
+        self.log.info(
+            "Listener list changed: now {listeners} (preferred {preferred})",
+            listeners=", ".join(_spelled(x) for x in choice.order),
+            preferred=_spelled(choice.preferred),
+        )
+        if connected is None:
+            self.target = _spelled(choice.target)
+            return
+        choice.connected_to = connected
+        if connected == choice.preferred:
+            return
+        self._cancel_return()
+        if connected in choice.order:
+            choice.index = choice.order.index(connected)
+        self._return_to_preferred()
+
+    def stop(self) -> None:
+        """The service stops: no more returns."""
+        self._cancel_return()
+
+
+def _spelled(listener: Listener) -> str:
+    return format_listener(*listener)
 
 
 #: The TLS alerts a DECNET listener answers a client certificate it refuses with

@@ -73,6 +73,9 @@ HELLO = "hello"  # HELLO sent, waiting for RESUME
 REWINDING = "rewinding"  # the tailer is being positioned
 STREAMING = "streaming"
 
+# Why a connection handed back with ``drain`` is closed.
+DRAINED = "everything sent is acknowledged; returning to the preferred listener"
+
 
 @attrs.frozen
 class Send:
@@ -155,6 +158,7 @@ class DeliveryCore:
         self.durable_acked = acked  # ... and as persisted in our journal
         self.skip_until = 0
         self.paused = False
+        self.draining = False  # handing the connection back (``drain``)
         self.reading = False
         self.observing = False
         self._wakeup = False
@@ -174,13 +178,17 @@ class DeliveryCore:
 
     # -- connection ------------------------------------------------------
 
-    def connected(self, mode: str) -> list[Command]:
+    def connected(self, mode: str, moves: bool = False) -> list[Command]:
+        """A connection is up; ``moves``: it speaks ``decnet-syslog/2``, whose HELLO tells
+        the listener what is acknowledged already (on whichever listener)."""
         self.epoch += 1
         self.mode, self.paused, self._held, self.skip_until = mode, False, [], 0
         self.reported_end = self.status_due = None
+        self.draining = False
         if mode == ACK:
             self.phase = HELLO
-            return [Send((encode_frame(ackproto.encode_hello(self.stream)),))]
+            hello = ackproto.encode_hello(self.stream, self.acked if moves else None)
+            return [Send((encode_frame(hello),))]
         # Plain: whatever was read but never written is read again.
         self.phase = REWINDING
         return [Rewind(self.sent_end, self.epoch)]
@@ -188,6 +196,21 @@ class DeliveryCore:
     def disconnected(self) -> list[Command]:
         self.epoch += 1
         self.mode, self.phase, self._held = None, IDLE, []
+        self.draining = False
+        return []
+
+    def drain(self) -> list[Command]:
+        """Hand the connection back: send nothing more, and close it once everything sent
+        is acknowledged (so the next listener starts where this one stopped)."""
+        if self.mode != ACK or self.phase != STREAMING:
+            return [Close(DRAINED)] if self.mode is not None else []
+        self.draining = True
+        return self._drained()
+
+    def _drained(self) -> list[Command]:
+        if self.draining and self.acked >= self.sent_end and not self.reading:
+            self.draining = False
+            return [Close(DRAINED)]
         return []
 
     def resume(self, offset: int) -> list[Command]:
@@ -222,7 +245,7 @@ class DeliveryCore:
         if offset > self.sent_end and offset > self.skip_until:
             return [Close(f"ACK {offset} is beyond what was sent ({self.sent_end})")]
         self.acked = offset
-        return self._queue(acked=offset) + self._next_persist() + self._pump()
+        return self._queue(acked=offset) + self._next_persist() + self._pump() + self._drained()
 
     # -- STATUS ----------------------------------------------------------
 
@@ -283,9 +306,14 @@ class DeliveryCore:
 
     def read_failed(self) -> list[Command]:
         self.reading = False
-        return []
+        return self._drained()
 
     def read_done(
+        self, pieces: list[Piece], records: list[GenerationRecord], epoch: int
+    ) -> list[Command]:
+        return self._read_done(pieces, records, epoch) + self._drained()
+
+    def _read_done(
         self, pieces: list[Piece], records: list[GenerationRecord], epoch: int
     ) -> list[Command]:
         self.reading = False
@@ -363,7 +391,7 @@ class DeliveryCore:
     # -- shipping --------------------------------------------------------
 
     def _can_read(self) -> bool:
-        if self.phase != STREAMING or self.paused or self.reading or self._held:
+        if self.phase != STREAMING or self.paused or self.reading or self._held or self.draining:
             return False
         if not self._records_durable():
             return False

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
@@ -19,8 +20,10 @@ from decnet.forwarder.client import ForwarderFactory, Shipper
 from decnet.forwarder.core import DeliveryCore
 from decnet.forwarder.journal import Plan
 from decnet.forwarder.offsets import JournalStore
+from decnet.forwarder.rendezvous import Listener, ListenerChoice
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
 from decnet.interfaces import IDecnetReactor
+from decnet.pki import WorkerBundle, format_listener
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
 from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
@@ -32,15 +35,19 @@ _jitter = random.SystemRandom()
 
 
 def forwarder_options(
-    identity: TLSIdentity, master_fingerprint: str | None, mode: str
+    identity: TLSIdentity, master_fingerprint: str | None, mode: str, *, several: bool = False
 ) -> tuple[PolicyOptions, PeerPolicy]:
-    """Client TLS options: the master only (pinned when we know its fingerprint)."""
+    """Client TLS options: the master only (pinned when we know its fingerprint).
+
+    ``several``: the bundle names several listeners, so the worker may move between
+    them; it then offers ``decnet-syslog/2`` as well (an older listener picks /1).
+    """
     policy = PeerPolicy([Accept(config.ROLE_MASTER, fingerprint=master_fingerprint)])
-    alpn = None if mode == "plain" else [config.ACK_ALPN]
+    protocols = [config.ACK_ALPN_MOVES, config.ACK_ALPN] if several else [config.ACK_ALPN]
+    alpn = None if mode == "plain" else protocols
     return PolicyOptions(identity, policy, acceptable_protocols=alpn), policy
 
 
-@implementer(IStreamClientEndpoint)
 def readable_delays(policy: Callable[[int], float]) -> Callable[[int], float]:
     """``policy`` with its delays rounded to 0.1 s: the retry log line says "in 1.9
     seconds", not "in 1.9603283599477868 seconds" (the jitter stays, to a tenth)."""
@@ -49,22 +56,35 @@ def readable_delays(policy: Callable[[int], float]) -> Callable[[int], float]:
 
 @implementer(IStreamClientEndpoint)
 class _ReportingEndpoint:
-    """Tells the factory about failed connection attempts (refused, unreachable).
+    """Connects to the factory's current choice of listener and tells the factory
+    about failed attempts (refused, unreachable), which may move it to the next.
 
     Its ``repr`` is what Twisted's ClientService names in "Scheduling retry 1 to
-    connect {endpoint} in {delay} seconds.": the master's listener, not an object id.
+    connect {endpoint} in {delay} seconds.": the listener, not an object id.
     """
 
-    def __init__(self, endpoint, factory: ForwarderFactory, target: str = "the master"):
-        self._endpoint = endpoint
+    def __init__(
+        self,
+        reactor: IDecnetReactor,
+        options: Callable[[bool], PolicyOptions],
+        factory: ForwarderFactory,
+    ):
+        self._reactor = reactor
+        self._options = options  # TLS options for one listener or several
         self._factory = factory
-        self._target = target
 
     def __repr__(self) -> str:
-        return f"the master's listener at {self._target} (TLS)"
+        choice = self._factory.choice
+        where = format_listener(*choice.target) if choice is not None else "?"
+        return f"the master's listener at {where} (TLS)"
 
     def connect(self, protocol_factory):
-        d = self._endpoint.connect(protocol_factory)
+        choice = self._factory.choice
+        assert choice is not None  # the service always gives its factory one
+        host, port = choice.target
+        options = self._options(choice.several)
+        endpoint = wrapClientTLS(options, HostnameEndpoint(self._reactor, host, port))
+        d = endpoint.connect(protocol_factory)
 
         def failed(failure):
             self._factory.failed_attempt(failure.getErrorMessage())
@@ -191,8 +211,9 @@ class ForwarderService(MultiService):
         reactor,
         *,
         identity: TLSIdentity,
-        master_host: str,
-        master_port: int,
+        master_host: str | None = None,
+        master_port: int | None = None,
+        listeners: Sequence[Listener] = (),
         master_fingerprint: str | None,
         log_file: Path,
         state_file: Path,
@@ -202,7 +223,12 @@ class ForwarderService(MultiService):
         poll_interval: float = config.DEFAULT_POLL_INTERVAL,
         rotate_wait: float = DEFAULT_ROTATE_WAIT,
         max_retry_delay: float = 30.0,
+        return_after: float = config.DEFAULT_LISTENER_RETURN,
+        bundle_dir: Path | None = None,
+        bundle_check: float = config.DEFAULT_BUNDLE_CHECK,
     ):
+        """Ships to ``listeners`` (several: chosen by rendezvous hashing of the worker's
+        CN, see :mod:`decnet.forwarder.rendezvous`), or to ``master_host:master_port``."""
         super().__init__()
         self.reactor = reactor
         self.stream = stream
@@ -213,12 +239,25 @@ class ForwarderService(MultiService):
         self.max_payload = max_line
         self.store: JournalStore | None = None
         self.shipper: Shipper | None = None  # once the journal is read
-        options, _ = forwarder_options(identity, master_fingerprint, mode)
-        target = f"{master_host}:{master_port}"
-        self.factory = ForwarderFactory(None, stream=stream, mode=mode, target=target)
-        endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, master_host, master_port))
+        if not listeners:
+            if master_host is None or master_port is None:
+                raise TypeError("give listeners, or master_host and master_port")
+            listeners = [(master_host, master_port)]
+        choice = ListenerChoice(identity.identity.cn, listeners, return_after)
+        tls = {
+            several: forwarder_options(identity, master_fingerprint, mode, several=several)[0]
+            for several in (False, True)
+        }
+        self.factory = ForwarderFactory(
+            None,
+            stream=stream,
+            mode=mode,
+            target=format_listener(*choice.target),
+            choice=choice,
+            clock=reactor,
+        )
         self.client = ClientService(
-            _ReportingEndpoint(endpoint, self.factory, target),
+            _ReportingEndpoint(reactor, tls.__getitem__, self.factory),
             self.factory,
             retryPolicy=readable_delays(
                 backoffPolicy(
@@ -228,6 +267,14 @@ class ForwarderService(MultiService):
             clock=reactor,
         )
         self.watcher = TailWatcher(reactor, Path(log_file), self._notify, poll_interval)
+        # The bundle's listener list may be replaced (``decnet-admin bundle refresh``).
+        self.bundle_dir = bundle_dir
+        self.bundle_poll = LoopingCall(self._check_bundle)
+        self.bundle_poll.clock = reactor
+        self.bundle_check = bundle_check
+        self.return_after = return_after
+        self.cn = identity.identity.cn
+        self._bundle_problem: str | None = None
         self.systemd = SystemdService(reactor)
         self.systemd.setServiceParent(self)
         self.factory.state_listeners.append(lambda _state, detail: self.systemd.status(detail))
@@ -263,6 +310,8 @@ class ForwarderService(MultiService):
         self.factory.shipper = self.shipper
         self.watcher.setServiceParent(self)
         self.client.setServiceParent(self)
+        if self.bundle_dir is not None:
+            self.bundle_poll.start(self.bundle_check, now=False)
         # Ready once the file is being followed; the connection comes and goes
         # (STATUS says which), and a master that is down must not fail the unit.
         self.systemd.ready(f"following {self.tailer.path}")
@@ -277,7 +326,35 @@ class ForwarderService(MultiService):
         )
         self.reactor.stop()
 
+    def _check_bundle(self) -> defer.Deferred:
+        """Read the bundle's listener list (off the reactor) and follow a change."""
+        directory = self.bundle_dir
+        assert directory is not None  # (only polled with a bundle)
+        d = self.run(lambda: WorkerBundle.load(directory).listeners)
+        d.addCallbacks(self._listeners_read, self._bundle_unreadable)
+        return d
+
+    def _listeners_read(self, listeners: list[Listener]) -> None:
+        choice = self.factory.choice
+        if choice is None or not listeners or sorted(listeners) == sorted(choice.order):
+            return
+        self._bundle_problem = None
+        self.factory.replace_listeners(ListenerChoice(self.cn, listeners, self.return_after))
+
+    def _bundle_unreadable(self, failure) -> None:
+        problem = failure.getErrorMessage()
+        if problem != self._bundle_problem:
+            self.log.warn(
+                "Cannot read the listener list of {bundle}: {problem}; keeping the current one",
+                bundle=str(self.bundle_dir),
+                problem=problem,
+            )
+        self._bundle_problem = problem
+
     def stopService(self):
+        if self.bundle_poll.running:
+            self.bundle_poll.stop()
+        self.factory.stop()
         current = self.factory.current
         if current is not None and not current.lost and self.shipper is not None:
             self.shipper.detach(current)

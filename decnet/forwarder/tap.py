@@ -24,6 +24,9 @@ class Options(DaemonOptions):
         "Tail the worker's RFC 5424 log and ship it to the master over mutual TLS: "
         "acknowledged, exactly-once delivery with our listener (ALPN "
         f"{config.ACK_ALPN.decode()}), plain RFC 5425 with a stock receiver.  "
+        "A bundle listing several listeners ships to one chosen by rendezvous hashing of "
+        "the worker's name, fails over to the next and returns after --return-after "
+        "(docs/SWARM-Mode.md).  "
         "See docs/Logging.md.  " + metrics_epilog("forwarder")
     )
     optParameters: ClassVar[list] = [
@@ -33,7 +36,8 @@ class Options(DaemonOptions):
             "master-host",
             None,
             None,
-            f"Master address [default: ${config.ENV_MASTER_HOST}, else the bundle's]",
+            f"Master address [default: ${config.ENV_MASTER_HOST}, else the bundle's "
+            "listener list, else its master_host]",
         ],
         [
             "master-port",
@@ -84,6 +88,22 @@ class Options(DaemonOptions):
             "Longest pause between reconnection attempts (s)",
             positive_float,
         ],
+        [
+            "return-after",
+            None,
+            config.DEFAULT_LISTENER_RETURN,
+            "With several listeners in the bundle: seconds on another listener before "
+            "going back to the preferred one",
+            positive_float,
+        ],
+        [
+            "bundle-check",
+            None,
+            config.DEFAULT_BUNDLE_CHECK,
+            "Seconds between reads of the bundle's listener list (changed by `decnet-admin "
+            "bundle refresh`; not with --master-host/--master-port)",
+            positive_float,
+        ],
         *metrics_options("forwarder"),
     ]
 
@@ -98,9 +118,7 @@ class Options(DaemonOptions):
         self._check_stream()
         if self["max-line"] < 256:
             raise usage.UsageError("--max-line must be at least 256 bytes")
-        self["master-host"] = self._master_host(bundle)
-        if self["master-port"] is None:
-            self["master-port"] = self._master_port(bundle)
+        self["listeners"] = self._listeners(bundle)
         self["log-file"] = Path(self["log-file"]).absolute()
         self["state"] = Path(self["state"] or config.DEFAULT_FORWARDER_STATE).absolute()
 
@@ -113,6 +131,25 @@ class Options(DaemonOptions):
             raise usage.UsageError(
                 f"--stream {config.PLAIN_STREAM} is reserved for plain RFC 5425 senders"
             )
+
+    def _listeners(self, bundle: WorkerBundle) -> list[tuple[str, int]]:
+        """The bundle's listener list, unless the master's address is given explicitly
+        (options or environment), which ships to that one listener as always."""
+        explicit = (
+            self["master-host"]
+            or self["master-port"] is not None
+            or os.environ.get(config.ENV_MASTER_HOST, "").strip()
+            or os.environ.get(config.ENV_SYSLOG_PORT, "").strip()
+        )
+        if not explicit:
+            # The bundle decides, and may change (``decnet-admin bundle refresh``).
+            self["bundle-dir"] = bundle.directory
+        if "listeners" in bundle.settings and not explicit:
+            return bundle.listeners
+        self["master-host"] = self._master_host(bundle)
+        if self["master-port"] is None:
+            self["master-port"] = self._master_port(bundle)
+        return [(self["master-host"], self["master-port"])]
 
     def _master_host(self, bundle: WorkerBundle) -> str:
         host = (
@@ -148,10 +185,11 @@ def makeService(options: Options) -> IService:
         identity=options["identity"],
         master_fingerprint=options["bundle-obj"].listener_fingerprint,
         state_file=options["state"],
+        listeners=options["listeners"],
+        bundle_dir=options.get("bundle-dir"),
         **keywords(
             options,
-            "master-host master-port log-file stream mode max-line poll-interval rotate-wait "
-            "max-retry-delay",
+            "log-file stream mode max-line poll-interval rotate-wait max-retry-delay return-after",
         ),
     )
     attach_metrics(

@@ -62,6 +62,7 @@ class _Accepted:
     gap: tuple[int, int] | None  # an index record (mirror end, stream end) before the payload
     mirror_end: int
     stream_end: int
+    moved: bool = False  # ``gap`` is a segment start after a move, not a gap
 
 
 @attrs.frozen
@@ -101,6 +102,7 @@ class StreamSink:
         self.commits = 0
         self._commit_started = 0.0
         self.gaps = 0
+        self.moves = 0
         self.duplicates = 0
 
     # -- accepting data --------------------------------------------------
@@ -159,14 +161,38 @@ class StreamSink:
         self._add(b"", (self.accepted_mirror, end))
         return True
 
+    def start_segment(self, offset: int) -> bool:
+        """The worker arrives from another listener with everything below ``offset``
+        acknowledged there: this mirror's next segment starts at ``offset``.
+
+        Recorded in the index as a "moved" record (not a gap: the bytes between are
+        on the other listener) and made durable like data; nothing happens when this
+        listener already has the stream up to ``offset``.
+        """
+        if offset <= self.accepted_end:
+            return False
+        self.moves += 1
+        self.log.info(
+            "Worker {worker} arrived on stream {stream} with offset {offset} acknowledged "
+            "elsewhere; this listener had it up to {mark}: a new mirror segment starts at "
+            "{offset} (bytes {mark}-{offset} are on another listener)",
+            worker=self.worker,
+            stream=self.stream,
+            offset=offset,
+            mark=self.accepted_end,
+        )
+        self.accepted_end = offset
+        self._add(b"", (self.accepted_mirror, offset), moved=True)
+        return True
+
     def append_plain(self, data: bytes) -> None:
         """Take plain RFC 5425 lines (already LF-terminated); offsets are mirror offsets."""
         self.accepted_mirror += len(data)
         self.accepted_end += len(data)
         self._add(data, None)
 
-    def _add(self, payload: bytes, gap: tuple[int, int] | None) -> None:
-        item = _Accepted(payload, gap, self.accepted_mirror, self.accepted_end)
+    def _add(self, payload: bytes, gap: tuple[int, int] | None, moved: bool = False) -> None:
+        item = _Accepted(payload, gap, self.accepted_mirror, self.accepted_end, moved)
         self._commits.add(item, len(payload))
 
     @property
@@ -193,11 +219,11 @@ class StreamSink:
         items = batch.items
         data = items[0].payload if len(items) == 1 else b"".join(i.payload for i in items)
         now_us = int(self.ingest.clock.seconds() * 1_000_000)
-        marks = [i.gap for i in items if i.gap is not None]
+        marks = [(*i.gap, i.moved) for i in items if i.gap is not None]
         last = (items[-1].mirror_end, items[-1].stream_end)
-        if marks[-1:] != [last]:
-            marks.append(last)
-        records = [storage.IndexRecord(m, e, now_us) for m, e in marks]
+        if [m[:2] for m in marks[-1:]] != [last]:
+            marks.append((*last, False))
+        records = [storage.IndexRecord(m, e, now_us, moved) for m, e, moved in marks]
         self._commit_started = now_us / 1_000_000
         self.ingest.touch(self)
         return self.ingest.run(self.files.commit, data, records)

@@ -8,7 +8,10 @@ negotiated ALPN protocol picks the mode:
 * none (a stock RFC 5425 sender such as rsyslog): every frame is one line,
   appended to the worker's ``syslog`` stream;
 * ``decnet-syslog/1``: HELLO → RESUME(high-water mark) → DATA… / ACK…, see
-  ``docs/Logging.md``.
+  ``docs/Logging.md``;
+* ``decnet-syslog/2``: the same, but HELLO carries the offset the worker had
+  acknowledged; when that is above this listener's mark (the worker moved here
+  from another listener) a new mirror segment starts there and RESUME names it.
 
 Framing and protocol errors are expected refusals: logged as warnings with the
 peer and the reason, then only *this* connection is closed; frames that were
@@ -115,6 +118,9 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         self.fingerprint: str | None = None
         self.stream: str | None = None
         self.sink: StreamSink | None = None
+        self.version = ackproto.VERSION
+        # Version 2: the offset the worker had acknowledged (here or elsewhere) at HELLO.
+        self.arrived_at: int | None = None
         self.frames = 0
         self.bytes = 0
         self.escaped_lfs = 0
@@ -187,7 +193,9 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             return
         self._note_connected()
         alpn = getattr(self.transport, "negotiatedProtocol", None)
-        if alpn == config.ACK_ALPN:
+        if alpn == config.ACK_ALPN_MOVES:
+            self.version = ackproto.VERSION_MOVES
+        if alpn in (config.ACK_ALPN, config.ACK_ALPN_MOVES):
             # DATA payloads are whole lines: their final LF is data, not a stock sender's extra.
             self.decoder.strip_lf = False
             self.state = AWAITING_HELLO
@@ -294,7 +302,12 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
                 raise ackproto.ProtocolError(
                     f"stream name {message.stream!r} is reserved for plain RFC 5425"
                 )
+            if message.version != self.version:
+                raise ackproto.ProtocolError(
+                    f"HELLO version {message.version} on a version {self.version} connection"
+                )
             self.stream = message.stream
+            self.arrived_at = message.acked
             self.factory.claim_stream(self)
             self.state = RESUMING
             self._pause()
@@ -329,9 +342,18 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         # Acknowledged mode: everything an earlier connection of this stream
         # handed over must be durable before we name the resume point.
         flushed = sink.when_flushed()
+        flushed.addCallback(self._segment_start)
         if self.factory.broker is not None:
             flushed.addCallback(self._broker_resume_point)
         flushed.addCallbacks(self._send_resume, self._sink_failed)
+
+    def _segment_start(self, offset: int) -> int | defer.Deferred:
+        """A worker that had more acknowledged (by another listener) than this one has
+        starts a new mirror segment there, made durable before the RESUME names it."""
+        if self.state != RESUMING or self.arrived_at is None or self.arrived_at <= offset:
+            return offset
+        self.attached.start_segment(self.arrived_at)
+        return self.attached.when_flushed()
 
     def _broker_resume_point(self, offset: int) -> defer.Deferred[int]:
         """Broker mode: RESUME names the broker's mark, once it holds all we hold.

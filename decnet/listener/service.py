@@ -24,9 +24,11 @@ from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
 
 
 def listener_options(identity: TLSIdentity, revocations: RevocationSet | None) -> PolicyOptions:
-    """Server TLS options: workers of our CA only, not revoked; offers the ack protocol."""
+    """Server TLS options: workers of our CA only, not revoked; offers the ack protocol
+    (version 2, where a worker may arrive from another listener, preferred)."""
     policy = PeerPolicy([Accept(config.ROLE_WORKER)], revocations=revocations)
-    return PolicyOptions(identity, policy, acceptable_protocols=[config.ACK_ALPN])
+    alpn = [config.ACK_ALPN_MOVES, config.ACK_ALPN]
+    return PolicyOptions(identity, policy, acceptable_protocols=alpn)
 
 
 class IngestService(Service):
@@ -157,9 +159,21 @@ class ListenerService(MultiService):
             self._old_hup = None
         # Stop accepting first, then let in-flight commits finish.
         yield self.port_service.stopService()
+        yield self._final_acks()
         for proto in list(self.factory.connections):
             proto.transport.loseConnection()
         yield super().stopService()
+
+    def _final_acks(self) -> defer.Deferred:
+        """Stop reading, and let every stream's commits finish while its connection is
+        still up, so each worker hears the ACK of everything this listener made durable:
+        a worker that moves to another listener then starts its segment exactly there."""
+        flushes = []
+        for proto in list(self.factory.connections):
+            proto.transport.pauseProducing()
+            if proto.sink is not None and not proto.sink.failed:
+                flushes.append(proto.sink.when_flushed())
+        return defer.DeferredList(flushes, consumeErrors=True)
 
 
 def raise_nofile_limit() -> None:

@@ -34,6 +34,9 @@ from decnet.fsutil import PRIVATE_FILE_MODE, ensure_private_dir, fsync_dir
 # received_at (microseconds since the epoch).  Little-endian.
 INDEX_RECORD = struct.Struct("<4sIQQQ")
 INDEX_MAGIC = b"DXI1"
+# A "moved" record: the worker arrived from another listener, and this mirror's next
+# segment starts at ``stream_end`` (the bytes before it are on that listener: not a gap).
+MOVED_MAGIC = b"DXM1"
 _NUMBERS = struct.Struct("<QQQ")
 
 # Feed position slot: magic, crc32, sequence, mirror_pos, feed_len, idx_pos.
@@ -51,11 +54,13 @@ class IndexRecord:
     mirror_end: int
     stream_end: int
     received_at_us: int
+    moved: bool = False  # a segment start after a move (MOVED_MAGIC), not a commit or gap
 
 
 def pack_record(record: IndexRecord) -> bytes:
     numbers = _NUMBERS.pack(record.mirror_end, record.stream_end, record.received_at_us)
-    return INDEX_RECORD.pack(INDEX_MAGIC, zlib.crc32(numbers), *_NUMBERS.unpack(numbers))
+    magic = MOVED_MAGIC if record.moved else INDEX_MAGIC
+    return INDEX_RECORD.pack(magic, zlib.crc32(numbers), *_NUMBERS.unpack(numbers))
 
 
 def unpack_record(raw: bytes) -> IndexRecord | None:
@@ -63,9 +68,11 @@ def unpack_record(raw: bytes) -> IndexRecord | None:
     if len(raw) != INDEX_RECORD.size:
         return None
     magic, crc, mirror_end, stream_end, at = INDEX_RECORD.unpack(raw)
-    if magic != INDEX_MAGIC or zlib.crc32(_NUMBERS.pack(mirror_end, stream_end, at)) != crc:
+    if magic not in (INDEX_MAGIC, MOVED_MAGIC):
         return None
-    return IndexRecord(mirror_end, stream_end, at)
+    if zlib.crc32(_NUMBERS.pack(mirror_end, stream_end, at)) != crc:
+        return None
+    return IndexRecord(mirror_end, stream_end, at, magic == MOVED_MAGIC)
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ import attrs
 from decnet import config, pki, revocation
 from decnet.errors import UnknownHost, ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, write_new_file
+from decnet.master.listeners import read_listeners
 from decnet.master.registry import Host, Registry, Tokens, utc_now_iso
 
 LISTENER_DIR_MODE = 0o750
@@ -219,13 +220,20 @@ def enroll(
     key_type: str = pki.DEFAULT_KEY_TYPE,
     validity_days: int = config.LEAF_VALIDITY_DAYS,
     registry: Registry | None = None,
+    listeners: Sequence[str] | None = None,
 ) -> Enrollment:
     """Issue a worker (and optionally updater) identity and write its bundle to ``out_dir``.
 
-    The master keeps the fingerprints, never the private keys.
+    The master keeps the fingerprints, never the private keys.  ``listeners``
+    (``HOST:PORT``, in order) go into the bundle; without them the master's list
+    (``decnet-admin listeners``) does, and without that the bundle names the
+    master's own listener only, as bundles always have.
     """
     out_dir = Path(out_dir).absolute()
-    check_enrollment(name, address, sans, agent_port, updater_port, validity_days, out_dir)
+    chosen = list(listeners) if listeners else read_listeners(master.paths)
+    check_enrollment(
+        name, address, sans, agent_port, updater_port, validity_days, out_dir, listeners=chosen
+    )
     registry = registry or Registry(master.paths.registry)
 
     def issue(role: str) -> pki.Leaf:
@@ -251,7 +259,7 @@ def enroll(
         files[config.BUNDLE_UPDATER_KEY] = pki.key_pem(upd.key)
         updater_fp = upd.fingerprint
     settings = bundle_settings(
-        master, name, address, agent_port, updater_port, syslog_port, master_host
+        master, name, address, agent_port, updater_port, syslog_port, master_host, chosen
     )
     files[config.BUNDLE_CONFIG] = bundle_json(settings)
 
@@ -286,6 +294,8 @@ def check_enrollment(
     updater_port: int,
     validity_days: int,
     out_dir: Path | None,
+    *,
+    listeners: Sequence[str] = (),
 ) -> None:
     """:class:`ValidationError` with every problem of an enrollment's input (``out_dir``
     ``None``: a token, whose bundle is written on the worker)."""
@@ -294,6 +304,7 @@ def check_enrollment(
             partial(pki.validate_host_name, name),
             partial(pki.parse_address, address),
             *[partial(pki.parse_address, s) for s in sans],
+            *([partial(pki.validate_listeners, listeners)] if listeners else []),
         ]
     )
     problems += _setting_problems(agent_port, updater_port, validity_days, out_dir)
@@ -309,9 +320,16 @@ def bundle_settings(
     updater_port: int,
     syslog_port: int | None,
     master_host: str | None,
+    listeners: Sequence[str] | None = None,
 ) -> dict[str, object]:
-    """``bundle.json`` of a worker: what its daemons read (the same for both enrollment paths)."""
-    return {
+    """``bundle.json`` of a worker: what its daemons read (the same for both enrollment paths).
+
+    ``listeners`` (``HOST:PORT``, in order) default to the master's list
+    (``decnet-admin listeners``); without one the bundle names the master's own
+    listener only, as bundles always have.
+    """
+    chosen = list(listeners) if listeners else read_listeners(master.paths)
+    settings: dict[str, object] = {
         "name": name,
         "address": address,
         "agent_port": agent_port,
@@ -322,6 +340,9 @@ def bundle_settings(
         "listener_fingerprint": master.listener_cert_fingerprint,
         "ca_fingerprint": master.ca.fingerprint,
     }
+    if chosen:
+        settings["listeners"] = pki.validate_listeners(chosen)
+    return settings
 
 
 def bundle_json(settings: Mapping[str, object]) -> bytes:

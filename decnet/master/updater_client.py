@@ -135,6 +135,23 @@ class UpdaterClient:
             "POST", "rollback", query=query, timeout=timeout, reply=replies.ROLLBACK
         )
 
+    async def set_listeners(self, listeners: list[str], timeout: float | None = None) -> dict:
+        """Replace the listener list of the host's bundle; the reply must name exactly
+        ``listeners`` (a worker that answers anything else is reported, not believed)."""
+        doc = await self.http.call(
+            "POST",
+            "listeners",
+            json={"listeners": listeners},
+            timeout=timeout,
+            reply=replies.LISTENERS,
+        )
+        if doc["listeners"] != listeners:
+            raise BadReply(
+                f"the updater on {self.host.name}",
+                "it answered with another listener list than the one sent",
+            )
+        return doc
+
     async def wait_for_release(
         self, release: str, timeout: float = config.DEFAULT_SELF_UPDATE_WAIT, interval=0.5
     ) -> dict:

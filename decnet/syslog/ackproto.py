@@ -8,7 +8,11 @@ decimal without leading zeros.  ``docs/Logging.md`` has the state machine.
 =========  =========  ==================================================
 message    direction  body
 =========  =========  ==================================================
-HELLO      F → L      ``H 1 <stream>``: protocol version, stream name
+HELLO      F → L      ``H 1 <stream>``: protocol version, stream name;
+                      in version 2 (ALPN ``decnet-syslog/2``)
+                      ``H 2 <stream> <acked>``: also the offset below
+                      which a listener has acknowledged the stream
+                      (this one or another: the worker may have moved)
 RESUME     L → F      ``R <offset>``: the stream's durable high-water mark
 DATA       F → L      ``D <start> <end> <lines>``: whole lines that span
                       stream offsets ``[start, end)``
@@ -36,6 +40,7 @@ import attrs
 from decnet.errors import DecnetError
 
 VERSION = 1
+VERSION_MOVES = 2  # HELLO carries the worker's acknowledged offset
 MAX_OFFSET = 2**63 - 1
 STREAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -48,6 +53,8 @@ class ProtocolError(DecnetError):
 class Hello:
     stream: str
     version: int = VERSION
+    # Version 2: everything below this offset was acknowledged by some listener.
+    acked: int | None = None
 
 
 @attrs.frozen
@@ -98,8 +105,12 @@ def validate_stream_name(name: str) -> str:
     return name
 
 
-def encode_hello(stream: str) -> bytes:
-    return b"H %d %s" % (VERSION, validate_stream_name(stream).encode("ascii"))
+def encode_hello(stream: str, acked: int | None = None) -> bytes:
+    """Version 1 HELLO, or with ``acked`` the version 2 one (``decnet-syslog/2`` only)."""
+    name = validate_stream_name(stream).encode("ascii")
+    if acked is None:
+        return b"H %d %s" % (VERSION, name)
+    return b"H %d %s %d" % (VERSION_MOVES, name, acked)
 
 
 def encode_resume(offset: int) -> bytes:
@@ -176,15 +187,23 @@ def _decode_gap(body: bytes) -> Gap:
 
 
 def _decode_hello(body: bytes) -> Hello:
-    first, second = _two_fields(body, "HELLO must be 'H <version> <stream>'")
-    version = _number(first, "HELLO version")
-    if version != VERSION:
+    parts = body.split(b" ")
+    version = _number(parts[0], "HELLO version") if len(parts) in (2, 3) else None
+    if version == VERSION_MOVES and len(parts) == 3:
+        acked: int | None = _number(parts[2], "HELLO acknowledged offset")
+    elif version == VERSION and len(parts) == 2:
+        acked = None
+    elif version == VERSION_MOVES:
+        raise ProtocolError("HELLO version 2 must be 'H 2 <stream> <acknowledged offset>'")
+    elif version in (VERSION, None):
+        raise ProtocolError("HELLO must be 'H <version> <stream>'")
+    else:
         raise ProtocolError(f"unsupported protocol version {version}")
     try:
-        stream = second.decode("ascii")
+        stream = parts[1].decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("stream name is not ASCII") from None
-    return Hello(validate_stream_name(stream), version)
+    return Hello(validate_stream_name(stream), version, acked)
 
 
 _DECODERS: dict[bytes, Callable[[bytes], Message]] = {

@@ -10,6 +10,9 @@ route                  who                    what
 ``POST /update``       master                 body: the tarball; ``?sha256=<hex>``
 ``POST /rollback``     master                 ``{"to": "<id>"}`` or empty: the previous
 ``POST /update-self``  master                 body: the tarball; ``?sha256=<hex>``
+``POST /listeners``    master                 ``{"listeners": ["HOST:PORT", ...]}``:
+                                              replaces only the listener list of this
+                                              host's bundle.json (the forwarder reloads it)
 =====================  =====================  ==========================================
 
 The TLS layer already refused every other certificate (foreign CA, another
@@ -25,13 +28,15 @@ both daemons, :func:`decnet.httpapi.problem_of`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from decnet import config
-from decnet.errors import UpdateError
+from decnet import config, pki
+from decnet.errors import UpdateError, ValidationError
 from decnet.httpapi import (
     BodyLimits,
     HTTPError,
@@ -41,6 +46,7 @@ from decnet.httpapi import (
     read_json,
     respond,
 )
+from decnet.threads import Runner, inline_runner
 from decnet.tls import Accept
 from decnet.updater.engine import Updater, Upload
 
@@ -82,11 +88,20 @@ def _query(request, name: str) -> str | None:
     return values[0].decode("ascii", "replace") if values else None
 
 
-def build_app(updater: Updater, *, master: Accept, local: tuple[Accept, ...] = ()) -> Klein:
+def build_app(
+    updater: Updater,
+    *,
+    master: Accept,
+    local: tuple[Accept, ...] = (),
+    bundle_dir: Path | None = None,
+    run: Runner = inline_runner,
+) -> Klein:
     """The Klein app for one :class:`Updater`; ``master`` is the pinned master rule.
 
     ``local`` are the other certificates admitted on ``GET /health`` (this
     host's own worker and updater identities, for local monitoring).
+    ``bundle_dir`` is this host's bundle, whose listener list ``POST /listeners``
+    replaces (without it the route answers 404), in a thread of ``run``.
     """
     app = Klein()
     install_error_handlers(app)
@@ -141,5 +156,35 @@ def build_app(updater: Updater, *, master: Accept, local: tuple[Accept, ...] = (
         result = await shielded(updater.update_self(upload, _query(request, "sha256")))
         updater.restart_after(request.notifyFinish())
         return respond(request, result, 202)
+
+    @app.route("/listeners", methods=["POST"])
+    async def listeners(request):
+        authorize(request, master)
+        if bundle_dir is None:
+            raise HTTPError(404, "this updater was started without a bundle to refresh")
+        if body_of(request).size > config.MAX_SMALL_BODY:
+            raise HTTPError(413, "a listener list is a small JSON object")
+        doc = read_json(request)
+        if not isinstance(doc, dict) or set(doc) != {"listeners"}:
+            raise HTTPError(400, 'expected {"listeners": ["HOST:PORT", ...]}')
+        try:
+            pki.validate_listeners(doc["listeners"])
+        except ValidationError as exc:
+            raise HTTPError(400, exc.problems) from None
+        try:
+            listed, changed = await run(pki.replace_bundle_listeners, bundle_dir, doc["listeners"])
+        except OSError as exc:
+            log.warn("Cannot replace the bundle's listener list: {error}", error=str(exc))
+            raise HTTPError(
+                500,
+                f"cannot replace bundle.json ({exc.strerror or exc}): the updater needs write "
+                "access to the bundle directory (docs/SWARM-Mode.md, Several listeners)",
+            ) from None
+        log.info(
+            "Listener list of the bundle {changed}: {listeners}",
+            changed="replaced" if changed else "unchanged",
+            listeners=", ".join(listed),
+        )
+        return respond(request, {"listeners": listed, "changed": changed})
 
     return app

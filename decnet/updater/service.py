@@ -178,7 +178,13 @@ class UpdaterService(service.MultiService):
         )
         master, local = accepted_peers(bundle)
         site = make_site(
-            build_app(self.updater, master=master, local=local).resource(),
+            build_app(
+                self.updater,
+                master=master,
+                local=local,
+                bundle_dir=bundle.directory,
+                run=pool_runner(IReactorThreads(reactor)),
+            ).resource(),
             limits=upload_limits(master, max_upload),
             reactor=reactor,
         )
