@@ -69,6 +69,10 @@ def sample_arguments(tmp: Path, spec: Path) -> dict[str, list[str]]:
         "sandbox down": sandbox_dir,
         "sandbox poke": [*sandbox_dir, "--wait", "0"],
         "top": ["--timeout", "10"],
+        "listeners add": ["127.0.0.1:6514"],
+        "listeners remove": ["127.0.0.1:6514"],
+        "listeners list": [],
+        "bundle refresh": ["w1", "--timeout", "10"],
     }
 
 

@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "decnet-admin listeners add '[2001:db8::5]:6514' --position 0 --json",
         ],
     )
-    add.add_argument("listener", type=listener_address, metavar="HOST:PORT")
+    add.add_argument(
+        "listener", type=listener_address, metavar="HOST:PORT", help="the listener to add"
+    )
     add.add_argument(
         "--position", type=int, default=None, help="0-based place in the list (default: last)"
     )
@@ -67,7 +69,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         "list until `decnet-admin bundle refresh`.",
         examples=["decnet-admin listeners remove 10.0.0.5:6514"],
     )
-    rm.add_argument("listener", type=listener_address, metavar="HOST:PORT")
+    rm.add_argument(
+        "listener", type=listener_address, metavar="HOST:PORT", help="the listener to remove"
+    )
     json_flag(rm)
 
     ls = command(

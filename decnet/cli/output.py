@@ -203,6 +203,8 @@ def print_json(doc: Any) -> None:
 def print_ndjson(doc, stream=None) -> None:
     """``doc`` as one line of ASCII-only JSON (NDJSON for streaming commands)."""
     stream = stream or sys.stdout
+    if stream is sys.stdout:
+        _mode.documents += 1
     stream.write(json.dumps(doc, sort_keys=True, ensure_ascii=True) + "\n")
     stream.flush()
 
