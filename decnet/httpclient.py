@@ -121,16 +121,30 @@ class PinnedClient:
         self.timeout = timeout
         self.clock: IReactorTime = clock or IReactorTime(reactor)
         self.policy = PeerPolicy([accept])
+        self.tls_options = PolicyOptions(identity, self.policy)
         pool = HTTPConnectionPool(reactor, persistent=persistent)
         self._agent = Agent(
             reactor,
-            contextFactory=PinnedHTTPSPolicy(PolicyOptions(identity, self.policy)),
+            contextFactory=PinnedHTTPSPolicy(self.tls_options),
             connectTimeout=timeout,
             pool=pool,
         )
         self._pool = pool
         self.base = URL(scheme="https", host=address, port=port)
         self.where = f"{accept.describe()} at {address}:{port}"
+
+    def reload(self, identity: TLSIdentity | None = None, accept: Accept | None = None) -> None:
+        """Present ``identity`` and/or pin ``accept`` from the next connection on (renewal).
+
+        Pooled connections made under the old pin are closed, so no request
+        goes over a connection the new pin did not check.
+        """
+        if accept is not None:
+            self.policy.accept = (accept,)
+            self.accept = accept
+        if identity is not None:
+            self.tls_options.reload(identity)
+        self._pool.closeCachedConnections()
 
     def url(self, *segments: str, **query: object) -> URL:
         url = self.base.child(*segments)

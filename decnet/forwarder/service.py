@@ -21,9 +21,17 @@ from decnet.forwarder.journal import Plan
 from decnet.forwarder.offsets import JournalStore
 from decnet.forwarder.tail import DEFAULT_ROTATE_WAIT, Tailer
 from decnet.interfaces import IDecnetReactor
+from decnet.pki import WorkerBundle
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
+from decnet.tls import (
+    Accept,
+    BundleIdentity,
+    IdentityWatcher,
+    PeerPolicy,
+    PolicyOptions,
+    TLSIdentity,
+)
 
 _jitter = random.SystemRandom()
 
@@ -178,6 +186,8 @@ class ForwarderService(MultiService):
         poll_interval: float = config.DEFAULT_POLL_INTERVAL,
         rotate_wait: float = DEFAULT_ROTATE_WAIT,
         max_retry_delay: float = 30.0,
+        bundle: WorkerBundle | None = None,
+        reload_interval: float = config.IDENTITY_RELOAD_INTERVAL,
     ):
         super().__init__()
         self.reactor = reactor
@@ -202,6 +212,15 @@ class ForwarderService(MultiService):
             clock=reactor,
         )
         self.watcher = TailWatcher(reactor, Path(log_file), self._notify, poll_interval)
+        if bundle is not None:
+            # A renewed certificate is used from the next connection on; the
+            # live one keeps shipping (the journal is untouched either way).
+            IdentityWatcher(
+                reactor,
+                BundleIdentity(bundle, config.ROLE_WORKER, identity),
+                [options.reload],
+                interval=reload_interval,
+            ).setServiceParent(self)
         self.systemd = SystemdService(reactor)
         self.systemd.setServiceParent(self)
         self.factory.state_listeners.append(lambda _state, detail: self.systemd.status(detail))

@@ -147,6 +147,7 @@ def makeService(options: Options) -> IService:
         identity=options["identity"],
         master_fingerprint=options["bundle-obj"].listener_fingerprint,
         state_file=options["state"],
+        bundle=options["bundle-obj"],
         **keywords(
             options,
             "master-host master-port log-file stream mode max-line poll-interval rotate-wait "

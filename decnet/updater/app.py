@@ -9,6 +9,8 @@ route                  who                    what
 ``POST /update``       master                 body: the tarball; ``?sha256=<hex>``
 ``POST /rollback``     master                 ``{"to": "<id>"}`` or empty: the previous
 ``POST /update-self``  master                 body: the tarball; ``?sha256=<hex>``
+``POST /renew/csr``    master                 CSRs for new keys made on this worker
+``POST /renew/install``  master               ``{"certificates": {"worker": PEM, ...}}``
 =====================  =====================  ==========================================
 
 The TLS layer already refused every other certificate (foreign CA, another
@@ -42,6 +44,7 @@ from decnet.httpapi import (
 )
 from decnet.tls import Accept
 from decnet.updater.engine import Updater, Upload
+from decnet.updater.renewal import Renewer
 
 log = Logger(namespace="decnet.updater.app")
 
@@ -81,7 +84,19 @@ def _query(request, name: str) -> str | None:
     return values[0].decode("ascii", "replace") if values else None
 
 
-def build_app(updater: Updater, *, master: Accept, local: tuple[Accept, ...] = ()) -> Klein:
+def _small_json(request) -> object:
+    if body_of(request).size > config.MAX_SMALL_BODY:
+        raise HTTPError(413, "a renewal request is a small JSON object")
+    return read_json(request)
+
+
+def build_app(
+    updater: Updater,
+    *,
+    master: Accept,
+    local: tuple[Accept, ...] = (),
+    renewer: Renewer | None = None,
+) -> Klein:
     """The Klein app for one :class:`Updater`; ``master`` is the pinned master rule.
 
     ``local`` are the other certificates admitted on ``GET /health`` (this
@@ -135,5 +150,21 @@ def build_app(updater: Updater, *, master: Accept, local: tuple[Accept, ...] = (
         result = await shielded(updater.update_self(upload, _query(request, "sha256")))
         updater.restart_after(request.notifyFinish())
         return respond(request, result, 202)
+
+    @app.route("/renew/csr", methods=["POST"])
+    async def renew_csr(request):
+        authorize(request, master)
+        if renewer is None:
+            raise HTTPError(404, "certificate renewal is not enabled on this updater")
+        return respond(request, await shielded(renewer.csrs()))
+
+    @app.route("/renew/install", methods=["POST"])
+    async def renew_install(request):
+        authorize(request, master)
+        if renewer is None:
+            raise HTTPError(404, "certificate renewal is not enabled on this updater")
+        doc = _small_json(request)
+        certificates = doc.get("certificates") if isinstance(doc, dict) else None
+        return respond(request, await shielded(renewer.install(certificates)))
 
     return app
