@@ -112,6 +112,7 @@ class PinnedClient:
         timeout: float = DEFAULT_TIMEOUT,
         persistent: bool = False,
         clock: IReactorTime | None = None,
+        also: Sequence[Accept] = (),
     ):
         if not accept.fingerprint:
             raise PeerRefused(
@@ -120,7 +121,8 @@ class PinnedClient:
         self.accept = accept
         self.timeout = timeout
         self.clock: IReactorTime = clock or IReactorTime(reactor)
-        self.policy = PeerPolicy([accept])
+        # ``also``: further pinned certificates of the same peer (a renewal's overlap).
+        self.policy = PeerPolicy([accept, *also])
         self.tls_options = PolicyOptions(identity, self.policy)
         pool = HTTPConnectionPool(reactor, persistent=persistent)
         self._agent = Agent(

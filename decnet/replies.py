@@ -341,3 +341,14 @@ ROLLBACK = Obj(
     required={"result": Str(choices=("rolled_back",)), "release": TEXT},
     optional=_OUTCOME,
 )
+
+# -- certificate renewal (docs/Operations.md) ------------------------------------------------
+
+_ROLES = ("worker", "updater")
+
+RENEW_CSR = Obj(
+    required={"csrs": MapOf(TEXT, Str(choices=_ROLES))},
+    optional={"current": TEXT},
+)
+
+RENEW_INSTALL = Obj(required={"installed": MapOf(TEXT, Str(choices=_ROLES))})

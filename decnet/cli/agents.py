@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 from twisted.internet import defer
@@ -18,9 +20,10 @@ from decnet import config
 from decnet.agent.spec import parse_spec
 from decnet.cli import output
 from decnet.cli.arguments import command, flag, json_flag, timeout_option
+from decnet.cli.expiry import expiry_fields, expiry_warning
 from decnet.cli.runtime import budget, run_async
 from decnet.errors import BadReply, DecnetError, ValidationError
-from decnet.master.registry import Registry
+from decnet.master.registry import Host, Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
@@ -229,11 +232,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             timeout=budget(args.timeout),
             arrived=arrived,
         )
+        now = time.time()
+        by_name = {h.name: h for h in hosts}
         if args.json:
-            output.print_json([r.as_dict() for r in results])
+            output.print_json(
+                [{**r.as_dict(), **expiry_fields(by_name[r.name], now)} for r in results]
+            )
+        else:
+            _warn_expiring(hosts, now)
         return 0 if all(r.ok for r in results) else 1
 
     return run_async(main)
+
+
+def _warn_expiring(hosts: list[Host], now: float) -> None:
+    """One warning line per host whose certificate has fewer than 30 days left."""
+    for host in hosts:
+        warning = expiry_warning(host, now)
+        if warning is not None:
+            output.line(f"warning: {warning}", sys.stderr)
 
 
 def _check_row(r) -> tuple:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from decnet import config, pki
 from decnet.cli import output
 from decnet.cli.arguments import command, flag, json_flag, timeout_option
 from decnet.cli.decommission import DECOMMISSION_EPILOG, TEARDOWN_TIMEOUT, cmd_decommission
+from decnet.cli.expiry import expires_cell, expiry_fields
 from decnet.master import enroll_tokens, enrollment
 from decnet.master.registry import Registry
 
@@ -220,8 +222,9 @@ def _show_token(
 
 def cmd_hosts(args: argparse.Namespace) -> int:
     hosts = Registry(args.paths.registry).list() if args.paths.registry.exists() else []
+    now = time.time()
     if args.json:
-        output.print_json([h.as_dict() for h in hosts])
+        output.print_json([{**h.as_dict(), **expiry_fields(h, now)} for h in hosts])
         return 0
     if not hosts:
         output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
@@ -235,9 +238,19 @@ def cmd_hosts(args: argparse.Namespace) -> int:
             output.short_fp(h.updater_fingerprint),
             "yes" if h.has_updater else "no",
             h.enrolled_at,
+            expires_cell(h, now),
         )
         for h in hosts
     ]
-    headers = ("NAME", "ADDRESS", "STATUS", "WORKER FP", "UPDATER FP", "UPDATER", "ENROLLED")
+    headers = (
+        "NAME",
+        "ADDRESS",
+        "STATUS",
+        "WORKER FP",
+        "UPDATER FP",
+        "UPDATER",
+        "ENROLLED",
+        "EXPIRES",
+    )
     output.print_table(headers, rows)
     return 0

@@ -295,9 +295,12 @@ class Renewer:
         self.after_install = tuple(after_install)
 
     async def csrs(self) -> dict[str, object]:
+        """CSRs for the pending keys, and the worker certificate in use (whose SANs the
+        master keeps: it checks it against its pin before reading it)."""
         csrs = await self.run(request_csrs, self.bundle)
+        current = await self.run(self.bundle.cert_path(config.ROLE_WORKER).read_text)
         log.info("Renewal: new keys are ready for {roles}", roles=", ".join(sorted(csrs)))
-        return {"csrs": csrs}
+        return {"csrs": csrs, "current": current}
 
     async def install(self, certificates: object) -> dict[str, object]:
         if not isinstance(certificates, dict):
