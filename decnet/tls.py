@@ -386,6 +386,15 @@ def peer_identity(transport) -> CertIdentity | None:
     return identity_of(cert.to_cryptography())
 
 
+def days_left_of(transport: object, now: float) -> float | None:
+    """Days until the peer certificate of a handshaken TLS transport expires (``None``: no peer)."""
+    get = getattr(transport, "getPeerCertificate", None)
+    cert = get() if get is not None else None
+    if cert is None:
+        return None
+    return (cert.to_cryptography().not_valid_after_utc.timestamp() - now) / 86400
+
+
 def tls_error_text(error: BaseException) -> str:
     """OpenSSL's own words for a TLS error ("certificate verify failed"), for logs and errors."""
     if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):

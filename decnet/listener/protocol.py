@@ -40,7 +40,7 @@ from decnet.listener.admission import Admit, PreTLSBudget, RefusalLog, address_k
 from decnet.listener.ingest import Ingest, StreamSink, TooManyStreams
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
-from decnet.tls import Refusal, RefusalKind, handshake_of, peer_identity
+from decnet.tls import Refusal, RefusalKind, days_left_of, handshake_of, peer_identity
 
 # A refused or failed connection gets this long to close gracefully.
 CLOSE_GRACE = 5.0
@@ -148,6 +148,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
         if reason is not None:
             self._refuse(reason)
             return
+        self._warn_if_expiring()
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         if alpn == config.ACK_ALPN:
             # DATA payloads are whole lines: their final LF is data, not a stock sender's extra.
@@ -168,6 +169,17 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             )
             self._pause()
             self._attach(self.factory.ingest.sink_for(self.worker, self.stream))
+
+    def _warn_if_expiring(self) -> None:
+        """Once per connection: this worker's certificate has under 30 days left."""
+        left = days_left_of(self.transport, self.factory.clock.seconds())
+        if left is not None and left < config.RENEW_BEFORE_DAYS:
+            self.log.warn(
+                "Worker {worker}'s certificate expires in {days} days; "
+                "renew it with `decnet-admin renew {worker}`",
+                worker=self.worker,
+                days=max(0, int(left)),
+            )
 
     # -- bytes in --------------------------------------------------------
 
