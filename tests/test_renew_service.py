@@ -184,7 +184,9 @@ async def test_a_renewal_racing_a_decommission_leaves_no_certificate_of_the_host
 async def test_dry_run_lists_the_due_hosts_and_changes_nothing(master, worker):
     before = registry_dump(master.paths.registry)
     files = bundle_fingerprints(worker)
-    out, err, code = await admin(master, "renew", "--all", "--before", "400d", "--dry-run", "--json")
+    out, err, code = await admin(
+        master, "renew", "--all", "--before", "400d", "--dry-run", "--json"
+    )
     assert code == 0, err
     assert json.loads(out)["hosts"][0]["name"] == "rn-01"
     out, err, code = await admin(master, "renew", "--all", "--dry-run", "--json")
