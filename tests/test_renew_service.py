@@ -194,3 +194,29 @@ async def test_dry_run_lists_the_due_hosts_and_changes_nothing(master, worker):
     assert registry_dump(master.paths.registry) == before
     assert bundle_fingerprints(worker) == files
     assert not worker_renewal.pending_dir(worker.bundle).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_master_may_ask_for_csrs_or_push_certificates(master, worker):
+    """A decoy that took over the agent holds the worker key: it still cannot renew."""
+    from decnet.errors import RemoteError
+    from decnet.httpclient import PinnedClient
+    from decnet.tls import Accept
+
+    host = worker.registry.get("rn-01")
+    as_worker = PinnedClient(
+        reactor,
+        TLSIdentity.from_bundle(worker.bundle, "worker"),
+        address="127.0.0.1",
+        port=host.updater_port,
+        accept=Accept("updater", cn="updater@rn-01", fingerprint=host.updater_fingerprint),
+        timeout=5,
+    )
+    try:
+        for route in ("renew/csr", "renew/install"):
+            with pytest.raises(RemoteError) as refused:
+                await as_worker.call("POST", route, json={"certificates": {}})
+            assert refused.value.status == 403
+    finally:
+        await as_worker.close()
+    assert not worker_renewal.pending_dir(worker.bundle).exists()
