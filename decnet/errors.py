@@ -203,6 +203,10 @@ class RenewalRefused(UpdateError):
     status = 409
 
 
+class BundleNotWritable(UpdateError):
+    """The updater may not write the bundle, so it cannot renew (docs/Operations.md)."""
+
+
 class RenewalFailed(DecnetError):
     """A certificate renewal did not complete; running ``decnet-admin renew`` again resumes it."""
 

@@ -376,3 +376,21 @@ def test_hosts_shows_expires_and_json_keeps_its_list_shape(master, bundle):
     assert expiry_warning(h, now - 60 * 86400) is None
     assert expires_cell(attrs.evolve(h, expires_at=None), now) == "unknown"
     assert config.RENEW_BEFORE_DAYS == 30
+
+
+def test_a_full_disk_on_the_worker_is_a_clear_refusal_not_a_crash(bundle):
+    import errno
+
+    from twisted.internet import defer
+
+    from decnet.errors import BundleNotWritable
+
+    def full(f, *args):
+        return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
+
+    d = defer.ensureDeferred(wr.Renewer(bundle, full).csrs())
+    failure = []
+    d.addErrback(failure.append)
+    assert failure and failure[0].check(BundleNotWritable)
+    assert "No space left on device" in failure[0].getErrorMessage()
+    assert "Renewing certificates" in failure[0].getErrorMessage()

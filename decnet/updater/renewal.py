@@ -37,7 +37,13 @@ from cryptography.exceptions import InvalidSignature
 from twisted.logger import Logger
 
 from decnet import config, pki
-from decnet.errors import DecnetError, MissingFileError, PKIError, RenewalRefused
+from decnet.errors import (
+    BundleNotWritable,
+    DecnetError,
+    MissingFileError,
+    PKIError,
+    RenewalRefused,
+)
 from decnet.fsutil import (
     PRIVATE_FILE_MODE,
     atomic_write,
@@ -294,18 +300,32 @@ class Renewer:
         self.run = run
         self.after_install = tuple(after_install)
 
+    async def _blocking(self, f: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await self.run(f, *args)
+        except OSError as exc:
+            log.error(
+                "Renewal: cannot write next to the bundle {bundle}: {error}",
+                bundle=str(self.bundle.directory),
+                error=exc.strerror or str(exc),
+            )
+            raise BundleNotWritable(
+                f"this updater cannot write its bundle ({exc.strerror or exc}); "
+                "see docs/Operations.md, 'Renewing certificates'"
+            ) from None
+
     async def csrs(self) -> dict[str, object]:
         """CSRs for the pending keys, and the worker certificate in use (whose SANs the
         master keeps: it checks it against its pin before reading it)."""
-        csrs = await self.run(request_csrs, self.bundle)
-        current = await self.run(self.bundle.cert_path(config.ROLE_WORKER).read_text)
+        csrs = await self._blocking(request_csrs, self.bundle)
+        current = await self._blocking(self.bundle.cert_path(config.ROLE_WORKER).read_text)
         log.info("Renewal: new keys are ready for {roles}", roles=", ".join(sorted(csrs)))
         return {"csrs": csrs, "current": current}
 
     async def install(self, certificates: object) -> dict[str, object]:
         if not isinstance(certificates, dict):
             raise RenewalRefused('expected {"certificates": {"worker": PEM, ...}}')
-        installed = await self.run(install, self.bundle, certificates)
+        installed = await self._blocking(install, self.bundle, certificates)
         for notify in self.after_install:
             notify()
         log.info(
