@@ -64,22 +64,30 @@ def register(sub, parents) -> None:
     timeout_option(p, config.HTTP_TIMEOUT, "seconds each request may take (default: %(default)s)")
 
 
-def select(args: argparse.Namespace, hosts: list[Host], now: float) -> list[Host]:
-    """The hosts this invocation renews (pure)."""
-    from decnet.master.renewal import is_due, parse_days
-
+def _named(args: argparse.Namespace, hosts: list[Host]) -> list[Host]:
+    """The hosts NAME... or --all designate, before any expiry filter; typos refused."""
     if bool(args.names) == bool(args.all):
         raise ValidationError("name the hosts to renew, or give --all (not both)")
+    if args.all:
+        return hosts
     known = {h.name: h for h in hosts}
     unknown = [n for n in args.names if n not in known]
     if unknown:
         raise ValidationError(
             f"no host named {', '.join(map(repr, unknown))} is enrolled (see `decnet-admin hosts`)"
         )
-    chosen = [known[n] for n in dict.fromkeys(args.names)] if args.names else hosts
-    retired = [h.name for h in chosen if h.decommissioned and args.names]
+    chosen = [known[n] for n in dict.fromkeys(args.names)]
+    retired = [h.name for h in chosen if h.decommissioned]
     if retired:
         raise ValidationError(f"{', '.join(retired)}: decommissioned; there is nothing to renew")
+    return chosen
+
+
+def select(args: argparse.Namespace, hosts: list[Host], now: float) -> list[Host]:
+    """The hosts this invocation renews (pure)."""
+    from decnet.master.renewal import is_due, parse_days
+
+    chosen = _named(args, hosts)
     before = args.before
     if before is None and args.all:
         before = f"{config.RENEW_BEFORE_DAYS}d"
