@@ -215,7 +215,7 @@ async def test_only_the_master_may_ask_for_csrs_or_push_certificates(master, wor
     try:
         for route in ("renew/csr", "renew/install"):
             with pytest.raises(RemoteError) as refused:
-                await as_worker.call("POST", route, json={"certificates": {}})
+                await as_worker.call("POST", *route.split("/"), json={"certificates": {}})
             assert refused.value.status == 403
     finally:
         await as_worker.close()

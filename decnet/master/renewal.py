@@ -256,7 +256,7 @@ class Renewal:
 
     async def _request(self, host: Host) -> Host:
         doc = await self._call(
-            host, config.ROLE_UPDATER, "POST", "renew/csr", reply=replies.RENEW_CSR
+            host, config.ROLE_UPDATER, "POST", "renew", "csr", reply=replies.RENEW_CSR
         )
         certificates, not_after = sign(self.master, host, doc)
         fingerprints = {
@@ -275,7 +275,8 @@ class Renewal:
             host,
             config.ROLE_UPDATER,
             "POST",
-            "renew/install",
+            "renew",
+            "install",
             json={"certificates": record["certificates"]},
             reply=replies.RENEW_INSTALL,
         )
