@@ -47,7 +47,6 @@ from decnet.errors import (
     BadReply,
     DecnetError,
     HostDecommissioned,
-    PeerRefused,
     RemoteError,
     RenewalFailed,
     ValidationError,
@@ -291,16 +290,16 @@ class Renewal:
         """Both daemons answer over connections pinned to the new certificates only."""
         new = overlap_host(host)
         deadline = self.reactor.seconds() + self.confirm_timeout
-        waiting = {config.ROLE_UPDATER: replies.UPDATER_HEALTH, config.ROLE_WORKER: None}
+        waiting = [config.ROLE_UPDATER, config.ROLE_WORKER]
         last = "no answer yet"
         while waiting:
             for role in list(waiting):
                 try:
                     await self._call(new, role, "GET", "health", reply=_health_schema(role))
-                except (PeerRefused, DecnetError) as exc:
+                except DecnetError as exc:
                     last = f"{role}: {exc}"
                 else:
-                    del waiting[role]
+                    waiting.remove(role)
             if not waiting:
                 return
             if self.reactor.seconds() >= deadline:
