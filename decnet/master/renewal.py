@@ -123,8 +123,8 @@ def overlap_host(host: Host) -> Host:
     )
 
 
-def roles_of(host: Host) -> tuple[str, ...]:
-    return (config.ROLE_WORKER, config.ROLE_UPDATER)
+#: Renewal goes through the updater, so a renewed host always has both identities.
+RENEWED_ROLES = (config.ROLE_WORKER, config.ROLE_UPDATER)
 
 
 def _sans_of(cert: x509.Certificate, host: Host) -> list[str]:
@@ -157,7 +157,7 @@ def sign(master: MasterState, host: Host, doc: dict) -> tuple[dict[str, str], st
         addresses = _sans_of(cert, host)
         days = max(1, (cert.not_valid_after_utc - cert.not_valid_before_utc).days)
     certs: dict[str, x509.Certificate] = {}
-    for role in roles_of(host):
+    for role in RENEWED_ROLES:
         if role not in doc["csrs"]:
             raise BadReply(host.name, f"no CSR for the {role} certificate")
         try:
