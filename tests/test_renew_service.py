@@ -220,3 +220,32 @@ async def test_only_the_master_may_ask_for_csrs_or_push_certificates(master, wor
     finally:
         await as_worker.close()
     assert not worker_renewal.pending_dir(worker.bundle).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_operators_renewing_the_same_host_at_once_leave_it_consistent(master, worker):
+    from twisted.internet import defer
+
+    from decnet.errors import DecnetError
+
+    async def attempt() -> str:
+        try:
+            return (await renewal(master).renew("rn-01")).result
+        except DecnetError as exc:
+            return f"failed: {exc}"
+
+    results = await defer.gatherResults(
+        [defer.ensureDeferred(attempt()), defer.ensureDeferred(attempt())]
+    )
+    assert "renewed" in results, results
+    for result in results:
+        assert result == "renewed" or "another command" in result, results
+    host = worker.registry.get("rn-01")
+    if host.renewing:  # the loser recorded nothing; a rerun finishes whatever is left
+        assert (await renewal(master).renew("rn-01")).result == "renewed"
+        host = worker.registry.get("rn-01")
+    assert bundle_fingerprints(worker) == {
+        "worker": host.worker_fingerprint,
+        "updater": host.updater_fingerprint,
+    }
+    assert await agent_health(worker) == "ok"

@@ -314,6 +314,8 @@ class Renewal:
         record = json.loads(host.pending_certificates or "{}")
         with self.registry.lock():
             current = self.registry.get(host.name)
+            if current.worker_fingerprint == host.pending_worker_fingerprint:
+                return  # another operator's `renew` committed this same renewal first
             if current.decommissioned or current.pending_worker_fingerprint is None:
                 raise RenewalFailed(
                     f"{host.name!r} was decommissioned or renewed by another command meanwhile"
