@@ -584,9 +584,11 @@ class IdentityWatcher(Service):
             return
         for apply in self.apply:
             apply(identity)
+        doing = "pinning" if self.source.certificate_only else "presenting"
         self.log.info(
-            "Now presenting the renewed {role} certificate {fingerprint} "
+            "Now {doing} the renewed {role} certificate {fingerprint} "
             "(valid until {expires}) on new connections",
+            doing=doing,
             role=self.source.role,
             fingerprint=identity.identity.fingerprint[:16],
             expires=identity.cert.not_valid_after_utc.isoformat(),
