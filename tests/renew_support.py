@@ -7,8 +7,11 @@ identity watchers look at the bundle every 0.1 s instead of 2 s.
 
 from __future__ import annotations
 
+import os
+
 import attrs
 from twisted.internet import reactor, task
+from twisted.internet.utils import getProcessOutputAndValue
 
 from decnet import config, pki
 from decnet.agent.service import AgentService
@@ -21,7 +24,7 @@ from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 from decnet.updater.service import LocalAgent, UpdaterService
 from tests.logpipe_support import syslog_line
-from tests.support import record_ports
+from tests.support import BIN, record_ports
 
 FAST = 0.1
 
@@ -161,3 +164,12 @@ async def stop_worker(worker: Worker) -> None:
     await worker.stop_traffic()
     for service in (worker.forwarder, worker.listener, worker.updater, worker.agent):
         await service.stopService()
+
+
+async def admin_async(master: enrollment.MasterState, *args: str) -> tuple[str, str, int]:
+    """``decnet-admin --home HOME ARGS`` without blocking the reactor: (stdout, stderr, code)."""
+    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
+    out, err, code = await getProcessOutputAndValue(
+        str(BIN / "decnet-admin"), ["--home", str(master.paths.home), *args], env=env
+    )
+    return out.decode(), err.decode(), code

@@ -9,26 +9,17 @@ with its old pins, and shows nothing raw on the operator's terminal.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest_twisted
 from cryptography import x509
 from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
-from decnet import config, pki, revocation
+from decnet import pki, revocation
 from decnet.master import enrollment
 from tests.enroll_support import hostile_csr
 from tests.hostile_worker import EVIL, FakeWorker, Reply, fresh_master, no_control_characters
-from tests.support import BIN, record_ports
-
-
-async def admin(master, *args: str) -> tuple[str, str, int]:
-    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
-    out, err, code = await getProcessOutputAndValue(
-        str(BIN / "decnet-admin"), ["--home", str(master.paths.home), *args], env=env
-    )
-    return out.decode(), err.decode(), code
+from tests.renew_support import admin_async
+from tests.support import record_ports
 
 
 @pytest_twisted.ensureDeferred
@@ -53,7 +44,7 @@ async def test_a_lying_worker_gets_only_the_masters_values_and_no_switch(master_
         )
         old = enrollment.Registry(master.paths.registry).get("liar-01")
         for args in (("renew", "liar-01"), ("renew", "liar-01", "--json")):
-            out, err, code = await admin(master, *args)
+            out, err, code = await admin_async(master, *args)
             assert code == 1
             assert no_control_characters(out + err) == []
             assert "Traceback" not in err

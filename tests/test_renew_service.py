@@ -9,23 +9,21 @@ only the first of them).
 from __future__ import annotations
 
 import json
-import os
 import stat
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
-from decnet import config, pki, revocation
+from decnet import pki, revocation
 from decnet.errors import HostDecommissioned
 from decnet.master import enrollment
 from decnet.master.renewal import Renewal, Step, steps_for
 from decnet.tls import TLSIdentity
 from decnet.updater import renewal as worker_renewal
 from tests.enroll_support import fresh_master, registry_dump
-from tests.renew_support import agent_health, start_worker, stop_worker
-from tests.support import BIN, eventually
+from tests.renew_support import admin_async, agent_health, start_worker, stop_worker
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -38,14 +36,6 @@ async def worker(master, tmp_path):
     running = await start_worker(master, tmp_path, "rn-01")
     yield running
     await stop_worker(running)
-
-
-async def admin(master, *args: str) -> tuple[str, str, int]:
-    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
-    out, err, code = await getProcessOutputAndValue(
-        str(BIN / "decnet-admin"), ["--home", str(master.paths.home), *args], env=env
-    )
-    return out.decode(), err.decode(), code
 
 
 def renewal(master) -> Renewal:
@@ -82,7 +72,7 @@ async def test_renew_swaps_every_certificate_while_logs_flow_and_the_agent_stays
 ):
     old = worker.registry.get("rn-01")
     worker.start_traffic()
-    out, err, code = await admin(master, "renew", "rn-01", "--json")
+    out, err, code = await admin_async(master, "renew", "rn-01", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert [h["result"] for h in doc["hosts"]] == ["renewed"]
@@ -184,12 +174,12 @@ async def test_a_renewal_racing_a_decommission_leaves_no_certificate_of_the_host
 async def test_dry_run_lists_the_due_hosts_and_changes_nothing(master, worker):
     before = registry_dump(master.paths.registry)
     files = bundle_fingerprints(worker)
-    out, err, code = await admin(
+    out, err, code = await admin_async(
         master, "renew", "--all", "--before", "400d", "--dry-run", "--json"
     )
     assert code == 0, err
     assert json.loads(out)["hosts"][0]["name"] == "rn-01"
-    out, err, code = await admin(master, "renew", "--all", "--dry-run", "--json")
+    out, err, code = await admin_async(master, "renew", "--all", "--dry-run", "--json")
     assert code == 0 and json.loads(out)["hosts"] == []  # 397 days left: not due
     assert registry_dump(master.paths.registry) == before
     assert bundle_fingerprints(worker) == files
