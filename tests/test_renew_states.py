@@ -366,7 +366,7 @@ def test_an_identity_of_another_host_in_the_bundle_is_not_swapped_in(master, bun
     assert source.current is current
 
 
-def test_hosts_shows_expires_and_json_keeps_its_list_shape(master, bundle):
+def test_expires_shows_date_and_days_left_and_warns_under_30_days(master, bundle):
     from decnet.cli.expiry import expires_cell, expiry_warning
 
     h = enrollment.Registry(master.paths.registry).get("st-01")
