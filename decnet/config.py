@@ -41,6 +41,11 @@ UPDATER_CN_PREFIX = "updater@"
 # expires within a year, long enough that a fleet is not re-enrolled monthly.
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 397
+# Renewal (docs/Operations.md): a certificate closer than this to its end is renewed
+# by `decnet-admin renew --before` by default, and warned about by `check` and the listener.
+RENEW_BEFORE_DAYS = 30
+# How often the agent, updater and forwarder look for a renewed certificate in the bundle.
+IDENTITY_RELOAD_INTERVAL = 2.0
 
 # Seconds the master waits for one call to a worker daemon: one deadline for connecting,
 # the TLS handshake, the headers and the whole body.

@@ -204,5 +204,19 @@ class HealthCheckFailed(UpdateError):
     """The agent did not report the expected release as healthy in time."""
 
 
+class RenewalRefused(UpdateError):
+    """The worker refused certificates pushed for renewal (no pending key, wrong CA or name)."""
+
+    status = 409
+
+
+class BundleNotWritable(UpdateError):
+    """The updater may not write the bundle, so it cannot renew (docs/Operations.md)."""
+
+
+class RenewalFailed(DecnetError):
+    """A certificate renewal did not complete; running ``decnet-admin renew`` again resumes it."""
+
+
 class SandboxError(DecnetError):
     """The local sandbox (``decnet-admin sandbox``) could not start, be inspected or stop."""

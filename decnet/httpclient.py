@@ -128,6 +128,7 @@ class PinnedClient:
         timeout: float = DEFAULT_TIMEOUT,
         persistent: bool = False,
         clock: IReactorTime | None = None,
+        also: Sequence[Accept] = (),
     ):
         if not accept.fingerprint:
             raise PeerRefused(
@@ -136,17 +137,32 @@ class PinnedClient:
         self.accept = accept
         self.timeout = timeout
         self.clock: IReactorTime = clock or IReactorTime(reactor)
-        self.policy = PeerPolicy([accept])
+        # ``also``: further pinned certificates of the same peer (a renewal's overlap).
+        self.policy = PeerPolicy([accept, *also])
+        self.tls_options = PolicyOptions(identity, self.policy)
         pool = quiet_pool(reactor, persistent=persistent)
         self._agent = Agent(
             reactor,
-            contextFactory=PinnedHTTPSPolicy(PolicyOptions(identity, self.policy)),
+            contextFactory=PinnedHTTPSPolicy(self.tls_options),
             connectTimeout=timeout,
             pool=pool,
         )
         self._pool = pool
         self.base = URL(scheme="https", host=address, port=port)
         self.where = f"{accept.describe()} at {address}:{port}"
+
+    def reload(self, identity: TLSIdentity | None = None, accept: Accept | None = None) -> None:
+        """Present ``identity`` and/or pin ``accept`` from the next connection on (renewal).
+
+        Pooled connections made under the old pin are closed, so no request
+        goes over a connection the new pin did not check.
+        """
+        if accept is not None:
+            self.policy.accept = (accept,)
+            self.accept = accept
+        if identity is not None:
+            self.tls_options.reload(identity)
+        self._pool.closeCachedConnections()
 
     def url(self, *segments: str, **query: object) -> URL:
         url = self.base.child(*segments)

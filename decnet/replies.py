@@ -349,3 +349,14 @@ ROLLBACK = Obj(
 
 # POST /listeners on an updater: the bundle's listener list now, and whether it changed.
 LISTENERS = Obj(required={"listeners": ListOf(TEXT), "changed": BOOL})
+
+# -- certificate renewal (docs/Operations.md) ------------------------------------------------
+
+_ROLES = ("worker", "updater")
+
+RENEW_CSR = Obj(
+    required={"csrs": MapOf(TEXT, Str(choices=_ROLES))},
+    optional={"current": TEXT},
+)
+
+RENEW_INSTALL = Obj(required={"installed": MapOf(TEXT, Str(choices=_ROLES))})

@@ -23,16 +23,19 @@ from __future__ import annotations
 import enum
 import hmac
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
+from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -40,10 +43,11 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from decnet import config, pki
-from decnet.errors import MissingFileError
+from decnet.errors import DecnetError, MissingFileError
 from decnet.interfaces import IDecnetReactor
 from decnet.pki import CertIdentity, identity_of
 from decnet.revocation import RevocationSet
+from decnet.threads import run_in_pool
 
 log = Logger(namespace="decnet.tls")
 
@@ -295,6 +299,20 @@ class PolicyOptions(ssl.CertificateOptions):
         self.alpn = tuple(acceptable_protocols or ())
         self._verify_installed = False
 
+    def reload(self, identity: TLSIdentity) -> None:
+        """Present ``identity`` on every connection made from now on (certificate renewal).
+
+        The cached ``SSL.Context`` is dropped, so the next connection builds a
+        new one; a live connection keeps the context it was made with, so
+        nothing in flight is cut.  The trust root stays (a renewal never
+        changes the CA).
+        """
+        self.privateKey = cast(Any, identity.key)
+        self.certificate = cast(Any, identity.cert)
+        self.identity = identity
+        self._context = None
+        self._verify_installed = False
+
     def getContext(self) -> SSL.Context:
         ctx = super().getContext()
         if not self._verify_installed:
@@ -366,6 +384,15 @@ def peer_identity(transport) -> CertIdentity | None:
     if cert is None:
         return None
     return identity_of(cert.to_cryptography())
+
+
+def days_left_of(transport: object, now: float) -> float | None:
+    """Days until the peer certificate of a handshaken TLS transport expires (``None``: no peer)."""
+    get = getattr(transport, "getPeerCertificate", None)
+    cert = get() if get is not None else None
+    if cert is None:
+        return None
+    return (cert.to_cryptography().not_valid_after_utc.timestamp() - now) / 86400
 
 
 def tls_error_text(error: BaseException) -> str:
@@ -444,3 +471,138 @@ class PinnedHTTPSPolicy:
 
     def creatorForNetloc(self, hostname, port):
         return self.options
+
+
+# ---------------------------------------------------------------------------
+# Renewed identities: picked up from the bundle without a restart
+
+
+def _stamp(path: os.PathLike | str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class BundleIdentity:
+    """One role's certificate and key in a worker bundle, re-read when the files change.
+
+    :meth:`read_if_changed` is blocking (two ``stat`` calls, and the files when
+    they changed): :class:`IdentityWatcher` runs it in the thread pool.  A pair
+    caught half-installed (the new key beside the old certificate) raises
+    :class:`~decnet.pki.PKIError` and is read again next time; a certificate of
+    another role or name is refused the same way, so a daemon only ever swaps
+    to an identity of its own.
+    """
+
+    def __init__(
+        self,
+        bundle: pki.WorkerBundle,
+        role: str,
+        current: TLSIdentity,
+        *,
+        certificate_only: bool = False,
+    ):
+        self.bundle = bundle
+        self.role = role
+        self.current = current
+        # Another daemon's certificate, followed to pin it (its key is not ours to read).
+        self.certificate_only = certificate_only
+        self._stamp = self._stamps()
+
+    def _stamps(self) -> tuple[object, object]:
+        key = None if self.certificate_only else _stamp(self.bundle.key_path(self.role))
+        return (_stamp(self.bundle.cert_path(self.role)), key)
+
+    def _load(self) -> TLSIdentity:
+        if not self.certificate_only:
+            return TLSIdentity.from_bundle(self.bundle, self.role)
+        cert = pki.load_cert(self.bundle.cert_path(self.role))
+        return attrs.evolve(self.current, cert=cert, identity=identity_of(cert))
+
+    def read_if_changed(self) -> TLSIdentity | None:
+        """The bundle's new identity, or ``None`` when it is the one already in use."""
+        stamp = self._stamps()
+        if stamp == self._stamp:
+            return None
+        identity = self._load()
+        before, after = self.current.identity, identity.identity
+        if (after.role, after.cn) != (before.role, before.cn):
+            raise pki.PKIError(
+                f"{self.bundle.cert_path(self.role)} is now a certificate of "
+                f"{after.cn!r} ({after.role}), not of {before.cn!r}; keeping the current one"
+            )
+        self._stamp = stamp
+        if after.fingerprint == before.fingerprint:
+            return None
+        self.current = identity
+        return identity
+
+
+class IdentityWatcher(Service):
+    """Swap in a renewed bundle identity: new connections present it, live ones keep theirs.
+
+    Every ``interval`` seconds the files are checked (off the reactor); a new
+    identity is handed to each of ``apply`` (e.g. :meth:`PolicyOptions.reload`).
+    """
+
+    log = Logger(namespace="decnet.tls")
+
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        source: BundleIdentity,
+        apply: Iterable[Callable[[TLSIdentity], None]],
+        interval: float = config.IDENTITY_RELOAD_INTERVAL,
+    ):
+        self.reactor = reactor
+        self.source = source
+        self.apply = tuple(apply)
+        self.interval = interval
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = cast(IReactorTime, reactor)
+        self._last_error: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def check(self) -> Any:
+        d = run_in_pool(self.reactor, self.source.read_if_changed)
+        d.addCallbacks(self._loaded, self._failed)
+        return d
+
+    def _loaded(self, identity: TLSIdentity | None) -> None:
+        self._last_error = None
+        if identity is None:
+            return
+        for apply in self.apply:
+            apply(identity)
+        doing = "pinning" if self.source.certificate_only else "presenting"
+        self.log.info(
+            "Now {doing} the renewed {role} certificate {fingerprint} "
+            "(valid until {expires}) on new connections",
+            doing=doing,
+            role=self.source.role,
+            fingerprint=identity.identity.fingerprint[:16],
+            expires=identity.cert.not_valid_after_utc.isoformat(),
+        )
+
+    def _failed(self, failure: Failure) -> None:
+        if not failure.check(DecnetError):
+            self.log.failure("Reloading the {role} identity failed", failure, role=self.source.role)
+            return
+        message = failure.getErrorMessage()
+        if message != self._last_error:  # once per distinct problem, not every interval
+            self.log.warn(
+                "Keeping the current {role} identity for now: {error}",
+                role=self.source.role,
+                error=message,
+            )
+        self._last_error = message

@@ -73,6 +73,7 @@ def sample_arguments(tmp: Path, spec: Path) -> dict[str, list[str]]:
         "listeners remove": ["127.0.0.1:6514"],
         "listeners list": [],
         "bundle refresh": ["w1", "--timeout", "10"],
+        "renew": ["w1", "--timeout", "10"],
     }
 
 

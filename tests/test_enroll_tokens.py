@@ -291,7 +291,7 @@ def test_a_registry_at_schema_1_gains_the_token_table_and_keeps_its_hosts(tmp_pa
     db.commit()
     db.close()
     registry = Registry(path)
-    assert registry.schema_version == len(MIGRATIONS) == 2
+    assert registry.schema_version == len(MIGRATIONS) == 3
     assert registry.get("a").address == "10.0.0.1" and Tokens(registry).pending("a") == []
 
 

@@ -33,7 +33,7 @@ from decnet.fsutil import ensure_private_dir
 from decnet.httpapi import make_site
 from decnet.pki import WorkerBundle
 from decnet.systemd import SystemdService
-from decnet.tls import PeerPolicy, PolicyOptions, TLSIdentity
+from decnet.tls import BundleIdentity, IdentityWatcher, PeerPolicy, PolicyOptions, TLSIdentity
 
 
 def tls_policy(bundle: WorkerBundle) -> PeerPolicy:
@@ -88,10 +88,11 @@ class AgentService(MultiService):
             self.controller, host=bundle.name, master_fingerprint=bundle.master_fingerprint
         )
         site = make_site(app.resource(), limits=LIMITS, reactor=reactor)
+        tls_options = PolicyOptions(identity, tls_policy(bundle))
         self.api = TLSPortService(
             reactor,
             listen,
-            PolicyOptions(identity, tls_policy(bundle)),
+            tls_options,
             # While the master (or the updater) is being served, decoys get
             # less of each reactor turn.
             APIPriority(site, self.decoy_turns),
@@ -99,6 +100,11 @@ class AgentService(MultiService):
             label="the agent API",
         )
         self.api.setServiceParent(self)
+        # A renewed certificate (`decnet-admin renew`) is presented from the next connection on.
+        self.identity_watcher = IdentityWatcher(
+            reactor, BundleIdentity(bundle, config.ROLE_WORKER, identity), [tls_options.reload]
+        )
+        self.identity_watcher.setServiceParent(self)
         self.systemd = SystemdService(reactor)
         self.systemd.setServiceParent(self)
         self.restored: defer.Deferred = defer.Deferred()

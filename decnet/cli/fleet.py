@@ -23,6 +23,7 @@ from twisted.internet import defer
 
 from decnet.cli import output
 from decnet.cli.arguments import command, duration, json_flag, timeout_option
+from decnet.cli.expiry import expiry_fields, expiry_warning
 from decnet.cli.runtime import budget, run_async
 from decnet.cli.sandbox_live import event_header, event_line, host_table, last_seen, log_lag
 from decnet.listener.workers import LogHealth, log_health, read_state, state_path
@@ -185,10 +186,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             probe=Probe(logs=logs, now=now, stale=args.stale),
         )
         code = rules.exit_code(r.verdict for r in results)
+        by_name = {h.name: h for h in hosts}
         if args.json:
-            output.print_json([r.as_dict() for r in results])
+            output.print_json(
+                [{**r.as_dict(), **expiry_fields(by_name[r.name], now)} for r in results]
+            )
         else:
             output.line(summary(results))
+            for host in hosts:
+                warning = expiry_warning(host, now)
+                if warning is not None:
+                    output.line(f"warning: {warning}", sys.stderr)
         return code
 
     return run_async(main)

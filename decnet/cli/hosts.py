@@ -9,6 +9,7 @@ from decnet import config, pki
 from decnet.cli import fleet, output
 from decnet.cli.arguments import command, flag, json_flag, listener_address, timeout_option
 from decnet.cli.decommission import DECOMMISSION_EXAMPLES, TEARDOWN_TIMEOUT, cmd_decommission
+from decnet.cli.expiry import expires_cell, expiry_fields
 from decnet.errors import ValidationError
 from decnet.master import enroll_tokens, enrollment
 from decnet.master.registry import Registry
@@ -311,19 +312,25 @@ HOSTS_HEADERS = (
     "ENROLLED",
     "LAST SEEN",
     "LOG LAG",
+    "EXPIRES",
 )
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
     hosts = Registry(args.paths.registry).list() if args.paths.registry.exists() else []
     logs = fleet.log_healths(fleet.ingest_dir(args), [h.name for h in hosts], args.stale)
+    now = time.time()
     if args.json:
-        output.print_json([{**h.as_dict(), "logs": logs[h.name].as_dict()} for h in hosts])
+        output.print_json(
+            [
+                {**h.as_dict(), **expiry_fields(h, now), "logs": logs[h.name].as_dict()}
+                for h in hosts
+            ]
+        )
         return 0
     if not hosts:
         output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
         return 0
-    now = time.time()
     rows = [
         (
             h.name,
@@ -335,6 +342,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
             h.enrolled_at,
             "-" if h.decommissioned else fleet.last_seen(logs[h.name], now),
             "-" if h.decommissioned else fleet.log_lag(logs[h.name]),
+            expires_cell(h, now),
         )
         for h in hosts
     ]

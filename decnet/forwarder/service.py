@@ -26,7 +26,14 @@ from decnet.interfaces import IDecnetReactor
 from decnet.pki import WorkerBundle, format_listener
 from decnet.systemd import SystemdService
 from decnet.threads import serial_runner
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
+from decnet.tls import (
+    Accept,
+    BundleIdentity,
+    IdentityWatcher,
+    PeerPolicy,
+    PolicyOptions,
+    TLSIdentity,
+)
 
 # How long stopping waits for the master to answer our TLS close before cutting it.
 STOP_GRACE = 5.0
@@ -226,6 +233,8 @@ class ForwarderService(MultiService):
         return_after: float = config.DEFAULT_LISTENER_RETURN,
         bundle_dir: Path | None = None,
         bundle_check: float = config.DEFAULT_BUNDLE_CHECK,
+        bundle: WorkerBundle | None = None,
+        reload_interval: float = config.IDENTITY_RELOAD_INTERVAL,
     ):
         """Ships to ``listeners`` (several: chosen by rendezvous hashing of the worker's
         CN, see :mod:`decnet.forwarder.rendezvous`), or to ``master_host:master_port``."""
@@ -275,6 +284,15 @@ class ForwarderService(MultiService):
         self.return_after = return_after
         self.cn = identity.identity.cn
         self._bundle_problem: str | None = None
+        if bundle is not None:
+            # A renewed certificate is used from the next connection on; the
+            # live one keeps shipping (the journal is untouched either way).
+            IdentityWatcher(
+                reactor,
+                BundleIdentity(bundle, config.ROLE_WORKER, identity),
+                [tls[False].reload, tls[True].reload],
+                interval=reload_interval,
+            ).setServiceParent(self)
         self.systemd = SystemdService(reactor)
         self.systemd.setServiceParent(self)
         self.factory.state_listeners.append(lambda _state, detail: self.systemd.status(detail))

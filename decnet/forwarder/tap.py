@@ -187,6 +187,7 @@ def makeService(options: Options) -> IService:
         state_file=options["state"],
         listeners=options["listeners"],
         bundle_dir=options.get("bundle-dir"),
+        bundle=options["bundle-obj"],
         **keywords(
             options,
             "log-file stream mode max-line poll-interval rotate-wait max-retry-delay return-after",

@@ -48,7 +48,7 @@ from decnet.listener.publisherproc import BrokerMarks
 from decnet.listener.workers import WorkerStates
 from decnet.syslog import ackproto
 from decnet.syslog.framing import FramingError, OctetCountingDecoder, encode_frame
-from decnet.tls import Refusal, RefusalKind, handshake_of, peer_identity
+from decnet.tls import Refusal, RefusalKind, days_left_of, handshake_of, peer_identity
 
 # A refused or failed connection gets this long to close gracefully.
 CLOSE_GRACE = 5.0
@@ -192,6 +192,7 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             self._refuse(*refusal)
             return
         self._note_connected()
+        self._warn_if_expiring()
         alpn = getattr(self.transport, "negotiatedProtocol", None)
         if alpn == config.ACK_ALPN_MOVES:
             self.version = ackproto.VERSION_MOVES
@@ -214,6 +215,17 @@ class SyslogServerProtocol(Protocol, TimeoutMixin):
             )
             self._pause()
             self._attach(self.factory.ingest.sink_for(self.worker, self.stream))
+
+    def _warn_if_expiring(self) -> None:
+        """Once per connection: this worker's certificate has under 30 days left."""
+        left = days_left_of(self.transport, self.factory.clock.seconds())
+        if left is not None and left < config.RENEW_BEFORE_DAYS:
+            self.log.warn(
+                "Worker {worker}'s certificate expires in {days} days; "
+                "renew it with `decnet-admin renew {worker}`",
+                worker=self.worker,
+                days=max(0, int(left)),
+            )
 
     # -- bytes in --------------------------------------------------------
 

@@ -209,6 +209,7 @@ def _sign(
             pki.fingerprint(certs[config.ROLE_UPDATER]) if config.ROLE_UPDATER in certs else None
         ),
         enrolled_at=utc_iso(registry.now()),
+        expires_at=utc_iso(certs[config.ROLE_WORKER].not_valid_after_utc.timestamp()),
     )
     answer = {
         "certificates": {role: pki.cert_pem(c).decode("ascii") for role, c in certs.items()},

@@ -18,6 +18,7 @@ from pathlib import Path
 import attrs
 
 from decnet import config, pki, revocation
+from decnet.clock import utc_iso
 from decnet.errors import UnknownHost, ValidationError
 from decnet.fsutil import atomic_write, ensure_private_dir, fsync_dir, locked, write_new_file
 from decnet.master.listeners import read_listeners
@@ -271,6 +272,7 @@ def enroll(
         worker_fingerprint=worker.fingerprint,
         updater_fingerprint=updater_fp,
         enrolled_at=utc_now_iso(),
+        expires_at=utc_iso(worker.cert.not_valid_after_utc.timestamp()),
     )
     # Under the registry lock, so that undoing a failed bundle write can never
     # delete a row another process has changed (decommissioned) meanwhile.
@@ -384,25 +386,22 @@ class Decommission:
 
 
 def revocation_entries(host: Host, when: str) -> list[dict]:
-    """The revocation entries of ``host``'s worker and (if any) updater certificates."""
-    entries = [
-        {
-            "fingerprint": host.worker_fingerprint,
-            "cn": host.name,
-            "role": "worker",
-            "revoked_at": when,
-        }
+    """The revocation entries of ``host``'s worker and (if any) updater certificates.
+
+    A renewal under way has issued a second pair (``pending_*``): revoked too,
+    so a decommission racing a renewal leaves no certificate of the host usable.
+    """
+    pins = [
+        (host.worker_fingerprint, host.name, "worker"),
+        (host.updater_fingerprint, config.UPDATER_CN_PREFIX + host.name, "updater"),
+        (host.pending_worker_fingerprint, host.name, "worker"),
+        (host.pending_updater_fingerprint, config.UPDATER_CN_PREFIX + host.name, "updater"),
     ]
-    if host.updater_fingerprint:
-        entries.append(
-            {
-                "fingerprint": host.updater_fingerprint,
-                "cn": config.UPDATER_CN_PREFIX + host.name,
-                "role": "updater",
-                "revoked_at": when,
-            }
-        )
-    return entries
+    return [
+        {"fingerprint": fp, "cn": cn, "role": role, "revoked_at": when}
+        for fp, cn, role in pins
+        if fp
+    ]
 
 
 def decommission(master: MasterState, name: str, registry: Registry | None = None) -> Decommission:

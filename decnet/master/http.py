@@ -32,7 +32,8 @@ def client_for_host(
 
     Refuses, before any connection, a decommissioned host, a daemon enrolled
     without a certificate for ``role``, and a revoked certificate.  The peer
-    must present exactly the role, CN and fingerprint recorded at enrollment.
+    must present exactly the role, CN and fingerprint recorded at enrollment,
+    or, while a renewal is pending (``decnet-admin renew``), the new one.
     """
     if host.decommissioned:
         raise HostDecommissioned(
@@ -41,9 +42,11 @@ def client_for_host(
     fingerprint: str | None
     if role == config.ROLE_WORKER:
         port, cn, fingerprint = host.agent_port, host.name, host.worker_fingerprint
+        pending = host.pending_worker_fingerprint
     else:
         cn = config.UPDATER_CN_PREFIX + host.name
         port, fingerprint = host.updater_port, host.updater_fingerprint
+        pending = host.pending_updater_fingerprint
         if not fingerprint:
             raise PeerRefused(
                 f"{host.name} was enrolled without an updater certificate; "
@@ -60,4 +63,5 @@ def client_for_host(
         timeout=timeout,
         persistent=persistent,
         clock=clock,
+        also=[Accept(role, cn=cn, fingerprint=pending)] if pending else [],
     )

@@ -27,7 +27,13 @@ from pathlib import Path
 import attrs
 
 from decnet.clock import utc_iso
-from decnet.errors import DuplicateHost, EnrollmentRefused, RegistryError, UnknownHost
+from decnet.errors import (
+    DuplicateHost,
+    EnrollmentRefused,
+    RegistryError,
+    RenewalFailed,
+    UnknownHost,
+)
 from decnet.fsutil import lock_path_for, locked
 
 STATUSES = ("enrolled", "active", "unreachable", "decommissioned")
@@ -70,6 +76,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX enroll_tokens_by_name ON enroll_tokens (name)",
     ),
+    # version 3: certificate renewal (``decnet-admin renew``, docs/Operations.md).
+    # ``expires_at`` is the worker certificate's notAfter (ISO 8601, UTC; NULL for
+    # hosts enrolled before it was recorded).  A renewal under way keeps the new
+    # fingerprints (pinned alongside the current ones: the overlap window) and the
+    # certificates the master signed (public data, pushed again on a rerun).
+    (
+        "ALTER TABLE hosts ADD COLUMN expires_at TEXT",
+        "ALTER TABLE hosts ADD COLUMN pending_worker_fingerprint TEXT",
+        "ALTER TABLE hosts ADD COLUMN pending_updater_fingerprint TEXT",
+        "ALTER TABLE hosts ADD COLUMN pending_certificates TEXT",
+    ),
 ]
 
 
@@ -89,6 +106,15 @@ class Host:
     enrolled_at: str
     status: str = "enrolled"
     revoked_at: str | None = None
+    expires_at: str | None = None
+    pending_worker_fingerprint: str | None = None
+    pending_updater_fingerprint: str | None = None
+    pending_certificates: str | None = None  # JSON: {"worker": PEM, "updater": PEM, "expires_at"}
+
+    @property
+    def renewing(self) -> bool:
+        """A renewal is under way: both the current and the pending pins are accepted."""
+        return self.pending_worker_fingerprint is not None
 
     @property
     def has_updater(self) -> bool:
@@ -215,6 +241,59 @@ class Registry:
                 (when, name),
             )
         return self.get(name)
+
+    # -- renewal (decnet.master.renewal) --------------------------------------------
+
+    def begin_renewal(
+        self, host: Host, worker_fp: str, updater_fp: str | None, certificates: str
+    ) -> Host:
+        """Record a renewal's new pins next to the current ones (the overlap begins).
+
+        A compare-and-set on the current pins: refused (:class:`RenewalFailed`)
+        when the host was decommissioned, or renewed by someone else, meanwhile.
+        """
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE hosts SET pending_worker_fingerprint = ?, pending_updater_fingerprint = ?,"
+                " pending_certificates = ? WHERE name = ? AND status != 'decommissioned'"
+                " AND worker_fingerprint = ? AND pending_worker_fingerprint IS NULL",
+                (worker_fp, updater_fp, certificates, host.name, host.worker_fingerprint),
+            )
+        if cur.rowcount != 1:
+            raise RenewalFailed(_changed(host.name))
+        return self.get(host.name)
+
+    def confirm_renewal(self, host: Host, expires_at: str) -> Host:
+        """Make the pending pins the only ones (the overlap ends); the host as it was before."""
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE hosts SET worker_fingerprint = pending_worker_fingerprint,"
+                " updater_fingerprint = COALESCE(pending_updater_fingerprint, updater_fingerprint),"
+                " expires_at = ?, pending_worker_fingerprint = NULL,"
+                " pending_updater_fingerprint = NULL, pending_certificates = NULL"
+                " WHERE name = ? AND status != 'decommissioned' AND pending_worker_fingerprint = ?",
+                (expires_at, host.name, host.pending_worker_fingerprint),
+            )
+        if cur.rowcount != 1:
+            raise RenewalFailed(_changed(host.name))
+        return host
+
+    def abandon_renewal(self, host: Host) -> None:
+        """Forget a pending renewal the worker holds no key for (it starts again)."""
+        with self._connect() as db:
+            db.execute(
+                "UPDATE hosts SET pending_worker_fingerprint = NULL,"
+                " pending_updater_fingerprint = NULL, pending_certificates = NULL"
+                " WHERE name = ? AND pending_worker_fingerprint = ?",
+                (host.name, host.pending_worker_fingerprint),
+            )
+
+
+def _changed(name: str) -> str:
+    return (
+        f"{name!r} was decommissioned or renewed by another command meanwhile; "
+        "nothing was changed (see `decnet-admin hosts`)"
+    )
 
 
 def _refuse_taken_name(db: sqlite3.Connection, name: str) -> None:

@@ -13,6 +13,8 @@ route                  who                    what
 ``POST /listeners``    master                 ``{"listeners": ["HOST:PORT", ...]}``:
                                               replaces only the listener list of this
                                               host's bundle.json (the forwarder reloads it)
+``POST /renew/csr``    master                 CSRs for new keys made on this worker
+``POST /renew/install``  master               ``{"certificates": {"worker": PEM, ...}}``
 =====================  =====================  ==========================================
 
 The TLS layer already refused every other certificate (foreign CA, another
@@ -49,6 +51,7 @@ from decnet.httpapi import (
 from decnet.threads import Runner, inline_runner
 from decnet.tls import Accept
 from decnet.updater.engine import Updater, Upload
+from decnet.updater.renewal import Renewer
 
 log = Logger(namespace="decnet.updater.app")
 
@@ -88,6 +91,12 @@ def _query(request, name: str) -> str | None:
     return values[0].decode("ascii", "replace") if values else None
 
 
+def _small_json(request) -> object:
+    if body_of(request).size > config.MAX_SMALL_BODY:
+        raise HTTPError(413, "expected a small JSON object")
+    return read_json(request)
+
+
 def build_app(
     updater: Updater,
     *,
@@ -95,6 +104,7 @@ def build_app(
     local: tuple[Accept, ...] = (),
     bundle_dir: Path | None = None,
     run: Runner = inline_runner,
+    renewer: Renewer | None = None,
 ) -> Klein:
     """The Klein app for one :class:`Updater`; ``master`` is the pinned master rule.
 
@@ -162,9 +172,7 @@ def build_app(
         authorize(request, master)
         if bundle_dir is None:
             raise HTTPError(404, "this updater was started without a bundle to refresh")
-        if body_of(request).size > config.MAX_SMALL_BODY:
-            raise HTTPError(413, "a listener list is a small JSON object")
-        doc = read_json(request)
+        doc = _small_json(request)
         if not isinstance(doc, dict) or set(doc) != {"listeners"}:
             raise HTTPError(400, 'expected {"listeners": ["HOST:PORT", ...]}')
         try:
@@ -186,5 +194,21 @@ def build_app(
             listeners=", ".join(listed),
         )
         return respond(request, {"listeners": listed, "changed": changed})
+
+    @app.route("/renew/csr", methods=["POST"])
+    async def renew_csr(request):
+        authorize(request, master)
+        if renewer is None:
+            raise HTTPError(404, "certificate renewal is not enabled on this updater")
+        return respond(request, await shielded(renewer.csrs()))
+
+    @app.route("/renew/install", methods=["POST"])
+    async def renew_install(request):
+        authorize(request, master)
+        if renewer is None:
+            raise HTTPError(404, "certificate renewal is not enabled on this updater")
+        doc = _small_json(request)
+        certificates = doc.get("certificates") if isinstance(doc, dict) else None
+        return respond(request, await shielded(renewer.install(certificates)))
 
     return app

@@ -31,8 +31,15 @@ from decnet.httpapi import make_site
 from decnet.httpclient import PinnedClient
 from decnet.interfaces import IDecnetReactor
 from decnet.systemd import SystemdService
-from decnet.threads import pool_runner
-from decnet.tls import Accept, PeerPolicy, PolicyOptions, TLSIdentity
+from decnet.threads import pool_runner, serial_runner
+from decnet.tls import (
+    Accept,
+    BundleIdentity,
+    IdentityWatcher,
+    PeerPolicy,
+    PolicyOptions,
+    TLSIdentity,
+)
 from decnet.updater import archive
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent, agent_argv
 from decnet.updater.app import build_app, upload_limits
@@ -40,6 +47,7 @@ from decnet.updater.engine import Updater
 from decnet.updater.health import HealthProbe
 from decnet.updater.installer import Installer
 from decnet.updater.releases import ReleaseStore
+from decnet.updater.renewal import Renewer
 
 # How the updater restarts onto a new release of itself (``--self-restart``).
 SELF_RESTARTS = ("exec", "exit")
@@ -130,6 +138,39 @@ def agent_health_client(
     )
 
 
+def identity_watchers(
+    reactor: IDecnetReactor,
+    bundle: pki.WorkerBundle,
+    identity: TLSIdentity,
+    server: PolicyOptions,
+    health: PinnedClient,
+) -> list[IdentityWatcher]:
+    """Renewed certificates picked up without a restart (``decnet-admin renew``).
+
+    The updater's own: its API and its probe of the agent present it.  The
+    agent's (``worker``): the probe pins the new one once the agent shows it.
+    """
+
+    def repin_agent(new: TLSIdentity) -> None:
+        health.reload(accept=attrs.evolve(health.accept, fingerprint=new.identity.fingerprint))
+
+    def own(new: TLSIdentity) -> None:
+        health.reload(identity=new)
+
+    worker = pki.load_cert(bundle.cert_path(config.ROLE_WORKER))
+    worker_identity = attrs.evolve(identity, cert=worker, identity=pki.identity_of(worker))
+    return [
+        IdentityWatcher(
+            reactor, BundleIdentity(bundle, config.ROLE_UPDATER, identity), [server.reload, own]
+        ),
+        IdentityWatcher(
+            reactor,
+            BundleIdentity(bundle, config.ROLE_WORKER, worker_identity, certificate_only=True),
+            [repin_agent],
+        ),
+    ]
+
+
 class UpdaterService(service.MultiService):
     """Everything ``twistd decnet-updater`` runs.
 
@@ -158,6 +199,7 @@ class UpdaterService(service.MultiService):
         super().__init__()
         self.reactor = reactor
         to_thread = pool_runner(IReactorThreads(reactor))
+        health = agent_health_client(reactor, identity, bundle, agent)
         self.updater = Updater(
             clock=reactor,
             store=ReleaseStore(install_dir),
@@ -169,7 +211,7 @@ class UpdaterService(service.MultiService):
                 to_thread=to_thread,
             ),
             agent=agent_control(reactor, bundle, agent),
-            probe=HealthProbe(reactor, agent_health_client(reactor, identity, bundle, agent)),
+            probe=HealthProbe(reactor, health),
             to_thread=to_thread,
             health_timeout=health_timeout,
             keep=keep,
@@ -177,13 +219,21 @@ class UpdaterService(service.MultiService):
             restart_self=self_restart(restart, IReactorCore(reactor)),
         )
         master, local = accepted_peers(bundle)
+        tls_options = PolicyOptions(identity, PeerPolicy([master, *local]))
+        self.watchers = identity_watchers(reactor, bundle, identity, tls_options, health)
+        for watcher in self.watchers:
+            watcher.setServiceParent(self)
+        renewer = Renewer(
+            bundle, serial_runner(reactor), [watcher.check for watcher in self.watchers]
+        )
         site = make_site(
             build_app(
                 self.updater,
                 master=master,
                 local=local,
                 bundle_dir=bundle.directory,
-                run=pool_runner(IReactorThreads(reactor)),
+                run=to_thread,
+                renewer=renewer,
             ).resource(),
             limits=upload_limits(master, max_upload),
             reactor=reactor,
@@ -191,7 +241,7 @@ class UpdaterService(service.MultiService):
         self.port_service = TLSPortService(
             reactor,
             listen,
-            PolicyOptions(identity, PeerPolicy([master, *local])),
+            tls_options,
             site,
             port_file=port_file,
             label="the master",

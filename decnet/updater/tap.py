@@ -28,6 +28,19 @@ from decnet.options import positive_float, positive_int
 from decnet.updater.service import SELF_RESTARTS, LocalAgent
 
 
+def _settle_renewal(directory: str | None) -> None:
+    """Finish a certificate renewal a crash cut short, before the bundle is read (start-up)."""
+    if not directory:
+        return
+    from decnet.pki import WorkerBundle
+    from decnet.updater import renewal
+
+    try:
+        renewal.settle(WorkerBundle.load(directory))
+    except (DecnetError, OSError):
+        pass  # load_bundle() names what is wrong with the bundle
+
+
 class Options(DaemonOptions):
     endpoint_options = ("listen",)
     synopsis = "--bundle DIR --install-dir DIR [options]"
@@ -98,6 +111,7 @@ class Options(DaemonOptions):
     ]
 
     def postOptions(self) -> None:
+        _settle_renewal(self["bundle"])
         load_bundle(
             self,
             config.ROLE_UPDATER,
