@@ -68,7 +68,11 @@ def run_async(fn: Command) -> int:
         pass
     result = outcome[0] if outcome else INTERRUPTED
     if isinstance(result, Failure):
-        result.raiseException()
+        failure = result
+        while failure.check(defer.FirstError):
+            # gatherResults wraps the first error of several hosts: the error is that one.
+            failure = failure.value.subFailure
+        failure.raiseException()
     return int(result)
 
 
