@@ -195,3 +195,11 @@ class HealthCheckFailed(UpdateError):
 
 class SandboxError(DecnetError):
     """The local sandbox (``decnet-admin sandbox``) could not start, be inspected or stop."""
+
+
+class FilterError(ValidationError):
+    """A ``decnet-admin events`` filter does not parse (a bad CIDR, duration or time)."""
+
+
+class EventIndexError(DecnetError):
+    """The event index (``<ingest>/events.sqlite``) is missing, unreadable or inconsistent."""

@@ -91,17 +91,29 @@ def serve(
     stdout: int = 1,
     encoders: int = 1,
     max_open: int = DEFAULT_MAX_OPEN_FEEDS,
+    index: bool = True,
 ) -> None:
     """Build feeds as targets arrive on ``stdin`` until it closes.  Blocking.
 
     With ``encoders`` > 1 the lines of each step are encoded by that many
     processes in parallel (the step is still written, fsynced and recorded
     as one, in order, by this process).  At most ``max_open`` feeds keep
-    their files open (least recently used closed first).
+    their files open (least recently used closed first).  With ``index``,
+    an index process (:mod:`decnet.events.indexer`) is told every durable
+    feed length and keeps ``events.sqlite`` up to them.
     """
+    from decnet.events.indexer import IndexChild  # (it imports this module)
+
+    indexer = IndexChild(directory) if index else None
+    if indexer is not None:
+        indexer.start()
 
     def report(message: dict) -> None:
         os.write(stdout, encode_message(message))
+        if indexer is not None and "pos" in message:
+            length = builder.feed_length(message["worker"], message["stream"])
+            if length is not None:
+                indexer.tell(message["worker"], message["stream"], length)
 
     pool = (
         ProcessPoolExecutor(encoders, initializer=_encoder_started, initargs=(os.getpid(),))
@@ -126,6 +138,8 @@ def serve(
         builder.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if indexer is not None:
+            indexer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ingest_dir", type=Path)
     parser.add_argument("--encoders", type=int, default=default_encoders())
     parser.add_argument("--max-open", type=int, default=DEFAULT_MAX_OPEN_FEEDS)
+    parser.add_argument("--no-index", action="store_true", help="do not keep events.sqlite")
     args = parser.parse_args(argv)
     # Its life is the listener's: it stops when its stdin closes, not on a
     # Ctrl-C meant for the listener's terminal (which also reaches it).
@@ -142,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     try:
-        serve(args.ingest_dir, encoders=args.encoders, max_open=max(1, args.max_open))
+        serve(
+            args.ingest_dir,
+            encoders=args.encoders,
+            max_open=max(1, args.max_open),
+            index=not args.no_index,
+        )
     except BrokenPipeError:
         pass  # the listener is gone; every finished step is durable
     return 0
