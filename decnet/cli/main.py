@@ -6,12 +6,12 @@ import argparse
 import sys
 
 from decnet import __version__, config
-from decnet.cli import agents, hosts, sandbox, updates
+from decnet.cli import agents, events, hosts, sandbox, updates
 from decnet.cli.runtime import INTERRUPTED, report_failure
 from decnet.errors import DecnetError
 
 # Each module adds its sub-commands with register(subparsers).
-COMMAND_MODULES = [hosts, agents, updates, sandbox]
+COMMAND_MODULES = [hosts, agents, updates, events, sandbox]
 
 
 def build_parser() -> argparse.ArgumentParser:

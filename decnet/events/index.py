@@ -28,6 +28,7 @@ from pathlib import Path
 
 from decnet.errors import EventIndexError
 from decnet.events import query
+from decnet.events.query import Filters
 from decnet.listener import storage
 
 INDEX_NAME = "events.sqlite"
@@ -214,17 +215,26 @@ class EventIndex:
         )
         return len(rows)
 
-    def query(self, filters: query.Filters, limit: int) -> list[tuple[int, str]]:
+    def query(self, filters: Filters, limit: int) -> list[tuple[int, str]]:
         """``(id, feed line)`` of the ``limit`` latest matches (0: all), oldest first."""
         sql, params = query.build_query(filters, limit=limit)
         rows = self.db.execute(sql, params).fetchall()
         rows.reverse()
         return rows
 
-    def follow(self, filters: query.Filters, after_id: int, limit: int) -> list[tuple[int, str]]:
+    def follow(self, filters: Filters, after_id: int, limit: int) -> list[tuple[int, str]]:
         """``(id, feed line)`` of matches indexed after row ``after_id``, in that order."""
         sql, params = query.build_query(filters, limit=limit, after_id=after_id)
         return self.db.execute(sql, params).fetchall()
+
+    def snapshot(self, filters: Filters, limit: int) -> tuple[list[tuple[int, str]], int]:
+        """:meth:`query` and the last row id, read at one instant (where ``--follow`` starts)."""
+        self.db.execute("BEGIN")
+        try:
+            rows = self.query(filters, limit)
+            return rows, self.last_id()
+        finally:
+            self.db.execute("COMMIT")
 
     def last_id(self) -> int:
         row = self.db.execute("SELECT max(id) FROM events").fetchone()

@@ -72,7 +72,13 @@ def parse_since(text: str, now_us: int) -> int:
     """``--since``: a duration before ``now_us``, or an absolute time."""
     if _DURATION.fullmatch(text):
         return now_us - parse_duration(text)
-    return parse_time(text)
+    try:
+        return parse_time(text)
+    except FilterError:
+        raise FilterError(
+            f"{text!r} is neither a duration (15m, 1h30m, 2d: s m h d w) nor a time "
+            "(2026-05-01T12:00:00Z, or YYYY-MM-DD [HH:MM[:SS]] in UTC)"
+        ) from None
 
 
 def ip_key(text: object) -> bytes | None:
