@@ -97,8 +97,15 @@ def durable_feeds(ingest_dir: Path) -> Iterator[tuple[str, str, int]]:
 
 
 def read_lines(path: Path, start: int, end: int, limit: int) -> bytes:
-    """Whole lines of ``path`` in ``[start, min(end, start + limit))`` (a longer line whole)."""
-    with open(path, "rb") as fh:
+    """Whole lines of ``path`` in ``[start, min(end, start + limit))`` (a longer line whole).
+
+    Nothing if the file is missing or shorter (a feed being rebuilt from its mirror).
+    """
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return b""
+    with fh:
         fh.seek(start)
         while True:
             want = min(end - start, limit)
