@@ -33,8 +33,9 @@ from decnet.listener import storage
 
 INDEX_NAME = "events.sqlite"
 SCHEMA_VERSION = 1
-# Feed bytes one transaction indexes at most (bounded work between two commits).
-STEP_BYTES = 4 * 1024 * 1024
+# Feed bytes one transaction indexes at most: bounded work between two commits,
+# so a burst being indexed delays a new event (``--follow``) by little.
+STEP_BYTES = 1024 * 1024
 # How long a connection waits for another one's write lock (milliseconds).
 BUSY_TIMEOUT_MS = 30_000
 
@@ -140,19 +141,43 @@ class EventIndex:
             except sqlite3.Error as exc:
                 raise EventIndexError(f"cannot read the event index {self.path}: {exc}") from None
             return db
+        if not self.path.exists():
+            self._create()
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA synchronous = NORMAL")
+        return db
+
+    def _create(self) -> None:
+        """Make the empty index aside and link it in: a reader never sees it without tables.
+
+        ``link`` does not replace: of two indexers creating it at once, one wins
+        and the other opens the winner's.
+        """
+        fresh = self.path.with_name(f"{self.path.name}.new-{os.getpid()}")
+        fresh.unlink(missing_ok=True)
         old_umask = os.umask(0o077)  # the index holds what attackers sent: 0600 like the feeds
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(fresh, isolation_level=None)
         finally:
             os.umask(old_umask)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.executescript(_SCHEMA)
-        db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-        )
-        return db
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(_SCHEMA)
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        finally:
+            db.close()
+        fd = os.open(fresh, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(fresh, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            fresh.unlink()
 
     def close(self) -> None:
         self.db.close()
