@@ -18,7 +18,7 @@ import datetime
 import ipaddress
 import json
 import re
-from collections.abc import Sequence
+import socket
 
 import attrs
 
@@ -81,17 +81,24 @@ def parse_since(text: str, now_us: int) -> int:
         ) from None
 
 
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def ip_key(text: object) -> bytes | None:
-    """The 16-byte sort key of an address (IPv4 mapped into IPv6); ``None`` if not one."""
-    if not isinstance(text, str) or len(text) > 64:
+    """The 16-byte sort key of an address (IPv4 mapped into IPv6); ``None`` if not one.
+
+    ``inet_pton`` is strict (dotted quads only for IPv4; no zone index), and C.
+    """
+    if not isinstance(text, str) or len(text) > 45:
         return None
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
         return None
-    if isinstance(address, ipaddress.IPv4Address):
-        return b"\0" * 10 + b"\xff\xff" + address.packed
-    return address.packed
 
 
 def parse_network(text: str) -> tuple[bytes, bytes]:
@@ -189,13 +196,17 @@ def build_query(
 def event_params(entry: dict) -> dict[str, str]:
     """The ``decnet@…`` parameters of a feed entry (first value of each name)."""
     params: dict[str, str] = {}
-    for element in entry.get("structured_data") or ():
+    elements = entry.get("structured_data")
+    if not isinstance(elements, list):
+        return params
+    for element in elements:
         if not isinstance(element, dict) or not str(element.get("id", "")).startswith(
             EVENT_SD_PREFIX
         ):
             continue
-        for pair in element.get("params") or ():
-            if isinstance(pair, Sequence) and len(pair) == 2:
+        pairs = element.get("params")
+        for pair in pairs if isinstance(pairs, list) else ():
+            if isinstance(pair, list) and len(pair) == 2:
                 params.setdefault(str(pair[0]), str(pair[1]))
     return params
 
