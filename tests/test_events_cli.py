@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -22,7 +21,9 @@ def ingest(tmp_path):
         event_line(1, src="198.51.100.4", user=NASTY, extra=(("password", "x' OR 1=1 --"),)),
         event_line(2, src="203.0.113.10", user="B" * 50_000, when="2026-05-01T13:00:00Z"),
     ]
-    ingest_with(tmp_path / "ingest", {"w1": lines, "w2": [event_line(3, kind="connect", src="192.0.2.1")]})
+    ingest_with(
+        tmp_path / "ingest", {"w1": lines, "w2": [event_line(3, kind="connect", src="192.0.2.1")]}
+    )
     return tmp_path / "ingest"
 
 

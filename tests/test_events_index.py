@@ -26,62 +26,34 @@ def hour(h: int, minute: int = 0) -> str:
     return f"2026-05-01T{h:02d}:{minute:02d}:00.000000Z"
 
 
+# (n, decky, service, event, src, user, hour, minute) of the test events, per worker.
+FLEET = {
+    "w1": [
+        (0, "web-01", "ssh", "connect", "203.0.113.9", "root", 8, 0),
+        (1, "web-01", "ssh", "login", "203.0.113.9", "root", 9, 0),
+        (2, "db-01", "redis", "command", "198.51.100.4", None, 10, 0),
+        (3, "web-01", "http", "request", "2001:db8::7", None, 11, 0),
+    ],
+    "w2": [
+        (4, "mail-01", "smtp", "login", "203.0.113.200", "admin", 9, 30),
+        (5, "mail-01", "ssh", "login", "2001:db8:1::9", "root", 12, 0),
+    ],
+}
+
+
 @pytest.fixture
 def fleet(tmp_path):
     """Two workers, events spread over a morning, two attackers per family."""
-    w1 = [
-        event_line(
-            0, decky="web-01", service="ssh", kind="connect", src="203.0.113.9", when=hour(8)
-        ),
-        event_line(
-            1,
-            decky="web-01",
-            service="ssh",
-            kind="login",
-            src="203.0.113.9",
-            user="root",
-            when=hour(9),
-        ),
-        event_line(
-            2,
-            decky="db-01",
-            service="redis",
-            kind="command",
-            src="198.51.100.4",
-            user=None,
-            when=hour(10),
-        ),
-        event_line(
-            3,
-            decky="web-01",
-            service="http",
-            kind="request",
-            src="2001:db8::7",
-            user=None,
-            when=hour(11),
-        ),
-    ]
-    w2 = [
-        event_line(
-            4,
-            decky="mail-01",
-            service="smtp",
-            kind="login",
-            src="203.0.113.200",
-            user="admin",
-            when=hour(9, 30),
-        ),
-        event_line(
-            5,
-            decky="mail-01",
-            service="ssh",
-            kind="login",
-            src="2001:db8:1::9",
-            user="root",
-            when=hour(12),
-        ),
-    ]
-    ingest_with(tmp_path, {"w1": w1, "w2": w2})
+    ingest_with(
+        tmp_path,
+        {
+            worker: [
+                event_line(n, decky=d, service=s, kind=k, src=ip, user=u, when=hour(h, m))
+                for n, d, s, k, ip, u, h, m in events
+            ]
+            for worker, events in FLEET.items()
+        },
+    )
     return tmp_path
 
 

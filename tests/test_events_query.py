@@ -177,7 +177,10 @@ def test_event_params_ignore_other_elements_and_malformed_pairs():
         "structured_data": [
             {"id": "other@1", "params": [["user", "not-this"]]},
             "junk",
-            {"id": "decnet@32473", "params": [["user", "alice"], ["user", "second"], ["x"], 5, [[1], [2]]]},
+            {
+                "id": "decnet@32473",
+                "params": [["user", "alice"], ["user", "second"], ["x"], 5, [[1], [2]]],
+            },
         ]
     }
     assert query.event_params(entry) == {"user": "alice", "[1]": "[2]"}

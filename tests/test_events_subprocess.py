@@ -17,7 +17,7 @@ from tests.support import BIN, wait_for
 
 
 def feed_process(ingest):
-    """``python -m decnet.listener.feedworker`` in its own process group (with its index process)."""
+    """``python -m decnet.listener.feedworker`` and its index process, in a process group."""
     return subprocess.Popen(
         [sys.executable, "-m", "decnet.listener.feedworker", str(ingest), "--encoders", "1"],
         stdin=subprocess.PIPE,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from decnet import process
 from decnet.errors import EventIndexError
 from decnet.events.index import EventIndex, durable_feeds, index_path
 from decnet.listener import storage
-from decnet.listener.feedworker import decode_messages, encode_message
+from decnet.listener.feedworker import encode_message, run_pipe
 
 # A dead index process is started again after this long (doubling up to the maximum).
 RESTART_FIRST = 0.5
@@ -103,19 +102,13 @@ def serve(directory: Path, stdin: int = 0) -> None:
     """Index as feeds grow, until ``stdin`` closes.  Blocking."""
     indexer = Indexer(directory)
     indexer.scan()
-    pending = bytearray()
     try:
-        while True:
-            timeout = 0.0 if indexer.behind() else None
-            readable, _, _ = select.select([stdin], [], [], timeout)
-            if readable:
-                data = os.read(stdin, 1 << 16)
-                if not data:
-                    return
-                pending += data
-                for message in decode_messages(pending):
-                    indexer.target(message["worker"], message["stream"], int(message["feed"]))
-            indexer.step()
+        run_pipe(
+            stdin,
+            lambda: 0.0 if indexer.behind() else None,
+            lambda m: indexer.target(m["worker"], m["stream"], int(m["feed"])),
+            indexer.step,
+        )
     finally:
         indexer.close()
 

@@ -33,6 +33,7 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def decode_messages(buffer: bytearray) -> list[dict]:
     lines = bytes(buffer[:end]).split(b"\n")[:-1]
     del buffer[:end]
     return [json.loads(line) for line in lines]
+
+
+def run_pipe(
+    stdin: int,
+    wait: Callable[[], float | None],
+    receive: Callable[[dict], object],
+    step: Callable[[], object],
+) -> None:
+    """The loop of a pipe-driven worker process, until ``stdin`` closes.  Blocking.
+
+    Each turn hands every complete message that arrived to ``receive``, then
+    does one ``step``; ``wait()`` is how long to wait for input first (0 while
+    there is work, ``None``: until input comes).
+    """
+    pending = bytearray()
+    while True:
+        readable, _, _ = select.select([stdin], [], [], wait())
+        if readable:
+            data = os.read(stdin, 1 << 16)
+            if not data:
+                return
+            pending += data
+            for message in decode_messages(pending):
+                receive(message)
+        step()
 
 
 def _encoder_started(parent: int) -> None:
@@ -121,19 +147,13 @@ def serve(
         else None
     )
     builder = FeedBuilder(directory, report, pool=pool, max_open=max_open)
-    pending = bytearray()
     try:
-        while True:
-            timeout = 0.0 if builder.has_work() else builder.retry_delay()
-            readable, _, _ = select.select([stdin], [], [], timeout)
-            if readable:
-                data = os.read(stdin, 1 << 16)
-                if not data:
-                    return
-                pending += data
-                for message in decode_messages(pending):
-                    builder.target(message["worker"], message["stream"], int(message["end"]))
-            builder.step()
+        run_pipe(
+            stdin,
+            lambda: 0.0 if builder.has_work() else builder.retry_delay(),
+            lambda m: builder.target(m["worker"], m["stream"], int(m["end"])),
+            builder.step,
+        )
     finally:
         builder.close()
         if pool is not None:
