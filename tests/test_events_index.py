@@ -231,3 +231,30 @@ def test_an_indexer_waits_for_a_feed_being_rebuilt(fleet):
     indexer.target("w1", "decnet", position + 100)  # told a length the feed does not have yet
     assert indexer.step() == 0
     assert indexer.behind() == [] and indexer.stopped == set()
+
+
+def test_a_full_disk_pauses_indexing_and_loses_nothing(tmp_path, capsys):
+    commit(tmp_path, "w1", [event_line(i, user="u" * 500) for i in range(400)])
+    build_feeds(tmp_path)
+    now = [0.0]
+    index = EventIndex(index_path(tmp_path))
+    indexer = Indexer(tmp_path, index, clock=lambda: now[0])
+    indexer.scan()
+    pages = index.db.execute("PRAGMA page_count").fetchone()[0]
+    index.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLITE_FULL, as a full disk
+    assert indexer.step() == 0
+    assert "database or disk is full" in capsys.readouterr().err
+    assert indexer.behind() == [] and indexer.wait() == pytest.approx(5.0)
+    assert index.count() == 0 and index.position("w1", "decnet") == 0
+    index.db.execute("PRAGMA max_page_count = 1073741823")  # space again
+    now[0] += 5.0
+    while indexer.step() >= 0:
+        pass
+    assert search(tmp_path) == list(range(400)) and indexer.stopped == set()
+
+
+def test_a_worker_cannot_file_its_events_under_another_worker(tmp_path):
+    lying = event_line(0, decky="w2", extra=(("source_worker", "w2"), ("worker", "w2")))
+    ingest_with(tmp_path, {"w1": [lying], "w2": [event_line(1)]})
+    assert search(tmp_path, workers=("w2",)) == [1]
+    assert search(tmp_path, workers=("w1",)) == [0]

@@ -212,7 +212,8 @@ class EventIndex:
         try:
             count = self._index_locked(worker, stream, feed, feed_end, limit)
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # (SQLITE_FULL has rolled it back already)
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
         return count

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,6 +34,11 @@ from decnet.events.index import EventIndex, durable_feeds, index_path
 from decnet.listener import storage
 from decnet.listener.feedworker import encode_message, run_pipe
 
+# Scheduling priority below its feed process's (which is below ingest): on a
+# saturated machine the feed (a durable copy) wins and the index catches up.
+INDEX_NICENESS = 5
+# How long indexing pauses after the index could not be written (a full disk).
+WRITE_RETRY = 5.0
 # A dead index process is started again after this long (doubling up to the maximum).
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
@@ -48,12 +54,21 @@ def _say(text: str) -> None:
 class Indexer:
     """The indexing loop of the index process (blocking).  Round robin over streams."""
 
-    def __init__(self, directory: Path, index: EventIndex | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        index: EventIndex | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.directory = Path(directory)
         self.index = index or EventIndex(index_path(self.directory))
+        self.clock = clock
         self.targets: dict[tuple[str, str], int] = {}
         self.done = {key: pos for key, (pos, _rows) in self.index.positions().items()}
         self.stopped: set[tuple[str, str]] = set()
+        # While the index cannot be written (a full disk), nothing is tried before this.
+        self.paused_until = 0.0
         self._turn = 0
 
     def scan(self) -> None:
@@ -67,6 +82,8 @@ class Indexer:
             self.targets[key] = feed_len
 
     def behind(self) -> list[tuple[str, str]]:
+        if self.clock() < self.paused_until:
+            return []
         return [
             key
             for key, end in self.targets.items()
@@ -87,12 +104,24 @@ class Indexer:
             self.stopped.add(key)
             _say(f"{worker}/{stream} is no longer indexed: {exc}")
             return 0
+        except sqlite3.OperationalError as exc:
+            # A full disk, an index locked for too long: nothing was written
+            # (the transaction rolled back); the same lines are tried again.
+            self.paused_until = self.clock() + WRITE_RETRY
+            _say(f"cannot write {self.index.path} ({exc}); trying again in {WRITE_RETRY:g} s")
+            return 0
         position = self.index.position(worker, stream)
         if rows == 0 and position == self.done.get(key, 0):
             # The feed is shorter than the index says (being rebuilt): wait to be told.
             self.targets[key] = position
         self.done[key] = position
         return rows
+
+    def wait(self) -> float | None:
+        """How long the loop may wait for input: 0 with work, until a pause ends, or forever."""
+        if self.behind():
+            return 0.0
+        return max(0.0, self.paused_until - self.clock()) if self.paused_until else None
 
     def close(self) -> None:
         self.index.close()
@@ -105,7 +134,7 @@ def serve(directory: Path, stdin: int = 0) -> None:
     try:
         run_pipe(
             stdin,
-            lambda: 0.0 if indexer.behind() else None,
+            indexer.wait,
             lambda m: indexer.target(m["worker"], m["stream"], int(m["feed"])),
             indexer.step,
         )
@@ -213,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decnet.events.indexer")
     parser.add_argument("ingest_dir", type=Path)
     args = parser.parse_args(argv)
-    # Its life is its feed process's (stdin); it inherits its lower priority too.
+    # Its life is its feed process's (stdin).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(INDEX_NICENESS)
+    except OSError:
+        pass
     try:
         serve(args.ingest_dir)
     except EventIndexError as exc:
