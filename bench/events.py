@@ -143,9 +143,30 @@ class FeedProcess:
                 lambda: all(self.positions.get((w, "decnet"), 0) >= e for w, e in ends.items())
             )
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) so far of the feed process and of its index process."""
+        out = {"feed": _cpu_seconds(self.proc.pid)}
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            children = []
+        for pid in children:
+            out["index"] = out.get("index", 0.0) + _cpu_seconds(pid)
+        return out
+
     def stop(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rows(ingest: Path) -> int:
@@ -166,8 +187,11 @@ def wait_rows(ingest: Path, want: int, interval: float = 0.2) -> None:
         time.sleep(interval)
 
 
-def feed_rate(ingest: Path, data: dict[str, bytes], at_us: int, index: bool) -> tuple[float, float]:
-    """Feed lines/s for fresh mirrors ``data``; with the index, also seconds until indexed."""
+def feed_rate(
+    ingest: Path, data: dict[str, bytes], at_us: int, index: bool
+) -> tuple[float, float, dict[str, float]]:
+    """Feed lines/s for fresh mirrors ``data``; with the index, also seconds until indexed;
+    and the CPU µs per line of the feed process and of the index process."""
     ends = {w: write_mirror(ingest, w, d, at_us) for w, d in data.items()}
     lines = sum(d.count(b"\n") for d in data.values())
     before = rows(ingest)
@@ -177,12 +201,15 @@ def feed_rate(ingest: Path, data: dict[str, bytes], at_us: int, index: bool) -> 
         feeds.tell(w, end)
     feeds.wait(ends)
     fed = time.perf_counter() - t0
+    fed_cpu = feeds.cpu()["feed"]
     indexed = float("nan")
     if index:
         wait_rows(ingest, before + lines)
         indexed = time.perf_counter() - t0
+    cpu = {k: v * 1e6 / lines for k, v in feeds.cpu().items()}
+    cpu["feed"] = fed_cpu * 1e6 / lines
     feeds.stop()
-    return lines / fed, indexed
+    return lines / fed, indexed, cpu
 
 
 def percentiles(samples: list[float]) -> str:
@@ -249,7 +276,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=50)
     parser.add_argument("--feed-lines", type=int, default=500_000, help="per feed-rate run")
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--follow", type=int, default=40)
+    parser.add_argument("--follow", type=int, default=100)
     parser.add_argument("--dir", type=Path, default=None, help="keep the ingest here")
     args = parser.parse_args()
     rng = random.Random(5)
@@ -262,36 +289,45 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ingest in {ingest}")
 
     # 1. The feed with and without the index beside it: same shape, fresh lines.
-    per = args.feed_lines // 2  # two workers per run
-    parts = {}
-    for name in ("a", "b"):
-        parts[name] = {f"feed-{name}{k}": mirror_lines(rng, per, now - day, day, pool)
-                       for k in range(2)}  # fmt: skip
-    with_rate, with_indexed = feed_rate(ingest, parts["a"], now, index=True)
-    without_rate, _ = feed_rate(ingest, parts["b"], now, index=False)
-    print(f"feed, index process beside it: {with_rate:10,.0f} lines/s "
-          f"(indexed too after {with_indexed:.1f} s)")  # fmt: skip
-    print(f"feed, without the index:       {without_rate:10,.0f} lines/s")
-    print(f"  the index slows the feed by {100 * (1 - with_rate / without_rate):.1f}%")
+    # Four runs of --feed-lines / 2 fresh lines (two workers each), alternating
+    # with and without the index, so that a change of the machine's load hits both.
+    per = args.feed_lines // 4  # lines per worker per run
+    runs: dict[bool, list[tuple[float, float, dict[str, float]]]] = {True: [], False: []}
+    for k, index in enumerate((True, False, False, True)):
+        data = {f"feed-{k}{j}": mirror_lines(rng, per, now - day, day, pool) for j in range(2)}
+        runs[index].append(feed_rate(ingest, data, now, index=index))
+    for index, label in ((True, "index process beside it"), (False, "without the index")):
+        for rate, indexed, cpu in runs[index]:
+            extra = f"; indexed too after {indexed:.1f} s" if index else ""
+            cpus = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items()))
+            print(f"feed, {label:24s} {rate:10,.0f} lines/s  (CPU µs/line: {cpus}{extra})")
+    with_rate = max(r for r, _i, _c in runs[True])
+    without_rate = max(r for r, _i, _c in runs[False])
+    feed_cpu = {i: min(c["feed"] for _r, _i, c in runs[i]) for i in (True, False)}
+    print(f"  the index slows the feed by {100 * (1 - with_rate / without_rate):.1f}% "
+          f"(best of each, wall clock); the feed process's CPU per line: "
+          f"{feed_cpu[True]:.1f} vs {feed_cpu[False]:.1f} µs "
+          f"({100 * (feed_cpu[True] / feed_cpu[False] - 1):+.1f}%)")  # fmt: skip
 
     # 2. Index --events in all (the feed-rate lines count).
-    remaining = args.events - 4 * per  # both feed-rate runs count
+    remaining = args.events - rows(ingest) - 4 * per  # (a kept --dir already has them)
     per_worker = max(0, remaining // args.workers)
     t0 = time.perf_counter()
     ends = {}
     for k in range(args.workers):
         data = mirror_lines(rng, per_worker, now - day, day, pool)
-        ends[f"w{k:02d}"] = write_mirror(ingest, f"w{k:02d}", data, now)
+        if data:
+            ends[f"w{k:02d}"] = write_mirror(ingest, f"w{k:02d}", data, now)
     print(f"mirrors written: {per_worker * args.workers:,} lines in "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    start_rows = rows(ingest)  # (before the index process starts on the --no-index runs)
     feeds = FeedProcess(ingest, True)
-    start_rows = rows(ingest)
     t0 = time.perf_counter()
     for w, end in ends.items():
         feeds.tell(w, end)
     feeds.wait(ends)
     fed = time.perf_counter() - t0
-    total = start_rows + per_worker * args.workers + 2 * per  # run b is indexed now too
+    total = start_rows + per_worker * args.workers + 4 * per  # the --no-index runs too
     wait_rows(ingest, total, 1.0)
     took = time.perf_counter() - t0
     feeds.stop()
