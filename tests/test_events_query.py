@@ -138,7 +138,10 @@ def test_values_are_parameters_never_sql_text():
 
 def test_a_search_is_newest_first_with_a_limit_and_a_follow_is_in_index_order():
     sql, params = build_query(Filters(), limit=0)
-    assert sql.endswith("ORDER BY time DESC, id DESC") and params == []
+    assert sql == "SELECT id, entry FROM events ORDER BY time, id" and params == []
+    sql, params = build_query(Filters(user="u"), limit=7)
+    assert "ORDER BY time DESC, id DESC LIMIT ?) ORDER BY time, id" in sql
+    assert params == ["u", 7]
     sql, params = build_query(Filters(event="login"), limit=10, after_id=42)
     assert "id > ?" in sql and sql.endswith("ORDER BY id LIMIT ?") and params == [42, "login", 10]
 

@@ -143,7 +143,7 @@ class Printer:
         self.header_shown = as_json
 
     def rows(self, rows: list[tuple[int, str]]) -> None:
-        out = []
+        out: list[str] = []
         if not self.header_shown:
             out.append(output.printable(eventview.event_header(dated=True)))
             self.header_shown = True
@@ -193,7 +193,10 @@ def cmd_events(args: argparse.Namespace) -> int:
                 backlog = FOLLOW_BACKLOG if args.limit is None else args.limit
                 return run_async(lambda reactor: follow(reactor, index, filters, backlog, printer))
             limit = DEFAULT_LIMIT if args.limit is None else args.limit
-            printer.rows(index.query(filters, limit))
+            for batch in index.batches(filters, limit):
+                printer.rows(batch)
+            if not printer.header_shown:
+                printer.rows([])  # the header of an empty table
             return 0
         finally:
             index.close()

@@ -255,10 +255,16 @@ class EventIndex:
 
     def query(self, filters: Filters, limit: int) -> list[tuple[int, str]]:
         """``(id, feed line)`` of the ``limit`` latest matches (0: all), oldest first."""
+        return [row for batch in self.batches(filters, limit) for row in batch]
+
+    def batches(
+        self, filters: Filters, limit: int, size: int = 1000
+    ) -> Iterator[list[tuple[int, str]]]:
+        """:meth:`query` a batch at a time (a search for everything never sits in memory)."""
         sql, params = query.build_query(filters, limit=limit)
-        rows = self.db.execute(sql, params).fetchall()
-        rows.reverse()
-        return rows
+        cursor = self.db.execute(sql, params)
+        while batch := cursor.fetchmany(size):
+            yield batch
 
     def follow(self, filters: Filters, after_id: int, limit: int) -> list[tuple[int, str]]:
         """``(id, feed line)`` of matches indexed after row ``after_id``, in that order."""

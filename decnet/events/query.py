@@ -170,27 +170,29 @@ def where(filters: Filters) -> tuple[list[str], list[object]]:
 def build_query(
     filters: Filters, *, limit: int, after_id: int | None = None
 ) -> tuple[str, list[object]]:
-    """``SELECT id, entry`` of the matching rows.
+    """``SELECT id, entry`` of the matching rows, oldest first.
 
-    Without ``after_id``: the ``limit`` latest by event time, newest first (0:
-    all).  With it (``--follow``): rows indexed after row ``after_id``, in the
-    order they were indexed, at most ``limit``.
+    Without ``after_id``: the ``limit`` latest by event time (0: all), found
+    newest first through the index (so a search stops after ``limit`` rows) and
+    returned oldest first.  With it (``--follow``): rows indexed after row
+    ``after_id``, in the order they were indexed, at most ``limit``.
     """
     terms, params = where(filters)
     if after_id is not None:
         terms.insert(0, "id > ?")
         params.insert(0, after_id)
-        order = " ORDER BY id"
-    else:
-        order = " ORDER BY time DESC, id DESC"
-    sql = "SELECT id, entry FROM events"
-    if terms:
-        sql += " WHERE " + " AND ".join(terms)
-    sql += order
+    matching = "FROM events" + (" WHERE " + " AND ".join(terms) if terms else "")
+    cap = ""
     if limit > 0:
-        sql += " LIMIT ?"
+        cap = " LIMIT ?"
         params.append(limit)
-    return sql, params
+    if after_id is not None:
+        return "SELECT id, entry " + matching + " ORDER BY id" + cap, params
+    if not cap:
+        return "SELECT id, entry " + matching + " ORDER BY time, id", params
+    latest = "SELECT id, entry, time " + matching + " ORDER BY time DESC, id DESC" + cap
+    # (Only constant text and placeholders are joined here: every value is a parameter.)
+    return "SELECT id, entry FROM (" + latest + ") ORDER BY time, id", params  # noqa: S608
 
 
 def event_params(entry: dict) -> dict[str, str]:
