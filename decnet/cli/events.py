@@ -122,7 +122,7 @@ def filters_of(args: argparse.Namespace, now_us: int) -> query.Filters:
     )
 
 
-def json_line(line: str) -> str:
+def ascii_json(line: str) -> str:
     """A feed line as ASCII-only JSON: the same entry, nothing unescaped for a terminal.
 
     Feed lines are written with ``ensure_ascii=False``; one that is ASCII already
@@ -148,7 +148,7 @@ class Printer:
             out.append(output.printable(eventview.event_header(dated=True)))
             self.header_shown = True
         for _id, line in rows:
-            out.append(json_line(line) if self.as_json else self._table_line(line))
+            out.append(ascii_json(line) if self.as_json else self._table_line(line))
         if out:
             self.stream.write("\n".join(out) + "\n")
             self.stream.flush()
@@ -164,7 +164,7 @@ class Printer:
 
 def _usage_error(message: str, as_json: bool) -> int:
     if as_json:
-        sys.stderr.write(json.dumps({"error": message, "usage": True}, ensure_ascii=True) + "\n")
+        output.json_line({"error": message, "usage": True}, sys.stderr)
     else:
         output.line(f"decnet-admin events: error: {message}", sys.stderr)
         output.line("(decnet-admin events --help shows the forms every filter takes)", sys.stderr)
@@ -173,7 +173,7 @@ def _usage_error(message: str, as_json: bool) -> int:
 
 def _failure(message: str, as_json: bool) -> int:
     if as_json:
-        sys.stderr.write(json.dumps({"error": message}, ensure_ascii=True) + "\n")
+        output.json_line({"error": message}, sys.stderr)
     else:
         output.error(message)
     return 1

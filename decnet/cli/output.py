@@ -125,6 +125,13 @@ def print_json(doc) -> None:
     sys.stdout.flush()
 
 
+def json_line(doc: object, stream=None) -> None:
+    """``doc`` as one compact, ASCII-only JSON line (NDJSON; ``--json`` errors on stderr)."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps(doc, ensure_ascii=True, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
 def error(message: object) -> None:
     line(f"decnet-admin: error: {message}", sys.stderr)
 
