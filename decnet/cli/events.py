@@ -46,8 +46,9 @@ examples:
     decnet-admin events --src-ip 2001:db8::7 --service ssh --since 2026-05-01 --json
   watch every new event as it arrives (Ctrl-C stops):
     decnet-admin events --follow
-  tried user names, through jq:
-    decnet-admin events --event login --since 1d --limit 0 --json | jq -r '.msg'
+  every user name tried in the last day, through jq:
+    decnet-admin events --event login --since 1d --limit 0 --json \\
+      | jq -r '.structured_data[].params[] | select(.[0] == "user") | .[1]'
 
 DURATION is a number and a unit (s m h d w), e.g. 90s, 15m, 1h30m, 2d; TIME is
 RFC 3339 (2026-05-01T12:00:00Z) or YYYY-MM-DD [HH:MM[:SS]] in UTC.  Times are
