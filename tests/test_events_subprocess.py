@@ -139,3 +139,20 @@ def test_follow_prints_the_latest_then_new_events_of_a_newly_enrolled_worker(tmp
             follow.kill()
             follow.wait()
         stop(feeds)
+
+
+def test_an_index_file_that_is_not_a_database_is_one_error_line_not_a_traceback(tmp_path):
+    ingest_with(tmp_path, {"w1": [event_line(0)]})
+    for extra in ("-wal", "-shm"):
+        index_path(tmp_path).with_name("events.sqlite" + extra).unlink(missing_ok=True)
+    index_path(tmp_path).write_bytes(b"\x1b[2J" + b"garbage" * 1000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "decnet.events.indexer", str(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "is not a usable index" in err and "delete it to rebuild" in err
+    assert "Traceback" not in err and err.count("\n") == 1

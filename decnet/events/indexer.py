@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     except EventIndexError as exc:
         _say(str(exc))
         return 1
+    except sqlite3.DatabaseError as exc:  # not a database at all (a file overwritten by hand)
+        _say(f"{index_path(args.ingest_dir)} is not a usable index ({exc}): delete it to rebuild")
+        return 1
     return 0
 
 
