@@ -156,3 +156,22 @@ def test_an_index_file_that_is_not_a_database_is_one_error_line_not_a_traceback(
     err = proc.stderr.decode()
     assert "is not a usable index" in err and "delete it to rebuild" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_follow_stops_with_a_clear_error_when_the_index_is_deleted(tmp_path):
+    ingest_with(tmp_path, {"w1": [event_line(0)]})
+    follow = subprocess.Popen(
+        [str(BIN / "decnet-admin"), "events", "--ingest", str(tmp_path), "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert b'"w1"' in follow.stdout.readline()  # following now
+        index_path(tmp_path).unlink()
+        _out, err = follow.communicate(timeout=60)
+        assert follow.returncode == 1
+        assert json.loads(err)["error"].endswith("while following: run the command again")
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()

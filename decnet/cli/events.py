@@ -225,4 +225,8 @@ async def follow(
             printer.rows(rows)
             after = rows[-1][0]
         if len(rows) < FOLLOW_BATCH:
+            if index.replaced():
+                raise EventIndexError(
+                    f"{index.path} was deleted or rebuilt while following: run the command again"
+                )
             await task.deferLater(reactor, FOLLOW_INTERVAL, lambda: None)

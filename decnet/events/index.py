@@ -127,6 +127,7 @@ class EventIndex:
         self.path = Path(path)
         self.readonly = readonly
         self.db = self._connect()
+        self.inode = os.stat(self.path).st_ino
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
@@ -183,6 +184,13 @@ class EventIndex:
             pass
         finally:
             fresh.unlink()
+
+    def replaced(self) -> bool:
+        """Whether the index file was deleted or replaced since this connection opened it."""
+        try:
+            return os.stat(self.path).st_ino != self.inode
+        except FileNotFoundError:
+            return True
 
     def close(self) -> None:
         self.db.close()
