@@ -187,6 +187,16 @@ def wait_rows(ingest: Path, want: int, interval: float = 0.2) -> None:
         time.sleep(interval)
 
 
+def feed_all(ingest: Path, ends: dict[str, int], index: bool) -> tuple[FeedProcess, float, float]:
+    """A feed process told every mirror end; it, when it started, and the seconds it took."""
+    feeds = FeedProcess(ingest, index)
+    t0 = time.perf_counter()
+    for w, end in ends.items():
+        feeds.tell(w, end)
+    feeds.wait(ends)
+    return feeds, t0, time.perf_counter() - t0
+
+
 def feed_rate(
     ingest: Path, data: dict[str, bytes], at_us: int, index: bool
 ) -> tuple[float, float, dict[str, float]]:
@@ -195,12 +205,7 @@ def feed_rate(
     ends = {w: write_mirror(ingest, w, d, at_us) for w, d in data.items()}
     lines = sum(d.count(b"\n") for d in data.values())
     before = rows(ingest)
-    feeds = FeedProcess(ingest, index)
-    t0 = time.perf_counter()
-    for w, end in ends.items():
-        feeds.tell(w, end)
-    feeds.wait(ends)
-    fed = time.perf_counter() - t0
+    feeds, t0, fed = feed_all(ingest, ends, index)
     fed_cpu = feeds.cpu()["feed"]
     indexed = float("nan")
     if index:
@@ -323,12 +328,7 @@ def main() -> int:
     print(f"mirrors written: {per_worker * args.workers:,} lines in "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     start_rows = rows(ingest)
-    feeds = FeedProcess(ingest, True)
-    t0 = time.perf_counter()
-    for w, end in ends.items():
-        feeds.tell(w, end)
-    feeds.wait(ends)
-    fed = time.perf_counter() - t0
+    feeds, t0, fed = feed_all(ingest, ends, True)
     total = start_rows + per_worker * args.workers
     wait_rows(ingest, total, 1.0)
     took = time.perf_counter() - t0

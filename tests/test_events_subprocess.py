@@ -175,3 +175,35 @@ def test_follow_stops_with_a_clear_error_when_the_index_is_deleted(tmp_path):
         if follow.poll() is None:
             follow.kill()
             follow.wait()
+
+
+def test_an_index_process_that_dies_is_started_again_after_a_backoff_and_catches_up(
+    tmp_path, capsys
+):
+    from decnet.events.indexer import IndexChild
+    from tests.events_support import build_feeds
+
+    commit(tmp_path, "w1", [event_line(i) for i in range(40)])
+    build_feeds(tmp_path)
+    length = storage.StreamFiles(tmp_path / "w1", "decnet").feed_path.stat().st_size
+    now = [0.0]
+    child = IndexChild(tmp_path, clock=lambda: now[0])
+    try:
+        child.start()
+        first = child.proc
+        first.kill()
+        first.wait()
+        child.tell("w1", "decnet", length)  # finds it dead: a restart in 0.5 s
+        assert child.proc is None and "index process exited (-9); restarting it" in (
+            capsys.readouterr().err
+        )
+        now[0] += 0.4
+        child.tell("w1", "decnet", length)
+        assert child.proc is None
+        now[0] += 0.1
+        child.tell("w1", "decnet", length)
+        assert child.proc is not None and child.proc.pid != first.pid
+        wait_for(lambda: indexed(tmp_path) == 40, what="the restarted index process")
+    finally:
+        child.close()
+    assert child.proc is None

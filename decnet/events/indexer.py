@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -32,16 +31,15 @@ from decnet import process
 from decnet.errors import EventIndexError
 from decnet.events.index import EventIndex, durable_feeds, index_path
 from decnet.listener import storage
-from decnet.listener.feedworker import encode_message, run_pipe
+from decnet.listener.feedworker import encode_message, lower_priority, run_pipe
 
 # Scheduling priority below its feed process's (which is below ingest): on a
 # saturated machine the feed (a durable copy) wins and the index catches up.
 INDEX_NICENESS = 5
 # How long indexing pauses after the index could not be written (a full disk).
 WRITE_RETRY = 5.0
-# A dead index process is started again after this long (doubling up to the maximum).
-RESTART_FIRST = 0.5
-RESTART_MAX = 30.0
+# A dead index process is started again after 0.5 s, doubling up to 30 s.
+RESTART = process.RestartPolicy(first=0.5, maximum=30.0)
 # How long a stopping feed process waits for its index process to finish a transaction.
 STOP_GRACE = 10.0
 
@@ -163,7 +161,7 @@ class IndexChild:
         self.lengths: dict[tuple[str, str], int] = {}
         self.unsent: set[tuple[str, str]] = set()
         self.restart_at = 0.0
-        self.delay = RESTART_FIRST
+        self.failures = 0
 
     def start(self) -> None:
         """Start it now (it catches up with every feed on disk without being told)."""
@@ -198,8 +196,8 @@ class IndexChild:
         if self.proc is not None:
             _say(f"index process exited ({self.proc.returncode}); restarting it")
             self.proc = None
-            self.restart_at = self.clock() + self.delay
-            self.delay = min(RESTART_MAX, self.delay * 2)
+            self.failures += 1
+            self.restart_at = self.clock() + RESTART.delay(self.failures)
         if self.clock() < self.restart_at:
             return None
         try:
@@ -213,7 +211,8 @@ class IndexChild:
             )
         except OSError as exc:
             _say(f"cannot start the index process: {exc}")
-            self.restart_at = self.clock() + self.delay
+            self.failures += 1
+            self.restart_at = self.clock() + RESTART.delay(self.failures)
             return None
         if self.proc.stdin is not None:
             os.set_blocking(self.proc.stdin.fileno(), False)
@@ -242,12 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decnet.events.indexer")
     parser.add_argument("ingest_dir", type=Path)
     args = parser.parse_args(argv)
-    # Its life is its feed process's (stdin).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.nice(INDEX_NICENESS)
-    except OSError:
-        pass
+    lower_priority(INDEX_NICENESS)
     try:
         serve(args.ingest_dir)
     except EventIndexError as exc:

@@ -162,6 +162,19 @@ def serve(
             indexer.close()
 
 
+def lower_priority(niceness: int) -> None:
+    """Set up a pipe-driven worker process: ``nice`` it, and ignore Ctrl-C.
+
+    Its life is its parent's: it stops when its stdin closes, not on a Ctrl-C
+    meant for the listener's terminal (which reaches the whole process group).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(niceness)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decnet.listener.feedworker")
     parser.add_argument("ingest_dir", type=Path)
@@ -169,13 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-open", type=int, default=DEFAULT_MAX_OPEN_FEEDS)
     parser.add_argument("--no-index", action="store_true", help="do not keep events.sqlite")
     args = parser.parse_args(argv)
-    # Its life is the listener's: it stops when its stdin closes, not on a
-    # Ctrl-C meant for the listener's terminal (which also reaches it).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.nice(FEED_NICENESS)
-    except OSError:
-        pass
+    lower_priority(FEED_NICENESS)
     try:
         serve(
             args.ingest_dir,
