@@ -235,7 +235,7 @@ def follow_latency(ingest: Path, samples: int) -> list[float]:
     feeds = FeedProcess(ingest, True)
     follow = subprocess.Popen(
         [str(BIN / "decnet-admin"), "events", "--ingest", str(ingest), "--follow", "--json",
-         "--worker", "live", "--limit", "0"],
+         "--worker", "live", "--limit", "1"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
     out: list[tuple[float, str]] = []
@@ -254,17 +254,18 @@ def follow_latency(ingest: Path, samples: int) -> list[float]:
     latencies = []
     try:
         for i in range(samples):
+            token = f"live{os.getpid()}x{i}"  # (a kept --dir has earlier runs' lines)
             line = (TEMPLATE % (iso(time.time_ns() // 1000), "decky-0", "ssh", "login", i,
-                                "192.0.2.1", 1, "root", f"live{i}")).encode()  # fmt: skip
+                                "192.0.2.1", 1, "root", token)).encode()  # fmt: skip
             end += len(line)
             files.commit(line, [storage.IndexRecord(end, end, time.time_ns() // 1000)])
             t0 = time.perf_counter()  # durable on the "listener"
             feeds.tell("live", end)
             with got:
-                if not got.wait_for(lambda i=i: any(f'live{i}"' in t for _, t in out), 10):
+                if not got.wait_for(lambda k=token: any(f'{k}"' in t for _, t in out), 10):
                     print(f"  sample {i}: not printed within 10 s")
                     continue
-                t1 = next(t for t, text in out if f'live{i}"' in text)
+                t1 = next(t for t, text in out if f'{token}"' in text)
             latencies.append(t1 - t0)
             time.sleep(0.1)
     finally:
@@ -275,28 +276,11 @@ def follow_latency(ingest: Path, samples: int) -> list[float]:
     return latencies
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=5_000_000)
-    parser.add_argument("--workers", type=int, default=50)
-    parser.add_argument("--feed-lines", type=int, default=500_000, help="per feed-rate run")
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--follow", type=int, default=100)
-    parser.add_argument("--dir", type=Path, default=None, help="keep the ingest here")
-    args = parser.parse_args()
-    rng = random.Random(5)
-    pool = attackers(rng)
-    root = Path(tempfile.mkdtemp(prefix="decnet-bench-events-")) if args.dir is None else args.dir
-    ingest = root / "ingest"
-    ingest.mkdir(parents=True, exist_ok=True)
-    now = time.time_ns() // 1000
+def feed_rates(root: Path, rng: random.Random, pool: list[str], now: int, lines: int) -> None:
+    """Four runs of ``lines / 2`` fresh lines (two workers each), alternating with and
+    without the index, so that a change of the machine's load hits both alike."""
     day = 86_400 * 1_000_000
-    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ingest in {ingest}")
-
-    # 1. The feed with and without the index beside it: same shape, fresh lines.
-    # Four runs of --feed-lines / 2 fresh lines (two workers each), alternating
-    # with and without the index, so that a change of the machine's load hits both.
-    per = args.feed_lines // 4  # lines per worker per run
+    per = lines // 4  # lines per worker per run
     runs: dict[bool, list[tuple[float, float, dict[str, float]]]] = {True: [], False: []}
     for k, index in enumerate((True, False, False, True)):
         data = {f"feed-{j}": mirror_lines(rng, per, now - day, day, pool) for j in range(2)}
@@ -315,6 +299,30 @@ def main() -> int:
           f"(best of each, wall clock); the feed process's CPU per line: "
           f"{feed_cpu[True]:.1f} vs {feed_cpu[False]:.1f} µs "
           f"({100 * (feed_cpu[True] / feed_cpu[False] - 1):+.1f}%)")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=5_000_000)
+    parser.add_argument("--workers", type=int, default=50)
+    parser.add_argument("--feed-lines", type=int, default=500_000, help="per feed-rate run")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--follow", type=int, default=100)
+    parser.add_argument("--dir", type=Path, default=None, help="keep the ingest here")
+    parser.add_argument("--skip-rates", action="store_true", help="skip the feed-rate runs")
+    args = parser.parse_args()
+    rng = random.Random(5)
+    pool = attackers(rng)
+    root = Path(tempfile.mkdtemp(prefix="decnet-bench-events-")) if args.dir is None else args.dir
+    ingest = root / "ingest"
+    ingest.mkdir(parents=True, exist_ok=True)
+    now = time.time_ns() // 1000
+    day = 86_400 * 1_000_000
+    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ingest in {ingest}")
+
+    # 1. The feed with and without the index beside it: same shape, fresh lines.
+    if not args.skip_rates:
+        feed_rates(root, rng, pool, now, args.feed_lines)
 
     # 2. Index --events in all (the feed-rate lines count).
     remaining = args.events - rows(ingest)  # (a kept --dir already has them)
