@@ -220,3 +220,11 @@ class RenewalFailed(DecnetError):
 
 class SandboxError(DecnetError):
     """The local sandbox (``decnet-admin sandbox``) could not start, be inspected or stop."""
+
+
+class FilterError(ValidationError):
+    """A ``decnet-admin events`` filter does not parse (a bad CIDR, duration or time)."""
+
+
+class EventIndexError(DecnetError):
+    """The event index (``<ingest>/events.sqlite``) is missing, unreadable or inconsistent."""

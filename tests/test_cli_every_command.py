@@ -74,6 +74,7 @@ def sample_arguments(tmp: Path, spec: Path) -> dict[str, list[str]]:
         "listeners list": [],
         "bundle refresh": ["w1", "--timeout", "10"],
         "renew": ["w1", "--timeout", "10"],
+        "events": ["--limit", "5"],
     }
 
 

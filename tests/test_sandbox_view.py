@@ -179,8 +179,8 @@ def test_the_live_view_prints_a_table_then_an_event_header_once_per_table():
         "w1      127.0.1.1  up     r1       3        7/7        0 B",
         "",
     ]
-    header = "TIME (UTC)    WORKER  DECKY       SERVICE     EVENT       DETAILS"
-    event = "03:04:05.250  w1      -           -           x"
+    header = "TIME (UTC)    WORKER  DECKY       SERVICE     EVENT       SRC              DETAILS"
+    event = "03:04:05.250  w1      -           -           x           -"
     assert lines == [*table, header, event, event, *table, header, event]
 
 

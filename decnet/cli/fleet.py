@@ -23,9 +23,10 @@ from twisted.internet import defer
 
 from decnet.cli import output
 from decnet.cli.arguments import command, duration, json_flag, timeout_option
+from decnet.cli.eventview import event_header, event_line
 from decnet.cli.expiry import expiry_fields, expiry_warning
 from decnet.cli.runtime import budget, run_async
-from decnet.cli.sandbox_live import event_header, event_line, host_table, last_seen, log_lag
+from decnet.cli.sandbox_live import host_table, last_seen, log_lag
 from decnet.listener.workers import LogHealth, log_health, read_state, state_path
 from decnet.master import health as rules
 from decnet.master.registry import Host

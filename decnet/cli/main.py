@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from decnet import __version__, config
-from decnet.cli import agents, fleet, hosts, listeners, output, renew, sandbox, updates
+from decnet.cli import agents, events, fleet, hosts, listeners, output, renew, sandbox, updates
 from decnet.cli.arguments import HelpFormatter
 from decnet.cli.runtime import (
     INTERRUPTED,
@@ -26,7 +26,7 @@ from decnet.cli.runtime import (
 from decnet.errors import DecnetError
 
 # Each module adds its sub-commands with register(subparsers).
-COMMAND_MODULES = [hosts, agents, fleet, updates, renew, listeners, sandbox]
+COMMAND_MODULES = [hosts, agents, fleet, events, updates, renew, listeners, sandbox]
 
 USAGE_ERROR = 2  # argparse's exit code for a bad command line
 

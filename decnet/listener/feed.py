@@ -606,6 +606,11 @@ class FeedBuilder:
             self._done[key] = writer.position.mirror_pos
             writer.close()
 
+    def feed_length(self, worker: str, stream: str) -> int | None:
+        """The durable feed length of an open stream (``None`` if it is not open)."""
+        writer = self._writers.get((worker, stream))
+        return None if writer is None else writer.position.feed_len
+
     def open_feeds(self) -> int:
         """How many feeds have their files open."""
         return len(self._writers)

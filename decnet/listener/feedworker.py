@@ -33,6 +33,7 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def decode_messages(buffer: bytearray) -> list[dict]:
     lines = bytes(buffer[:end]).split(b"\n")[:-1]
     del buffer[:end]
     return [json.loads(line) for line in lines]
+
+
+def run_pipe(
+    stdin: int,
+    wait: Callable[[], float | None],
+    receive: Callable[[dict], object],
+    step: Callable[[], object],
+) -> None:
+    """The loop of a pipe-driven worker process, until ``stdin`` closes.  Blocking.
+
+    Each turn hands every complete message that arrived to ``receive``, then
+    does one ``step``; ``wait()`` is how long to wait for input first (0 while
+    there is work, ``None``: until input comes).
+    """
+    pending = bytearray()
+    while True:
+        readable, _, _ = select.select([stdin], [], [], wait())
+        if readable:
+            data = os.read(stdin, 1 << 16)
+            if not data:
+                return
+            pending += data
+            for message in decode_messages(pending):
+                receive(message)
+        step()
 
 
 def _encoder_started(parent: int) -> None:
@@ -91,17 +117,29 @@ def serve(
     stdout: int = 1,
     encoders: int = 1,
     max_open: int = DEFAULT_MAX_OPEN_FEEDS,
+    index: bool = True,
 ) -> None:
     """Build feeds as targets arrive on ``stdin`` until it closes.  Blocking.
 
     With ``encoders`` > 1 the lines of each step are encoded by that many
     processes in parallel (the step is still written, fsynced and recorded
     as one, in order, by this process).  At most ``max_open`` feeds keep
-    their files open (least recently used closed first).
+    their files open (least recently used closed first).  With ``index``,
+    an index process (:mod:`decnet.events.indexer`) is told every durable
+    feed length and keeps ``events.sqlite`` up to them.
     """
+    from decnet.events.indexer import IndexChild  # (it imports this module)
+
+    indexer = IndexChild(directory) if index else None
+    if indexer is not None:
+        indexer.start()
 
     def report(message: dict) -> None:
         os.write(stdout, encode_message(message))
+        if indexer is not None and "pos" in message:
+            length = builder.feed_length(message["worker"], message["stream"])
+            if length is not None:
+                indexer.tell(message["worker"], message["stream"], length)
 
     pool = (
         ProcessPoolExecutor(encoders, initializer=_encoder_started, initargs=(os.getpid(),))
@@ -109,23 +147,32 @@ def serve(
         else None
     )
     builder = FeedBuilder(directory, report, pool=pool, max_open=max_open)
-    pending = bytearray()
     try:
-        while True:
-            timeout = 0.0 if builder.has_work() else builder.retry_delay()
-            readable, _, _ = select.select([stdin], [], [], timeout)
-            if readable:
-                data = os.read(stdin, 1 << 16)
-                if not data:
-                    return
-                pending += data
-                for message in decode_messages(pending):
-                    builder.target(message["worker"], message["stream"], int(message["end"]))
-            builder.step()
+        run_pipe(
+            stdin,
+            lambda: 0.0 if builder.has_work() else builder.retry_delay(),
+            lambda m: builder.target(m["worker"], m["stream"], int(m["end"])),
+            builder.step,
+        )
     finally:
         builder.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if indexer is not None:
+            indexer.close()
+
+
+def lower_priority(niceness: int) -> None:
+    """Set up a pipe-driven worker process: ``nice`` it, and ignore Ctrl-C.
+
+    Its life is its parent's: it stops when its stdin closes, not on a Ctrl-C
+    meant for the listener's terminal (which reaches the whole process group).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(niceness)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,16 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ingest_dir", type=Path)
     parser.add_argument("--encoders", type=int, default=default_encoders())
     parser.add_argument("--max-open", type=int, default=DEFAULT_MAX_OPEN_FEEDS)
+    parser.add_argument("--no-index", action="store_true", help="do not keep events.sqlite")
     args = parser.parse_args(argv)
-    # Its life is the listener's: it stops when its stdin closes, not on a
-    # Ctrl-C meant for the listener's terminal (which also reaches it).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lower_priority(FEED_NICENESS)
     try:
-        os.nice(FEED_NICENESS)
-    except OSError:
-        pass
-    try:
-        serve(args.ingest_dir, encoders=args.encoders, max_open=max(1, args.max_open))
+        serve(
+            args.ingest_dir,
+            encoders=args.encoders,
+            max_open=max(1, args.max_open),
+            index=not args.no_index,
+        )
     except BrokenPipeError:
         pass  # the listener is gone; every finished step is durable
     return 0

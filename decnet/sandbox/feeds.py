@@ -12,6 +12,10 @@ import json
 import os
 from pathlib import Path
 
+from decnet.events.query import event_params
+
+__all__ = ["FeedTail", "event_params", "parse_entries", "size_of", "split_lines"]
+
 READ_LIMIT = 4 * 1024 * 1024  # at most this much of one feed per read
 
 
@@ -83,18 +87,6 @@ def size_of(path: Path) -> int | None:
 def sizes(paths: dict[str, tuple[Path, Path]]) -> dict[str, tuple[int | None, int | None]]:
     """``{worker: (decoy log size, mirror size)}`` for the log lag column."""
     return {name: (size_of(local), size_of(mirror)) for name, (local, mirror) in paths.items()}
-
-
-def event_params(entry: dict) -> dict[str, str]:
-    """The ``decnet@…`` parameters of a feed entry (first value of each name)."""
-    params: dict[str, str] = {}
-    for element in entry.get("structured_data") or ():
-        if not str(element.get("id", "")).startswith("decnet@"):
-            continue
-        for pair in element.get("params") or ():
-            if len(pair) == 2:
-                params.setdefault(str(pair[0]), str(pair[1]))
-    return params
 
 
 def entry_order(entry: dict) -> tuple:

@@ -224,7 +224,7 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
             20,
             what=f"{worker}'s log at the master",
         )
-    ingest = d / "master" / "ingest"
+    ingest = d / "master" / "ingest"  # (and the event index, events.sqlite)
     assert sorted(p.name for p in ingest.iterdir() if p.is_dir()) == list(WORKERS)
     # ... and the listener's per-worker state (workers.json) knows exactly these workers.
     assert sorted(read_state(state_path(ingest))["workers"]) == list(WORKERS)
