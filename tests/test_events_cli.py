@@ -114,6 +114,8 @@ def test_a_missing_index_is_an_error_that_says_what_builds_it(tmp_path, capsys):
 
 
 def test_the_ingest_directory_defaults_to_the_master_home(tmp_path, capsys):
+    assert main(["--home", str(tmp_path / "home"), "init"]) == 0
+    capsys.readouterr()
     ingest_with(tmp_path / "home" / "ingest", {"w9": [event_line(0)]})
     code = main(["--home", str(tmp_path / "home"), "events", "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["source_worker"] == "w9"

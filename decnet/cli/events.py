@@ -142,6 +142,9 @@ class Printer:
         self.header_shown = as_json
 
     def rows(self, rows: list[tuple[int, str]]) -> None:
+        if self.as_json and self.stream is sys.stdout:
+            output.print_json_lines([ascii_json(line) for _id, line in rows])
+            return
         out: list[str] = []
         if not self.header_shown:
             out.append(output.printable(eventview.event_header(dated=True)))

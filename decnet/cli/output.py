@@ -200,6 +200,13 @@ def print_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_lines(lines: Sequence[str]) -> None:
+    """JSON texts already encoded (ASCII only, one per line) as NDJSON records on stdout."""
+    _mode.documents += len(lines)
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+
+
 def print_ndjson(doc, stream=None) -> None:
     """``doc`` as one line of ASCII-only JSON (NDJSON for streaming commands)."""
     stream = stream or sys.stdout
