@@ -294,6 +294,7 @@ UPDATER_HEALTH = Obj(
     optional={
         "version": OPT_TEXT,
         "release": OPT_TEXT,
+        "current": OPT_TEXT,
         "busy": OPT_TEXT,
         "phase": OPT_TEXT,
         "agent": Free(),

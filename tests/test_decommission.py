@@ -161,7 +161,7 @@ def test_repeated_refusal_alerts_after_the_handshake_are_explained_once_then_qui
     factory.state_listeners.append(lambda state, detail: states.append(detail))
     with LogCapture() as logs:
         for _ in range(10):
-            proto = SimpleNamespace(mode="ack")
+            proto = SimpleNamespace(mode="ack", refusal=None)
             factory.connected(proto, "acknowledged")
             factory.disconnected(proto, _alert("tlsv1 alert internal error"))
     text = logs.text()
@@ -174,7 +174,9 @@ def test_repeated_refusal_alerts_in_the_handshake_are_explained_once():
     factory = _factory()
     with LogCapture() as logs:
         for _ in range(10):
-            factory.disconnected(SimpleNamespace(mode=None), _alert("sslv3 alert bad certificate"))
+            factory.disconnected(
+                SimpleNamespace(mode=None, refusal=None), _alert("sslv3 alert bad certificate")
+            )
     assert logs.text().count(SAID) == 1
 
 
@@ -182,8 +184,10 @@ def test_other_failures_are_never_taken_for_a_revocation():
     factory = _factory()
     with LogCapture() as logs:
         for _ in range(10):
-            factory.disconnected(SimpleNamespace(mode=None), Failure(ConnectionRefusedError()))
-            proto = SimpleNamespace(mode="ack")
+            factory.disconnected(
+                SimpleNamespace(mode=None, refusal=None), Failure(ConnectionRefusedError())
+            )
+            proto = SimpleNamespace(mode="ack", refusal=None)
             factory.disconnected(proto, _alert("decryption failed or bad record mac"))
     assert SAID not in logs.text()
 
@@ -192,8 +196,12 @@ def test_once_the_master_admits_the_worker_a_later_refusal_is_explained_again():
     factory = _factory()
     with LogCapture() as logs:
         for _ in range(REFUSED_AFTER):
-            factory.disconnected(SimpleNamespace(mode="ack"), _alert("tlsv1 alert internal error"))
+            factory.disconnected(
+                SimpleNamespace(mode="ack", refusal=None), _alert("tlsv1 alert internal error")
+            )
         factory.admitted()
         for _ in range(REFUSED_AFTER):
-            factory.disconnected(SimpleNamespace(mode="ack"), _alert("tlsv1 alert internal error"))
+            factory.disconnected(
+                SimpleNamespace(mode="ack", refusal=None), _alert("tlsv1 alert internal error")
+            )
     assert logs.text().count(SAID) == 2

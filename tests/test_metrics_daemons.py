@@ -173,9 +173,11 @@ def test_a_metrics_port_already_taken_fails_start_up_like_the_main_port():
             daemon_registry("agent", None),
             inline_runner,
         )
-        with LogCapture() as logs, pytest.raises(Exception, match="Address already in use"):
+        with LogCapture() as logs, pytest.raises(SystemExit) as stopped:
             service.privilegedStartService()
+    assert stopped.value.code == 1  # one line, no traceback, as for the main port
     assert "Cannot listen on" in logs.text() and "Prometheus scrapes" in logs.text()
+    assert "Address already in use" in logs.text()
     assert service.port is None
 
 

@@ -110,15 +110,29 @@ class World:
         )
 
     def run_block(self, block: str, spec: Path) -> subprocess.CompletedProcess:
+        """Run ``block``; meanwhile do what the updater's unit control would (start the
+        forwarder once a release is current), as ``check --wait`` expects."""
         script = self.preamble() + "\n" + self.substituted(block, spec)
-        return subprocess.run(
+        with subprocess.Popen(
             ["bash", "-euo", "pipefail", "-c", script],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=self.env(),
             cwd=self.base,
-            timeout=600,
-        )
+        ) as process:
+            out: list[str] = []
+
+            def ended() -> bool:
+                self.start_forwarder_once_a_release_is_current()
+                try:
+                    out.extend(process.communicate(timeout=0.2))
+                except subprocess.TimeoutExpired:
+                    return False
+                return True
+
+            wait_for(ended, 600, interval=0.0, what="the walkthrough block")
+            return subprocess.CompletedProcess(process.args, process.returncode, *out)
 
     # -- systemd, played ------------------------------------------------------
 

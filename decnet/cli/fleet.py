@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from decnet.cli import output
 from decnet.cli.arguments import command, duration, json_flag, timeout_option
@@ -34,11 +34,14 @@ from decnet.sandbox import report
 
 DEFAULT_STALE = 300.0
 
+WAIT_INTERVAL = 1.0  # seconds between two probe rounds of check --wait
+
 CHECK_EXAMPLES = [
     "decnet-admin check   # every enrolled host",
     "decnet-admin check web-01 db-01   # only these",
     "decnet-admin check --stale 2m --json   # flag workers silent for 2 minutes; JSON",
     "decnet-admin check || page-oncall   # exit 1: degraded, exit 2: unreachable",
+    "decnet-admin update --all && decnet-admin check --wait 1m   # until the forwarders connect",
 ]
 
 
@@ -71,11 +74,20 @@ def register(sub, parents) -> None:
         "the agent's /health and /status (a failed decoy service makes the host degraded), "
         "the updater's /health and release, and the log listener's state (LAST SEEN, LOG "
         "LAG). Records active/unreachable in the registry. Exits 0 when every host is "
-        "healthy, 1 when any is degraded, 2 when any is unreachable.",
+        "healthy, 1 when any is degraded, 2 when any is unreachable. The --timeout is per "
+        "probe round with --wait.",
         examples=CHECK_EXAMPLES,
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="host names (default: every host)")
     stale_option(p)
+    p.add_argument(
+        "--wait",
+        type=duration,
+        default=0.0,
+        metavar="DURATION",
+        help="probe again until every host is healthy or DURATION has passed, then report "
+        "(after an update, while the forwarder connects; default: report the first probe)",
+    )
     json_flag(p, "one JSON list, a verdict and its problems per host")
     timeout_option(
         p,
@@ -165,42 +177,70 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             output.line("No hosts enrolled yet (use `decnet-admin enroll`).")
         return 0
-    logs = log_healths(ingest_dir(args), [h.name for h in hosts], args.stale)
 
     async def main(reactor) -> int:
-        from decnet.master.agent_client import Probe, check_hosts
-
-        now = time.time()
-        arrived = lambda result: None  # noqa: E731
-        if not args.json:
-            widths = (max(len(h.name) for h in hosts), max(len(h.address) for h in hosts))
-            table = output.StreamTable(CHECK_HEADERS, (*widths, 9, 12, 7, 12, 12, 8))
-            arrived = lambda result: table.row(check_row(result, now))  # noqa: E731
-        results = await check_hosts(
-            reactor,
-            ctx.identity,
-            ctx.registry,
-            hosts,
-            revocations=ctx.revocations,
-            timeout=budget(args.timeout),
-            arrived=arrived,
-            probe=Probe(logs=logs, now=now, stale=args.stale),
-        )
-        code = rules.exit_code(r.verdict for r in results)
-        by_name = {h.name: h for h in hosts}
-        if args.json:
-            output.print_json(
-                [{**r.as_dict(), **expiry_fields(by_name[r.name], now)} for r in results]
-            )
+        if args.wait:
+            now, results = await _wait_healthy(reactor, ctx, hosts, args)
+            if not args.json:
+                table = _check_table(hosts)
+                for result in results:
+                    table.row(check_row(result, now))
         else:
-            output.line(summary(results))
-            for host in hosts:
-                warning = expiry_warning(host, now)
-                if warning is not None:
-                    output.line(f"warning: {warning}", sys.stderr)
-        return code
+            arrived = lambda result: None  # noqa: E731
+            if not args.json:
+                table = _check_table(hosts)
+                arrived = lambda result: table.row(check_row(result, time.time()))  # noqa: E731
+            now, results = await _probe_round(reactor, ctx, hosts, args, arrived)
+        return _report_check(args, hosts, results, now)
 
     return run_async(main)
+
+
+def _check_table(hosts) -> output.StreamTable:
+    widths = (max(len(h.name) for h in hosts), max(len(h.address) for h in hosts))
+    return output.StreamTable(CHECK_HEADERS, (*widths, 9, 12, 7, 12, 12, 8))
+
+
+async def _probe_round(reactor, ctx, hosts, args, arrived) -> tuple[float, list]:
+    """One probe of every host (agent, updater, the listener's state): (when, results)."""
+    from decnet.master.agent_client import Probe, check_hosts
+
+    now = time.time()
+    logs = log_healths(ingest_dir(args), [h.name for h in hosts], args.stale)
+    results = await check_hosts(
+        reactor,
+        ctx.identity,
+        ctx.registry,
+        hosts,
+        revocations=ctx.revocations,
+        timeout=args.timeout if args.wait else budget(args.timeout),
+        arrived=arrived,
+        probe=Probe(logs=logs, now=now, stale=args.stale),
+    )
+    return now, results
+
+
+async def _wait_healthy(reactor, ctx, hosts, args) -> tuple[float, list]:
+    """``--wait``: probe again every :data:`WAIT_INTERVAL` until all are healthy or time is up."""
+    give_up = time.monotonic() + args.wait
+    while True:
+        now, results = await _probe_round(reactor, ctx, hosts, args, lambda result: None)
+        if rules.exit_code(r.verdict for r in results) == 0 or time.monotonic() >= give_up:
+            return now, results
+        await task.deferLater(reactor, WAIT_INTERVAL, lambda: None)
+
+
+def _report_check(args: argparse.Namespace, hosts, results, now: float) -> int:
+    by_name = {h.name: h for h in hosts}
+    if args.json:
+        output.print_json([{**r.as_dict(), **expiry_fields(by_name[r.name], now)} for r in results])
+    else:
+        output.line(summary(results))
+        for host in hosts:
+            warning = expiry_warning(host, now)
+            if warning is not None:
+                output.line(f"warning: {warning}", sys.stderr)
+    return rules.exit_code(r.verdict for r in results)
 
 
 def summary(results) -> str:

@@ -372,10 +372,15 @@ class Publisher:
         self.tasks: set[asyncio.Task] = set()
         self.rounds = asyncio.Semaphore(MAX_ROUNDS)
         self.last_error: str | None = None
+        # The broker's refusal of our credentials, if it said so on any attempt (a later
+        # attempt may only see the connection reset that follows it).
+        self.refused: str | None = None
         self.closing = False
 
     async def _error_cb(self, exc: Exception) -> None:
         self.last_error = str(exc) or type(exc).__name__
+        if _is_auth_refusal(self.last_error):
+            self.refused = self.last_error
 
     async def _disconnected(self) -> None:
         if not self.closing:
@@ -409,9 +414,10 @@ class Publisher:
             self.nc = await nats.connect(**options)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             reason = self.last_error or str(exc) or type(exc).__name__
-            where = ",".join(self.args.servers)
-            if "authorization" in reason.lower() or "authentication" in reason.lower():
-                raise Fatal(f"the broker at {where} refused our credentials: {reason}") from None
+            where = ",".join(_without_userinfo(url) for url in self.args.servers)
+            if self.refused is not None or _is_auth_refusal(reason):
+                refusal = self.refused or reason
+                raise Fatal(f"the broker at {where} refused our credentials: {refusal}") from None
             raise Fatal(f"cannot reach the broker at {where}: {reason}", EXIT_UNREACHABLE) from None
         # Connected once: from now on reconnect for ever (the listener holds
         # its acknowledgements meanwhile).
@@ -644,6 +650,18 @@ def main(argv: list[str] | None = None) -> int:
         reporter.send({"fatal": str(exc), "code": exc.code})
         sys.stderr.write(f"publisher: {exc}\n")
         return exc.code
+
+
+def _is_auth_refusal(reason: str) -> bool:
+    return "authorization" in reason.lower() or "authentication" in reason.lower()
+
+
+def _without_userinfo(url: str) -> str:
+    """``nats://user:password@host:port`` as ``nats://host:port``: a password is never logged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.rpartition("@")[2]
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 if __name__ == "__main__":

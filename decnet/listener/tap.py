@@ -35,7 +35,8 @@ class Options(DaemonOptions):
         "committed batch and event also goes into NATS JetStream, and forwarders are "
         "acknowledged once JetStream stored their data (docs/Scale-Out.md).  Example: "
         "twistd -n decnet-listener --publish nats://10.0.0.5:4222,nats://10.0.0.6:4222 "
-        "--nats-tls-ca /etc/decnet/nats-ca.pem --nats-creds /etc/decnet/listener.creds "
+        "--nats-tls-ca /var/lib/decnet-master/listener/nats-ca.pem "
+        "--nats-creds /var/lib/decnet-master/listener/nats.creds "
         "--nats-replicas 3" + "  " + metrics_epilog("listener")
     )
     optParameters: ClassVar[list] = [

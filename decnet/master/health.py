@@ -78,11 +78,13 @@ def updater_health(
         return UpdaterHealth(UPDATER_NONE, detail="enrolled without an updater")
     if reply is None:
         return UpdaterHealth(UPDATER_DOWN, detail=error or "no answer")
+    # ``current``: the agent's release; updaters before it named only their own (``release``).
+    current = reply.get("current", reply.get("release"))
     if reply["status"] != "ok":
-        return UpdaterHealth(UPDATER_DOWN, reply.get("release"), f"status {reply['status']!r}")
-    if not reply.get("release"):
+        return UpdaterHealth(UPDATER_DOWN, current, f"status {reply['status']!r}")
+    if not current:
         return UpdaterHealth(UPDATER_WAITING, None, WAITING_TEXT)
-    return UpdaterHealth(UPDATER_UP, reply["release"])
+    return UpdaterHealth(UPDATER_UP, current)
 
 
 def duration(seconds: float) -> str:

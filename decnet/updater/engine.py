@@ -136,6 +136,7 @@ class Updater:
         self.restart_self = restart_self
         self.restart_delay = restart_delay
         self.ready = False
+        self.agent_release: str | None = None
         self.busy: str | None = None
         # What the operation in flight is doing (GET /health): the master shows it as progress.
         self.phase: str | None = None
@@ -206,6 +207,7 @@ class Updater:
             await self.agent.shutdown()
         else:
             await self.agent.start(current)
+        self.agent_release = current.name if current else None
         self.ready = True
         self.log.info(
             "Updater ready: agent release {release}, updater release {own}",
@@ -223,6 +225,7 @@ class Updater:
             "status": "ok" if self.ready else "starting",
             "version": __version__,
             "release": self.own_release,
+            "current": self.agent_release,  # the agent's release (None: none installed yet)
             "busy": self.busy,
             "phase": self.phase,
             "agent": self.agent.describe(),
@@ -441,10 +444,15 @@ class Updater:
                 self.log.failure("Activating {release} crashed", release=release)
             raise await self._revert(release, previous, exc, install_output) from None
         await self._thread(self.store.commit)
-        await self._prune(self.store)
+        await self._settle()
         self.log.info("Release {release} is current and healthy", release=release)
         await self.agent.release_ready()
         return health
+
+    async def _settle(self) -> None:
+        """After ``current`` moved or was confirmed: prune, and remember what the agent runs."""
+        await self._prune(self.store)
+        self.agent_release = await self._thread(self.store.current)
 
     async def _prune(self, store: ReleaseStore) -> None:
         """Keep ``--keep`` releases: failed ones go first; current, previous good and
@@ -489,7 +497,7 @@ class Updater:
             if not isinstance(exc, HealthCheckFailed | AgentControlFailed):
                 self.log.failure("Going back to {previous} crashed", previous=previous)
             await self._thread(self.store.finish_revert)
-            await self._prune(self.store)
+            await self._settle()
             return RollbackFailed(
                 f"release {release} failed ({cause}) and the previous release {previous} "
                 f"did not come back healthy either ({exc})",
@@ -500,7 +508,7 @@ class Updater:
                 output={**output, "rollback": await self.agent.recent_output()},
             )
         await self._thread(self.store.finish_revert)
-        await self._prune(self.store)
+        await self._settle()
         if previous is None:
             return HealthCheckFailed(
                 f"release {release} failed ({cause}); there was no previous release to go "
