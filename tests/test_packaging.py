@@ -61,6 +61,9 @@ def test_the_wheel_ships_the_plugin_but_never_a_twisted_package(wheel):
     assert "decnet/__init__.py" in names and "decnet/tls.py" in names
     assert not [n for n in names if n.endswith((".key", ".pem", ".sqlite", "dropin.cache"))]
     assert not [n for n in names if n.startswith("tests/")]
+    # Every module of every package of the checkout is in the wheel (setup.cfg lists packages).
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "decnet").rglob("*.py")}
+    assert not sorted(modules - names), "add the package to setup.cfg's packages"
 
 
 def test_the_repository_has_no_twisted_package_files():

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -62,6 +63,9 @@ def run_async(fn: Command) -> int:
         d = defer.ensureDeferred(fn(reactor))
         return d.addBoth(lambda result: outcome.append(result or 0))
 
+    # Ctrl-C (or kill -INT) stops every command, even one started from a shell that
+    # ignores SIGINT for its background jobs: Twisted only handles a default SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         task.react(main)
     except SystemExit:
