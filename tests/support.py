@@ -513,3 +513,37 @@ def ensure_wheelhouse() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decnet-tests"
     cache.mkdir(parents=True, exist_ok=True)
     return wheelhouse.build(REPO_ROOT, cache)
+
+
+async def started_agent(bundle_dir: Path, tmp_path: Path, **kw):
+    """A real AgentService of the bundle in ``bundle_dir`` on a loopback port, started and
+    restored (the caller stops it); ``service.port`` is the port its API listens on."""
+    from twisted.internet import reactor
+
+    from decnet.agent.service import AgentService
+
+    bundle = pki.WorkerBundle.load(bundle_dir)
+    service = AgentService(
+        reactor,
+        bundle=bundle,
+        identity=TLSIdentity.from_bundle(bundle, "worker"),
+        listen="tcp:0:interface=127.0.0.1",
+        state_dir=tmp_path / "state",
+        log_file=tmp_path / "decnet.log",
+        **kw,
+    )
+    service.startService()
+    service.port = (await service.api.ready).getHost().port
+    await service.restored
+    return service
+
+
+async def admin_output(home: Path, *args: str) -> tuple[str, str, int]:
+    """``decnet-admin --home HOME ARGS`` without blocking the reactor: (stdout, stderr, code)."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
+    out, err, code = await getProcessOutputAndValue(
+        str(BIN / "decnet-admin"), ["--home", str(home), *args], env=env
+    )
+    return out.decode(), err.decode(), code

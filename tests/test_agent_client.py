@@ -9,7 +9,6 @@ from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
 from decnet import config, pki
-from decnet.agent.service import AgentService
 from decnet.errors import (
     FingerprintMismatch,
     HostDecommissioned,
@@ -22,7 +21,7 @@ from decnet.master.agent_client import AgentClient, check_hosts
 from decnet.master.registry import Registry
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
-from tests.support import raw_connect, write_identity
+from tests.support import raw_connect, started_agent, write_identity
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +49,8 @@ def identities(master_home, worker, ca, foreign_ca, tmp_path_factory):
 
 @pytest_twisted.async_yield_fixture
 async def agent(worker, tmp_path):
-    bundle = pki.WorkerBundle.load(worker.bundle_dir)
-    service = AgentService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listen="tcp:0:interface=127.0.0.1",
-        state_dir=tmp_path / "state",
-        log_file=tmp_path / "decnet.log",
-        port_file=tmp_path / "agent.port",
-    )
-    service.startService()
-    port = await service.api.ready
-    await service.restored
-    service.host = attrs.evolve(worker.host, agent_port=port.getHost().port)
+    service = await started_agent(worker.bundle_dir, tmp_path, port_file=tmp_path / "agent.port")
+    service.host = attrs.evolve(worker.host, agent_port=service.port)
     yield service
     await service.stopService()
 

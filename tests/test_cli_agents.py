@@ -5,19 +5,14 @@ this test's reactor, which serves the agent.
 """
 
 import json
-import os
 import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
-from decnet import config, pki
-from decnet.agent.service import AgentService
+from decnet import config
 from decnet.master import enrollment
-from decnet.tls import TLSIdentity
-from tests.support import BIN, record_ports
+from tests.support import admin_output, record_ports, started_agent
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +37,15 @@ def home(tmp_path_factory):
 @pytest_twisted.async_yield_fixture
 async def agent(home, tmp_path):
     paths, up = home
-    bundle = pki.WorkerBundle.load(up.bundle_dir)
-    service = AgentService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listen="tcp:0:interface=127.0.0.1",
-        state_dir=tmp_path / "state",
-        log_file=tmp_path / "decnet.log",
-    )
-    service.startService()
-    port = await service.api.ready
-    record_ports(paths, "cli-up", agent_port=port.getHost().port)
-    await service.restored
+    service = await started_agent(up.bundle_dir, tmp_path)
+    record_ports(paths, "cli-up", agent_port=service.port)
     yield service
     await service.stopService()
 
 
 async def admin(home, *args):
     paths, _ = home
-    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
-    out, err, code = await getProcessOutputAndValue(
-        str(BIN / "decnet-admin"), ["--home", str(paths.home), *args], env=env
-    )
-    return out.decode(), err.decode(), code
+    return await admin_output(paths.home, *args)
 
 
 @pytest_twisted.ensureDeferred

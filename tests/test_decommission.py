@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
-from decnet import config, pki, revocation
-from decnet.agent.service import AgentService
+from decnet import revocation
 from decnet.cli import decommission as cli_decommission
 from decnet.errors import ValidationError
 from decnet.forwarder.client import REFUSED_AFTER, ForwarderFactory
 from decnet.master import enroll_tokens, enrollment
 from decnet.master.registry import Registry
-from decnet.tls import TLSIdentity
 from tests.enroll_support import fresh_master, registry_dump
 from tests.logpipe_support import LogCapture
-from tests.support import BIN, record_ports
+from tests.support import admin_output, record_ports, started_agent
 
 SAID = "refused by the master: this worker's certificate is revoked or unknown"
 
@@ -38,29 +33,14 @@ def master(master_home, tmp_path):
 
 
 async def admin(master, *args):
-    env = {k: v for k, v in os.environ.items() if k != config.ENV_HOME}
-    out, err, code = await getProcessOutputAndValue(
-        str(BIN / "decnet-admin"), ["--home", str(master.paths.home), *args], env=env
-    )
-    return out.decode(), err.decode(), code
+    return await admin_output(master.paths.home, *args)
 
 
 @pytest_twisted.async_yield_fixture
 async def agent(master, tmp_path):
     up = enrollment.enroll(master, "dec-up", "127.0.0.1", tmp_path / "up", updater=True)
-    bundle = pki.WorkerBundle.load(up.bundle_dir)
-    service = AgentService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listen="tcp:0:interface=127.0.0.1",
-        state_dir=tmp_path / "state",
-        log_file=tmp_path / "decnet.log",
-    )
-    service.startService()
-    port = await service.api.ready
-    record_ports(master.paths, "dec-up", agent_port=port.getHost().port)
-    await service.restored
+    service = await started_agent(up.bundle_dir, tmp_path)
+    record_ports(master.paths, "dec-up", agent_port=service.port)
     yield service
     await service.stopService()
 
