@@ -43,7 +43,8 @@ def spoiled(bundles, tmp_path, role, how) -> str:
     bundle = tmp_path / "spoiled"
     shutil.copytree(bundles / "taps-a", bundle)
     if how == "garbage key":
-        (bundle / f"{role}.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+        key = bundle / f"{role}.key"
+        key.write_bytes(key.read_bytes()[:60] + b"\nnot a key\n")  # the minted key, spoiled
     elif how == "another host's certificate":
         shutil.copy(bundles / "taps-b" / f"{role}.crt", bundle / f"{role}.crt")
         shutil.copy(bundles / "taps-b" / f"{role}.key", bundle / f"{role}.key")
