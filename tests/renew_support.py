@@ -24,7 +24,7 @@ from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 from decnet.updater.service import LocalAgent, UpdaterService
 from tests.logpipe_support import syslog_line
-from tests.support import BIN, record_ports
+from tests.support import BIN, record_ports, started_agent
 
 FAST = 0.1
 
@@ -91,17 +91,14 @@ async def agent_health(worker: Worker) -> str:
 async def start_worker(master: enrollment.MasterState, tmp_path, name: str) -> Worker:
     enrolled = enrollment.enroll(master, name, "127.0.0.1", tmp_path / "bundle", updater=True)
     bundle = pki.WorkerBundle.load(enrolled.bundle_dir)
-    agent = AgentService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "worker"),
-        listen="tcp:0:interface=127.0.0.1",
+    agent = await started_agent(
+        enrolled.bundle_dir,
+        tmp_path,
+        reload_interval=FAST,
         state_dir=tmp_path / "agent-state",
         log_file=tmp_path / "agent.log",
     )
-    agent.identity_watcher.interval = FAST
-    agent.startService()
-    agent_port = (await agent.api.ready).getHost().port
+    agent_port = agent.port
     updater = UpdaterService(
         reactor,
         bundle=bundle,

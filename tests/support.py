@@ -515,23 +515,27 @@ def ensure_wheelhouse() -> Path:
     return wheelhouse.build(REPO_ROOT, cache)
 
 
-async def started_agent(bundle_dir: Path, tmp_path: Path, **kw):
+async def started_agent(
+    bundle_dir: Path, tmp_path: Path, *, reload_interval: float | None = None, **kw
+):
     """A real AgentService of the bundle in ``bundle_dir`` on a loopback port, started and
-    restored (the caller stops it); ``service.port`` is the port its API listens on."""
+    restored (the caller stops it); ``service.port`` is the port its API listens on.
+    ``kw`` may replace its ``state_dir`` and ``log_file`` (under ``tmp_path``)."""
     from twisted.internet import reactor
 
     from decnet.agent.service import AgentService
 
     bundle = pki.WorkerBundle.load(bundle_dir)
+    options = {"state_dir": tmp_path / "state", "log_file": tmp_path / "decnet.log", **kw}
     service = AgentService(
         reactor,
         bundle=bundle,
         identity=TLSIdentity.from_bundle(bundle, "worker"),
         listen="tcp:0:interface=127.0.0.1",
-        state_dir=tmp_path / "state",
-        log_file=tmp_path / "decnet.log",
-        **kw,
+        **options,
     )
+    if reload_interval is not None:
+        service.identity_watcher.interval = reload_interval
     service.startService()
     service.port = (await service.api.ready).getHost().port
     await service.restored
