@@ -189,7 +189,10 @@ def test_every_command_but_init_refuses_a_home_that_init_never_made(tmp_path, fl
     empty.mkdir()
     needing = [n for n in leaf_commands() if n not in NO_HOME]
     for home in (tmp_path / "typo", empty):
-        results = [run("--home", str(home), *n.split(), *samples[n]) for n in needing]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(
+                pool.map(lambda n, h=home: run("--home", str(h), *n.split(), *samples[n]), needing)
+            )
         for name, result in zip(needing, results, strict=True):
             assert result.returncode == 1, (name, result.stdout, result.stderr)
             assert result.stderr.count("\n") == 1, (name, result.stderr)

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from tests.forwarder_model import World, expected_mirror_ok
 
-SCHEDULES = int(os.environ.get("DECNET_MODEL_SCHEDULES", "1000"))
+SCHEDULES = int(os.environ.get("DECNET_MODEL_SCHEDULES", "500"))
 
 
 class ForwarderFaults(RuleBasedStateMachine):

@@ -5,7 +5,9 @@ Real ``twistd`` processes, real certificates, real clients, nothing mocked:
 ``sandbox up --workers 2`` (a subprocess of this test) → deckies deployed →
 ``sandbox poke`` → every event at the master under the right ``source_worker``
 and nothing else → ``update --all`` with a good release → both agents report
-it → a bad release → rolled back, healthy on the previous one → ``decommission
+it → a bad release → rolled back, healthy on the previous one → ``renew --all``
+while ``sandbox poke`` attacks the decoys: every certificate replaced and no log
+line lost (issue #13) → ``decommission
 w2`` → its forwarder is refused by the listener and the master refuses to talk
 to its agent → ``sandbox down`` leaves no process behind → a second ``up``
 reuses everything and stops cleanly on SIGINT.
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from decnet import config
+from decnet import config, pki
 from decnet.listener.feed import read_feed
 from decnet.listener.workers import read_state, state_path
+from decnet.master.registry import Registry
 from decnet.sandbox.feeds import event_params
 from tests.support import BIN, admin, wait_for
 
@@ -175,6 +178,12 @@ def listener_refusals(directory: Path, worker: str) -> int:
     return text.count(f"certificate of '{worker}' is revoked")
 
 
+def listener_cuts(directory: Path) -> int:
+    """How many connections the listener dropped because a certificate was revoked."""
+    text = (directory / "logs" / "listener.log").read_text(errors="replace")
+    return text.count("its certificate was revoked")
+
+
 def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, release_trees):
     d = sandbox_dir
     paths = master_of(d)
@@ -298,16 +307,39 @@ def test_the_whole_product_on_one_machine(sandbox_dir, tmp_path, wheelhouse, rel
     again = sandbox(d, "poke", "--json")
     assert again.returncode == 0, again.stdout + again.stderr
 
+    # -- renew --all while the decoys are attacked: no log line lost (issue #13) ---------
+    before = {h.name: h for h in Registry(paths.registry).list()}
+    attack = subprocess.Popen(
+        ["sh", "-c", f'for i in 1 2 3; do "{BIN}/decnet-admin" sandbox poke --dir "{d}"; done'],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        renewed = admin(paths, "renew", "--all", "--before", "400d", "--json")
+    finally:
+        attack.wait(120)
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    assert [h["result"] for h in json.loads(renewed.stdout)["hosts"]] == ["renewed", "renewed"]
+    poked = sandbox(d, "poke", "--json")  # after the switch: only the new certificates work
+    assert poked.returncode == 0, poked.stdout + poked.stderr
+    for worker in WORKERS:
+        wait_for(
+            lambda w=worker: mirror(d, w) == decoy_log(d, w),
+            30,
+            what=f"{worker}'s whole log at the master after the renewal",
+        )
+        host = Registry(paths.registry).get(worker)
+        assert host.worker_fingerprint != before[worker].worker_fingerprint
+        bundle = pki.WorkerBundle.load(d / "workers" / worker / "bundle")
+        assert pki.fingerprint(pki.load_cert(bundle.cert_path("worker"))) == host.worker_fingerprint
+
     # -- decommission w2: refused by the listener and by the master's AgentClient ------
     refusals = listener_refusals(d, "w2")
+    cuts = listener_cuts(d)  # the renewal's revocation of the old certificates cut some
     # --no-teardown: w2's deckies stay up, so a new event there shows the log is cut.
     result = admin(paths, "decommission", "w2", "--yes", "--no-teardown")
     assert result.returncode == 0, result.stderr
     wait_for(
-        lambda: (
-            "Cutting connection" in (d / "logs" / "listener.log").read_text()
-            or listener_refusals(d, "w2") > refusals
-        ),
+        lambda: listener_cuts(d) > cuts or listener_refusals(d, "w2") > refusals,
         30,
         what="the listener to drop w2",
     )
