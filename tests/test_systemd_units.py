@@ -271,7 +271,7 @@ POLKIT_HARNESS = textwrap.dedent(
 )
 
 
-def test_the_polkit_rule_lets_only_the_updaters_user_manage_the_agent_and_start_or_stop_the_forwarder():
+def test_the_polkit_rule_lets_only_the_updater_manage_the_agent_and_start_or_stop_the_forwarder():
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("node is needed to evaluate the polkit rule (JavaScript)")
