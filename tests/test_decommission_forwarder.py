@@ -19,14 +19,19 @@ from decnet.listener.tap import load_listener_identity
 from decnet.master import enrollment
 from decnet.master.registry import Registry
 from decnet.master.retire import Drain, drain_verdict, drained_text, wait_drained
-from decnet.pki import WorkerBundle
-from decnet.tls import TLSIdentity
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent
-from decnet.updater.service import LocalAgent, UpdaterService
+from decnet.updater.service import LocalAgent
 from tests.enroll_support import fresh_master
 from tests.hostile_worker import EVIL, FakeWorker, Reply, no_control_characters
 from tests.logpipe_support import start_forwarder, syslog_line
-from tests.support import admin_output, eventually, free_port, record_ports, started_agent
+from tests.support import (
+    admin_output,
+    eventually,
+    free_port,
+    record_ports,
+    started_agent,
+    started_updater,
+)
 from tests.test_updater_agentctl import calls, fake_tool
 
 FORWARDER = "decnet-forwarder.service"
@@ -166,21 +171,21 @@ def stop_script(tmp_path: Path, pid_file: Path) -> str:
     return str(script)
 
 
-async def started_updater(
-    bundle_dir: Path, tmp_path: Path, agent_port: int, **agent
-) -> UpdaterService:
-    bundle = WorkerBundle.load(bundle_dir)
-    updater = UpdaterService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "updater"),
-        listen="tcp:0:interface=127.0.0.1",
-        install_dir=tmp_path / "install",
-        agent=LocalAgent(host="127.0.0.1", port=agent_port, **agent),
+def updater_agent(agent_port: int, **control) -> LocalAgent:
+    return LocalAgent(host="127.0.0.1", port=agent_port, **control)
+
+
+def enroll_unreachable(master, name: str, tmp_path: Path) -> enrollment.Enrollment:
+    """An enrolled host whose agent and updater ports nothing listens on (yet)."""
+    return enrollment.enroll(
+        master,
+        name,
+        "127.0.0.1",
+        tmp_path / "bundle",
+        updater=True,
+        agent_port=free_port(),
+        updater_port=free_port(),
     )
-    updater.startService()
-    await updater.port_service.ready
-    return updater
 
 
 def revoked(master, name: str) -> bool:
@@ -202,9 +207,7 @@ async def test_it_stops_a_real_forwarder_through_the_updater_after_it_shipped_ev
     updater = await started_updater(
         enrolled.bundle_dir,
         tmp_path,
-        agent.port,
-        control="systemd",
-        systemctl=stop_script(tmp_path, pid_file),
+        updater_agent(agent.port, control="systemd", systemctl=stop_script(tmp_path, pid_file)),
     )
     record_ports(
         master.paths,
@@ -266,7 +269,9 @@ async def test_an_updater_that_does_not_run_the_forwarder_says_so_and_the_host_i
     master, tmp_path
 ):
     enrolled = enrollment.enroll(master, "dec-sp", "127.0.0.1", tmp_path / "bundle", updater=True)
-    updater = await started_updater(enrolled.bundle_dir, tmp_path, free_port(), control="spawn")
+    updater = await started_updater(
+        enrolled.bundle_dir, tmp_path, updater_agent(free_port(), control="spawn")
+    )
     record_ports(master.paths, "dec-sp", updater_port=updater.port.getHost().port)
     try:
         out, err, code = await admin_output(master.paths.home, "decommission", "dec-sp", "--yes")
@@ -282,15 +287,7 @@ async def test_an_updater_that_does_not_run_the_forwarder_says_so_and_the_host_i
 async def test_an_unreachable_agent_and_updater_are_two_failed_steps_and_the_host_is_revoked(
     master, tmp_path
 ):
-    enrollment.enroll(
-        master,
-        "dec-gone",
-        "127.0.0.1",
-        tmp_path / "bundle",
-        updater=True,
-        agent_port=free_port(),
-        updater_port=free_port(),
-    )
+    enroll_unreachable(master, "dec-gone", tmp_path)
     out, err, code = await admin_output(
         master.paths.home, "decommission", "dec-gone", "--yes", "--json"
     )
@@ -322,15 +319,7 @@ LIES = {
 async def test_a_lying_worker_is_shown_escaped_and_revoked_all_the_same(
     master, tmp_path, lie, as_json
 ):
-    enrolled = enrollment.enroll(
-        master,
-        "dec-liar",
-        "127.0.0.1",
-        tmp_path / "bundle",
-        updater=True,
-        agent_port=free_port(),
-        updater_port=free_port(),
-    )
+    enrolled = enroll_unreachable(master, "dec-liar", tmp_path)
     routes = {
         ("agent", "teardown"): Reply({"ok": EVIL, "removed": EVIL}),
         ("updater", "forwarder/stop"): LIES[lie],

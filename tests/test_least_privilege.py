@@ -781,6 +781,29 @@ print(pki.replace_bundle_listeners(sys.argv[1], ["127.0.0.9:6514", "127.0.0.10:6
 """
 
 
+def etc_copy(scratch: Path, worker_root: Path, name: str) -> tuple[Path, Path]:
+    """A copy of the worker tree's /etc (owners and modes kept): its root and its bundle."""
+    root = scratch / name
+    root.mkdir()
+    subprocess.run(["cp", "-a", place(worker_root, "/etc"), root / "etc"], check=True)
+    return root, place(root, "/etc/decnet/bundle")
+
+
+def as_the_updater_unit(accounts, scratch: Path, root: Path, code: str, *args):
+    """``python -c code args`` as decnet-updater, with ``root``'s /etc mounted as its unit
+    says (:func:`unit_path_mounts`)."""
+    unit = "decnet-updater.service"
+    argv = [sys.executable, "-c", code, *args]
+    mounts = unit_path_mounts(unit, root, scratch)
+    return subprocess.run(
+        command(accounts.unit(unit), argv, scratch, python=True, mounts=mounts),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+
+
 def test_renew_and_bundle_refresh_work_as_the_updater_under_its_unit_with_no_drop_in(
     scratch, accounts, master, worker
 ):
@@ -794,23 +817,12 @@ def test_renew_and_bundle_refresh_work_as_the_updater_under_its_unit_with_no_dro
     from decnet.master.renewal import sign
 
     mroot, _ = master
-    wroot, _ = worker
-    root = scratch / "renew-root"
-    root.mkdir()
-    subprocess.run(["cp", "-a", place(wroot, "/etc"), root / "etc"], check=True)
-    bundle_dir = place(root, "/etc/decnet/bundle")
+    root, bundle_dir = etc_copy(scratch, worker[0], "renew-root")
     updater = accounts.unit("decnet-updater.service")
     mounts = unit_path_mounts("decnet-updater.service", root, scratch)
 
     def as_updater(code: str, *args) -> str:
-        argv = [sys.executable, "-c", code, bundle_dir, *args]
-        result = subprocess.run(
-            command(updater, argv, scratch, python=True, mounts=mounts),
-            capture_output=True,
-            text=True,
-            env=ENV,
-            timeout=120,
-        )
+        result = as_the_updater_unit(accounts, scratch, root, code, bundle_dir, *args)
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
@@ -858,24 +870,11 @@ def test_a_bundle_directory_laid_out_the_old_way_is_refused_before_anything_chan
 ):
     """``root:root 0755``, as installs before this layout made it: the first renewal step says
     what to change and leaves the bundle as it was."""
-    wroot, _ = worker
-    root = scratch / "old-root"
-    root.mkdir()
-    subprocess.run(["cp", "-a", place(wroot, "/etc"), root / "etc"], check=True)
-    bundle_dir = place(root, "/etc/decnet/bundle")
+    root, bundle_dir = etc_copy(scratch, worker[0], "old-root")
     os.chown(bundle_dir, 0, 0)
     bundle_dir.chmod(0o755)
     before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
-    updater = accounts.unit("decnet-updater.service")
-    argv = [sys.executable, "-c", RENEW_CSRS, bundle_dir]
-    mounts = unit_path_mounts("decnet-updater.service", root, scratch)
-    result = subprocess.run(
-        command(updater, argv, scratch, python=True, mounts=mounts),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
+    result = as_the_updater_unit(accounts, scratch, root, RENEW_CSRS, bundle_dir)
     assert result.returncode != 0
     assert "a new worker.key could not keep the group" in result.stderr
     assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before
