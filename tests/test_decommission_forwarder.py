@@ -5,6 +5,7 @@ console script against real daemons, an unreachable worker and a lying one."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from decnet import revocation
 from decnet.errors import AgentControlFailed
 from decnet.listener.service import ListenerService
 from decnet.listener.tap import load_listener_identity
+from decnet.listener.workers import NEVER, NO_STATE
 from decnet.master import enrollment
 from decnet.master.registry import Registry
-from decnet.master.retire import Drain, drain_verdict, drained_text, wait_drained
+from decnet.master.retire import Drain, drain_verdict, drained_text, read_drain, wait_drained
 from decnet.updater.agentctl import SpawnedAgent, SystemdAgent
 from decnet.updater.service import LocalAgent
 from tests.enroll_support import fresh_master
@@ -54,11 +56,12 @@ def _stream(mode="ack", reported_at=99.0, lag=0):
 @pytest.mark.parametrize(
     ("doc", "since", "expected"),
     [
-        (None, 50.0, Drain(True, None)),  # no listener state: nothing to wait for
-        (_state(connected=False, lag=7), 50.0, Drain(True, 7)),  # not connected: cannot drain
+        (None, 50.0, Drain(True, None, state=NO_STATE)),  # no listener state: nothing to wait for
+        (_state(connected=False, lag=7), 50.0, Drain(True, 7, state=NEVER)),  # cannot drain
         (_state(lag=0), 50.0, Drain(True, 0, connected=True)),  # a STATUS after the teardown
         (_state(lag=0), 99.5, Drain(False, 0, connected=True)),  # lag 0, but from before it
         (_state(lag=4096), 50.0, Drain(False, 4096, connected=True)),  # still shipping
+        (_state(lag=False), 50.0, Drain(False, None, connected=True)),  # not a number: no
         (  # acknowledged, but no STATUS yet: it comes within a second
             _state(streams={"decnet": _stream(reported_at=None, lag=None)}, lag=None),
             50.0,
@@ -92,7 +95,8 @@ def test_what_a_stopped_forwarder_left_is_said_in_bytes_or_as_unknown():
     assert "4096 bytes it had not shipped stay in the worker's log" in drained_text(
         Drain(False, 4096)
     )
-    assert "not connected" in drained_text(Drain(True, None))
+    assert "not connected" in drained_text(Drain(True, None, state=NEVER))
+    assert "no log listener state" in drained_text(Drain(True, None, state=NO_STATE))
 
 
 def test_the_wait_reads_until_drained_on_the_injected_clock():
@@ -234,6 +238,10 @@ async def test_it_stops_a_real_forwarder_through_the_updater_after_it_shipped_ev
     mirror = tmp_path / "ingest" / "dec-fw" / "decnet.log"
     try:
         await eventually(lambda: mirror.exists() and mirror.read_bytes() == lines, what="shipping")
+        await eventually(  # the listener's state file says so (written within a second)
+            lambda: read_drain(tmp_path / "ingest", "dec-fw", 0, time.time()).connected,
+            what="the listener's state file",
+        )
         with open(log_file, "ab") as fh:  # the last lines, just before the decommission
             fh.write(syslog_line(999) + b"\n")
         out, err, code = await admin_output(

@@ -31,7 +31,14 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from decnet.errors import DecnetError
-from decnet.listener.workers import ACK, CONNECTED, log_health, read_state, state_path
+from decnet.listener.workers import (
+    ACK,
+    CONNECTED,
+    NO_STATE,
+    log_health,
+    read_state,
+    state_path,
+)
 from decnet.master.agent_client import AgentClient
 from decnet.master.registry import Host
 from decnet.master.updater_client import UpdaterClient
@@ -62,6 +69,7 @@ class Drain:
     settled: bool
     lag: int | None  # None: unknown (no state, never connected, plain mode)
     connected: bool = False
+    state: str = CONNECTED  # the listener's view (decnet.listener.workers.LogHealth.state)
 
 
 def _number(value: object) -> float | None:
@@ -80,14 +88,14 @@ def drain_verdict(doc: dict[str, Any] | None, worker: str, since: float, now: fl
     """
     health = log_health(doc, worker, now, math.inf)
     if doc is None or health.state != CONNECTED:
-        return Drain(True, health.lag)
+        return Drain(True, health.lag, state=health.state)
     streams = doc["workers"][worker].get("streams")
     streams = streams if isinstance(streams, dict) else {}
     acked = [s for s in streams.values() if isinstance(s, dict) and s.get("mode") == ACK]
     if not acked:
         return Drain(True, None, connected=True)
     fresh = all((_number(s.get("reported_at")) or -math.inf) >= since for s in acked)
-    shipped = all(s.get("lag") == 0 for s in acked)
+    shipped = all(type(s.get("lag")) is int and s["lag"] == 0 for s in acked)
     return Drain(fresh and shipped, health.lag, connected=True)
 
 
@@ -120,7 +128,10 @@ def drained_text(drain: Drain) -> str:
     if drain.lag == 0:
         return "it had shipped every line it read"
     if drain.lag is None:
-        how = "connected, in plain mode" if drain.connected else "not connected to the listener"
+        how = {
+            NO_STATE: "no log listener state (workers.json) in the ingest directory",
+            CONNECTED: "connected, in plain mode",
+        }.get(drain.state, "not connected to the listener")
         return f"shipping state unknown ({how}); unshipped lines stay in the worker's log"
     return f"{drain.lag} bytes it had not shipped stay in the worker's log"
 
