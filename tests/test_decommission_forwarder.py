@@ -287,6 +287,12 @@ async def test_an_updater_that_does_not_run_the_forwarder_says_so_and_the_host_i
         await updater.stopService()
     assert code == 0, err
     assert "forwarder        skipped: its updater does not run the forwarder" in out
+    steps = [line for line in out.splitlines() if line.startswith("dec-sp: ")]
+    assert steps == [  # progress, step by step, before the outcome
+        "dec-sp: tearing down the deckies through the agent",
+        "dec-sp: waiting for the forwarder to ship what it read",
+        "dec-sp: stopping the forwarder through the updater",
+    ]
     assert "teardown         failed: cannot reach" in out
     assert revoked(master, "dec-sp")
 
@@ -354,3 +360,10 @@ async def test_a_lying_worker_is_shown_escaped_and_revoked_all_the_same(
         shown = [line for line in out.splitlines() if line.startswith("  forwarder ")]
         assert len(shown) == 1, out
         assert lie != "stopped units" or "\\x1b]0;PWNED" in shown[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_help_describes_the_forwarder_step_and_its_options(master):
+    text, _, code = await admin_output(master.paths.home, "decommission", "--help")
+    assert code == 0 and "stop the forwarder through NAME's updater" in " ".join(text.split())
+    assert "--drain-timeout DURATION" in text and "--ingest-dir DIR" in text
