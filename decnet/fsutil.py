@@ -52,14 +52,24 @@ def write_new_file(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> N
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+def atomic_write(
+    path: str | os.PathLike, data: bytes, mode: int = 0o644, *, gid: int | None = None
+) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    ``gid``: the new file's group, set while it is still private (0600) and
+    before it gets ``mode``, so a key is never readable by the wrong group (a
+    file made in a setgid directory starts with the directory's group).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        write_new_file(tmp, data, mode)
+        write_new_file(tmp, data, mode if gid is None else PRIVATE_FILE_MODE)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

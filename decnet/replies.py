@@ -361,3 +361,9 @@ RENEW_CSR = Obj(
 )
 
 RENEW_INSTALL = Obj(required={"installed": MapOf(TEXT, Str(choices=_ROLES))})
+
+# POST /forwarder/stop on an updater (decommission): the units it stopped, or
+# not_managed when it does not run the forwarder (--agent-control spawn).
+FORWARDER_STOP = Obj(
+    required={"result": Str(choices=("stopped", "not_managed")), "units": ListOf(TEXT)}
+)

@@ -24,7 +24,7 @@ from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 from decnet.updater.service import LocalAgent, UpdaterService
 from tests.logpipe_support import syslog_line
-from tests.support import BIN, record_ports, started_agent
+from tests.support import BIN, record_ports, started_agent, started_updater
 
 FAST = 0.1
 
@@ -99,24 +99,19 @@ async def start_worker(master: enrollment.MasterState, tmp_path, name: str) -> W
         log_file=tmp_path / "agent.log",
     )
     agent_port = agent.port
-    updater = UpdaterService(
-        reactor,
-        bundle=bundle,
-        identity=TLSIdentity.from_bundle(bundle, "updater"),
-        listen="tcp:0:interface=127.0.0.1",
-        install_dir=tmp_path / "install",
-        agent=LocalAgent(
+    updater = await started_updater(
+        enrolled.bundle_dir,
+        tmp_path,
+        LocalAgent(
             host="127.0.0.1",
             port=agent_port,
             control="spawn",
             state_dir=str(tmp_path / "agent-state"),
             log_file=str(tmp_path / "agent.log"),
         ),
+        reload_interval=FAST,
     )
-    for watcher in updater.watchers:
-        watcher.interval = FAST
-    updater.startService()
-    updater_port = (await updater.port_service.ready).getHost().port
+    updater_port = updater.port.getHost().port
     record_ports(master.paths, name, agent_port=agent_port, updater_port=updater_port)
     revocations = RevocationSet(master.paths.revocations)
     listener = ListenerService(

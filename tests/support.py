@@ -542,6 +542,33 @@ async def started_agent(
     return service
 
 
+async def started_updater(
+    bundle_dir: Path, tmp_path: Path, agent, *, reload_interval: float | None = None
+):
+    """A real UpdaterService of the bundle in ``bundle_dir`` on a loopback port, started
+    (the caller stops it); ``agent`` is its :class:`decnet.updater.service.LocalAgent`, and
+    ``service.port.getHost().port`` the port its API listens on."""
+    from twisted.internet import reactor
+
+    from decnet.updater.service import UpdaterService
+
+    bundle = pki.WorkerBundle.load(bundle_dir)
+    service = UpdaterService(
+        reactor,
+        bundle=bundle,
+        identity=TLSIdentity.from_bundle(bundle, "updater"),
+        listen="tcp:0:interface=127.0.0.1",
+        install_dir=tmp_path / "install",
+        agent=agent,
+    )
+    if reload_interval is not None:
+        for watcher in service.watchers:
+            watcher.interval = reload_interval
+    service.startService()
+    await service.port_service.ready
+    return service
+
+
 async def admin_output(home: Path, *args: str) -> tuple[str, str, int]:
     """``decnet-admin --home HOME ARGS`` without blocking the reactor: (stdout, stderr, code)."""
     from twisted.internet.utils import getProcessOutputAndValue

@@ -13,6 +13,7 @@ directory searchable (here it lives under /root, 0700); nothing outside the name
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -157,12 +158,19 @@ def _interpreter_detour() -> tuple[str, str] | None:
 
 
 def command(
-    creds: Creds, argv, scratch: Path, *, python: bool = False, unit: str | None = None
+    creds: Creds,
+    argv,
+    scratch: Path,
+    *,
+    python: bool = False,
+    unit: str | None = None,
+    mounts: list[str] = (),  # type: ignore[assignment]
 ) -> list[str]:
     """``argv`` as ``creds``; with ``unit``, also under that unit's system-call filter and
-    with /proc mounted as its ``ProtectProc=`` / ``ProcSubset=`` say."""
+    with /proc mounted as its ``ProtectProc=`` / ``ProcSubset=`` say; ``mounts``: more
+    shell steps run as root in the private mount namespace first (:func:`unit_path_mounts`)."""
     argv = list(map(str, argv))
-    steps = []
+    steps = list(mounts)
     detour = _interpreter_detour() if python or unit else None
     blocked, child, stash = "-", "-", "-"
     if detour is not None:
@@ -184,6 +192,39 @@ def command(
     script = " && ".join([*steps, 'shift 3 && exec "$@"'])
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
             child, stash, blocked, *argv]  # fmt: skip
+
+
+def unit_path_mounts(unit: str, root: Path, scratch: Path) -> list[str]:
+    """The unit's file-system view of ``root``'s ``/etc``, as mount steps: ``ProtectSystem=
+    strict`` (read-only), then ``ReadOnlyPaths=``, ``ReadWritePaths=`` and ``InaccessiblePaths=``
+    on the paths that exist, parents first, as systemd orders them."""
+    d = directives(UNITS / unit)
+    assert d["ProtectSystem"] == ["strict"], unit
+    entries = [(("ReadOnlyPaths", "/etc"))]
+    for key in ("ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths"):
+        entries += [(key, p.lstrip("-+")) for v in d.get(key, []) for p in v.split()]
+    hidden = {True: scratch / "inaccessible-dir", False: scratch / "inaccessible-file"}
+    if not hidden[True].exists():
+        hidden[True].mkdir(mode=0)
+        hidden[False].touch(mode=0)
+    steps = []
+    for key, path in sorted(entries, key=lambda e: Path(e[1]).parts):
+        target = place(root, path)
+        if not path.startswith("/etc") or not target.exists():
+            continue
+        where = shlex_quote(target)
+        if key == "InaccessiblePaths":
+            steps.append(f"mount --bind {shlex_quote(hidden[target.is_dir()])} {where}")
+        else:
+            how = "ro" if key == "ReadOnlyPaths" else "rw"
+            steps += [f"mount --bind {where} {where}", f"mount -o remount,bind,{how} {where}"]
+    return steps
+
+
+def shlex_quote(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def syscall_sets() -> dict[str, set[str]]:
@@ -718,3 +759,122 @@ def test_the_updaters_install_commands_work_as_its_user_under_its_sandbox(
     assert run_as(agent, [tool], scratch, python=True).stdout.strip() == "tiny release says hi"
     assert not can(agent, scratch, "append", tool)
     assert not can(agent, scratch, "create", tool.parent)
+
+
+RENEW_CSRS = """
+import json, sys
+from decnet import pki
+from decnet.updater import renewal
+print(json.dumps(renewal.request_csrs(pki.WorkerBundle.load(sys.argv[1]))))
+"""
+RENEW_INSTALL = """
+import json, sys
+from decnet import pki
+from decnet.updater import renewal
+certs = json.loads(open(sys.argv[2]).read())
+print(json.dumps(renewal.install(pki.WorkerBundle.load(sys.argv[1]), certs)))
+"""
+REFRESH = """
+import sys
+from decnet import pki
+print(pki.replace_bundle_listeners(sys.argv[1], ["127.0.0.9:6514", "127.0.0.10:6514"]))
+"""
+
+
+def etc_copy(scratch: Path, worker_root: Path, name: str) -> tuple[Path, Path]:
+    """A copy of the worker tree's /etc (owners and modes kept): its root and its bundle."""
+    root = scratch / name
+    root.mkdir()
+    subprocess.run(["cp", "-a", place(worker_root, "/etc"), root / "etc"], check=True)
+    return root, place(root, "/etc/decnet/bundle")
+
+
+def as_the_updater_unit(accounts, scratch: Path, root: Path, code: str, *args):
+    """``python -c code args`` as decnet-updater, with ``root``'s /etc mounted as its unit
+    says (:func:`unit_path_mounts`)."""
+    unit = "decnet-updater.service"
+    argv = [sys.executable, "-c", code, *args]
+    mounts = unit_path_mounts(unit, root, scratch)
+    return subprocess.run(
+        command(accounts.unit(unit), argv, scratch, python=True, mounts=mounts),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+
+
+def test_renew_and_bundle_refresh_work_as_the_updater_under_its_unit_with_no_drop_in(
+    scratch, accounts, master, worker
+):
+    """The renewal's two worker steps and a listener-list refresh, exactly as the updater
+    runs them (``decnet.updater.renewal``, ``pki.replace_bundle_listeners``), as
+    decnet-updater, with /etc mounted as its unit says, on the documented layout: they
+    work, and afterwards each key is readable by exactly the daemons that were reading it."""
+    from decnet import config, pki
+    from decnet.master import enrollment
+    from decnet.master.registry import Registry
+    from decnet.master.renewal import sign
+
+    mroot, _ = master
+    root, bundle_dir = etc_copy(scratch, worker[0], "renew-root")
+    updater = accounts.unit("decnet-updater.service")
+    mounts = unit_path_mounts("decnet-updater.service", root, scratch)
+
+    def as_updater(code: str, *args) -> str:
+        result = as_the_updater_unit(accounts, scratch, root, code, bundle_dir, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    # The mounts are in force: /etc/decnet itself is read-only to the updater.
+    touch = command(updater, ["touch", place(root, "/etc/decnet/probe")], scratch, mounts=mounts)
+    denied = subprocess.run(touch, capture_output=True, text=True, env=ENV, timeout=60)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    etc_before = sorted(p.name for p in place(root, "/etc/decnet").iterdir())
+
+    csrs = json.loads(as_updater(RENEW_CSRS))
+    paths = config.MasterPaths.resolve(place(mroot, HOME))
+    host = Registry(paths.registry).get("w1")
+    certs, _ = sign(enrollment.load_master(paths), host, {"csrs": csrs})
+    pushed = scratch / "pushed.json"
+    pushed.write_text(json.dumps(certs))
+    pushed.chmod(0o644)
+    installed = json.loads(as_updater(RENEW_INSTALL, pushed))
+    as_updater(REFRESH)
+
+    bundle = pki.WorkerBundle.load(bundle_dir)
+    for role in ("worker", "updater"):
+        assert pki.fingerprint(pki.load_cert(bundle.cert_path(role))) == installed[role]
+        key = pki.load_key(bundle.key_path(role))
+        assert pki.spki(key.public_key()) == pki.spki(
+            pki.load_cert(bundle.cert_path(role)).public_key()
+        )
+    assert bundle.settings["listeners"] == ["127.0.0.9:6514", "127.0.0.10:6514"]
+    assert not (bundle_dir / ".renew").exists()
+    assert sorted(p.name for p in place(root, "/etc/decnet").iterdir()) == etc_before
+    assert actual(accounts, bundle.key_path("worker"))[1:] == ("decnet-worker", 0o640)
+    assert actual(accounts, bundle.key_path("updater"))[1:] == ("decnet-updater", 0o640)
+    agent, forwarder = (
+        accounts.unit("decnet-agent.service"),
+        accounts.unit("decnet-forwarder.service"),
+    )
+    for reader in (agent, forwarder):
+        assert can(reader, scratch, "read", bundle.key_path("worker")), reader.name
+        assert not can(reader, scratch, "read", bundle.key_path("updater")), reader.name
+        assert not can(reader, scratch, "create", bundle_dir), reader.name
+    assert can(updater, scratch, "read", bundle.key_path("updater"))
+
+
+def test_a_bundle_directory_laid_out_the_old_way_is_refused_before_anything_changes(
+    scratch, accounts, worker
+):
+    """``root:root 0755``, as installs before this layout made it: the first renewal step says
+    what to change and leaves the bundle as it was."""
+    root, bundle_dir = etc_copy(scratch, worker[0], "old-root")
+    os.chown(bundle_dir, 0, 0)
+    bundle_dir.chmod(0o755)
+    before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
+    result = as_the_updater_unit(accounts, scratch, root, RENEW_CSRS, bundle_dir)
+    assert result.returncode != 0
+    assert "a new worker.key could not keep the group" in result.stderr
+    assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before

@@ -238,10 +238,10 @@ def loopback_spec(base: Path) -> Path:
     return spec
 
 
-def test_the_walkthrough_blocks_cover_a_master_and_a_worker_from_init_to_deploy():
+def test_the_walkthrough_blocks_cover_a_master_and_a_worker_from_init_to_deploy_and_renew():
     commands = " ".join(walkthrough_blocks(OPERATIONS.read_text()))
     for step in ("decnet-admin init", "decnet-admin enroll", "decnet-admin update",
-                 "decnet-admin check", "decnet-admin deploy"):  # fmt: skip
+                 "decnet-admin check", "decnet-admin deploy", "decnet-admin renew"):  # fmt: skip
         assert step in commands, step
 
 

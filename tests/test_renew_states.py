@@ -58,7 +58,7 @@ def signed_for(master, bundle, csrs: dict[str, str]) -> dict[str, str]:
 
 
 def tree(path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 # -- the worker's planner (pure) -------------------------------------------------------------
@@ -100,12 +100,12 @@ def public(csrs: dict[str, str]) -> dict[str, bytes]:
     return {role: pki.spki(pki.csr_public_key(pem)) for role, pem in csrs.items()}
 
 
-def test_csrs_asked_twice_offer_the_same_keys_made_0600_beside_the_bundle(bundle):
+def test_csrs_asked_twice_offer_the_same_keys_made_0600_inside_the_bundle(bundle):
     first = public(wr.request_csrs(bundle))
     again = public(wr.request_csrs(bundle))
     assert first == again and set(first) == set(ROLES)
     pending = wr.pending_dir(bundle)
-    assert pending.parent == bundle.directory.parent
+    assert pending.parent == bundle.directory  # the one directory the updater may write
     assert stat.S_IMODE(pending.stat().st_mode) == 0o700
     for role in ROLES:
         assert stat.S_IMODE((pending / f"{role}.key").stat().st_mode) == 0o600

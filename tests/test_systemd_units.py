@@ -271,7 +271,7 @@ POLKIT_HARNESS = textwrap.dedent(
 )
 
 
-def test_the_polkit_rule_lets_only_the_updaters_user_manage_the_agent_and_start_the_forwarder():
+def test_the_polkit_rule_lets_only_the_updater_manage_the_agent_and_start_or_stop_the_forwarder():
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("node is needed to evaluate the polkit rule (JavaScript)")
@@ -285,9 +285,10 @@ def test_the_polkit_rule_lets_only_the_updaters_user_manage_the_agent_and_start_
         (manage, updater_user, agent_unit, "reload-or-restart"): "unhandled",
         (manage, updater_user, "decnet-updater.service", "restart"): "unhandled",
         (manage, updater_user, "decnet-forwarder.service", "start"): "yes",
-        (manage, updater_user, "decnet-forwarder.service", "stop"): "unhandled",
+        (manage, updater_user, "decnet-forwarder.service", "stop"): "yes",
         (manage, updater_user, "decnet-forwarder.service", "restart"): "unhandled",
         (manage, "decnet-agent", "decnet-forwarder.service", "start"): "unhandled",
+        (manage, "decnet-agent", "decnet-forwarder.service", "stop"): "unhandled",
         (manage, updater_user, "sshd.service", "stop"): "unhandled",
         (manage, "decnet-agent", agent_unit, "restart"): "unhandled",
         (manage, "decnet", agent_unit, "restart"): "unhandled",

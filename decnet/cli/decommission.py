@@ -1,48 +1,36 @@
-"""``decnet-admin decommission NAME``: confirm, tear down through the agent, then revoke.
+"""``decnet-admin decommission NAME``: confirm, clean the worker up, then revoke.
 
-The teardown is best effort and reported: a worker that is gone, unreachable or
-lying must not keep its certificates valid, so whatever the agent does, the
+The clean-up (:mod:`decnet.master.retire`: teardown through the agent, the
+forwarder stopped through the updater once it has shipped what it read) is
+best effort and reported step by step: a worker that is gone, unreachable or
+lying must not keep its certificates valid, so whatever it answers, the
 revocation follows.  It runs before the revocation because afterwards the
-master no longer talks to the host.  The forwarder is not stopped (the agent
-has no say over it); from the revocation on, the listener refuses it and it
-says so in its log.
+master no longer talks to the host.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
-import attrs
-
 from decnet.cli import output
-from decnet.cli.runtime import budget, run_async
-from decnet.errors import DecnetError, UnknownHost, ValidationError
-from decnet.master import enrollment
-from decnet.master.agent_client import AgentClient
+from decnet.cli.fleet import ingest_dir
+from decnet.cli.runtime import run_async
+from decnet.errors import UnknownHost, ValidationError
+from decnet.master import enrollment, retire
 from decnet.master.registry import Host, Registry, Tokens
 from decnet.revocation import RevocationSet
 from decnet.tls import TLSIdentity
 
-TEARDOWN_TIMEOUT = 15.0
+TEARDOWN_TIMEOUT = 15.0  # seconds per request to the worker (teardown, forwarder stop)
 
 DECOMMISSION_EXAMPLES = [
     "decnet-admin decommission web-01   # asks first, on a terminal",
     "decnet-admin decommission web-01 --yes --json   # scripts: no question, JSON out",
     "decnet-admin decommission dead-03 --yes --no-teardown   # the machine is gone",
 ]
-
-
-@attrs.frozen
-class Teardown:
-    """What the best-effort teardown did: ``state`` is done, failed or skipped."""
-
-    state: str
-    detail: str
-
-    def as_dict(self) -> dict[str, str]:
-        return attrs.asdict(self)
 
 
 def confirm(args: argparse.Namespace, host: Host | None) -> None:
@@ -74,47 +62,65 @@ def _lookup(registry: Registry, name: str) -> Host | None:
         raise
 
 
-def teardown(args: argparse.Namespace, host: Host | None) -> Teardown:
-    if host is None:
-        return Teardown("skipped", "never joined")
-    if host.decommissioned:
-        return Teardown("skipped", "already decommissioned")
-    if args.no_teardown:
-        return Teardown("skipped", "--no-teardown")
+def clean_up(args: argparse.Namespace, host: Host | None) -> retire.Cleanup:
+    """The best-effort steps on the worker (progress lines unless ``--json``)."""
+    why = retire.skipped(host, args.no_teardown)
+    if host is None or why is not None:
+        step = retire.Step(retire.SKIPPED, why or "")
+        return retire.Cleanup(step, step)
     identity = TLSIdentity.master(args.paths)
     revocations = RevocationSet(args.paths.revocations)
+    outcome: list[retire.Cleanup] = []
+
+    def progress(step: str) -> None:
+        if not args.json:
+            output.line(f"{host.name}: {PROGRESS[step]}")
 
     async def main(reactor: Any) -> int:
-        client = AgentClient(reactor, identity, host, revocations=revocations)
-        try:
-            result = await client.teardown(None, timeout=budget(args.timeout))
-        except DecnetError as exc:
-            outcome.append(Teardown("failed", str(exc)))
-            return 0
-        finally:
-            await client.close()
-        removed = len(result.get("removed") or [])
-        state = "done" if result.get("ok") else "failed"
-        outcome.append(Teardown(state, f"{removed} services stopped"))
+        retirement = retire.Retirement(
+            reactor,
+            identity,
+            host,
+            revocations,
+            ingest_dir(args),
+            timeout=lambda: args.timeout,
+            drain_timeout=args.drain_timeout,
+            progress=progress,
+            now=time.time,
+        )
+        outcome.append(await retire.clean_up(retirement))
         return 0
 
-    outcome: list[Teardown] = []
     run_async(main)
-    return outcome[0] if outcome else Teardown("failed", "interrupted")
+    if outcome:
+        return outcome[0]
+    interrupted = retire.Step(retire.FAILED, "interrupted")
+    return retire.Cleanup(interrupted, interrupted)
+
+
+PROGRESS = {
+    "teardown": "tearing down the deckies through the agent",
+    "drain": "waiting for the forwarder to ship what it read",
+    "forwarder": "stopping the forwarder through the updater",
+}
 
 
 def cmd_decommission(args: argparse.Namespace) -> int:
     master = enrollment.load_master(args.paths)
     host = _lookup(Registry(args.paths.registry), args.name)
     confirm(args, host)
-    cleanup = teardown(args, host)
+    cleanup = clean_up(args, host)
     done = enrollment.decommission(master, args.name)
     if args.json:
         output.print_json(
             {
                 "host": done.host.as_dict() if done.host else None,
                 "already": done.already,
-                "teardown": cleanup.as_dict(),
+                "teardown": cleanup.teardown.as_dict(),
+                "forwarder": {
+                    **cleanup.forwarder.as_dict(),
+                    "unshipped_bytes": cleanup.forwarder.unshipped,
+                },
                 "revoked": list(done.entries),
                 "restored": list(done.restored),
                 "cancelled_tokens": done.cancelled_tokens,
@@ -126,14 +132,15 @@ def cmd_decommission(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, done: enrollment.Decommission, cleanup: Teardown) -> None:
+def _show(args: argparse.Namespace, done: enrollment.Decommission, cleanup: retire.Cleanup) -> None:
     if done.cancelled_tokens:
         output.line(f"Cancelled {done.cancelled_tokens} unused enrollment token(s) for {args.name}")
     host = done.host
     if host is None:
         output.line(f"{args.name} never joined; nothing to revoke")
         return
-    output.line(f"  teardown         {cleanup.state}: {cleanup.detail}")
+    output.line(f"  teardown         {cleanup.teardown.state}: {cleanup.teardown.detail}")
+    output.line(f"  forwarder        {cleanup.forwarder.state}: {cleanup.forwarder.detail}")
     if not done.already:
         output.line(
             f"Decommissioned {host.name} at {host.revoked_at}; its certificates are revoked"

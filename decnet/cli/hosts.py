@@ -7,11 +7,18 @@ import time
 
 from decnet import config, pki
 from decnet.cli import fleet, output
-from decnet.cli.arguments import command, flag, json_flag, listener_address, timeout_option
+from decnet.cli.arguments import (
+    command,
+    duration,
+    flag,
+    json_flag,
+    listener_address,
+    timeout_option,
+)
 from decnet.cli.decommission import DECOMMISSION_EXAMPLES, TEARDOWN_TIMEOUT, cmd_decommission
 from decnet.cli.expiry import expires_cell, expiry_fields
 from decnet.errors import ValidationError
-from decnet.master import enroll_tokens, enrollment
+from decnet.master import enroll_tokens, enrollment, retire
 from decnet.master.registry import Registry
 
 ENROLL_EXAMPLES = [
@@ -151,10 +158,13 @@ def register(sub, parents) -> None:
         parents,
         "decommission",
         cmd_decommission,
-        summary="retire a host: tear down its deckies, then revoke its certificates",
+        summary="retire a host: tear down its deckies, stop its forwarder, revoke it",
         description="Ask for confirmation (--yes skips it), then, best effort, tear down "
-        "NAME's deckies through its agent (the outcome is reported; --no-teardown skips it "
-        "for a machine that is gone), then mark NAME decommissioned and add its worker and "
+        "NAME's deckies through its agent, wait until its forwarder has shipped what it read "
+        "(the log listener's workers.json shows a log lag of 0; at most --drain-timeout) and "
+        "stop the forwarder through NAME's updater (each outcome is reported; --no-teardown "
+        "skips all three for a machine that is gone), then mark NAME decommissioned and add "
+        "its worker and "
         "updater certificates to the revocation list (the log listener refuses them from then "
         "on, and decnet-admin never contacts the host again). Unused enrollment tokens for "
         "NAME are cancelled. Running it again for a decommissioned host re-asserts its "
@@ -169,8 +179,23 @@ def register(sub, parents) -> None:
     timeout_option(
         p,
         TEARDOWN_TIMEOUT,
-        "seconds the teardown through the agent may take before revoking anyway "
-        "(default: %(default)s)",
+        "seconds each request to the worker (the teardown, the forwarder stop) may take "
+        "before going on and revoking anyway (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=duration,
+        default=retire.DRAIN_TIMEOUT,
+        metavar="DURATION",
+        help="how long to wait for the forwarder to ship what it read before stopping it "
+        "(10s, 1m; default: 10s)",
+    )
+    p.add_argument(
+        "--ingest-dir",
+        default=None,
+        metavar="DIR",
+        help="the log listener's ingest directory, where it keeps workers.json "
+        "(default: <home>/ingest)",
     )
 
 

@@ -152,6 +152,12 @@ class UpdaterClient:
             )
         return doc
 
+    async def stop_forwarder(self, timeout: float | None = None) -> dict:
+        """Stop the host's forwarder through its updater (``decnet-admin decommission``)."""
+        return await self.http.call(
+            "POST", "forwarder", "stop", timeout=timeout, reply=replies.FORWARDER_STOP
+        )
+
     async def wait_for_release(
         self, release: str, timeout: float = config.DEFAULT_SELF_UPDATE_WAIT, interval=0.5
     ) -> dict:

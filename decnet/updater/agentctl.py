@@ -1,7 +1,7 @@
 """Starting and restarting the agent: through systemd, or as the updater's own child.
 
 Two controls with one interface (``restart``, ``stop``, ``exited_since_start``,
-``recent_output``, ``release_ready``):
+``recent_output``, ``release_ready``, ``stop_companions``):
 
 * :class:`SystemdAgent` runs ``systemctl restart decnet-agent.service`` (and
   ``journalctl`` for the output when a release fails) through ``spawnProcess``;
@@ -129,6 +129,22 @@ class SystemdAgent:
                     how=result.describe(),
                     output=result.output.strip()[-500:],
                 )
+
+    async def stop_companions(self) -> list[str] | None:
+        """``systemctl stop`` each companion unit (``decnet-admin decommission``); the units
+        stopped.  systemctl returns once the unit has stopped: the forwarder's stop ends
+        its connection cleanly (what the listener acknowledged stays acknowledged)."""
+        for unit in self.companions:
+            self.log.info("Stopping {unit}", unit=unit)
+            result = await run_process(
+                self.reactor, [self.systemctl, "stop", unit], timeout=self.timeout
+            )
+            if not result.ok:
+                raise AgentControlFailed(
+                    f"systemctl stop {unit} failed ({result.describe()})",
+                    output={"systemctl": result.output},
+                )
+        return list(self.companions)
 
     async def recent_output(self) -> str:
         result = await run_process(
@@ -267,6 +283,10 @@ class SpawnedAgent:
 
     async def release_ready(self) -> None:
         """Nothing else to start: whoever spawned the updater runs the forwarder."""
+
+    async def stop_companions(self) -> list[str] | None:
+        """``None``: this updater does not run the forwarder (whoever spawned it does)."""
+        return None
 
     def describe(self) -> dict:
         return {

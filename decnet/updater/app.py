@@ -15,6 +15,7 @@ route                  who                    what
                                               host's bundle.json (the forwarder reloads it)
 ``POST /renew/csr``    master                 CSRs for new keys made on this worker
 ``POST /renew/install``  master               ``{"certificates": {"worker": PEM, ...}}``
+``POST /forwarder/stop``  master               stop the forwarder's unit (decommission)
 =====================  =====================  ==========================================
 
 The TLS layer already refused every other certificate (foreign CA, another
@@ -30,6 +31,7 @@ both daemons, :func:`decnet.httpapi.problem_of`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from klein import Klein
@@ -105,6 +107,7 @@ def build_app(
     bundle_dir: Path | None = None,
     run: Runner = inline_runner,
     renewer: Renewer | None = None,
+    stop_forwarder: Callable[[], Awaitable[list[str] | None]] | None = None,
 ) -> Klein:
     """The Klein app for one :class:`Updater`; ``master`` is the pinned master rule.
 
@@ -112,6 +115,9 @@ def build_app(
     host's own worker and updater identities, for local monitoring).
     ``bundle_dir`` is this host's bundle, whose listener list ``POST /listeners``
     replaces (without it the route answers 404), in a thread of ``run``.
+    ``stop_forwarder`` stops this host's forwarder (``POST /forwarder/stop``, for
+    ``decnet-admin decommission``); it answers ``None`` when this updater does not
+    run the forwarder (``--agent-control spawn``).
     """
     app = Klein()
     install_error_handlers(app)
@@ -210,5 +216,14 @@ def build_app(
         doc = _small_json(request)
         certificates = doc.get("certificates") if isinstance(doc, dict) else None
         return respond(request, await shielded(renewer.install(certificates)))
+
+    @app.route("/forwarder/stop", methods=["POST"])
+    async def forwarder_stop(request):
+        authorize(request, master)
+        stopped = await shielded(stop_forwarder()) if stop_forwarder is not None else None
+        if stopped is None:
+            return respond(request, {"result": "not_managed", "units": []})
+        log.info("Stopped {units} at the master's request", units=", ".join(stopped) or "nothing")
+        return respond(request, {"result": "stopped", "units": stopped})
 
     return app

@@ -5,14 +5,21 @@ The master drives a renewal over the updater's API (``docs/Operations.md``,
 new keys never leave the worker:
 
 1. ``POST /renew/csr``: a key per role is made (0600, ``O_EXCL``, fsynced) in
-   ``.<bundle>.renew`` next to the bundle, or taken from there when an earlier
-   attempt left it, and CSRs for them go back.  The CSRs ask for nothing: the
+   ``<bundle>/.renew``, or taken from there when an earlier attempt left it, and
+   CSRs for them go back.  The CSRs ask for nothing: the
    master decides subject, SANs, EKUs and role (:func:`decnet.pki.certify`).
 2. ``POST /renew/install``: each certificate is checked (issued by the bundle's
    CA, for this host's name and role, for the pending key), staged next to its
    key, and then key and certificate are renamed over the bundle's pair.  The
    agent, forwarder and updater pick the new pair up without a restart
    (:class:`decnet.tls.IdentityWatcher`).
+
+The updater writes only inside the bundle directory, which it owns (setgid,
+group ``decnet-worker``: a new ``worker.key`` gets the group the agent and the
+forwarder read it by without the updater being in that group); the systemd unit
+makes that one directory writable (docs/Operations.md, "Renewing certificates").
+A bundle laid out otherwise is refused at the first step, before anything changes
+(:func:`key_group_problem`).
 
 Crash safety comes from the pure planner :func:`plan` over what is on disk
 (:class:`Observed`): every step is idempotent, and the updater runs the plan at
@@ -23,10 +30,10 @@ already installed is answered the same way (the master retrying).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -100,9 +107,39 @@ def plan(observed: Observed) -> Plan:
     return Plan(Phase.KEYS, make_keys=missing)
 
 
+PENDING_DIR = ".renew"
+
+
 def pending_dir(bundle: pki.WorkerBundle) -> Path:
-    """``.<bundle>.renew`` next to the bundle: the new keys until their certificates arrive."""
-    return bundle.directory.with_name(f".{bundle.directory.name}.renew")
+    """``<bundle>/.renew``: the new keys until their certificates arrive (inside the one
+    directory the updater may write, on the same file system for the renames)."""
+    return bundle.directory / PENDING_DIR
+
+
+def key_group_problem(bundle: pki.WorkerBundle, roles: Iterable[str]) -> str | None:
+    """Why a new key of one of ``roles`` could not get its current key's group, or ``None``.
+
+    A file made in the bundle directory gets the directory's group if it is
+    setgid, else ours; we may also give it any group we are in.  ``worker.key``
+    must stay readable by ``decnet-worker``, which the updater is not in.
+    """
+    if os.geteuid() == 0:
+        return None
+    directory = bundle.directory.stat()
+    made_with = directory.st_gid if directory.st_mode & stat.S_ISGID else os.getegid()
+    mine = {os.getegid(), *os.getgroups()}
+    for role in roles:
+        try:
+            gid = bundle.key_path(role).stat().st_gid
+        except FileNotFoundError:
+            continue
+        if gid != made_with and gid not in mine:
+            return (
+                f"a new {role}.key could not keep the group ({gid}) the current one is read "
+                f"by: make {bundle.directory} this updater's, setgid with that group "
+                "(docs/Operations.md, 'Renewing certificates')"
+            )
+    return None
 
 
 def roles_of(bundle: pki.WorkerBundle) -> tuple[str, ...]:
@@ -195,16 +232,14 @@ def _mode(path: Path, default: int) -> int:
 
 
 def _replace_key(path: Path, data: bytes) -> None:
-    """Replace a key keeping its mode and, where allowed, its group (``decnet-worker`` reads it)."""
+    """Replace a key keeping its mode and its group (``decnet-worker`` reads ``worker.key``)."""
     try:
         before = path.stat()
     except FileNotFoundError:
         atomic_write(path, data, PRIVATE_FILE_MODE)
         return
-    atomic_write(path, data, before.st_mode & 0o777)
-    if path.stat().st_gid != before.st_gid:
-        with contextlib.suppress(OSError):  # not a member of that group: the mode still holds
-            os.chown(path, -1, before.st_gid)
+    # The group first, then the mode, then the rename: never readable by the wrong group.
+    atomic_write(path, data, before.st_mode & 0o777, gid=before.st_gid)
 
 
 def request_csrs(bundle: pki.WorkerBundle, key_type: str = pki.DEFAULT_KEY_TYPE) -> dict[str, str]:
@@ -215,6 +250,9 @@ def request_csrs(bundle: pki.WorkerBundle, key_type: str = pki.DEFAULT_KEY_TYPE)
     """
     if settle(bundle) is Phase.STAGED:  # pragma: no cover - settle() always installs
         raise RenewalRefused("a renewal is being installed; ask again")
+    problem = key_group_problem(bundle, roles_of(bundle))
+    if problem is not None:
+        raise BundleNotWritable(problem)
     pending = pending_dir(bundle)
     ensure_private_dir(pending)
     steps = plan(observe(bundle))
@@ -303,6 +341,9 @@ class Renewer:
     async def _blocking(self, f: Callable[..., Any], *args: Any) -> Any:
         try:
             return await self.run(f, *args)
+        except BundleNotWritable as exc:
+            log.error("Renewal refused: {reason}", reason=str(exc))
+            raise
         except OSError as exc:
             log.error(
                 "Renewal: cannot write next to the bundle {bundle}: {error}",

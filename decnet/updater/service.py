@@ -88,6 +88,7 @@ class LocalAgent:
     log_file: str | None = None
     twistd_log: str | None = None
     forwarder_unit: str = config.DEFAULT_FORWARDER_UNIT  # "" for none
+    systemctl: str = "systemctl"  # systemd: the systemctl it runs (tests: a stand-in)
 
 
 def accepted_peers(bundle: pki.WorkerBundle) -> tuple[Accept, tuple[Accept, ...]]:
@@ -104,7 +105,7 @@ def agent_control(reactor: IDecnetReactor, bundle: pki.WorkerBundle, agent: Loca
     """The agent's restarter: ``systemctl`` on its unit, or a child process we supervise."""
     if agent.control != "spawn":
         companions = (agent.forwarder_unit,) if agent.forwarder_unit else ()
-        return SystemdAgent(reactor, agent.unit, companions=companions)
+        return SystemdAgent(reactor, agent.unit, companions=companions, systemctl=agent.systemctl)
     interface = agent.host.replace(":", "\\:")
     return SpawnedAgent(
         reactor,
@@ -234,6 +235,7 @@ class UpdaterService(service.MultiService):
                 bundle_dir=bundle.directory,
                 run=to_thread,
                 renewer=renewer,
+                stop_forwarder=self.updater.agent.stop_companions,
             ).resource(),
             limits=upload_limits(master, max_upload),
             reactor=reactor,
