@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from decnet.errors import DecnetError
-from decnet.events import query
+from decnet.events.query import POSTGRES, Filters, build_query
 from decnet.sink import rows
 
 # Seconds a connection attempt may take (an unreachable server is retried, not waited on).
@@ -187,6 +187,7 @@ class PgEvents:
 
     def __init__(self, dsn: str):
         self.dsn = dsn
+        self.path = "the PostgreSQL store"  # (named as EventIndex names its file)
         try:
             self.conn = connect(dsn, autocommit=True)
         except StoreUnavailable as exc:
@@ -206,24 +207,22 @@ class PgEvents:
         except psycopg.Error as exc:
             raise query_error(f"PostgreSQL: {one_line(exc)}") from None
 
-    def query(self, filters: query.Filters, limit: int) -> list[tuple[int, str]]:
+    def query(self, filters: Filters, limit: int) -> list[tuple[int, str]]:
         return [row for batch in self.batches(filters, limit) for row in batch]
 
     def batches(
-        self, filters: query.Filters, limit: int, size: int = 1000
+        self, filters: Filters, limit: int, size: int = 1000
     ) -> Iterator[list[tuple[int, str]]]:
-        sql, params = query.build_query(filters, limit=limit, dialect=query.POSTGRES)
+        sql, params = build_query(filters, limit=limit, dialect=POSTGRES)
         cursor = self._run(sql, params)
         while batch := cursor.fetchmany(size):
             yield [(int(i), str(e)) for i, e in batch]
 
-    def follow(self, filters: query.Filters, after_id: int, limit: int) -> list[tuple[int, str]]:
-        sql, params = query.build_query(
-            filters, limit=limit, after_id=after_id, dialect=query.POSTGRES
-        )
+    def follow(self, filters: Filters, after_id: int, limit: int) -> list[tuple[int, str]]:
+        sql, params = build_query(filters, limit=limit, after_id=after_id, dialect=POSTGRES)
         return [(int(i), str(e)) for i, e in self._run(sql, params).fetchall()]
 
-    def snapshot(self, filters: query.Filters, limit: int) -> tuple[list[tuple[int, str]], int]:
+    def snapshot(self, filters: Filters, limit: int) -> tuple[list[tuple[int, str]], int]:
         """The ``limit`` latest matches and the last row id, in one REPEATABLE READ snapshot."""
         with self.conn.transaction():
             self._run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", [])
