@@ -59,7 +59,7 @@ def test_garbage_is_rejected_with_a_specific_reason_never_raised(data, reason):
     assert planned.events == []
     (rejected,) = planned.rejected
     assert reason in rejected.reason and rejected.message is message
-    js_stream, js_seq, subject, headers, kept, _ = rejected.row()
+    js_stream, js_seq, _subject, headers, kept, _ = rejected.row()
     assert (js_stream, js_seq, kept) == ("DECNET", 7, data)
     assert json.loads(headers)[publishing.H_WORKER] == "w1"
 

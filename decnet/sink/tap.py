@@ -80,6 +80,7 @@ class Options(DaemonOptions):
             ack_wait=self["ack-wait"],
             **client,
         )
+        check_schema(self["postgres"])
 
 
 def check_schema(dsn: str) -> None:
@@ -109,7 +110,6 @@ def makeService(options: Options) -> IService:
     from decnet.threads import serial_runner
 
     reactor = cast(IDecnetReactor, global_reactor)
-    check_schema(options["sink-options"].dsn)
     parent = MultiService()
     sink = SinkService(reactor, reactor, options["sink-options"], serial_runner(reactor))
     sink.setServiceParent(parent)
