@@ -107,11 +107,17 @@ def makeService(options: Options) -> IService:
     from decnet.interfaces import IDecnetReactor
     from decnet.sink.metrics import sink_registry
     from decnet.sink.service import SinkService
+    from decnet.systemd import SystemdService
     from decnet.threads import serial_runner
 
     reactor = cast(IDecnetReactor, global_reactor)
     parent = MultiService()
+    notify = SystemdService(reactor)
+    notify.setServiceParent(parent)
     sink = SinkService(reactor, reactor, options["sink-options"], serial_runner(reactor))
     sink.setServiceParent(parent)
+    # Ready once running: a broker or a database that is down is waited for (and logged),
+    # not a failed start that systemd would restart for nothing.
+    notify.ready("storing JetStream events in PostgreSQL")
     attach_metrics(parent, reactor, options, lambda: sink_registry(sink))
     return parent
