@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from decnet import process
+from decnet.cli.output import printable
 from decnet.listener.feedproc import helper_spec, supervise_helper
 from decnet.listener.feedworker import encode_message
 from decnet.sink import consumer as consumer_defaults
@@ -211,18 +212,24 @@ class SinkService(Service):
                 "(kept in decnet_rejected_events)",
                 js_stream=one.message.js_stream,
                 js_seq=one.message.js_seq,
-                subject=one.message.subject,
-                reason=one.reason,
+                subject=printable(one.message.subject, 200),
+                reason=printable(one.reason),
             )
         self._ack(token)
 
     def _ack(self, token: str) -> None:
+        if token == self.current:
+            self.send({"ack": token})
+        # (else its consumer is gone: the messages come again and are stored once)
+
+    def send(self, message: dict) -> None:
+        """One message to the consumer process (dropped when there is none)."""
         supervisor = self.supervisor
-        if token != self.current or supervisor is None or supervisor.child is None:
-            return  # (its consumer is gone: the messages come again and are stored once)
+        if supervisor is None or supervisor.child is None:
+            return
         transport = supervisor.child.transport
         if transport is not None:
-            transport.write(encode_message({"ack": token}))
+            transport.write(encode_message(message))
 
     def _failed(self, token: str, messages: list[Message], failure: Failure) -> None:
         self.counts.store_failures += 1
