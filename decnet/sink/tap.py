@@ -27,7 +27,7 @@ class Options(DaemonOptions):
         "`decnet-admin events --postgres DSN`.  See docs/Events.md.  Examples: "
         "twistd -n decnet-sink --nats nats://10.0.0.5:4222,nats://10.0.0.6:4222 "
         "--postgres 'host=db.example dbname=decnet user=decnet_sink' "
-        "--nats-tls-ca /etc/decnet/nats-ca.pem --nats-creds /etc/decnet/sink.creds;  "
+        "--nats-tls-ca /etc/decnet-sink/nats-ca.pem --nats-creds /etc/decnet-sink/nats.creds;  "
         "twistd -n decnet-sink --nats nats://127.0.0.1:4222 "
         "--postgres postgresql:///decnet  " + metrics_epilog("sink")
     )
