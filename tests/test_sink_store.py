@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -115,3 +116,16 @@ def test_follow_sees_rows_committed_after_its_snapshot_in_commit_order(tmp_path,
 def test_events_postgres_on_a_database_without_the_sink_says_what_to_do(pg_dsn):
     with pytest.raises(EventIndexError, match="twistd decnet-sink"):
         PgEvents(pg_dsn)
+
+
+def test_two_sinks_writing_the_same_batch_at_once_store_each_event_once(tmp_path, pg_dsn):
+    messages = messages_for(tmp_path, {"w1": _lines(50), "w2": _lines(50)})
+    stores = [SinkStore(pg_dsn), SinkStore(pg_dsn)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda s: s.write(messages), stores))
+    assert sorted(r[0] for r in results) == [0, 100]
+    assert sum(r[1] for r in results) == 100
+    assert stores[0].counts() == (100, 0)
+    with psycopg.connect(pg_dsn) as conn:
+        ids = [i for (i,) in conn.execute(f"SELECT id FROM {rows.EVENTS_TABLE} ORDER BY id")]  # noqa: S608
+    assert ids == list(range(ids[0], ids[0] + 100))  # one writer at a time: no interleaving

@@ -71,6 +71,7 @@ class Options(DaemonOptions):
             raise usage.UsageError("--nats URL is required (the JetStream servers)")
         if not self["postgres"]:
             raise usage.UsageError("--postgres DSN is required (where events are stored)")
+        check_dsn(self["postgres"])
         if not (set(self["durable"]) <= _DURABLE_CHARS) or len(self["durable"]) > 64:
             raise usage.UsageError("--durable: 1-64 characters of A-Z, a-z, 0-9, '_', '-'")
         self["sink-options"] = SinkOptions(
@@ -81,6 +82,20 @@ class Options(DaemonOptions):
             **client,
         )
         check_schema(self["postgres"])
+
+
+def check_dsn(dsn: str) -> None:
+    """A connection string libpq cannot parse is a usage error, not an outage retried for ever."""
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.errors import ProgrammingError
+
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError as exc:
+        raise usage.UsageError(
+            f"--postgres: not a connection string ({str(exc).strip()}); e.g. "
+            "'host=db.example dbname=decnet user=decnet_sink' or postgresql://db.example/decnet"
+        ) from None
 
 
 def check_schema(dsn: str) -> None:
