@@ -90,6 +90,10 @@ def _count(dsn: str) -> int:
         return -1  # (down, or the sink has not made its table yet)
 
 
+def _log_has(log: Path, text: str) -> bool:
+    return log.exists() and text in log.read_text()
+
+
 def _start_sink(url: str, dsn: str, log: Path) -> subprocess.Popen:
     args = ["--nats", url, "--postgres", dsn, "--batch", "7", "--ack-wait", "2"]
     return run_twistd("decnet-sink", args, log)
@@ -131,7 +135,7 @@ def test_every_event_lands_once_through_sink_and_postgres_kills_and_poison(
         for worker in WORKERS:
             publisher.notify(worker, "decnet")
         wait_for(lambda: _published_events(nats_server.url) == 141, what="140 events published")
-        wait_for(lambda: "PostgreSQL unavailable" in log.read_text(), what="the outage logged")
+        wait_for(lambda: _log_has(log, "PostgreSQL unavailable"), what="the outage logged")
         sink.kill()  # kill -9 with a batch in hand, never committed nor acknowledged
         sink.wait(timeout=10)
         pg_cluster.start()
@@ -173,3 +177,37 @@ def test_a_sink_against_a_wrong_schema_stops_with_one_line(tmp_path, pg_dsn):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "decnet_events.entry is jsonb, not text" in line
+
+
+@pytest.mark.slow
+def test_a_broker_down_at_start_and_killed_mid_run_loses_nothing(tmp_path, pg_dsn):
+    from tests.nats_support import NatsServer
+
+    nats = NatsServer(tmp_path / "nats")  # not started yet
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    _add_events(ingest, 0, 10)
+    log = tmp_path / "sink.log"
+    sink = _start_sink(nats.url, pg_dsn, log)
+    publisher = None
+    try:
+        wait_for(lambda: _log_has(log, "JetStream broker down"), what="the outage logged")
+        assert sink.poll() is None
+        nats.start()
+        publisher = PublisherRun(ingest, nats.url)
+        wait_for(lambda: _count(pg_dsn) == 20, timeout=60, what="20 events stored")
+        nats.kill9()
+        _add_events(ingest, 10, 10)
+        nats.start()
+        for worker in WORKERS:
+            publisher.notify(worker, "decnet")
+        wait_for(lambda: _count(pg_dsn) == 40, timeout=60, what="40 events stored")
+    finally:
+        sink.terminate()
+        sink.wait(timeout=20)
+        if publisher is not None:
+            publisher.kill9()
+        nats.stop()
+    stored = _stored(pg_dsn)
+    assert len(stored) == len(set(stored)) == 40
+    assert "Traceback" not in log.read_text()

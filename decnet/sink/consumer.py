@@ -92,7 +92,8 @@ class Consumer:
 
         options: dict[str, Any] = {
             "servers": self.args.servers,
-            "max_reconnect_attempts": -1,
+            # Each server once per attempt: this loop reports the outage and tries again.
+            "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.5,
             "connect_timeout": 3,
             "error_cb": self._error_cb,
@@ -108,10 +109,13 @@ class Consumer:
         while True:
             try:
                 self.nc = await nats.connect(**options)
-                return
             except Exception as exc:  # every way a first connection fails: retried
                 self.broker_state("down", self.last_error or str(exc) or type(exc).__name__)
                 await asyncio.sleep(RETRY_WAIT)
+                continue
+            # Connected once: from now on nats-py reconnects for ever by itself.
+            self.nc.options["max_reconnect_attempts"] = -1
+            return
 
     async def subscribe(self) -> None:
         """The durable pull consumer (created when absent); retried while there is no stream."""

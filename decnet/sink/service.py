@@ -177,6 +177,8 @@ class SinkService(Service):
             return
         if state == "up":
             _log.info("JetStream broker reachable; consuming events")
+        elif state == "waiting":
+            _log.warn("Waiting for the JetStream stream and consumer: {error}", error=error)
         else:
             _log.warn(
                 "JetStream broker {state}: {error}; nothing is lost, the sink waits",
