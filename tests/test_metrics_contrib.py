@@ -91,13 +91,14 @@ async def exported_by_every_daemon(master_home, bundle: Path, tmp: Path) -> set[
 def sink_exported() -> set[str]:
     """The sink's names, from its collector (a running sink needs JetStream and PostgreSQL;
     tests/test_sink_subprocess.py runs one)."""
+    from decnet.listener.publisherproc import NatsOptions
     from decnet.metrics import encode
     from decnet.sink.metrics import sink_registry
     from decnet.sink.service import SinkOptions, SinkService
     from decnet.threads import inline_runner
     from tests.metrics_support import Scrape
 
-    options = SinkOptions(servers=("nats://127.0.0.1:4222",), dsn="dbname=unused")
+    options = SinkOptions(nats=NatsOptions(servers=("nats://127.0.0.1:4222",)), dsn="dbname=unused")
     sink = SinkService(None, None, options, inline_runner)  # type: ignore[arg-type]
     return Scrape(encode(sink_registry(sink).sample()).decode()).names
 

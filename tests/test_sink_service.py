@@ -8,6 +8,7 @@ import pytest
 from twisted.internet import task
 from twisted.logger import globalLogPublisher
 
+from decnet.listener.publisherproc import NatsOptions
 from decnet.sink.rows import Message
 from decnet.sink.service import SinkOptions, SinkService, decode_batch
 from decnet.sink.store import SchemaMismatch, StoreUnavailable
@@ -49,7 +50,7 @@ def logged():
 
 def _sink(store) -> tuple[SinkService, task.Clock, list[dict]]:
     clock = task.Clock()
-    options = SinkOptions(servers=("nats://127.0.0.1:4222",), dsn="dbname=x")
+    options = SinkOptions(nats=NatsOptions(servers=("nats://127.0.0.1:4222",)), dsn="dbname=x")
     sink = SinkService(None, clock, options, inline_runner, store=store)  # type: ignore[arg-type]
     sink.running = True
     sent: list[dict] = []

@@ -254,6 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--stream", default=pub.DEFAULT_STREAM)
+    # (The publisher's connection arguments are passed as one list, NatsOptions.argv();
+    # these three are the publisher's own and mean nothing to a consumer.)
+    parser.add_argument("--replicas", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-msg", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-events", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--durable", default=DEFAULT_DURABLE)
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--ack-wait", type=float, default=DEFAULT_ACK_WAIT)

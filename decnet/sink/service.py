@@ -34,6 +34,7 @@ from decnet import process
 from decnet.cli.output import printable
 from decnet.listener.feedproc import helper_spec, supervise_helper
 from decnet.listener.feedworker import encode_message
+from decnet.listener.publisherproc import NatsOptions
 from decnet.sink import consumer as consumer_defaults
 from decnet.sink.rows import Message, Rejected
 from decnet.sink.store import SchemaMismatch, SinkStore, StoreUnavailable
@@ -48,32 +49,22 @@ _log = Logger(namespace="decnet.sink")
 
 @attrs.frozen
 class SinkOptions:
-    """Where the events come from and go (the tap's options, checked)."""
+    """Where the events come from and go (the tap's options, checked).
 
-    servers: tuple[str, ...]
+    ``nats`` is the listener's own description of a broker connection (the
+    consumer takes the same connection arguments as the publisher).
+    """
+
+    nats: NatsOptions
     dsn: str
-    creds: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    stream: str = consumer_defaults.pub.DEFAULT_STREAM
     durable: str = consumer_defaults.DEFAULT_DURABLE
     batch: int = consumer_defaults.DEFAULT_BATCH
     ack_wait: float = consumer_defaults.DEFAULT_ACK_WAIT
 
     def consumer_argv(self, executable: str) -> list[str]:
-        argv = [executable, "-m", "decnet.sink.consumer", "--servers", ",".join(self.servers)]
-        argv += ["--stream", self.stream, "--durable", self.durable]
-        argv += ["--batch", str(self.batch), "--ack-wait", f"{self.ack_wait:g}"]
-        for flag, value in (
-            ("--creds", self.creds),
-            ("--tls-ca", self.tls_ca),
-            ("--tls-cert", self.tls_cert),
-            ("--tls-key", self.tls_key),
-        ):
-            if value:
-                argv += [flag, value]
-        return argv
+        argv = [executable, "-m", "decnet.sink.consumer", *self.nats.argv()]
+        argv += ["--durable", self.durable, "--batch", str(self.batch)]
+        return [*argv, "--ack-wait", f"{self.ack_wait:g}"]
 
 
 def decode_batch(report: dict) -> tuple[str, list[Message]]:

@@ -8,6 +8,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from decnet.daemon import DaemonOptions
+from decnet.listener.publisherproc import NatsOptions
 from decnet.listener.tap import NATS_CLIENT_OPTIONS, nats_client
 from decnet.metrics import attach_metrics, metrics_epilog, metrics_options
 from decnet.options import between
@@ -75,11 +76,11 @@ class Options(DaemonOptions):
         if not (set(self["durable"]) <= _DURABLE_CHARS) or len(self["durable"]) > 64:
             raise usage.UsageError("--durable: 1-64 characters of A-Z, a-z, 0-9, '_', '-'")
         self["sink-options"] = SinkOptions(
+            nats=NatsOptions(**client),
             dsn=self["postgres"],
             durable=self["durable"],
             batch=self["batch"],
             ack_wait=self["ack-wait"],
-            **client,
         )
         check_schema(self["postgres"])
 
