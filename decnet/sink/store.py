@@ -82,6 +82,9 @@ class SinkStore:
         conn = connect(self.dsn)
         psycopg = _psycopg()
         try:
+            # Two sinks starting on an empty database would race in CREATE TABLE IF NOT
+            # EXISTS (a unique violation in PostgreSQL's catalog): one at a time.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (rows.WRITER_LOCK,))
             differences = rows.schema_differences(read_schema(conn))
             if differences:
                 raise SchemaMismatch(
