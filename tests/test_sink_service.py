@@ -105,3 +105,30 @@ def test_a_wrong_schema_found_at_run_time_stops_the_daemon_with_its_reason():
 def test_a_malformed_batch_report_is_a_value_error(report):
     with pytest.raises(ValueError, match="malformed batch"):
         decode_batch(report)
+
+
+def test_a_durable_consumer_with_another_filter_is_refused_and_other_timing_only_noted():
+    from decnet.sink.consumer import consumer_differences
+
+    ours = {
+        "filter_subject": "decnet.events.>",
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": 30_000_000_000,
+        "max_ack_pending": 1024,
+    }
+    assert consumer_differences(dict(ours), ours) == ([], [])
+    refused, noted = consumer_differences({**ours, "filter_subject": "decnet.>"}, ours)
+    assert refused == ["filter_subject 'decnet.>', not 'decnet.events.>'"] and noted == []
+    refused, noted = consumer_differences({**ours, "ack_wait": 2_000_000_000}, ours)
+    assert refused == [] and noted == [
+        "ack_wait stays 2s (not 30s): JetStream keeps an existing consumer's settings"
+    ]
+
+
+def test_a_fatal_report_of_the_consumer_stops_the_sink_with_its_reason():
+    sink, _clock, _sent = _sink(FlakyStore(failures=0))
+    stopped: list[str] = []
+    sink.fatal = stopped.append
+    sink.report({"fatal": "the durable consumer decnet-sink exists with filter_subject ..."})
+    assert stopped == ["the durable consumer decnet-sink exists with filter_subject ..."]

@@ -49,6 +49,8 @@ FETCH_WAIT = 1.0
 # Pause after an error before the next try.
 RETRY_WAIT = 1.0
 SUBJECT = pub.EVENTS_PREFIX + ".>"
+# Exit status for an existing consumer we must not use (the sink stops: an operator decides).
+EXIT_CONFIG = 2
 
 
 class Consumer:
@@ -139,6 +141,19 @@ class Consumer:
             except Exception as exc:  # no stream yet, broker busy: said once, retried
                 self.broker_state("waiting", f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(RETRY_WAIT)
+        info = await js.consumer_info(self.args.stream, self.args.durable)
+        refused, noted = consumer_differences(info.config.as_dict(), config.as_dict())
+        for text in noted:
+            self.send({"warn": f"durable consumer {self.args.durable}: {text}"})
+        if refused:
+            self.send(
+                {
+                    "fatal": f"the durable consumer {self.args.durable} exists with "
+                    + "; ".join(refused)
+                    + ": delete it (nats consumer rm) or choose another --durable"
+                }
+            )
+            raise SystemExit(EXIT_CONFIG)
         self.broker_state("up")
         self.send({"ready": {"stream": self.args.stream, "durable": self.args.durable}})
 
@@ -201,6 +216,33 @@ class Consumer:
             if messages:
                 self.hand_over(messages)
                 await self.wait_for_ack()
+
+
+def consumer_differences(have: dict, want: dict) -> tuple[list[str], list[str]]:
+    """How an existing durable consumer differs from ours: ``(refused, noted)``.
+
+    Another filter or acknowledgement policy would feed the sink other messages, or
+    none to acknowledge: refused.  Another ``ack_wait`` or ``max_ack_pending`` only
+    changes timing; JetStream keeps the existing values (noted, not changed).
+    """
+    refused, noted = [], []
+    for key in ("filter_subject", "ack_policy", "deliver_policy"):
+        if have.get(key) != want.get(key):
+            refused.append(f"{key} {have.get(key)!r}, not {want.get(key)!r}")
+    for key, unit in (("ack_wait", 1e-9), ("max_ack_pending", 1)):
+        if have.get(key) != want.get(key):
+            old, new = (_shown(d.get(key), unit) for d in (have, want))
+            noted.append(
+                f"{key} stays {old} (not {new}): JetStream keeps an existing consumer's settings"
+            )
+    return refused, noted
+
+
+def _shown(value: object, unit: float) -> str:
+    """A consumer setting for a person (``ack_wait`` is in nanoseconds: shown in seconds)."""
+    if isinstance(value, int | float) and unit != 1:
+        return f"{value * unit:g}s"
+    return repr(value)
 
 
 def _encode(message: Any) -> dict:

@@ -159,6 +159,8 @@ class SinkService(Service):
             _log.info("Consuming JetStream events: {ready}", ready=message["ready"])
         elif "broker" in message:
             self._broker(str(message["broker"]), message.get("error"))
+        elif "fatal" in message:
+            self.fatal(str(message["fatal"]))
         elif "warn" in message:
             _log.warn("Sink consumer: {text}", text=message["warn"])
 
