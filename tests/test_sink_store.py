@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 from concurrent.futures import ThreadPoolExecutor
 
+import attrs
 import psycopg
 import pytest
 
@@ -129,3 +131,22 @@ def test_two_sinks_writing_the_same_batch_at_once_store_each_event_once(tmp_path
     with psycopg.connect(pg_dsn) as conn:
         ids = [i for (i,) in conn.execute(f"SELECT id FROM {rows.EVENTS_TABLE} ORDER BY id")]  # noqa: S608
     assert ids == list(range(ids[0], ids[0] + 100))  # one writer at a time: no interleaving
+
+
+def test_a_row_postgres_refuses_is_rejected_alone_and_the_rest_of_the_batch_is_stored(
+    tmp_path, pg_dsn
+):
+    good = messages_for(tmp_path, {"w1": _lines(3)})
+    entry = json.loads(good[0].data)
+    entry["mirror_offset"] = 2**70  # a lying publisher: beyond bigint
+    liar = attrs.evolve(
+        good[0],
+        data=json.dumps(entry).encode(),
+        headers={**good[0].headers, "Decnet-Offset": str(2**70)},
+        js_seq=77,
+    )
+    store = SinkStore(pg_dsn)
+    added, _dups, rejected = store.write([good[0], liar, good[1], good[2]])
+    assert added == 3 and [r.message.js_seq for r in rejected] == [77]
+    assert rejected[0].reason.startswith("PostgreSQL refused the row")
+    assert store.counts() == (3, 1)

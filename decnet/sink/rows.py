@@ -88,6 +88,22 @@ INSERT_EVENT = (
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::inet, %s, %s, %s) "
     "ON CONFLICT (worker, stream, mirror_offset) DO NOTHING"
 )
+_COLUMNS = (
+    'worker, stream, mirror_offset, time, received, decky, service, event, src_ip, "user", '
+    "entry, js_seq"
+)
+# A batch is copied into this (per session, emptied at each commit), then inserted at once.
+CREATE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS decnet_batch "
+    "(worker text, stream text, mirror_offset bigint, time bigint, received bigint, "
+    'decky text, service text, event text, src_ip inet, "user" text, entry text, js_seq bigint) '
+    "ON COMMIT DELETE ROWS"
+)
+COPY_STAGING = f"COPY decnet_batch ({_COLUMNS}) FROM STDIN"
+INSERT_FROM_STAGING = (
+    f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM decnet_batch "  # noqa: S608
+    "ORDER BY js_seq ON CONFLICT (worker, stream, mirror_offset) DO NOTHING"
+)
 INSERT_REJECTED = (
     f"INSERT INTO {REJECTED_TABLE} (js_stream, js_seq, subject, headers, data, reason) "  # noqa: S608
     "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (js_stream, js_seq) DO NOTHING"

@@ -143,8 +143,14 @@ class SinkStore:
         self._lock()
         if not events:
             return 0, []
+        # COPY into a session-local staging table, then one INSERT ... SELECT ... ON
+        # CONFLICT DO NOTHING: a round trip per batch, not per row (executemany was one).
+        self.conn.execute(rows.CREATE_STAGING)
         with self.conn.cursor() as cursor:
-            cursor.executemany(rows.INSERT_EVENT, events)
+            with cursor.copy(rows.COPY_STAGING) as copy:
+                for row in events:
+                    copy.write_row(row)
+            cursor.execute(rows.INSERT_FROM_STAGING)
             return max(cursor.rowcount, 0), []
 
     def _write_one_by_one(
