@@ -90,6 +90,19 @@ def _count(dsn: str) -> int:
         return -1  # (down, or the sink has not made its table yet)
 
 
+def _consumers(url: str) -> list[int]:
+    """Pids of sink consumer processes started for ``url`` (PDEATHSIG must end them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"decnet.sink.consumer" in argv and url.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def _log_has(log: Path, text: str) -> bool:
     return log.exists() and text in log.read_text()
 
@@ -136,8 +149,10 @@ def test_every_event_lands_once_through_sink_and_postgres_kills_and_poison(
             publisher.notify(worker, "decnet")
         wait_for(lambda: _published_events(nats_server.url) == 141, what="140 events published")
         wait_for(lambda: _log_has(log, "PostgreSQL unavailable"), what="the outage logged")
+        assert _consumers(nats_server.url)
         sink.kill()  # kill -9 with a batch in hand, never committed nor acknowledged
         sink.wait(timeout=10)
+        wait_for(lambda: not _consumers(nats_server.url), what="its consumer process to die too")
         pg_cluster.start()
 
         sink = _start_sink(nats_server.url, pg_dsn, log)
