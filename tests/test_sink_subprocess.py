@@ -108,7 +108,7 @@ def _log_has(log: Path, text: str) -> bool:
 
 
 def _start_sink(url: str, dsn: str, log: Path) -> subprocess.Popen:
-    args = ["--nats", url, "--postgres", dsn, "--batch", "7", "--ack-wait", "2"]
+    args = ["--nats", url, "--postgres", dsn, "--batch", "7", "--ack-wait", "1"]
     return run_twistd("decnet-sink", args, log)
 
 
@@ -175,8 +175,7 @@ def test_every_event_lands_once_through_sink_and_postgres_kills_and_poison(
 
     # The same entries, byte for byte, from either store.
     assert _admin_json("--postgres", pg_dsn) == _admin_json("--ingest", str(ingest))
-    cidr = ["--src-ip", "203.0.113.0/28", "--worker", "w1"]
-    assert _admin_json("--postgres", pg_dsn, *cidr) == _admin_json("--ingest", str(ingest), *cidr)
+    # (Filter by filter, in process: tests/test_sink_store.py.)
 
 
 def test_a_sink_against_a_wrong_schema_stops_with_one_line(tmp_path, pg_dsn):
