@@ -19,7 +19,13 @@ SYSLOG_PORT = 6514
 ENROLL_PORT = 8443  # twistd decnet-enroll (token enrollment, TLS without client certificates)
 # Prometheus /metrics, one port per daemon, loopback unless the operator says otherwise
 # (``--metrics``; off unless given).  See docs/Metrics.md.
-METRICS_PORTS = {"listener": 9465, "forwarder": 9466, "agent": 9467, "updater": 9468}
+METRICS_PORTS = {
+    "listener": 9465,
+    "forwarder": 9466,
+    "agent": 9467,
+    "updater": 9468,
+    "sink": 9469,
+}
 METRICS_INTERFACE = "127.0.0.1"
 
 # Environment variables.

@@ -93,3 +93,29 @@ def nats_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A private PostgreSQL cluster (tests/pg_support.py), started once per session.
+
+    Skips only when the PostgreSQL binaries are absent.
+    """
+    from tests.pg_support import PgCluster, pg_binaries
+
+    binaries = pg_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL binaries (apt-get install postgresql)")
+    cluster = PgCluster(binaries)
+    try:
+        cluster.initdb()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster):
+    """A fresh, empty database of the session's PostgreSQL cluster."""
+    return pg_cluster.create_database()

@@ -24,6 +24,7 @@ EXPOSURE_GOALS = {
     "decnet-listener.service": 2.5,
     "decnet-updater.service": 2.5,
     "decnet-enroll.service": 2.5,
+    "decnet-sink.service": 2.5,
 }
 TAPS = {
     "decnet-agent": "decnet.agent.tap",
@@ -31,6 +32,7 @@ TAPS = {
     "decnet-forwarder": "decnet.forwarder.tap",
     "decnet-listener": "decnet.listener.tap",
     "decnet-enroll": "decnet.master.enroll_tap",
+    "decnet-sink": "decnet.sink.tap",
 }
 # Units that run as another daemon's user, and why: decnet-enroll signs with the CA key and
 # writes the registry, which is exactly what decnet-admin (the CA's owner) does.
@@ -141,7 +143,7 @@ def test_the_agent_and_the_forwarder_agree_on_the_log_file():
 def test_no_two_units_share_a_user_and_every_user_and_group_they_name_is_declared():
     declared = sysusers_entries()
     users = [directives(u)["User"][0] for u in SERVICES]
-    assert len(set(users)) == len(users) == 5
+    assert len(set(users)) == len(users) == 6
     for unit in SERVICES:
         d = directives(unit)
         assert d["User"][0] in declared["u"], unit.name

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from twisted.internet import task
 
@@ -28,6 +28,11 @@ from decnet.events import query
 from decnet.events.index import EventIndex, index_path
 from decnet.interfaces import IDecnetReactor
 from decnet.threads import run_in_pool
+
+if TYPE_CHECKING:
+    from decnet.sink.store import PgEvents
+
+    EventStore = EventIndex | PgEvents
 
 USAGE_ERROR = 2
 DEFAULT_LIMIT = 100  # rows of a search without --limit
@@ -47,6 +52,8 @@ EXAMPLES = [
     "# every user name tried in the last day, through jq:",
     "decnet-admin events --event login --since 1d --limit 0 --json \\",
     "  | jq -r '.structured_data[].params[] | select(.[0] == \"user\") | .[1]'",
+    "# the same filters on the PostgreSQL store of twistd decnet-sink (at scale):",
+    "decnet-admin events --postgres 'host=db.example dbname=decnet user=soc' --since 1h",
 ]
 
 
@@ -84,6 +91,13 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         metavar="DIR",
         help="the listener's ingest directory (default: <home>/ingest, as the listener's "
         "--ingest-dir)",
+    )
+    p.add_argument(
+        "--postgres",
+        metavar="DSN",
+        default=None,
+        help="query the PostgreSQL store that twistd decnet-sink fills instead of the index "
+        "(a libpq DSN or postgresql:// URL; keep a password in ~/.pgpass)",
     )
     p.add_argument("--worker", action="append", default=[], metavar="W", help="source worker")
     p.add_argument("--decky", metavar="D", help="decky (the line's HOSTNAME)")
@@ -174,16 +188,29 @@ def _usage_error(message: str, as_json: bool) -> int:
     return USAGE_ERROR
 
 
-def cmd_events(args: argparse.Namespace) -> int:
+def open_store(args: argparse.Namespace) -> EventStore:
+    """The SQLite index (default) or the sink's PostgreSQL store (``--postgres``)."""
+    if args.postgres is not None:
+        from decnet.sink.store import PgEvents
+
+        return PgEvents(args.postgres)
     if args.ingest is None:
         require_home(args.paths)
+    ingest = args.ingest if args.ingest is not None else args.paths.ingest_dir
+    return EventIndex(index_path(ingest), readonly=True)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if args.postgres is not None and args.ingest is not None:
+        return _usage_error(
+            "--postgres and --ingest name two different stores: give one", args.json
+        )
     try:
         filters = filters_of(args, time.time_ns() // 1000)
     except FilterError as exc:
         return _usage_error(str(exc), args.json)
-    ingest = args.ingest if args.ingest is not None else args.paths.ingest_dir
     printer = Printer(args.json)
-    index = EventIndex(index_path(ingest), readonly=True)  # EventIndexError: reported by main
+    index = open_store(args)  # EventIndexError: reported by main
     try:
         if args.follow:
             backlog = FOLLOW_BACKLOG if args.limit is None else args.limit
@@ -200,7 +227,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 async def follow(
     reactor: IDecnetReactor,
-    index: EventIndex,
+    index: EventStore,
     filters: query.Filters,
     backlog: int,
     printer: Printer,

@@ -81,7 +81,7 @@ def parse_since(text: str, now_us: int) -> int:
         ) from None
 
 
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def ip_key(text: object) -> bytes | None:
@@ -92,7 +92,7 @@ def ip_key(text: object) -> bytes | None:
     if not isinstance(text, str) or len(text) > 45:
         return None
     try:
-        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
+        return V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
     except OSError:
         pass
     try:
@@ -132,43 +132,88 @@ class Filters:
 
 
 # Filter field → the column it compares with equality.
-_EQUAL = (("decky", "decky"), ("service", "service"), ("event", "event"), ("user", "user"))
+_EQUAL = (("decky", "decky"), ("service", "service"), ("event", "event"), ("user", '"user"'))
 
 
-def where(filters: Filters) -> tuple[list[str], list[object]]:
+def network_text(lo: bytes, hi: bytes) -> str:
+    """The CIDR of a :func:`parse_network` range (IPv4 when it lies in the mapped block)."""
+    span = (int.from_bytes(lo, "big") ^ int.from_bytes(hi, "big")).bit_length()
+    prefix = 128 - span
+    if lo[:12] == V4_MAPPED and prefix >= 96:
+        return f"{socket.inet_ntop(socket.AF_INET, lo[12:])}/{prefix - 96}"
+    return f"{socket.inet_ntop(socket.AF_INET6, lo)}/{prefix}"
+
+
+@attrs.frozen
+class Dialect:
+    """How one store spells the same filters: the SQLite index or the PostgreSQL sink's table.
+
+    ``src_range``: addresses as 16-byte keys compared by range (SQLite), or
+    ``inet`` compared with ``<<=`` (PostgreSQL, see :func:`network_text`).
+    """
+
+    table: str
+    mark: str
+    grep: str
+    src_range: bool
+    alias: str = ""  # (PostgreSQL names every subquery)
+
+
+SQLITE = Dialect(table="events", mark="?", grep="instr(entry, {}) > 0", src_range=True)
+POSTGRES = Dialect(
+    table="decnet_events",
+    mark="%s",
+    grep="strpos(entry, {}) > 0",
+    src_range=False,
+    alias=" AS latest",
+)
+
+
+def _src_terms(src: tuple[bytes, bytes], dialect: Dialect) -> tuple[str, list[object]]:
+    lo, hi = src
+    m = dialect.mark
+    if not dialect.src_range:
+        return f"src_ip <<= {m}::inet", [network_text(lo, hi)]
+    if lo == hi:
+        return f"src = {m}", [lo]
+    return f"src BETWEEN {m} AND {m}", [lo, hi]
+
+
+def where(filters: Filters, dialect: Dialect = SQLITE) -> tuple[list[str], list[object]]:
     """The WHERE terms (joined by AND) and their parameters."""
+    m = dialect.mark
     terms: list[str] = []
     params: list[object] = []
     if filters.workers:
-        terms.append("worker IN (" + ",".join("?" * len(filters.workers)) + ")")
+        terms.append("worker IN (" + ",".join([m] * len(filters.workers)) + ")")
         params += filters.workers
     for field, column in _EQUAL:
         value = getattr(filters, field)
         if value is not None:
-            terms.append(f"{column} = ?")
+            terms.append(f"{column} = {m}")
             params.append(value)
     if filters.src is not None:
-        lo, hi = filters.src
-        if lo == hi:
-            terms.append("src = ?")
-            params.append(lo)
-        else:
-            terms.append("src BETWEEN ? AND ?")
-            params += [lo, hi]
+        term, values = _src_terms(filters.src, dialect)
+        terms.append(term)
+        params += values
     if filters.since is not None:
-        terms.append("time >= ?")
+        terms.append(f"time >= {m}")
         params.append(filters.since)
     if filters.until is not None:
-        terms.append("time < ?")
+        terms.append(f"time < {m}")
         params.append(filters.until)
     if filters.grep is not None:
-        terms.append("instr(entry, ?) > 0")
+        terms.append(dialect.grep.format(m))
         params.append(filters.grep)
     return terms, params
 
 
 def build_query(
-    filters: Filters, *, limit: int, after_id: int | None = None
+    filters: Filters,
+    *,
+    limit: int,
+    after_id: int | None = None,
+    dialect: Dialect = SQLITE,
 ) -> tuple[str, list[object]]:
     """``SELECT id, entry`` of the matching rows, oldest first.
 
@@ -177,14 +222,15 @@ def build_query(
     returned oldest first.  With it (``--follow``): rows indexed after row
     ``after_id``, in the order they were indexed, at most ``limit``.
     """
-    terms, params = where(filters)
+    terms, params = where(filters, dialect)
+    m = dialect.mark
     if after_id is not None:
-        terms.insert(0, "id > ?")
+        terms.insert(0, f"id > {m}")
         params.insert(0, after_id)
-    matching = "FROM events" + (" WHERE " + " AND ".join(terms) if terms else "")
+    matching = f"FROM {dialect.table}" + (" WHERE " + " AND ".join(terms) if terms else "")
     cap = ""
     if limit > 0:
-        cap = " LIMIT ?"
+        cap = f" LIMIT {m}"
         params.append(limit)
     if after_id is not None:
         return "SELECT id, entry " + matching + " ORDER BY id" + cap, params
@@ -192,7 +238,10 @@ def build_query(
         return "SELECT id, entry " + matching + " ORDER BY time, id", params
     latest = "SELECT id, entry, time " + matching + " ORDER BY time DESC, id DESC" + cap
     # (Only constant text and placeholders are joined here: every value is a parameter.)
-    return "SELECT id, entry FROM (" + latest + ") ORDER BY time, id", params  # noqa: S608
+    return (
+        "SELECT id, entry FROM (" + latest + ")" + dialect.alias + " ORDER BY time, id",  # noqa: S608
+        params,
+    )
 
 
 def event_params(entry: dict) -> dict[str, str]:

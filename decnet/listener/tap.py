@@ -25,6 +25,21 @@ NATS_URL_RE = re.compile(r"(nats|tls)://([^\s/@]+@)?[A-Za-z0-9.:\[\]_-]+:[0-9]{1
 MAX_HANDSHAKE_TIMEOUT = 300.0
 
 
+# How to reach the broker: the listener's --publish and decnet-sink's --nats share these.
+NATS_CLIENT_OPTIONS: list[list] = [
+    ["nats-creds", None, None, "NATS credentials file (JWT and NKey seed)", absolute_path],
+    ["nats-tls-ca", None, None, "CA certificate(s) of the broker (TLS to NATS)", absolute_path],
+    ["nats-tls-cert", None, None, "Our client certificate for the broker", absolute_path],
+    ["nats-tls-key", None, None, "Its private key", absolute_path],
+    [
+        "nats-stream",
+        None,
+        publishing.DEFAULT_STREAM,
+        "JetStream stream (created when absent; never changed when present)",
+    ],
+]
+
+
 class Options(DaemonOptions):
     endpoint_options = ("listen",)
     synopsis = "[options]"
@@ -134,16 +149,7 @@ class Options(DaemonOptions):
             "Publish every committed batch and event into NATS JetStream: "
             "nats://HOST:PORT[,nats://HOST:PORT...] (see docs/Scale-Out.md)",
         ],
-        ["nats-creds", None, None, "NATS credentials file (JWT and NKey seed)", absolute_path],
-        ["nats-tls-ca", None, None, "CA certificate(s) of the broker (TLS to NATS)", absolute_path],
-        ["nats-tls-cert", None, None, "Our client certificate for the broker", absolute_path],
-        ["nats-tls-key", None, None, "Its private key", absolute_path],
-        [
-            "nats-stream",
-            None,
-            publishing.DEFAULT_STREAM,
-            "JetStream stream (created when absent; never changed when present)",
-        ],
+        *NATS_CLIENT_OPTIONS,
         ["nats-replicas", None, 1, "Replicas of a stream we create (1-5)", between(int, 1, 5)],
         [
             "nats-max-msg",
@@ -204,22 +210,26 @@ class Options(DaemonOptions):
         )
 
 
-def publish_options(options: usage.Options) -> NatsOptions | None:
-    """The ``--publish``/``--nats-*`` options as one value (``None`` without ``--publish``)."""
+def nats_client(options: usage.Options, flag: str) -> dict:
+    """``--FLAG URL[,URL]`` and the ``--nats-*`` client options, checked, as keywords.
+
+    ``servers``, ``creds``, ``tls_ca``, ``tls_cert``, ``tls_key``, ``stream``
+    (of :class:`NatsOptions`); ``{}`` when ``--FLAG`` is not given.
+    """
     nats_given = [
         name
         for name in ("nats-creds", "nats-tls-ca", "nats-tls-cert", "nats-tls-key")
         if options[name]
     ]
-    if not options["publish"]:
+    if not options[flag]:
         if nats_given:
-            raise usage.UsageError(f"--{nats_given[0]} needs --publish")
-        return None
-    servers = tuple(s.strip() for s in options["publish"].split(",") if s.strip())
+            raise usage.UsageError(f"--{nats_given[0]} needs --{flag}")
+        return {}
+    servers = tuple(s.strip() for s in options[flag].split(",") if s.strip())
     for server in servers:
         if not NATS_URL_RE.fullmatch(server):
             raise usage.UsageError(
-                f"--publish: {server!r} is not nats://HOST:PORT (or tls://HOST:PORT); "
+                f"--{flag}: {server!r} is not nats://HOST:PORT (or tls://HOST:PORT); "
                 "separate several with commas"
             )
     for name in nats_given:
@@ -229,15 +239,28 @@ def publish_options(options: usage.Options) -> NatsOptions | None:
         raise usage.UsageError("--nats-tls-cert and --nats-tls-key go together")
     if not publishing.STREAM_NAME_RE.fullmatch(options["nats-stream"]):
         raise usage.UsageError("--nats-stream: 1-64 characters of A-Z, a-z, 0-9, '_', '-'")
+    names = "creds tls-ca tls-cert tls-key stream"
+    given = {name.replace("-", "_"): options[f"nats-{name}"] for name in names.split()}
+    return {"servers": servers, **given}
+
+
+def publish_options(options: usage.Options) -> NatsOptions | None:
+    """The ``--publish``/``--nats-*`` options as one value (``None`` without ``--publish``)."""
+    client = nats_client(options, "publish")
+    if not client:
+        return None
     if options["nats-max-msg"] < options["max-frame"] + publishing.HEADER_ROOM:
         raise usage.UsageError(
             f"--nats-max-msg {options['nats-max-msg']} must be at least --max-frame plus "
             f"{publishing.HEADER_ROOM} ({options['max-frame'] + publishing.HEADER_ROOM}): "
             "a whole line must fit in one message"
         )
-    names = "creds tls-ca tls-cert tls-key stream replicas max-msg"
-    given = {name.replace("-", "_"): options[f"nats-{name}"] for name in names.split()}
-    return NatsOptions(servers=servers, events=not options["no-feed"], **given)
+    return NatsOptions(
+        events=not options["no-feed"],
+        replicas=options["nats-replicas"],
+        max_msg=options["nats-max-msg"],
+        **client,
+    )
 
 
 def ack_mode(value: str | None, publishing_on: bool) -> str:

@@ -33,3 +33,9 @@ decnet_enroll = ServiceMaker(
     "DECNET token enrollment on the master: signs worker CSRs for one-time tokens (TLS)",
     "decnet-enroll",
 )
+decnet_sink = ServiceMaker(
+    "DECNET sink",
+    "decnet.sink.tap",
+    "DECNET event sink: JetStream events into PostgreSQL, exactly once",
+    "decnet-sink",
+)

@@ -1,0 +1,1 @@
+"""``twistd decnet-sink``: the events of ``decnet.events.>`` (JetStream) into PostgreSQL."""
