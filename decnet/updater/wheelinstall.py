@@ -47,14 +47,12 @@ _SCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _SITE_DATA = ("purelib", "platlib")
 
-# pip's console-script template (pip._internal.operations.install.wheel / distlib).
+# pip's console-script template (pip 26: pip._internal.operations.install.wheel).
 SCRIPT_TEMPLATE = (
-    "# -*- coding: utf-8 -*-\n"
-    "import re\n"
     "import sys\n"
     "from {module} import {head}\n"
     "if __name__ == '__main__':\n"
-    "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+    "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n"
     "    sys.exit({call}())\n"
 )
 
