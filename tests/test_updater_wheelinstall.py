@@ -222,14 +222,17 @@ def test_unpacking_installs_the_same_files_as_pip_for_a_real_wheel(tmp_path, whe
 
 @pytest_twisted.ensureDeferred
 async def test_a_dependency_environment_is_unpacked_and_byte_compiled_without_pip(tmp_path):
-    wheel = make_wheel(tmp_path / "demo-1.0-py3-none-any.whl", {"demo/__init__.py": b"x = 1\n"})
-    env = tmp_path / "env"
-    env.mkdir()
+    files = {"demo/__init__.py": b"x = 1\n", "demo/tests/test_demo.py": b"y = 2\n"}
+    wheel = make_wheel(tmp_path / "demo-1.0-py3-none-any.whl", files)
+    env = tmp_path / "tests" / "env"  # a "tests" directory above site-packages is no test suite
+    env.mkdir(parents=True)
     installer = Installer(reactor, compile_bytecode=False, to_thread=pool_runner(reactor))
     output = await installer.build_deps(env, [wheel])
     assert "unpacked 1 wheel(s)" in output and " pip " not in output
     site = site_packages(env)
     assert list((site / "demo" / "__pycache__").glob("__init__.*.pyc"))  # always compiled
+    assert (site / "demo" / "tests" / "test_demo.py").exists()
+    assert not (site / "demo" / "tests" / "__pycache__").exists()  # its test suite is not
     assert (env / "bin" / "demo-hello").read_bytes().startswith(f"#!{env}/bin/python\n".encode())
 
 
@@ -255,3 +258,16 @@ async def test_a_wheel_only_pip_installs_makes_pip_build_the_whole_environment(t
     assert " -m pip --python " in output and "unpacked" not in output
     assert (env / "bin" / "other-run").read_text().startswith(f"#!{env}/bin/python")
     assert (env / "bin" / "demo-hello").exists()  # pip installed both, from an empty env
+
+
+def test_only_test_suites_below_site_packages_are_left_uncompiled():
+    import re
+
+    site = "/srv/tests/install/deps/x/lib/python3.11/site-packages"
+    skip = re.compile(wi.suite_dirs_pattern(site))
+    assert skip.search(f"{site}/twisted/test/test_tcp.py")
+    assert skip.search(f"{site}/twisted/internet/test/test_tcp.py")
+    assert skip.search(f"{site}/nacl/tests/a.py")
+    assert not skip.search(f"{site}/twisted/internet/tcp.py")
+    assert not skip.search(f"{site}/attestation/tests_helper.py")
+    assert not skip.search(f"{site}/twisted/trial/runner.py")

@@ -50,7 +50,13 @@ from decnet import config
 from decnet.errors import InstallFailed, WheelUnsupported
 from decnet.interfaces import IDecnetReactor
 from decnet.process import ProcessResult, child_env, run_process
-from decnet.updater.wheelinstall import FINISH_SCRIPT, SH_EXEC, shebang, unpack_wheel
+from decnet.updater.wheelinstall import (
+    FINISH_SCRIPT,
+    SH_EXEC,
+    shebang,
+    suite_dirs_pattern,
+    unpack_wheel,
+)
 
 DEPS_PTH = "decnet-deps.pth"
 
@@ -242,9 +248,10 @@ class Installer:
             linked = await self._blocking(link_deps, venv, *link)
             outputs.append(f"linked {link[0]} and {linked} console scripts")
         outputs.append(await self._blocking(unpack_all, venv, wheels))
-        site = site_packages(venv) if compile_workers else ""
-        finish = [str(venv / "bin" / "python"), "-c", FINISH_SCRIPT, str(site)]
-        steps = [("byte-compile and build the plugin cache", [*finish, str(compile_workers)])]
+        site = str(site_packages(venv)) if compile_workers else ""
+        skip = suite_dirs_pattern(site) if site and link is None else ""
+        finish = [str(venv / "bin" / "python"), "-c", FINISH_SCRIPT, site, str(compile_workers)]
+        steps = [("byte-compile and build the plugin cache", [*finish, skip])]
         return await self._run(steps, venv.parent, outputs)
 
     async def _blocking(self, f: Callable[..., Any], *args: Any) -> Any:
