@@ -271,3 +271,26 @@ def test_only_test_suites_below_site_packages_are_left_uncompiled():
     assert not skip.search(f"{site}/twisted/internet/tcp.py")
     assert not skip.search(f"{site}/attestation/tests_helper.py")
     assert not skip.search(f"{site}/twisted/trial/runner.py")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_updater_release_gets_pip_unpacked_from_the_bundled_wheels(tmp_path):
+    """update-self: the new updater's venv needs pip; ensurepip's own wheels, unpacked."""
+    from decnet.updater.installer import bundled_wheels
+
+    if not bundled_wheels():
+        pytest.skip("this Python ships no bundled pip wheel")
+    deps = tmp_path / "deps"
+    create_venv(deps)
+    release = tmp_path / "release"
+    release.mkdir()
+    wheel = make_wheel(tmp_path / "demo-1.0-py3-none-any.whl", {"demo/__init__.py": b"x = 1\n"})
+    installer = Installer(reactor, compile_bytecode=False, to_thread=pool_runner(reactor))
+    output = await installer.install_wheel(
+        release, site_packages(deps), deps / "bin", wheel, with_pip=True
+    )
+    assert "unpacked 3 wheel(s)" in output and " -m pip " not in output
+    python = release / "venv" / "bin" / "python"
+    version = subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True)
+    assert version.returncode == 0 and str(release / "venv") in version.stdout.decode()
+    assert (release / "venv" / "bin" / "pip").exists()

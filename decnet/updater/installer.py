@@ -208,10 +208,12 @@ class Installer:
         """The release's small venv: linked to ``deps_site``, plus ``wheel`` with ``--no-deps``."""
         release_dir = Path(release_dir)
         venv = release_dir / config.RELEASE_VENV_DIR
-        if self.unpack and not with_pip:
+        bundled = bundled_wheels() if with_pip else []
+        if self.unpack and (bundled or not with_pip):
             try:
                 workers = 1 if self.compile_bytecode else 0
-                return await self._unpacked(venv, [wheel], workers, link=(deps_site, deps_bin))
+                wheels = [wheel, *bundled]
+                return await self._unpacked(venv, wheels, workers, link=(deps_site, deps_bin))
             except WheelUnsupported as exc:
                 self.log.info("pip installs the decnet wheel: {why}", why=str(exc))
                 await self._blocking(discard_tree, venv)
@@ -258,6 +260,17 @@ class Installer:
         if self.to_thread is None:
             return f(*args)
         return await self.to_thread(f, *args)
+
+
+def bundled_wheels() -> list[Path]:
+    """The pip and setuptools wheels ``ensurepip`` would install (``python -m venv`` with
+    pip), newest of each; none when this Python ships no bundled wheels (then pip's way)."""
+    spec = importlib.util.find_spec("ensurepip")
+    if spec is None or spec.origin is None:
+        return []
+    bundled = Path(spec.origin).parent / "_bundled"
+    found = [sorted(bundled.glob(f"{name}-*.whl"))[-1:] for name in ("pip", "setuptools")]
+    return found[0] + found[1] if found[0] else []
 
 
 def create_venv(venv: Path) -> None:
