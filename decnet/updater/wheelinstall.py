@@ -59,9 +59,11 @@ SCRIPT_TEMPLATE = (
 # Run by the environment's own interpreter: argv[1] the site-packages to compile ("" for
 # none), argv[2] the number of compile workers, argv[3] a regex of paths not to compile ("" for
 # none).  Compile errors are printed, never fatal (pip ignores them too).  Then Twisted's
-# plugin cache, when there is a Twisted.
+# plugin cache, when there is a Twisted.  At a lower priority (nice 10): the decoys, the
+# agents starting on a release and the updaters answering come first.
 FINISH_SCRIPT = (
-    "import compileall, importlib.util, re, sys\n"
+    "import compileall, importlib.util, os, re, sys\n"
+    "os.nice(10)\n"
     "if sys.argv[1]:\n"
     "    skip = re.compile(sys.argv[3]) if sys.argv[3] else None\n"
     "    compileall.compile_dir(sys.argv[1], quiet=1, workers=int(sys.argv[2]), rx=skip)\n"
