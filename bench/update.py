@@ -14,8 +14,10 @@ confirmation) for the scenarios of issue 14:
    dependencies.
 
 For each: wall seconds, bytes sent (the tarballs pushed, from ``update --json``),
-and CPU seconds (``decnet-admin`` plus every updater with its pip and agent
-children).  All updaters share this machine's cores.
+and CPU seconds, in all and split into ``decnet-admin`` (the master: start-up,
+building the wheel, TLS, pushing) and the hosts (every updater with its
+byte-compiling and agent children).  All updaters share this machine's cores,
+so the load average is printed with the figures.
 
     .venv/bin/python bench/update.py [--hosts 10] [--no-compile] [--keep]
 """
@@ -100,10 +102,10 @@ def children_cpu() -> float:
 
 class Figures:
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, int | None, float]] = []
+        self.rows: list[tuple[str, float, int | None, float, float]] = []
 
-    def add(self, name: str, seconds: float, sent: int | None, cpu: float) -> None:
-        self.rows.append((name, seconds, sent, cpu))
+    def add(self, name: str, seconds: float, sent: int | None, cpu: tuple[float, float]) -> None:
+        self.rows.append((name, seconds, sent, *cpu))
         print(f"  {name}: {seconds:.2f} s", flush=True)
 
     def seconds(self, name: str) -> float:
@@ -111,20 +113,27 @@ class Figures:
 
     def show(self) -> None:
         width = max(len(r[0]) for r in self.rows)
-        print(f"  {'scenario'.ljust(width)}  {'seconds':>8}  {'bytes sent':>12}  {'CPU s':>7}")
-        for name, seconds, sent, cpu in self.rows:
+        head = f"{'scenario'.ljust(width)}  {'seconds':>8}  {'bytes sent':>12}  {'CPU s':>6}"
+        print(f"  {head}  {'admin':>6}  {'hosts':>6}")
+        for name, seconds, sent, admin_cpu, hosts_cpu in self.rows:
             shown = "-" if sent is None else f"{sent:,}"
-            print(f"  {name.ljust(width)}  {seconds:8.2f}  {shown:>12}  {cpu:7.1f}")
+            cpu = admin_cpu + hosts_cpu
+            print(
+                f"  {name.ljust(width)}  {seconds:8.2f}  {shown:>12}  {cpu:6.1f}"
+                f"  {admin_cpu:6.2f}  {hosts_cpu:6.2f}"
+            )
 
 
 def measured(updaters, run):
-    """``run()`` timed, with the CPU of decnet-admin and of every updater tree it cost."""
-    before = children_cpu() + sum(tree_cpu(u.process.pid) for u in updaters)
+    """``run()`` timed, with the CPU seconds it cost decnet-admin and every updater tree."""
+    admin_before = children_cpu()
+    hosts_before = sum(tree_cpu(u.process.pid) for u in updaters)
     start = time.monotonic()
     result = run()
     seconds = time.monotonic() - start
-    cpu = children_cpu() + sum(tree_cpu(u.process.pid) for u in updaters) - before
-    return seconds, cpu, result
+    admin_cpu = children_cpu() - admin_before
+    hosts_cpu = sum(tree_cpu(u.process.pid) for u in updaters) - hosts_before
+    return seconds, (admin_cpu, hosts_cpu), result
 
 
 def update(paths, *args, root, wheelhouse):
@@ -155,6 +164,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     print("building the wheelhouse (cached) ...", flush=True)
     wheelhouse = ensure_wheelhouse()
     work = Path(tempfile.mkdtemp(prefix="decnet-bench-update-"))
@@ -230,6 +240,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
+    before, after = (" ".join(f"{x:.2f}" for x in load) for load in (load_before, os.getloadavg()))
+    print(f"load average (1, 5, 15 min) before: {before}; after: {after}")
     print(
         f"decnet-admin update, end to end (compile={not args.no_compile}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}):"
@@ -243,6 +255,8 @@ def main() -> int:
     print(f"  next release, same deps, 1 host < 2 s:     {one_next:.2f} s")
     print(f"  {args.hosts} hosts / 1 host < 2x (same deps):    {many_next / one_next:.2f}x")
     print(f"  first release < 12 s:                      {one_first:.2f} s")
+    per_host = next(r[4] for r in figures.rows if r[0] == "1 host: next release, same deps")
+    print(f"  updater CPU of one host, same deps:         {per_host:.2f} s")
     print(f"  unchanged deps send < 1 MiB:               {unchanged:,} bytes")
     return 0
 

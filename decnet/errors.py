@@ -171,6 +171,14 @@ class InstallFailed(UpdateError):
     status = 422
 
 
+class WheelRefused(InstallFailed):
+    """A wheel that must not be unpacked: an unsafe member name, a duplicate, a RECORD lie."""
+
+
+class WheelUnsupported(InstallFailed):
+    """A wheel the updater's own unpacking does not handle; pip installs it instead."""
+
+
 class UnknownRelease(UpdateError):
     """No complete release with that id is installed."""
 

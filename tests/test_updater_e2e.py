@@ -176,7 +176,10 @@ def test_kill_9_of_the_updater_mid_update_is_repaired_on_restart(
 def test_update_all_with_a_canary_across_several_updaters(
     updaters, master_home, release_trees, wheelhouse
 ):
-    fleet = updaters(3)
+    # Two updaters build their dependency environment and start their agent at the same
+    # time on a loaded machine: give the agents the daemon's default health timeout (a
+    # crashing agent is still detected at once, by its exit).
+    fleet = updaters(3, health_timeout=30)
     paths = master_home
     names = [u.name for u in fleet]
     hosts = [arg for n in names for arg in ("--host", n)]

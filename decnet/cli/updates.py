@@ -202,7 +202,9 @@ def cmd_update(args: argparse.Namespace) -> int:
     root = release_root(args)
     if root is not None:
         tar_tree.collect(root)  # not a source tree: say so before building anything
-    release = wheel_release.prepare(root, _wheels_dir(args, root))
+    cache = args.paths.home / "cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    release = wheel_release.prepare(root, _wheels_dir(args, root), cache_dir=cache)
     try:
         if args.dry_run:
             return _dry_run(args, plan, release)

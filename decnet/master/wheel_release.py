@@ -19,6 +19,7 @@ before the reactor starts.
 
 from __future__ import annotations
 
+import ast
 import base64
 import csv
 import hashlib
@@ -67,6 +68,7 @@ BUILD_WHEEL_SCRIPT = (
     "import sys\nfrom setuptools import build_meta\nprint(build_meta.build_wheel(sys.argv[1]))\n"
 )
 _SKIPPED_DIST_FILES = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")
+TEMPLATE_FILE = "template.json"
 
 
 @attrs.frozen
@@ -117,15 +119,38 @@ def dependency_wheels(directory: Path) -> list[tuple[Wheel, Path]]:
     return found
 
 
-def wheel_from_checkout(root: Path, out_dir: Path) -> Path:
-    """Build DECNET's wheel from the allow-listed files of the checkout at ``root``."""
+def wheel_from_checkout(root: Path, out_dir: Path, cache_dir: Path | None = None) -> Path:
+    """DECNET's wheel from the allow-listed files of the checkout at ``root``.
+
+    setuptools runs (in a child process, on a scratch copy) only for what it
+    decides: the wheel's name, its ``.dist-info`` and which files go in.  That
+    is kept as a *template* under ``cache_dir``, keyed by everything it depends
+    on (:func:`template_key`), and the wheel is always assembled from the
+    template and the checkout's current files (:func:`assemble_wheel`,
+    reproducible), so a release whose metadata did not change builds in
+    milliseconds, and the same tree gives the same bytes, cached or not.
+    """
     files, _skipped = tar_tree.collect(root)
+    key = template_key(root, files)
+    cached = Path(cache_dir) / f"wheel-template-{key}" if cache_dir and key else None
+    if cached is not None and (cached / TEMPLATE_FILE).is_file():
+        template = cached
+    else:
+        built = _setuptools_wheel(root, files, out_dir)
+        saved = save_template(built, dict(files), cached or out_dir / "template")
+        if saved is None:  # setuptools changed a file: ship exactly what it built
+            return built
+        template = saved
+    return assemble_wheel(template, root, out_dir / "dist")
+
+
+def _setuptools_wheel(root: Path, files: list[tuple[str, Path]], out_dir: Path) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix="decnet-wheel-src-", dir=out_dir))
     for arcname, source in files:
         target = scratch / arcname
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    dist = out_dir / "dist"
+    dist = out_dir / "setuptools"
     dist.mkdir(exist_ok=True)
     env = {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(
@@ -141,6 +166,117 @@ def wheel_from_checkout(root: Path, out_dir: Path) -> Path:
         tail = (result.stderr or result.stdout)[-2000:]
         raise ConfigError(f"building the decnet wheel from {root} failed:\n{tail}")
     return dist / result.stdout.strip().splitlines()[-1]
+
+
+def declared_version(source: str) -> str | None:
+    """The literal ``__version__ = "..."`` of a module's source, if it has exactly one."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    found = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def template_key(root: Path, files: list[tuple[str, Path]]) -> str | None:
+    """What setuptools' output depends on: the build files (``setup.cfg``, README, ...),
+    the list of files, DECNET's ``__version__`` and the build tools.  ``None`` when the
+    version is not a literal (then setuptools builds every time)."""
+    version = declared_version((Path(root) / "decnet" / "__init__.py").read_text())
+    if version is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (sys.version, _tool_version("setuptools"), _tool_version("wheel"), version):
+        digest.update(part.encode() + b"\0")
+    for arcname, path in files:
+        digest.update(arcname.encode() + b"\0")
+        if "/" not in arcname:  # setup.cfg, pyproject.toml, README, LICENSE: by content
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+def _tool_version(name: str) -> str:
+    try:
+        return f"{name} {importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{name} none"
+
+
+def save_template(built: Path, files: dict[str, Path], target: Path) -> Path | None:
+    """Keep the name, ``.dist-info`` and member list of the setuptools wheel ``built``.
+
+    ``None`` if setuptools put in a file that is not a verbatim copy of the
+    checkout's (the template could not reproduce it).
+    """
+    with zipfile.ZipFile(built) as zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        info_dirs = {i.filename.split("/")[0] for i in infos if ".dist-info/" in i.filename}
+        if len(info_dirs) != 1:
+            return None
+        info_dir = info_dirs.pop()
+        members = [i.filename for i in infos if not i.filename.startswith(info_dir + "/")]
+        meta = _dist_info_files(zf, info_dir)
+        if meta is None or not all(_verbatim(zf, name, files.get(name)) for name in members):
+            return None
+    partial = target.parent / f".{target.name}.{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "dist-info").mkdir(parents=True)
+    for leaf, data in meta.items():
+        (partial / "dist-info" / leaf).parent.mkdir(parents=True, exist_ok=True)
+        (partial / "dist-info" / leaf).write_bytes(data)
+    doc = {"wheel": built.name, "dist_info": info_dir, "members": sorted(members)}
+    (partial / TEMPLATE_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+    if target.exists():  # made meanwhile by another decnet-admin: same key, same content
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.rename(target)
+    return target
+
+
+def _verbatim(zf: zipfile.ZipFile, name: str, source: Path | None) -> bool:
+    return source is not None and source.read_bytes() == zf.read(name)
+
+
+def _dist_info_files(zf: zipfile.ZipFile, info_dir: str) -> dict[str, bytes] | None:
+    """The ``.dist-info`` files to keep (not RECORD, by path below it); ``None`` if a name
+    is odd."""
+    found = {}
+    for info in zf.infolist():
+        if info.is_dir() or not info.filename.startswith(info_dir + "/"):
+            continue
+        leaf = info.filename[len(info_dir) + 1 :]
+        if any(part in ("", ".", "..") for part in leaf.split("/")):
+            return None
+        if leaf not in _SKIPPED_DIST_FILES:
+            found[leaf] = zf.read(info)
+    return found
+
+
+def assemble_wheel(template: Path, root: Path, dist: Path) -> Path:
+    """The wheel of ``template`` with the current files of the checkout at ``root``."""
+    doc = json.loads((template / TEMPLATE_FILE).read_text())
+    info_dir = doc["dist_info"]
+    members = [(name, Path(root) / name) for name in doc["members"]]
+    missing = [name for name, path in members if not path.is_file() or path.is_symlink()]
+    if missing:
+        raise ConfigError(f"the checkout {root} lost {missing[:3]} since the wheel template")
+    meta_dir = template / "dist-info"
+    meta = [
+        (f"{info_dir}/{p.relative_to(meta_dir).as_posix()}", p)
+        for p in sorted(meta_dir.rglob("*"))
+        if p.is_file()
+    ]
+    dist.mkdir(parents=True, exist_ok=True)
+    target = dist / doc["wheel"]
+    _write_wheel(target, members + meta, info_dir)
+    return target
 
 
 def installed_distribution() -> importlib.metadata.Distribution:
@@ -210,13 +346,16 @@ def _write_wheel(target: Path, members: list[tuple[str, Path]], info_dir: str) -
         zf.writestr(info, record.getvalue())
 
 
-def prepare(root: Path | None, wheels: Path, *, git: bool = True) -> WheelRelease:
+def prepare(
+    root: Path | None, wheels: Path, *, git: bool = True, cache_dir: Path | None = None
+) -> WheelRelease:
     """Build the release: DECNET's wheel (from ``root``, or the installed distribution when
-    ``root`` is ``None``) and the dependency set of the wheelhouse ``wheels``."""
+    ``root`` is ``None``) and the dependency set of the wheelhouse ``wheels``; the wheel
+    template of a checkout is kept in ``cache_dir`` (:func:`wheel_from_checkout`)."""
     work = Path(tempfile.mkdtemp(prefix="decnet-release-"))
     try:
         if root is not None:
-            path = wheel_from_checkout(Path(root).absolute(), work)
+            path = wheel_from_checkout(Path(root).absolute(), work, cache_dir)
             git_sha, dirty = tar_tree.git_state(Path(root)) if git else (None, None)
             build: dict[str, str | bool] = {"source": "checkout"}
             if git_sha:

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import venv as venv_module
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -45,9 +47,16 @@ from typing import Any
 from twisted.logger import Logger
 
 from decnet import config
-from decnet.errors import InstallFailed
+from decnet.errors import InstallFailed, WheelUnsupported
 from decnet.interfaces import IDecnetReactor
 from decnet.process import ProcessResult, child_env, run_process
+from decnet.updater.wheelinstall import (
+    FINISH_SCRIPT,
+    SH_EXEC,
+    shebang,
+    suite_dirs_pattern,
+    unpack_wheel,
+)
 
 DEPS_PTH = "decnet-deps.pth"
 
@@ -79,6 +88,7 @@ class Installer:
         compile_bytecode: bool = True,
         use_own_pip: bool | None = None,
         to_thread: Callable[..., Awaitable[Any]] | None = None,
+        unpack: bool = True,
     ):
         self.reactor = reactor
         self.python = python
@@ -86,6 +96,7 @@ class Installer:
         self.compile_bytecode = compile_bytecode
         self.use_own_pip = has_pip() if use_own_pip is None else use_own_pip
         self.to_thread = to_thread
+        self.unpack = unpack  # wheel releases: unpack wheels instead of running pip
 
     def commands(self, release_dir: Path, *, with_pip: bool = False) -> list[tuple[str, list[str]]]:
         """``(step, argv)`` pairs :meth:`install` runs, in order."""
@@ -177,8 +188,19 @@ class Installer:
         ]
 
     async def build_deps(self, env_dir: Path, wheels: list[Path]) -> str:
-        """Install ``wheels`` (every dependency, offline, no resolution) into ``env_dir``."""
-        return await self._run(self.deps_commands(Path(env_dir), wheels), Path(env_dir))
+        """Install ``wheels`` (every dependency, offline, no resolution) into ``env_dir``.
+
+        By unpacking (:mod:`decnet.updater.wheelinstall`) when every wheel allows
+        it, else with pip; byte-compiled either way.
+        """
+        env_dir = Path(env_dir)
+        if self.unpack:
+            try:
+                return await self._unpacked(env_dir, wheels, compile_workers=os.cpu_count() or 1)
+            except WheelUnsupported as exc:
+                self.log.info("pip installs the dependency environment: {why}", why=str(exc))
+                await self._blocking(empty_directory, env_dir)
+        return await self._run(self.deps_commands(env_dir, wheels), env_dir)
 
     async def install_wheel(
         self, release_dir: Path, deps_site: Path, deps_bin: Path, wheel: Path, *, with_pip: bool
@@ -186,6 +208,15 @@ class Installer:
         """The release's small venv: linked to ``deps_site``, plus ``wheel`` with ``--no-deps``."""
         release_dir = Path(release_dir)
         venv = release_dir / config.RELEASE_VENV_DIR
+        bundled = bundled_wheels() if with_pip else []
+        if self.unpack and (bundled or not with_pip):
+            try:
+                workers = 1 if self.compile_bytecode else 0
+                wheels = [wheel, *bundled]
+                return await self._unpacked(venv, wheels, workers, link=(deps_site, deps_bin))
+            except WheelUnsupported as exc:
+                self.log.info("pip installs the decnet wheel: {why}", why=str(exc))
+                await self._blocking(discard_tree, venv)
         create, install = self._venv_and_pip(venv, with_pip=with_pip)
         outputs: list[str] = []
         await self._run([("create the venv", create)], release_dir, outputs)
@@ -195,10 +226,84 @@ class Installer:
         steps = [("pip install the decnet wheel", [*install, str(wheel)])]
         return await self._run([*steps, ("build the plugin cache", cache)], release_dir, outputs)
 
+    async def _unpacked(
+        self,
+        venv: Path,
+        wheels: list[Path],
+        compile_workers: int,
+        link: tuple[Path, Path] | None = None,
+    ) -> str:
+        """A venv without pip holding ``wheels`` unpacked; ``compile_workers`` 0: no bytecode.
+
+        The venv, the link to a dependency environment and the unpacking run in
+        a thread; byte-compiling and the plugin cache in one child process of
+        the venv's own interpreter.
+        """
+        outputs: list[str] = []
+        if self.python == sys.executable:
+            await self._blocking(create_venv, venv)
+            outputs.append(f"created {venv}")
+        else:
+            create = [self.python, "-m", "venv", "--without-pip", str(venv)]
+            await self._run([("create the venv", create)], venv.parent, outputs)
+        if link is not None:
+            linked = await self._blocking(link_deps, venv, *link)
+            outputs.append(f"linked {link[0]} and {linked} console scripts")
+        outputs.append(await self._blocking(unpack_all, venv, wheels))
+        site = str(site_packages(venv)) if compile_workers else ""
+        skip = suite_dirs_pattern(site) if site and link is None else ""
+        finish = [str(venv / "bin" / "python"), "-c", FINISH_SCRIPT, site, str(compile_workers)]
+        steps = [("byte-compile and build the plugin cache", [*finish, skip])]
+        return await self._run(steps, venv.parent, outputs)
+
     async def _blocking(self, f: Callable[..., Any], *args: Any) -> Any:
         if self.to_thread is None:
             return f(*args)
         return await self.to_thread(f, *args)
+
+
+def bundled_wheels() -> list[Path]:
+    """The pip and setuptools wheels ``ensurepip`` would install (``python -m venv`` with
+    pip), newest of each; none when this Python ships no bundled wheels (then pip's way)."""
+    spec = importlib.util.find_spec("ensurepip")
+    if spec is None or spec.origin is None:
+        return []
+    bundled = Path(spec.origin).parent / "_bundled"
+    found = [sorted(bundled.glob(f"{name}-*.whl"))[-1:] for name in ("pip", "setuptools")]
+    return found[0] + found[1] if found[0] else []
+
+
+def create_venv(venv: Path) -> None:
+    """``python -m venv --without-pip venv`` of this interpreter, in process.  Blocking."""
+    venv_module.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(str(venv))
+
+
+def site_packages(venv: Path) -> Path:
+    sites = sorted(Path(venv).glob("lib/python*/site-packages"))
+    if not sites:
+        raise InstallFailed(f"{venv} has no site-packages", output={"install": ""})
+    return sites[0]
+
+
+def unpack_all(venv: Path, wheels: list[Path]) -> str:
+    """Unpack every wheel into ``venv`` (:func:`~decnet.updater.wheelinstall.unpack_wheel`)."""
+    site = site_packages(venv)
+    for wheel in wheels:
+        unpack_wheel(Path(wheel), site, venv / "bin", venv / "bin" / "python")
+    return f"unpacked {len(wheels)} wheel(s) into {site}"
+
+
+def discard_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def empty_directory(path: Path) -> None:
+    """Remove everything inside ``path`` (a dependency environment being rebuilt)."""
+    for entry in Path(path).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def link_deps(venv: Path, deps_site: Path, deps_bin: Path) -> int:
@@ -210,11 +315,8 @@ def link_deps(venv: Path, deps_site: Path, deps_bin: Path) -> int:
     release's interpreter in their ``#!`` line: run from the environment they
     would miss decnet.  Blocking.
     """
-    sites = sorted(venv.glob("lib/python*/site-packages"))
-    if not sites:
-        raise InstallFailed(f"{venv} has no site-packages", output={"install": ""})
     line = f"import site; site.addsitedir({str(deps_site)!r})\n"
-    (sites[0] / DEPS_PTH).write_text(line)
+    (site_packages(venv) / DEPS_PTH).write_text(line)
     old = str(deps_bin.parent / "bin" / "python").encode()
     new = str(venv / "bin" / "python").encode()
     copied = 0
@@ -232,21 +334,9 @@ def link_deps(venv: Path, deps_site: Path, deps_bin: Path) -> int:
     return copied
 
 
-# pip's form for an interpreter path too long for a #! line (Linux truncates at 127 bytes).
-_SH_EXEC = b"#!/bin/sh\n" + b"'" * 3 + b'exec\' %s "$0" "$@"\n\' ' + b"'" * 3 + b"\n"
-_MAX_SHEBANG = 127
-
-
-def shebang(python: bytes) -> bytes:
-    """The first line(s) of a console script run by ``python``, as pip writes them."""
-    if len(python) + 2 <= _MAX_SHEBANG:
-        return b"#!" + python + b"\n"
-    return _SH_EXEC % python
-
-
 def script_body(data: bytes, python: bytes) -> bytes | None:
     """The script without its interpreter line(s), if ``python`` runs it; else ``None``."""
-    for head in (b"#!" + python + b"\n", _SH_EXEC % python):
+    for head in (b"#!" + python + b"\n", SH_EXEC % python):
         if data.startswith(head):
             return data[len(head) :]
     return None
