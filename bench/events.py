@@ -282,16 +282,19 @@ def feed_rates(root: Path, rng: random.Random, pool: list[str], now: int, lines:
     day = 86_400 * 1_000_000
     per = lines // 4  # lines per worker per run
     runs: dict[bool, list[tuple[float, float, dict[str, float]]]] = {True: [], False: []}
+    loads: dict[bool, list[float]] = {True: [], False: []}
     for k, index in enumerate((True, False, False, True)):
         data = {f"feed-{j}": mirror_lines(rng, per, now - day, day, pool) for j in range(2)}
         alone = root / f"rate-{k}"  # its own ingest: the index process indexes all it finds
         runs[index].append(feed_rate(alone, data, now, index=index))
+        loads[index].append(os.getloadavg()[0])
         shutil.rmtree(alone)
     for index, label in ((True, "index process beside it"), (False, "without the index")):
-        for rate, indexed, cpu in runs[index]:
+        for (rate, indexed, cpu), load in zip(runs[index], loads[index], strict=True):
             extra = f"; indexed too after {indexed:.1f} s" if index else ""
             cpus = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items()))
-            print(f"feed, {label:24s} {rate:10,.0f} lines/s  (CPU µs/line: {cpus}{extra})")
+            print(f"feed, {label:24s} {rate:10,.0f} lines/s  (CPU µs/line: {cpus}{extra}; "
+                  f"load {load:.1f})")  # fmt: skip
     with_rate = max(r for r, _i, _c in runs[True])
     without_rate = max(r for r, _i, _c in runs[False])
     feed_cpu = {i: min(c["feed"] for _r, _i, c in runs[i]) for i in (True, False)}
@@ -343,11 +346,12 @@ def main() -> int:
     feeds.stop()
     size = sum(p.stat().st_size for p in ingest.glob("events.sqlite*"))
     print(f"feed built in {fed:.1f} s; index reached {total:,} rows after {took:.1f} s "
-          f"({(total - start_rows) / took:,.0f} rows/s); index {size / 2**30:.2f} GiB")  # fmt: skip
+          f"({(total - start_rows) / took:,.0f} rows/s, load {os.getloadavg()[0]:.1f}); "
+          f"index {size / 2**30:.2f} GiB")  # fmt: skip
 
     # 3. Queries.
     index = EventIndex(index_path(ingest), readonly=True)
-    print(f"queries on {index.count():,} events:")
+    print(f"queries on {index.count():,} events (load {os.getloadavg()[0]:.1f}):")
     since = parse_since("1h", now)
     cases = {
         "events --src-ip X --since 1h": lambda: Filters(
@@ -381,7 +385,8 @@ def main() -> int:
     # 4. Follow.
     latencies = follow_latency(ingest, args.follow)
     if latencies:
-        print(f"follow: durable commit -> line printed: {percentiles(latencies)}")
+        print(f"follow: durable commit -> line printed: {percentiles(latencies)}  "
+              f"(load {os.getloadavg()[0]:.1f})")  # fmt: skip
     if args.dir is None:
         shutil.rmtree(root)
     return 0

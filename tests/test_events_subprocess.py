@@ -207,3 +207,21 @@ def test_an_index_process_that_dies_is_started_again_after_a_backoff_and_catches
     finally:
         child.close()
     assert child.proc is None
+
+
+def test_the_index_process_runs_only_on_cpu_time_nothing_else_wants(tmp_path):
+    """SCHED_IDLE: the derived index never takes the feed's CPU (it lags instead)."""
+    from decnet.events.indexer import IndexChild
+    from tests.events_support import build_feeds
+
+    commit(tmp_path, "w1", [event_line(i) for i in range(10)])
+    build_feeds(tmp_path)
+    child = IndexChild(tmp_path)
+    try:
+        child.start()
+        wait_for(lambda: indexed(tmp_path) == 10, what="the index process")
+        assert child.proc is not None
+        assert os.sched_getscheduler(child.proc.pid) == os.SCHED_IDLE
+        assert os.getpriority(os.PRIO_PROCESS, child.proc.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        child.close()
