@@ -235,9 +235,10 @@ def time_query(index: EventIndex, filters: Filters, limit: int) -> tuple[float, 
 
 def follow_latency(ingest: Path, samples: int) -> list[float]:
     feeds = FeedProcess(ingest, True)
+    live = f"live-{os.getpid()}"  # (a kept --dir has earlier runs' workers)
     follow = subprocess.Popen(
         [str(BIN / "decnet-admin"), "events", "--ingest", str(ingest), "--follow", "--json",
-         "--worker", "live", "--limit", "1"],
+         "--worker", live, "--limit", "1"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
     out: list[tuple[float, str]] = []
@@ -251,18 +252,18 @@ def follow_latency(ingest: Path, samples: int) -> list[float]:
 
     threading.Thread(target=read, daemon=True).start()
     time.sleep(1.0)  # the command's start-up (not part of the figure)
-    files = storage.StreamFiles(ingest / "live", "decnet")
+    files = storage.StreamFiles(ingest / live, "decnet")
     end = files.open().mirror_end
     latencies = []
     try:
         for i in range(samples):
-            token = f"live{os.getpid()}x{i}"  # (a kept --dir has earlier runs' lines)
+            token = f"live{os.getpid()}x{i}"
             line = (TEMPLATE % (iso(time.time_ns() // 1000), "decky-0", "ssh", "login", i,
                                 "192.0.2.1", 1, "root", token)).encode()  # fmt: skip
             end += len(line)
             files.commit(line, [storage.IndexRecord(end, end, time.time_ns() // 1000)])
             t0 = time.perf_counter()  # durable on the "listener"
-            feeds.tell("live", end)
+            feeds.tell(live, end)
             with got:
                 if not got.wait_for(lambda k=token: any(f'{k}"' in t for _, t in out), 10):
                     print(f"  sample {i}: not printed within 10 s")
