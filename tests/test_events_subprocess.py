@@ -53,7 +53,7 @@ def test_every_feed_line_is_indexed_exactly_once_across_kill_9_of_the_feed_and_i
     lines = 0
     cut_short = []
     for round_ in range(3):
-        batch = [event_line(lines + i, user="u" * 200) for i in range(12_000)]  # ~6 MB of feed
+        batch = [event_line(lines + i, user="u" * 200) for i in range(20_000)]  # ~10 MB of feed
         end = commit(tmp_path, "w1", batch)
         lines += len(batch)
         proc = feed_process(tmp_path)
@@ -64,7 +64,7 @@ def test_every_feed_line_is_indexed_exactly_once_across_kill_9_of_the_feed_and_i
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         cut_short.append(indexed(tmp_path) < lines)
-    assert any(cut_short)  # (1 MiB per transaction: killed in the middle, not after)
+    assert any(cut_short)  # (4 MiB per transaction: killed in the middle, not after)
     proc = feed_process(tmp_path)
     tell(proc, "w1", end)
     try:
@@ -207,3 +207,21 @@ def test_an_index_process_that_dies_is_started_again_after_a_backoff_and_catches
     finally:
         child.close()
     assert child.proc is None
+
+
+def test_the_index_process_runs_only_on_cpu_time_nothing_else_wants(tmp_path):
+    """SCHED_IDLE: the derived index never takes the feed's CPU (it lags instead)."""
+    from decnet.events.indexer import IndexChild
+    from tests.events_support import build_feeds
+
+    commit(tmp_path, "w1", [event_line(i) for i in range(10)])
+    build_feeds(tmp_path)
+    child = IndexChild(tmp_path)
+    try:
+        child.start()
+        wait_for(lambda: indexed(tmp_path) == 10, what="the index process")
+        assert child.proc is not None
+        assert os.sched_getscheduler(child.proc.pid) == os.SCHED_IDLE
+        assert os.getpriority(os.PRIO_PROCESS, child.proc.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        child.close()

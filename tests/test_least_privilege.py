@@ -622,8 +622,9 @@ def test_the_harness_really_applies_each_units_system_call_filter_and_proc_optio
 ):
     """So that the daemon tests above and below are not vacuous: under the forwarder's
     filter, lowering one's priority fails (``~@resources``), under the listener's it works
-    (it allows ``setpriority`` for its feed process), and /proc shows neither other users'
-    processes (``ProtectProc=invisible``) nor system files (``ProcSubset=pid``)."""
+    (it allows ``setpriority`` for its feed process, and ``sched_setscheduler`` for its index
+    process to run SCHED_IDLE), and /proc shows neither other users' processes
+    (``ProtectProc=invisible``) nor system files (``ProcSubset=pid``)."""
     forwarder = accounts.unit("decnet-forwarder.service")
     listener = accounts.unit("decnet-listener.service")
 
@@ -636,6 +637,10 @@ def test_the_harness_really_applies_each_units_system_call_filter_and_proc_optio
     assert "Operation not permitted" in niced.stderr
     niced = run(listener, "decnet-listener.service", ["nice", "-n", "1", "true"])
     assert niced.returncode == 0 and not niced.stderr
+    idle = run(forwarder, "decnet-forwarder.service", ["chrt", "--idle", "0", "true"])
+    assert "Operation not permitted" in idle.stderr
+    idle = run(listener, "decnet-listener.service", ["chrt", "--idle", "0", "true"])
+    assert idle.returncode == 0 and not idle.stderr
     proc = run(forwarder, "decnet-forwarder.service", ["ls", "/proc/1", "/proc/meminfo"])
     assert proc.returncode != 0 and proc.stderr.count("No such file or directory") == 2
     assert run(forwarder, "decnet-forwarder.service", ["ls", "/proc/self/fd"]).returncode == 0
