@@ -229,6 +229,12 @@ def test_event_headers_and_offsets():
         "Nats-Msg-Id": "ev/w1/auth/77",
         "Nats-Expected-Last-Subject-Sequence": "3",
     }
+    assert pub.event_headers("w1", "auth", 77) == {
+        "Decnet-Worker": "w1",
+        "Decnet-Stream": "auth",
+        "Decnet-Offset": "77",
+        "Nats-Msg-Id": "ev/w1/auth/77",
+    }
     assert pub.event_offset(b'{"mirror_offset":12,"x":1}') == 12
     for bad in (b"{}", b"nope", b'{"mirror_offset":-1}', b'{"mirror_offset":"1"}'):
         with pytest.raises(pub.PublishError):
@@ -275,3 +281,30 @@ def test_a_message_limit_above_the_brokers_is_refused():
     assert pub.payload_limit(1 << 20, 1 << 20) == (1 << 20) - pub.HEADER_ROOM
     with pytest.raises(pub.PublishError, match="larger than the broker's max_payload 65536"):
         pub.payload_limit(1 << 20, 65536)
+
+
+# -- a window of events in flight -----------------------------------------------------
+
+DOWN = pub.Failure(True, "no PubAck")
+REFUSED = pub.Failure(False, "refused")
+
+
+def test_a_window_stored_whole_goes_on_after_its_last_event():
+    assert pub.settle_window([5, 6, 7]) == pub.Settled(3, (), False, None)
+    assert pub.settle_window([]) == pub.Settled(0, (), False, None)
+
+
+def test_a_window_cut_short_goes_on_after_the_stored_prefix_and_names_the_failure():
+    assert pub.settle_window([5, 6, DOWN, DOWN]) == pub.Settled(2, (), False, DOWN)
+    assert pub.settle_window([DOWN, REFUSED]) == pub.Settled(0, (), False, DOWN)
+    assert pub.settle_window([5, REFUSED, DOWN]) == pub.Settled(1, (), False, REFUSED)
+
+
+def test_a_window_fenced_out_midway_keeps_what_was_stored_before_the_other_publisher():
+    assert pub.settle_window([5, 6, None, None]) == pub.Settled(2, (), True, None)
+
+
+def test_a_hole_before_a_stored_event_is_repaired_not_skipped():
+    """A leader change lost event 1 but stored event 2: 1 is republished, 3 is retried."""
+    assert pub.settle_window([5, DOWN, 9, DOWN]) == pub.Settled(3, (1,), False, DOWN)
+    assert pub.settle_window([DOWN, None, 9]) == pub.Settled(3, (0, 1), False, None)
