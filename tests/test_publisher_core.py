@@ -118,6 +118,37 @@ def test_a_gap_is_an_empty_message_of_its_own_between_data():
     }
 
 
+def test_a_moved_record_is_never_published_as_a_gap_the_publisher_waits_for_the_broker():
+    """The worker was here up to len(a), moved away and came back at len(a) + 900: the
+    bytes between are another listener's to publish, so planning stops at the move."""
+    a, b = _lines(2), _lines(3, 2)
+    moved_at = len(a) + 900
+    records = [
+        IndexRecord(len(a), len(a), 1),
+        IndexRecord(len(a), moved_at, 1, moved=True),
+        IndexRecord(len(a + b), moved_at + len(b), 1),
+    ]
+    pieces = pub.plan_raw(pub.Cursor(), records, a + b, max_payload=10_000)
+    assert [(p.start, p.end, p.gap) for p in pieces] == [(0, len(a), False)]
+    assert pub.waiting_for_move(pub.Cursor(), records) is None  # (data comes first)
+    after_a = pieces[0].after
+    assert pub.plan_raw(after_a, records[1:], b, max_payload=10_000) == []
+    assert pub.waiting_for_move(after_a, records[1:]) == moved_at
+    # The other listener's publisher got halfway: still waiting, not a gap.
+    halfway = pub.locate(len(a) + 400, records.__getitem__, len(records))
+    assert halfway == pub.Cursor(1, len(a), len(a) + 400)
+    assert pub.plan_raw(halfway, records[1:], b, max_payload=10_000) == []
+    assert pub.waiting_for_move(halfway, records[1:]) == moved_at
+    # The broker reached the move: this mirror's next segment goes on from there.
+    there = pub.locate(moved_at, records.__getitem__, len(records))
+    assert there == pub.Cursor(2, len(a), moved_at)
+    pieces = pub.plan_raw(there, records[2:], b, max_payload=10_000)
+    assert [(p.start, p.end, p.gap, p.size) for p in pieces] == [
+        (moved_at, moved_at + len(b), False, len(b))
+    ]
+    assert pub.waiting_for_move(there, records[2:]) is None
+
+
 def test_planning_goes_on_from_a_cursor_inside_a_commit():
     data = _lines(6)
     line = len(syslog_line(0))

@@ -229,7 +229,8 @@ class StreamJob:
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             delay = RETRY_FIRST
-            self.warned = None
+            if busy:
+                self.warned = None
             if not busy:
                 wake.clear()
                 try:
@@ -296,6 +297,16 @@ class StreamJob:
         cursor = self.cursor if self.cursor is not None else await self._sync_raw()
         records, data = await asyncio.to_thread(self._read_round, cursor)
         pieces = pub.plan_raw(cursor, records, data, self.owner.payload_limit)
+        if not pieces:
+            awaited = pub.waiting_for_move(cursor, records)
+            if awaited is not None:
+                self.cursor = None  # (the next round reads the broker's mark again)
+                self._warn(
+                    f"waiting for the broker to reach offset {awaited} of "
+                    f"{self.worker}/{self.stream} (the worker moved here: the bytes below it "
+                    f"are another listener's to publish)"
+                )
+                return False
         for piece in pieces:
             headers = pub.raw_headers(self.worker, self.stream, piece, self.raw_seq.expected())
             payload = data[piece.mirror_start - cursor.mirror : piece.mirror_end - cursor.mirror]

@@ -214,6 +214,8 @@ def plan_raw(
                 f"{record.stream_end}) from ({mirror}, {offset})"
             )
         after = Cursor(number + 1, record.mirror_end, record.stream_end)
+        if record.moved:
+            break  # (the bytes below its end are another listener's: see waiting_for_move)
         if record.mirror_end == mirror:
             if open_piece is not None:
                 pieces.append(open_piece)
@@ -296,9 +298,28 @@ def locate(end: int, record_at: Callable[[int], IndexRecord], count: int) -> Cur
     if record.stream_end == end:
         return Cursor(lo + 1, record.mirror_end, end)
     previous = record_at(lo - 1) if lo else IndexRecord(0, 0, 0)
+    if record.moved:
+        return Cursor(lo, record.mirror_end, end)  # (inside a move: waiting_for_move)
     if previous.mirror_end == record.mirror_end:
         raise PublishError(f"offset {end} falls inside the gap of index record {lo}")
     return Cursor(lo, previous.mirror_end + (end - previous.stream_end), end)
+
+
+def waiting_for_move(cursor: Cursor, records: Sequence[IndexRecord]) -> int | None:
+    """The offset the broker must reach before this mirror goes on, if it waits for one.
+
+    ``records`` start at ``cursor.record``.  A "moved" record (the worker
+    arrived from another listener, :mod:`decnet.listener.storage`) is not a
+    gap: the bytes below its end are that listener's to publish.  So
+    :func:`plan_raw` stops there and the publisher reads the broker again
+    until its last ``Decnet-End`` reaches the record's end, where
+    :func:`locate` puts the cursor past it.
+    """
+    for record in records:
+        if record.stream_end <= cursor.offset and record.mirror_end <= cursor.mirror:
+            continue
+        return record.stream_end if record.moved else None
+    return None
 
 
 def raw_headers(worker: str, stream: str, piece: RawPiece, expected: int) -> dict[str, str]:
