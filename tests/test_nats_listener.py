@@ -10,6 +10,7 @@ import pytest
 from decnet.listener.publisher import STATE_FILE
 from decnet.master import enrollment
 from tests.logpipe_support import run_twistd, start_forwarder, start_listener
+from tests.metrics_support import metrics_args, port_from, scrape_url
 from tests.nats_support import (
     NatsServer,
     nats_server_binary,
@@ -115,9 +116,11 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
     name, bundle = worker
     log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
     nats = NatsServer(tmp_path / "nats").start()
+    m_args, m_port_file = metrics_args(tmp_path, "listener")
     listener, port = start_listener(
-        master_home.home, ingest, tmp_path / "l.log", extra=("--publish", nats.url)
+        master_home.home, ingest, tmp_path / "l.log", extra=("--publish", nats.url, *m_args)
     )
+    m_url = f"http://127.0.0.1:{port_from(m_port_file, listener)}/metrics"
     append(log_file, lines(0, 100))
     forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f.log")
     first = lines(0, 100)
@@ -141,6 +144,10 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
         )
         status = json.loads((ingest / STATE_FILE).read_text())
         assert status["broker"] == "down" and status["error"]
+        # The scrape shows the outage and what the broker has not confirmed.
+        scrape = scrape_url(m_url)
+        assert scrape.value("decnet_listener_publisher_broker_up") == 0
+        assert scrape.value("decnet_listener_publisher_lag_bytes", worker=name) == len(first)
         # Durable here, but not in the broker: the forwarder still holds it.
         assert acked(state) == len(first)
         nats.start()
@@ -150,6 +157,9 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
         assert log.count("JetStream broker down") == 1
         assert log.count("JetStream broker reachable again") == 1
         assert json.loads((ingest / STATE_FILE).read_text())["broker"] == "up"
+        scrape = scrape_url(m_url)
+        assert scrape.value("decnet_listener_publisher_broker_up") == 1
+        assert scrape.value("decnet_listener_publisher_lag_bytes", worker=name) == 0
         wait_for(
             lambda: len(stream_messages(nats.url, subject="decnet.events.>")) == 200,
             what="every event",
