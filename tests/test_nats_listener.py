@@ -226,3 +226,53 @@ def test_kill_9_storm_of_listener_forwarder_and_broker_publishes_every_line_exac
         stop(forwarder)
         stop(listener)
         nats.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_moves_to_the_second_listener_and_the_broker_holds_every_byte_once(
+    master_home, tmp_path
+):
+    """Two twistd listeners publishing (broker mode) into one nats-server; the worker's
+    preferred listener is killed mid-stream, the forwarder moves to the other one, which
+    starts a new mirror segment (a "moved" record) at the broker's mark and publishes the
+    rest after it: the raw subject is the worker's file exactly once, in order."""
+    from decnet.forwarder.rendezvous import rendezvous_order
+    from decnet.listener import storage
+
+    nats = NatsServer(tmp_path / "nats").start()
+    ports = [free_port(), free_port()]
+    listed = [f"127.0.0.1:{p}" for p in ports]
+    name = f"mv-{os.getpid()}-{random.randrange(10**6)}"
+    master = enrollment.load_master(master_home)
+    enrollment.enroll(master, name, "127.0.0.1", tmp_path / "bundle", listeners=listed)
+    preferred = rendezvous_order(name, [("127.0.0.1", p) for p in ports])[0][1]
+    order = [preferred, next(p for p in ports if p != preferred)]
+    extra = ("--publish", nats.url, "--no-feed")
+    listeners = [
+        start_listener(
+            master_home.home, tmp_path / f"ingest{i}", tmp_path / f"l{i}.log", port, extra
+        )[0]
+        for i, port in enumerate(order)
+    ]
+    log_file, state = tmp_path / "decnet.log", tmp_path / "f.sqlite"
+    append(log_file, lines(0, 300))
+    argv = ["--bundle", tmp_path / "bundle", "--log-file", log_file, "--state", state]
+    argv += ["--poll-interval", "0.2", "--max-retry-delay", "1"]  # (no --master-*: the list)
+    forwarder = run_twistd("decnet-forwarder", argv, tmp_path / "f.log")
+    try:
+        wait_for(lambda: broker_end(nats.url, name) > 0, timeout=60, what="the first publish")
+        kill9(listeners[0])
+        append(log_file, lines(300, 300))
+        expected = log_file.read_bytes()
+        wait_for(lambda: broker_end(nats.url, name) == len(expected), timeout=60, what="the rest")
+        check_broker(stream_messages(nats.url), name, STREAM, expected, 0)
+        index = tmp_path / "ingest1" / name / f"{STREAM}.idx"
+        moved = [r for r in storage.read_records(index) if r.moved]
+        assert len(moved) == 1 and 0 < moved[0].stream_end < len(expected)
+        assert "Gap in" not in (tmp_path / "l1.log").read_text(errors="replace")
+        assert f"Worker {name} arrived on stream {STREAM}" in (tmp_path / "l1.log").read_text()
+    finally:
+        stop(forwarder)
+        for proc in listeners:
+            stop(proc)
+        nats.stop()
