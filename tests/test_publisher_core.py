@@ -339,3 +339,17 @@ def test_a_hole_before_a_stored_event_is_repaired_not_skipped():
     """A leader change lost event 1 but stored event 2: 1 is republished, 3 is retried."""
     assert pub.settle_window([5, DOWN, 9, DOWN]) == pub.Settled(3, (1,), False, DOWN)
     assert pub.settle_window([DOWN, None, 9]) == pub.Settled(3, (0, 1), False, None)
+
+
+def test_a_creds_file_needs_a_user_jwt_and_a_user_seed_and_is_never_quoted():
+    jwt = "eyJ0eXAiOiJKV1QifQ.eyJzdWIiOiJVQSJ9.c2ln"
+    seed = "SU" + "A" * 56
+    good = (
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+    assert pub.creds_problem(good) is None
+    assert "JWT" in pub.creds_problem(seed + "\n")
+    no_seed = good.replace(seed, "SA" + "A" * 56)  # (an account seed is not a user's)
+    assert "seed" in pub.creds_problem(no_seed)
+    assert seed not in pub.creds_problem(no_seed)

@@ -162,6 +162,41 @@ def test_wrong_credentials_are_one_line_and_exit_2(tmp_path):
         server.stop()
 
 
+def test_a_creds_file_publishes_into_a_server_with_jwt_accounts_and_a_bad_one_is_one_line(
+    tmp_path,
+):
+    """Decentralised auth (operator, accounts, user JWT + NKey seed) minted at test time."""
+    from tests.nats_support import Accounts
+
+    accounts = Accounts()
+    server = NatsServer(tmp_path / "nats", extra_config=accounts.server_config()).start()
+    good = accounts.creds(tmp_path / "good.creds")
+    writer = IngestWriter(tmp_path / "ingest", "w1", "auth")
+    try:
+        writer.commit(lines(0, 5))
+        run = PublisherRun(tmp_path / "ingest", server.url, "--no-events", "--creds", str(good))
+        try:
+            wait_for(lambda: run.confirmed("w1", "auth") == writer.offset, what="the publish")
+        finally:
+            assert run.finish()[0] == 0
+        stored = stream_messages(server.url, user_credentials=str(good))
+        assert b"".join(m[3] for m in stored) == bytes(writer.written)
+        forged = accounts.creds(tmp_path / "forged.creds", signer=accounts.other_account())
+        garbage = tmp_path / "garbage.creds"
+        garbage.write_text("SUAM" + "A" * 54 + "\n")
+        for creds, code, words in (
+            (forged, 2, "refused our credentials: nats: 'Authorization Violation'"),
+            (garbage, 2, "is not a NATS credentials file: no BEGIN NATS USER JWT block"),
+        ):
+            done = run_check(tmp_path / "ingest", server.url, "--creds", str(creds))
+            err = done.stderr.decode().strip()
+            assert done.returncode == code and err.count("\n") == 0 and words in err, err
+            assert "SU" not in err, "a seed is never echoed"
+    finally:
+        writer.close()
+        server.stop()
+
+
 def test_a_stream_with_another_configuration_is_reported_and_left_unchanged(nats_server, tmp_path):
     import nats
 

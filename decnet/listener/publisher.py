@@ -459,6 +459,7 @@ class Publisher:
         if context is not None:
             options["tls"] = context
         if self.args.creds:
+            self._check_creds(self.args.creds)
             options["user_credentials"] = self.args.creds
         try:
             self.nc = await nats.connect(**options)
@@ -474,6 +475,18 @@ class Publisher:
         self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.payload_limit = pub.payload_limit(self.args.max_msg, self.nc.max_payload)
+
+    @staticmethod
+    def _check_creds(path: str) -> None:
+        """A file nats-py could not read stops here with one line, not a traceback."""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 16)
+        except OSError as exc:
+            raise Fatal(f"--nats-creds {path}: cannot read it: {exc.strerror}") from None
+        problem = pub.creds_problem(text)
+        if problem is not None:
+            raise Fatal(f"--nats-creds {path} is not a NATS credentials file: {problem}")
 
     async def api(self, subject: str, body: dict | None = None) -> dict:
         import nats.errors

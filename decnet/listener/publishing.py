@@ -521,6 +521,26 @@ def config_differences(existing: dict, wanted: dict) -> list[str]:
     return out
 
 
+_CREDS_JWT = re.compile(
+    r"-{3,}BEGIN NATS USER JWT-{3,}\s*\n\s*([A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+)\s*\n"
+)
+_CREDS_SEED = re.compile(r"-{3,}BEGIN USER NKEY SEED-{3,}\s*\n\s*(SU[A-Z2-7]{56})\s*\n")
+
+
+def creds_problem(text: str) -> str | None:
+    """Why ``text`` is not a NATS user credentials file (``None`` if it looks like one).
+
+    A ``.creds`` file holds a user JWT and the user's NKey seed, each between
+    ``BEGIN``/``END`` lines (as ``nsc`` writes it).  The answer never quotes
+    the file: it holds a secret.
+    """
+    if not _CREDS_JWT.search(text):
+        return "no BEGIN NATS USER JWT block with a JWT in it"
+    if not _CREDS_SEED.search(text):
+        return "no BEGIN USER NKEY SEED block with a user seed (SU...) in it"
+    return None
+
+
 def payload_limit(max_msg: int, server_max_payload: int) -> int:
     """The largest raw payload: ``max_msg`` less header room; refused if the server allows less."""
     if max_msg > server_max_payload:
