@@ -197,6 +197,51 @@ def test_a_creds_file_publishes_into_a_server_with_jwt_accounts_and_a_bad_one_is
         server.stop()
 
 
+def test_tls_to_the_broker_with_a_client_certificate_and_a_broker_we_do_not_trust(
+    ca, foreign_ca, tmp_path
+):
+    """nats-server with ``tls { verify: true }``, certificates minted at test time."""
+    from decnet import pki
+
+    def write(leaf: pki.Leaf, name: str) -> tuple[str, str]:
+        cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert.write_bytes(pki.cert_pem(leaf.cert))
+        key.touch(0o600)
+        key.write_bytes(pki.key_pem(leaf.key))
+        return str(cert), str(key)
+
+    ca_file, foreign_file = tmp_path / "ca.pem", tmp_path / "foreign.pem"
+    ca_file.write_bytes(pki.cert_pem(ca.cert))
+    foreign_file.write_bytes(pki.cert_pem(foreign_ca.cert))
+    server_cert, server_key = write(
+        pki.issue_leaf(ca, "worker", "broker", addresses=["127.0.0.1"]), "s"
+    )
+    client_cert, client_key = write(pki.issue_leaf(ca, "master"), "c")
+    tls = f'tls {{ cert_file: "{server_cert}", key_file: "{server_key}", ca_file: "{ca_file}"'
+    tls += ", verify: true }"
+    server = NatsServer(tmp_path / "nats", extra_config=tls).start()
+    writer = IngestWriter(tmp_path / "ingest", "w1", "auth")
+    ours = ("--tls-ca", str(ca_file), "--tls-cert", client_cert, "--tls-key", client_key)
+    try:
+        writer.commit(lines(0, 5))
+        run = PublisherRun(tmp_path / "ingest", server.url, "--no-events", *ours)
+        try:
+            wait_for(lambda: run.confirmed("w1", "auth") == writer.offset, what="the publish")
+        finally:
+            assert run.finish()[0] == 0
+        for extra in (
+            ("--tls-ca", str(ca_file)),  # (no client certificate: the broker refuses us)
+            ("--tls-ca", str(foreign_file), "--tls-cert", client_cert, "--tls-key", client_key),
+        ):
+            done = run_check(tmp_path / "ingest", server.url, *extra)
+            err = done.stderr.decode().strip()
+            assert done.returncode == 3 and err.count("\n") == 0, err
+            assert err.startswith(f"publisher: cannot reach the broker at {server.url}: "), err
+    finally:
+        writer.close()
+        server.stop()
+
+
 def test_a_stream_with_another_configuration_is_reported_and_left_unchanged(nats_server, tmp_path):
     import nats
 

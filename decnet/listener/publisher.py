@@ -68,6 +68,8 @@ RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
 # How long a JetStream that does not answer is waited for at start.
 STARTUP_PATIENCE = 20.0
+# Seconds allowed for connecting beyond the attempts themselves.
+CONNECT_GRACE = 5.0
 # Streams are looked at this often even without a notification (the feed
 # has no notification of its own).
 POLL_INTERVAL = 0.25
@@ -461,8 +463,11 @@ class Publisher:
         if self.args.creds:
             self._check_creds(self.args.creds)
             options["user_credentials"] = self.args.creds
+        # nats-py retries a broker whose certificate we do not trust without end: the
+        # attempts it was given (each server twice, connect_timeout each) get a deadline.
+        patience = CONNECT_GRACE + 2 * (options["connect_timeout"] + 0.5) * len(self.args.servers)
         try:
-            self.nc = await nats.connect(**options)
+            self.nc = await asyncio.wait_for(nats.connect(**options), patience)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             reason = self.last_error or str(exc) or type(exc).__name__
             where = ",".join(_without_userinfo(url) for url in self.args.servers)
