@@ -137,6 +137,35 @@ def test_two_publishers_racing_on_one_stream_fence_each_other_and_both_end_at_th
     b.close()
 
 
+def test_two_publishers_racing_with_windows_of_events_store_each_event_once(nats_server, tmp_path):
+    """Events go out 256 at a time; both publishers send the same feed: the one whose
+    window starts on a stale sequence is fenced, the rest are deduplicated by Msg-Id."""
+    writers = [IngestWriter(tmp_path / t, "w1", "auth") for t in "ab"]
+    runs = []
+    try:
+        for i in range(4):
+            for w in writers:
+                w.commit(lines(300 * i, 300))
+                w.build_feed()
+            if not runs:
+                runs = [PublisherRun(tmp_path / t, nats_server.url) for t in "ab"]
+            for run in runs:
+                run.notify("w1", "auth")
+        for run in runs:
+            wait_for(lambda run=run: run.confirmed("w1", "auth") == writers[0].offset)
+        wait_for(
+            lambda: len(stream_messages(nats_server.url, subject="decnet.events.>")) >= 1200,
+            what="every event",
+        )
+    finally:
+        results = [run.finish() for run in runs]
+        for w in writers:
+            w.close()
+    assert [code for code, _ in results] == [0, 0], results
+    expected = bytes(writers[0].written)
+    check_broker(stream_messages(nats_server.url), "w1", "auth", expected, 1200)
+
+
 def test_an_unreachable_broker_at_start_is_one_line_and_exit_3(tmp_path):
     port = free_port()
     done = run_check(tmp_path / "ingest", f"nats://127.0.0.1:{port}")
@@ -197,6 +226,7 @@ def test_a_creds_file_publishes_into_a_server_with_jwt_accounts_and_a_bad_one_is
         server.stop()
 
 
+@pytest.mark.slow  # (the untrusted broker: nats-py's attempts run out after ~12 s)
 def test_tls_to_the_broker_with_a_client_certificate_and_a_broker_we_do_not_trust(
     ca, foreign_ca, tmp_path
 ):
