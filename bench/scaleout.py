@@ -99,10 +99,13 @@ def cpu_of(pids: dict[str, list[int]]) -> dict[str, float]:
     return {kind: sum(cpu_seconds(p) for p in group) for kind, group in pids.items()}
 
 
-def broker_ends(url: str, names: list[str]) -> dict[str, int]:
-    """The last raw ``Decnet-End`` of each worker's stream in the broker."""
+def broker_ends(url: str, names: list[str], events: bool = False) -> dict[str, int]:
+    """The last raw ``Decnet-End`` (``events``: the last event's ``Decnet-Offset`` + 1)
+    of each worker's stream in the broker."""
     import nats
     import nats.js.errors
+
+    from decnet.listener.publishing import events_subject
 
     async def read() -> dict[str, int]:
         nc = await nats.connect(url)
@@ -110,6 +113,11 @@ def broker_ends(url: str, names: list[str]) -> dict[str, int]:
             out = {}
             for name in names:
                 try:
+                    if events:
+                        subject = events_subject(name, STREAM)
+                        msg = await nc.jetstream().get_last_msg("DECNET", subject)
+                        out[name] = int(msg.headers["Decnet-Offset"]) + 1
+                        continue
                     msg = await nc.jetstream().get_last_msg("DECNET", raw_subject(name, STREAM))
                     out[name] = int(msg.headers["Decnet-End"])
                 except nats.js.errors.NotFoundError:
@@ -209,6 +217,17 @@ def run_scaleout(fleet: Fleet, data: dict[str, bytes], nodes) -> dict:
         )
         elapsed = time.monotonic() - t0
         after = cpu_of(pids)
+        events_elapsed = None
+        if not EXTRA:  # (with the feed: every line's event in the broker too)
+            wait_for(
+                lambda: all(
+                    end > len(data[n]) - LINE_LEN
+                    for n, end in broker_ends(nodes[0].url, fleet.names, True).items()
+                ),
+                timeout=900,
+                interval=0.05,
+            )
+            events_elapsed = time.monotonic() - t0
         ok = all(raw_payloads(nodes[0].url, n) == data[n] for n in fleet.names)
         messages = sum(raw_count(nodes[0].url, n) for n in fleet.names)
     finally:
@@ -220,6 +239,7 @@ def run_scaleout(fleet: Fleet, data: dict[str, bytes], nodes) -> dict:
         "cpu": {k: after[k] - before[k] for k in pids},
         "ok": ok,
         "messages": messages,
+        "events_elapsed": events_elapsed,
     }
 
 
@@ -367,6 +387,13 @@ def main() -> None:
             flush=True,
         )
         print_cpu(out["cpu"], n)
+        if out["events_elapsed"]:
+            events_rate = n / out["events_elapsed"]
+            print(
+                f"      events (one message per line) all in the broker: "
+                f"{events_rate:>10,.0f} lines/s  {events_rate / ref_rate:.2f}x (1)",
+                flush=True,
+            )
         print(
             f"      raw messages: {out['messages']:,} "
             f"(mean {n * LINE_LEN / max(out['messages'], 1) / 1024:.0f} KiB)",

@@ -47,6 +47,7 @@ class NatsServer:
         *,
         max_payload: int | None = None,
         users: dict[str, str] | None = None,
+        extra_config: str = "",
         cluster_port: int | None = None,
         routes: tuple[int, ...] = (),
     ):
@@ -64,6 +65,7 @@ class NatsServer:
         self.routes = routes
         self.max_payload = max_payload
         self.users = users
+        self.extra_config = extra_config
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "nats-server.log"
         self.starts = 0
@@ -90,6 +92,8 @@ class NatsServer:
                 for u, p in self.users.items()
             )
             lines.append(f"authorization {{ users: [{entries}] }}")
+        if self.extra_config:
+            lines.append(self.extra_config)
         if self.cluster_port is not None:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             lines += [
@@ -166,6 +170,91 @@ def start_cluster(base: Path, size: int = 3) -> list[NatsServer]:
 
 
 # -- an ingest directory written the way the listener writes it, and what the broker holds --
+
+
+class Accounts:
+    """Decentralised NATS auth minted at test time: an operator, a system account and an
+    account with JetStream (``resolver: MEMORY``), and ``creds(path)`` files for users.
+
+    Keys are fresh ed25519 NKeys (the ``nkeys`` package nats-py's ``[nkeys]`` extra
+    installs); the JWTs are signed the way ``nsc`` signs them (``alg: ed25519-nkey``).
+    """
+
+    def __init__(self) -> None:
+        import nkeys
+
+        self._nkeys = nkeys
+        self.operator = self._key(nkeys.PREFIX_BYTE_OPERATOR)
+        self.system = self._key(nkeys.PREFIX_BYTE_ACCOUNT)
+        self.account = self._key(nkeys.PREFIX_BYTE_ACCOUNT)
+        self.operator_jwt = self._jwt(self.operator, self.operator, "op", {"type": "operator"})
+        self.system_jwt = self._jwt(self.operator, self.system, "SYS", {"type": "account"})
+        limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1}
+        limits |= {"wildcards": True, "conn": -1, "leaf": -1}
+        limits |= {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+        claims = {"type": "account", "limits": limits}
+        self.account_jwt = self._jwt(self.operator, self.account, "DECNET", claims)
+
+    def other_account(self):
+        """An account key the server does not know (to sign a forged user)."""
+        return self._key(self._nkeys.PREFIX_BYTE_ACCOUNT)
+
+    def _key(self, prefix: int):
+        return self._nkeys.from_seed(self._nkeys.encode_seed(os.urandom(32), prefix))
+
+    @staticmethod
+    def _b64(data: bytes) -> str:
+        import base64
+
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def _jwt(self, issuer, subject, name: str, nats: dict) -> str:
+        import time
+
+        header = self._b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        claims = {
+            "jti": self._b64(os.urandom(24)),
+            "iat": int(time.time()),
+            "iss": issuer.public_key.decode(),
+            "name": name,
+            "sub": subject.public_key.decode(),
+            "nats": {**nats, "version": 2},
+        }
+        body = self._b64(json.dumps(claims).encode())
+        signature = issuer.sign(f"{header}.{body}".encode())
+        return f"{header}.{body}.{self._b64(signature)}"
+
+    def server_config(self) -> str:
+        """The lines of a nats-server configuration that trust these accounts."""
+        system = self.system.public_key.decode()
+        account = self.account.public_key.decode()
+        return "\n".join(
+            [
+                f"operator: {self.operator_jwt}",
+                f"system_account: {system}",
+                "resolver: MEMORY",
+                "resolver_preload: {",
+                f"  {system}: {self.system_jwt}",
+                f"  {account}: {self.account_jwt}",
+                "}",
+            ]
+        )
+
+    def creds(self, path: Path, *, signer=None) -> Path:
+        """A ``.creds`` file of a new user of the account (``signer``: another key, to forge)."""
+        user = self._key(self._nkeys.PREFIX_BYTE_USER)
+        claims = {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
+        token = self._jwt(signer or self.account, user, "publisher", claims)
+        path.write_text(
+            "-----BEGIN NATS USER JWT-----\n"
+            f"{token}\n"
+            "------END NATS USER JWT------\n\n"
+            "-----BEGIN USER NKEY SEED-----\n"
+            f"{user.seed.decode()}\n"
+            "------END USER NKEY SEED------\n"
+        )
+        path.chmod(0o600)
+        return path
 
 
 def syslog_line(i: int, width: int = 40) -> bytes:

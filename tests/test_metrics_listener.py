@@ -7,7 +7,7 @@ from twisted.python.failure import Failure
 
 from decnet import config
 from decnet.listener.admission import DEFAULT_HANDSHAKE_TIMEOUT
-from decnet.listener.metrics import listener_registry
+from decnet.listener.metrics import listener_registry, publisher_lag
 from decnet.listener.protocol import Refused
 from decnet.syslog import ackproto
 from decnet.syslog.framing import encode_frame
@@ -130,3 +130,15 @@ def test_a_broken_commit_observer_is_logged_and_the_data_is_still_acknowledged(t
     assert harness.mirror("w1", "decnet") == b"one\n"
     assert "A commit observer failed on w1" in logs.text()
     harness.ingest.commit_observers.remove(broken)
+
+
+def test_publisher_lag_counts_each_workers_durable_bytes_above_the_brokers_mark():
+    durable = {("w1", "auth"): 500, ("w1", "web"): 300, ("w2", "auth"): 100}
+    confirmed = {("w1", "auth"): 200, ("w1", "web"): 300, ("w2", "auth"): 150}
+    assert publisher_lag(durable, confirmed) == {"w1": 300, "w2": 0}
+    assert publisher_lag({("w3", "x"): 40}, {}) == {"w3": 40}  # (nothing confirmed yet)
+
+
+def test_a_listener_that_does_not_publish_exports_no_publisher_metrics(tmp_path, ids):
+    _, registry = harness_with_metrics(tmp_path, ids)
+    assert "decnet_listener_publisher" not in render(registry).text

@@ -10,6 +10,7 @@ import pytest
 from decnet.listener.publisher import STATE_FILE
 from decnet.master import enrollment
 from tests.logpipe_support import run_twistd, start_forwarder, start_listener
+from tests.metrics_support import metrics_args, port_from, scrape_url
 from tests.nats_support import (
     NatsServer,
     nats_server_binary,
@@ -115,9 +116,11 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
     name, bundle = worker
     log_file, state, ingest = tmp_path / "decnet.log", tmp_path / "f.sqlite", tmp_path / "ingest"
     nats = NatsServer(tmp_path / "nats").start()
+    m_args, m_port_file = metrics_args(tmp_path, "listener")
     listener, port = start_listener(
-        master_home.home, ingest, tmp_path / "l.log", extra=("--publish", nats.url)
+        master_home.home, ingest, tmp_path / "l.log", extra=("--publish", nats.url, *m_args)
     )
+    m_url = f"http://127.0.0.1:{port_from(m_port_file, listener)}/metrics"
     append(log_file, lines(0, 100))
     forwarder = start_forwarder(bundle, log_file, state, port, tmp_path / "f.log")
     first = lines(0, 100)
@@ -141,6 +144,10 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
         )
         status = json.loads((ingest / STATE_FILE).read_text())
         assert status["broker"] == "down" and status["error"]
+        # The scrape shows the outage and what the broker has not confirmed.
+        scrape = scrape_url(m_url)
+        assert scrape.value("decnet_listener_publisher_broker_up") == 0
+        assert scrape.value("decnet_listener_publisher_lag_bytes", worker=name) == len(first)
         # Durable here, but not in the broker: the forwarder still holds it.
         assert acked(state) == len(first)
         nats.start()
@@ -150,6 +157,9 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
         assert log.count("JetStream broker down") == 1
         assert log.count("JetStream broker reachable again") == 1
         assert json.loads((ingest / STATE_FILE).read_text())["broker"] == "up"
+        scrape = scrape_url(m_url)
+        assert scrape.value("decnet_listener_publisher_broker_up") == 1
+        assert scrape.value("decnet_listener_publisher_lag_bytes", worker=name) == 0
         wait_for(
             lambda: len(stream_messages(nats.url, subject="decnet.events.>")) == 200,
             what="every event",
@@ -215,4 +225,54 @@ def test_kill_9_storm_of_listener_forwarder_and_broker_publishes_every_line_exac
     finally:
         stop(forwarder)
         stop(listener)
+        nats.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_moves_to_the_second_listener_and_the_broker_holds_every_byte_once(
+    master_home, tmp_path
+):
+    """Two twistd listeners publishing (broker mode) into one nats-server; the worker's
+    preferred listener is killed mid-stream, the forwarder moves to the other one, which
+    starts a new mirror segment (a "moved" record) at the broker's mark and publishes the
+    rest after it: the raw subject is the worker's file exactly once, in order."""
+    from decnet.forwarder.rendezvous import rendezvous_order
+    from decnet.listener import storage
+
+    nats = NatsServer(tmp_path / "nats").start()
+    ports = [free_port(), free_port()]
+    listed = [f"127.0.0.1:{p}" for p in ports]
+    name = f"mv-{os.getpid()}-{random.randrange(10**6)}"
+    master = enrollment.load_master(master_home)
+    enrollment.enroll(master, name, "127.0.0.1", tmp_path / "bundle", listeners=listed)
+    preferred = rendezvous_order(name, [("127.0.0.1", p) for p in ports])[0][1]
+    order = [preferred, next(p for p in ports if p != preferred)]
+    extra = ("--publish", nats.url, "--no-feed")
+    listeners = [
+        start_listener(
+            master_home.home, tmp_path / f"ingest{i}", tmp_path / f"l{i}.log", port, extra
+        )[0]
+        for i, port in enumerate(order)
+    ]
+    log_file, state = tmp_path / "decnet.log", tmp_path / "f.sqlite"
+    append(log_file, lines(0, 300))
+    argv = ["--bundle", tmp_path / "bundle", "--log-file", log_file, "--state", state]
+    argv += ["--poll-interval", "0.2", "--max-retry-delay", "1"]  # (no --master-*: the list)
+    forwarder = run_twistd("decnet-forwarder", argv, tmp_path / "f.log")
+    try:
+        wait_for(lambda: broker_end(nats.url, name) > 0, timeout=60, what="the first publish")
+        kill9(listeners[0])
+        append(log_file, lines(300, 300))
+        expected = log_file.read_bytes()
+        wait_for(lambda: broker_end(nats.url, name) == len(expected), timeout=60, what="the rest")
+        check_broker(stream_messages(nats.url), name, STREAM, expected, 0)
+        index = tmp_path / "ingest1" / name / f"{STREAM}.idx"
+        moved = [r for r in storage.read_records(index) if r.moved]
+        assert len(moved) == 1 and 0 < moved[0].stream_end < len(expected)
+        assert "Gap in" not in (tmp_path / "l1.log").read_text(errors="replace")
+        assert f"Worker {name} arrived on stream {STREAM}" in (tmp_path / "l1.log").read_text()
+    finally:
+        stop(forwarder)
+        for proc in listeners:
+            stop(proc)
         nats.stop()

@@ -118,6 +118,37 @@ def test_a_gap_is_an_empty_message_of_its_own_between_data():
     }
 
 
+def test_a_moved_record_is_never_published_as_a_gap_the_publisher_waits_for_the_broker():
+    """The worker was here up to len(a), moved away and came back at len(a) + 900: the
+    bytes between are another listener's to publish, so planning stops at the move."""
+    a, b = _lines(2), _lines(3, 2)
+    moved_at = len(a) + 900
+    records = [
+        IndexRecord(len(a), len(a), 1),
+        IndexRecord(len(a), moved_at, 1, moved=True),
+        IndexRecord(len(a + b), moved_at + len(b), 1),
+    ]
+    pieces = pub.plan_raw(pub.Cursor(), records, a + b, max_payload=10_000)
+    assert [(p.start, p.end, p.gap) for p in pieces] == [(0, len(a), False)]
+    assert pub.waiting_for_move(pub.Cursor(), records) is None  # (data comes first)
+    after_a = pieces[0].after
+    assert pub.plan_raw(after_a, records[1:], b, max_payload=10_000) == []
+    assert pub.waiting_for_move(after_a, records[1:]) == moved_at
+    # The other listener's publisher got halfway: still waiting, not a gap.
+    halfway = pub.locate(len(a) + 400, records.__getitem__, len(records))
+    assert halfway == pub.Cursor(1, len(a), len(a) + 400)
+    assert pub.plan_raw(halfway, records[1:], b, max_payload=10_000) == []
+    assert pub.waiting_for_move(halfway, records[1:]) == moved_at
+    # The broker reached the move: this mirror's next segment goes on from there.
+    there = pub.locate(moved_at, records.__getitem__, len(records))
+    assert there == pub.Cursor(2, len(a), moved_at)
+    pieces = pub.plan_raw(there, records[2:], b, max_payload=10_000)
+    assert [(p.start, p.end, p.gap, p.size) for p in pieces] == [
+        (moved_at, moved_at + len(b), False, len(b))
+    ]
+    assert pub.waiting_for_move(there, records[2:]) is None
+
+
 def test_planning_goes_on_from_a_cursor_inside_a_commit():
     data = _lines(6)
     line = len(syslog_line(0))
@@ -229,6 +260,12 @@ def test_event_headers_and_offsets():
         "Nats-Msg-Id": "ev/w1/auth/77",
         "Nats-Expected-Last-Subject-Sequence": "3",
     }
+    assert pub.event_headers("w1", "auth", 77) == {
+        "Decnet-Worker": "w1",
+        "Decnet-Stream": "auth",
+        "Decnet-Offset": "77",
+        "Nats-Msg-Id": "ev/w1/auth/77",
+    }
     assert pub.event_offset(b'{"mirror_offset":12,"x":1}') == 12
     for bad in (b"{}", b"nope", b'{"mirror_offset":-1}', b'{"mirror_offset":"1"}'):
         with pytest.raises(pub.PublishError):
@@ -275,3 +312,44 @@ def test_a_message_limit_above_the_brokers_is_refused():
     assert pub.payload_limit(1 << 20, 1 << 20) == (1 << 20) - pub.HEADER_ROOM
     with pytest.raises(pub.PublishError, match="larger than the broker's max_payload 65536"):
         pub.payload_limit(1 << 20, 65536)
+
+
+# -- a window of events in flight -----------------------------------------------------
+
+DOWN = pub.Failure(True, "no PubAck")
+REFUSED = pub.Failure(False, "refused")
+
+
+def test_a_window_stored_whole_goes_on_after_its_last_event():
+    assert pub.settle_window([5, 6, 7]) == pub.Settled(3, (), False, None)
+    assert pub.settle_window([]) == pub.Settled(0, (), False, None)
+
+
+def test_a_window_cut_short_goes_on_after_the_stored_prefix_and_names_the_failure():
+    assert pub.settle_window([5, 6, DOWN, DOWN]) == pub.Settled(2, (), False, DOWN)
+    assert pub.settle_window([DOWN, REFUSED]) == pub.Settled(0, (), False, DOWN)
+    assert pub.settle_window([5, REFUSED, DOWN]) == pub.Settled(1, (), False, REFUSED)
+
+
+def test_a_window_fenced_out_midway_keeps_what_was_stored_before_the_other_publisher():
+    assert pub.settle_window([5, 6, None, None]) == pub.Settled(2, (), True, None)
+
+
+def test_a_hole_before_a_stored_event_is_repaired_not_skipped():
+    """A leader change lost event 1 but stored event 2: 1 is republished, 3 is retried."""
+    assert pub.settle_window([5, DOWN, 9, DOWN]) == pub.Settled(3, (1,), False, DOWN)
+    assert pub.settle_window([DOWN, None, 9]) == pub.Settled(3, (0, 1), False, None)
+
+
+def test_a_creds_file_needs_a_user_jwt_and_a_user_seed_and_is_never_quoted():
+    jwt = "eyJ0eXAiOiJKV1QifQ.eyJzdWIiOiJVQSJ9.c2ln"
+    seed = "SU" + "A" * 56
+    good = (
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+    assert pub.creds_problem(good) is None
+    assert "JWT" in pub.creds_problem(seed + "\n")
+    no_seed = good.replace(seed, "SA" + "A" * 56)  # (an account seed is not a user's)
+    assert "seed" in pub.creds_problem(no_seed)
+    assert seed not in pub.creds_problem(no_seed)

@@ -137,6 +137,35 @@ def test_two_publishers_racing_on_one_stream_fence_each_other_and_both_end_at_th
     b.close()
 
 
+def test_two_publishers_racing_with_windows_of_events_store_each_event_once(nats_server, tmp_path):
+    """Events go out 256 at a time; both publishers send the same feed: the one whose
+    window starts on a stale sequence is fenced, the rest are deduplicated by Msg-Id."""
+    writers = [IngestWriter(tmp_path / t, "w1", "auth") for t in "ab"]
+    runs = []
+    try:
+        for i in range(4):
+            for w in writers:
+                w.commit(lines(300 * i, 300))
+                w.build_feed()
+            if not runs:
+                runs = [PublisherRun(tmp_path / t, nats_server.url) for t in "ab"]
+            for run in runs:
+                run.notify("w1", "auth")
+        for run in runs:
+            wait_for(lambda run=run: run.confirmed("w1", "auth") == writers[0].offset)
+        wait_for(
+            lambda: len(stream_messages(nats_server.url, subject="decnet.events.>")) >= 1200,
+            what="every event",
+        )
+    finally:
+        results = [run.finish() for run in runs]
+        for w in writers:
+            w.close()
+    assert [code for code, _ in results] == [0, 0], results
+    expected = bytes(writers[0].written)
+    check_broker(stream_messages(nats_server.url), "w1", "auth", expected, 1200)
+
+
 def test_an_unreachable_broker_at_start_is_one_line_and_exit_3(tmp_path):
     port = free_port()
     done = run_check(tmp_path / "ingest", f"nats://127.0.0.1:{port}")
@@ -159,6 +188,87 @@ def test_wrong_credentials_are_one_line_and_exit_2(tmp_path):
         good = run_check(tmp_path / "ingest", f"nats://decnet:right@127.0.0.1:{server.port}")
         assert good.returncode == 0, good.stderr
     finally:
+        server.stop()
+
+
+def test_a_creds_file_publishes_into_a_server_with_jwt_accounts_and_a_bad_one_is_one_line(
+    tmp_path,
+):
+    """Decentralised auth (operator, accounts, user JWT + NKey seed) minted at test time."""
+    from tests.nats_support import Accounts
+
+    accounts = Accounts()
+    server = NatsServer(tmp_path / "nats", extra_config=accounts.server_config()).start()
+    good = accounts.creds(tmp_path / "good.creds")
+    writer = IngestWriter(tmp_path / "ingest", "w1", "auth")
+    try:
+        writer.commit(lines(0, 5))
+        run = PublisherRun(tmp_path / "ingest", server.url, "--no-events", "--creds", str(good))
+        try:
+            wait_for(lambda: run.confirmed("w1", "auth") == writer.offset, what="the publish")
+        finally:
+            assert run.finish()[0] == 0
+        stored = stream_messages(server.url, user_credentials=str(good))
+        assert b"".join(m[3] for m in stored) == bytes(writer.written)
+        forged = accounts.creds(tmp_path / "forged.creds", signer=accounts.other_account())
+        garbage = tmp_path / "garbage.creds"
+        garbage.write_text("SUAM" + "A" * 54 + "\n")
+        for creds, code, words in (
+            (forged, 2, "refused our credentials: nats: 'Authorization Violation'"),
+            (garbage, 2, "is not a NATS credentials file: no BEGIN NATS USER JWT block"),
+        ):
+            done = run_check(tmp_path / "ingest", server.url, "--creds", str(creds))
+            err = done.stderr.decode().strip()
+            assert done.returncode == code and err.count("\n") == 0 and words in err, err
+            assert "SU" not in err, "a seed is never echoed"
+    finally:
+        writer.close()
+        server.stop()
+
+
+@pytest.mark.slow  # (the untrusted broker: nats-py's attempts run out after ~12 s)
+def test_tls_to_the_broker_with_a_client_certificate_and_a_broker_we_do_not_trust(
+    ca, foreign_ca, tmp_path
+):
+    """nats-server with ``tls { verify: true }``, certificates minted at test time."""
+    from decnet import pki
+
+    def write(leaf: pki.Leaf, name: str) -> tuple[str, str]:
+        cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert.write_bytes(pki.cert_pem(leaf.cert))
+        key.touch(0o600)
+        key.write_bytes(pki.key_pem(leaf.key))
+        return str(cert), str(key)
+
+    ca_file, foreign_file = tmp_path / "ca.pem", tmp_path / "foreign.pem"
+    ca_file.write_bytes(pki.cert_pem(ca.cert))
+    foreign_file.write_bytes(pki.cert_pem(foreign_ca.cert))
+    server_cert, server_key = write(
+        pki.issue_leaf(ca, "worker", "broker", addresses=["127.0.0.1"]), "s"
+    )
+    client_cert, client_key = write(pki.issue_leaf(ca, "master"), "c")
+    tls = f'tls {{ cert_file: "{server_cert}", key_file: "{server_key}", ca_file: "{ca_file}"'
+    tls += ", verify: true }"
+    server = NatsServer(tmp_path / "nats", extra_config=tls).start()
+    writer = IngestWriter(tmp_path / "ingest", "w1", "auth")
+    ours = ("--tls-ca", str(ca_file), "--tls-cert", client_cert, "--tls-key", client_key)
+    try:
+        writer.commit(lines(0, 5))
+        run = PublisherRun(tmp_path / "ingest", server.url, "--no-events", *ours)
+        try:
+            wait_for(lambda: run.confirmed("w1", "auth") == writer.offset, what="the publish")
+        finally:
+            assert run.finish()[0] == 0
+        for extra in (
+            ("--tls-ca", str(ca_file)),  # (no client certificate: the broker refuses us)
+            ("--tls-ca", str(foreign_file), "--tls-cert", client_cert, "--tls-key", client_key),
+        ):
+            done = run_check(tmp_path / "ingest", server.url, *extra)
+            err = done.stderr.decode().strip()
+            assert done.returncode == 3 and err.count("\n") == 0, err
+            assert err.startswith(f"publisher: cannot reach the broker at {server.url}: "), err
+    finally:
+        writer.close()
         server.stop()
 
 

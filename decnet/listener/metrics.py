@@ -37,6 +37,8 @@ class ListenerMetrics:
         self.bytes: collections.Counter[str] = collections.Counter()
         # When each worker was last known alive: a commit, or a connection open at a scrape.
         self.last_seen: dict[str, float] = {}
+        # Each (worker, stream)'s durable logical end, for the publisher's lag.
+        self.durable_end: dict[tuple[str, str], int] = {}
         self.commit_seconds = Histogram(
             "decnet_listener_commit_seconds",
             "Time from handing a batch to the disk to it being durable (fsync included)",
@@ -49,6 +51,7 @@ class ListenerMetrics:
         self.lines[done.worker] += done.lines
         self.bytes[done.worker] += done.bytes
         self.last_seen[done.worker] = self.clock.seconds()
+        self.durable_end[(done.worker, done.stream)] = done.end
         self.commit_seconds.observe(max(0.0, done.seconds))
 
     def sample(self) -> Build:
@@ -61,6 +64,12 @@ class ListenerMetrics:
         positions: dict[tuple[str, str], int] = getattr(feeds, "positions", {})
         for (worker, stream), target in getattr(feeds, "targets", {}).items():
             lag[worker] += max(0, target - positions.get((worker, stream), 0))
+        publisher = self.ingest.publisher
+        publish_lag: dict[str, int] = {}
+        broker_up: int | None = None
+        if publisher is not None:
+            broker_up = int(publisher.broker == "up")
+            publish_lag = publisher_lag(self.durable_end, publisher.marks.marks)
         sample = ListenerSample(
             states=collections.Counter(proto.state for proto in self.factory.connections),
             refused=dict(self.factory.refused_by),
@@ -69,6 +78,8 @@ class ListenerMetrics:
             lines=dict(self.lines),
             bytes=dict(self.bytes),
             feed_lag=dict(lag),
+            publish_lag=publish_lag,
+            broker_up=broker_up,
         )
         return sample.families
 
@@ -84,6 +95,8 @@ class ListenerSample:
     lines: dict[str, int]
     bytes: dict[str, int]
     feed_lag: dict[str, int]
+    publish_lag: dict[str, int] = attrs.field(factory=dict)
+    broker_up: int | None = None  # (None: not publishing)
 
     def families(self) -> Iterator[Metric]:
         yield gauge(
@@ -133,6 +146,31 @@ class ListenerSample:
                 ),
             )
         )
+        if self.broker_up is None:
+            return
+        yield gauge(
+            "decnet_listener_publisher_lag_bytes",
+            "Durable bytes (logical stream offsets) JetStream has not confirmed yet, per worker",
+            ["worker"],
+            (([w], v) for w, v in sorted(self.publish_lag.items())),
+        )
+        yield gauge(
+            "decnet_listener_publisher_broker_up",
+            "1 while the JetStream broker stores what the publisher sends, 0 otherwise",
+            [],
+            [([], self.broker_up)],
+        )
+
+
+def publisher_lag(
+    durable: dict[tuple[str, str], int], confirmed: dict[tuple[str, str], int]
+) -> dict[str, int]:
+    """Per worker: the durable bytes of its streams above the broker's confirmed mark
+    (a stream the broker has confirmed nothing of counts whole)."""
+    lag: collections.Counter[str] = collections.Counter()
+    for (worker, stream), end in durable.items():
+        lag[worker] += max(0, end - confirmed.get((worker, stream), 0))
+    return dict(lag)
 
 
 def listener_registry(

@@ -57,8 +57,10 @@ STATE_FILE = ".publisher-state.json"
 # of a publisher that catches up thousands of streams after an outage.
 READ_LIMIT = 2 * 1024 * 1024
 MAX_ROUNDS = 64
-# Feed bytes read per events round of one stream.
+# Feed bytes read per events round of one stream, and events in flight at once
+# per stream (one window: see publishing.settle_window).
 EVENTS_READ_LIMIT = 1024 * 1024
+EVENT_WINDOW = 256
 # How long one publish may wait for its PubAck before the broker counts as down.
 PUBLISH_TIMEOUT = 5.0
 # Retry delays after an error: first, doubling to the maximum.
@@ -66,6 +68,8 @@ RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
 # How long a JetStream that does not answer is waited for at start.
 STARTUP_PATIENCE = 20.0
+# Seconds allowed for connecting beyond the attempts themselves.
+CONNECT_GRACE = 5.0
 # Streams are looked at this often even without a notification (the feed
 # has no notification of its own).
 POLL_INTERVAL = 0.25
@@ -191,6 +195,7 @@ class StreamJob:
         self.ev_seq = pub.SubjectSequence()
         self.cursor: pub.Cursor | None = None
         self.event_pos: int | None = None
+        self.ev_repair: list[tuple[bytes, dict[str, str]]] = []
         self.wake = asyncio.Event()
         self.wake.set()
         self.confirmed = -1
@@ -226,7 +231,8 @@ class StreamJob:
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             delay = RETRY_FIRST
-            self.warned = None
+            if busy:
+                self.warned = None
             if not busy:
                 wake.clear()
                 try:
@@ -293,6 +299,16 @@ class StreamJob:
         cursor = self.cursor if self.cursor is not None else await self._sync_raw()
         records, data = await asyncio.to_thread(self._read_round, cursor)
         pieces = pub.plan_raw(cursor, records, data, self.owner.payload_limit)
+        if not pieces:
+            awaited = pub.waiting_for_move(cursor, records)
+            if awaited is not None:
+                self.cursor = None  # (the next round reads the broker's mark again)
+                self._warn(
+                    f"waiting for the broker to reach offset {awaited} of "
+                    f"{self.worker}/{self.stream} (the worker moved here: the bytes below it "
+                    f"are another listener's to publish)"
+                )
+                return False
         for piece in pieces:
             headers = pub.raw_headers(self.worker, self.stream, piece, self.raw_seq.expected())
             payload = data[piece.mirror_start - cursor.mirror : piece.mirror_end - cursor.mirror]
@@ -339,22 +355,53 @@ class StreamJob:
             return feed.read(min(feed_len - pos, EVENTS_READ_LIMIT))
 
     async def publish_events(self) -> bool:
+        """One window of up to EVENT_WINDOW events, all in flight at once."""
+        await self._repair_events()
         pos = self.event_pos if self.event_pos is not None else await self._sync_events()
         chunk = await asyncio.to_thread(self._read_events, pos)
         lines, _ = pub.split_lines(chunk)
-        for line in lines:
-            offset = pub.event_offset(line)
-            headers = pub.event_headers(self.worker, self.stream, offset, self.ev_seq.expected())
+        lines = lines[:EVENT_WINDOW]
+        if not lines:
+            return False
+        offsets = [pub.event_offset(line) for line in lines]
+        expected: int | None = self.ev_seq.expected()  # (the first event only)
+        items = []
+        for line, offset in zip(lines, offsets, strict=True):
+            items.append((line, pub.event_headers(self.worker, self.stream, offset, expected)))
+            expected = None
+        outcomes = await self.owner.publish_window(self.events_subject, items)
+        settled = pub.settle_window(outcomes)
+        self._learn_events([o for o in outcomes if isinstance(o, int)])
+        # A hole left by a leader change: published again with the Msg-Id alone (no fence:
+        # it may come after a later event), before anything else, even after an error.
+        self.ev_repair = [
+            (lines[i], pub.event_headers(self.worker, self.stream, offsets[i]))
+            for i in settled.repair
+        ]
+        self.event_pos = pos + sum(len(line) + 1 for line in lines[: settled.done])
+        await self._repair_events()
+        if settled.fenced:
+            self._forget_events()
+            self.owner.fenced(self.events_subject)
+            return True
+        if settled.failure is not None:
+            if settled.failure.down:
+                raise BrokerDown(settled.failure.text)
+            raise pub.PublishError(settled.failure.text)
+        return True
+
+    async def _repair_events(self) -> None:
+        while self.ev_repair:
+            line, headers = self.ev_repair[0]
             seq = await self.owner.publish(self.events_subject, line, headers)
-            if seq is None:
-                self.ev_seq.fenced()
-                self.event_pos = None
-                self.owner.fenced(self.events_subject)
-                return True
-            self.ev_seq.published(seq)
-            pos += len(line) + 1
-            self.event_pos = pos
-        return bool(lines)
+            del self.ev_repair[0]
+            self._learn_events([seq] if seq else [])
+
+    def _learn_events(self, stored: list[int]) -> None:
+        """The subject's last sequence after our events were stored (a duplicate names an
+        older one: the last stays the largest)."""
+        if stored and self.ev_seq.known:
+            self.ev_seq.learned(max([*stored, self.ev_seq.expected()]))
 
 
 class Publisher:
@@ -376,6 +423,11 @@ class Publisher:
         # attempt may only see the connection reset that follows it).
         self.refused: str | None = None
         self.closing = False
+        # PubAcks of a window: one inbox subscription, a future per message
+        # (nats-py's publish_async drops an error reply, so it is not used).
+        self.reply_prefix: str | None = None
+        self.reply_count = 0
+        self.replies: dict[str, asyncio.Future] = {}
 
     async def _error_cb(self, exc: Exception) -> None:
         self.last_error = str(exc) or type(exc).__name__
@@ -409,9 +461,13 @@ class Publisher:
         if context is not None:
             options["tls"] = context
         if self.args.creds:
+            self._check_creds(self.args.creds)
             options["user_credentials"] = self.args.creds
+        # nats-py retries a broker whose certificate we do not trust without end: the
+        # attempts it was given (each server twice, connect_timeout each) get a deadline.
+        patience = CONNECT_GRACE + 2 * (options["connect_timeout"] + 0.5) * len(self.args.servers)
         try:
-            self.nc = await nats.connect(**options)
+            self.nc = await asyncio.wait_for(nats.connect(**options), patience)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             reason = self.last_error or str(exc) or type(exc).__name__
             where = ",".join(_without_userinfo(url) for url in self.args.servers)
@@ -424,6 +480,18 @@ class Publisher:
         self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.payload_limit = pub.payload_limit(self.args.max_msg, self.nc.max_payload)
+
+    @staticmethod
+    def _check_creds(path: str) -> None:
+        """A file nats-py could not read stops here with one line, not a traceback."""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 16)
+        except OSError as exc:
+            raise Fatal(f"--nats-creds {path}: cannot read it: {exc.strerror}") from None
+        problem = pub.creds_problem(text)
+        if problem is not None:
+            raise Fatal(f"--nats-creds {path} is not a NATS credentials file: {problem}")
 
     async def api(self, subject: str, body: dict | None = None) -> dict:
         import nats.errors
@@ -482,7 +550,7 @@ class Publisher:
         try:
             ack = await self.js.publish(subject, payload, headers=headers)
         except nats.js.errors.APIError as exc:
-            if exc.err_code == pub.ERR_WRONG_LAST_SEQUENCE:
+            if exc.err_code in pub.FENCED_CODES:
                 return None
             if exc.code in (503, 408):
                 raise BrokerDown(f"publishing on {subject}: {exc.description}") from None
@@ -499,6 +567,53 @@ class Publisher:
             raise pub.PublishError(f"a message on {subject} is too large: {exc}") from None
         self.reporter.broker_state("up")
         return int(ack.seq)
+
+    async def publish_window(
+        self, subject: str, items: list[tuple[bytes, dict[str, str]]]
+    ) -> list[pub.Outcome]:
+        """Publish ``items`` back to back, then wait (PUBLISH_TIMEOUT) for every PubAck.
+
+        One outcome per item, in order (see :func:`publishing.settle_window`).
+        """
+        import nats.errors
+
+        if self.reply_prefix is None:
+            prefix = self.nc.new_inbox()
+            await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
+            self.reply_prefix = prefix
+        futures: list[asyncio.Future] = []
+        failure: pub.Failure | None = None
+        loop = asyncio.get_running_loop()
+        for payload, headers in items:
+            self.reply_count += 1
+            inbox = f"{self.reply_prefix}.{self.reply_count}"
+            future = self.replies[inbox] = loop.create_future()
+            try:
+                await self.nc.publish(subject, payload, reply=inbox, headers=headers)
+            except (nats.errors.Error, OSError) as exc:
+                del self.replies[inbox]
+                failure = pub.Failure(True, f"publishing on {subject}: {type(exc).__name__}")
+                break
+            futures.append(future)
+        try:
+            if futures:
+                await asyncio.wait(futures, timeout=PUBLISH_TIMEOUT)
+        finally:
+            for future in futures:
+                future.cancel()  # (no-op when answered)
+            for inbox in [i for i, f in self.replies.items() if f.done()]:
+                del self.replies[inbox]
+        outcomes = [_outcome(subject, future) for future in futures]
+        if failure is not None:
+            outcomes += [failure] * (len(items) - len(futures))
+        if any(isinstance(o, int) for o in outcomes):
+            self.reporter.broker_state("up")
+        return outcomes
+
+    async def _on_reply(self, msg: Any) -> None:
+        future = self.replies.get(msg.subject)
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     def fenced(self, subject: str) -> None:
         self.reporter.send({"fenced": subject})
@@ -541,6 +656,30 @@ class Publisher:
                 await self.nc.close()
             except Exception as exc:  # closing is best effort at exit
                 self.reporter.send({"warn": f"closing the broker connection: {exc}"})
+
+
+def _outcome(subject: str, future: asyncio.Future) -> pub.Outcome:
+    """One PubAck (or its absence) as a window outcome."""
+    import nats.js.errors
+
+    if future.cancelled():
+        return pub.Failure(True, f"publishing on {subject}: no PubAck in {PUBLISH_TIMEOUT} s")
+    msg = future.result()
+    if msg.headers and msg.headers.get("Status") == "503":
+        return pub.Failure(True, f"publishing on {subject}: no stream answers")
+    try:
+        answer = json.loads(msg.data)
+        if "error" in answer:
+            nats.js.errors.APIError.from_error(answer["error"])  # (raises the typed error)
+        return int(answer["seq"])
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in pub.FENCED_CODES:
+            return None
+        if exc.code in (503, 408):
+            return pub.Failure(True, f"publishing on {subject}: {exc.description}")
+        return pub.Failure(False, f"JetStream refused a message on {subject}: {exc}")
+    except (ValueError, KeyError, TypeError):
+        return pub.Failure(True, f"publishing on {subject}: an unreadable PubAck")
 
 
 async def _read_input(publisher: Publisher, stdin: int) -> None:

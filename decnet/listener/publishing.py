@@ -57,8 +57,12 @@ H_OFFSET = "Decnet-Offset"
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
-# JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence.
+# JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence: with the
+# sequence it has, and without (a clustered stream with another check on the subject
+# still in flight).
 ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_WRONG_LAST_SEQUENCE_CONSTANT = 10164
+FENCED_CODES = (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CONSTANT)
 
 _KEEP = re.compile(r"[a-z0-9-]")
 _TOKEN = re.compile(r"(?:[a-z0-9-]|_[0-9a-f]{2})+")
@@ -210,6 +214,8 @@ def plan_raw(
                 f"{record.stream_end}) from ({mirror}, {offset})"
             )
         after = Cursor(number + 1, record.mirror_end, record.stream_end)
+        if record.moved:
+            break  # (the bytes below its end are another listener's: see waiting_for_move)
         if record.mirror_end == mirror:
             if open_piece is not None:
                 pieces.append(open_piece)
@@ -292,9 +298,28 @@ def locate(end: int, record_at: Callable[[int], IndexRecord], count: int) -> Cur
     if record.stream_end == end:
         return Cursor(lo + 1, record.mirror_end, end)
     previous = record_at(lo - 1) if lo else IndexRecord(0, 0, 0)
+    if record.moved:
+        return Cursor(lo, record.mirror_end, end)  # (inside a move: waiting_for_move)
     if previous.mirror_end == record.mirror_end:
         raise PublishError(f"offset {end} falls inside the gap of index record {lo}")
     return Cursor(lo, previous.mirror_end + (end - previous.stream_end), end)
+
+
+def waiting_for_move(cursor: Cursor, records: Sequence[IndexRecord]) -> int | None:
+    """The offset the broker must reach before this mirror goes on, if it waits for one.
+
+    ``records`` start at ``cursor.record``.  A "moved" record (the worker
+    arrived from another listener, :mod:`decnet.listener.storage`) is not a
+    gap: the bytes below its end are that listener's to publish.  So
+    :func:`plan_raw` stops there and the publisher reads the broker again
+    until its last ``Decnet-End`` reaches the record's end, where
+    :func:`locate` puts the cursor past it.
+    """
+    for record in records:
+        if record.stream_end <= cursor.offset and record.mirror_end <= cursor.mirror:
+            continue
+        return record.stream_end if record.moved else None
+    return None
 
 
 def raw_headers(worker: str, stream: str, piece: RawPiece, expected: int) -> dict[str, str]:
@@ -323,14 +348,73 @@ def header_end(headers: dict[str, str] | None) -> int:
 # -- events ------------------------------------------------------------------
 
 
-def event_headers(worker: str, stream: str, offset: int, expected: int) -> dict[str, str]:
-    return {
+def event_headers(
+    worker: str, stream: str, offset: int, expected: int | None = None
+) -> dict[str, str]:
+    """Every header of one event; ``expected``: the subject's last sequence, if named.
+
+    Events go out in windows (:func:`settle_window`): the first event of a
+    window names the subject's last sequence, so a publisher whose view is
+    stale is refused there; the others carry their ``Nats-Msg-Id`` alone
+    (a clustered stream refuses a second compare-and-set on a subject while
+    the first is in flight), which JetStream deduplicates.
+    """
+    headers = {
         H_WORKER: worker,
         H_STREAM: stream,
         H_OFFSET: str(offset),
         H_MSG_ID: event_msg_id(worker, stream, offset),
-        H_EXPECTED_SEQ: str(expected),
     }
+    if expected is not None:
+        headers[H_EXPECTED_SEQ] = str(expected)
+    return headers
+
+
+@attrs.frozen
+class Failure:
+    """A message of a window that JetStream did not store: broker ``down`` or a refusal."""
+
+    down: bool
+    text: str
+
+
+# One message's outcome: its stream sequence, None when fenced out, or a Failure.
+Outcome = int | None | Failure
+
+
+@attrs.frozen
+class Settled:
+    """What a window of in-flight events came to (:func:`settle_window`).
+
+    ``done``: how many leading messages are stored (the position goes on after
+    them); ``repair``: the messages before the last stored one that are not
+    (a hole, to publish again at once); ``fenced``: another publisher took the
+    stream over; ``failure``: the first failure after the last stored message.
+    """
+
+    done: int
+    repair: tuple[int, ...]
+    fenced: bool
+    failure: Failure | None
+
+
+def settle_window(outcomes: Sequence[Outcome]) -> Settled:
+    """Settle a window of events published back to back on one connection.
+
+    JetStream stores one connection's messages in order, so normally the
+    stored ones are a prefix.  A stream leader that changes while they are
+    in flight can lose message ``i`` and store ``i + 1``: that hole is
+    listed in ``repair`` (republished at once with its ``Nats-Msg-Id``,
+    well inside the duplicate window, so a message whose PubAck alone was
+    lost is not stored twice), and the position goes on after the last
+    stored message.
+    """
+    stored = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, int)]
+    last = stored[-1] if stored else -1
+    repair = tuple(i for i in range(last) if not isinstance(outcomes[i], int))
+    tail = outcomes[last + 1 :]
+    failure = next((o for o in tail if isinstance(o, Failure)), None)
+    return Settled(last + 1, repair, None in tail, failure)
 
 
 def header_offset(headers: dict[str, str] | None) -> int:
@@ -435,6 +519,26 @@ def config_differences(existing: dict, wanted: dict) -> list[str]:
     if isinstance(limit, int) and 0 < limit < wanted["max_msg_size"]:
         out.append(f"max_msg_size is {limit}, below --nats-max-msg {wanted['max_msg_size']}")
     return out
+
+
+_CREDS_JWT = re.compile(
+    r"-{3,}BEGIN NATS USER JWT-{3,}\s*\n\s*([A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+)\s*\n"
+)
+_CREDS_SEED = re.compile(r"-{3,}BEGIN USER NKEY SEED-{3,}\s*\n\s*(SU[A-Z2-7]{56})\s*\n")
+
+
+def creds_problem(text: str) -> str | None:
+    """Why ``text`` is not a NATS user credentials file (``None`` if it looks like one).
+
+    A ``.creds`` file holds a user JWT and the user's NKey seed, each between
+    ``BEGIN``/``END`` lines (as ``nsc`` writes it).  The answer never quotes
+    the file: it holds a secret.
+    """
+    if not _CREDS_JWT.search(text):
+        return "no BEGIN NATS USER JWT block with a JWT in it"
+    if not _CREDS_SEED.search(text):
+        return "no BEGIN USER NKEY SEED block with a user seed (SU...) in it"
+    return None
 
 
 def payload_limit(max_msg: int, server_max_payload: int) -> int:
