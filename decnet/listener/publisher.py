@@ -138,6 +138,33 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
     return context
 
 
+def connect_options(args: argparse.Namespace, name: str, client: Any) -> dict[str, Any]:
+    """nats-py's connect options for a DECNET child process (the publisher, the sink).
+
+    Each server is tried once per attempt, so the caller sees an unreachable broker
+    and reports it; once connected it sets ``max_reconnect_attempts`` to -1.
+    ``client`` has the three callbacks; TLS and credentials come from ``args``
+    (what :class:`decnet.options.NatsOptions` passes on the command line).
+    """
+    options: dict[str, Any] = {
+        "servers": args.servers,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 3,
+        "error_cb": client._error_cb,
+        "disconnected_cb": client._disconnected,
+        "reconnected_cb": client._reconnected,
+        "name": name,
+    }
+    context = tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    if context is not None:
+        options["tls"] = context
+    if args.creds:
+        options["user_credentials"] = args.creds
+    return options
+
+
 def find_event_start(path: Path, feed_len: int, after: int) -> int:
     """Byte position in a feed of the first line whose ``mirror_offset`` exceeds ``after``.
 
@@ -445,24 +472,10 @@ class Publisher:
         import nats
         import nats.errors
 
-        options: dict[str, Any] = {
-            "servers": self.args.servers,
-            "allow_reconnect": True,
-            # Each server once at start: an unreachable broker is an error then.
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0.5,
-            "connect_timeout": 3,
-            "error_cb": self._error_cb,
-            "disconnected_cb": self._disconnected,
-            "reconnected_cb": self._reconnected,
-            "name": "decnet-listener-publisher",
-        }
-        context = tls_context(self.args.tls_ca, self.args.tls_cert, self.args.tls_key)
-        if context is not None:
-            options["tls"] = context
         if self.args.creds:
             self._check_creds(self.args.creds)
-            options["user_credentials"] = self.args.creds
+        # Each server once at start: an unreachable broker is an error then.
+        options = connect_options(self.args, "decnet-listener-publisher", self)
         # nats-py retries a broker whose certificate we do not trust without end: the
         # attempts it was given (each server twice, connect_timeout each) get a deadline.
         patience = CONNECT_GRACE + 2 * (options["connect_timeout"] + 0.5) * len(self.args.servers)

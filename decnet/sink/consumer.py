@@ -39,7 +39,7 @@ from typing import Any
 
 from decnet.listener import publishing as pub
 from decnet.listener.feedworker import encode_message
-from decnet.listener.publisher import tls_context
+from decnet.listener.publisher import connect_options
 
 DEFAULT_DURABLE = "decnet-sink"
 DEFAULT_BATCH = 256
@@ -92,22 +92,8 @@ class Consumer:
         """Connect, retrying for ever (the outage is reported once)."""
         import nats
 
-        options: dict[str, Any] = {
-            "servers": self.args.servers,
-            # Each server once per attempt: this loop reports the outage and tries again.
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0.5,
-            "connect_timeout": 3,
-            "error_cb": self._error_cb,
-            "disconnected_cb": self._disconnected,
-            "reconnected_cb": self._reconnected,
-            "name": "decnet-sink",
-        }
-        context = tls_context(self.args.tls_ca, self.args.tls_cert, self.args.tls_key)
-        if context is not None:
-            options["tls"] = context
-        if self.args.creds:
-            options["user_credentials"] = self.args.creds
+        # Each server once per attempt: this loop reports the outage and tries again.
+        options = connect_options(self.args, "decnet-sink", self)
         while True:
             try:
                 self.nc = await nats.connect(**options)
