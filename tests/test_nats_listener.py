@@ -153,13 +153,25 @@ def test_broker_mode_acknowledges_only_what_jetstream_stored_and_logs_an_outage_
         nats.start()
         expected = log_file.read_bytes()
         wait_for(lambda: acked(state) == len(expected), timeout=60, what="ACK after the outage")
+        # (The ACK, the log line and the metrics each follow the broker's confirmation.)
+        wait_for(
+            lambda: "JetStream broker reachable again" in (tmp_path / "l.log").read_text(),
+            what="the recovery in the listener's log",
+        )
+        wait_for(
+            lambda: json.loads((ingest / STATE_FILE).read_text())["broker"] == "up",
+            what="the state file to say up",
+        )
+        wait_for(
+            lambda: (
+                scrape_url(m_url).value("decnet_listener_publisher_broker_up") == 1
+                and scrape_url(m_url).value("decnet_listener_publisher_lag_bytes", worker=name) == 0
+            ),
+            what="the scrape to show the broker up and no lag",
+        )
         log = (tmp_path / "l.log").read_text(errors="replace")
         assert log.count("JetStream broker down") == 1
         assert log.count("JetStream broker reachable again") == 1
-        assert json.loads((ingest / STATE_FILE).read_text())["broker"] == "up"
-        scrape = scrape_url(m_url)
-        assert scrape.value("decnet_listener_publisher_broker_up") == 1
-        assert scrape.value("decnet_listener_publisher_lag_bytes", worker=name) == 0
         wait_for(
             lambda: len(stream_messages(nats.url, subject="decnet.events.>")) == 200,
             what="every event",

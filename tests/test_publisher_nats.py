@@ -360,3 +360,29 @@ def test_a_cluster_node_killed_while_publishing_loses_nothing(tmp_path):
         writer.close()
         for node in nodes:
             node.stop()
+
+
+def test_a_publisher_whose_broker_is_gone_still_ends_when_its_listener_goes_away(tmp_path):
+    """A listener killed with kill -9 closes the publisher's stdin: the publisher ends even
+    while every stream is retrying a broker that is gone (no orphan left publishing)."""
+    server = NatsServer(tmp_path / "nats").start()
+    writer = IngestWriter(tmp_path / "ingest", "w1", "auth")
+    others = [IngestWriter(tmp_path / "ingest", f"w{i}", "auth") for i in range(2, 6)]
+    for w in (writer, *others):
+        w.commit(lines(0, 10))
+        w.build_feed()
+    run = PublisherRun(tmp_path / "ingest", server.url)
+    try:
+        wait_for(lambda: run.confirmed("w1", "auth") == writer.offset, what="confirm")
+        server.kill9()
+        for w in (writer, *others):
+            w.commit(lines(10, 10))
+            w.build_feed()
+            run.notify(w.worker, "auth")
+        wait_for(lambda: any("down" in json.dumps(r) for r in run.poll_reports()), what="down")
+        code, err = run.finish()
+    finally:
+        run.kill9()  # (only when it did not end by itself: the test has failed then)
+    assert code == 0, err
+    for w in (writer, *others):
+        w.close()

@@ -70,6 +70,8 @@ RETRY_MAX = 5.0
 STARTUP_PATIENCE = 20.0
 # Seconds allowed for connecting beyond the attempts themselves.
 CONNECT_GRACE = 5.0
+# How long a publisher whose listener went away may take to finish what is in flight.
+CLOSE_GRACE = 5.0
 # Streams are looked at this often even without a notification (the feed
 # has no notification of its own).
 POLL_INTERVAL = 0.25
@@ -242,7 +244,7 @@ class StreamJob:
         forget: Callable[[], None],
     ) -> None:
         delay = RETRY_FIRST
-        while True:
+        while not self.owner.closing:
             try:
                 async with self.owner.rounds:
                     busy = await step()
@@ -758,8 +760,19 @@ async def serve(args: argparse.Namespace, reporter: Reporter) -> int:
     try:
         await _read_input(publisher, args.stdin)
     finally:
+        # Its listener is gone: what is in flight gets CLOSE_GRACE, then the process
+        # ends whatever still runs (it keeps no position of its own: nothing is lost).
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, _end_now)
         await publisher.close()
     return 0
+
+
+def _end_now() -> None:
+    sys.stderr.write(
+        f"publisher: still busy {CLOSE_GRACE:g} s after its listener went away; ending\n"
+    )
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
