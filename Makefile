@@ -29,8 +29,10 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy decnet
 
+# The suite runs on every core up to four (pytest-xdist): most of its time is spent
+# waiting on real daemons, and each test picks its own free ports and directories.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses=4
 
 # setuptools' PEP 517 backend, called directly (no network, no build isolation).
 dist: venv
