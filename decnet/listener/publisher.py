@@ -140,13 +140,23 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
     return context
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """A NATS child's connection arguments (what ``publisherproc.NatsOptions`` passes)."""
+    parser.add_argument("--servers", required=True, type=lambda v: [s for s in v.split(",") if s])
+    parser.add_argument("--creds")
+    parser.add_argument("--tls-ca")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--stream", default=pub.DEFAULT_STREAM)
+
+
 def connect_options(args: argparse.Namespace, name: str, client: Any) -> dict[str, Any]:
     """nats-py's connect options for a DECNET child process (the publisher, the sink).
 
     Each server is tried once per attempt, so the caller sees an unreachable broker
     and reports it; once connected it sets ``max_reconnect_attempts`` to -1.
     ``client`` has the three callbacks; TLS and credentials come from ``args``
-    (what :class:`decnet.options.NatsOptions` passes on the command line).
+    (what :class:`decnet.listener.publisherproc.NatsOptions` passes on the command line).
     """
     options: dict[str, Any] = {
         "servers": args.servers,
@@ -784,12 +794,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--servers nats://10.0.0.5:4222,nats://10.0.0.6:4222 --stream DECNET --replicas 3",
     )
     parser.add_argument("ingest_dir", type=Path)
-    parser.add_argument("--servers", required=True, type=lambda v: [s for s in v.split(",") if s])
-    parser.add_argument("--creds")
-    parser.add_argument("--tls-ca")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--stream", default=pub.DEFAULT_STREAM)
+    add_connection_arguments(parser)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-msg", type=int, default=pub.DEFAULT_MAX_MSG)
     parser.add_argument("--no-events", action="store_true")

@@ -39,7 +39,7 @@ from typing import Any
 
 from decnet.listener import publishing as pub
 from decnet.listener.feedworker import encode_message
-from decnet.listener.publisher import connect_options
+from decnet.listener.publisher import add_connection_arguments, connect_options
 
 DEFAULT_DURABLE = "decnet-sink"
 DEFAULT_BATCH = 256
@@ -276,12 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pull decnet.events.> from JetStream for twistd decnet-sink "
         "(started by it; see docs/Events.md).",
     )
-    parser.add_argument("--servers", required=True, type=lambda v: [s for s in v.split(",") if s])
-    parser.add_argument("--creds")
-    parser.add_argument("--tls-ca")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--stream", default=pub.DEFAULT_STREAM)
+    add_connection_arguments(parser)
     # (The publisher's connection arguments are passed as one list, NatsOptions.argv();
     # these three are the publisher's own and mean nothing to a consumer.)
     parser.add_argument("--replicas", type=int, help=argparse.SUPPRESS)
