@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -148,6 +149,13 @@ async def eventually(
     while not (value := poll.look()):
         await task.deferLater(reactor, interval, lambda: None)
     return value
+
+
+def ends_on_ctrl_c(proc) -> None:
+    """Ctrl-C (SIGINT) ends the command ``proc`` with 130 and no traceback."""
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"Traceback" not in err, err
 
 
 def master_paths(tmp_path: Path) -> config.MasterPaths:

@@ -13,7 +13,7 @@ from decnet.events.index import index_path
 from decnet.listener import storage
 from decnet.listener.feedworker import encode_message
 from tests.events_support import commit, event_line, feed_entries, ingest_with, reader
-from tests.support import BIN, wait_for
+from tests.support import BIN, ends_on_ctrl_c, wait_for
 
 
 def feed_process(ingest):
@@ -131,9 +131,7 @@ def test_follow_prints_the_latest_then_new_events_of_a_newly_enrolled_worker(tmp
         wait_for(lambda: any('"w2"' in line for line in out.lines), what="w2's event")
         new = [json.loads(line) for line in out.lines[10:]]
         assert [(e["source_worker"], e["msgid"]) for e in new] == [("w2", "login")]
-        follow.send_signal(signal.SIGINT)
-        _out, err = follow.communicate(timeout=30)
-        assert follow.returncode == 130 and b"Traceback" not in err
+        ends_on_ctrl_c(follow)
     finally:
         if follow.poll() is None:
             follow.kill()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 
 from decnet.sink.store import SinkStore
 from tests.events_support import event_line
 from tests.sink_support import messages_for
-from tests.support import BIN, wait_for
+from tests.support import BIN, ends_on_ctrl_c, wait_for
 from tests.test_events_subprocess import Lines
 
 
@@ -41,9 +40,7 @@ def test_follow_on_postgres_prints_the_backlog_then_rows_the_sink_commits_later(
         printed = [json.loads(line) for line in out.lines]
         assert [e["source_worker"] for e in printed[10:]] == ["w2"] * 3
         assert [line.rstrip("\n").encode() for line in out.lines] == [m.data for m in messages[2:]]
-        follow.send_signal(signal.SIGINT)
-        _out, err = follow.communicate(timeout=30)
-        assert follow.returncode == 130 and b"Traceback" not in err
+        ends_on_ctrl_c(follow)
     finally:
         if follow.poll() is None:
             follow.kill()
