@@ -41,3 +41,13 @@ def test_the_help_has_examples_and_the_metrics_port():
     text = " ".join(Options().getUsage().split())
     assert "twistd -n decnet-sink --nats nats://" in text
     assert "--metrics tcp:9469:interface=127.0.0.1 serves" in text
+
+
+def test_a_creds_file_that_is_not_one_is_a_usage_error_that_never_quotes_it(tmp_path):
+    """(Before, the sink took it and reported a broker outage for ever.)"""
+    creds = tmp_path / "nats.creds"
+    creds.write_text("SUAsecretseedbutnojwt\n")
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions([*NATS, "--postgres", "dbname=x", "--nats-creds", str(creds)])
+    said = str(caught.value)
+    assert "is not a NATS credentials file" in said and "secret" not in said

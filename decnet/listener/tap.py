@@ -235,6 +235,8 @@ def nats_client(options: usage.Options, flag: str) -> dict:
     for name in nats_given:
         if not Path(options[name]).is_file():
             raise usage.UsageError(f"--{name} {options[name]}: no such file")
+    if options["nats-creds"]:
+        _check_creds(options["nats-creds"])
     if bool(options["nats-tls-cert"]) != bool(options["nats-tls-key"]):
         raise usage.UsageError("--nats-tls-cert and --nats-tls-key go together")
     if not publishing.STREAM_NAME_RE.fullmatch(options["nats-stream"]):
@@ -242,6 +244,17 @@ def nats_client(options: usage.Options, flag: str) -> dict:
     names = "creds tls-ca tls-cert tls-key stream"
     given = {name.replace("-", "_"): options[f"nats-{name}"] for name in names.split()}
     return {"servers": servers, **given}
+
+
+def _check_creds(path: str) -> None:
+    """A ``--nats-creds`` file that cannot be one is a usage error (never quoted: a secret)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")[: 1 << 16]
+    except OSError as exc:
+        raise usage.UsageError(f"--nats-creds {path}: cannot read it: {exc.strerror}") from None
+    problem = publishing.creds_problem(text)
+    if problem is not None:
+        raise usage.UsageError(f"--nats-creds {path} is not a NATS credentials file: {problem}")
 
 
 def publish_options(options: usage.Options) -> NatsOptions | None:
