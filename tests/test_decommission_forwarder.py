@@ -102,7 +102,9 @@ def test_what_a_stopped_forwarder_left_is_said_in_bytes_or_as_unknown():
 def test_the_wait_reads_until_drained_on_the_injected_clock():
     clock = Clock()
     reads = iter([Drain(False, 10), Drain(False, 3), Drain(True, 0)])
-    d = defer.ensureDeferred(wait_drained(clock, lambda: next(reads), timeout=10, interval=0.5))
+    d = defer.ensureDeferred(
+        wait_drained(clock, lambda: defer.succeed(next(reads)), timeout=10, interval=0.5)
+    )
     clock.advance(0.5)
     assert not d.called
     clock.advance(0.5)
@@ -112,7 +114,9 @@ def test_the_wait_reads_until_drained_on_the_injected_clock():
 
 def test_the_wait_gives_up_at_its_deadline_with_the_last_lag():
     clock = Clock()
-    d = defer.ensureDeferred(wait_drained(clock, lambda: Drain(False, 9), timeout=2, interval=0.5))
+    d = defer.ensureDeferred(
+        wait_drained(clock, lambda: defer.succeed(Drain(False, 9)), timeout=2, interval=0.5)
+    )
     clock.pump([0.5] * 3)
     assert not d.called
     clock.advance(0.5)

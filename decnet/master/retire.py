@@ -22,7 +22,7 @@ the worker's log file; the step says how many bytes (:attr:`Step.unshipped`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from decnet.master.agent_client import AgentClient
 from decnet.master.registry import Host
 from decnet.master.updater_client import UpdaterClient
 from decnet.revocation import RevocationSet
+from decnet.threads import run_in_pool
 from decnet.tls import TLSIdentity
 
 DONE, FAILED, SKIPPED = "done", "failed", "skipped"
@@ -110,16 +111,19 @@ def read_drain(ingest_dir: Path, worker: str, since: float, now: float) -> Drain
 
 async def wait_drained(
     clock: IReactorTime,
-    read: Callable[[], Drain],
+    read: Callable[[], Awaitable[Drain]],
     timeout: float,
     interval: float = DRAIN_POLL,
 ) -> Drain:
-    """Read until settled or ``timeout`` seconds on ``clock``; the last read."""
+    """Read until settled or ``timeout`` seconds on ``clock``; the last read.
+
+    ``read`` answers later (a read of the state file in a thread).
+    """
     deadline = clock.seconds() + timeout
-    drain = read()
+    drain = await read()
     while not drain.settled and clock.seconds() < deadline:
         await task.deferLater(clock, interval, lambda: None)
-        drain = read()
+        drain = await read()
     return drain
 
 
@@ -188,7 +192,10 @@ class Retirement:
         self.progress("drain")
         drain = await wait_drained(
             self.reactor,
-            lambda: read_drain(self.ingest_dir, self.host.name, since, self._now()),
+            # (the listener's state file grows with the fleet: read off the reactor)
+            lambda: run_in_pool(
+                self.reactor, read_drain, self.ingest_dir, self.host.name, since, self._now()
+            ),
             self.drain_timeout,
         )
         self.progress("forwarder")
