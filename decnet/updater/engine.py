@@ -36,6 +36,7 @@ from decnet.errors import (
     InstallFailed,
     RollbackFailed,
     RolledBack,
+    UnknownRelease,
     UnsafeArchive,
     UpdateError,
     UpdaterBusy,
@@ -287,7 +288,7 @@ class Updater:
             installing: Awaitable[Any] = (
                 self.installer.install(directory, with_pip=with_pip)
                 if manifest is None
-                else self._install_wheels(directory, manifest, with_pip=with_pip)
+                else self._install_wheels(store, directory, manifest, with_pip=with_pip)
             )
             output = await self._observed(OP_INSTALL, installing, "installed")
             info = {
@@ -322,7 +323,24 @@ class Updater:
             raise
         return output
 
-    async def _install_wheels(self, directory: Path, manifest: Manifest, *, with_pip: bool) -> str:
+    def _sites_in_use(self, store: ReleaseStore) -> tuple[Path | None, Path | None]:
+        """The site-packages of ``store``'s current release and of its dependency
+        environment, where the byte code of unchanged files comes from (blocking)."""
+        release_dir = store.current_dir()
+        if release_dir is None:
+            return None, None
+        venv = release_dir / config.RELEASE_VENV_DIR
+        release_site = next(iter(sorted(venv.glob("lib/python*/site-packages"))), None)
+        deps_site = None
+        with contextlib.suppress(UnknownRelease, ValueError, FileNotFoundError):
+            env = store.release_info(release_dir.name).get("deps")
+            if isinstance(env, str) and self.deps.is_complete(env):
+                deps_site = self.deps.site_packages(env)
+        return release_site, deps_site
+
+    async def _install_wheels(
+        self, store: ReleaseStore, directory: Path, manifest: Manifest, *, with_pip: bool
+    ) -> str:
         """Store the shipped dependency wheels, build the dependency environment unless it
         exists, then the release's small venv with the decnet wheel."""
         wheels_dir = directory / config.RELEASE_SRC_DIR / config.RELEASE_WHEELS_DIR
@@ -332,6 +350,7 @@ class Updater:
                 await self._thread(self.deps.store_wheel, shipped, wheel)
         outputs = []
         env = manifest.deps_id
+        release_site, deps_site = await self._thread(self._sites_in_use, store)
         if not await self._thread(self.deps.is_complete, env):
             self.log.info("Building dependency environment {env}", env=env)
             paths = [await self._thread(self.deps.wheel_path, w.sha256) for w in manifest.deps]
@@ -341,7 +360,7 @@ class Updater:
                 )
             env_dir = await self._thread(self.deps.begin_env, env)
             try:
-                outputs.append(await self.installer.build_deps(env_dir, paths))
+                outputs.append(await self.installer.build_deps(env_dir, paths, deps_site))
                 await self._thread(self.deps.finish_env, env, manifest.deps)
             except BaseException:
                 await self._thread(self.deps.discard_env, env)
@@ -357,6 +376,7 @@ class Updater:
                 env_dir / "bin",
                 wheels_dir / manifest.decnet.file,
                 with_pip=with_pip,
+                previous=release_site,
             )
         )
         return "\n".join(outputs)
