@@ -30,17 +30,24 @@ class WheelInstaller:
     def __init__(self):
         self.envs = []
         self.venvs = []
+        # The site-packages each build was told to carry byte code over from.
+        self.previous_envs = []
+        self.previous_venvs = []
 
-    async def build_deps(self, env_dir, wheels):
+    async def build_deps(self, env_dir, wheels, previous=None):
         (env_dir / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
         (env_dir / "bin").mkdir()
         self.envs.append((env_dir.name, sorted(p.name for p in wheels)))
+        self.previous_envs.append(previous)
         return "built"
 
-    async def install_wheel(self, release_dir, deps_site, deps_bin, wheel, *, with_pip):
-        (release_dir / "venv").mkdir()
+    async def install_wheel(
+        self, release_dir, deps_site, deps_bin, wheel, *, with_pip, previous=None
+    ):
+        (release_dir / "venv" / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
         (release_dir / "venv" / "deps").write_text(str(deps_site))
         self.venvs.append((release_dir.name, wheel.name))
+        self.previous_venvs.append(previous)
         return "installed"
 
 
@@ -113,6 +120,10 @@ def test_the_first_release_builds_its_environment_and_the_next_one_reuses_it(wen
     assert len(wenv.installer.envs) == 1  # nothing rebuilt
     info = wenv.updater.store.release_info(m2.release)
     assert info["deps"] == m1.deps_id and info["wheel"] == m2.decnet.file
+    # Byte code comes from the release in use, and from nowhere for the first one.
+    site = wenv.updater.store.release_dir(m1.release) / "venv" / "lib" / "python3.11"
+    assert wenv.installer.previous_venvs == [None, site / "site-packages"]
+    assert wenv.installer.previous_envs == [None]
 
 
 def test_one_changed_dependency_ships_one_wheel_and_builds_one_new_environment(wenv):
@@ -124,6 +135,9 @@ def test_one_changed_dependency_ships_one_wheel_and_builds_one_new_environment(w
     assert [w.name for w in lacking] == ["klein"]
     push(wenv, release("2", deps=changed, ship=["klein"]))
     assert len(wenv.installer.envs) == 2 and wenv.installer.envs[1][0] == m.deps_id
+    # The new environment carries byte code over from the one in use.
+    in_use = wenv.updater.deps.site_packages(wenv.installer.envs[0][0])
+    assert wenv.installer.previous_envs == [None, in_use]
 
 
 def test_rollback_goes_back_to_the_old_code_on_its_old_environment(wenv):
@@ -276,7 +290,7 @@ def test_console_scripts_are_moved_onto_the_release_interpreter_in_either_sheban
 class FailingInstaller(WheelInstaller):
     """pip dies half-way through the dependency environment (a full disk, a broken wheel)."""
 
-    async def build_deps(self, env_dir, wheels):
+    async def build_deps(self, env_dir, wheels, previous=None):
         (env_dir / "lib").mkdir()
         (env_dir / "lib" / "half-written.py").write_text("x" * 100)
         from decnet.errors import InstallFailed

@@ -1,6 +1,7 @@
 """A real wheel release: the master builds DECNET's wheel, the updater builds the dependency
 environment once (offline pip) and each release's small venv on top of it."""
 
+import os
 import subprocess
 import zipfile
 
@@ -113,12 +114,23 @@ async def test_two_releases_share_one_read_only_environment_and_each_runs_its_ow
     assert deps.is_complete(env)
 
     decnet_wheel = built.paths[built.manifest.decnet.file]
+    compiling = Installer(reactor, to_thread=pool_runner(reactor))
+    outputs = []
+    previous = None
     for name in ("r1", "r2"):
         release_dir = tmp_path / name
         release_dir.mkdir()
-        await installer.install_wheel(
-            release_dir, deps.site_packages(env), env_dir / "bin", decnet_wheel, with_pip=False
+        outputs.append(
+            await compiling.install_wheel(
+                release_dir,
+                deps.site_packages(env),
+                env_dir / "bin",
+                decnet_wheel,
+                with_pip=False,
+                previous=previous,
+            )
         )
+        previous = next((release_dir / "venv").glob("lib/python*/site-packages"))
         python = release_dir / config.RELEASE_VENV_DIR / "bin" / "python"
         where = subprocess.run(
             [
@@ -141,5 +153,25 @@ async def test_two_releases_share_one_read_only_environment_and_each_runs_its_ow
         assert "decnet-agent" in helped.stdout
         pth = next((release_dir / "venv").glob(f"lib/python*/site-packages/{DEPS_PTH}"))
         assert str(deps.site_packages(env)) in pth.read_text()
+    # The first release was compiled by a child interpreter; the second, the same wheel,
+    # carried all of its byte code and its plugin cache over and needed no child.
+    assert "$ " in outputs[0] and "byte code" not in outputs[0]
+    assert "$ " not in outputs[1] and "compiled 0 file(s) in process" in outputs[1]
+    assert "to compile; plugin cache carried" in outputs[1]
+    stamps = {p: p.stat().st_mtime_ns for p in previous.rglob("*.pyc")}
+    stamps[previous / "twisted" / "plugins" / "dropin.cache"] = 0
+    stamps = {p: p.stat().st_mtime_ns for p in stamps}
+    assert len(stamps) > 100
+    writing = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(
+        [str(python), "-c", "import decnet.agent.service, decnet.updater.service"],
+        check=True,
+        cwd=tmp_path,
+        env=writing,  # a pyc the interpreter found stale would be written again
+    )
+    helped = subprocess.run([str(twistd), "--help"], capture_output=True, cwd=tmp_path, env=writing)
+    assert b"decnet-agent" in helped.stdout
+    # Nothing was compiled or cached again by what ran: the carried files were used.
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # Nothing the releases ran wrote into the environment.
     assert deps.is_complete(env) and (env_dir / "lib").stat().st_mode & 0o222 == 0
