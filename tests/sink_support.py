@@ -19,13 +19,14 @@ def message_of(
     line: bytes, worker: str, seq: int, stream: str = "decnet", js_stream: str = "DECNET"
 ) -> Message:
     """The message the publisher sends for one feed line."""
-    try:
-        offset = publishing.event_offset(line)
+    try:  # (one listener, no gap: the logical offset is the mirror's)
+        offset, length = publishing.feed_line_span(line)
     except publishing.PublishError:
-        offset = 0
+        offset, length = 0, 0
+    item = publishing.EventItem(offset, offset + length + 1, line, publishing.Cursor())
     return Message(
         subject=publishing.events_subject(worker, stream),
-        headers=publishing.event_headers(worker, stream, offset, seq - 1),
+        headers=publishing.event_headers(worker, stream, item, seq - 1),
         data=line,
         js_stream=js_stream,
         js_seq=seq,

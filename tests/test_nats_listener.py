@@ -70,6 +70,10 @@ def raw_bytes(url: str, name: str) -> bytes:
     return b"".join(m[3] for m in stream_messages(url, subject=raw_subject(name, STREAM)))
 
 
+def events_count(url: str) -> int:
+    return len(stream_messages(url, subject="decnet.events.>"))
+
+
 def broker_end(url: str, name: str) -> int:
     """The ``Decnet-End`` of the last raw message of ``name``'s stream (0: none yet).
 
@@ -247,7 +251,10 @@ def test_a_worker_moves_to_the_second_listener_and_the_broker_holds_every_byte_o
     """Two twistd listeners publishing (broker mode) into one nats-server; the worker's
     preferred listener is killed mid-stream, the forwarder moves to the other one, which
     starts a new mirror segment (a "moved" record) at the broker's mark and publishes the
-    rest after it: the raw subject is the worker's file exactly once, in order."""
+    rest after it: the raw subject is the worker's file exactly once, in order, and the
+    events subject one event per line, keyed by the line's offset in the worker's stream
+    (the second listener's mirror starts again at 0: keyed by mirror offsets, its events
+    would collide with the first one's and be dropped as duplicates)."""
     from decnet.forwarder.rendezvous import rendezvous_order
     from decnet.listener import storage
 
@@ -259,7 +266,7 @@ def test_a_worker_moves_to_the_second_listener_and_the_broker_holds_every_byte_o
     enrollment.enroll(master, name, "127.0.0.1", tmp_path / "bundle", listeners=listed)
     preferred = rendezvous_order(name, [("127.0.0.1", p) for p in ports])[0][1]
     order = [preferred, next(p for p in ports if p != preferred)]
-    extra = ("--publish", nats.url, "--no-feed")
+    extra = ("--publish", nats.url)
     listeners = [
         start_listener(
             master_home.home, tmp_path / f"ingest{i}", tmp_path / f"l{i}.log", port, extra
@@ -272,12 +279,15 @@ def test_a_worker_moves_to_the_second_listener_and_the_broker_holds_every_byte_o
     argv += ["--poll-interval", "0.2", "--max-retry-delay", "1"]  # (no --master-*: the list)
     forwarder = run_twistd("decnet-forwarder", argv, tmp_path / "f.log")
     try:
-        wait_for(lambda: broker_end(nats.url, name) > 0, timeout=60, what="the first publish")
+        first = len(log_file.read_bytes())
+        wait_for(lambda: broker_end(nats.url, name) == first, timeout=60, what="the first part")
+        wait_for(lambda: events_count(nats.url) == 300, timeout=60, what="its events")
         kill9(listeners[0])
         append(log_file, lines(300, 300))
         expected = log_file.read_bytes()
         wait_for(lambda: broker_end(nats.url, name) == len(expected), timeout=60, what="the rest")
-        check_broker(stream_messages(nats.url), name, STREAM, expected, 0)
+        wait_for(lambda: events_count(nats.url) == 600, timeout=60, what="the rest's events")
+        check_broker(stream_messages(nats.url), name, STREAM, expected, 600)
         index = tmp_path / "ingest1" / name / f"{STREAM}.idx"
         moved = [r for r in storage.read_records(index) if r.moved]
         assert len(moved) == 1 and 0 < moved[0].stream_end < len(expected)

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decnet.listener import publishing as pub
+from decnet.listener import storage
 from decnet.listener.publisher import find_event_start
 from decnet.listener.storage import IndexRecord
 from tests.nats_support import IngestWriter, syslog_line
@@ -252,26 +253,162 @@ def test_the_subject_sequence_is_named_read_again_after_a_fence():
 # -- events -----------------------------------------------------------------------------
 
 
-def test_event_headers_and_offsets():
-    assert pub.event_headers("w1", "auth", 77, 3) == {
+def test_event_headers_and_spans():
+    item = pub.EventItem(77, 120, b"{}", pub.Cursor(1, 43, 120))
+    assert pub.event_headers("w1", "auth", item, 3) == {
         "Decnet-Worker": "w1",
         "Decnet-Stream": "auth",
         "Decnet-Offset": "77",
+        "Decnet-End": "120",
         "Nats-Msg-Id": "ev/w1/auth/77",
         "Nats-Expected-Last-Subject-Sequence": "3",
     }
-    assert pub.event_headers("w1", "auth", 77) == {
+    assert pub.event_headers("w1", "auth", item) == {
         "Decnet-Worker": "w1",
         "Decnet-Stream": "auth",
         "Decnet-Offset": "77",
+        "Decnet-End": "120",
         "Nats-Msg-Id": "ev/w1/auth/77",
     }
-    assert pub.event_offset(b'{"mirror_offset":12,"x":1}') == 12
-    for bad in (b"{}", b"nope", b'{"mirror_offset":-1}', b'{"mirror_offset":"1"}'):
+    assert pub.feed_line_span(b'{"mirror_offset":12,"length":5,"x":1}') == (12, 5)
+    for bad in (
+        b"{}",
+        b"nope",
+        b'{"mirror_offset":-1,"length":1}',
+        b'{"mirror_offset":"1","length":1}',
+        b'{"mirror_offset":1}',
+        b'{"mirror_offset":1,"length":true}',
+    ):
         with pytest.raises(pub.PublishError):
-            pub.event_offset(bad)
+            pub.feed_line_span(bad)
     assert pub.split_lines(b"a\nb\nc") == ([b"a", b"b"], 4)
     assert pub.split_lines(b"abc") == ([], 0)
+
+
+def _feed(writer) -> list[tuple[int, int, bytes]]:
+    lines = writer.files.feed_path.read_bytes().split(b"\n")[:-1]
+    return [(*pub.feed_line_span(line), line) for line in lines]
+
+
+def _logical_lines(pieces: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
+    """(start, end) of every line of pieces ``(logical start, bytes)``."""
+    out = []
+    for start, data in pieces:
+        for line in data.splitlines(keepends=True):
+            out.append((start, start + len(line)))
+            start += len(line)
+    return out
+
+
+def test_events_are_keyed_by_logical_offsets_across_gaps_and_moves(tmp_path):
+    """A gap and a move shift the logical offsets away from the mirror's: every event
+    carries the offset of its line in the worker's stream, whichever listener has it."""
+    writer = IngestWriter(tmp_path)
+    a, b, c = _lines(3), _lines(2, 3), _lines(4, 5)
+    writer.commit(a)
+    writer.commit(b, gap_before=500)
+    moved_at = writer.offset + 900
+    writer.files.commit(b"", [storage.IndexRecord(writer.mirror, moved_at, 1, moved=True)])
+    writer.offset = moved_at
+    writer.commit(c)
+    writer.build_feed()
+    records = storage.read_records(writer.files.index_path)
+    lines = _feed(writer)
+    items = pub.plan_events(pub.Cursor(), records, lines, limit=100)
+    expected = _logical_lines([(0, a), (len(a) + 500, b)])
+    assert [(i.start, i.end) for i in items] == expected
+    assert [i.line for i in items] == [line for _, _, line in lines[:5]]
+    # The move stops the plan: the events below moved_at are the other listener's.
+    last = items[-1].after
+    assert pub.plan_events(last, records[last.record :], lines[5:], limit=100) == []
+    assert pub.waiting_for_move(last, records[last.record :]) == moved_at
+    there = pub.locate(moved_at, records.__getitem__, len(records))
+    rest = pub.plan_events(there, records[there.record :], lines[5:], limit=100)
+    assert [(i.start, i.end) for i in rest] == _logical_lines([(moved_at, c)])
+    # Every event's end locates the cursor just after it (how a publisher resumes).
+    for item in items + rest:
+        assert pub.locate(item.end, records.__getitem__, len(records)) == item.after
+    writer.close()
+
+
+def test_a_commit_with_truncated_lines_ends_its_last_event_at_the_commit_end(tmp_path):
+    writer = IngestWriter(tmp_path)
+    data = _lines(3)
+    writer.commit(data, extra=70_000)  # (the worker's line was longer than the mirror's)
+    writer.commit(_lines(1, 3))
+    writer.build_feed()
+    records = storage.read_records(writer.files.index_path)
+    items = pub.plan_events(pub.Cursor(), records, _feed(writer), limit=100)
+    line = len(syslog_line(0))
+    assert [(i.start, i.end) for i in items] == [
+        (0, line),
+        (line, 2 * line),
+        (2 * line, len(data) + 70_000),
+        (len(data) + 70_000, len(data) + 70_000 + len(syslog_line(3))),
+    ]
+    writer.close()
+
+
+def test_event_planning_stops_at_the_limit_and_where_the_feed_ends(tmp_path):
+    writer = IngestWriter(tmp_path)
+    writer.commit(_lines(5))
+    writer.build_feed()
+    writer.commit(_lines(5, 5))  # (not in the feed yet)
+    records = storage.read_records(writer.files.index_path)
+    lines = _feed(writer)
+    assert len(pub.plan_events(pub.Cursor(), records, lines, limit=3)) == 3
+    assert len(pub.plan_events(pub.Cursor(), records, lines, limit=100)) == 5
+    writer.close()
+
+
+def test_after_a_move_the_events_wait_for_the_other_listener_then_go_on_and_say_so(
+    tmp_path, monkeypatch
+):
+    """The other listener publishes the events below the move; if it never does (it died
+    with its disk), this one goes on from the move after MOVE_EVENTS_WAIT, once, loudly."""
+    from types import SimpleNamespace
+
+    from decnet.listener import publisher
+
+    said = []
+    owner = SimpleNamespace(
+        directory=tmp_path, reporter=SimpleNamespace(send=said.append), events=True
+    )
+    job = publisher.StreamJob(owner, "w1", "auth")
+    a, c = _lines(2), _lines(2, 2)
+    records = [
+        IndexRecord(len(a), len(a), 1),
+        IndexRecord(len(a), 5000, 1, moved=True),
+        IndexRecord(len(a + c), 5000 + len(c), 1),
+    ]
+    inside = pub.locate(1200, records.__getitem__, len(records))  # the other's events so far
+    now = [100.0]
+    monkeypatch.setattr(publisher.time, "monotonic", lambda: now[0])
+    assert job._past_move(inside, records[inside.record :]) is False
+    assert job.ev_cursor is None and "waiting for the events of w1/auth" in said[-1]["warn"]
+    now[0] += publisher.MOVE_EVENTS_WAIT - 1
+    assert job._past_move(inside, records[inside.record :]) is False
+    assert len(said) == 1  # (said once)
+    now[0] += 2
+    assert job._past_move(inside, records[inside.record :]) is True
+    assert job.ev_cursor == pub.Cursor(2, len(a), 5000)
+    assert "from offset 1200 to 5000 did not reach the broker" in said[-1]["warn"]
+    # Not at a move: nothing to wait for.
+    assert job._past_move(pub.Cursor(), records[:1]) is False
+
+
+def test_a_feed_that_disagrees_with_the_mirror_is_an_error_not_a_guess(tmp_path):
+    writer = IngestWriter(tmp_path)
+    writer.commit(_lines(3))
+    writer.build_feed()
+    records = storage.read_records(writer.files.index_path)
+    lines = _feed(writer)
+    with pytest.raises(pub.PublishError, match="feed's next line"):
+        pub.plan_events(pub.Cursor(), records, lines[1:], limit=10)
+    short = [IndexRecord(lines[0][1], lines[0][1], 1), *records]
+    with pytest.raises(pub.PublishError, match="crosses the end"):
+        pub.plan_events(pub.Cursor(), short, lines, limit=10)
+    writer.close()
 
 
 def test_the_event_after_a_mirror_offset_is_found_in_the_feed(tmp_path):
@@ -281,7 +418,7 @@ def test_the_event_after_a_mirror_offset_is_found_in_the_feed(tmp_path):
     writer.build_feed()
     feed = writer.files.feed_path.read_bytes()
     starts = [0, *[i + 1 for i, c in enumerate(feed) if c == 10][:-1]]
-    offsets = [pub.event_offset(feed[a:].split(b"\n", 1)[0]) for a in starts]
+    offsets = [pub.feed_line_span(feed[a:].split(b"\n", 1)[0])[0] for a in starts]
     for k, offset in enumerate(offsets):
         assert find_event_start(writer.files.feed_path, len(feed), offset) == (
             starts[k + 1] if k + 1 < len(starts) else len(feed)

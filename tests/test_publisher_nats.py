@@ -36,13 +36,17 @@ def check_broker(messages: list, worker: str, stream: str, expected: bytes, even
     ids = collections.Counter(m[2]["Nats-Msg-Id"] for m in messages)
     assert [i for i, n in ids.items() if n > 1] == []
     assert len(evs) == events
-    offsets = [int(m[2]["Decnet-Offset"]) for m in evs]
-    assert offsets == sorted(set(offsets))
-    # Every event body is its feed line: the offsets are the lines' starts.
-    starts = [0]
-    for line in expected.split(b"\n")[:-1]:
-        starts.append(starts[-1] + len(line) + 1)
-    assert offsets == (starts[:-1] if events else [])
+    # Every event is one line of the raw subject, keyed by its logical place there
+    # (gaps and moves shift it from any mirror's offset), in order.
+    spans = []
+    for m in raw:
+        start = int(m[2]["Decnet-Start"])
+        for line in m[3].splitlines(keepends=True):
+            spans.append((start, start + len(line)))
+            start += len(line)
+    got = [(int(m[2]["Decnet-Offset"]), int(m[2]["Decnet-End"])) for m in evs]
+    assert got == (spans if events else [])
+    assert [m[2]["Nats-Msg-Id"] for m in evs] == [f"ev/{worker}/{stream}/{s}" for s, _ in got]
     previous = 0
     for m in raw:
         assert int(m[2]["Decnet-Start"]) == previous

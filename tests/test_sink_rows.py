@@ -24,6 +24,8 @@ def test_a_published_event_becomes_a_row_keyed_by_worker_stream_and_offset(tmp_p
     assert (worker, stream, decky, service, event, src, user) == (
         "w1.dmz", "decnet", "web-01", "ssh", "login", "203.0.113.9", "bob",
     )  # fmt: skip
+    # The key is the line's logical offset (here, one listener and no gap: its mirror's).
+    assert offset == int(message.headers[publishing.H_OFFSET])
     assert offset == json.loads(message.data)["mirror_offset"]
     assert entry.encode() == message.data and seq == message.js_seq
 
@@ -68,12 +70,14 @@ def test_headers_that_lie_about_the_subject_or_the_offset_are_rejected(tmp_path)
     (message,) = messages_for(tmp_path, {"w1": [event_line(1)]})
     lies = [
         attrs.evolve(message, headers={**message.headers, publishing.H_OFFSET: "999999"}),
+        attrs.evolve(message, headers={**message.headers, publishing.H_OFFSET: "-1"}),
+        attrs.evolve(message, headers={**message.headers, publishing.H_END: "\u0661"}),
         attrs.evolve(message, headers={**message.headers, publishing.H_WORKER: "w2"}),
         attrs.evolve(message, subject="decnet.raw.w1.decnet"),
         attrs.evolve(message, subject="decnet.events.W1.decnet"),  # not a canonical token
     ]
     planned = rows.plan(lies)
-    assert planned.events == [] and len(planned.rejected) == 4
+    assert planned.events == [] and len(planned.rejected) == 6
 
 
 def test_a_batch_keeps_good_rows_and_rejects_only_the_bad_ones(tmp_path):

@@ -142,7 +142,7 @@ def test_a_row_postgres_refuses_is_rejected_alone_and_the_rest_of_the_batch_is_s
     liar = attrs.evolve(
         good[0],
         data=json.dumps(entry).encode(),
-        headers={**good[0].headers, "Decnet-Offset": str(2**70)},
+        headers={**good[0].headers, "Decnet-Offset": str(2**70), "Decnet-End": str(2**70 + 9)},
         js_seq=77,
     )
     store = SinkStore(pg_dsn)

@@ -79,7 +79,7 @@ def _publish_poison(url: str) -> None:
 def _stored(dsn: str) -> list[tuple[str, str, int]]:
     with psycopg.connect(dsn, connect_timeout=2) as conn:
         return conn.execute(
-            f"SELECT worker, stream, mirror_offset FROM {rows.EVENTS_TABLE}"  # noqa: S608
+            f"SELECT worker, stream, stream_offset FROM {rows.EVENTS_TABLE}"  # noqa: S608
         ).fetchall()
 
 

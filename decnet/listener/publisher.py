@@ -19,8 +19,8 @@ Pipes, one JSON object per line (the feed process's encoding):
   ``{"fatal": ...}`` just before it exits non-zero.
 
 The publisher keeps no position of its own: for each subject it reads the
-last message and goes on after its ``Decnet-End`` (``Decnet-Offset`` for
-events), on start and after any error.  Every message names the subject's
+last message and goes on after its ``Decnet-End`` (a logical offset, for raw
+messages and events alike), on start and after any error.  Every message names the subject's
 last sequence (``Nats-Expected-Last-Subject-Sequence``), so a second
 publisher racing on the same stream is refused and re-reads.
 
@@ -61,6 +61,10 @@ MAX_ROUNDS = 64
 # per stream (one window: see publishing.settle_window).
 EVENTS_READ_LIMIT = 1024 * 1024
 EVENT_WINDOW = 256
+# After a worker moved here, how long the events below its new segment are left to
+# the listener that received them (it publishes them while it lives) before this
+# one goes on without them (they stay in the raw subject; a warning names them).
+MOVE_EVENTS_WAIT = 30.0
 # How long one publish may wait for its PubAck before the broker counts as down.
 PUBLISH_TIMEOUT = 5.0
 # Retry delays after an error: first, doubling to the maximum.
@@ -206,7 +210,7 @@ def find_event_start(path: Path, feed_len: int, after: int) -> int:
                 return None
             feed.seek(pos)
             line = feed.readline(min(feed_len - pos, 1 << 24))
-            return pos, pub.event_offset(line.rstrip(b"\n"))
+            return pos, pub.feed_line_span(line.rstrip(b"\n"))[0]
 
         lo, hi = 0, feed_len
         while lo < hi:
@@ -233,8 +237,10 @@ class StreamJob:
         self.raw_seq = pub.SubjectSequence()
         self.ev_seq = pub.SubjectSequence()
         self.cursor: pub.Cursor | None = None
-        self.event_pos: int | None = None
+        self.ev_cursor: pub.Cursor | None = None
+        self.event_pos = 0  # (the feed position of ev_cursor's line)
         self.ev_repair: list[tuple[bytes, dict[str, str]]] = []
+        self.move_seen: dict[int, float] = {}  # a move's offset → when it was first waited for
         self.wake = asyncio.Event()
         self.wake.set()
         self.confirmed = -1
@@ -286,7 +292,7 @@ class StreamJob:
 
     def _forget_events(self) -> None:
         self.ev_seq.fenced()
-        self.event_pos = None
+        self.ev_cursor = None
 
     def _warn(self, text: str) -> None:
         if text != self.warned:
@@ -374,50 +380,62 @@ class StreamJob:
         size = storage.FEED_SLOT.size
         return storage.best_feed_position([raw[0:size], raw[64 : 64 + size]]).feed_len
 
-    async def _sync_events(self) -> int:
+    async def _sync_events(self) -> pub.Cursor:
         seq, headers = await self.owner.last_message(self.events_subject)
-        after = pub.header_offset(headers) if seq else -1
+        end = pub.header_end(headers) if seq else 0
+        records = await asyncio.to_thread(self._records)
+        cursor = pub.locate(end, records.__getitem__, len(records))
         feed_len = await asyncio.to_thread(self._feed_len)
         pos = 0
-        if after >= 0 and feed_len:
-            pos = await asyncio.to_thread(find_event_start, self.files.feed_path, feed_len, after)
+        if cursor.mirror and feed_len:
+            path = self.files.feed_path
+            pos = await asyncio.to_thread(find_event_start, path, feed_len, cursor.mirror - 1)
         self.ev_seq.learned(seq)
-        self.event_pos = pos
-        return pos
+        self.ev_cursor, self.event_pos = cursor, pos
+        return cursor
 
-    def _read_events(self, pos: int) -> bytes:
+    def _read_events(self, cursor: pub.Cursor, pos: int):
+        """The feed's next lines (at most a window) and the index records they need."""
         feed_len = self._feed_len()
         if feed_len <= pos:
-            return b""
+            return [], []
         with open(self.files.feed_path, "rb") as feed:
             feed.seek(pos)
-            return feed.read(min(feed_len - pos, EVENTS_READ_LIMIT))
+            chunk = feed.read(min(feed_len - pos, EVENTS_READ_LIMIT))
+        lines = []
+        for line in pub.split_lines(chunk)[0][:EVENT_WINDOW]:
+            lines.append((*pub.feed_line_span(line), line))
+        if not lines:
+            return [], []
+        until = lines[-1][0] + lines[-1][1] + 1
+        return lines, storage.read_records(self.files.index_path, cursor.record, until)
 
     async def publish_events(self) -> bool:
         """One window of up to EVENT_WINDOW events, all in flight at once."""
         await self._repair_events()
-        pos = self.event_pos if self.event_pos is not None else await self._sync_events()
-        chunk = await asyncio.to_thread(self._read_events, pos)
-        lines, _ = pub.split_lines(chunk)
-        lines = lines[:EVENT_WINDOW]
-        if not lines:
-            return False
-        offsets = [pub.event_offset(line) for line in lines]
+        cursor = self.ev_cursor if self.ev_cursor is not None else await self._sync_events()
+        lines, records = await asyncio.to_thread(self._read_events, cursor, self.event_pos)
+        items = pub.plan_events(cursor, records, lines, EVENT_WINDOW)
+        if not items:
+            return self._past_move(cursor, records) if lines else False
+        self.move_seen.clear()
         expected: int | None = self.ev_seq.expected()  # (the first event only)
-        items = []
-        for line, offset in zip(lines, offsets, strict=True):
-            items.append((line, pub.event_headers(self.worker, self.stream, offset, expected)))
+        window = []
+        for item in items:
+            window.append((item.line, pub.event_headers(self.worker, self.stream, item, expected)))
             expected = None
-        outcomes = await self.owner.publish_window(self.events_subject, items)
+        outcomes = await self.owner.publish_window(self.events_subject, window)
         settled = pub.settle_window(outcomes)
         self._learn_events([o for o in outcomes if isinstance(o, int)])
         # A hole left by a leader change: published again with the Msg-Id alone (no fence:
         # it may come after a later event), before anything else, even after an error.
         self.ev_repair = [
-            (lines[i], pub.event_headers(self.worker, self.stream, offsets[i]))
+            (items[i].line, pub.event_headers(self.worker, self.stream, items[i]))
             for i in settled.repair
         ]
-        self.event_pos = pos + sum(len(line) + 1 for line in lines[: settled.done])
+        if settled.done:
+            self.ev_cursor = items[settled.done - 1].after
+            self.event_pos += sum(len(item.line) + 1 for item in items[: settled.done])
         await self._repair_events()
         if settled.fenced:
             self._forget_events()
@@ -427,6 +445,38 @@ class StreamJob:
             if settled.failure.down:
                 raise BrokerDown(settled.failure.text)
             raise pub.PublishError(settled.failure.text)
+        return True
+
+    def _past_move(self, cursor: pub.Cursor, records: list[storage.IndexRecord]) -> bool:
+        """At a move (the worker arrived from another listener), the events below its
+        offset are that listener's: wait for the broker's events to reach it, then go
+        on from it all the same after MOVE_EVENTS_WAIT (that listener is gone)."""
+        awaited = pub.waiting_for_move(cursor, records)
+        if awaited is None:
+            return False
+        now = time.monotonic()
+        since = self.move_seen.setdefault(awaited, now)
+        if now - since < MOVE_EVENTS_WAIT:
+            self.ev_cursor = None  # (the next round reads the broker's last event again)
+            self._warn(
+                f"waiting for the events of {self.worker}/{self.stream} to reach offset "
+                f"{awaited} (the worker moved here: the events below it are another "
+                f"listener's to publish)"
+            )
+            return False
+        number, moved = next((cursor.record + i, r) for i, r in enumerate(records) if r.moved)
+        self.owner.reporter.send(
+            {
+                "warn": f"the events of {self.worker}/{self.stream} from offset {cursor.offset} "
+                f"to {awaited} did not reach the broker within {MOVE_EVENTS_WAIT:.0f} s of the "
+                f"worker moving here; their bytes are in the raw subject; events go on "
+                f"from {awaited}",
+                "worker": self.worker,
+                "stream": self.stream,
+            }
+        )
+        self.ev_cursor = pub.Cursor(number + 1, moved.mirror_end, moved.stream_end)
+        del self.move_seen[awaited]
         return True
 
     async def _repair_events(self) -> None:

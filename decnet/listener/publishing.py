@@ -10,6 +10,8 @@ here, pure and tested byte by byte:
   ``max_payload`` bytes, gaps as empty messages, each with its logical
   ``[start, end)`` and whether ``end`` is a commit's end (``exact``: only those
   are ever acknowledged to a forwarder, see :class:`RawPiece`);
+* :func:`plan_events`: feed lines → events keyed by their lines' logical
+  offsets (the same whichever listener received them);
 * :func:`locate`: where to go on after the broker's last ``Decnet-End``;
 * :class:`SubjectSequence`: the compare-and-set bookkeeping
   (``Nats-Expected-Last-Subject-Sequence``);
@@ -348,8 +350,96 @@ def header_end(headers: dict[str, str] | None) -> int:
 # -- events ------------------------------------------------------------------
 
 
+@attrs.frozen
+class EventItem:
+    """One event: a feed ``line`` whose mirror line is logical ``[start, end)``.
+
+    ``after`` is the cursor once it is published (as for raw pieces).
+    """
+
+    start: int
+    end: int
+    line: bytes
+    after: Cursor
+
+
+def feed_line_span(line: bytes) -> tuple[int, int]:
+    """``(mirror_offset, length)`` of one feed line (the JSON the feed builder wrote)."""
+    try:
+        entry = json.loads(line)
+        offset, length = entry["mirror_offset"], entry["length"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PublishError(f"a feed line has no mirror_offset and length: {exc}") from None
+    for name, value in (("mirror_offset", offset), ("length", length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise PublishError(f"a feed line has an invalid {name}: {value!r}")
+    return offset, length
+
+
+def plan_events(
+    cursor: Cursor,
+    records: Sequence[IndexRecord],
+    lines: Sequence[tuple[int, int, bytes]],
+    limit: int,
+) -> list[EventItem]:
+    """The next ``limit`` events at most, keyed by their *logical* offsets.
+
+    ``records`` start at ``cursor.record``; ``lines`` are the feed's lines from
+    the one at ``cursor.mirror`` on, as ``(mirror_offset, length, line)``.  A
+    line's logical start is its commit's logical start plus the mirror bytes
+    before it in the commit (the convention of :func:`plan_raw` and
+    :func:`locate`), and the commit's last line ends at the commit's logical
+    end; so the key of a line is the same whichever listener received it, and
+    a publisher resuming after the broker's last ``Decnet-End`` finds it with
+    :func:`locate`.  A gap has no line (it is in the raw subject); a "moved"
+    record stops the plan (:func:`waiting_for_move`).  Stops early where the
+    feed has no line yet.
+    """
+    items: list[EventItem] = []
+    mirror, offset = cursor.mirror, cursor.offset
+    at = 0
+    for i, record in enumerate(records):
+        number = cursor.record + i
+        if record.stream_end <= offset and record.mirror_end <= mirror:
+            continue
+        if record.mirror_end < mirror or record.stream_end < offset:
+            raise PublishError(
+                f"index record {number} goes backwards ({record.mirror_end}, "
+                f"{record.stream_end}) from ({mirror}, {offset})"
+            )
+        if record.moved:
+            break
+        if record.mirror_end == mirror:
+            offset = record.stream_end  # (a gap)
+            continue
+        while mirror < record.mirror_end:
+            if len(items) >= limit or at >= len(lines):
+                return items
+            line_mirror, length, line = lines[at]
+            if line_mirror != mirror:
+                raise PublishError(
+                    f"the feed's next line is at mirror offset {line_mirror}, "
+                    f"the mirror's at {mirror}"
+                )
+            line_end = mirror + length + 1
+            if line_end > record.mirror_end:
+                raise PublishError(
+                    f"the feed line at mirror offset {mirror} crosses the end of index "
+                    f"record {number} ({record.mirror_end})"
+                )
+            if line_end == record.mirror_end:
+                end, after = record.stream_end, Cursor(number + 1, line_end, record.stream_end)
+            else:
+                end = offset + length + 1
+                after = Cursor(number, line_end, end)
+            items.append(EventItem(offset, end, line, after))
+            mirror, offset = line_end, end
+            at += 1
+    return items
+
+
 def event_headers(
-    worker: str, stream: str, offset: int, expected: int | None = None
+    worker: str, stream: str, item: EventItem, expected: int | None = None
 ) -> dict[str, str]:
     """Every header of one event; ``expected``: the subject's last sequence, if named.
 
@@ -362,8 +452,9 @@ def event_headers(
     headers = {
         H_WORKER: worker,
         H_STREAM: stream,
-        H_OFFSET: str(offset),
-        H_MSG_ID: event_msg_id(worker, stream, offset),
+        H_OFFSET: str(item.start),
+        H_END: str(item.end),
+        H_MSG_ID: event_msg_id(worker, stream, item.start),
     }
     if expected is not None:
         headers[H_EXPECTED_SEQ] = str(expected)
@@ -415,24 +506,6 @@ def settle_window(outcomes: Sequence[Outcome]) -> Settled:
     tail = outcomes[last + 1 :]
     failure = next((o for o in tail if isinstance(o, Failure)), None)
     return Settled(last + 1, repair, None in tail, failure)
-
-
-def header_offset(headers: dict[str, str] | None) -> int:
-    value = (headers or {}).get(H_OFFSET)
-    if value is None or not value.isdigit():
-        raise PublishError(f"the last event carries no valid {H_OFFSET} header: {value!r}")
-    return int(value)
-
-
-def event_offset(line: bytes) -> int:
-    """The ``mirror_offset`` of one feed line (the JSON the feed builder wrote)."""
-    try:
-        offset = json.loads(line)["mirror_offset"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PublishError(f"a feed line has no mirror_offset: {exc}") from None
-    if not isinstance(offset, int) or offset < 0:
-        raise PublishError(f"a feed line has an invalid mirror_offset: {offset!r}")
-    return offset
 
 
 def split_lines(chunk: bytes) -> tuple[list[bytes], int]:

@@ -2,7 +2,9 @@
 
 One JetStream message of ``decnet.events.<worker>.<stream>`` (the publisher's,
 see docs/Scale-Out.md) becomes one row of ``decnet_events`` keyed by
-``(worker, stream, mirror_offset)``, or, when it cannot be one, one row of
+``(worker, stream, stream_offset)`` (its ``Decnet-Offset``: the logical offset
+of its line in the worker's stream, the same whichever listener received it),
+or, when it cannot be one, one row of
 ``decnet_rejected_events`` that keeps its bytes and says why (:func:`plan`).
 A rejected message is still acknowledged: a message that can never be stored
 must not come back for ever (poison message; docs/Events.md).
@@ -37,7 +39,7 @@ EVENT_COLUMNS: dict[str, str] = {
     "id": "bigint",
     "worker": "text",
     "stream": "text",
-    "mirror_offset": "bigint",
+    "stream_offset": "bigint",
     "time": "bigint",
     "received": "bigint",
     "decky": "text",
@@ -62,11 +64,11 @@ REJECTED_COLUMNS: dict[str, str] = {
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {EVENTS_TABLE} (
     id bigserial NOT NULL UNIQUE,
-    worker text NOT NULL, stream text NOT NULL, mirror_offset bigint NOT NULL,
+    worker text NOT NULL, stream text NOT NULL, stream_offset bigint NOT NULL,
     time bigint NOT NULL, received bigint NOT NULL,
     decky text, service text, event text, src_ip inet, "user" text,
     entry text NOT NULL, js_seq bigint NOT NULL,
-    PRIMARY KEY (worker, stream, mirror_offset));
+    PRIMARY KEY (worker, stream, stream_offset));
 CREATE INDEX IF NOT EXISTS {EVENTS_TABLE}_time ON {EVENTS_TABLE} (time);
 CREATE INDEX IF NOT EXISTS {EVENTS_TABLE}_worker ON {EVENTS_TABLE} (worker, time);
 CREATE INDEX IF NOT EXISTS {EVENTS_TABLE}_src ON {EVENTS_TABLE} USING gist (src_ip inet_ops);
@@ -83,26 +85,26 @@ CREATE TABLE IF NOT EXISTS {REJECTED_TABLE} (
 """
 
 INSERT_EVENT = (
-    f"INSERT INTO {EVENTS_TABLE} (worker, stream, mirror_offset, time, received, decky, "  # noqa: S608
+    f"INSERT INTO {EVENTS_TABLE} (worker, stream, stream_offset, time, received, decky, "  # noqa: S608
     'service, event, src_ip, "user", entry, js_seq) '
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::inet, %s, %s, %s) "
-    "ON CONFLICT (worker, stream, mirror_offset) DO NOTHING"
+    "ON CONFLICT (worker, stream, stream_offset) DO NOTHING"
 )
 _COLUMNS = (
-    'worker, stream, mirror_offset, time, received, decky, service, event, src_ip, "user", '
+    'worker, stream, stream_offset, time, received, decky, service, event, src_ip, "user", '
     "entry, js_seq"
 )
 # A batch is copied into this (per session, emptied at each commit), then inserted at once.
 CREATE_STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS decnet_batch "
-    "(worker text, stream text, mirror_offset bigint, time bigint, received bigint, "
+    "(worker text, stream text, stream_offset bigint, time bigint, received bigint, "
     'decky text, service text, event text, src_ip inet, "user" text, entry text, js_seq bigint) '
     "ON COMMIT DELETE ROWS"
 )
 COPY_STAGING = f"COPY decnet_batch ({_COLUMNS}) FROM STDIN"
 INSERT_FROM_STAGING = (
     f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM decnet_batch "  # noqa: S608
-    "ORDER BY js_seq ON CONFLICT (worker, stream, mirror_offset) DO NOTHING"
+    "ORDER BY js_seq ON CONFLICT (worker, stream, stream_offset) DO NOTHING"
 )
 INSERT_REJECTED = (
     f"INSERT INTO {REJECTED_TABLE} (js_stream, js_seq, subject, headers, data, reason) "  # noqa: S608
@@ -183,10 +185,10 @@ def event_row(message: Message) -> EventRow:
     except UnicodeDecodeError as exc:
         raise ValueError(f"the entry is not UTF-8 (byte {exc.start})") from None
     entry = query.parse_entry(text)
-    offset, happened, received, decky, service, event, src, user = query.index_row(entry)
-    header = message.headers.get(publishing.H_OFFSET)
-    if header != str(offset):
-        raise ValueError(f"header {publishing.H_OFFSET} {header!r} is not the entry's {offset}")
+    _mirror, happened, received, decky, service, event, src, user = query.index_row(entry)
+    offset, end = (_header_number(message, h) for h in (publishing.H_OFFSET, publishing.H_END))
+    if end <= offset:
+        raise ValueError(f"header {publishing.H_END} {end} is not after the offset {offset}")
     for name, value in ((publishing.H_WORKER, worker), (publishing.H_STREAM, stream)):
         if message.headers.get(name) != value:
             raise ValueError(f"header {name} does not name the subject's {value!r}")
@@ -204,6 +206,14 @@ def event_row(message: Message) -> EventRow:
         text,
         message.js_seq,
     )
+
+
+def _header_number(message: Message, name: str) -> int:
+    """A header holding the logical offset of the line in its worker's stream."""
+    value = message.headers.get(name)
+    if value is None or not value.isascii() or not value.isdigit():
+        raise ValueError(f"header {name} {value!r} is not an offset")
+    return int(value)
 
 
 def _subject(subject: str) -> tuple[str, str, str]:

@@ -9,7 +9,7 @@ fetches nothing more meanwhile: a batch is the bound on memory.
 
 Exactly once: a message is acknowledged only after its row is committed; a
 message delivered again (a kill at any moment, a lost acknowledgement) meets
-the primary key ``(worker, stream, mirror_offset)`` and ``ON CONFLICT DO
+the primary key ``(worker, stream, stream_offset)`` and ``ON CONFLICT DO
 NOTHING``.  PostgreSQL down or unreachable: the outage is logged once, the
 same batch is retried with backoff (nothing acknowledged, so nothing lost), and
 the recovery is logged once.  A message that can never be a row is kept in the

@@ -6,7 +6,7 @@ blocks; the sink runs them in the reactor's thread pool
 (:mod:`decnet.threads`), the command in its own.
 
 :meth:`SinkStore.write` stores one batch in one transaction: the event rows
-with ``INSERT ... ON CONFLICT (worker, stream, mirror_offset) DO NOTHING`` (a
+with ``INSERT ... ON CONFLICT (worker, stream, stream_offset) DO NOTHING`` (a
 message delivered again after a crash adds nothing), the rejected messages
 beside them, then COMMIT.  The sink acknowledges the batch to JetStream only
 after this returns.

@@ -23,7 +23,7 @@ class Options(DaemonOptions):
     synopsis = "--nats URL[,URL...] --postgres DSN [options]"
     longdesc = (
         "Store every event published by the listeners (JetStream subjects decnet.events.>) "
-        "in PostgreSQL, exactly once: one row per (worker, stream, mirror_offset), "
+        "in PostgreSQL, exactly once: one row per (worker, stream, stream_offset), "
         "acknowledged to JetStream only after the COMMIT.  Query it with "
         "`decnet-admin events --postgres DSN`.  See docs/Events.md.  Examples: "
         "twistd -n decnet-sink --nats nats://10.0.0.5:4222,nats://10.0.0.6:4222 "
