@@ -79,7 +79,8 @@ def messages(rng: random.Random, count: int, workers: int, now_us: int) -> list[
             "msg": None,
         }
         line = json.dumps(entry, separators=(",", ":")).encode()
-        headers = publishing.event_headers(worker, "decnet", offsets[w], 0)
+        item = publishing.EventItem(offsets[w], offsets[w] + 60, line, publishing.Cursor())
+        headers = publishing.event_headers(worker, "decnet", item, 0)
         out.append(
             Message(publishing.events_subject(worker, "decnet"), headers, line, "DECNET", seq)
         )
