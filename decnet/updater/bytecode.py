@@ -30,6 +30,7 @@ import importlib.util
 import os
 import py_compile
 import shutil
+import stat
 import struct
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ import attrs
 HEADER = struct.Struct("<4sIII")  # magic, flags, source mtime, source size
 PLUGINS_DIR = Path("twisted", "plugins")
 PLUGIN_CACHE = "dropin.cache"
+_CHUNK = 1 << 20
 
 
 def retarget(pyc: bytes, *, magic: bytes, old: os.stat_result, new: os.stat_result) -> bytes | None:
@@ -88,8 +90,21 @@ def sources(site: Path) -> list[Path]:
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two regular files hold the same bytes: sizes first, then a chunk at a time
+    (a new release's file may be gigabytes: never read whole into the updater)."""
     try:
-        return a.read_bytes() == b.read_bytes()
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            sa, sb = os.fstat(fa.fileno()), os.fstat(fb.fileno())
+            if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)):
+                return False
+            if sa.st_size != sb.st_size:
+                return False
+            while True:
+                chunk = fa.read(_CHUNK)
+                if chunk != fb.read(_CHUNK):
+                    return False
+                if not chunk:
+                    return True
     except OSError:
         return False
 
