@@ -126,14 +126,30 @@ def _carry_one(rel: Path, site: Path, previous: Path, magic: bytes) -> bool:
     return True
 
 
+def _plugin_modules(directory: Path) -> list[str] | None:
+    """The names of the files directly in ``directory`` but the cache, sorted: the plugin
+    modules its cache describes are its ``.py`` *and* ``.pyc`` files (Twisted's
+    ``PYTHON_EXTENSIONS``; a package keeps a cache of its own, in its own directory).
+    ``None`` when one of them is a symlink or not a regular file."""
+    names = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name == PLUGIN_CACHE or entry.is_dir(follow_symlinks=False):
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                return None
+            names.append(entry.name)
+    return sorted(names)
+
+
 def _carry_plugin_cache(site: Path, previous: Path) -> bool:
     """Copy ``twisted/plugins/dropin.cache`` when the plugin modules are the same files."""
     new_dir, old_dir = site / PLUGINS_DIR, previous / PLUGINS_DIR
     old_cache = old_dir / PLUGIN_CACHE
     if not new_dir.is_dir() or not old_cache.is_file() or old_cache.is_symlink():
         return False
-    modules = sorted(p.name for p in new_dir.glob("*.py"))
-    if modules != sorted(p.name for p in old_dir.glob("*.py")):
+    modules = _plugin_modules(new_dir)
+    if modules is None or modules != _plugin_modules(old_dir):
         return False
     if not all(_same_bytes(new_dir / m, old_dir / m) for m in modules):
         return False
