@@ -68,6 +68,7 @@ class Carried:
     reused: int
     stale: tuple[Path, ...]
     plugin_cache: bool
+    stale_bytes: int = 0  # the size of the sources still to compile, together
 
     def describe(self, site: Path) -> str:
         cache = "carried" if self.plugin_cache else "to build"
@@ -168,7 +169,8 @@ def carry_over(site: Path, previous: Path | None) -> Carried:
     site = Path(site)
     files = sources(site)
     if previous is None or not Path(previous).is_dir():
-        return Carried(0, tuple(site / rel for rel in files), False)
+        stale = [site / rel for rel in files]
+        return Carried(0, tuple(stale), False, _total_size(stale))
     previous = Path(previous)
     magic = importlib.util.MAGIC_NUMBER
     stale = []
@@ -178,7 +180,18 @@ def carry_over(site: Path, previous: Path | None) -> Carried:
             reused += 1
         else:
             stale.append(site / rel)
-    return Carried(reused, tuple(stale), _carry_plugin_cache(site, previous))
+    cache = _carry_plugin_cache(site, previous)
+    return Carried(reused, tuple(stale), cache, _total_size(stale))
+
+
+def _total_size(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def compile_files(paths: tuple[Path, ...] | list[Path]) -> str:
