@@ -30,6 +30,7 @@ import importlib.util
 import os
 import py_compile
 import shutil
+import stat
 import struct
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ import attrs
 HEADER = struct.Struct("<4sIII")  # magic, flags, source mtime, source size
 PLUGINS_DIR = Path("twisted", "plugins")
 PLUGIN_CACHE = "dropin.cache"
+_CHUNK = 1 << 20
 
 
 def retarget(pyc: bytes, *, magic: bytes, old: os.stat_result, new: os.stat_result) -> bytes | None:
@@ -66,6 +68,7 @@ class Carried:
     reused: int
     stale: tuple[Path, ...]
     plugin_cache: bool
+    stale_bytes: int = 0  # the size of the sources still to compile, together
 
     def describe(self, site: Path) -> str:
         cache = "carried" if self.plugin_cache else "to build"
@@ -88,8 +91,21 @@ def sources(site: Path) -> list[Path]:
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two regular files hold the same bytes: sizes first, then a chunk at a time
+    (a new release's file may be gigabytes: never read whole into the updater)."""
     try:
-        return a.read_bytes() == b.read_bytes()
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            sa, sb = os.fstat(fa.fileno()), os.fstat(fb.fileno())
+            if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)):
+                return False
+            if sa.st_size != sb.st_size:
+                return False
+            while True:
+                chunk = fa.read(_CHUNK)
+                if chunk != fb.read(_CHUNK):
+                    return False
+                if not chunk:
+                    return True
     except OSError:
         return False
 
@@ -111,14 +127,30 @@ def _carry_one(rel: Path, site: Path, previous: Path, magic: bytes) -> bool:
     return True
 
 
+def _plugin_modules(directory: Path) -> list[str] | None:
+    """The names of the files directly in ``directory`` but the cache, sorted: the plugin
+    modules its cache describes are its ``.py`` *and* ``.pyc`` files (Twisted's
+    ``PYTHON_EXTENSIONS``; a package keeps a cache of its own, in its own directory).
+    ``None`` when one of them is a symlink or not a regular file."""
+    names = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name == PLUGIN_CACHE or entry.is_dir(follow_symlinks=False):
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                return None
+            names.append(entry.name)
+    return sorted(names)
+
+
 def _carry_plugin_cache(site: Path, previous: Path) -> bool:
     """Copy ``twisted/plugins/dropin.cache`` when the plugin modules are the same files."""
     new_dir, old_dir = site / PLUGINS_DIR, previous / PLUGINS_DIR
     old_cache = old_dir / PLUGIN_CACHE
     if not new_dir.is_dir() or not old_cache.is_file() or old_cache.is_symlink():
         return False
-    modules = sorted(p.name for p in new_dir.glob("*.py"))
-    if modules != sorted(p.name for p in old_dir.glob("*.py")):
+    modules = _plugin_modules(new_dir)
+    if modules is None or modules != _plugin_modules(old_dir):
         return False
     if not all(_same_bytes(new_dir / m, old_dir / m) for m in modules):
         return False
@@ -137,7 +169,8 @@ def carry_over(site: Path, previous: Path | None) -> Carried:
     site = Path(site)
     files = sources(site)
     if previous is None or not Path(previous).is_dir():
-        return Carried(0, tuple(site / rel for rel in files), False)
+        stale = [site / rel for rel in files]
+        return Carried(0, tuple(stale), False, _total_size(stale))
     previous = Path(previous)
     magic = importlib.util.MAGIC_NUMBER
     stale = []
@@ -147,7 +180,18 @@ def carry_over(site: Path, previous: Path | None) -> Carried:
             reused += 1
         else:
             stale.append(site / rel)
-    return Carried(reused, tuple(stale), _carry_plugin_cache(site, previous))
+    cache = _carry_plugin_cache(site, previous)
+    return Carried(reused, tuple(stale), cache, _total_size(stale))
+
+
+def _total_size(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def compile_files(paths: tuple[Path, ...] | list[Path]) -> str:

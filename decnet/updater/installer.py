@@ -60,9 +60,13 @@ from decnet.updater.wheelinstall import (
 )
 
 DEPS_PTH = "decnet-deps.pth"
-# A release venv with at most this many files left to byte-compile compiles them in the
-# updater's thread rather than starting a child interpreter (about 0.4 CPU-s) for them.
+# A release venv with at most this many files left to byte-compile, of at most this many
+# bytes together, compiles them in the updater's thread rather than starting a child
+# interpreter (about 0.4 CPU-s) for them.  Compiling holds the GIL (about 3 MiB of source a
+# second), with no install timeout and at the updater's own priority: a large file (generated
+# data, a zip bomb) goes to the child, which runs niced and under the timeout.
 INLINE_COMPILE = 16
+INLINE_COMPILE_BYTES = 1 << 20
 
 # Run by the release's own Python; a release without Twisted has no cache to build.
 PLUGIN_CACHE_SCRIPT = (
@@ -279,7 +283,10 @@ class Installer:
             target = site_packages(venv)
             carried = await self._blocking(carry_over, target, previous)
             outputs.append(carried.describe(target))
-            if link is not None and carried.plugin_cache and len(carried.stale) <= INLINE_COMPILE:
+            few = (
+                len(carried.stale) <= INLINE_COMPILE and carried.stale_bytes <= INLINE_COMPILE_BYTES
+            )
+            if link is not None and carried.plugin_cache and few:
                 outputs.append(await self._blocking(compile_files, carried.stale))
                 return "\n".join(outputs)
         site = str(site_packages(venv)) if compile_workers else ""
