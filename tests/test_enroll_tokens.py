@@ -306,3 +306,11 @@ def test_token_ttls_are_read_with_units(text, seconds):
 def test_bad_token_ttls_are_refused(text):
     with pytest.raises(ValueError):
         enroll_tokens.parse_ttl(text)
+
+
+def test_a_token_never_starts_with_a_dash_the_join_command_would_read_it_as_an_option():
+    """One token in 64 started with "-" (URL-safe base64), and ``decnet-worker join
+    --token -xYz`` failed with "argument --token: expected one argument" (seen in make test)."""
+    draws = iter(["-starts-with-a-dash", "--two", "fine-after-the-dash"])
+    assert enroll_tokens.new_token(lambda n: next(draws)) == "fine-after-the-dash"
+    assert all(not enroll_tokens.new_token().startswith("-") for _ in range(2000))

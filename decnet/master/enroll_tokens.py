@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -69,6 +69,16 @@ class IssuedToken:
         return attrs.asdict(self)
 
 
+def new_token(draw: Callable[[int], str] = secrets.token_urlsafe) -> str:
+    """A one-time token (URL-safe base64 of TOKEN_BYTES random bytes) that does not start
+    with ``-``: one in 64 would, and ``decnet-worker join ... --token -xYz...`` would then
+    be read as an option, not as the token (the join command printed would fail)."""
+    while True:
+        token = draw(TOKEN_BYTES)
+        if not token.startswith("-"):
+            return token
+
+
 def issue_token(
     master: MasterState,
     name: str,
@@ -87,7 +97,7 @@ def issue_token(
     """Record a one-time token for ``name`` and return it (the registry keeps its hash)."""
     check_enrollment(name, address, sans, agent_port, updater_port, validity_days, None)
     registry = registry or Registry(master.paths.registry)
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    token = new_token()
     now = registry.now()
     settings = {
         "bundle": bundle_settings(
