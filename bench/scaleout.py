@@ -100,8 +100,8 @@ def cpu_of(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 def broker_ends(url: str, names: list[str], events: bool = False) -> dict[str, int]:
-    """The last raw ``Decnet-End`` (``events``: the last event's ``Decnet-Offset`` + 1)
-    of each worker's stream in the broker."""
+    """The last raw message's (``events``: the last event's) ``Decnet-End`` of each
+    worker's stream in the broker."""
     import nats
     import nats.js.errors
 
@@ -116,7 +116,7 @@ def broker_ends(url: str, names: list[str], events: bool = False) -> dict[str, i
                     if events:
                         subject = events_subject(name, STREAM)
                         msg = await nc.jetstream().get_last_msg("DECNET", subject)
-                        out[name] = int(msg.headers["Decnet-Offset"]) + 1
+                        out[name] = int(msg.headers["Decnet-End"])
                         continue
                     msg = await nc.jetstream().get_last_msg("DECNET", raw_subject(name, STREAM))
                     out[name] = int(msg.headers["Decnet-End"])
