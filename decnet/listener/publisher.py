@@ -52,8 +52,8 @@ from decnet.listener.feedworker import encode_message
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 3
 STATE_FILE = ".publisher-state.json"
-# Mirror bytes read per publishing round of one stream, and rounds (raw or
-# events) under way at once over all streams: together they bound the memory
+# Mirror bytes read per publishing round of one stream, and raw rounds
+# under way at once over all streams: together they bound the memory
 # of a publisher that catches up thousands of streams after an outage.
 READ_LIMIT = 2 * 1024 * 1024
 MAX_ROUNDS = 64
@@ -61,6 +61,13 @@ MAX_ROUNDS = 64
 # per stream (one window: see publishing.settle_window).
 EVENTS_READ_LIMIT = 1024 * 1024
 EVENT_WINDOW = 256
+# Event windows in flight at once over all streams.  Events cost the publisher and the
+# servers CPU per message (one per line), raw messages per 500 KiB; on shared cores,
+# events in flight for every stream at once starved the raw messages that forwarders
+# wait for (bench/scaleout.py: one window at a time, raw 0.30x -> 0.46x of a listener
+# alone and publish lag p99 343 -> 190 ms, events as fast as before, ~16,000/s; two
+# windows: p99 432 ms).
+EVENT_ROUNDS = 1
 # After a worker moved here, how long the events below its new segment are left to
 # the listener that received them (it publishes them while it lives) before this
 # one goes on without them (they stay in the raw subject; a warning names them).
@@ -248,9 +255,12 @@ class StreamJob:
 
     async def run(self) -> None:
         """Raw batches and events in two loops: a backlog of events never delays a batch."""
-        loops = [self._loop(self.publish_raw, self.wake, self._forget_raw)]
+        loops = [self._loop(self.publish_raw, self.wake, self._forget_raw, self.owner.rounds)]
         if self.owner.events:
-            loops.append(self._loop(self.publish_events, asyncio.Event(), self._forget_events))
+            events = self._loop(
+                self.publish_events, asyncio.Event(), self._forget_events, self.owner.event_rounds
+            )
+            loops.append(events)
         await asyncio.gather(*loops)
 
     async def _loop(
@@ -258,11 +268,12 @@ class StreamJob:
         step: Callable[[], Awaitable[bool]],
         wake: asyncio.Event,
         forget: Callable[[], None],
+        rounds: asyncio.Semaphore,
     ) -> None:
         delay = RETRY_FIRST
         while not self.owner.closing:
             try:
-                async with self.owner.rounds:
+                async with rounds:
                     busy = await step()
             except pub.PublishError as exc:
                 forget()
@@ -507,6 +518,7 @@ class Publisher:
         self.jobs: dict[tuple[str, str], StreamJob] = {}
         self.tasks: set[asyncio.Task] = set()
         self.rounds = asyncio.Semaphore(MAX_ROUNDS)
+        self.event_rounds = asyncio.Semaphore(EVENT_ROUNDS)
         self.last_error: str | None = None
         # The broker's refusal of our credentials, if it said so on any attempt (a later
         # attempt may only see the connection reset that follows it).
