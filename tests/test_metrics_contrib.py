@@ -3,6 +3,7 @@ agree with what the four daemons really export (scraped from real ones)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -14,8 +15,16 @@ import pytest
 import pytest_twisted
 
 from decnet import config
+from decnet.listener.metrics import ListenerSample
 from decnet.master import enrollment
-from tests.metrics_support import build_named, metrics_port, scrape_running, scrape_until
+from decnet.metrics import encode
+from tests.metrics_support import (
+    Scrape,
+    build_named,
+    metrics_port,
+    scrape_running,
+    scrape_until,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "contrib/prometheus/alerts.yml"
@@ -85,18 +94,25 @@ async def exported_by_every_daemon(master_home, bundle: Path, tmp: Path) -> set[
     finally:
         for service in services:
             await service.stopService()
-    return names | sink_exported()
+    return names | publisher_exported() | sink_exported()
+
+
+def publisher_exported() -> set[str]:
+    """A publishing listener's own names, from a sample with a broker (the listener above does
+    not publish; tests/test_nats_listener.py scrapes them from one that does)."""
+    sample = ListenerSample(
+        collections.Counter(), {}, {}, {}, {}, {}, {}, publish_lag={"w": 1}, broker_up=0
+    )
+    return Scrape(encode(lambda: list(sample.families())).decode()).names
 
 
 def sink_exported() -> set[str]:
     """The sink's names, from its collector (a running sink needs JetStream and PostgreSQL;
     tests/test_sink_subprocess.py runs one)."""
     from decnet.listener.publisherproc import NatsOptions
-    from decnet.metrics import encode
     from decnet.sink.metrics import sink_registry
     from decnet.sink.service import SinkOptions, SinkService
     from decnet.threads import inline_runner
-    from tests.metrics_support import Scrape
 
     options = SinkOptions(nats=NatsOptions(servers=("nats://127.0.0.1:4222",)), dsn="dbname=unused")
     sink = SinkService(None, None, options, inline_runner)  # type: ignore[arg-type]
@@ -114,6 +130,8 @@ async def test_every_alert_and_dashboard_query_names_only_metrics_the_daemons_ex
         "DecnetLogLagGrowing",
         "DecnetRollbackHappened",
         "DecnetCertificateExpiring",
+        "DecnetBrokerDown",
+        "DecnetSinkStoreDown",
     } <= set(rules)
     for name, expr in rules.items():
         assert not unknown_metrics(expr, exported), f"alert {name}: {expr}"
