@@ -315,12 +315,16 @@ def waiting_for_move(cursor: Cursor, records: Sequence[IndexRecord]) -> int | No
     gap: the bytes below its end are that listener's to publish.  So
     :func:`plan_raw` stops there and the publisher reads the broker again
     until its last ``Decnet-End`` reaches the record's end, where
-    :func:`locate` puts the cursor past it.
+    :func:`locate` puts the cursor past it.  Gaps before it are passed over: raw
+    publishes them first, but they have no event (:func:`plan_events`).
     """
     for record in records:
         if record.stream_end <= cursor.offset and record.mirror_end <= cursor.mirror:
             continue
-        return record.stream_end if record.moved else None
+        if record.moved:
+            return record.stream_end
+        if record.mirror_end > cursor.mirror:
+            return None
     return None
 
 
