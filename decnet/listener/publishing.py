@@ -346,7 +346,9 @@ def raw_headers(worker: str, stream: str, piece: RawPiece, expected: int) -> dic
 def header_end(headers: dict[str, str] | None) -> int:
     """The ``Decnet-End`` of a message we published (0 when there is none)."""
     value = (headers or {}).get(H_END)
-    if value is None or not value.isdigit():
+    # (ASCII digits only, and no more than an offset has: ``int`` refuses "²" and 5,000
+    # digits with a ValueError, which would end the stream's job instead of a retry.)
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 20:
         raise PublishError(f"the last message carries no valid {H_END} header: {value!r}")
     return int(value)
 
