@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from decnet.listener import publisher
+from decnet.listener import publisher, storage
 from decnet.listener import publishing as pub
-from decnet.listener import storage
 from tests.nats_support import IngestWriter, syslog_line
 
 
@@ -33,9 +32,11 @@ def _logical_lines(pieces: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
 class FakeBroker:
     """One JetStream stream in memory: per-subject compare-and-set, Msg-Id dedup."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, max_msg: int = pub.DEFAULT_MAX_MSG):
         self.directory = directory
         self.events = True
+        self.max_msg = max_msg  # (the stream's max_msg_size: headers and payload)
+        self.payload_limit = max_msg - pub.HEADER_ROOM
         self.said: list[dict] = []
         self.reporter = SimpleNamespace(send=self.said.append)
         self.messages: list[tuple[int, str, dict[str, str], bytes]] = []
@@ -48,6 +49,9 @@ class FakeBroker:
         return 0, None
 
     def _store(self, subject, payload, headers):
+        if len(payload) + sum(len(k) + len(v) + 4 for k, v in headers.items()) > self.max_msg:
+            # (what JetStream answers: err_code 10054, as publisher._outcome reads it)
+            return pub.Failure(False, "JetStream refused: message size exceeds maximum allowed")
         expected = headers.get(pub.H_EXPECTED_SEQ)
         if expected is not None:
             last = next((s for s, subj, _, _ in reversed(self.messages) if subj == subject), 0)
@@ -62,7 +66,10 @@ class FakeBroker:
         return seq
 
     async def publish(self, subject, payload, headers):
-        return self._store(subject, payload, headers)
+        outcome = self._store(subject, payload, headers)
+        if isinstance(outcome, pub.Failure):
+            raise pub.PublishError(outcome.text)
+        return outcome
 
     async def publish_window(self, subject, items):
         return [self._store(subject, payload, headers) for payload, headers in items]
@@ -73,7 +80,9 @@ class FakeBroker:
     def events_of(self, worker="w1", stream="auth"):
         subject = pub.events_subject(worker, stream)
         return [
-            (int(h[pub.H_OFFSET]), int(h[pub.H_END])) for _, s, h, _ in self.messages if s == subject
+            (int(h[pub.H_OFFSET]), int(h[pub.H_END]))
+            for _, s, h, _ in self.messages
+            if s == subject
         ]
 
 
@@ -140,3 +149,49 @@ def test_a_garbage_decnet_end_on_the_last_event_is_a_publish_error_not_a_crash(t
     with pytest.raises(pub.PublishError, match="Decnet-End"):
         asyncio.run(job.publish_events())
     writer.close()
+
+
+def test_an_event_larger_than_the_message_limit_does_not_stall_the_events_after_it(tmp_path):
+    """A line's feed entry is larger than the line (JSON escapes: up to 6 bytes per byte,
+    plus the parsed fields), and --nats-max-msg need only exceed --max-frame by 1 KiB:
+    an attacker who writes one long line full of quotes into a decoy's log must not
+    stop every later event of the stream.  That one event is left out (its line is in
+    the raw subject) and said so; the others go on."""
+    writer = IngestWriter(tmp_path)
+    before, after = _lines(2), _lines(3, 3)
+    long_line = b"<34>1 2026-11-30T12:00:00Z host app - - - " + b'"' * 2000 + b"\n"
+    writer.commit(before)
+    writer.commit(long_line)
+    writer.commit(after)
+    writer.build_feed()
+    broker = FakeBroker(tmp_path, max_msg=len(long_line) + pub.HEADER_ROOM)
+    job = publisher.StreamJob(broker, "w1", "auth")
+    _rounds(job, [0.0], rounds=5)
+    later = _lines(2, 6)  # (a later window: after the refusal, not in the same window)
+    writer.commit(later)
+    writer.build_feed()
+    _rounds(job, [0.0], rounds=5)
+    writer.close()
+    skipped = len(before), len(before) + len(long_line)
+    everything = _logical_lines([(0, before + long_line + after + later)])
+    assert broker.events_of() == [span for span in everything if span != skipped]
+    assert any(f"at offset {skipped[0]}" in m.get("warn", "") for m in broker.said)
+
+
+def test_a_feed_entry_longer_than_one_read_is_published_not_waited_for_silently(
+    tmp_path, monkeypatch
+):
+    """The events read EVENTS_READ_LIMIT feed bytes at a time; an entry longer than that
+    (--max-frame is configurable, and an entry takes up to 6 bytes per byte of its line)
+    had no LF in the read, so the round found nothing to do, for ever, and said nothing."""
+    monkeypatch.setattr(publisher, "EVENTS_READ_LIMIT", 1024)
+    writer = IngestWriter(tmp_path)
+    long_line = b"<34>1 2026-11-30T12:00:00Z host app - - - " + b"x" * 1500 + b"\n"
+    data = _lines(2) + long_line + _lines(2, 3)
+    writer.commit(data)
+    writer.build_feed()
+    broker = FakeBroker(tmp_path)
+    job = publisher.StreamJob(broker, "w1", "auth")
+    _rounds(job, [0.0], rounds=5)
+    writer.close()
+    assert broker.events_of() == _logical_lines([(0, data)])
