@@ -413,6 +413,10 @@ class StreamJob:
         with open(self.files.feed_path, "rb") as feed:
             feed.seek(pos)
             chunk = feed.read(min(feed_len - pos, EVENTS_READ_LIMIT))
+            if b"\n" not in chunk:
+                # An entry longer than one read: read it whole (lines are capped by
+                # --max-frame, an entry by 6 bytes per byte of its line).
+                chunk += feed.readline(feed_len - pos - len(chunk))
         lines = []
         for line in pub.split_lines(chunk)[0][:EVENT_WINDOW]:
             lines.append((*pub.feed_line_span(line), line))
