@@ -413,6 +413,10 @@ class StreamJob:
         with open(self.files.feed_path, "rb") as feed:
             feed.seek(pos)
             chunk = feed.read(min(feed_len - pos, EVENTS_READ_LIMIT))
+            if b"\n" not in chunk:
+                # An entry longer than one read: read it whole (lines are capped by
+                # --max-frame, an entry by 6 bytes per byte of its line).
+                chunk += feed.readline(feed_len - pos - len(chunk))
         lines = []
         for line in pub.split_lines(chunk)[0][:EVENT_WINDOW]:
             lines.append((*pub.feed_line_span(line), line))
@@ -430,6 +434,11 @@ class StreamJob:
         if not items:
             return self._past_move(cursor, records) if lines else False
         self.move_seen.clear()
+        limit = self.owner.payload_limit
+        large = next((i for i, item in enumerate(items) if len(item.line) > limit), None)
+        if large == 0:
+            return self._skip_event(items[0])
+        items = items[:large]  # (the large one starts the next window)
         expected: int | None = self.ev_seq.expected()  # (the first event only)
         window = []
         for item in items:
@@ -456,6 +465,23 @@ class StreamJob:
             if settled.failure.down:
                 raise BrokerDown(settled.failure.text)
             raise pub.PublishError(settled.failure.text)
+        return True
+
+    def _skip_event(self, item: pub.EventItem) -> bool:
+        """An event larger than --nats-max-msg allows (JetStream would refuse it for ever):
+        left out, loudly (its line is in the raw subject); the events after it go on."""
+        self.owner.reporter.send(
+            {
+                "warn": f"the event of {self.worker}/{self.stream} at offset {item.start} is "
+                f"{len(item.line)} bytes, more than --nats-max-msg allows "
+                f"({self.owner.payload_limit} with room for headers); it is not published "
+                f"(its line is in the raw subject)",
+                "worker": self.worker,
+                "stream": self.stream,
+            }
+        )
+        self.ev_cursor = item.after
+        self.event_pos += len(item.line) + 1
         return True
 
     def _past_move(self, cursor: pub.Cursor, records: list[storage.IndexRecord]) -> bool:

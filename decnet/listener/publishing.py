@@ -315,12 +315,16 @@ def waiting_for_move(cursor: Cursor, records: Sequence[IndexRecord]) -> int | No
     gap: the bytes below its end are that listener's to publish.  So
     :func:`plan_raw` stops there and the publisher reads the broker again
     until its last ``Decnet-End`` reaches the record's end, where
-    :func:`locate` puts the cursor past it.
+    :func:`locate` puts the cursor past it.  Gaps before it are passed over: raw
+    publishes them first, but they have no event (:func:`plan_events`).
     """
     for record in records:
         if record.stream_end <= cursor.offset and record.mirror_end <= cursor.mirror:
             continue
-        return record.stream_end if record.moved else None
+        if record.moved:
+            return record.stream_end
+        if record.mirror_end > cursor.mirror:
+            return None
     return None
 
 
@@ -342,7 +346,9 @@ def raw_headers(worker: str, stream: str, piece: RawPiece, expected: int) -> dic
 def header_end(headers: dict[str, str] | None) -> int:
     """The ``Decnet-End`` of a message we published (0 when there is none)."""
     value = (headers or {}).get(H_END)
-    if value is None or not value.isdigit():
+    # (ASCII digits only, and no more than an offset has: ``int`` refuses "²" and 5,000
+    # digits with a ValueError, which would end the stream's job instead of a retry.)
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 20:
         raise PublishError(f"the last message carries no valid {H_END} header: {value!r}")
     return int(value)
 
