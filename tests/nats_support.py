@@ -398,3 +398,13 @@ class PublisherRun:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def logical_lines(pieces: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
+    """(start, end) of every line of pieces ``(logical start, bytes)``."""
+    out = []
+    for start, data in pieces:
+        for line in data.splitlines(keepends=True):
+            out.append((start, start + len(line)))
+            start += len(line)
+    return out

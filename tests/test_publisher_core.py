@@ -8,7 +8,7 @@ from decnet.listener import publishing as pub
 from decnet.listener import storage
 from decnet.listener.publisher import find_event_start
 from decnet.listener.storage import IndexRecord
-from tests.nats_support import IngestWriter, syslog_line
+from tests.nats_support import IngestWriter, logical_lines, syslog_line
 
 # -- subject tokens ----------------------------------------------------------------
 
@@ -290,16 +290,6 @@ def _feed(writer) -> list[tuple[int, int, bytes]]:
     return [(*pub.feed_line_span(line), line) for line in lines]
 
 
-def _logical_lines(pieces: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
-    """(start, end) of every line of pieces ``(logical start, bytes)``."""
-    out = []
-    for start, data in pieces:
-        for line in data.splitlines(keepends=True):
-            out.append((start, start + len(line)))
-            start += len(line)
-    return out
-
-
 def test_events_are_keyed_by_logical_offsets_across_gaps_and_moves(tmp_path):
     """A gap and a move shift the logical offsets away from the mirror's: every event
     carries the offset of its line in the worker's stream, whichever listener has it."""
@@ -315,7 +305,7 @@ def test_events_are_keyed_by_logical_offsets_across_gaps_and_moves(tmp_path):
     records = storage.read_records(writer.files.index_path)
     lines = _feed(writer)
     items = pub.plan_events(pub.Cursor(), records, lines, limit=100)
-    expected = _logical_lines([(0, a), (len(a) + 500, b)])
+    expected = logical_lines([(0, a), (len(a) + 500, b)])
     assert [(i.start, i.end) for i in items] == expected
     assert [i.line for i in items] == [line for _, _, line in lines[:5]]
     # The move stops the plan: the events below moved_at are the other listener's.
@@ -324,7 +314,7 @@ def test_events_are_keyed_by_logical_offsets_across_gaps_and_moves(tmp_path):
     assert pub.waiting_for_move(last, records[last.record :]) == moved_at
     there = pub.locate(moved_at, records.__getitem__, len(records))
     rest = pub.plan_events(there, records[there.record :], lines[5:], limit=100)
-    assert [(i.start, i.end) for i in rest] == _logical_lines([(moved_at, c)])
+    assert [(i.start, i.end) for i in rest] == logical_lines([(moved_at, c)])
     # Every event's end locates the cursor just after it (how a publisher resumes).
     for item in items + rest:
         assert pub.locate(item.end, records.__getitem__, len(records)) == item.after

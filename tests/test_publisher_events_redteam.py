@@ -12,21 +12,11 @@ import pytest
 
 from decnet.listener import publisher, storage
 from decnet.listener import publishing as pub
-from tests.nats_support import IngestWriter, syslog_line
+from tests.nats_support import IngestWriter, logical_lines, syslog_line
 
 
 def _lines(n: int, start: int = 0) -> bytes:
     return b"".join(syslog_line(i) for i in range(start, start + n))
-
-
-def _logical_lines(pieces: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
-    """(start, end) of every line of pieces ``(logical start, bytes)``."""
-    out = []
-    for start, data in pieces:
-        for line in data.splitlines(keepends=True):
-            out.append((start, start + len(line)))
-            start += len(line)
-    return out
 
 
 class FakeBroker:
@@ -130,7 +120,7 @@ def test_a_gap_just_before_a_move_does_not_stall_the_events_for_ever(tmp_path, c
     # this listener goes on with its own lines, and says so.
     _rounds(job, clock, rounds=int(publisher.MOVE_EVENTS_WAIT) + 10)
     writer.close()
-    assert broker.events_of() == _logical_lines([(0, a), (moved_at, c)])
+    assert broker.events_of() == logical_lines([(0, a), (moved_at, c)])
     assert any("did not reach the broker" in m.get("warn", "") for m in broker.said)
 
 
@@ -173,7 +163,7 @@ def test_an_event_larger_than_the_message_limit_does_not_stall_the_events_after_
     _rounds(job, [0.0], rounds=5)
     writer.close()
     skipped = len(before), len(before) + len(long_line)
-    everything = _logical_lines([(0, before + long_line + after + later)])
+    everything = logical_lines([(0, before + long_line + after + later)])
     assert broker.events_of() == [span for span in everything if span != skipped]
     assert any(f"at offset {skipped[0]}" in m.get("warn", "") for m in broker.said)
 
@@ -194,4 +184,4 @@ def test_a_feed_entry_longer_than_one_read_is_published_not_waited_for_silently(
     job = publisher.StreamJob(broker, "w1", "auth")
     _rounds(job, [0.0], rounds=5)
     writer.close()
-    assert broker.events_of() == _logical_lines([(0, data)])
+    assert broker.events_of() == logical_lines([(0, data)])
