@@ -1,6 +1,7 @@
 """Scale-out benchmark: prints figures, asserts nothing about time.
 
     .venv/bin/python bench/scaleout.py [--workers 4] [--lines 25000] [--rate 10000] [--seconds 5]
+        [--no-feed] [--max-msg BYTES]
 
 Runs, on this machine, with real processes on loopback:
   (1) N forwarders -> one listener without NATS, acknowledged mode (the reference);
@@ -9,9 +10,14 @@ Runs, on this machine, with real processes on loopback:
       cluster (replicas 3, ``sync_interval: always``);
   (3) publish lag: lines appended at --rate lines/s (all workers together) for
       --seconds through (2); p50/p99 from the append to the moment the raw
-      message holding the line is readable from the stream.
+      message holding the line is readable from the stream;
+  (4) the cluster's own ceiling: a bare nats-py client (no listener) publishing
+      (2)'s bytes in messages of (2)'s mean raw size, one subject per worker and
+      one message in flight per subject, then small messages the size of an
+      event, 256 in flight: the cluster's rate with the machine to itself.
 For (1) and (2): lines/s (all of them durable, resp. stored in the broker),
-and CPU per line of each kind of process.  Every run is checked: the raw
+and CPU per line of each kind of process; for (2) also the rate its CPU per line
+allows on this machine's cores, which every process shares.  Every run is checked: the raw
 payloads in the broker concatenate to each worker's file.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -48,8 +55,10 @@ from tests.nats_support import start_cluster  # noqa: E402
 from tests.support import free_port, wait_for  # noqa: E402
 
 STREAM = "decnet"
-# Extra options of every listener (--no-feed).
+EVENT_SIZE = 400  # bytes: about one feed entry of a LINE_LEN line
+# Extra options of every listener (--no-feed), and of the publishing ones (--nats-max-msg).
 EXTRA: list[str] = []
+PUBLISH: list[str] = []
 
 
 class Fleet:
@@ -186,7 +195,7 @@ def start_scaleout(fleet: Fleet, run: str, urls: str):
                 d / f"ingest{i}",
                 d / f"listener{i}.log",
                 free_port(),
-                ("--publish", urls, "--nats-replicas", "3", *EXTRA),
+                ("--publish", urls, "--nats-replicas", "3", *EXTRA, *PUBLISH),
             )
         )
     ports = {name: listeners[k % 2][1] for k, name in enumerate(fleet.names)}
@@ -340,6 +349,42 @@ def run_lag(fleet: Fleet, nodes, rate: int, seconds: float) -> dict:
     }
 
 
+def run_ceiling(url: str, workers: int, total: int, size: int, events: int) -> dict:
+    """(4): ``total`` bytes in ``size``-byte messages on ``workers`` subjects, each one
+    at a time; then ``events`` messages of ``EVENT_SIZE`` bytes, 256 in flight."""
+    import nats
+
+    async def publish(js, subject: str, payload: bytes, count: int) -> None:
+        for _ in range(count):
+            await js.publish(subject, payload)
+
+    async def timed(js, jobs) -> float:
+        t0 = time.monotonic()
+        await asyncio.gather(*(publish(js, *job) for job in jobs))
+        return time.monotonic() - t0
+
+    async def run() -> dict:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream(timeout=30)
+            per = max(1, total // size // workers)
+            raw = [(raw_subject(f"ceiling-{i}", STREAM), b"x" * size, per) for i in range(workers)]
+            raw_s = await timed(js, raw)
+            small = [
+                (f"decnet.events.ceiling-{i}.{STREAM}", b"e" * EVENT_SIZE, events // 256)
+                for i in range(256)
+            ]
+            small_s = await timed(js, small)
+            return {
+                "raw_bytes_s": per * workers * size / raw_s,
+                "events_s": events // 256 * 256 / small_s,
+            }
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
 def print_cpu(cpu: dict[str, float], lines: int) -> None:
     per_line = ", ".join(f"{k} {1e6 * v / lines:.2f} us" for k, v in cpu.items())
     print(f"      CPU per line: {per_line}", flush=True)
@@ -351,12 +396,19 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=25_000, help="lines per worker and run")
     parser.add_argument("--rate", type=int, default=10_000, help="lines/s for the lag run")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--max-msg",
+        type=int,
+        help="the brokers' max_payload and the listeners' --nats-max-msg (default: theirs, 1 MiB)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--no-feed", action="store_true", help="listeners without the JSON feed (so no events)"
     )
     args = parser.parse_args()
     EXTRA[:] = ["--no-feed"] if args.no_feed else []
+    if args.max_msg:
+        PUBLISH[:] = ["--nats-max-msg", str(args.max_msg)]
     base = Path(tempfile.mkdtemp(prefix="decnet-scaleout-"))
     fleet = Fleet(base, args.workers)
     n = args.lines * args.workers
@@ -365,7 +417,7 @@ def main() -> None:
         f"({n * LINE_LEN / 1e6:.0f} MB) per run; work dir {base}",
         flush=True,
     )
-    nodes = start_cluster(base / "cluster")
+    nodes = start_cluster(base / "cluster", max_payload=args.max_msg)
     try:
         ref_data = {name: make_lines(args.lines, f"ref-{name}") for name in fleet.names}
         ref = run_reference(fleet, ref_data)
@@ -387,6 +439,17 @@ def main() -> None:
             flush=True,
         )
         print_cpu(out["cpu"], n)
+        # Every process of (2) shares this machine's cores: its CPU per line (all of
+        # them: (1)'s work plus the publishers' and the three brokers') bounds its rate.
+        cores = os.cpu_count() or 1
+        bound = cores / (sum(out["cpu"].values()) / n)
+        print(
+            f"      CPU bound of (2) on {cores} cores: {bound:>10,.0f} lines/s  "
+            f"{bound / ref_rate:.2f}x (1)  (all of (2)'s CPU per line: "
+            f"{1e6 * sum(out['cpu'].values()) / n:.2f} us; (1)'s: "
+            f"{1e6 * sum(ref['cpu'].values()) / n:.2f} us)",
+            flush=True,
+        )
         if out["events_elapsed"]:
             events_rate = n / out["events_elapsed"]
             print(
@@ -409,6 +472,16 @@ def main() -> None:
             )
         else:
             print("(3) publish lag: no line reached the broker", flush=True)
+        mean = n * LINE_LEN // max(out["messages"], 1)
+        ceiling = run_ceiling(nodes[0].url, args.workers, n * LINE_LEN, mean, min(n, 25_600))
+        ceiling_lines = ceiling["raw_bytes_s"] / LINE_LEN
+        print(
+            f"(4) the cluster alone (bare client, {mean / 1024:.0f} KiB messages, "
+            f"{args.workers} in flight): {ceiling['raw_bytes_s'] / 2**20:.0f} MiB/s = "
+            f"{ceiling_lines:,.0f} lines/s  {ceiling_lines / ref_rate:.2f}x (1); "
+            f"{EVENT_SIZE}-byte messages, 256 in flight: {ceiling['events_s']:,.0f}/s",
+            flush=True,
+        )
     finally:
         for node in nodes:
             node.stop()

@@ -150,7 +150,7 @@ class NatsServer:
             return ""
 
 
-def start_cluster(base: Path, size: int = 3) -> list[NatsServer]:
+def start_cluster(base: Path, size: int = 3, max_payload: int | None = None) -> list[NatsServer]:
     """``size`` nats-servers routed to each other, JetStream clustered; all serving."""
     cluster_ports = [free_port() for _ in range(size)]
     nodes = [
@@ -159,6 +159,7 @@ def start_cluster(base: Path, size: int = 3) -> list[NatsServer]:
             f"n{i + 1}",
             cluster_port=cluster_ports[i],
             routes=tuple(p for j, p in enumerate(cluster_ports) if j != i),
+            max_payload=max_payload,
         )
         for i in range(size)
     ]
