@@ -1,12 +1,14 @@
 """The publisher's pure decisions (decnet.listener.publishing), byte by byte."""
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decnet.listener import publishing as pub
 from decnet.listener import storage
-from decnet.listener.publisher import find_event_start
+from decnet.listener.publisher import StreamJob, find_event_start
 from decnet.listener.storage import IndexRecord
 from tests.nats_support import IngestWriter, logical_lines, syslog_line
 
@@ -480,3 +482,76 @@ def test_a_creds_file_needs_a_user_jwt_and_a_user_seed_and_is_never_quoted():
     no_seed = good.replace(seed, "SA" + "A" * 56)  # (an account seed is not a user's)
     assert "seed" in pub.creds_problem(no_seed)
     assert seed not in pub.creds_problem(no_seed)
+
+
+def test_the_broker_position_is_found_in_a_large_index_by_a_few_reads(tmp_path, monkeypatch):
+    """A long-lived stream's index holds millions of records: the position is a binary
+    search of the file (every start, every error, every poll of a move wait), never the
+    whole index read into the publisher (that was ~100 bytes of memory per record)."""
+    writer = IngestWriter(tmp_path)
+    for i in range(5000):
+        writer.commit(syslog_line(i))
+    writer.close()
+    line = len(syslog_line(0))
+    opened: list[storage.IndexFile] = []
+
+    class Counted(storage.IndexFile):
+        def __init__(self, path):
+            super().__init__(path)
+            opened.append(self)
+
+    monkeypatch.setattr(storage, "IndexFile", Counted)
+    monkeypatch.setattr(storage, "read_records", _no_whole_index_reads(storage.read_records))
+    cursor, before = _job(tmp_path)._locate(1234 * line)
+    assert cursor == pub.Cursor(1234, 1234 * line, 1234 * line)
+    assert before == IndexRecord(1234 * line, 1234 * line, 1)
+    assert opened and all(index.reads <= 20 for index in opened)
+
+
+def _job(directory) -> StreamJob:
+    return StreamJob(SimpleNamespace(directory=directory, events=True), "w1", "auth")  # type: ignore[arg-type]
+
+
+def _no_whole_index_reads(read_records):
+    def guarded(path, first=0, until_mirror=None):
+        assert until_mirror is not None, "the whole index was read"
+        return read_records(path, first, until_mirror)
+
+    return guarded
+
+
+def test_the_index_file_skips_a_torn_end_and_refuses_a_torn_middle(tmp_path):
+    path = tmp_path / "s.idx"
+    records = [IndexRecord(10 * (i + 1), 10 * (i + 1), 1) for i in range(5)]
+    path.write_bytes(b"".join(storage.pack_record(r) for r in records) + b"\x00" * 7)
+    with storage.IndexFile(path) as index:
+        assert len(index) == 5 and index[4] == records[4]
+        with pytest.raises(IndexError):
+            index[5]
+    raw = bytearray(path.read_bytes())
+    raw[4 * storage.INDEX_RECORD.size + 10] ^= 0xFF  # the last whole record: torn
+    raw[1 * storage.INDEX_RECORD.size + 10] ^= 0xFF  # and one in the middle
+    path.write_bytes(bytes(raw))
+    with storage.IndexFile(path) as index:
+        assert len(index) == 4
+        assert index[3] == records[3]
+        with pytest.raises(storage.IngestCorrupt, match="index record 1"):
+            index[1]
+    with storage.IndexFile(tmp_path / "absent.idx") as index:
+        assert len(index) == 0
+    assert pub.locate(0, index.__getitem__, len(index)) == pub.Cursor()
+
+
+def test_a_torn_index_record_in_the_middle_is_a_publish_error_the_loop_retries(tmp_path):
+    writer = IngestWriter(tmp_path)
+    for i in range(8):
+        writer.commit(syslog_line(i))
+    writer.close()
+    raw = bytearray(writer.files.index_path.read_bytes())
+    raw[3 * storage.INDEX_RECORD.size + 10] ^= 0xFF
+    writer.files.index_path.write_bytes(bytes(raw))
+    job = StreamJob(
+        SimpleNamespace(directory=tmp_path, payload_limit=1 << 20, events=True), "w1", "auth"
+    )
+    with pytest.raises(pub.PublishError, match="index record 3"):
+        job._locate(5 * len(syslog_line(0)) - 1)

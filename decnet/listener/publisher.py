@@ -312,19 +312,23 @@ class StreamJob:
 
     # -- raw -------------------------------------------------------------------
 
-    def _records(self) -> list[storage.IndexRecord]:
-        if not self.files.index_path.exists():
-            return []
-        return storage.read_records(self.files.index_path)
+    def _locate(self, end: int) -> tuple[pub.Cursor, storage.IndexRecord | None]:
+        """Where the broker's ``end`` falls in this mirror, and the index record before
+        that cursor: a binary search of the index file, a few records read.  Blocking."""
+        try:
+            with storage.IndexFile(self.files.index_path) as index:
+                cursor = pub.locate(end, index.__getitem__, len(index))
+                return cursor, index[cursor.record - 1] if cursor.record else None
+        except storage.IngestCorrupt as exc:
+            raise pub.PublishError(str(exc)) from None
 
     async def _sync_raw(self) -> pub.Cursor:
         seq, headers = await self.owner.last_message(self.raw_subject)
         end = pub.header_end(headers) if seq else 0
-        records = await asyncio.to_thread(self._records)
-        cursor = pub.locate(end, records.__getitem__, len(records))
+        cursor, before = await asyncio.to_thread(self._locate, end)
         self.raw_seq.learned(seq)
         self.cursor = cursor
-        if cursor.record and records[cursor.record - 1].stream_end == cursor.offset:
+        if before is not None and before.stream_end == cursor.offset:
             self._confirm(cursor.offset)
         elif not cursor.record:
             self._confirm(0)
@@ -394,8 +398,7 @@ class StreamJob:
     async def _sync_events(self) -> pub.Cursor:
         seq, headers = await self.owner.last_message(self.events_subject)
         end = pub.header_end(headers) if seq else 0
-        records = await asyncio.to_thread(self._records)
-        cursor = pub.locate(end, records.__getitem__, len(records))
+        cursor, _ = await asyncio.to_thread(self._locate, end)
         feed_len = await asyncio.to_thread(self._feed_len)
         pos = 0
         if cursor.mirror and feed_len:

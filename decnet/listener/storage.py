@@ -283,6 +283,57 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class IndexFile:
+    """Random access to a stream's commit index, for a binary search
+    (:func:`decnet.listener.publishing.locate`): a few reads of one record each,
+    never the whole file (a long-lived stream's index holds millions of records).
+    Records torn at the end (a commit being written) are not counted; one torn in
+    the middle raises :class:`IngestCorrupt` when read.  A missing file is empty.
+    Blocking."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reads = 0
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._fd = None
+            self.count = 0
+            return
+        count = os.fstat(self._fd).st_size // INDEX_RECORD.size
+        while count and self._read(count - 1) is None:
+            count -= 1
+        self.count = count
+
+    def _read(self, number: int) -> IndexRecord | None:
+        assert self._fd is not None
+        self.reads += 1
+        size = INDEX_RECORD.size
+        return unpack_record(os.pread(self._fd, size, number * size))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, number: int) -> IndexRecord:
+        if not 0 <= number < self.count:
+            raise IndexError(number)
+        record = self._read(number)
+        if record is None:
+            raise IngestCorrupt(f"index record {number} of {self.path} is not a valid record")
+        return record
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> IndexFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_records(path: Path, first: int = 0, until_mirror: int | None = None) -> list[IndexRecord]:
     """Index records from number ``first`` on, up to the first whose ``mirror_end`` reaches
     ``until_mirror`` (all when ``None``); stops at a torn record.  Blocking."""
