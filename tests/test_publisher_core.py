@@ -488,11 +488,12 @@ def test_the_broker_position_is_found_in_a_large_index_by_a_few_reads(tmp_path, 
     """A long-lived stream's index holds millions of records: the position is a binary
     search of the file (every start, every error, every poll of a move wait), never the
     whole index read into the publisher (that was ~100 bytes of memory per record)."""
-    writer = IngestWriter(tmp_path)
-    for i in range(5000):
-        writer.commit(syslog_line(i))
-    writer.close()
     line = len(syslog_line(0))
+    index = storage.StreamFiles(tmp_path / "w1", "auth").index_path
+    index.parent.mkdir()
+    index.write_bytes(
+        b"".join(storage.pack_record(IndexRecord(i * line, i * line, 1)) for i in range(1, 100_001))
+    )
     opened: list[storage.IndexFile] = []
 
     class Counted(storage.IndexFile):
