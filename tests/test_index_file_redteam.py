@@ -2,6 +2,9 @@
 list the publisher read before (storage.read_records): the same cursor, or the same
 error, for any index a crash can leave (gaps, moves, a torn tail of any length)."""
 
+import os
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -114,6 +117,31 @@ def test_a_torn_record_mid_index_never_yields_a_different_cursor_below_it(tmp_pa
             except storage.IngestCorrupt:
                 continue
             assert new == old, end
+
+
+def test_the_index_file_gives_its_descriptor_back_when_a_read_fails_on_open(tmp_path, monkeypatch):
+    path = tmp_path / "s.idx"
+    path.write_bytes(storage.pack_record(IndexRecord(10, 10, 1)))
+    opened: list[int] = []
+    real_open = os.open
+
+    def tracked_open(*args, **kw):
+        fd = real_open(*args, **kw)
+        opened.append(fd)
+        return fd
+
+    def failing_pread(fd, n, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "open", tracked_open)
+    monkeypatch.setattr(os, "pread", failing_pread)
+    with pytest.raises(OSError, match="Input/output"):
+        storage.IndexFile(path)
+    monkeypatch.undo()
+    assert opened
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # (closed)
 
 
 def test_the_torn_helper_really_tears():
