@@ -300,9 +300,13 @@ class IndexFile:
             self._fd = None
             self.count = 0
             return
-        count = os.fstat(self._fd).st_size // INDEX_RECORD.size
-        while count and self._read(count - 1) is None:
-            count -= 1
+        try:
+            count = os.fstat(self._fd).st_size // INDEX_RECORD.size
+            while count and self._read(count - 1) is None:
+                count -= 1
+        except BaseException:
+            self.close()
+            raise
         self.count = count
 
     def _read(self, number: int) -> IndexRecord | None:
