@@ -185,3 +185,28 @@ def test_a_feed_entry_longer_than_one_read_is_published_not_waited_for_silently(
     _rounds(job, [0.0], rounds=5)
     writer.close()
     assert broker.events_of() == logical_lines([(0, data)])
+
+
+def test_an_unexpected_error_in_a_round_is_said_and_retried_not_the_end_of_the_stream(
+    tmp_path, monkeypatch
+):
+    """An error no round expects (a disk read failing with EIO, a bug): the stream's job
+    says it and tries again; before, the job ended with a single 'a stream job died' and
+    the stream was never published again (in broker mode: never acknowledged again)."""
+    monkeypatch.setattr(publisher, "RETRY_MAX", 0.0)
+    broker = FakeBroker(tmp_path)
+    broker.closing = False
+    job = publisher.StreamJob(broker, "w1", "auth")
+    calls = []
+
+    async def step():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        broker.closing = True
+        return True
+
+    asyncio.run(job._loop(step, asyncio.Event(), job._forget_raw, asyncio.Semaphore(1)))
+    assert calls == [0, 1]
+    assert any("Input/output error" in m.get("warn", "") for m in broker.said)
+    assert job.cursor is None  # (the position is read from the broker again)

@@ -286,6 +286,14 @@ class StreamJob:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
+            except Exception as exc:
+                # Nothing a round expects (a disk read failing, a bug): said, and tried
+                # again; never the end of this stream's publishing (in broker mode its
+                # forwarder would wait for an acknowledgement for ever).
+                forget()
+                self._warn(f"{self.worker}/{self.stream}: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(RETRY_MAX)
+                continue
             delay = RETRY_FIRST
             if busy:
                 self.warned = None
