@@ -211,13 +211,8 @@ class StreamFiles:
 
     def _recover(self, index_fd: int, mirror_fd: int) -> Recovered:
         size = os.fstat(index_fd).st_size
-        usable = size - size % INDEX_RECORD.size
-        last: IndexRecord | None = None
-        while usable:
-            last = unpack_record(os.pread(index_fd, INDEX_RECORD.size, usable - INDEX_RECORD.size))
-            if last is not None:
-                break
-            usable -= INDEX_RECORD.size
+        count, last = last_record(index_fd)
+        usable = count * INDEX_RECORD.size
         cut_index = size - usable
         if cut_index:
             os.ftruncate(index_fd, usable)
@@ -283,6 +278,23 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _record_at(fd: int, number: int) -> IndexRecord | None:
+    size = INDEX_RECORD.size
+    return unpack_record(os.pread(fd, size, number * size))
+
+
+def last_record(index_fd: int) -> tuple[int, IndexRecord | None]:
+    """The number of records up to the last valid one, and that record: records torn at
+    the end (a commit cut by a crash, or being written) are not counted.  Blocking."""
+    count = os.fstat(index_fd).st_size // INDEX_RECORD.size
+    while count:
+        last = _record_at(index_fd, count - 1)
+        if last is not None:
+            return count, last
+        count -= 1
+    return 0, None
+
+
 class IndexFile:
     """Random access to a stream's commit index, for a binary search
     (:func:`decnet.listener.publishing.locate`): a few reads of one record each,
@@ -301,19 +313,15 @@ class IndexFile:
             self.count = 0
             return
         try:
-            count = os.fstat(self._fd).st_size // INDEX_RECORD.size
-            while count and self._read(count - 1) is None:
-                count -= 1
+            self.count, _ = last_record(self._fd)
         except BaseException:
             self.close()
             raise
-        self.count = count
 
     def _read(self, number: int) -> IndexRecord | None:
         assert self._fd is not None
         self.reads += 1
-        size = INDEX_RECORD.size
-        return unpack_record(os.pread(self._fd, size, number * size))
+        return _record_at(self._fd, number)
 
     def __len__(self) -> int:
         return self.count
