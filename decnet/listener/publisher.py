@@ -291,7 +291,7 @@ class StreamJob:
                 # again; never the end of this stream's publishing (in broker mode its
                 # forwarder would wait for an acknowledgement for ever).
                 forget()
-                self._warn(f"{self.worker}/{self.stream}: {type(exc).__name__}: {exc}")
+                self._warn(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(RETRY_MAX)
                 continue
             delay = RETRY_FIRST
